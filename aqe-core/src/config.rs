@@ -1,0 +1,473 @@
+//! Configuration: the QUIC options, security, and agent definition files (JSON).
+//!
+//! Field names follow the camelCase of the definition files; durations are milliseconds there.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::{
+    AgentId, AgentType, Capability, Channel, Error, HealthThresholds, Registration, Result,
+};
+
+/// Durations as whole milliseconds in configuration files.
+pub(crate) mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// A secret token, never printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Token(String);
+
+impl Token {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// Security of QUIC links. TLS 1.3 is always on; these options choose certificates, peer
+/// verification and token authentication.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Must stay true: QUIC cannot run without TLS 1.3, and a request to turn it off is
+    /// refused rather than ignored.
+    #[serde(rename = "enableTLS")]
+    pub enable_tls: bool,
+    /// PEM certificate chain of this endpoint. Without it a self-signed one is generated.
+    pub cert_path: Option<PathBuf>,
+    /// PEM private key matching `cert_path`.
+    pub key_path: Option<PathBuf>,
+    /// PEM certificate authority that peers' certificates must chain to.
+    pub ca_path: Option<PathBuf>,
+    /// Mutual TLS: both sides present certificates, checked against `ca_path`.
+    pub verify_peer: bool,
+    /// Require a shared token as the first exchange on every connection.
+    pub enable_token_auth: bool,
+    /// The shared token.
+    pub token: Option<Token>,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            enable_tls: true,
+            cert_path: None,
+            key_path: None,
+            ca_path: None,
+            verify_peer: false,
+            enable_token_auth: false,
+            token: None,
+        }
+    }
+}
+
+impl SecurityConfig {
+    /// Checks that the options are coherent.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] naming the field (relative to `security`).
+    pub fn validate(&self) -> Result<()> {
+        if !self.enable_tls {
+            return Err(Error::config(
+                "enableTLS",
+                "QUIC always uses TLS 1.3; it cannot be turned off",
+            ));
+        }
+        if self.cert_path.is_some() != self.key_path.is_some() {
+            let field = if self.cert_path.is_some() {
+                "keyPath"
+            } else {
+                "certPath"
+            };
+            return Err(Error::config(field, "certPath and keyPath go together"));
+        }
+        if self.verify_peer && self.ca_path.is_none() {
+            return Err(Error::config(
+                "caPath",
+                "verifyPeer needs a CA to verify against",
+            ));
+        }
+        if self.verify_peer && self.cert_path.is_none() {
+            return Err(Error::config(
+                "certPath",
+                "verifyPeer (mutual TLS) needs this endpoint's own certificate",
+            ));
+        }
+        if self.enable_token_auth && self.token.as_ref().is_none_or(|t| t.expose().is_empty()) {
+            return Err(Error::config(
+                "token",
+                "enableTokenAuth needs a non-empty token",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Options of the QUIC transport, and the channels of the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct QuicConfig {
+    /// Whether QUIC is used at all (opt-in; the event bus serves otherwise).
+    pub enabled: bool,
+    /// Host or IP to listen on.
+    pub host: String,
+    /// UDP port to listen on; 0 picks a free one.
+    pub port: u16,
+    /// The agent's channels: preset names or full definitions. Default: the three presets.
+    #[serde(deserialize_with = "deserialize_channels")]
+    pub channels: Vec<Channel>,
+    /// How long a connection attempt may take.
+    #[serde(with = "millis")]
+    pub connection_timeout: Duration,
+    /// How long a silent connection lives before the peer is declared gone.
+    #[serde(with = "millis")]
+    pub idle_timeout: Duration,
+    /// 0-RTT early data on resumed connections.
+    #[serde(rename = "enable0RTT")]
+    pub enable_0rtt: bool,
+    /// Follow a peer whose address changes.
+    pub enable_migration: bool,
+    /// Streams a peer may have open at once on a connection.
+    pub max_concurrent_streams: u32,
+    /// Addresses (`host:port`) of endpoints to connect to at start.
+    pub bootstrap_peers: Vec<String>,
+    /// Certificates, verification, tokens.
+    pub security: SecurityConfig,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            host: "127.0.0.1".to_owned(),
+            port: 0,
+            channels: default_channels(),
+            connection_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            enable_0rtt: false,
+            enable_migration: false,
+            max_concurrent_streams: 100,
+            bootstrap_peers: Vec::new(),
+            security: SecurityConfig::default(),
+        }
+    }
+}
+
+/// The three presets: `coordination`, `results`, `metrics`.
+pub fn default_channels() -> Vec<Channel> {
+    vec![
+        Channel::coordination(),
+        Channel::results(),
+        Channel::metrics(),
+    ]
+}
+
+impl QuicConfig {
+    /// Checks the options.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let prefix = |e: Error, p: &str| match e {
+            Error::Configuration {
+                file,
+                field,
+                message,
+            } => Error::Configuration {
+                file,
+                field: format!("{p}{field}"),
+                message,
+            },
+            other => other,
+        };
+        let mut probe = Registration::new("probe", "probe");
+        probe.channels = self.channels.clone();
+        probe.validate()?;
+        if self.connection_timeout.is_zero() {
+            return Err(Error::config("connectionTimeout", "must be above zero"));
+        }
+        if self.idle_timeout.is_zero() {
+            return Err(Error::config("idleTimeout", "must be above zero"));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err(Error::config("maxConcurrentStreams", "must be above zero"));
+        }
+        self.security.validate().map_err(|e| prefix(e, "security."))
+    }
+}
+
+fn deserialize_channels<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<Channel>, D::Error> {
+    Ok(Vec::<ChannelSpec>::deserialize(d)?
+        .into_iter()
+        .map(|s| s.0)
+        .collect())
+}
+
+/// A channel given by preset name or in full.
+struct ChannelSpec(Channel);
+
+impl<'de> Deserialize<'de> for ChannelSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct SpecVisitor;
+        impl<'de> Visitor<'de> for SpecVisitor {
+            type Value = ChannelSpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a preset name (coordination, results, metrics) or a channel object")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> std::result::Result<ChannelSpec, E> {
+                Channel::preset(s).map(ChannelSpec).ok_or_else(|| {
+                    E::custom(format!(
+                        "unknown channel preset {s:?}; expected coordination, results or metrics, or a full channel object"
+                    ))
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> std::result::Result<ChannelSpec, A::Error> {
+                Channel::deserialize(de::value::MapAccessDeserializer::new(map)).map(ChannelSpec)
+            }
+        }
+        d.deserialize_any(SpecVisitor)
+    }
+}
+
+/// An agent as described by a definition file.
+///
+/// ```
+/// let def = aqe_core::AgentDefinition::from_json(r#"{
+///     "agentType": "qe-test-executor",
+///     "enableQUIC": true,
+///     "quicConfig": { "host": "localhost", "port": 9000, "channels": ["coordination", "results"] }
+/// }"#, None)?;
+/// assert!(def.enable_quic);
+/// assert_eq!(def.quic_config.channels.len(), 2);
+/// # Ok::<(), aqe_core::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentDefinition {
+    /// The agent's id; generated from its type when absent.
+    #[serde(default)]
+    pub id: Option<AgentId>,
+    /// Its type.
+    pub agent_type: AgentType,
+    /// What it can do.
+    #[serde(default)]
+    pub capabilities: Vec<Capability>,
+    /// Whether to use QUIC (opt-in).
+    #[serde(default, rename = "enableQUIC")]
+    pub enable_quic: bool,
+    /// QUIC options and the agent's channels.
+    #[serde(default)]
+    pub quic_config: QuicConfig,
+    /// Health thresholds.
+    #[serde(default)]
+    pub health: HealthThresholds,
+    /// Free-form labels, visible to peers.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl AgentDefinition {
+    /// Parses and checks a definition; `file` only serves to name the file in errors.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] naming the file (if given) and the field path.
+    pub fn from_json(text: &str, file: Option<&Path>) -> Result<Self> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let mut def: AgentDefinition = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            Error::Configuration {
+                file: file.map(Path::to_path_buf),
+                field: if path == "." {
+                    "(document)".to_owned()
+                } else {
+                    path
+                },
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        // The flag outside and the one inside quicConfig mean the same thing.
+        def.quic_config.enabled |= def.enable_quic;
+        def.enable_quic = def.quic_config.enabled;
+        def.quic_config.validate().map_err(|e| match e {
+            Error::Configuration { field, message, .. } => Error::Configuration {
+                file: file.map(Path::to_path_buf),
+                field: format!("quicConfig.{field}"),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(def)
+    }
+
+    /// Reads a definition file. This is blocking I/O, meant for start-up; async code reads the
+    /// text itself and calls [`AgentDefinition::from_json`].
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] naming the file, and the field when the content is wrong.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Configuration {
+            file: Some(path.to_path_buf()),
+            field: "(file)".to_owned(),
+            message: e.to_string(),
+        })?;
+        Self::from_json(&text, Some(path))
+    }
+
+    /// The registration of the agent this definition describes.
+    pub fn registration(&self) -> Registration {
+        Registration {
+            id: self
+                .id
+                .clone()
+                .unwrap_or_else(|| AgentId::generate(&self.agent_type)),
+            agent_type: self.agent_type.clone(),
+            capabilities: self.capabilities.clone(),
+            channels: self.quic_config.channels.clone(),
+            metadata: self.metadata.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ChannelKind;
+
+    fn err_of(json: &str) -> (String, String) {
+        match AgentDefinition::from_json(json, Some(Path::new("agents/x.json"))) {
+            Err(Error::Configuration {
+                file,
+                field,
+                message,
+            }) => {
+                assert_eq!(file.as_deref(), Some(Path::new("agents/x.json")));
+                (field, message)
+            }
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_guides_definition_loads() {
+        let def = AgentDefinition::from_json(
+            r#"{"agentType":"qe-test-executor","enableQUIC":true,
+                "quicConfig":{"host":"localhost","port":9000,"channels":["coordination","results","metrics"]}}"#,
+            None,
+        )
+        .expect("valid");
+        assert!(def.enable_quic && def.quic_config.enabled);
+        assert_eq!(def.quic_config.port, 9000);
+        assert_eq!(def.quic_config.channels, default_channels());
+        assert!(
+            def.registration()
+                .id
+                .as_str()
+                .starts_with("qe-test-executor-")
+        );
+    }
+
+    #[test]
+    fn full_channels_and_options_load() {
+        let def = AgentDefinition::from_json(
+            r#"{"id":"w1","agentType":"worker","capabilities":["lint"],
+                "quicConfig":{"channels":["metrics",{"name":"alerts","type":"unicast","priority":9,"ordered":false}],
+                "connectionTimeout":2500,"enable0RTT":false,"maxConcurrentStreams":8,
+                "security":{"enableTokenAuth":true,"token":"s3cret"}},
+                "health":{"unhealthyLoss":0.2,"degradedRttMs":50}}"#,
+            None,
+        )
+        .expect("valid");
+        let alerts = &def.quic_config.channels[1];
+        assert_eq!(
+            (
+                alerts.kind,
+                alerts.priority.get(),
+                alerts.ordered,
+                alerts.reliable
+            ),
+            (ChannelKind::Unicast, 9, false, true)
+        );
+        assert_eq!(
+            def.quic_config.connection_timeout,
+            Duration::from_millis(2500)
+        );
+        assert_eq!(def.health.degraded_rtt, Duration::from_millis(50));
+        assert!(
+            !format!("{def:?}").contains("s3cret"),
+            "tokens are never printed"
+        );
+        assert!(!def.enable_quic);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_field() {
+        let (field, msg) = err_of(
+            r#"{"agentType":"w","quicConfig":{"channels":["coordination",{"name":"x","type":"unicast","priority":12}]}}"#,
+        );
+        assert_eq!(field, "quicConfig.channels[1].priority");
+        assert!(msg.contains("0..=9"), "{msg}");
+        let (field, msg) = err_of(r#"{"agentType":"w","quicConfig":{"channels":["bogus"]}}"#);
+        assert_eq!(field, "quicConfig.channels[0]");
+        assert!(msg.contains("bogus"), "{msg}");
+        let (field, _) = err_of(r#"{"agentType":"w","quicConfig":{"prot":1}}"#);
+        assert_eq!(field, "quicConfig.prot");
+        let (field, _) = err_of(r#"{"quicConfig":{}}"#);
+        assert_eq!(field, "(document)");
+        let (field, _) =
+            err_of(r#"{"agentType":"w","quicConfig":{"security":{"enableTokenAuth":true}}}"#);
+        assert_eq!(field, "quicConfig.security.token");
+        let (field, _) =
+            err_of(r#"{"agentType":"w","quicConfig":{"security":{"enableTLS":false}}}"#);
+        assert_eq!(field, "quicConfig.security.enableTLS");
+        let (field, _) =
+            err_of(r#"{"agentType":"w","quicConfig":{"channels":["metrics","metrics"]}}"#);
+        assert_eq!(field, "quicConfig.channels[1].name");
+        let (field, _) = err_of("{not json");
+        assert!(!field.is_empty());
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("absent.json");
+        match AgentDefinition::from_file(&path) {
+            Err(Error::Configuration { file, .. }) => {
+                assert_eq!(file.as_deref(), Some(path.as_path()))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

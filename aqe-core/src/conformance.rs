@@ -1,0 +1,731 @@
+//! The transport conformance suite: one set of tests, written against [`Transport`], that
+//! every transport runs on itself to prove it is interchangeable with the others.
+//!
+//! A transport crate implements [`Harness`] (how to make endpoints that reach each other) and
+//! expands [`conformance_tests!`](crate::conformance_tests) in an integration test:
+//!
+//! ```ignore
+//! struct Bus;
+//! #[async_trait::async_trait]
+//! impl aqe_core::conformance::Harness for Bus {
+//!     async fn endpoints(&self, n: usize) -> Vec<std::sync::Arc<dyn aqe_core::Transport>> { .. }
+//! }
+//! aqe_core::conformance_tests!(Bus);
+//! ```
+//!
+//! Each case panics with a message when the transport breaks the contract.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::{
+    AgentId, Channel, ChannelKind, Envelope, Error, Event, Inbound, Inbox, MessageKind, Recipient,
+    Registration, StreamFailure, StreamHeader, StreamId, StreamOptions, Transport, inbox,
+};
+
+/// Makes endpoints for the suite.
+#[async_trait]
+pub trait Harness: Send + Sync {
+    /// `n` fresh endpoints that can reach each other (for an in-process bus, the same bus
+    /// `n` times). Each call returns endpoints no other case uses.
+    async fn endpoints(&self, n: usize) -> Vec<Arc<dyn Transport>>;
+}
+
+/// Generates one `#[tokio::test]` per conformance case, each calling the case with `$harness`.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($harness:expr) => {
+        $crate::conformance_tests!(@cases $harness;
+            unicast_ordered_reliable_is_exactly_once_in_order,
+            unicast_unordered_reliable_delivers_each_once,
+            unreliable_channel_never_duplicates,
+            request_response_is_correlated,
+            concurrent_requests_are_correlated,
+            error_responses_pass_through,
+            unanswered_request_times_out_and_is_cancelled,
+            unknown_peer_is_a_typed_error,
+            unknown_channel_is_a_typed_error,
+            oversize_payload_is_refused_and_nothing_is_lost,
+            broadcast_reports_each_peer,
+            stream_delivers_open_data_and_end_in_order,
+            stream_close_without_final_ends_the_stream,
+            stream_to_a_dropped_receiver_fails,
+            discovery_sees_remote_agents_and_departures,
+            stats_count_traffic,
+            attaching_twice_is_refused,
+            shutdown_fails_further_calls
+        );
+    };
+    (@cases $harness:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                $crate::conformance::$case(&$harness).await;
+            }
+        )*
+    };
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: nothing within {WAIT:?}"),
+    }
+}
+
+fn registration(id: &str, channels: Vec<Channel>) -> Registration {
+    let mut r = Registration::new(id, "conformance").with_capability("testing");
+    r.channels = channels;
+    r
+}
+
+fn all_channels() -> Vec<Channel> {
+    vec![
+        Channel::coordination(),
+        Channel::results(),
+        Channel::metrics(),
+        Channel::new("small", ChannelKind::Unicast).with_max_message_size(1024),
+    ]
+}
+
+/// Attaches `id` with the given channels and returns its inbox.
+async fn attach(t: &Arc<dyn Transport>, id: &str, channels: Vec<Channel>) -> Inbox {
+    let (tx, rx) = inbox(AgentId::from(id), 4096);
+    t.attach(registration(id, channels), tx)
+        .await
+        .expect("attach");
+    rx
+}
+
+/// Waits until `t` lists every agent of `ids` among its peers.
+async fn await_peers(t: &Arc<dyn Transport>, ids: &[&str]) {
+    let mut events = t.subscribe();
+    within("peers to be discovered", async {
+        loop {
+            let known: HashSet<_> = t.peers().into_iter().map(|p| p.id).collect();
+            if ids.iter().all(|id| known.contains(*id)) {
+                return;
+            }
+            // Any event may be the one that completes the set; re-check after each.
+            let _ = events.recv().await;
+        }
+    })
+    .await
+}
+
+/// Two endpoints, `a` on the first and `b` on the second, each knowing the other.
+async fn pair(h: &dyn Harness) -> (Arc<dyn Transport>, Inbox, Arc<dyn Transport>, Inbox) {
+    let eps = h.endpoints(2).await;
+    let a = attach(&eps[0], "a", all_channels()).await;
+    let b = attach(&eps[1], "b", all_channels()).await;
+    await_peers(&eps[0], &["a", "b"]).await;
+    await_peers(&eps[1], &["a", "b"]).await;
+    (eps[0].clone(), a, eps[1].clone(), b)
+}
+
+fn direct(from: &str, to: &str, channel: &str, payload: impl Into<Bytes>) -> Envelope {
+    let mut e = Envelope::new(
+        from.into(),
+        Recipient::Agent(to.into()),
+        channel.into(),
+        MessageKind::Direct,
+        payload.into(),
+    );
+    if let Some(c) = Channel::preset(channel) {
+        e.priority = c.priority;
+    }
+    e
+}
+
+fn request(from: &str, to: &str, payload: impl Into<Bytes>) -> Envelope {
+    let mut e = direct(from, to, "coordination", payload);
+    e.kind = MessageKind::Request;
+    e
+}
+
+async fn next_message(inbox: &mut Inbox) -> Envelope {
+    match within("a message", inbox.recv()).await {
+        Some(Inbound::Message(e)) => e,
+        Some(other) => panic!("expected a message, got {other:?}"),
+        None => panic!("inbox closed"),
+    }
+}
+
+/// Answers every request arriving in `inbox` with its own payload, until the inbox closes.
+fn spawn_echo(mut inbox: Inbox, me: &'static str) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(item) = inbox.recv().await {
+            if let Inbound::Request {
+                envelope,
+                responder,
+            } = item
+            {
+                let reply =
+                    envelope.reply(me.into(), MessageKind::Response, envelope.payload.clone());
+                let _ = responder.respond(reply).await;
+            }
+        }
+    })
+}
+
+fn counter(i: u32) -> Bytes {
+    Bytes::copy_from_slice(&i.to_be_bytes())
+}
+
+fn read_counter(b: &Bytes) -> u32 {
+    let arr: [u8; 4] = b[..4].try_into().expect("4-byte payload");
+    u32::from_be_bytes(arr)
+}
+
+/// Reliable ordered channel: every message once, in send order.
+pub async fn unicast_ordered_reliable_is_exactly_once_in_order(h: &dyn Harness) {
+    let (ta, _a, _tb, mut b) = pair(h).await;
+    const N: u32 = 500;
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            ta.send(direct("a", "b", "coordination", counter(i)))
+                .await
+                .expect("send");
+        }
+        ta
+    });
+    for i in 0..N {
+        let e = next_message(&mut b).await;
+        assert_eq!(
+            read_counter(&e.payload),
+            i,
+            "ordered channel delivered out of order"
+        );
+        assert_eq!(e.from.as_str(), "a");
+        assert_eq!(e.channel.as_str(), "coordination");
+    }
+    let ta = sender.await.expect("sender task");
+    ta.send(direct(
+        "a",
+        "b",
+        "coordination",
+        Bytes::from_static(b"end!"),
+    ))
+    .await
+    .expect("send");
+    assert_eq!(
+        &next_message(&mut b).await.payload[..],
+        b"end!",
+        "a message was duplicated"
+    );
+}
+
+/// Reliable unordered channel: every message exactly once, any order.
+pub async fn unicast_unordered_reliable_delivers_each_once(h: &dyn Harness) {
+    let (ta, _a, _tb, mut b) = pair(h).await;
+    const N: u32 = 300;
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            ta.send(direct("a", "b", "results", counter(i)))
+                .await
+                .expect("send");
+        }
+    });
+    let mut seen = HashSet::new();
+    for _ in 0..N {
+        let e = next_message(&mut b).await;
+        assert!(seen.insert(read_counter(&e.payload)), "duplicate message");
+    }
+    sender.await.expect("sender task");
+    assert_eq!(seen, (0..N).collect::<HashSet<_>>());
+}
+
+/// Unreliable channel: what arrives arrives once, and a send never fails for lack of room.
+pub async fn unreliable_channel_never_duplicates(h: &dyn Harness) {
+    let (ta, _a, _tb, mut b) = pair(h).await;
+    const N: u32 = 100;
+    for i in 0..N {
+        ta.send(direct("a", "b", "metrics", counter(i)))
+            .await
+            .expect("unreliable send never waits or fails");
+    }
+    ta.send(direct(
+        "a",
+        "b",
+        "coordination",
+        Bytes::from_static(b"done"),
+    ))
+    .await
+    .expect("send");
+    let mut seen = HashSet::new();
+    let mut done = false;
+    // Datagrams and the reliable marker race; read until both the marker and a quiet period.
+    while !done || seen.len() < N as usize {
+        let item = tokio::time::timeout(Duration::from_millis(500), b.recv()).await;
+        let Ok(Some(Inbound::Message(e))) = item else {
+            break;
+        };
+        if e.channel.as_str() == "coordination" {
+            done = true;
+        } else {
+            assert!(
+                seen.insert(read_counter(&e.payload)),
+                "unreliable channel duplicated a message"
+            );
+        }
+    }
+    assert!(done, "the reliable marker never arrived");
+    assert!(!seen.is_empty(), "no unreliable message arrived at all");
+    // Every unreliable send is accounted for by the sender: carried, or dropped and counted.
+    let stats = ta.stats(&"a".into());
+    assert_eq!(
+        stats.messages_sent + stats.messages_dropped,
+        u64::from(N) + 1,
+        "sender accounting: {} sent + {} dropped for {} offered",
+        stats.messages_sent,
+        stats.messages_dropped,
+        N + 1
+    );
+}
+
+/// A request gets the response its handler sent, correlated to it.
+pub async fn request_response_is_correlated(h: &dyn Harness) {
+    let (ta, _a, _tb, b) = pair(h).await;
+    let _echo = spawn_echo(b, "b");
+    for i in 0..20 {
+        let req = request("a", "b", counter(i));
+        let id = req.id;
+        let rsp = ta.request(req, WAIT).await.expect("response");
+        assert_eq!(rsp.kind, MessageKind::Response);
+        assert_eq!(rsp.correlation_id, Some(id));
+        assert_eq!(rsp.from.as_str(), "b");
+        assert_eq!(read_counter(&rsp.payload), i);
+    }
+}
+
+/// Many requests in flight at once each get their own answer.
+pub async fn concurrent_requests_are_correlated(h: &dyn Harness) {
+    let (ta, _a, _tb, b) = pair(h).await;
+    let _echo = spawn_echo(b, "b");
+    let calls = (0..64u32).map(|i| {
+        let ta = ta.clone();
+        async move { (i, ta.request(request("a", "b", counter(i)), WAIT).await) }
+    });
+    for (i, rsp) in futures::future::join_all(calls).await {
+        assert_eq!(read_counter(&rsp.expect("response").payload), i);
+    }
+}
+
+/// An error response reaches the requester as such.
+pub async fn error_responses_pass_through(h: &dyn Harness) {
+    let (ta, _a, _tb, mut b) = pair(h).await;
+    tokio::spawn(async move {
+        if let Some(Inbound::Request {
+            envelope,
+            responder,
+        }) = b.recv().await
+        {
+            let body = crate::encode(&crate::ErrorBody {
+                kind: crate::RemoteErrorKind::HandlerFailed,
+                message: "no coverage yet".into(),
+            })
+            .expect("encode");
+            let _ = responder
+                .respond(envelope.reply("b".into(), MessageKind::Error, body))
+                .await;
+        }
+        b
+    });
+    let rsp = ta
+        .request(request("a", "b", Bytes::new()), WAIT)
+        .await
+        .expect("an error response is a response");
+    assert_eq!(rsp.kind, MessageKind::Error);
+    let body: crate::ErrorBody = rsp.decode().expect("error body");
+    assert_eq!(body.message, "no coverage yet");
+}
+
+/// A request nobody answers times out; the responder learns the requester gave up, and a
+/// late answer is refused.
+pub async fn unanswered_request_times_out_and_is_cancelled(h: &dyn Harness) {
+    let (ta, _a, _tb, mut b) = pair(h).await;
+    let started = tokio::time::Instant::now();
+    let timeout = Duration::from_millis(200);
+    let call =
+        tokio::spawn(async move { ta.request(request("a", "b", Bytes::new()), timeout).await });
+    let Some(Inbound::Request {
+        envelope,
+        mut responder,
+    }) = within("the request", b.recv()).await
+    else {
+        panic!("expected a request");
+    };
+    let err = call.await.expect("join").expect_err("nobody answered");
+    assert!(
+        matches!(err, Error::Timeout { .. }),
+        "expected a timeout, got {err}"
+    );
+    assert!(started.elapsed() >= timeout, "timed out early");
+    within(
+        "the responder to learn of the cancellation",
+        responder.cancelled(),
+    )
+    .await;
+    let late = responder
+        .respond(envelope.reply("b".into(), MessageKind::Response, Bytes::new()))
+        .await;
+    assert!(late.is_err(), "a late answer must be refused");
+}
+
+/// Sending to or requesting from an agent nobody knows is `PeerNotFound`.
+pub async fn unknown_peer_is_a_typed_error(h: &dyn Harness) {
+    let (ta, _a, _tb, _b) = pair(h).await;
+    let err = ta
+        .send(direct("a", "ghost", "coordination", Bytes::new()))
+        .await
+        .expect_err("unknown");
+    assert!(
+        matches!(err, Error::PeerNotFound { ref peer } if peer.as_str() == "ghost"),
+        "{err}"
+    );
+    let err = ta
+        .request(request("a", "ghost", Bytes::new()), WAIT)
+        .await
+        .expect_err("unknown");
+    assert!(matches!(err, Error::PeerNotFound { .. }), "{err}");
+    let header = StreamHeader {
+        id: StreamId::next(),
+        from: "a".into(),
+        to: "ghost".into(),
+        options: StreamOptions::default(),
+    };
+    assert!(matches!(
+        ta.open_stream(header).await,
+        Err(Error::PeerNotFound { .. })
+    ));
+    let err = ta
+        .send(direct("nobody", "b", "coordination", Bytes::new()))
+        .await
+        .expect_err("sender unknown");
+    assert!(
+        matches!(err, Error::PeerNotFound { ref peer } if peer.as_str() == "nobody"),
+        "{err}"
+    );
+}
+
+/// A channel the sender or the receiver lacks is `ChannelNotFound`, naming who lacks it.
+pub async fn unknown_channel_is_a_typed_error(h: &dyn Harness) {
+    let eps = h.endpoints(2).await;
+    let _a = attach(&eps[0], "a", all_channels()).await;
+    let _c = attach(&eps[1], "c", vec![Channel::coordination()]).await;
+    await_peers(&eps[0], &["c"]).await;
+    let err = eps[0]
+        .send(direct("a", "c", "nope", Bytes::new()))
+        .await
+        .expect_err("sender lacks it");
+    assert!(
+        matches!(err, Error::ChannelNotFound { ref agent, .. } if agent.as_str() == "a"),
+        "{err}"
+    );
+    let err = eps[0]
+        .send(direct("a", "c", "results", Bytes::new()))
+        .await
+        .expect_err("receiver lacks it");
+    assert!(
+        matches!(err, Error::ChannelNotFound { ref agent, .. } if agent.as_str() == "c"),
+        "{err}"
+    );
+}
+
+/// A payload above the channel's limit is refused before anything is sent.
+pub async fn oversize_payload_is_refused_and_nothing_is_lost(h: &dyn Harness) {
+    let (ta, _a, _tb, mut b) = pair(h).await;
+    let err = ta
+        .send(direct("a", "b", "small", vec![0u8; 1025]))
+        .await
+        .expect_err("too large");
+    assert!(
+        matches!(
+            err,
+            Error::MessageTooLarge {
+                size: 1025,
+                max: 1024
+            }
+        ),
+        "{err}"
+    );
+    ta.send(direct("a", "b", "small", vec![7u8; 1024]))
+        .await
+        .expect("at the limit is fine");
+    let e = next_message(&mut b).await;
+    assert_eq!(e.payload.len(), 1024, "the refused message must not arrive");
+    let mut req = request("a", "b", vec![0u8; 2048]);
+    req.channel = "small".into();
+    assert!(matches!(
+        ta.request(req, WAIT).await,
+        Err(Error::MessageTooLarge { .. })
+    ));
+}
+
+/// A broadcast reaches each target once and reports who got it.
+pub async fn broadcast_reports_each_peer(h: &dyn Harness) {
+    let eps = h.endpoints(3).await;
+    let _a = attach(&eps[0], "a", all_channels()).await;
+    let mut b = attach(&eps[1], "b", all_channels()).await;
+    let mut c = attach(&eps[2], "c", all_channels()).await;
+    await_peers(&eps[0], &["b", "c"]).await;
+    await_peers(&eps[1], &["a"]).await;
+    await_peers(&eps[2], &["a"]).await;
+    let mut e = Envelope::new(
+        "a".into(),
+        Recipient::Fleet,
+        "coordination".into(),
+        MessageKind::Broadcast,
+        Bytes::from_static(b"hi"),
+    );
+    e.priority = Channel::coordination().priority;
+    let report = eps[0]
+        .broadcast(e.clone(), &["b".into(), "c".into(), "ghost".into()])
+        .await
+        .expect("broadcast");
+    let mut delivered: Vec<_> = report.delivered.iter().map(|p| p.to_string()).collect();
+    delivered.sort();
+    assert_eq!(delivered, ["b", "c"]);
+    assert_eq!(report.failed.len(), 1);
+    assert!(matches!(&report.failed[0], (p, Error::PeerNotFound { .. }) if p.as_str() == "ghost"));
+    for inbox in [&mut b, &mut c] {
+        let got = next_message(inbox).await;
+        assert_eq!(
+            (got.kind, &got.payload[..]),
+            (MessageKind::Broadcast, &b"hi"[..])
+        );
+    }
+    let mut wrong = e.clone();
+    wrong.channel = "results".into();
+    let err = eps[0]
+        .broadcast(wrong, &["b".into()])
+        .await
+        .expect_err("unicast channel");
+    assert!(matches!(err, Error::WrongChannelKind { .. }), "{err}");
+    let mut unknown = e;
+    unknown.channel = "nope".into();
+    let err = eps[0]
+        .broadcast(unknown, &["b".into()])
+        .await
+        .expect_err("unknown channel");
+    assert!(matches!(err, Error::ChannelNotFound { .. }), "{err}");
+}
+
+async fn open(t: &Arc<dyn Transport>, to: &str) -> (StreamId, Box<dyn crate::StreamSink>) {
+    let id = StreamId::next();
+    let header = StreamHeader {
+        id,
+        from: "a".into(),
+        to: to.into(),
+        options: StreamOptions::default(),
+    };
+    (id, t.open_stream(header).await.expect("open stream"))
+}
+
+async fn incoming(inbox: &mut Inbox) -> crate::IncomingStream {
+    match within("a stream", inbox.recv()).await {
+        Some(Inbound::Stream(s)) => s,
+        other => panic!("expected a stream, got {other:?}"),
+    }
+}
+
+/// The receiver sees the open, every chunk in order, then the final mark.
+pub async fn stream_delivers_open_data_and_end_in_order(h: &dyn Harness) {
+    let (ta, _a, _tb, mut b) = pair(h).await;
+    let (id, mut sink) = open(&ta, "b").await;
+    let writer = tokio::spawn(async move {
+        for i in 0..200u32 {
+            sink.write(counter(i), false).await.expect("write");
+        }
+        sink.write(Bytes::from_static(b"last"), true)
+            .await
+            .expect("final write");
+        let again = sink.write(Bytes::from_static(b"more"), false).await;
+        assert!(
+            matches!(
+                again,
+                Err(Error::Stream {
+                    reason: StreamFailure::Finished,
+                    ..
+                })
+            ),
+            "write after final"
+        );
+    });
+    let mut s = incoming(&mut b).await;
+    assert_eq!(
+        (
+            s.header().id,
+            s.header().from.as_str(),
+            s.header().to.as_str()
+        ),
+        (id, "a", "b")
+    );
+    let mut data = Vec::new();
+    loop {
+        let chunk = within("a chunk", s.next())
+            .await
+            .expect("chunk before end")
+            .expect("no error");
+        data.extend_from_slice(&chunk.data);
+        if chunk.fin {
+            break;
+        }
+    }
+    assert!(s.next().await.is_none(), "nothing after the final chunk");
+    writer.await.expect("writer");
+    let mut expected: Vec<u8> = (0..200u32).flat_map(|i| i.to_be_bytes()).collect();
+    expected.extend_from_slice(b"last");
+    assert_eq!(data, expected, "stream data out of order or incomplete");
+}
+
+/// Closing without a final write still ends the stream cleanly for the receiver.
+pub async fn stream_close_without_final_ends_the_stream(h: &dyn Harness) {
+    let (ta, _a, _tb, mut b) = pair(h).await;
+    let (_id, mut sink) = open(&ta, "b").await;
+    sink.write(Bytes::from_static(b"x"), false)
+        .await
+        .expect("write");
+    sink.close().await.expect("close");
+    let mut s = incoming(&mut b).await;
+    let mut data = Vec::new();
+    let mut ended = false;
+    while let Some(chunk) = within("a chunk", s.next()).await {
+        let chunk = chunk.expect("a clean end, not an error");
+        data.extend_from_slice(&chunk.data);
+        ended |= chunk.fin;
+    }
+    assert!(ended, "the final mark must arrive");
+    assert_eq!(data, b"x");
+}
+
+/// Writing to a stream whose receiver dropped it fails with a stream error.
+pub async fn stream_to_a_dropped_receiver_fails(h: &dyn Harness) {
+    let (ta, _a, _tb, mut b) = pair(h).await;
+    let (_id, mut sink) = open(&ta, "b").await;
+    sink.write(Bytes::from_static(b"first"), false)
+        .await
+        .expect("write");
+    drop(incoming(&mut b).await);
+    let failed = within("a write to fail", async {
+        loop {
+            if let Err(e) = sink.write(Bytes::from_static(b"more"), false).await {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(matches!(failed, Error::Stream { .. }), "{failed}");
+}
+
+/// Peers on other endpoints are listed with their type, capabilities and channels; a
+/// departure is announced and the peer is then unknown.
+pub async fn discovery_sees_remote_agents_and_departures(h: &dyn Harness) {
+    let (ta, _a, tb, b) = pair(h).await;
+    let peer = ta
+        .peers()
+        .into_iter()
+        .find(|p| p.id.as_str() == "b")
+        .expect("b is listed");
+    assert_eq!(peer.agent_type.as_str(), "conformance");
+    assert_eq!(peer.capabilities, vec![crate::Capability::from("testing")]);
+    assert!(peer.channels.contains(&"coordination".into()));
+    assert_eq!(peer.state, crate::PeerState::Connected);
+    let mut events = ta.subscribe();
+    tb.detach(&"b".into()).await.expect("detach");
+    drop(b);
+    within("b's departure", async {
+        loop {
+            match events.recv().await {
+                Ok(Event::PeerLeft(id)) if id.as_str() == "b" => return,
+                Ok(_) => {}
+                Err(e) => panic!("event stream: {e}"),
+            }
+        }
+    })
+    .await;
+    assert!(ta.peers().iter().all(|p| p.id.as_str() != "b"));
+    let err = ta
+        .send(direct("a", "b", "coordination", Bytes::new()))
+        .await
+        .expect_err("gone");
+    assert!(matches!(err, Error::PeerNotFound { .. }), "{err}");
+    assert!(matches!(
+        tb.detach(&"b".into()).await,
+        Err(Error::PeerNotFound { .. })
+    ));
+}
+
+/// Sent and received messages and bytes are counted per agent.
+pub async fn stats_count_traffic(h: &dyn Harness) {
+    let (ta, _a, tb, mut b) = pair(h).await;
+    for i in 0..10 {
+        ta.send(direct("a", "b", "coordination", vec![i as u8; 100]))
+            .await
+            .expect("send");
+    }
+    for _ in 0..10 {
+        next_message(&mut b).await;
+    }
+    let sa = ta.stats(&"a".into());
+    let sb = tb.stats(&"b".into());
+    assert!(sa.messages_sent >= 10, "sent {}", sa.messages_sent);
+    assert!(sa.bytes_sent >= 1000, "bytes sent {}", sa.bytes_sent);
+    assert!(
+        sb.messages_received >= 10,
+        "received {}",
+        sb.messages_received
+    );
+    assert!(
+        sb.bytes_received >= 1000,
+        "bytes received {}",
+        sb.bytes_received
+    );
+    assert!(sa.last_activity.is_some());
+}
+
+/// One id attaches once per endpoint.
+pub async fn attaching_twice_is_refused(h: &dyn Harness) {
+    let eps = h.endpoints(1).await;
+    let _a = attach(&eps[0], "a", all_channels()).await;
+    let (tx, _rx) = inbox("a".into(), 8);
+    let err = eps[0]
+        .attach(registration("a", all_channels()), tx)
+        .await
+        .expect_err("duplicate id");
+    assert!(matches!(err, Error::Configuration { .. }), "{err}");
+}
+
+/// After shutdown, calls fail with `Shutdown` and the endpoint hosts nobody. Inboxes stay
+/// open: they belong to the agents, which may still be reached over another transport.
+pub async fn shutdown_fails_further_calls(h: &dyn Harness) {
+    let (ta, _a, _tb, _b) = pair(h).await;
+    ta.shutdown().await;
+    let err = ta
+        .send(direct("a", "b", "coordination", Bytes::new()))
+        .await
+        .expect_err("shut down");
+    assert!(matches!(err, Error::Shutdown), "{err}");
+    let err = ta
+        .request(request("a", "b", Bytes::new()), WAIT)
+        .await
+        .expect_err("shut down");
+    assert!(matches!(err, Error::Shutdown), "{err}");
+    assert!(
+        ta.peers().iter().all(|p| p.id.as_str() != "a"),
+        "a shut-down endpoint hosts nobody"
+    );
+    let (tx, _rx) = inbox("late".into(), 8);
+    assert!(matches!(
+        ta.attach(registration("late", all_channels()), tx).await,
+        Err(Error::Shutdown)
+    ));
+}

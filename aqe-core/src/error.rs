@@ -1,0 +1,290 @@
+//! The one error type of aqe-core, shared by every transport and the runtime.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{AgentId, ChannelKind, ChannelName, StreamId};
+
+/// A boxed error from a layer below aqe (I/O, TLS, QUIC), kept as the source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Shorthand for results whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in aqe, as one closed set of cases.
+///
+/// The variants carry what a caller needs to act (which peer, which channel, how large,
+/// how long) and keep the lower-level cause as `source` where there is one.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A connection to a remote endpoint could not be established.
+    #[error("connection to {addr} failed")]
+    ConnectionFailed {
+        /// The address that was dialed.
+        addr: SocketAddr,
+        /// What the layer below reported.
+        #[source]
+        source: BoxError,
+    },
+    /// A connection attempt did not complete within the configured connection timeout.
+    #[error("connection to {addr} timed out after {after:?}")]
+    ConnectionTimeout {
+        /// The address that was dialed.
+        addr: SocketAddr,
+        /// The connection timeout that expired.
+        after: Duration,
+    },
+    /// An established connection went away (peer closed it, idle timeout, network failure).
+    #[error("connection to {addr} lost")]
+    ConnectionLost {
+        /// The remote endpoint's address.
+        addr: SocketAddr,
+        /// Why the connection ended, as reported by the layer below.
+        #[source]
+        source: BoxError,
+    },
+    /// No agent with this id is known to the transport.
+    #[error("peer {peer} not found")]
+    PeerNotFound {
+        /// The id that was looked up.
+        peer: AgentId,
+    },
+    /// The agent named here has no channel of that name.
+    #[error("agent {agent} has no channel {channel:?}")]
+    ChannelNotFound {
+        /// The channel that was asked for.
+        channel: ChannelName,
+        /// The agent that lacks it (the sender or the receiver).
+        agent: AgentId,
+    },
+    /// The operation needs a channel of another kind (a fleet broadcast on a unicast channel).
+    #[error("channel {channel:?} is not a {expected:?} channel")]
+    WrongChannelKind {
+        /// The channel used.
+        channel: ChannelName,
+        /// The kind the operation needs.
+        expected: ChannelKind,
+    },
+    /// The payload or frame is larger than the channel or wire allows; nothing was sent.
+    #[error("message of {size} bytes exceeds the limit of {max} bytes")]
+    MessageTooLarge {
+        /// Size of the rejected payload or frame, in bytes.
+        size: usize,
+        /// The limit that applies.
+        max: usize,
+    },
+    /// The message could not be handed to the receiver.
+    #[error("send to {to} failed: {reason}")]
+    SendFailed {
+        /// The intended receiver.
+        to: AgentId,
+        /// Why.
+        reason: SendFailure,
+    },
+    /// A request got no response in time, after every retry.
+    #[error("request timed out after {after:?} ({attempts} attempt(s))")]
+    Timeout {
+        /// The per-attempt timeout.
+        after: Duration,
+        /// How many attempts were made.
+        attempts: u32,
+    },
+    /// A stream operation failed.
+    #[error("stream {stream} failed: {reason}")]
+    Stream {
+        /// The stream concerned.
+        stream: StreamId,
+        /// Why.
+        reason: StreamFailure,
+    },
+    /// Protocol error: a frame announced a length above the wire limit.
+    #[error("protocol error: frame of {size} bytes exceeds the maximum of {max} bytes")]
+    FrameTooLarge {
+        /// The announced frame length.
+        size: usize,
+        /// The maximum frame length accepted.
+        max: usize,
+    },
+    /// Protocol error: a frame carries a wire version this build does not speak.
+    #[error(
+        "protocol error: wire version {found} is not supported (this build speaks {supported})"
+    )]
+    UnsupportedVersion {
+        /// The version byte found.
+        found: u8,
+        /// The version this build speaks.
+        supported: u8,
+    },
+    /// Protocol error: bytes that do not decode as the expected value.
+    #[error("protocol error: malformed {what}")]
+    Malformed {
+        /// What was being decoded (a frame, a payload, a hello...).
+        what: &'static str,
+        /// The decoder's complaint.
+        #[source]
+        source: postcard::Error,
+    },
+    /// Protocol error: input ended before a complete value.
+    #[error("protocol error: truncated {what}: {have} of {needed} bytes")]
+    Truncated {
+        /// What was being decoded.
+        what: &'static str,
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes available.
+        have: usize,
+    },
+    /// Protocol error: the peer broke a rule of the protocol.
+    #[error("protocol error: {detail}")]
+    Protocol {
+        /// The rule that was broken.
+        detail: &'static str,
+    },
+    /// A value could not be encoded (for example a map with non-string keys in a payload).
+    #[error("could not encode {what}")]
+    Encode {
+        /// What was being encoded.
+        what: &'static str,
+        /// The encoder's complaint.
+        #[source]
+        source: postcard::Error,
+    },
+    /// Authentication or encryption failed: untrusted certificate, wrong token, TLS failure.
+    #[error("security error: {kind}")]
+    Security {
+        /// Which check failed.
+        kind: SecurityFailure,
+        /// The lower-level cause, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A configuration value or file is invalid.
+    #[error("configuration error{}: {field}: {message}", file.as_ref().map(|f| format!(" in {}", f.display())).unwrap_or_default())]
+    Configuration {
+        /// The file being read, if the configuration came from one.
+        file: Option<PathBuf>,
+        /// The offending field, as a path (`quicConfig.channels[1].priority`).
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The remote agent answered a request with an error.
+    #[error("agent {agent} answered with an error ({kind}): {message}")]
+    Remote {
+        /// The agent that answered.
+        agent: AgentId,
+        /// The class of failure.
+        kind: RemoteErrorKind,
+        /// The remote side's description.
+        message: String,
+    },
+    /// The agent or transport is shutting down or has shut down.
+    #[error("shut down")]
+    Shutdown,
+    /// The transport does not offer this operation.
+    #[error("{operation} is not supported by this transport")]
+    Unsupported {
+        /// The operation asked for.
+        operation: &'static str,
+    },
+}
+
+/// Why a send failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendFailure {
+    /// The receiver's queue stayed full for the whole send timeout (reliable channels).
+    #[error("receiver queue full for {0:?}")]
+    QueueFull(Duration),
+    /// The receiver is gone (stopped or detached).
+    #[error("receiver closed")]
+    ReceiverClosed,
+}
+
+/// Why a stream operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamFailure {
+    /// No open stream has this id.
+    #[error("unknown stream")]
+    Unknown,
+    /// The stream was already finished by a final write or a close.
+    #[error("already finished")]
+    Finished,
+    /// The receiving side went away.
+    #[error("closed by peer")]
+    ClosedByPeer,
+    /// The stream was reset with an application code.
+    #[error("reset with code {0}")]
+    Reset(u64),
+}
+
+/// Which security check failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecurityFailure {
+    /// The peer's certificate is not signed by a trusted authority, or names another host.
+    #[error("untrusted certificate")]
+    UntrustedCertificate,
+    /// A certificate or key could not be loaded.
+    #[error("certificate or key could not be loaded")]
+    CertificateLoad,
+    /// The TLS handshake failed for another reason.
+    #[error("TLS handshake failed")]
+    Handshake,
+    /// The peer presented a token that does not match.
+    #[error("token rejected")]
+    TokenRejected,
+    /// Token authentication is on and the peer presented none.
+    #[error("token missing")]
+    TokenMissing,
+}
+
+/// The class of an error response sent back by a remote agent.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error,
+)]
+#[non_exhaustive]
+pub enum RemoteErrorKind {
+    /// The request handler returned an error.
+    #[error("handler failed")]
+    HandlerFailed,
+    /// The agent has no request handler.
+    #[error("no request handler")]
+    NoHandler,
+    /// The request payload did not decode as what the handler expects.
+    #[error("bad request")]
+    BadRequest,
+    /// The agent dropped the request without answering (it stopped, or gave up on it).
+    #[error("dropped without answer")]
+    Dropped,
+}
+
+impl Error {
+    /// Whether another transport might succeed where this one failed: the peer could not be
+    /// reached or did not answer, as opposed to a problem with the message itself.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            Error::ConnectionFailed { .. }
+                | Error::ConnectionTimeout { .. }
+                | Error::ConnectionLost { .. }
+                | Error::PeerNotFound { .. }
+                | Error::Timeout { .. }
+                | Error::SendFailed {
+                    reason: SendFailure::ReceiverClosed,
+                    ..
+                }
+        )
+    }
+
+    pub(crate) fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Configuration {
+            file: None,
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}

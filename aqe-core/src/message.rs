@@ -1,0 +1,270 @@
+//! The message envelope and its typed payload.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::{AgentId, ChannelName, Error, MessageId, Priority, Result};
+
+/// Who a message is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Recipient {
+    /// One agent.
+    Agent(AgentId),
+    /// Several named agents.
+    Agents(Vec<AgentId>),
+    /// Every agent of the fleet listening on the channel.
+    Fleet,
+}
+
+/// What a message is, which decides how the receiver treats it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MessageKind {
+    /// A message to one agent.
+    Direct,
+    /// A message to the fleet.
+    Broadcast,
+    /// A request that expects one response.
+    Request,
+    /// The successful answer to a request (`correlation_id` names the request).
+    Response,
+    /// Data on a stream.
+    Stream,
+    /// Liveness signal between endpoints.
+    Heartbeat,
+    /// Membership information.
+    Discovery,
+    /// Protocol control.
+    Control,
+    /// The failed answer to a request; the payload is an [`ErrorBody`].
+    Error,
+}
+
+/// Milliseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        Self(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        )
+    }
+
+    /// As a [`SystemTime`].
+    pub fn to_system_time(self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.0)
+    }
+}
+
+/// A message as it travels: addressing, kind, priority, timing and an opaque payload.
+///
+/// The payload is bytes so that the envelope can be routed without knowing its type;
+/// [`Envelope::decode`] and [`encode`] give typed access.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Unique per sender.
+    pub id: MessageId,
+    /// The sending agent.
+    pub from: AgentId,
+    /// The receiver(s).
+    pub to: Recipient,
+    /// The channel it travels on.
+    pub channel: ChannelName,
+    /// What it is.
+    pub kind: MessageKind,
+    /// Its priority (the channel's, unless the sender chose otherwise).
+    pub priority: Priority,
+    /// When it was sent.
+    pub timestamp: Timestamp,
+    /// For responses and errors: the id of the request answered.
+    pub correlation_id: Option<MessageId>,
+    /// How long it stays worth delivering; an expired message is dropped and counted.
+    pub ttl: Option<Duration>,
+    /// The encoded content.
+    pub payload: Bytes,
+}
+
+impl Envelope {
+    /// A new envelope with a fresh id, the current time, the default priority, no TTL and no
+    /// correlation.
+    pub fn new(
+        from: AgentId,
+        to: Recipient,
+        channel: ChannelName,
+        kind: MessageKind,
+        payload: Bytes,
+    ) -> Self {
+        Self {
+            id: MessageId::next(),
+            from,
+            to,
+            channel,
+            kind,
+            priority: Priority::DEFAULT,
+            timestamp: Timestamp::now(),
+            correlation_id: None,
+            ttl: None,
+            payload,
+        }
+    }
+
+    /// The envelope answering this one, from `responder`, carrying `payload`.
+    pub fn reply(&self, responder: AgentId, kind: MessageKind, payload: Bytes) -> Self {
+        let mut reply = Envelope::new(
+            responder,
+            Recipient::Agent(self.from.clone()),
+            self.channel.clone(),
+            kind,
+            payload,
+        );
+        reply.priority = self.priority;
+        reply.correlation_id = Some(self.id);
+        reply
+    }
+
+    /// Sets the priority.
+    pub fn with_priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Sets the time to live.
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Whether the TTL has run out at `now`.
+    pub fn is_expired(&self, now: Timestamp) -> bool {
+        match self.ttl {
+            Some(ttl) => now.0.saturating_sub(self.timestamp.0) > ttl.as_millis() as u64,
+            None => false,
+        }
+    }
+
+    /// The single agent this envelope is for, if it names exactly one.
+    pub fn target(&self) -> Option<&AgentId> {
+        match &self.to {
+            Recipient::Agent(id) => Some(id),
+            Recipient::Agents(ids) if ids.len() == 1 => ids.first(),
+            _ => None,
+        }
+    }
+
+    /// Decodes the payload as `T`.
+    ///
+    /// # Errors
+    /// [`Error::Malformed`] when the payload is not a `T` in postcard encoding.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
+        decode(&self.payload)
+    }
+}
+
+/// The payload of a [`MessageKind::Error`] response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The class of failure.
+    pub kind: crate::RemoteErrorKind,
+    /// A description for humans.
+    pub message: String,
+}
+
+/// Encodes a value as a payload (postcard).
+///
+/// # Errors
+/// [`Error::Encode`] when serde refuses the value (for example a sequence of unknown length).
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes> {
+    postcard::to_stdvec(value)
+        .map(Bytes::from)
+        .map_err(|source| Error::Encode {
+            what: "payload",
+            source,
+        })
+}
+
+/// Decodes a payload (postcard) as `T`; trailing bytes are an error.
+///
+/// # Errors
+/// [`Error::Malformed`] when the bytes are not exactly one `T`.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    match postcard::take_from_bytes::<T>(bytes) {
+        Ok((value, [])) => Ok(value),
+        Ok(_) => Err(Error::Malformed {
+            what: "payload",
+            source: postcard::Error::DeserializeBadEncoding,
+        }),
+        Err(source) => Err(Error::Malformed {
+            what: "payload",
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Task {
+        name: String,
+        weight: u32,
+    }
+
+    #[test]
+    fn payload_round_trips_and_rejects_other_types() {
+        let t = Task {
+            name: "lint".into(),
+            weight: 3,
+        };
+        let env = Envelope::new(
+            "a".into(),
+            Recipient::Agent("b".into()),
+            "coordination".into(),
+            MessageKind::Direct,
+            encode(&t).expect("encode"),
+        );
+        assert_eq!(env.decode::<Task>().expect("decode"), t);
+        assert!(matches!(
+            env.decode::<(u64, u64, u64)>(),
+            Err(Error::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn ttl_expiry() {
+        let mut env = Envelope::new(
+            "a".into(),
+            Recipient::Fleet,
+            "m".into(),
+            MessageKind::Broadcast,
+            Bytes::new(),
+        )
+        .with_ttl(Duration::from_millis(100));
+        env.timestamp = Timestamp(1_000);
+        assert!(!env.is_expired(Timestamp(1_100)));
+        assert!(env.is_expired(Timestamp(1_101)));
+    }
+
+    #[test]
+    fn reply_is_correlated() {
+        let req = Envelope::new(
+            "a".into(),
+            Recipient::Agent("b".into()),
+            "c".into(),
+            MessageKind::Request,
+            Bytes::new(),
+        );
+        let rsp = req.reply("b".into(), MessageKind::Response, Bytes::from_static(b"x"));
+        assert_eq!(rsp.correlation_id, Some(req.id));
+        assert_eq!(rsp.to, Recipient::Agent("a".into()));
+        assert_eq!(rsp.target(), Some(&AgentId::from("a")));
+    }
+}

@@ -1,0 +1,364 @@
+//! The transport trait: what the agent runtime needs from anything that moves messages.
+//!
+//! A transport is an *endpoint* hosting any number of local agents. Agents attach with a
+//! [`Registration`] and an [`InboxSender`]; the transport then delivers what arrives for
+//! them into their inbox and carries what they send. Peers are agents, wherever they live:
+//! on the same endpoint, on the same bus, or behind a connection to another endpoint (one
+//! connection per endpoint pair carries the traffic of every agent on both sides).
+//!
+//! The four ways of moving data map onto QUIC directly:
+//! - [`Transport::send`] on an ordered reliable channel: one long-lived stream per peer and
+//!   channel; unordered reliable: a stream per message; unreliable: a datagram.
+//! - [`Transport::request`]: one bidirectional stream per request; the stream is the
+//!   correlation, and dropping the future abandons it.
+//! - [`Transport::open_stream`]: one stream, with flow control.
+//! - [`Transport::broadcast`]: concurrent fan-out with a per-peer report.
+//!
+//! Every method validates what it is given: an unknown sender, channel or peer, or an
+//! oversize payload, is a typed error and nothing is sent.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::broadcast;
+
+use crate::{
+    AgentId, ChannelName, Envelope, Error, InboxSender, MessageKind, PeerInfo, Registration,
+    Result, Stats, StreamId, StreamOptions,
+};
+
+/// Which kind of transport this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportKind {
+    /// The in-process event bus.
+    EventBus,
+    /// QUIC over UDP.
+    Quic,
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TransportKind::EventBus => "event bus",
+            TransportKind::Quic => "QUIC",
+        })
+    }
+}
+
+/// Something that happened in the fleet or on a transport.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// An agent became reachable (it started, or its endpoint connected).
+    PeerDiscovered(PeerInfo),
+    /// An agent is gone (it stopped, or its endpoint disconnected).
+    PeerLeft(AgentId),
+    /// A connection to another endpoint is up.
+    ConnectionEstablished {
+        /// The remote endpoint.
+        addr: SocketAddr,
+    },
+    /// A connection to another endpoint ended.
+    ConnectionLost {
+        /// The remote endpoint.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// A message reached the agent.
+    MessageReceived {
+        /// Its id.
+        id: crate::MessageId,
+        /// Its sender.
+        from: AgentId,
+        /// Its channel.
+        channel: ChannelName,
+        /// Its kind.
+        kind: MessageKind,
+        /// Payload size in bytes.
+        size: usize,
+    },
+    /// A peer opened a stream to the agent.
+    StreamOpened {
+        /// The stream.
+        stream: StreamId,
+        /// The opener.
+        from: AgentId,
+    },
+    /// A stream to the agent ended.
+    StreamClosed {
+        /// The stream.
+        stream: StreamId,
+        /// The opener.
+        from: AgentId,
+    },
+    /// A transport reported an error not tied to one call.
+    TransportError {
+        /// Which transport.
+        transport: TransportKind,
+        /// What happened.
+        message: String,
+    },
+    /// An operation failed on the primary transport and was carried by the fallback.
+    FallbackUsed {
+        /// The operation (`send`, `request`, `broadcast`, `open_stream`).
+        operation: &'static str,
+        /// The peer concerned, if one.
+        peer: Option<AgentId>,
+        /// The primary's error.
+        reason: String,
+    },
+    /// This subscriber was too slow and missed that many events.
+    Lagged {
+        /// How many.
+        missed: u64,
+    },
+}
+
+/// What a fleet broadcast achieved, peer by peer.
+#[derive(Debug, Default)]
+pub struct BroadcastReport {
+    /// Peers that got the message.
+    pub delivered: Vec<AgentId>,
+    /// Peers that did not, and why.
+    pub failed: Vec<(AgentId, Error)>,
+}
+
+impl BroadcastReport {
+    /// Whether every targeted peer got the message.
+    pub fn is_complete(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
+
+/// How a transport sends back the answer to one request.
+#[async_trait]
+pub trait Respond: Send {
+    /// Sends the response (a [`MessageKind::Response`] or [`MessageKind::Error`] envelope).
+    ///
+    /// # Errors
+    /// When the requester is gone (it timed out or was dropped): the late answer is discarded.
+    async fn respond(self: Box<Self>, response: Envelope) -> Result<()>;
+
+    /// Resolves when the requester has given up, so the handler's work can be cancelled.
+    /// A transport that cannot tell never resolves.
+    async fn cancelled(&mut self);
+}
+
+/// The answering half of a request, handed to the receiving agent with it.
+pub struct Responder(Box<dyn Respond>);
+
+impl Responder {
+    /// Wraps a transport's implementation.
+    pub fn new(inner: impl Respond + 'static) -> Self {
+        Self(Box::new(inner))
+    }
+
+    /// Sends the response.
+    ///
+    /// # Errors
+    /// When the requester is gone: the answer is discarded.
+    pub async fn respond(self, response: Envelope) -> Result<()> {
+        self.0.respond(response).await
+    }
+
+    /// Resolves when the requester has given up.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn cancelled(&mut self) {
+        self.0.cancelled().await
+    }
+}
+
+impl fmt::Debug for Responder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Responder(..)")
+    }
+}
+
+/// What identifies a stream and how its data travels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamHeader {
+    /// Unique per opener.
+    pub id: StreamId,
+    /// The opener.
+    pub from: AgentId,
+    /// The receiver.
+    pub to: AgentId,
+    /// Channel, priority, order, reliability.
+    pub options: StreamOptions,
+}
+
+/// One piece of stream data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamChunk {
+    /// The bytes written.
+    pub data: Bytes,
+    /// Whether the writer marked this as the last piece.
+    pub fin: bool,
+}
+
+/// The writing side of a stream.
+#[async_trait]
+pub trait StreamSink: Send + Sync {
+    /// Writes one chunk; `fin` ends the stream after it.
+    ///
+    /// # Errors
+    /// [`Error::Stream`] when the stream is finished or the receiver is gone;
+    /// [`Error::MessageTooLarge`] for a chunk above the channel's limit.
+    async fn write(&mut self, data: Bytes, fin: bool) -> Result<()>;
+
+    /// Ends the stream (as an empty final write, if none was made).
+    ///
+    /// # Errors
+    /// When the end cannot be signalled to the receiver.
+    async fn close(&mut self) -> Result<()>;
+}
+
+/// The reading side of a stream, as a transport provides it.
+#[async_trait]
+pub trait StreamSource: Send {
+    /// The next chunk; `None` after the final one, or when the stream broke.
+    async fn next(&mut self) -> Option<Result<StreamChunk>>;
+}
+
+/// A stream opened by a peer, in order: this value is the open, then chunks, then the end.
+pub struct IncomingStream {
+    header: StreamHeader,
+    source: Box<dyn StreamSource>,
+    finished: bool,
+}
+
+impl IncomingStream {
+    /// Wraps a transport's reading side.
+    pub fn new(header: StreamHeader, source: impl StreamSource + 'static) -> Self {
+        Self {
+            header,
+            source: Box::new(source),
+            finished: false,
+        }
+    }
+
+    /// Who opened it, to whom, and how.
+    pub fn header(&self) -> &StreamHeader {
+        &self.header
+    }
+
+    /// The next chunk, in write order; `None` once the final chunk has been returned.
+    ///
+    /// # Errors
+    /// [`Error::Stream`] when the writer reset the stream or its connection went away
+    /// before the final chunk.
+    pub async fn next(&mut self) -> Option<Result<StreamChunk>> {
+        if self.finished {
+            return None;
+        }
+        let item = self.source.next().await;
+        match &item {
+            Some(Ok(chunk)) if !chunk.fin => {}
+            Some(Ok(_)) | Some(Err(_)) => self.finished = true,
+            None => {
+                self.finished = true;
+                return Some(Err(Error::Stream {
+                    stream: self.header.id,
+                    reason: crate::StreamFailure::ClosedByPeer,
+                }));
+            }
+        }
+        item
+    }
+}
+
+impl fmt::Debug for IncomingStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IncomingStream")
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a transport puts in an agent's inbox.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A one-way message (direct or broadcast).
+    Message(Envelope),
+    /// A request, with the means to answer it.
+    Request {
+        /// The request.
+        envelope: Envelope,
+        /// Answers it.
+        responder: Responder,
+    },
+    /// A stream a peer opened.
+    Stream(IncomingStream),
+}
+
+/// A way to move messages between agents. See the [module docs](self).
+///
+/// Implementations are endpoints shared by many agents, so every method takes `&self` and
+/// may be called concurrently.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Which kind of transport this is.
+    fn kind(&self) -> TransportKind;
+
+    /// Hosts an agent: from now on, what arrives for it goes to `inbox`, and peers learn of it.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] if the registration is invalid or the id is already attached
+    /// here; [`Error::Shutdown`] after shutdown.
+    async fn attach(&self, agent: Registration, inbox: InboxSender) -> Result<()>;
+
+    /// Stops hosting an agent; peers learn it left.
+    ///
+    /// # Errors
+    /// [`Error::PeerNotFound`] if it was not attached.
+    async fn detach(&self, agent: &AgentId) -> Result<()>;
+
+    /// Sends a one-way message to the one agent named in `envelope.to`, on the sender's
+    /// channel `envelope.channel`, honouring the channel's contract.
+    ///
+    /// # Errors
+    /// [`Error::PeerNotFound`], [`Error::ChannelNotFound`] (sender or receiver lacks the
+    /// channel), [`Error::MessageTooLarge`], [`Error::SendFailed`], connection errors.
+    async fn send(&self, envelope: Envelope) -> Result<()>;
+
+    /// Sends a request and waits up to `timeout` for its response. Dropping the future or
+    /// timing out abandons the request: a late answer is discarded.
+    ///
+    /// # Errors
+    /// As [`Transport::send`], plus [`Error::Timeout`]; an error *response* is returned as an
+    /// `Ok` envelope of kind [`MessageKind::Error`] for the caller to interpret.
+    async fn request(&self, envelope: Envelope, timeout: Duration) -> Result<Envelope>;
+
+    /// Sends one message to each of `targets` concurrently and reports per peer.
+    ///
+    /// # Errors
+    /// Only for what concerns every target alike: an unknown sender or channel,
+    /// [`Error::WrongChannelKind`] for a unicast channel, [`Error::MessageTooLarge`],
+    /// [`Error::Shutdown`]. A target that cannot be reached is listed in the report.
+    async fn broadcast(&self, envelope: Envelope, targets: &[AgentId]) -> Result<BroadcastReport>;
+
+    /// Opens a stream to `header.to`; the receiver gets an [`IncomingStream`] in its inbox.
+    ///
+    /// # Errors
+    /// As [`Transport::send`].
+    async fn open_stream(&self, header: StreamHeader) -> Result<Box<dyn StreamSink>>;
+
+    /// Every agent this transport can reach, local ones included.
+    fn peers(&self) -> Vec<PeerInfo>;
+
+    /// Statistics of one attached agent on this transport.
+    fn stats(&self, agent: &AgentId) -> Stats;
+
+    /// Subscribes to membership and connection events.
+    fn subscribe(&self) -> broadcast::Receiver<Event>;
+
+    /// Stops the transport: every attached agent is detached (their inboxes stay open) and
+    /// every task it runs ends.
+    async fn shutdown(&self);
+}
