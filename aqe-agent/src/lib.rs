@@ -1,1 +1,34 @@
-//! placeholder
+//! The agent runtime of aqe: what users program against.
+//!
+//! An [`Agent`] has an id, a type, capabilities and channels, handlers for what it receives,
+//! and one transport. It can send to one agent, request and await a reply (timeout,
+//! retries), broadcast to the fleet, open streams, discover peers, and report its health and
+//! statistics. The transport is any [`Transport`](aqe_core::Transport): the in-process
+//! [`EventBus`], QUIC, or a [`Fallback`] of two of them, which moves an operation to the
+//! second transport when the first cannot reach the peer ([`FallbackPolicy`]).
+//!
+//! Agents can also be started from a directory of JSON definition files with [`Fleet`].
+//!
+//! All errors are [`aqe_core::Error`]: one error type across transports is what makes them
+//! interchangeable. Handler failures travel back to requesters as [`HandlerError`]s and
+//! surface there as [`Error::Remote`](aqe_core::Error::Remote).
+#![warn(missing_docs, unreachable_pub)]
+
+mod agent;
+mod builder;
+mod dispatch;
+mod events;
+mod fallback;
+mod fleet;
+mod handler;
+
+pub use agent::Agent;
+pub use builder::AgentBuilder;
+pub use events::EventStream;
+pub use fallback::{Fallback, FallbackPolicy};
+pub use fleet::Fleet;
+pub use handler::HandlerError;
+
+/// The core types, for users who depend on this crate alone.
+pub use aqe_core;
+pub use aqe_eventbus::EventBus;

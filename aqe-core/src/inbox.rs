@@ -147,6 +147,11 @@ impl InboxSender {
         Ok(Delivered::Queued)
     }
 
+    /// Messages dropped because their TTL ran out while queued.
+    pub fn expired(&self) -> u64 {
+        self.shared.expired.load(Ordering::Relaxed)
+    }
+
     /// Whether the inbox has been closed.
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Acquire)

@@ -1,0 +1,462 @@
+//! The agent: a handle users program against, whatever transport carries its messages.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use aqe_core::{
+    AgentId, BroadcastOptions, BroadcastReport, ChannelName, DiscoveryOptions, Envelope, Error,
+    ErrorBody, Event, Health, HealthThresholds, InboxSender, MessageKind, PeerInfo, PeerState,
+    RecentError, Recipient, Registration, RequestOptions, Result, Stats, StreamFailure,
+    StreamHeader, StreamId, StreamOptions, StreamSink, Timestamp, Transport,
+};
+
+use crate::builder::AgentBuilder;
+use crate::events::EventStream;
+
+/// How many errors the health report keeps.
+const RECENT_ERRORS: usize = 16;
+
+/// An agent of the fleet. Cheap to clone: clones are handles to the same agent.
+///
+/// The agent runs until [`Agent::shutdown`]; dropping handles does not stop it, as dropping
+/// a server handle does not stop a server.
+///
+/// # Examples
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> aqe_core::Result<()> {
+/// use std::sync::Arc;
+/// use aqe_agent::{Agent, HandlerError};
+/// use aqe_core::RequestOptions;
+///
+/// let bus = Arc::new(aqe_eventbus::EventBus::new());
+/// let analyzer = Agent::builder()
+///     .id("analyzer")
+///     .agent_type("coverage-analyzer")
+///     .transport(bus.clone())
+///     .on_request(|_agent, req| async move {
+///         let threshold: u32 = req.decode()?;
+///         Ok::<_, HandlerError>(format!("coverage above {threshold}%: 87%"))
+///     })
+///     .start()
+///     .await?;
+/// let executor = Agent::builder().id("executor").agent_type("test-executor").transport(bus).start().await?;
+/// let report: String = executor.request_from_agent(analyzer.id(), &80u32, RequestOptions::default()).await?;
+/// assert_eq!(report, "coverage above 80%: 87%");
+/// executor.shutdown().await;
+/// analyzer.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Agent {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) reg: Registration,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) thresholds: HealthThresholds,
+    pub(crate) started: Instant,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) events: broadcast::Sender<Event>,
+    /// Kept to read the inbox's expiry count; the dispatcher owns the receiving side.
+    pub(crate) inbox: InboxSender,
+    streams: DashMap<StreamId, Arc<tokio::sync::Mutex<Box<dyn StreamSink>>>>,
+    recent_errors: Mutex<VecDeque<RecentError>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("id", &self.inner.reg.id)
+            .field("type", &self.inner.reg.agent_type)
+            .field("transport", &self.inner.transport.kind())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// Starts describing a new agent.
+    pub fn builder() -> AgentBuilder {
+        AgentBuilder::default()
+    }
+
+    pub(crate) fn new(
+        reg: Registration,
+        transport: Arc<dyn Transport>,
+        thresholds: HealthThresholds,
+        inbox: InboxSender,
+        event_capacity: usize,
+    ) -> Self {
+        let (events, _) = broadcast::channel(event_capacity.max(1));
+        Self {
+            inner: Arc::new(Inner {
+                reg,
+                transport,
+                thresholds,
+                started: Instant::now(),
+                shutdown: CancellationToken::new(),
+                events,
+                inbox,
+                streams: DashMap::new(),
+                recent_errors: Mutex::new(VecDeque::with_capacity(RECENT_ERRORS)),
+                tasks: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    pub(crate) fn own_task(&self, task: JoinHandle<()>) {
+        self.inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+    }
+
+    /// This agent's id.
+    pub fn id(&self) -> &AgentId {
+        &self.inner.reg.id
+    }
+
+    /// What this agent declared: type, capabilities, channels, labels.
+    pub fn registration(&self) -> &Registration {
+        &self.inner.reg
+    }
+
+    /// Publishes an event to this agent's subscribers.
+    pub(crate) fn emit(&self, event: Event) {
+        let _ = self.inner.events.send(event);
+    }
+
+    /// Runs `op` unless the agent is shut down or shuts down meanwhile, and keeps any error
+    /// for the health report.
+    async fn guarded<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Error::Shutdown);
+        }
+        let res = tokio::select! {
+            r = op => r,
+            () = self.inner.shutdown.cancelled() => Err(Error::Shutdown),
+        };
+        if let Err(e) = &res {
+            self.note_error(e);
+        }
+        res
+    }
+
+    pub(crate) fn note_error(&self, e: &dyn std::fmt::Display) {
+        let mut q = self
+            .inner
+            .recent_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if q.len() == RECENT_ERRORS {
+            q.pop_front();
+        }
+        q.push_back(RecentError {
+            at: Timestamp::now(),
+            message: e.to_string(),
+        });
+    }
+
+    fn envelope(
+        &self,
+        to: Recipient,
+        channel: &ChannelName,
+        kind: MessageKind,
+        payload: Bytes,
+    ) -> Result<Envelope> {
+        let ch = self.inner.reg.check_outgoing(channel, payload.len())?;
+        let env = Envelope::new(self.id().clone(), to, channel.clone(), kind, payload)
+            .with_priority(ch.priority);
+        Ok(env)
+    }
+
+    /// Sends `payload` to one agent on `channel`.
+    ///
+    /// # Errors
+    /// [`Error::ChannelNotFound`] (this agent or the peer lacks the channel),
+    /// [`Error::MessageTooLarge`], [`Error::PeerNotFound`], [`Error::SendFailed`] (a reliable
+    /// channel's receiver stayed full), connection errors, [`Error::Shutdown`].
+    pub async fn send_to_agent<T: Serialize + ?Sized>(
+        &self,
+        to: &AgentId,
+        payload: &T,
+        channel: impl Into<ChannelName>,
+    ) -> Result<()> {
+        let channel = channel.into();
+        self.guarded(async {
+            let env = self.envelope(
+                Recipient::Agent(to.clone()),
+                &channel,
+                MessageKind::Direct,
+                aqe_core::encode(payload)?,
+            )?;
+            self.inner.transport.send(env).await
+        })
+        .await
+    }
+
+    /// Sends a request and returns the decoded response, retrying after timeouts and
+    /// unreachable peers as `options` say. Retries are new requests: a handler may see the
+    /// same request twice if an answer was lost.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] after the last attempt; [`Error::Remote`] when the peer's handler
+    /// failed, had no handler, or could not decode the request; [`Error::Malformed`] when the
+    /// response is not a `Resp`; [`Error::Shutdown`] if this agent shuts down meanwhile; and
+    /// the errors of [`Agent::send_to_agent`].
+    pub async fn request_from_agent<Req, Resp>(
+        &self,
+        to: &AgentId,
+        payload: &Req,
+        options: RequestOptions,
+    ) -> Result<Resp>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
+        self.guarded(async {
+            let payload = aqe_core::encode(payload)?;
+            let attempts = options.retries.saturating_add(1);
+            let mut attempt = 1;
+            loop {
+                let env = self.envelope(Recipient::Agent(to.clone()), &options.channel, MessageKind::Request, payload.clone())?;
+                match self.inner.transport.request(env, options.timeout).await {
+                    Ok(rsp) if rsp.kind == MessageKind::Error => {
+                        let body: ErrorBody = rsp.decode()?;
+                        return Err(Error::Remote { agent: rsp.from, kind: body.kind, message: body.message });
+                    }
+                    Ok(rsp) => return rsp.decode(),
+                    Err(e) if e.is_unreachable() && attempt < attempts => {
+                        tracing::debug!(agent = %self.id(), peer = %to, attempt, error = %e, "request attempt failed, retrying");
+                        self.note_error(&e);
+                        tokio::time::sleep(options.retry_delay).await;
+                        attempt += 1;
+                    }
+                    Err(Error::Timeout { after, .. }) => return Err(Error::Timeout { after, attempts: attempt }),
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Sends `payload` to every peer on the options' channel (a broadcast channel) that the
+    /// include/exclude lists admit, concurrently, and reports who got it.
+    ///
+    /// # Errors
+    /// [`Error::WrongChannelKind`] on a unicast channel, [`Error::ChannelNotFound`],
+    /// [`Error::MessageTooLarge`], [`Error::Shutdown`]. Per-peer failures are in the report.
+    pub async fn broadcast_to_fleet<T: Serialize + ?Sized>(
+        &self,
+        payload: &T,
+        options: BroadcastOptions,
+    ) -> Result<BroadcastReport> {
+        self.guarded(async {
+            let env = self.envelope(
+                Recipient::Fleet,
+                &options.channel,
+                MessageKind::Broadcast,
+                aqe_core::encode(payload)?,
+            )?;
+            let targets: Vec<AgentId> = self
+                .inner
+                .transport
+                .peers()
+                .into_iter()
+                .filter(|p| {
+                    &p.id != self.id()
+                        && p.channels.contains(&options.channel)
+                        && options.admits(&p.id)
+                })
+                .map(|p| p.id)
+                .collect();
+            // Explicitly included peers that are unknown are reported as failures, not ignored.
+            let mut targets = targets;
+            if let Some(include) = &options.include {
+                for id in include {
+                    if !targets.contains(id) && id != self.id() && !options.exclude.contains(id) {
+                        targets.push(id.clone());
+                    }
+                }
+            }
+            self.inner.transport.broadcast(env, &targets).await
+        })
+        .await
+    }
+
+    /// Opens a stream to `to`. Write with [`Agent::write_stream`], end with a final write or
+    /// [`Agent::close_stream`]. The receiver's stream handler sees the open, the data in
+    /// order, then the end.
+    ///
+    /// # Errors
+    /// As [`Agent::send_to_agent`], for the options' channel.
+    pub async fn open_stream(&self, to: &AgentId, options: StreamOptions) -> Result<StreamId> {
+        self.guarded(async {
+            self.inner.reg.check_outgoing(&options.channel, 0)?;
+            let id = StreamId::next();
+            let header = StreamHeader {
+                id,
+                from: self.id().clone(),
+                to: to.clone(),
+                options,
+            };
+            let sink = self.inner.transport.open_stream(header).await?;
+            self.inner
+                .streams
+                .insert(id, Arc::new(tokio::sync::Mutex::new(sink)));
+            Ok(id)
+        })
+        .await
+    }
+
+    /// Writes to a stream this agent opened; `fin` makes this the last write.
+    ///
+    /// # Errors
+    /// [`Error::Stream`] with [`StreamFailure::Unknown`] for a stream that is not open (never
+    /// opened, already finished or closed), [`StreamFailure::ClosedByPeer`] when the receiver
+    /// went away, [`Error::MessageTooLarge`] for data above the channel's limit.
+    pub async fn write_stream(
+        &self,
+        stream: StreamId,
+        data: impl Into<Bytes>,
+        fin: bool,
+    ) -> Result<()> {
+        let data = data.into();
+        self.guarded(async {
+            let sink = self.stream_sink(stream)?;
+            let res = sink.lock().await.write(data, fin).await;
+            if fin || matches!(res, Err(Error::Stream { .. })) {
+                self.inner.streams.remove(&stream);
+            }
+            res
+        })
+        .await
+    }
+
+    /// Ends a stream this agent opened.
+    ///
+    /// # Errors
+    /// [`Error::Stream`] with [`StreamFailure::Unknown`] for a stream that is not open.
+    pub async fn close_stream(&self, stream: StreamId) -> Result<()> {
+        self.guarded(async {
+            let (_, sink) = self.inner.streams.remove(&stream).ok_or(Error::Stream {
+                stream,
+                reason: StreamFailure::Unknown,
+            })?;
+            sink.lock().await.close().await
+        })
+        .await
+    }
+
+    fn stream_sink(
+        &self,
+        stream: StreamId,
+    ) -> Result<Arc<tokio::sync::Mutex<Box<dyn StreamSink>>>> {
+        self.inner
+            .streams
+            .get(&stream)
+            .map(|s| s.value().clone())
+            .ok_or(Error::Stream {
+                stream,
+                reason: StreamFailure::Unknown,
+            })
+    }
+
+    /// The peers the transport knows, other than this agent, as the options select them.
+    pub fn discover_peers(&self, options: &DiscoveryOptions) -> Vec<PeerInfo> {
+        let peers = self
+            .inner
+            .transport
+            .peers()
+            .into_iter()
+            .filter(|p| &p.id != self.id())
+            .collect();
+        options.select(peers)
+    }
+
+    /// Traffic statistics of this agent, over every transport it uses.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.inner.transport.stats(self.id());
+        s.uptime = self.inner.started.elapsed();
+        s.messages_dropped += self.inner.inbox.expired();
+        s
+    }
+
+    /// The agent's health, judged against its thresholds.
+    pub fn health(&self) -> Health {
+        let stats = self.stats();
+        let connected = self
+            .inner
+            .transport
+            .peers()
+            .iter()
+            .filter(|p| &p.id != self.id() && p.state == PeerState::Connected)
+            .count();
+        let errors = self
+            .inner
+            .recent_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        Health::assess(
+            &stats,
+            !self.inner.shutdown.is_cancelled(),
+            connected,
+            self.inner.reg.channels.len(),
+            errors,
+            &self.inner.thresholds,
+        )
+    }
+
+    /// Subscribes to this agent's events, from now on.
+    pub fn events(&self) -> EventStream {
+        EventStream::new(self.inner.events.subscribe(), self.inner.shutdown.clone())
+    }
+
+    /// Whether [`Agent::shutdown`] has been called.
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
+    /// Stops the agent: calls in flight fail with [`Error::Shutdown`], handlers still running
+    /// are cancelled (their requesters get an error response), open streams are closed, the
+    /// agent leaves its transport, and every task it started has ended when this returns.
+    /// Calling it again does nothing.
+    pub async fn shutdown(&self) {
+        if self.inner.shutdown.is_cancelled() {
+            return;
+        }
+        self.inner.shutdown.cancel();
+        if let Err(e) = self.inner.transport.detach(self.id()).await {
+            tracing::debug!(agent = %self.id(), error = %e, "detach on shutdown");
+        }
+        let streams: Vec<_> = self.inner.streams.iter().map(|s| *s.key()).collect();
+        for id in streams {
+            if let Some((_, sink)) = self.inner.streams.remove(&id) {
+                let _ = sink.lock().await.close().await;
+            }
+        }
+        let tasks =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            if let Err(e) = task.await {
+                tracing::warn!(agent = %self.id(), error = %e, "agent task ended abnormally");
+            }
+        }
+        tracing::debug!(agent = %self.id(), "agent shut down");
+    }
+}

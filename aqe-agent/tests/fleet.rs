@@ -1,0 +1,97 @@
+//! Starting agents from a directory of definition files.
+
+use std::sync::Arc;
+
+use aqe_agent::{EventBus, Fleet, HandlerError};
+use aqe_core::{Error, RequestOptions, Transport};
+
+fn write(dir: &std::path::Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).expect("write definition");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_starts_from_definitions_with_handlers_by_type() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(
+        dir.path(),
+        "01-commander.json",
+        r#"{"id":"commander","agentType":"commander"}"#,
+    );
+    write(
+        dir.path(),
+        "02-executor.json",
+        r#"{"id":"executor-1","agentType":"test-executor","capabilities":["unit-tests"],"enableQUIC":true,"quicConfig":{"channels":["coordination","results"]}}"#,
+    );
+    write(
+        dir.path(),
+        "03-executor.json",
+        r#"{"id":"executor-2","agentType":"test-executor","quicConfig":{"channels":["coordination","results"]}}"#,
+    );
+    write(dir.path(), "README.txt", "not a definition");
+    let bus = Arc::new(EventBus::new());
+    let fleet = Fleet::from_dir(dir.path(), bus.clone(), |def, builder| {
+        if def.agent_type.as_str() == "test-executor" {
+            builder.on_request(|agent, _req| async move {
+                Ok::<_, HandlerError>(agent.id().to_string())
+            })
+        } else {
+            builder
+        }
+    })
+    .await
+    .expect("fleet");
+    let ids: Vec<_> = fleet.agents().iter().map(|a| a.id().to_string()).collect();
+    assert_eq!(ids, ["commander", "executor-1", "executor-2"]);
+    let commander = fleet.get(&"commander".into()).expect("commander");
+    let executor = fleet.get(&"executor-1".into()).expect("executor");
+    assert_eq!(executor.registration().channels.len(), 2);
+    let answer: String = commander
+        .request_from_agent(executor.id(), &(), RequestOptions::default())
+        .await
+        .expect("answer");
+    assert_eq!(answer, "executor-1");
+    fleet.shutdown().await;
+    assert!(bus.peers().is_empty(), "every agent left the bus");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_definition_names_its_file_and_field_and_starts_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(
+        dir.path(),
+        "a.json",
+        r#"{"id":"fine","agentType":"worker"}"#,
+    );
+    write(
+        dir.path(),
+        "b.json",
+        r#"{"agentType":"worker","quicConfig":{"channels":[{"name":"x","type":"sideways"}]}}"#,
+    );
+    let bus = Arc::new(EventBus::new());
+    let err = Fleet::from_dir(dir.path(), bus.clone(), |_, b| b)
+        .await
+        .expect_err("bad file");
+    match err {
+        Error::Configuration {
+            file,
+            field,
+            message,
+        } => {
+            assert_eq!(file.as_deref(), Some(dir.path().join("b.json").as_path()));
+            assert_eq!(field, "quicConfig.channels[0].type");
+            assert!(message.contains("sideways"), "{message}");
+        }
+        other => panic!("{other}"),
+    }
+    assert!(
+        bus.peers().is_empty(),
+        "the agent started from a.json was shut down again"
+    );
+    let err = Fleet::from_dir(dir.path().join("missing"), bus, |_, b| b)
+        .await
+        .expect_err("no dir");
+    assert!(
+        matches!(err, Error::Configuration { ref field, .. } if field == "(directory)"),
+        "{err}"
+    );
+}
