@@ -73,6 +73,8 @@ pub struct SecurityConfig {
     pub enable_token_auth: bool,
     /// The shared token.
     pub token: Option<Token>,
+    /// The name every endpoint's certificate must carry; dialers check it. Default `localhost`.
+    pub server_name: String,
 }
 
 impl Default for SecurityConfig {
@@ -85,6 +87,7 @@ impl Default for SecurityConfig {
             verify_peer: false,
             enable_token_auth: false,
             token: None,
+            server_name: "localhost".to_owned(),
         }
     }
 }
@@ -121,6 +124,15 @@ impl SecurityConfig {
                 "verifyPeer (mutual TLS) needs this endpoint's own certificate",
             ));
         }
+        if self.server_name.is_empty() {
+            return Err(Error::config("serverName", "cannot be empty"));
+        }
+        if self.cert_path.is_some() && self.ca_path.is_none() {
+            return Err(Error::config(
+                "caPath",
+                "a configured certificate needs a CA to verify peers against",
+            ));
+        }
         if self.enable_token_auth && self.token.as_ref().is_none_or(|t| t.expose().is_empty()) {
             return Err(Error::config(
                 "token",
@@ -150,6 +162,9 @@ pub struct QuicConfig {
     /// How long a silent connection lives before the peer is declared gone.
     #[serde(with = "millis")]
     pub idle_timeout: Duration,
+    /// How long a reliable send may wait for the receiver (flow control, a full inbox).
+    #[serde(with = "millis")]
+    pub send_timeout: Duration,
     /// 0-RTT early data on resumed connections.
     #[serde(rename = "enable0RTT")]
     pub enable_0rtt: bool,
@@ -172,6 +187,7 @@ impl Default for QuicConfig {
             channels: default_channels(),
             connection_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(5),
             enable_0rtt: false,
             enable_migration: false,
             max_concurrent_streams: 100,
@@ -213,6 +229,9 @@ impl QuicConfig {
         probe.validate()?;
         if self.connection_timeout.is_zero() {
             return Err(Error::config("connectionTimeout", "must be above zero"));
+        }
+        if self.send_timeout.is_zero() {
+            return Err(Error::config("sendTimeout", "must be above zero"));
         }
         if self.idle_timeout.is_zero() {
             return Err(Error::config("idleTimeout", "must be above zero"));

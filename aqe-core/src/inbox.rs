@@ -122,29 +122,52 @@ impl InboxSender {
     ///
     /// # Errors
     /// [`Error::SendFailed`] with [`SendFailure::ReceiverClosed`] once the inbox is closed, or
-    /// [`SendFailure::QueueFull`] when a reliable delivery found no room in time. The item is
-    /// returned to nobody: the error tells the sender it was not delivered.
+    /// [`SendFailure::QueueFull`] when a reliable delivery found no room in time; the item is
+    /// then dropped, and the error tells the sender so ([`InboxSender::reserve`] keeps it).
     pub async fn deliver(&self, item: Inbound, delivery: Delivery) -> Result<Delivered> {
-        let fail = |reason| Error::SendFailed {
-            to: self.shared.owner.clone(),
-            reason,
-        };
         match delivery {
             Delivery::Unreliable => match self.shared.room.try_acquire() {
-                Ok(permit) => permit.forget(),
-                Err(TryAcquireError::NoPermits) => return Ok(Delivered::Dropped),
-                Err(TryAcquireError::Closed) => return Err(fail(SendFailure::ReceiverClosed)),
+                Ok(permit) => {
+                    permit.forget();
+                    self.shared.push(item);
+                    Ok(Delivered::Queued)
+                }
+                Err(TryAcquireError::NoPermits) => Ok(Delivered::Dropped),
+                Err(TryAcquireError::Closed) => Err(self.fail(SendFailure::ReceiverClosed)),
             },
             Delivery::Reliable(wait) => {
-                match tokio::time::timeout(wait, self.shared.room.acquire()).await {
-                    Ok(Ok(permit)) => permit.forget(),
-                    Ok(Err(_closed)) => return Err(fail(SendFailure::ReceiverClosed)),
-                    Err(_elapsed) => return Err(fail(SendFailure::QueueFull(wait))),
-                }
+                self.reserve(wait).await?.send(item);
+                Ok(Delivered::Queued)
             }
         }
-        self.shared.push(item);
-        Ok(Delivered::Queued)
+    }
+
+    /// Waits up to `wait` for room for one item, and holds it: the item is handed over only
+    /// once there is room, so a caller that gives up keeps it.
+    ///
+    /// # Errors
+    /// As [`InboxSender::deliver`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: no room is held unless this returns.
+    pub async fn reserve(&self, wait: Duration) -> Result<InboxPermit> {
+        match tokio::time::timeout(wait, self.shared.room.acquire()).await {
+            Ok(Ok(permit)) => {
+                permit.forget();
+                Ok(InboxPermit {
+                    shared: Some(self.shared.clone()),
+                })
+            }
+            Ok(Err(_closed)) => Err(self.fail(SendFailure::ReceiverClosed)),
+            Err(_elapsed) => Err(self.fail(SendFailure::QueueFull(wait))),
+        }
+    }
+
+    fn fail(&self, reason: SendFailure) -> Error {
+        Error::SendFailed {
+            to: self.shared.owner.clone(),
+            reason,
+        }
     }
 
     /// Messages dropped because their TTL ran out while queued.
@@ -155,6 +178,36 @@ impl InboxSender {
     /// Whether the inbox has been closed.
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Acquire)
+    }
+}
+
+/// Room for one item in an inbox, reserved by [`InboxSender::reserve`]; dropping it unused
+/// gives the room back.
+#[must_use]
+pub struct InboxPermit {
+    shared: Option<Arc<Shared>>,
+}
+
+impl InboxPermit {
+    /// Puts the item in the reserved room.
+    pub fn send(mut self, item: Inbound) {
+        if let Some(shared) = self.shared.take() {
+            shared.push(item);
+        }
+    }
+}
+
+impl Drop for InboxPermit {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            shared.room.add_permits(1);
+        }
+    }
+}
+
+impl std::fmt::Debug for InboxPermit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InboxPermit")
     }
 }
 
@@ -302,6 +355,25 @@ mod tests {
         );
         assert_eq!(tag(rx.recv().await.expect("item")), 1);
         assert_eq!(tag(rx.recv().await.expect("item")), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reservation_keeps_the_item_until_there_is_room() {
+        let (tx, mut rx) = inbox("r".into(), 1);
+        let _ = tx
+            .deliver(msg(5, 1), Delivery::Unreliable)
+            .await
+            .expect("open");
+        assert!(tx.reserve(Duration::from_millis(10)).await.is_err(), "full");
+        let unused = tx.reserve(Duration::from_millis(10));
+        assert_eq!(tag(rx.recv().await.expect("item")), 1);
+        drop(unused.await.expect("room"));
+        // The dropped permit gave the room back.
+        tx.reserve(Duration::from_millis(10))
+            .await
+            .expect("room")
+            .send(msg(5, 2));
+        assert_eq!(tag(rx.recv().await.expect("item")), 2);
     }
 
     #[tokio::test]

@@ -26,6 +26,7 @@ mod error;
 mod health;
 mod id;
 mod inbox;
+pub mod local;
 mod message;
 mod options;
 mod peer;
@@ -44,7 +45,9 @@ pub use health::{
     Health, HealthStatus, HealthThresholds, RecentError, RttStats, Stats, StatsRecorder,
 };
 pub use id::{AgentId, AgentType, Capability, ChannelId, ChannelName, MessageId, StreamId};
-pub use inbox::{DEFAULT_INBOX_CAPACITY, Delivered, Delivery, Inbox, InboxSender, inbox};
+pub use inbox::{
+    DEFAULT_INBOX_CAPACITY, Delivered, Delivery, Inbox, InboxPermit, InboxSender, inbox,
+};
 pub use message::{Envelope, ErrorBody, MessageKind, Recipient, Timestamp, decode, encode};
 pub use options::{BroadcastOptions, DiscoveryOptions, PeerFilter, RequestOptions, StreamOptions};
 pub use peer::{PeerInfo, PeerState, Registration};

@@ -171,7 +171,7 @@ impl DiscoveryOptions {
 }
 
 /// How a stream's data travels.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StreamOptions {
     /// The channel the stream belongs to (the receiver must listen on it). Default `coordination`.
     pub channel: ChannelName,

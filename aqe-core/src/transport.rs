@@ -95,6 +95,15 @@ pub enum Event {
         /// The opener.
         from: AgentId,
     },
+    /// A connection attempt from or to another endpoint failed a security check (untrusted
+    /// certificate, wrong or missing token). The side that dialed also gets the error from
+    /// its call; this event is how the accepting side learns of it.
+    SecurityRejected {
+        /// The remote endpoint.
+        addr: SocketAddr,
+        /// Which check failed.
+        kind: crate::SecurityFailure,
+    },
     /// A transport reported an error not tied to one call.
     TransportError {
         /// Which transport.
@@ -181,7 +190,7 @@ impl fmt::Debug for Responder {
 }
 
 /// What identifies a stream and how its data travels.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StreamHeader {
     /// Unique per opener.
     pub id: StreamId,

@@ -4,15 +4,13 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use dashmap::DashMap;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::broadcast;
 
 use aqe_core::{
     AgentId, BroadcastReport, ChannelKind, Delivered, Delivery, Envelope, Error, Event, Inbound,
-    InboxSender, IncomingStream, PeerInfo, PeerState, Registration, RemoteErrorKind, Respond,
-    Responder, Result, Stats, StatsRecorder, StreamHeader, StreamSink, Transport, TransportKind,
+    InboxSender, PeerInfo, PeerState, Registration, RemoteErrorKind, Result, Stats, StatsRecorder,
+    StreamHeader, StreamSink, Transport, TransportKind,
 };
-
-use crate::stream;
 
 /// Tunables of the bus.
 #[derive(Debug, Clone)]
@@ -42,10 +40,10 @@ pub struct EventBus {
     inner: Arc<Inner>,
 }
 
-pub(crate) struct Member {
-    pub(crate) reg: Registration,
+struct Member {
+    reg: Registration,
     inbox: InboxSender,
-    pub(crate) stats: StatsRecorder,
+    stats: Arc<StatsRecorder>,
 }
 
 struct Inner {
@@ -168,30 +166,6 @@ impl EventBus {
     }
 }
 
-/// Answers a request by completing the requester's one-shot channel.
-struct BusResponder {
-    reply: oneshot::Sender<Envelope>,
-    responder: Arc<Member>,
-    requester: AgentId,
-}
-
-#[async_trait]
-impl Respond for BusResponder {
-    async fn respond(self: Box<Self>, response: Envelope) -> Result<()> {
-        let len = response.payload.len();
-        self.reply.send(response).map_err(|_| Error::SendFailed {
-            to: self.requester.clone(),
-            reason: aqe_core::SendFailure::ReceiverClosed,
-        })?;
-        self.responder.stats.sent(len);
-        Ok(())
-    }
-
-    async fn cancelled(&mut self) {
-        self.reply.closed().await
-    }
-}
-
 #[async_trait]
 impl Transport for EventBus {
     fn kind(&self) -> TransportKind {
@@ -214,7 +188,7 @@ impl Transport for EventBus {
                 v.insert(Arc::new(Member {
                     reg: agent,
                     inbox,
-                    stats: StatsRecorder::default(),
+                    stats: Arc::default(),
                 }));
             }
         }
@@ -256,14 +230,9 @@ impl Transport for EventBus {
             envelope.payload.len(),
         )?;
         let started = Instant::now();
-        let (reply, answer) = oneshot::channel();
         let len = envelope.payload.len();
-        let requester = envelope.from.clone();
-        let responder = Responder::new(BusResponder {
-            reply,
-            responder: receiver.clone(),
-            requester,
-        });
+        let (responder, answer) =
+            aqe_core::local::responder(envelope.from.clone(), receiver.stats.clone());
         let exchange = async {
             // Requests are always reliable: waiting for room counts against the timeout.
             let item = Inbound::Request {
@@ -315,7 +284,9 @@ impl Transport for EventBus {
             });
         }
         let deliveries = targets.iter().map(|to| {
-            let envelope = envelope.clone();
+            // Each copy names the peer it is for; its kind still says it was a broadcast.
+            let mut envelope = envelope.clone();
+            envelope.to = aqe_core::Recipient::Agent(to.clone());
             let sender = sender.clone();
             let channel = &channel;
             async move {
@@ -347,18 +318,19 @@ impl Transport for EventBus {
     async fn open_stream(&self, header: StreamHeader) -> Result<Box<dyn StreamSink>> {
         let (sender, channel, receiver) =
             self.route(&header.from, &header.to, &header.options.channel, 0)?;
-        let (sink, source) = stream::pair(
-            &header,
-            channel.max_message_size,
-            self.inner.config.stream_capacity,
-            self.inner.config.send_timeout,
-            sender,
-            receiver.clone(),
-        );
-        let item = Inbound::Stream(IncomingStream::new(header, source));
+        let limits = aqe_core::local::LocalStreamLimits {
+            max_chunk: channel.max_message_size,
+            capacity: self.inner.config.stream_capacity,
+            send_timeout: self.inner.config.send_timeout,
+        };
+        let (sink, incoming) =
+            aqe_core::local::stream(header, limits, sender.stats.clone(), receiver.stats.clone());
         let _ = receiver
             .inbox
-            .deliver(item, Delivery::Reliable(self.inner.config.send_timeout))
+            .deliver(
+                Inbound::Stream(incoming),
+                Delivery::Reliable(self.inner.config.send_timeout),
+            )
             .await?;
         Ok(Box::new(sink))
     }

@@ -27,7 +27,6 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod bus;
-mod stream;
 
 pub use bus::{BusConfig, EventBus};
 
