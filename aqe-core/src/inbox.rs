@@ -125,21 +125,13 @@ impl InboxSender {
     /// [`SendFailure::QueueFull`] when a reliable delivery found no room in time; the item is
     /// then dropped, and the error tells the sender so ([`InboxSender::reserve`] keeps it).
     pub async fn deliver(&self, item: Inbound, delivery: Delivery) -> Result<Delivered> {
-        match delivery {
-            Delivery::Unreliable => match self.shared.room.try_acquire() {
-                Ok(permit) => {
-                    permit.forget();
-                    self.shared.push(item);
-                    Ok(Delivered::Queued)
-                }
-                Err(TryAcquireError::NoPermits) => Ok(Delivered::Dropped),
-                Err(TryAcquireError::Closed) => Err(self.fail(SendFailure::ReceiverClosed)),
-            },
-            Delivery::Reliable(wait) => {
-                self.reserve(wait).await?.send(item);
-                Ok(Delivered::Queued)
+        Ok(match self.room(delivery).await? {
+            Some(permit) => {
+                permit.send(item);
+                Delivered::Queued
             }
-        }
+            None => Delivered::Dropped,
+        })
     }
 
     /// Waits up to `wait` for room for one item, and holds it: the item is handed over only
@@ -160,6 +152,36 @@ impl InboxSender {
             }
             Ok(Err(_closed)) => Err(self.fail(SendFailure::ReceiverClosed)),
             Err(_elapsed) => Err(self.fail(SendFailure::QueueFull(wait))),
+        }
+    }
+
+    /// Takes room for one item if there is some now; `None` when the inbox is full.
+    ///
+    /// # Errors
+    /// [`Error::SendFailed`] with [`SendFailure::ReceiverClosed`] once the inbox is closed.
+    pub fn try_reserve(&self) -> Result<Option<InboxPermit>> {
+        match self.shared.room.try_acquire() {
+            Ok(permit) => {
+                permit.forget();
+                Ok(Some(InboxPermit {
+                    shared: Some(self.shared.clone()),
+                }))
+            }
+            Err(TryAcquireError::NoPermits) => Ok(None),
+            Err(TryAcquireError::Closed) => Err(self.fail(SendFailure::ReceiverClosed)),
+        }
+    }
+
+    /// Room for one item, as `delivery` says: waits (reliable) or not (unreliable; `None`
+    /// when full). Transports count a message, then hand it over with the permit, so that a
+    /// reader never sees a message before it is counted.
+    ///
+    /// # Errors
+    /// As [`InboxSender::deliver`].
+    pub async fn room(&self, delivery: Delivery) -> Result<Option<InboxPermit>> {
+        match delivery {
+            Delivery::Reliable(wait) => self.reserve(wait).await.map(Some),
+            Delivery::Unreliable => self.try_reserve(),
         }
     }
 

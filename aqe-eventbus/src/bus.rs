@@ -7,9 +7,9 @@ use dashmap::DashMap;
 use tokio::sync::broadcast;
 
 use aqe_core::{
-    AgentId, BroadcastReport, ChannelKind, Delivered, Delivery, Envelope, Error, Event, Inbound,
-    InboxSender, PeerInfo, PeerState, Registration, RemoteErrorKind, Result, Stats, StatsRecorder,
-    StreamHeader, StreamSink, Transport, TransportKind,
+    AgentId, BroadcastReport, ChannelKind, Delivery, Envelope, Error, Event, Inbound, InboxSender,
+    PeerInfo, PeerState, Registration, RemoteErrorKind, Result, Stats, StatsRecorder, StreamHeader,
+    StreamSink, Transport, TransportKind,
 };
 
 /// Tunables of the bus.
@@ -146,16 +146,13 @@ impl EventBus {
         reliable: bool,
     ) -> Result<()> {
         let len = envelope.payload.len();
-        match receiver
-            .inbox
-            .deliver(Inbound::Message(envelope), self.delivery(reliable))
-            .await?
-        {
-            Delivered::Queued => {
+        match receiver.inbox.room(self.delivery(reliable)).await? {
+            Some(permit) => {
                 sender.stats.sent(len);
                 receiver.stats.received(len);
+                permit.send(Inbound::Message(envelope));
             }
-            Delivered::Dropped => sender.stats.dropped(),
+            None => sender.stats.dropped(),
         }
         Ok(())
     }
@@ -239,12 +236,10 @@ impl Transport for EventBus {
                 envelope,
                 responder,
             };
-            let _ = receiver
-                .inbox
-                .deliver(item, Delivery::Reliable(timeout))
-                .await?;
+            let permit = receiver.inbox.reserve(timeout).await?;
             sender.stats.sent(len);
             receiver.stats.received(len);
+            permit.send(item);
             answer.await.map_err(|_| Error::Remote {
                 agent: to.clone(),
                 kind: RemoteErrorKind::Dropped,

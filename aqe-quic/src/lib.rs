@@ -1,0 +1,26 @@
+//! The QUIC transport of aqe: agents in different processes and on different hosts talking
+//! over real QUIC (RFC 9000) and TLS 1.3, on `s2n-quic`.
+//!
+//! [`QuicTransport`] implements [`aqe_core::Transport`], so everything the agent API offers
+//! over the event bus works the same over QUIC. The mapping, detailed in `PROTOCOL.md`:
+//!
+//! - one connection per pair of endpoints, carrying every agent on both sides; ALPN `aqe/1`;
+//!   a hello on the first bidirectional stream (version, token, agents, known peers);
+//! - ordered reliable channels: one long-lived unidirectional stream per connection and
+//!   channel; unordered reliable: one stream per message (no head-of-line blocking);
+//!   unreliable: DATAGRAM frames (RFC 9221);
+//! - requests: one bidirectional stream each; agent streams: one unidirectional stream each.
+//!
+//! TLS is always on: certificates from PEM files, or generated for development (trusted only
+//! inside the process), with mutual TLS when `verifyPeer` is set, and token authentication.
+#![warn(missing_docs, unreachable_pub)]
+
+mod conn;
+mod endpoint;
+mod link;
+mod stream;
+mod tls;
+mod transport;
+mod wire;
+
+pub use transport::QuicTransport;

@@ -1,0 +1,156 @@
+//! Per-connection statistics from s2n-quic's event subscriber: RTT, congestion window, packets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use s2n_quic::provider::event::{ConnectionInfo, ConnectionMeta, Subscriber, events};
+use tokio::sync::mpsc;
+
+use aqe_core::SecurityFailure;
+
+/// What the event subscriber records for one connection; shared with the transport.
+#[derive(Debug, Default)]
+pub(crate) struct LinkStats {
+    smoothed_rtt_us: AtomicU64,
+    min_rtt_us: AtomicU64,
+    max_rtt_us: AtomicU64,
+    latest_rtt_us: AtomicU64,
+    cwnd: AtomicU64,
+    packets_sent: AtomicU64,
+    packets_lost: AtomicU64,
+    remote: Mutex<Option<SocketAddr>>,
+}
+
+/// A reading of [`LinkStats`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct LinkReading {
+    pub(crate) smoothed_rtt: Duration,
+    pub(crate) min_rtt: Duration,
+    pub(crate) max_rtt: Duration,
+    pub(crate) latest_rtt: Duration,
+    pub(crate) cwnd: u64,
+    pub(crate) packets_sent: u64,
+    pub(crate) packets_lost: u64,
+}
+
+impl LinkStats {
+    pub(crate) fn read(&self) -> LinkReading {
+        let us = |a: &AtomicU64| Duration::from_micros(a.load(Ordering::Relaxed));
+        LinkReading {
+            smoothed_rtt: us(&self.smoothed_rtt_us),
+            min_rtt: us(&self.min_rtt_us),
+            max_rtt: us(&self.max_rtt_us),
+            latest_rtt: us(&self.latest_rtt_us),
+            cwnd: self.cwnd.load(Ordering::Relaxed),
+            packets_sent: self.packets_sent.load(Ordering::Relaxed),
+            packets_lost: self.packets_lost.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The event subscriber installed on both of an endpoint's s2n-quic sides.
+pub(crate) struct StatsSubscriber {
+    /// Security failures seen when a connection closes, for the transport to announce.
+    pub(crate) rejections: mpsc::Sender<(SocketAddr, SecurityFailure)>,
+}
+
+impl Subscriber for StatsSubscriber {
+    type ConnectionContext = Arc<LinkStats>;
+
+    fn create_connection_context(
+        &mut self,
+        _meta: &ConnectionMeta,
+        _info: &ConnectionInfo<'_>,
+    ) -> Arc<LinkStats> {
+        Arc::new(LinkStats::default())
+    }
+
+    fn on_connection_started(
+        &mut self,
+        ctx: &mut Arc<LinkStats>,
+        _meta: &ConnectionMeta,
+        e: &events::ConnectionStarted<'_>,
+    ) {
+        *ctx.remote.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(SocketAddr::from(&e.path.remote_addr));
+    }
+
+    fn on_recovery_metrics(
+        &mut self,
+        ctx: &mut Arc<LinkStats>,
+        _meta: &ConnectionMeta,
+        e: &events::RecoveryMetrics<'_>,
+    ) {
+        let us = |d: Duration| d.as_micros() as u64;
+        ctx.smoothed_rtt_us
+            .store(us(e.smoothed_rtt), Ordering::Relaxed);
+        ctx.min_rtt_us.store(us(e.min_rtt), Ordering::Relaxed);
+        ctx.latest_rtt_us.store(us(e.latest_rtt), Ordering::Relaxed);
+        ctx.max_rtt_us
+            .fetch_max(us(e.latest_rtt), Ordering::Relaxed);
+        ctx.cwnd
+            .store(u64::from(e.congestion_window), Ordering::Relaxed);
+    }
+
+    fn on_packet_sent(
+        &mut self,
+        ctx: &mut Arc<LinkStats>,
+        _meta: &ConnectionMeta,
+        _e: &events::PacketSent,
+    ) {
+        ctx.packets_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_packet_lost(
+        &mut self,
+        ctx: &mut Arc<LinkStats>,
+        _meta: &ConnectionMeta,
+        _e: &events::PacketLost<'_>,
+    ) {
+        ctx.packets_lost.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_connection_closed(
+        &mut self,
+        ctx: &mut Arc<LinkStats>,
+        _meta: &ConnectionMeta,
+        e: &events::ConnectionClosed,
+    ) {
+        let Some(failure) = security_failure(&e.error) else {
+            return;
+        };
+        if let Some(addr) = *ctx.remote.lock().unwrap_or_else(|p| p.into_inner()) {
+            // Never block the QUIC endpoint: a full queue loses an announcement, not traffic.
+            let _ = self.rejections.try_send((addr, failure));
+        }
+    }
+}
+
+/// The security failure behind a connection error, if it is one.
+pub(crate) fn security_failure(error: &s2n_quic::connection::Error) -> Option<SecurityFailure> {
+    use crate::wire::close;
+    match error {
+        s2n_quic::connection::Error::Transport { code, .. } => {
+            let code = code.as_u64();
+            (0x100..=0x1ff)
+                .contains(&code)
+                .then(|| crate::tls::alert_failure((code - 0x100) as u8))
+        }
+        s2n_quic::connection::Error::Application { error, .. } => match u64::from(*error) {
+            c if c == u64::from(close::TOKEN_REJECTED) => Some(SecurityFailure::TokenRejected),
+            c if c == u64::from(close::TOKEN_MISSING) => Some(SecurityFailure::TokenMissing),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Reads the statistics a connection's subscriber context holds.
+pub(crate) fn of(handle: &s2n_quic::connection::Handle) -> Arc<LinkStats> {
+    handle
+        .query_event_context(|ctx: &Arc<LinkStats>| ctx.clone())
+        .unwrap_or_default()
+}

@@ -1,0 +1,242 @@
+//! QUIC-backed halves of the transport's stream and request traits.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use s2n_quic::stream::SendStream;
+
+use aqe_core::{
+    AgentId, Envelope, Error, FrameCodec, Respond, Result, SendFailure, StreamChunk, StreamFailure,
+    StreamId, StreamSink, StreamSource,
+};
+
+use crate::endpoint::Local;
+use crate::wire::{Chunk, FrameReader, reset};
+
+/// Answers a request on the stream it came on.
+pub(crate) struct QuicResponder {
+    send: SendStream,
+    reader: FrameReader,
+    codec: FrameCodec,
+    local: Arc<Local>,
+    requester: AgentId,
+    /// The requester ended its side: it has given up.
+    gone: bool,
+}
+
+impl QuicResponder {
+    pub(crate) fn new(
+        send: SendStream,
+        reader: FrameReader,
+        codec: FrameCodec,
+        local: Arc<Local>,
+        requester: AgentId,
+    ) -> Self {
+        Self {
+            send,
+            reader,
+            codec,
+            local,
+            requester,
+            gone: false,
+        }
+    }
+}
+
+#[async_trait]
+impl Respond for QuicResponder {
+    async fn respond(mut self: Box<Self>, response: Envelope) -> Result<()> {
+        let gone = Error::SendFailed {
+            to: self.requester.clone(),
+            reason: SendFailure::ReceiverClosed,
+        };
+        if self.gone {
+            return Err(gone);
+        }
+        let len = response.payload.len();
+        let frame = self.codec.encode_to_bytes(&response)?;
+        self.send.send(frame).await.map_err(|_| gone)?;
+        let _ = self.send.finish();
+        self.local.stats.sent(len);
+        Ok(())
+    }
+
+    async fn cancelled(&mut self) {
+        // The requester keeps its side open until it has the answer; its end (or reset)
+        // before that means it gave up.
+        if !self.gone {
+            self.reader.closed().await;
+            self.gone = true;
+        }
+    }
+}
+
+/// Writes an agent stream: one QUIC stream, [`Chunk`] frames, QUIC flow control.
+pub(crate) struct QuicSink {
+    id: StreamId,
+    send: SendStream,
+    codec: FrameCodec,
+    max_chunk: usize,
+    finished: bool,
+    local: Arc<Local>,
+}
+
+impl QuicSink {
+    pub(crate) fn new(
+        id: StreamId,
+        send: SendStream,
+        codec: FrameCodec,
+        max_chunk: usize,
+        local: Arc<Local>,
+    ) -> Self {
+        local.stats.stream_delta(true);
+        Self {
+            id,
+            send,
+            codec,
+            max_chunk,
+            finished: false,
+            local,
+        }
+    }
+
+    fn finish(&mut self) {
+        if !std::mem::replace(&mut self.finished, true) {
+            self.local.stats.stream_delta(false);
+        }
+    }
+}
+
+#[async_trait]
+impl StreamSink for QuicSink {
+    async fn write(&mut self, data: Bytes, fin: bool) -> Result<()> {
+        if self.finished {
+            return Err(Error::Stream {
+                stream: self.id,
+                reason: StreamFailure::Finished,
+            });
+        }
+        if data.len() > self.max_chunk {
+            return Err(Error::MessageTooLarge {
+                size: data.len(),
+                max: self.max_chunk,
+            });
+        }
+        let len = data.len();
+        let frame = self.codec.encode_to_bytes(&Chunk { data, fin })?;
+        if let Err(e) = self.send.send(frame).await {
+            self.finish();
+            return Err(match e {
+                s2n_quic::stream::Error::ConnectionError { error, .. } => Error::Stream {
+                    stream: self.id,
+                    reason: StreamFailure::Reset(u64::from(error_code(&error))),
+                },
+                // The reader dropped the stream (STOP_SENDING) or reset it.
+                _ => Error::Stream {
+                    stream: self.id,
+                    reason: StreamFailure::ClosedByPeer,
+                },
+            });
+        }
+        self.local.stats.sent(len);
+        if fin {
+            let _ = self.send.finish();
+            self.finish();
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        if self.finished {
+            Ok(())
+        } else {
+            self.write(Bytes::new(), true).await
+        }
+    }
+}
+
+/// The application code a connection was closed with, or 0.
+fn error_code(e: &s2n_quic::connection::Error) -> u32 {
+    match e {
+        s2n_quic::connection::Error::Application { error, .. } => {
+            u32::try_from(u64::from(*error)).unwrap_or(u32::MAX)
+        }
+        _ => 0,
+    }
+}
+
+impl Drop for QuicSink {
+    fn drop(&mut self) {
+        if !self.finished {
+            // An abandoned stream is reset, so the reader sees an error rather than an end.
+            let _ = self.send.reset(reset::CANCELLED.into());
+            self.finish();
+        }
+    }
+}
+
+/// Reads an agent stream.
+pub(crate) struct QuicSource {
+    id: StreamId,
+    reader: FrameReader,
+    local: Arc<Local>,
+    open: bool,
+}
+
+impl QuicSource {
+    pub(crate) fn new(id: StreamId, reader: FrameReader, local: Arc<Local>) -> Self {
+        Self {
+            id,
+            reader,
+            local,
+            open: true,
+        }
+    }
+
+    fn end(&mut self) {
+        if std::mem::take(&mut self.open) {
+            self.local.stats.stream_delta(false);
+        }
+    }
+}
+
+#[async_trait]
+impl StreamSource for QuicSource {
+    async fn next(&mut self) -> Option<Result<StreamChunk>> {
+        match self.reader.next::<Chunk>().await {
+            Ok(Some(c)) => {
+                self.local.stats.received(c.data.len());
+                if c.fin {
+                    self.end();
+                }
+                Some(Ok(StreamChunk {
+                    data: c.data,
+                    fin: c.fin,
+                }))
+            }
+            Ok(None) => {
+                self.end();
+                None
+            }
+            Err(e) => {
+                self.end();
+                Some(Err(match e {
+                    Error::Stream { reason, .. } => Error::Stream {
+                        stream: self.id,
+                        reason,
+                    },
+                    other => other,
+                }))
+            }
+        }
+    }
+}
+
+impl Drop for QuicSource {
+    fn drop(&mut self) {
+        // Dropping the reader tells the writer (STOP_SENDING) so its next write fails.
+        self.reader.stop(reset::REFUSED);
+        self.end();
+    }
+}
