@@ -234,6 +234,11 @@ pub enum SecurityFailure {
     /// The TLS handshake failed for another reason.
     #[error("TLS handshake failed")]
     Handshake,
+    /// The peer aborted the TLS handshake. TLS stacks such as s2n-tls send the same generic
+    /// alert whatever the cause, so this is how a certificate the peer did not trust looks
+    /// from this side; the peer itself reports [`SecurityFailure::UntrustedCertificate`].
+    #[error("the peer rejected the TLS handshake")]
+    HandshakeRejected,
     /// The peer presented a token that does not match.
     #[error("token rejected")]
     TokenRejected,

@@ -223,12 +223,11 @@ impl Shared {
     /// Checks a peer's hello; the close code to use if it fails.
     fn check(&self, hello: &Hello) -> std::result::Result<(), (u32, Error)> {
         if hello.version != PROTOCOL_VERSION {
-            return Err((
-                close::VERSION_MISMATCH,
-                Error::Protocol {
-                    detail: "peer speaks another protocol version",
-                },
-            ));
+            let e = Error::UnsupportedVersion {
+                found: hello.version,
+                supported: PROTOCOL_VERSION,
+            };
+            return Err((close::VERSION_MISMATCH, e));
         }
         if hello.endpoint == self.id {
             return Err((
@@ -660,6 +659,13 @@ pub(crate) fn connection_error(
             source: Some(Box::new(e)),
         };
     }
+    if let s2n_quic::connection::Error::Application { error, .. } = e
+        && u64::from(error) == u64::from(close::VERSION_MISMATCH)
+    {
+        return Error::Protocol {
+            detail: "the peer does not speak this protocol version (aqe/1)",
+        };
+    }
     match e {
         s2n_quic::connection::Error::MaxHandshakeDurationExceeded { .. }
         | s2n_quic::connection::Error::IdleTimerExpired { .. } => Error::ConnectionTimeout {
@@ -699,5 +705,84 @@ fn closed_reason(connection: &Connection, addr: SocketAddr, timeout: Duration) -
             addr,
             source: "the peer closed the control stream".into(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local_config() -> QuicConfig {
+        QuicConfig {
+            enabled: true,
+            host: "127.0.0.1".into(),
+            ..QuicConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn hellos_are_checked_for_version_self_and_token() {
+        let mut config = local_config();
+        config.security.enable_token_auth = true;
+        config.security.token = Some(aqe_core::Token::new("t0k3n"));
+        let shared = Shared::bind(config).await.expect("bind");
+        let good = Hello {
+            endpoint: shared.id ^ 1,
+            ..shared.hello()
+        };
+        assert!(shared.check(&good).is_ok());
+        let (code, err) = shared
+            .check(&Hello {
+                version: 9,
+                ..good.clone()
+            })
+            .expect_err("version");
+        assert_eq!(code, close::VERSION_MISMATCH);
+        assert!(
+            matches!(
+                err,
+                Error::UnsupportedVersion {
+                    found: 9,
+                    supported: 1
+                }
+            ),
+            "{err}"
+        );
+        let (code, _) = shared
+            .check(&Hello {
+                endpoint: shared.id,
+                ..good.clone()
+            })
+            .expect_err("self");
+        assert_eq!(code, close::SELF_CONNECTION);
+        let (code, err) = shared
+            .check(&Hello {
+                token: Some("t0k3N".into()),
+                ..good.clone()
+            })
+            .expect_err("token");
+        assert_eq!(code, close::TOKEN_REJECTED);
+        assert!(matches!(
+            err,
+            Error::Security {
+                kind: SecurityFailure::TokenRejected,
+                ..
+            }
+        ));
+        let (code, _) = shared
+            .check(&Hello {
+                token: None,
+                ..good
+            })
+            .expect_err("no token");
+        assert_eq!(code, close::TOKEN_MISSING);
+        shared.shutdown().await;
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
     }
 }

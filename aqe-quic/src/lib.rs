@@ -23,4 +23,4 @@ mod tls;
 mod transport;
 mod wire;
 
-pub use transport::QuicTransport;
+pub use transport::{LinkInfo, QuicTransport};

@@ -133,11 +133,13 @@ impl Subscriber for StatsSubscriber {
 pub(crate) fn security_failure(error: &s2n_quic::connection::Error) -> Option<SecurityFailure> {
     use crate::wire::close;
     match error {
-        s2n_quic::connection::Error::Transport { code, .. } => {
+        s2n_quic::connection::Error::Transport {
+            code, initiator, ..
+        } => {
             let code = code.as_u64();
             (0x100..=0x1ff)
                 .contains(&code)
-                .then(|| crate::tls::alert_failure((code - 0x100) as u8))
+                .then(|| crate::tls::alert_failure((code - 0x100) as u8, initiator.is_remote()))
         }
         s2n_quic::connection::Error::Application { error, .. } => match u64::from(*error) {
             c if c == u64::from(close::TOKEN_REJECTED) => Some(SecurityFailure::TokenRejected),

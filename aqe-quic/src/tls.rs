@@ -140,12 +140,14 @@ impl Material {
     }
 }
 
-/// The security failure a TLS alert stands for, if it is about certificates.
-pub(crate) fn alert_failure(alert: u8) -> SecurityFailure {
+/// The security failure a TLS alert stands for. `from_peer`: the peer sent the alert.
+pub(crate) fn alert_failure(alert: u8, from_peer: bool) -> SecurityFailure {
     match alert {
         // bad_certificate, unsupported_certificate, certificate_revoked, certificate_expired,
         // certificate_unknown, unknown_ca, certificate_required
         42..=46 | 48 | 116 => SecurityFailure::UntrustedCertificate,
+        // handshake_failure: the generic alert s2n-tls sends whatever went wrong.
+        40 if from_peer => SecurityFailure::HandshakeRejected,
         _ => SecurityFailure::Handshake,
     }
 }

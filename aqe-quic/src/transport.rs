@@ -46,6 +46,24 @@ impl std::fmt::Debug for QuicTransport {
     }
 }
 
+/// One connection's figures, from s2n-quic's recovery and packet events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LinkInfo {
+    /// Where the remote endpoint listens.
+    pub addr: SocketAddr,
+    /// Smoothed round-trip time.
+    pub rtt: Duration,
+    /// Smallest round-trip time seen.
+    pub min_rtt: Duration,
+    /// Congestion window, in bytes.
+    pub congestion_window: u64,
+    /// Packets sent on the connection.
+    pub packets_sent: u64,
+    /// Packets declared lost.
+    pub packets_lost: u64,
+}
+
 enum Target {
     Here(Arc<Local>),
     There(Arc<crate::conn::Conn>),
@@ -80,6 +98,25 @@ impl QuicTransport {
     /// another version, [`Error::Shutdown`].
     pub async fn connect(&self, addr: SocketAddr) -> Result<()> {
         self.shared.connect(addr).await
+    }
+
+    /// Statistics of each connection to a remote endpoint, as QUIC measures them.
+    pub fn links(&self) -> Vec<LinkInfo> {
+        self.shared
+            .conns
+            .iter()
+            .map(|c| {
+                let r = c.link().read();
+                LinkInfo {
+                    addr: c.listen,
+                    rtt: r.smoothed_rtt,
+                    min_rtt: r.min_rtt,
+                    congestion_window: r.cwnd,
+                    packets_sent: r.packets_sent,
+                    packets_lost: r.packets_lost,
+                }
+            })
+            .collect()
     }
 
     /// How many remote endpoints this endpoint is connected to.

@@ -12,14 +12,14 @@ use aqe_core::{AgentId, ChannelName, Error, FrameCodec, Registration, Result, St
 /// The ALPN identifier of this protocol.
 pub(crate) const ALPN: &[u8] = b"aqe/1";
 /// The version carried in the hello; a peer with another version is refused.
-pub(crate) const PROTOCOL_VERSION: u16 = 1;
+pub(crate) const PROTOCOL_VERSION: u8 = 1;
 
 /// The first message on a connection, in both directions, on the first bidirectional stream
 /// (the control stream) opened by the dialer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Hello {
     /// [`PROTOCOL_VERSION`].
-    pub(crate) version: u16,
+    pub(crate) version: u8,
     /// The sender's endpoint id (random per endpoint; breaks ties between simultaneous dials).
     pub(crate) endpoint: u64,
     /// Where the sender accepts connections.

@@ -1,0 +1,97 @@
+//! How channels map onto QUIC: datagrams for unreliable channels, a stream per message for
+//! unordered reliable ones, one long-lived stream per ordered channel.
+
+mod support;
+
+use aqe_core::{Channel, ChannelKind, Envelope, Error, MessageKind, Recipient, Transport};
+use bytes::Bytes;
+use support::*;
+
+fn msg(channel: &str, payload: Vec<u8>) -> Envelope {
+    Envelope::new(
+        "a".into(),
+        Recipient::Agent("b".into()),
+        channel.into(),
+        MessageKind::Direct,
+        Bytes::from(payload),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datagram_too_large_for_the_path_is_a_typed_error_not_a_silent_drop() {
+    let a = endpoint(config()).await;
+    let b = endpoint(config()).await;
+    let _ia = attach(&a, "a").await;
+    let mut ib = attach(&b, "b").await;
+    a.connect(b.local_addr()).await.expect("connect");
+    await_peer(&a, "b").await;
+    // The channel allows 1 MiB, but an unreliable message travels in one datagram.
+    let err = a
+        .send(msg("metrics", vec![0; 4000]))
+        .await
+        .expect_err("too large for a datagram");
+    assert!(
+        matches!(err, Error::MessageTooLarge { size, max } if size > max && max < 1200),
+        "{err}"
+    );
+    assert_eq!(
+        a.stats(&"a".into()).messages_dropped,
+        0,
+        "refused, not dropped"
+    );
+    a.send(msg("metrics", vec![7; 500])).await.expect("fits");
+    assert_eq!(next_message(&mut ib).await.payload.len(), 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_unordered_message_does_not_hold_back_a_small_one() {
+    let big = 12 * 1024 * 1024;
+    let channels = || {
+        vec![
+            Channel::new("bulk", ChannelKind::Unicast)
+                .with_ordered(false)
+                .with_max_message_size(big),
+            Channel::new("bulk-ordered", ChannelKind::Unicast).with_max_message_size(big),
+        ]
+    };
+    let a = endpoint(config()).await;
+    let b = endpoint(config()).await;
+    let _ia = attach_with(&a, "a", channels()).await;
+    let mut ib = attach_with(&b, "b", channels()).await;
+    a.connect(b.local_addr()).await.expect("connect");
+    await_peer(&a, "b").await;
+    for (channel, small_first) in [("bulk", true), ("bulk-ordered", false)] {
+        let large = tokio::spawn({
+            let a = a.clone();
+            async move { a.send(msg(channel, vec![1; big])).await }
+        });
+        // Wait until a few hundred packets of the large message are on the wire, then send a
+        // small one behind it.
+        let packets =
+            |a: &aqe_quic::QuicTransport| a.links().iter().map(|l| l.packets_sent).sum::<u64>();
+        let before = packets(&a);
+        tokio::time::timeout(WAIT, async {
+            while packets(&a) < before + 300 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the large message is under way");
+        // (The large send has usually returned by now: it returns once QUIC holds the whole
+        // message. What matters is that it was handed over before the small one.)
+        a.send(msg(channel, vec![2; 16])).await.expect("small");
+        let first = next_message(&mut ib).await;
+        let second = next_message(&mut ib).await;
+        large.await.expect("join").expect("large sent");
+        let order = [first.payload.len(), second.payload.len()];
+        if small_first {
+            assert_eq!(
+                order,
+                [16, big],
+                "unordered: the small message must not wait for the large one"
+            );
+        } else {
+            assert_eq!(order, [big, 16], "ordered: send order is kept");
+        }
+    }
+}

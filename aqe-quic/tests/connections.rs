@@ -1,0 +1,182 @@
+//! Connections between endpoints: one per pair even when both dial at once, discovery through
+//! peer exchange, and a dead peer detected by the idle timeout.
+
+mod support;
+
+use std::io::BufRead;
+use std::time::{Duration, Instant};
+
+use aqe_core::{Envelope, Event, MessageKind, QuicConfig, Recipient, Transport};
+use bytes::Bytes;
+use support::*;
+
+fn hello(from: &str, to: &str) -> Envelope {
+    Envelope::new(
+        from.into(),
+        Recipient::Agent(to.into()),
+        "coordination".into(),
+        MessageKind::Direct,
+        Bytes::from_static(b"hi"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_dials_end_with_exactly_one_connection() {
+    for _ in 0..3 {
+        let a = endpoint(config()).await;
+        let b = endpoint(config()).await;
+        let mut ia = attach(&a, "a").await;
+        let mut ib = attach(&b, "b").await;
+        let (ra, rb) = tokio::join!(a.connect(b.local_addr()), b.connect(a.local_addr()));
+        ra.expect("a dials b");
+        rb.expect("b dials a");
+        // The duplicate is retired after a grace period; both sides keep the same one.
+        tokio::time::timeout(WAIT, async {
+            while a.connections() != 1 || b.connections() != 1 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("one connection each");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            (a.connections(), b.connections()),
+            (1, 1),
+            "still one after the grace period"
+        );
+        a.send(hello("a", "b")).await.expect("a to b");
+        b.send(hello("b", "a")).await.expect("b to a");
+        assert_eq!(next_message(&mut ib).await.from.as_str(), "a");
+        assert_eq!(next_message(&mut ia).await.from.as_str(), "b");
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_agent_is_discovered_through_peer_exchange() {
+    let hub = endpoint(config()).await;
+    let b = endpoint(config()).await;
+    let c = endpoint(config()).await;
+    let _ih = attach(&hub, "hub").await;
+    let mut ib = attach(&b, "b").await;
+    let _ic = attach(&c, "c").await;
+    b.connect(hub.local_addr()).await.expect("b to hub");
+    // c knows only the hub; it learns of b from the hub and dials it itself.
+    c.connect(hub.local_addr()).await.expect("c to hub");
+    await_peer(&c, "b").await;
+    await_peer(&b, "c").await;
+    let via = c
+        .peers()
+        .into_iter()
+        .find(|p| p.id.as_str() == "b")
+        .expect("b listed");
+    assert_eq!(
+        via.address,
+        Some(b.local_addr()),
+        "b is reached directly, at its own address"
+    );
+    tokio::time::timeout(WAIT, async {
+        while c.connections() != 2 || b.connections() != 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("a full mesh");
+    c.send(hello("c", "b")).await.expect("c to b directly");
+    assert_eq!(next_message(&mut ib).await.from.as_str(), "c");
+}
+
+/// Not a test on its own: the peer that the idle-timeout test runs in a child process and
+/// kills. It does nothing unless that test started it.
+#[tokio::test]
+#[ignore = "started by peer_death_is_detected_by_the_idle_timeout"]
+async fn doomed_peer_process() {
+    let Ok(target) = std::env::var("AQE_DOOMED_TARGET") else {
+        return;
+    };
+    let security: aqe_core::SecurityConfig =
+        serde_json::from_str(&std::env::var("AQE_DOOMED_SECURITY").expect("security"))
+            .expect("json");
+    let me = endpoint(QuicConfig {
+        security,
+        ..config()
+    })
+    .await;
+    let _inbox = attach(&me, "doomed").await;
+    me.connect(target.parse().expect("addr"))
+        .await
+        .expect("connect to the test");
+    println!("READY");
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_death_is_detected_by_the_idle_timeout() {
+    // Certificates from files: the peer lives in another process.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path(), "fleet");
+    let idle = Duration::from_millis(800);
+    let watcher = endpoint(QuicConfig {
+        idle_timeout: idle,
+        security: pki.security("watcher", &pki.ca_path(), false),
+        ..config()
+    })
+    .await;
+    let _iw = attach(&watcher, "watcher").await;
+    let mut events = watcher.subscribe();
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "doomed_peer_process",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("AQE_DOOMED_TARGET", watcher.local_addr().to_string())
+        .env(
+            "AQE_DOOMED_SECURITY",
+            serde_json::to_string(&pki.security("doomed", &pki.ca_path(), false)).expect("json"),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the peer process");
+    let stdout = child.stdout.take().expect("stdout");
+    let ready = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains("READY"))
+    });
+    assert!(
+        tokio::time::timeout(WAIT, ready)
+            .await
+            .expect("peer ready in time")
+            .expect("join"),
+        "peer started"
+    );
+    await_peer(&watcher, "doomed").await;
+    // SIGKILL: no CONNECTION_CLOSE is ever sent; only silence tells.
+    child.kill().expect("kill");
+    let _ = child.wait();
+    let killed = Instant::now();
+    let left = await_event(&mut events, |e| {
+        matches!(e, Event::PeerLeft(id) if id.as_str() == "doomed").then_some(())
+    })
+    .await;
+    let detected = killed.elapsed();
+    let () = left;
+    assert!(
+        detected >= idle / 2,
+        "detected after {detected:?}: too early to be the idle timeout"
+    );
+    assert!(detected < idle * 4, "detected after {detected:?}");
+    assert!(watcher.peers().iter().all(|p| p.id.as_str() != "doomed"));
+    assert_eq!(watcher.connections(), 0);
+    let err = watcher
+        .send(hello("watcher", "doomed"))
+        .await
+        .expect_err("gone");
+    assert!(matches!(err, aqe_core::Error::PeerNotFound { .. }), "{err}");
+}

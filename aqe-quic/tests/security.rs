@@ -1,0 +1,174 @@
+//! TLS 1.3 with mutual authentication, and token authentication, over real QUIC.
+
+mod support;
+
+use aqe_core::{Error, Event, SecurityFailure, Transport};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_with_certificates_of_the_configured_ca_is_accepted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path(), "fleet");
+    let a = endpoint(aqe_core::QuicConfig {
+        security: pki.security("a", &pki.ca_path(), true),
+        ..config()
+    })
+    .await;
+    let b = endpoint(aqe_core::QuicConfig {
+        security: pki.security("b", &pki.ca_path(), true),
+        ..config()
+    })
+    .await;
+    let _ia = attach(&a, "a").await;
+    let mut ib = attach(&b, "b").await;
+    a.connect(b.local_addr())
+        .await
+        .expect("both certificates check out");
+    await_peer(&a, "b").await;
+    let msg = aqe_core::Envelope::new(
+        "a".into(),
+        aqe_core::Recipient::Agent("b".into()),
+        "coordination".into(),
+        aqe_core::MessageKind::Direct,
+        bytes::Bytes::from_static(b"over mTLS"),
+    );
+    a.send(msg).await.expect("send");
+    assert_eq!(&next_message(&mut ib).await.payload[..], b"over mTLS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_from_another_ca_is_rejected_on_both_sides() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fleet = Pki::new(dir.path(), "fleet");
+    let rogue = Pki::new(dir.path(), "rogue");
+    let server = endpoint(aqe_core::QuicConfig {
+        security: fleet.security("server", &fleet.ca_path(), true),
+        ..config()
+    })
+    .await;
+    let mut server_events = server.subscribe();
+    // The intruder trusts the fleet's CA (so it accepts the server) but its own certificate
+    // comes from another CA.
+    let intruder = endpoint(aqe_core::QuicConfig {
+        security: rogue.security("intruder", &fleet.ca_path(), true),
+        ..config()
+    })
+    .await;
+    let err = intruder
+        .connect(server.local_addr())
+        .await
+        .expect_err("rejected");
+    // The listener verified the certificate and knows why; the TLS alert it sends is generic.
+    assert!(
+        matches!(
+            err,
+            Error::Security {
+                kind: SecurityFailure::HandshakeRejected,
+                ..
+            }
+        ),
+        "dialer: {err:?}"
+    );
+    let kind = await_event(&mut server_events, |e| match e {
+        Event::SecurityRejected { kind, .. } => Some(*kind),
+        _ => None,
+    })
+    .await;
+    assert_eq!(kind, SecurityFailure::UntrustedCertificate, "listener side");
+    assert_eq!(server.connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_certificate_from_an_untrusted_ca_is_rejected_on_both_sides() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fleet = Pki::new(dir.path(), "fleet");
+    let other = Pki::new(dir.path(), "other");
+    let impostor = endpoint(aqe_core::QuicConfig {
+        security: other.security("impostor", &other.ca_path(), false),
+        ..config()
+    })
+    .await;
+    let mut impostor_events = impostor.subscribe();
+    let client = endpoint(aqe_core::QuicConfig {
+        security: fleet.security("client", &fleet.ca_path(), false),
+        ..config()
+    })
+    .await;
+    let err = client
+        .connect(impostor.local_addr())
+        .await
+        .expect_err("untrusted server");
+    assert!(
+        matches!(
+            err,
+            Error::Security {
+                kind: SecurityFailure::UntrustedCertificate,
+                ..
+            }
+        ),
+        "dialer: {err:?}"
+    );
+    let kind = await_event(&mut impostor_events, |e| match e {
+        Event::SecurityRejected { kind, .. } => Some(*kind),
+        _ => None,
+    })
+    .await;
+    assert_eq!(kind, SecurityFailure::HandshakeRejected, "listener side");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_right_token_is_accepted() {
+    let a = endpoint(with_token(config(), Some("s3cret"))).await;
+    let b = endpoint(with_token(config(), Some("s3cret"))).await;
+    let _ib = attach(&b, "b").await;
+    a.connect(b.local_addr()).await.expect("token matches");
+    await_peer(&a, "b").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_or_missing_token_closes_the_connection_with_a_typed_error() {
+    let guarded = endpoint(with_token(config(), Some("s3cret"))).await;
+    let _ig = attach(&guarded, "guarded").await;
+    let mut events = guarded.subscribe();
+    let wrong = endpoint(with_token(config(), Some("guess"))).await;
+    let err = wrong
+        .connect(guarded.local_addr())
+        .await
+        .expect_err("wrong token");
+    assert!(
+        matches!(
+            err,
+            Error::Security {
+                kind: SecurityFailure::TokenRejected,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let kind = await_event(&mut events, |e| match e {
+        Event::SecurityRejected { kind, .. } => Some(*kind),
+        _ => None,
+    })
+    .await;
+    assert_eq!(kind, SecurityFailure::TokenRejected);
+    let none = endpoint(with_token(config(), None)).await;
+    let err = none
+        .connect(guarded.local_addr())
+        .await
+        .expect_err("no token");
+    assert!(
+        matches!(
+            err,
+            Error::Security {
+                kind: SecurityFailure::TokenMissing,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        wrong.peers().is_empty() && none.peers().is_empty(),
+        "nothing was learned without the token"
+    );
+    assert_eq!(guarded.connections(), 0);
+}
