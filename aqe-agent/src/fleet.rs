@@ -7,18 +7,33 @@ use aqe_core::{AgentDefinition, AgentId, Error, Result, Transport};
 
 use crate::{Agent, AgentBuilder};
 
-/// The agents started from a directory of definitions; shuts them down together.
-#[derive(Debug, Default)]
+/// The agents started from a directory of definitions, and the QUIC endpoints started for
+/// them; shuts them all down together.
+#[derive(Default)]
 pub struct Fleet {
     agents: Vec<Agent>,
+    /// QUIC endpoints (each wrapped in a fallback to the fleet's transport), by host and port.
+    endpoints: Vec<(String, u16, Arc<dyn Transport>)>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("agents", &self.agents)
+            .field("endpoints", &self.endpoints.len())
+            .finish()
+    }
 }
 
 impl Fleet {
     /// Starts one agent per `*.json` file of `dir`, in file-name order, on `transport`.
     /// `customize` gets each definition and its builder, to add handlers by agent type.
     ///
-    /// A definition asking for QUIC (`enableQUIC`) runs on `transport` all the same when
-    /// this build has no QUIC transport; a warning says so.
+    /// A definition asking for QUIC (`enableQUIC`), with the `quic` feature, runs on a QUIC
+    /// endpoint at its `host:port` with a [`Fallback`](crate::Fallback) to `transport`.
+    /// Definitions naming the same host and port share one endpoint (port 0 included: one
+    /// endpoint for all of them), whose options come from the first of them. Without the
+    /// feature, such a definition runs on `transport`, and a warning says so.
     ///
     /// # Errors
     /// [`Error::Configuration`] naming the file (and the field) that is wrong, or the
@@ -35,7 +50,7 @@ impl Fleet {
         let files = definition_files(dir).await?;
         let mut fleet = Fleet::default();
         for file in files {
-            match start_one(&file, &transport, &mut customize).await {
+            match fleet.start_one(&file, &transport, &mut customize).await {
                 Ok(agent) => fleet.agents.push(agent),
                 Err(e) => {
                     fleet.shutdown().await;
@@ -56,9 +71,101 @@ impl Fleet {
         self.agents.iter().find(|a| a.id() == id)
     }
 
-    /// Shuts every agent down.
+    /// Shuts every agent down, then the QUIC endpoints.
     pub async fn shutdown(&self) {
         futures::future::join_all(self.agents.iter().map(Agent::shutdown)).await;
+        for (_, _, endpoint) in &self.endpoints {
+            endpoint.shutdown().await;
+        }
+    }
+
+    /// The QUIC endpoints started for the fleet: host and port asked for, and the transport.
+    pub fn endpoints(&self) -> impl Iterator<Item = (&str, u16, &Arc<dyn Transport>)> {
+        self.endpoints.iter().map(|(h, p, t)| (h.as_str(), *p, t))
+    }
+
+    /// The transport for a definition: the fleet's, or a QUIC endpoint falling back to it.
+    async fn transport_for(
+        &mut self,
+        def: &AgentDefinition,
+        file: &Path,
+        fallback: &Arc<dyn Transport>,
+    ) -> Result<Arc<dyn Transport>> {
+        if !def.enable_quic || fallback.kind() == aqe_core::TransportKind::Quic {
+            return Ok(fallback.clone());
+        }
+        #[cfg(feature = "quic")]
+        {
+            let (host, port) = (&def.quic_config.host, def.quic_config.port);
+            if let Some((_, _, t)) = self
+                .endpoints
+                .iter()
+                .find(|(h, p, _)| h == host && *p == port)
+            {
+                return Ok(t.clone());
+            }
+            let quic = aqe_quic::QuicTransport::bind(def.quic_config.clone())
+                .await
+                .map_err(|e| match e {
+                    Error::Configuration {
+                        file: None,
+                        field,
+                        message,
+                    } => Error::Configuration {
+                        file: Some(file.to_path_buf()),
+                        field: format!("quicConfig.{field}"),
+                        message,
+                    },
+                    other => other,
+                })?;
+            tracing::info!(file = %file.display(), listen = %quic.local_addr(), "QUIC endpoint started");
+            let t: Arc<dyn Transport> = crate::Fallback::new(
+                Arc::new(quic),
+                fallback.clone(),
+                crate::FallbackPolicy::default(),
+            );
+            self.endpoints.push((host.clone(), port, t.clone()));
+            Ok(t)
+        }
+        #[cfg(not(feature = "quic"))]
+        {
+            tracing::warn!(file = %file.display(), transport = %fallback.kind(),
+                "definition enables QUIC, but aqe-agent was built without the `quic` feature; using the fleet's transport");
+            Ok(fallback.clone())
+        }
+    }
+
+    async fn start_one<F>(
+        &mut self,
+        file: &Path,
+        transport: &Arc<dyn Transport>,
+        customize: &mut F,
+    ) -> Result<Agent>
+    where
+        F: FnMut(&AgentDefinition, AgentBuilder) -> AgentBuilder,
+    {
+        let text = tokio::fs::read_to_string(file)
+            .await
+            .map_err(|e| Error::Configuration {
+                file: Some(file.to_path_buf()),
+                field: "(file)".to_owned(),
+                message: e.to_string(),
+            })?;
+        let def = AgentDefinition::from_json(&text, Some(file))?;
+        let transport = self.transport_for(&def, file, transport).await?;
+        let builder = customize(&def, Agent::builder().definition(&def).transport(transport));
+        builder.start().await.map_err(|e| match e {
+            Error::Configuration {
+                file: None,
+                field,
+                message,
+            } => Error::Configuration {
+                file: Some(file.to_path_buf()),
+                field,
+                message,
+            },
+            other => other,
+        })
     }
 }
 
@@ -78,44 +185,4 @@ async fn definition_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     files.sort();
     Ok(files)
-}
-
-async fn start_one<F>(
-    file: &Path,
-    transport: &Arc<dyn Transport>,
-    customize: &mut F,
-) -> Result<Agent>
-where
-    F: FnMut(&AgentDefinition, AgentBuilder) -> AgentBuilder,
-{
-    let text = tokio::fs::read_to_string(file)
-        .await
-        .map_err(|e| Error::Configuration {
-            file: Some(file.to_path_buf()),
-            field: "(file)".to_owned(),
-            message: e.to_string(),
-        })?;
-    let def = AgentDefinition::from_json(&text, Some(file))?;
-    if def.enable_quic && transport.kind() != aqe_core::TransportKind::Quic {
-        tracing::warn!(file = %file.display(), transport = %transport.kind(),
-            "definition enables QUIC, but the fleet's transport is not QUIC; using it anyway");
-    }
-    let builder = customize(
-        &def,
-        Agent::builder()
-            .definition(&def)
-            .transport(transport.clone()),
-    );
-    builder.start().await.map_err(|e| match e {
-        Error::Configuration {
-            file: None,
-            field,
-            message,
-        } => Error::Configuration {
-            file: Some(file.to_path_buf()),
-            field,
-            message,
-        },
-        other => other,
-    })
 }

@@ -9,6 +9,12 @@
 //!
 //! Agents can also be started from a directory of JSON definition files with [`Fleet`].
 //!
+//! # Feature flags
+//! - `quic`: the QUIC transport ([`QuicTransport`], from `aqe-quic` on s2n-quic), and QUIC
+//!   endpoints for definitions that set `enableQUIC` in [`Fleet::from_dir`]. Off by default;
+//!   without it s2n-quic is not compiled, and such definitions run on the given transport
+//!   (a warning says so), which is the documented fallback when QUIC is off.
+//!
 //! All errors are [`aqe_core::Error`]: one error type across transports is what makes them
 //! interchangeable. Handler failures travel back to requesters as [`HandlerError`]s and
 //! surface there as [`Error::Remote`](aqe_core::Error::Remote).
@@ -32,3 +38,5 @@ pub use handler::HandlerError;
 /// The core types, for users who depend on this crate alone.
 pub use aqe_core;
 pub use aqe_eventbus::EventBus;
+#[cfg(feature = "quic")]
+pub use aqe_quic::{LinkInfo, QuicTransport};

@@ -1,0 +1,242 @@
+//! The agent API over real QUIC, and the fallback from QUIC to the event bus.
+#![cfg(feature = "quic")]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aqe_agent::{Agent, EventBus, Fallback, FallbackPolicy, Fleet, HandlerError, QuicTransport};
+use aqe_core::{BroadcastOptions, Event, QuicConfig, RequestOptions, StreamOptions, Transport};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn quic() -> QuicTransport {
+    QuicTransport::bind(QuicConfig {
+        enabled: true,
+        host: "127.0.0.1".into(),
+        ..QuicConfig::default()
+    })
+    .await
+    .expect("bind")
+}
+
+async fn until_peer(agent: &Agent, id: &str) {
+    tokio::time::timeout(WAIT, async {
+        while !agent
+            .discover_peers(&Default::default())
+            .iter()
+            .any(|p| p.id.as_str() == id)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("peer discovered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_api_works_across_quic_endpoints() {
+    let (qa, qb) = (quic().await, quic().await);
+    qa.connect(qb.local_addr()).await.expect("connect");
+    let (tx, mut got) = mpsc::unbounded_channel();
+    let (stx, mut streamed) = mpsc::unbounded_channel();
+    let analyzer = Agent::builder()
+        .id("analyzer")
+        .agent_type("coverage-analyzer")
+        .transport(Arc::new(qb.clone()))
+        .on_message(move |_a, env| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(env.decode::<String>().expect("string"));
+            }
+        })
+        .on_request(|_a, req| async move {
+            let threshold: u32 = req.decode()?;
+            Ok::<_, HandlerError>(format!("above {threshold}%: 87%"))
+        })
+        .on_stream(move |_a, mut s| {
+            let stx = stx.clone();
+            async move {
+                let mut data = Vec::new();
+                while let Some(Ok(c)) = s.next().await {
+                    data.extend_from_slice(&c.data);
+                }
+                let _ = stx.send(data);
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    let executor = Agent::builder()
+        .id("executor")
+        .agent_type("test-executor")
+        .transport(Arc::new(qa.clone()))
+        .start()
+        .await
+        .expect("start");
+    until_peer(&executor, "analyzer").await;
+    let peer = executor
+        .discover_peers(&Default::default())
+        .into_iter()
+        .find(|p| p.id.as_str() == "analyzer")
+        .expect("listed");
+    assert_eq!(peer.address, Some(qb.local_addr()));
+
+    executor
+        .send_to_agent(analyzer.id(), &"hello over QUIC", "coordination")
+        .await
+        .expect("send");
+    assert_eq!(
+        tokio::time::timeout(WAIT, got.recv())
+            .await
+            .expect("in time")
+            .expect("open"),
+        "hello over QUIC"
+    );
+    let answer: String = executor
+        .request_from_agent(analyzer.id(), &80u32, RequestOptions::default())
+        .await
+        .expect("request");
+    assert_eq!(answer, "above 80%: 87%");
+    let report = executor
+        .broadcast_to_fleet(&"fleet-wide", BroadcastOptions::default())
+        .await
+        .expect("broadcast");
+    assert_eq!(report.delivered, vec![analyzer.id().clone()]);
+    assert_eq!(
+        tokio::time::timeout(WAIT, got.recv())
+            .await
+            .expect("in time")
+            .expect("open"),
+        "fleet-wide"
+    );
+    let s = executor
+        .open_stream(analyzer.id(), StreamOptions::default())
+        .await
+        .expect("open");
+    executor
+        .write_stream(s, &b"chunk-1 "[..], false)
+        .await
+        .expect("write");
+    executor
+        .write_stream(s, &b"chunk-2"[..], true)
+        .await
+        .expect("final write");
+    assert_eq!(
+        tokio::time::timeout(WAIT, streamed.recv())
+            .await
+            .expect("in time")
+            .expect("open"),
+        b"chunk-1 chunk-2"
+    );
+
+    let stats = executor.stats();
+    assert!(stats.rtt.samples > 0, "QUIC measured the RTT");
+    assert!(stats.congestion_window.is_some());
+    let health = executor.health();
+    assert_eq!(
+        (health.status, health.connected_peers),
+        (aqe_core::HealthStatus::Healthy, 1)
+    );
+    executor.shutdown().await;
+    analyzer.shutdown().await;
+    qa.shutdown().await;
+    qb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_unreachable_over_quic_is_reached_over_the_bus() {
+    let bus = Arc::new(EventBus::new());
+    let q = quic().await;
+    let both: Arc<dyn Transport> =
+        Fallback::new(Arc::new(q.clone()), bus.clone(), FallbackPolicy::default());
+    let (tx, mut got) = mpsc::unbounded_channel();
+    // This agent is on the bus only: over QUIC nobody knows it.
+    let _legacy = Agent::builder()
+        .id("legacy")
+        .agent_type("t")
+        .transport(bus.clone())
+        .on_message(move |_a, env| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(env.decode::<u32>().expect("u32"));
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    let modern = Agent::builder()
+        .id("modern")
+        .agent_type("t")
+        .transport(both)
+        .start()
+        .await
+        .expect("start");
+    let mut events = modern.events();
+    modern
+        .send_to_agent(&"legacy".into(), &7u32, "coordination")
+        .await
+        .expect("delivered over the bus");
+    assert_eq!(
+        tokio::time::timeout(WAIT, got.recv())
+            .await
+            .expect("in time")
+            .expect("open"),
+        7
+    );
+    assert_eq!(modern.stats().fallbacks_used, 1);
+    loop {
+        if let Event::FallbackUsed { operation, .. } = tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("event")
+            .expect("open")
+        {
+            assert_eq!(operation, "send");
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_with_quic_definitions_shares_one_endpoint_per_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let quic_def = |id: &str| {
+        format!(
+            r#"{{"id":"{id}","agentType":"worker","enableQUIC":true,"quicConfig":{{"host":"127.0.0.1","port":0}}}}"#
+        )
+    };
+    std::fs::write(dir.path().join("a.json"), quic_def("a")).expect("write");
+    std::fs::write(dir.path().join("b.json"), quic_def("b")).expect("write");
+    std::fs::write(
+        dir.path().join("c.json"),
+        r#"{"id":"c","agentType":"worker"}"#,
+    )
+    .expect("write");
+    let bus = Arc::new(EventBus::new());
+    let fleet = Fleet::from_dir(dir.path(), bus.clone(), |_, b| {
+        b.on_request(|a, _r| async move { Ok::<_, HandlerError>(a.id().to_string()) })
+    })
+    .await
+    .expect("fleet");
+    assert_eq!(
+        fleet.endpoints().count(),
+        1,
+        "a and b share one QUIC endpoint"
+    );
+    let (_, _, endpoint) = fleet.endpoints().next().expect("one");
+    assert_eq!(endpoint.kind(), aqe_core::TransportKind::Quic);
+    let a = fleet.get(&"a".into()).expect("a");
+    let b_says: String = a
+        .request_from_agent(&"b".into(), &(), RequestOptions::default())
+        .await
+        .expect("same endpoint");
+    assert_eq!(b_says, "b");
+    // c is on the bus only; a reaches it by falling back.
+    let c_says: String = a
+        .request_from_agent(&"c".into(), &(), RequestOptions::default())
+        .await
+        .expect("over the bus");
+    assert_eq!(c_says, "c");
+    assert_eq!(a.stats().fallbacks_used, 1);
+    fleet.shutdown().await;
+}
