@@ -108,6 +108,17 @@ impl Fallback {
         })
     }
 
+    /// Stops this combination's own tasks (the event merging) and leaves both transports
+    /// running: for a `Fallback` over transports it does not own. [`Transport::shutdown`]
+    /// stops both transports as well.
+    pub async fn close(&self) {
+        self.shutdown.cancel();
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
     /// Runs `second` after `first_err` from the primary, and accounts for it.
     async fn fall_back<T>(
         &self,
@@ -308,13 +319,9 @@ impl Transport for Fallback {
     }
 
     async fn shutdown(&self) {
-        self.shutdown.cancel();
+        self.close().await;
         self.primary.shutdown().await;
         self.secondary.shutdown().await;
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
-        for t in tasks {
-            let _ = t.await;
-        }
     }
 }
 

@@ -12,8 +12,18 @@ use crate::{Agent, AgentBuilder};
 #[derive(Default)]
 pub struct Fleet {
     agents: Vec<Agent>,
-    /// QUIC endpoints (each wrapped in a fallback to the fleet's transport), by host and port.
-    endpoints: Vec<(String, u16, Arc<dyn Transport>)>,
+    /// QUIC endpoints started for the fleet, each with its fallback to the fleet's transport.
+    endpoints: Vec<FleetEndpoint>,
+}
+
+/// A QUIC endpoint the fleet started, by the host and port definitions asked for.
+#[cfg_attr(not(feature = "quic"), allow(dead_code))]
+struct FleetEndpoint {
+    host: String,
+    port: u16,
+    #[cfg(feature = "quic")]
+    quic: aqe_quic::QuicTransport,
+    fallback: Arc<crate::Fallback>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -71,17 +81,21 @@ impl Fleet {
         self.agents.iter().find(|a| a.id() == id)
     }
 
-    /// Shuts every agent down, then the QUIC endpoints.
+    /// Shuts every agent down, then the QUIC endpoints the fleet started. The transport
+    /// given to [`Fleet::from_dir`] is the caller's and keeps running.
     pub async fn shutdown(&self) {
         futures::future::join_all(self.agents.iter().map(Agent::shutdown)).await;
-        for (_, _, endpoint) in &self.endpoints {
-            endpoint.shutdown().await;
+        for e in &self.endpoints {
+            e.fallback.close().await;
+            #[cfg(feature = "quic")]
+            e.quic.shutdown().await;
         }
     }
 
-    /// The QUIC endpoints started for the fleet: host and port asked for, and the transport.
-    pub fn endpoints(&self) -> impl Iterator<Item = (&str, u16, &Arc<dyn Transport>)> {
-        self.endpoints.iter().map(|(h, p, t)| (h.as_str(), *p, t))
+    /// The QUIC endpoints started for the fleet.
+    #[cfg(feature = "quic")]
+    pub fn quic_endpoints(&self) -> impl Iterator<Item = &aqe_quic::QuicTransport> {
+        self.endpoints.iter().map(|e| &e.quic)
     }
 
     /// The transport for a definition: the fleet's, or a QUIC endpoint falling back to it.
@@ -97,12 +111,12 @@ impl Fleet {
         #[cfg(feature = "quic")]
         {
             let (host, port) = (&def.quic_config.host, def.quic_config.port);
-            if let Some((_, _, t)) = self
+            if let Some(e) = self
                 .endpoints
                 .iter()
-                .find(|(h, p, _)| h == host && *p == port)
+                .find(|e| &e.host == host && e.port == port)
             {
-                return Ok(t.clone());
+                return Ok(e.fallback.clone());
             }
             let quic = aqe_quic::QuicTransport::bind(def.quic_config.clone())
                 .await
@@ -119,13 +133,18 @@ impl Fleet {
                     other => other,
                 })?;
             tracing::info!(file = %file.display(), listen = %quic.local_addr(), "QUIC endpoint started");
-            let t: Arc<dyn Transport> = crate::Fallback::new(
-                Arc::new(quic),
+            let both = crate::Fallback::new(
+                Arc::new(quic.clone()),
                 fallback.clone(),
                 crate::FallbackPolicy::default(),
             );
-            self.endpoints.push((host.clone(), port, t.clone()));
-            Ok(t)
+            self.endpoints.push(FleetEndpoint {
+                host: host.clone(),
+                port,
+                quic,
+                fallback: both.clone(),
+            });
+            Ok(both)
         }
         #[cfg(not(feature = "quic"))]
         {

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use aqe_agent::{Agent, AgentBuilder, Fleet, HandlerError};
+use std::collections::HashSet;
+
 use aqe_core::{
-    AgentDefinition, BroadcastOptions, DiscoveryOptions, Health, RequestOptions, Stats,
+    AgentDefinition, AgentId, BroadcastOptions, DiscoveryOptions, Health, RequestOptions, Stats,
     StreamOptions, Transport,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -19,7 +21,8 @@ use crate::protocol::{
 
 /// How many shards the commander hands out, and how large each is.
 pub const TASKS: u32 = 12;
-const SHARD: u64 = 5_000;
+/// Numbers per task.
+pub const SHARD: u64 = 5_000;
 
 /// What the demo did, for printing and for checking.
 #[derive(Debug)]
@@ -38,6 +41,8 @@ pub struct Report {
     pub health: Vec<(String, Health, Stats)>,
     /// How long the patterns took.
     pub elapsed: Duration,
+    /// The fleet's QUIC endpoints: listen address and how many endpoints each is connected to.
+    pub endpoints: Vec<(String, usize)>,
 }
 
 #[derive(Default)]
@@ -156,6 +161,49 @@ fn executor(builder: AgentBuilder) -> AgentBuilder {
         })
 }
 
+/// Waits until every agent sees every other one and, over QUIC, until every endpoint knows
+/// every agent hosted on QUIC (bootstrap dials and peer exchange take a moment; until then
+/// the bus would carry the traffic as fallback).
+async fn await_mesh(fleet: &Fleet) -> anyhow::Result<()> {
+    let others = fleet.agents().len().saturating_sub(1);
+    for a in fleet.agents() {
+        let mut events = a.events();
+        let meshed = tokio::time::timeout(Duration::from_secs(30), async {
+            while a.discover_peers(&DiscoveryOptions::default()).len() < others {
+                if events.recv().await.is_none() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        ensure!(
+            matches!(meshed, Ok(true)),
+            "{} did not discover the whole fleet in 30 s",
+            a.id()
+        );
+    }
+    let quic: Vec<_> = fleet.quic_endpoints().collect();
+    let on_quic =
+        |q: &aqe_agent::QuicTransport| q.peers().into_iter().map(|p| p.id).collect::<HashSet<_>>();
+    let all: HashSet<AgentId> = quic.iter().flat_map(|q| on_quic(q)).collect();
+    for q in &quic {
+        let mut events = q.subscribe();
+        let meshed = tokio::time::timeout(Duration::from_secs(30), async {
+            while on_quic(q).len() < all.len() {
+                let _ = events.recv().await;
+            }
+        })
+        .await;
+        ensure!(
+            meshed.is_ok(),
+            "QUIC endpoint {} did not learn of every agent in 30 s",
+            q.local_addr()
+        );
+    }
+    Ok(())
+}
+
 fn agent<'a>(fleet: &'a Fleet, id: &str) -> anyhow::Result<&'a Agent> {
     fleet
         .get(&id.into())
@@ -186,6 +234,7 @@ async fn patterns(
     done_rx: &mut mpsc::UnboundedReceiver<u32>,
     samples_rx: oneshot::Receiver<Vec<MetricSample>>,
 ) -> anyhow::Result<Report> {
+    await_mesh(fleet).await?;
     let started = Instant::now();
     let commander = agent(fleet, "commander")?;
     let aggregator = agent(fleet, "aggregator")?;
@@ -271,6 +320,10 @@ async fn patterns(
         .iter()
         .map(|a| (a.id().to_string(), a.health(), a.stats()))
         .collect();
+    let endpoints = fleet
+        .quic_endpoints()
+        .map(|q| (q.local_addr().to_string(), q.connections()))
+        .collect();
     Ok(Report {
         workers: workers.into_iter().map(|p| p.id.to_string()).collect(),
         primes,
@@ -279,5 +332,6 @@ async fn patterns(
         samples,
         health,
         elapsed,
+        endpoints,
     })
 }
