@@ -108,7 +108,8 @@ impl Shared {
                 .with_max_idle_timeout(config.idle_timeout)?
                 .with_max_handshake_duration(config.connection_timeout)?
                 .with_max_open_remote_bidirectional_streams(streams)?
-                .with_max_open_remote_unidirectional_streams(streams)?)
+                .with_max_open_remote_unidirectional_streams(streams)?
+                .with_active_connection_migration(config.enable_migration)?)
         };
         let dgrams = || -> std::result::Result<datagram::Endpoint, BoxError> {
             Ok(datagram::Endpoint::builder()
