@@ -43,6 +43,8 @@ pub(crate) struct Conn {
     /// The long-lived stream of each ordered reliable channel.
     ordered: tokio::sync::Mutex<HashMap<ChannelName, Arc<tokio::sync::Mutex<SendStream>>>>,
     link: Arc<LinkStats>,
+    /// The request lane this side opened, once used.
+    lane: tokio::sync::Mutex<Option<Arc<crate::lane::Lane>>>,
 }
 
 impl Conn {
@@ -62,6 +64,7 @@ impl Conn {
             control_tx: tokio::sync::Mutex::new(control_tx),
             ordered: tokio::sync::Mutex::new(HashMap::new()),
             link,
+            lane: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -69,7 +72,7 @@ impl Conn {
         &self.link
     }
 
-    fn lost(&self, e: impl Into<aqe_core::BoxError>) -> Error {
+    pub(crate) fn lost(&self, e: impl Into<aqe_core::BoxError>) -> Error {
         Error::ConnectionLost {
             addr: self.listen,
             source: e.into(),
@@ -164,8 +167,57 @@ impl Conn {
             .map_err(|e| self.lost(e))?
     }
 
-    /// A request on a bidirectional stream of its own; the response comes back on it.
+    /// A request: on the lane, or on a stream of its own when large.
     pub(crate) async fn request(
+        &self,
+        shared: &Arc<Shared>,
+        envelope: Envelope,
+        timeout: Duration,
+    ) -> Result<Envelope> {
+        if envelope.payload.len() > crate::lane::LANE_MAX_PAYLOAD {
+            return self
+                .request_on_stream(&shared.codec, &envelope, timeout)
+                .await;
+        }
+        let target = envelope
+            .target()
+            .cloned()
+            .unwrap_or_else(|| AgentId::from("?"));
+        let exchange = async {
+            let lane = {
+                let mut slot = self.lane.lock().await;
+                match slot.as_ref() {
+                    Some(l) if !l.is_broken() => l.clone(),
+                    _ => slot
+                        .insert(crate::lane::Lane::open(shared, self).await?)
+                        .clone(),
+                }
+            };
+            let (answer, pending) = lane.request(&shared.tasks, envelope).await?;
+            let down = answer
+                .await
+                .map_err(|_| self.lost("the connection closed before the answer"))?;
+            pending.answered();
+            Ok(down)
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Err(_) => Err(Error::Timeout {
+                after: timeout,
+                attempts: 1,
+            }),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(crate::lane::Down::Response(response))) => Ok(response),
+            Ok(Ok(crate::lane::Down::Refused(_))) => Err(Error::PeerNotFound { peer: target }),
+            Ok(Ok(crate::lane::Down::Dropped(_))) => Err(Error::Remote {
+                agent: target,
+                kind: aqe_core::RemoteErrorKind::Dropped,
+                message: "the request was dropped without an answer".to_owned(),
+            }),
+        }
+    }
+
+    /// A request on a bidirectional stream of its own; the response comes back on it.
+    async fn request_on_stream(
         &self,
         codec: &FrameCodec,
         envelope: &Envelope,
@@ -282,7 +334,7 @@ async fn recv_datagram(handle: &Handle) -> Option<Bytes> {
 
 /// Checks an envelope from `conn`: its sender must live behind this connection, its
 /// receiver here, on a channel it has. Returns the receiver.
-fn admit(shared: &Shared, conn: &Conn, envelope: &Envelope) -> Option<Arc<Local>> {
+pub(crate) fn admit(shared: &Shared, conn: &Conn, envelope: &Envelope) -> Option<Arc<Local>> {
     let from_here = shared
         .remotes
         .get(&envelope.from)
@@ -320,7 +372,12 @@ async fn datagram_arrived(shared: &Shared, conn: &Conn, bytes: Bytes) {
 
 /// Delivers reliably, counting `len` received bytes first: waits for room as long as the
 /// endpoint and the agent live.
-async fn deliver_reliably(shared: &Shared, local: &Local, item: Inbound, len: usize) -> bool {
+pub(crate) async fn deliver_reliably(
+    shared: &Shared,
+    local: &Local,
+    item: Inbound,
+    len: usize,
+) -> bool {
     loop {
         tokio::select! {
             () = shared.shutdown.cancelled() => return false,
@@ -341,7 +398,18 @@ async fn serve(shared: Arc<Shared>, conn: Arc<Conn>, stream: PeerStream) {
     let outcome = match stream {
         PeerStream::Bidirectional(s) => {
             let (recv, send) = s.split();
-            serve_request(&shared, &conn, FrameReader::new(recv, shared.codec), send).await
+            let mut reader = FrameReader::new(recv, shared.codec);
+            match reader.next::<Preamble>().await {
+                Ok(Some(Preamble::Request)) => serve_request(&shared, &conn, reader, send).await,
+                Ok(Some(Preamble::Lane)) => {
+                    crate::lane::serve(shared.clone(), conn.clone(), reader, send).await
+                }
+                Ok(Some(_)) => Err(Error::Protocol {
+                    detail: "a bidirectional stream must carry a request or the lane",
+                }),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            }
         }
         PeerStream::Receive(recv) => {
             serve_receive(&shared, &conn, FrameReader::new(recv, shared.codec)).await
@@ -368,14 +436,6 @@ async fn serve_request(
     mut reader: FrameReader,
     mut send: SendStream,
 ) -> Result<()> {
-    match reader.next::<Preamble>().await? {
-        Some(Preamble::Request) => {}
-        _ => {
-            return Err(Error::Protocol {
-                detail: "a bidirectional stream must carry a request",
-            });
-        }
-    }
     let envelope: Envelope = reader.next().await?.ok_or(Error::Protocol {
         detail: "request stream without a request",
     })?;
@@ -452,7 +512,7 @@ async fn serve_receive(
             .await;
             Ok(())
         }
-        Some(Preamble::Request) => Err(Error::Protocol {
+        Some(Preamble::Request | Preamble::Lane) => Err(Error::Protocol {
             detail: "a request on a unidirectional stream",
         }),
         None => Ok(()),

@@ -9,7 +9,9 @@
 //! - ordered reliable channels: one long-lived unidirectional stream per connection and
 //!   channel; unordered reliable: one stream per message (no head-of-line blocking);
 //!   unreliable: DATAGRAM frames (RFC 9221);
-//! - requests: one bidirectional stream each; agent streams: one unidirectional stream each.
+//! - requests: a long-lived bidirectional stream per connection and direction, correlated by
+//!   message id (requests above 16 KiB: a bidirectional stream each); agent streams: one
+//!   unidirectional stream each.
 //!
 //! TLS is always on: certificates from PEM files, or generated for development (trusted only
 //! inside the process), with mutual TLS when `verifyPeer` is set, and token authentication.
@@ -17,6 +19,7 @@
 
 mod conn;
 mod endpoint;
+mod lane;
 mod link;
 mod stream;
 mod tls;

@@ -307,7 +307,7 @@ impl Transport for QuicTransport {
                     Ok(r) => r?,
                 }
             }
-            Target::There(conn) => conn.request(&self.shared.codec, &envelope, timeout).await?,
+            Target::There(conn) => conn.request(&self.shared, envelope, timeout).await?,
         };
         sender.stats.sent(len);
         sender.stats.received(response.payload.len());

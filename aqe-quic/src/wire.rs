@@ -54,6 +54,8 @@ pub(crate) enum Preamble {
     Request,
     /// Unidirectional: an agent stream; [`Chunk`] frames follow.
     Stream(StreamHeader),
+    /// Bidirectional, long-lived: the request lane (see `lane.rs`).
+    Lane,
 }
 
 /// One piece of agent stream data.

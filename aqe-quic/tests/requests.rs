@@ -1,0 +1,124 @@
+//! Requests over QUIC: small ones on the connection's request lane, large ones on a stream of
+//! their own; cancellation and dropped requests on both paths.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use aqe_core::{Envelope, Error, Inbound, MessageKind, Recipient, RemoteErrorKind, Transport};
+use bytes::Bytes;
+use support::*;
+
+fn request(size: usize) -> Envelope {
+    Envelope::new(
+        "a".into(),
+        Recipient::Agent("b".into()),
+        "coordination".into(),
+        MessageKind::Request,
+        Bytes::from(vec![3u8; size]),
+    )
+}
+
+async fn pair() -> (
+    aqe_quic::QuicTransport,
+    aqe_core::Inbox,
+    aqe_quic::QuicTransport,
+    aqe_core::Inbox,
+) {
+    let (a, b) = (endpoint(config()).await, endpoint(config()).await);
+    let ia = attach(&a, "a").await;
+    let ib = attach(&b, "b").await;
+    a.connect(b.local_addr()).await.expect("connect");
+    await_peer(&a, "b").await;
+    (a, ia, b, ib)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_and_large_requests_are_answered_side_by_side() {
+    let (a, _ia, _b, mut ib) = pair().await;
+    tokio::spawn(async move {
+        while let Some(Inbound::Request {
+            envelope,
+            responder,
+        }) = ib.recv().await
+        {
+            let reply = envelope.reply("b".into(), MessageKind::Response, envelope.payload.clone());
+            let _ = responder.respond(reply).await;
+        }
+    });
+    let sizes = [64, 200_000, 16 * 1024, 16 * 1024 + 1, 900_000, 1];
+    let calls = sizes.map(|n| {
+        let a = a.clone();
+        async move { a.request(request(n), WAIT).await.map(|r| r.payload.len()) }
+    });
+    let answers = futures::future::join_all(calls).await;
+    for (n, answer) in sizes.iter().zip(answers) {
+        assert_eq!(answer.expect("answered"), *n);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_request_is_cancelled_on_both_paths() {
+    let (a, _ia, _b, mut ib) = pair().await;
+    for size in [64, 100_000] {
+        let started = Instant::now();
+        let call = tokio::spawn({
+            let a = a.clone();
+            async move { a.request(request(size), Duration::from_millis(200)).await }
+        });
+        let Some(Inbound::Request {
+            envelope,
+            mut responder,
+        }) = tokio::time::timeout(WAIT, ib.recv())
+            .await
+            .expect("request")
+        else {
+            panic!("expected a request")
+        };
+        assert!(matches!(
+            call.await.expect("join"),
+            Err(Error::Timeout { .. })
+        ));
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        tokio::time::timeout(WAIT, responder.cancelled())
+            .await
+            .expect("the responder learns the requester gave up");
+        let late = responder
+            .respond(envelope.reply("b".into(), MessageKind::Response, Bytes::new()))
+            .await;
+        assert!(late.is_err(), "{size} bytes: a late answer is refused");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_request_is_answered_at_once_not_by_timeout() {
+    let (a, _ia, _b, mut ib) = pair().await;
+    for size in [64, 100_000] {
+        let started = Instant::now();
+        let call = tokio::spawn({
+            let a = a.clone();
+            async move { a.request(request(size), WAIT).await }
+        });
+        // The recipient takes the request and drops it unanswered (as a stopping agent does).
+        drop(
+            tokio::time::timeout(WAIT, ib.recv())
+                .await
+                .expect("request"),
+        );
+        let err = call.await.expect("join").expect_err("dropped");
+        assert!(
+            matches!(
+                err,
+                Error::Remote {
+                    kind: RemoteErrorKind::Dropped,
+                    ..
+                }
+            ),
+            "{size} bytes: {err}"
+        );
+        assert!(
+            started.elapsed() < WAIT / 2,
+            "{size} bytes: answered at once"
+        );
+    }
+}
