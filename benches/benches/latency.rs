@@ -1,8 +1,9 @@
 //! Request/response latency, 64-byte payloads: aqe over each transport against floors
-//! measured in the same run. `cargo xtask bench` runs it pinned to one CPU and prints the
+//! measured in the same run, and NATS request/reply through a local nats-server (when one is
+//! installed) as the reference to beat. `cargo xtask bench` runs it pinned to one CPU and prints the
 //! comparison.
 
-use aqe_benches::{AgentPair, MpscFloor, PAYLOAD, S2nFloor};
+use aqe_benches::{AgentPair, MpscFloor, NatsReference, PAYLOAD, S2nFloor};
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use tokio::runtime::Runtime;
@@ -45,6 +46,14 @@ fn request_response(c: &mut Criterion) {
     g.bench_function("aqe/quic_agent", |b| {
         b.to_async(&rt).iter(|| quic.request(&payload))
     });
+
+    if let Some(nats) = rt.block_on(NatsReference::start()) {
+        g.bench_function("reference/nats_request_reply", |b| {
+            b.to_async(&rt).iter(|| nats.request(payload.clone()))
+        });
+    } else {
+        eprintln!("nats-server not found: NATS is not measured (apt-get install nats-server)");
+    }
     g.finish();
 }
 

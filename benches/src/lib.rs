@@ -234,3 +234,71 @@ pub async fn quic_pair() -> (QuicTransport, QuicTransport) {
     a.connect(b.local_addr()).await.unwrap();
     (a, b)
 }
+
+/// NATS request/reply through a `nats-server` started on loopback for the run: the reference
+/// point the project aims to beat. `None` when no `nats-server` binary is installed.
+pub struct NatsReference {
+    requester: async_nats::Client,
+    _responder: async_nats::Client,
+    server: std::process::Child,
+}
+
+impl NatsReference {
+    /// Starts `nats-server` on a free loopback port with a responder echoing on `bench`.
+    pub async fn start() -> Option<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let server = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let url = format!("nats://127.0.0.1:{port}");
+        let mut responder = None;
+        for _ in 0..100 {
+            if let Ok(c) = async_nats::connect(&url).await {
+                responder = Some(c);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let responder = responder?;
+        let mut subscription = responder.subscribe("bench").await.ok()?;
+        let replier = responder.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            while let Some(msg) = subscription.next().await {
+                if let Some(reply) = msg.reply {
+                    let _ = replier.publish(reply, msg.payload).await;
+                }
+            }
+        });
+        responder.flush().await.ok()?;
+        let requester = async_nats::connect(&url).await.ok()?;
+        Some(Self {
+            requester,
+            _responder: responder,
+            server,
+        })
+    }
+
+    /// One request/reply.
+    pub async fn request(&self, payload: Bytes) -> Bytes {
+        self.requester
+            .request("bench", payload)
+            .await
+            .unwrap()
+            .payload
+    }
+}
+
+impl Drop for NatsReference {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}

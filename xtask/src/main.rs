@@ -37,6 +37,16 @@ const COMPARISONS: &[(&str, &str, &str)] = &[
         "floor/s2n_quic_same_stream",
         "agent request over QUIC",
     ),
+    (
+        "reference/nats_request_reply",
+        "floor/s2n_quic_same_stream",
+        "NATS request/reply via a local nats-server (reference)",
+    ),
+    (
+        "aqe/quic_agent",
+        "reference/nats_request_reply",
+        "agent request over QUIC, against NATS",
+    ),
 ];
 
 const GROUP: &str = "request_response_64B";
