@@ -120,18 +120,7 @@ impl Fleet {
             }
             let quic = aqe_quic::QuicTransport::bind(def.quic_config.clone())
                 .await
-                .map_err(|e| match e {
-                    Error::Configuration {
-                        file: None,
-                        field,
-                        message,
-                    } => Error::Configuration {
-                        file: Some(file.to_path_buf()),
-                        field: format!("quicConfig.{field}"),
-                        message,
-                    },
-                    other => other,
-                })?;
+                .map_err(|e| e.in_config(Some(file), "quicConfig."))?;
             tracing::info!(file = %file.display(), listen = %quic.local_addr(), "QUIC endpoint started");
             let both = crate::Fallback::new(
                 Arc::new(quic.clone()),
@@ -173,18 +162,10 @@ impl Fleet {
         let def = AgentDefinition::from_json(&text, Some(file))?;
         let transport = self.transport_for(&def, file, transport).await?;
         let builder = customize(&def, Agent::builder().definition(&def).transport(transport));
-        builder.start().await.map_err(|e| match e {
-            Error::Configuration {
-                file: None,
-                field,
-                message,
-            } => Error::Configuration {
-                file: Some(file.to_path_buf()),
-                field,
-                message,
-            },
-            other => other,
-        })
+        builder
+            .start()
+            .await
+            .map_err(|e| e.in_config(Some(file), ""))
     }
 }
 

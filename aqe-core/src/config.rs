@@ -212,18 +212,6 @@ impl QuicConfig {
     /// # Errors
     /// [`Error::Configuration`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        let prefix = |e: Error, p: &str| match e {
-            Error::Configuration {
-                file,
-                field,
-                message,
-            } => Error::Configuration {
-                file,
-                field: format!("{p}{field}"),
-                message,
-            },
-            other => other,
-        };
         let mut probe = Registration::new("probe", "probe");
         probe.channels = self.channels.clone();
         probe.validate()?;
@@ -239,7 +227,9 @@ impl QuicConfig {
         if self.max_concurrent_streams == 0 {
             return Err(Error::config("maxConcurrentStreams", "must be above zero"));
         }
-        self.security.validate().map_err(|e| prefix(e, "security."))
+        self.security
+            .validate()
+            .map_err(|e| e.in_config(None, "security."))
     }
 }
 
@@ -340,14 +330,9 @@ impl AgentDefinition {
         // The flag outside and the one inside quicConfig mean the same thing.
         def.quic_config.enabled |= def.enable_quic;
         def.enable_quic = def.quic_config.enabled;
-        def.quic_config.validate().map_err(|e| match e {
-            Error::Configuration { field, message, .. } => Error::Configuration {
-                file: file.map(Path::to_path_buf),
-                field: format!("quicConfig.{field}"),
-                message,
-            },
-            other => other,
-        })?;
+        def.quic_config
+            .validate()
+            .map_err(|e| e.in_config(file, "quicConfig."))?;
         Ok(def)
     }
 

@@ -285,6 +285,24 @@ impl Error {
         )
     }
 
+    /// Places a configuration error: names the file it came from (unless it names one
+    /// already) and prefixes its field with `prefix` (`quicConfig.`). Other errors pass as
+    /// they are.
+    pub fn in_config(self, file: Option<&std::path::Path>, prefix: &str) -> Self {
+        match self {
+            Error::Configuration {
+                file: inner,
+                field,
+                message,
+            } => Error::Configuration {
+                file: inner.or_else(|| file.map(std::path::Path::to_path_buf)),
+                field: format!("{prefix}{field}"),
+                message,
+            },
+            other => other,
+        }
+    }
+
     pub(crate) fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Configuration {
             file: None,

@@ -107,6 +107,22 @@ impl Registration {
         Ok(c)
     }
 
+    /// Checks a fleet broadcast this agent sends: as [`Registration::check_outgoing`], and the
+    /// channel must be a broadcast channel.
+    ///
+    /// # Errors
+    /// As [`Registration::check_outgoing`], and [`Error::WrongChannelKind`].
+    pub fn check_broadcast(&self, channel: &ChannelName, payload_len: usize) -> Result<&Channel> {
+        let c = self.check_outgoing(channel, payload_len)?;
+        if c.kind != crate::ChannelKind::Broadcast {
+            return Err(Error::WrongChannelKind {
+                channel: c.name.clone(),
+                expected: crate::ChannelKind::Broadcast,
+            });
+        }
+        Ok(c)
+    }
+
     /// Whether the agent listens on that channel.
     pub fn has_channel(&self, name: &ChannelName) -> bool {
         self.channels.iter().any(|c| &c.name == name)
@@ -118,12 +134,8 @@ impl Registration {
     /// [`Error::Configuration`] naming the offending channel.
     pub fn validate(&self) -> Result<()> {
         for (i, c) in self.channels.iter().enumerate() {
-            c.validate().map_err(|e| match e {
-                Error::Configuration { field, message, .. } => {
-                    Error::config(format!("channels[{i}].{field}"), message)
-                }
-                other => other,
-            })?;
+            c.validate()
+                .map_err(|e| e.in_config(None, &format!("channels[{i}].")))?;
             if self.channels[..i].iter().any(|d| d.name == c.name) {
                 return Err(Error::config(
                     format!("channels[{i}].name"),

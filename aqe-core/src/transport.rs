@@ -137,6 +137,18 @@ pub struct BroadcastReport {
 }
 
 impl BroadcastReport {
+    /// Sorts per-peer outcomes into delivered and failed.
+    pub fn from_outcomes(outcomes: impl IntoIterator<Item = (AgentId, Result<()>)>) -> Self {
+        let mut report = Self::default();
+        for (peer, outcome) in outcomes {
+            match outcome {
+                Ok(()) => report.delivered.push(peer),
+                Err(e) => report.failed.push((peer, e)),
+            }
+        }
+        report
+    }
+
     /// Whether every targeted peer got the message.
     pub fn is_complete(&self) -> bool {
         self.failed.is_empty()

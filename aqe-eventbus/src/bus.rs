@@ -7,8 +7,8 @@ use dashmap::DashMap;
 use tokio::sync::broadcast;
 
 use aqe_core::{
-    AgentId, BroadcastReport, ChannelKind, Delivery, Envelope, Error, Event, Inbound, InboxSender,
-    PeerInfo, PeerState, Registration, RemoteErrorKind, Result, Stats, StatsRecorder, StreamHeader,
+    AgentId, BroadcastReport, Delivery, Envelope, Error, Event, Inbound, InboxSender, PeerInfo,
+    PeerState, Registration, RemoteErrorKind, Result, Stats, StatsRecorder, StreamHeader,
     StreamSink, Transport, TransportKind,
 };
 
@@ -270,14 +270,8 @@ impl Transport for EventBus {
         let sender = self.member(&envelope.from)?;
         let channel = sender
             .reg
-            .check_outgoing(&envelope.channel, envelope.payload.len())?
+            .check_broadcast(&envelope.channel, envelope.payload.len())?
             .clone();
-        if channel.kind != ChannelKind::Broadcast {
-            return Err(Error::WrongChannelKind {
-                channel: channel.name,
-                expected: ChannelKind::Broadcast,
-            });
-        }
         let deliveries = targets.iter().map(|to| {
             // Each copy names the peer it is for; its kind still says it was a broadcast.
             let mut envelope = envelope.clone();
@@ -300,14 +294,9 @@ impl Transport for EventBus {
                 (to.clone(), outcome)
             }
         });
-        let mut report = BroadcastReport::default();
-        for (to, outcome) in futures::future::join_all(deliveries).await {
-            match outcome {
-                Ok(()) => report.delivered.push(to),
-                Err(e) => report.failed.push((to, e)),
-            }
-        }
-        Ok(report)
+        Ok(BroadcastReport::from_outcomes(
+            futures::future::join_all(deliveries).await,
+        ))
     }
 
     async fn open_stream(&self, header: StreamHeader) -> Result<Box<dyn StreamSink>> {

@@ -21,6 +21,9 @@ use crate::protocol::{
 
 /// How many shards the commander hands out, and how large each is.
 pub const TASKS: u32 = 12;
+/// How many times the aggregator asks before reporting incomplete views.
+const MAX_ROUNDS: u32 = 100;
+
 /// Numbers per task.
 pub const SHARD: u64 = 5_000;
 
@@ -35,6 +38,8 @@ pub struct Report {
     pub expected_primes: u64,
     /// Each executor's answer to the aggregator.
     pub metrics: Vec<WorkerMetrics>,
+    /// How many rounds of queries it took for every executor to know every result.
+    pub rounds: u32,
     /// Samples the commander received over the monitor's stream.
     pub samples: Vec<MetricSample>,
     /// Health and statistics of every agent.
@@ -278,17 +283,27 @@ async fn patterns(
         }
     }
 
-    // 2. Peer-to-peer results were shared by the executors; 3. the aggregator now asks every
-    // executor for what it knows, all in parallel.
+    // 2. Peer-to-peer results were shared by the executors; 3. the aggregator asks every
+    // executor, in parallel, what it knows. Shares travel on other paths than the queries (over
+    // QUIC, other connections), so a query can overtake a share still in flight: the
+    // aggregator asks again until every view is complete, as a fleet converges.
     let peers = aggregator.discover_peers(&DiscoveryOptions::default().with_channel("findings"));
     let opts = RequestOptions::default()
         .with_timeout(Duration::from_secs(2))
         .with_retries(1);
-    let answers = futures::future::join_all(peers.iter().map(|p| {
-        aggregator.request_from_agent::<_, WorkerMetrics>(&p.id, &Query::Metrics, opts.clone())
-    }))
-    .await;
-    let metrics = answers.into_iter().collect::<aqe_core::Result<Vec<_>>>()?;
+    let mut rounds = 0;
+    let metrics = loop {
+        rounds += 1;
+        let answers = futures::future::join_all(peers.iter().map(|p| {
+            aggregator.request_from_agent::<_, WorkerMetrics>(&p.id, &Query::Metrics, opts.clone())
+        }))
+        .await;
+        let metrics = answers.into_iter().collect::<aqe_core::Result<Vec<_>>>()?;
+        if metrics.iter().all(|m| m.results_known == TASKS) || rounds == MAX_ROUNDS {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let primes = metrics.iter().map(|m| m.primes_known).max().unwrap_or(0);
     let expected_primes = count_primes(0, u64::from(TASKS) * SHARD);
 
@@ -329,6 +344,7 @@ async fn patterns(
         primes,
         expected_primes,
         metrics,
+        rounds,
         samples,
         health,
         elapsed,

@@ -109,14 +109,9 @@ impl Conn {
             match streams.get(channel) {
                 Some(s) => s.clone(),
                 None => {
-                    let mut s = self
-                        .handle
-                        .clone()
-                        .open_send_stream()
-                        .await
-                        .map_err(|e| self.lost(e))?;
-                    let preamble = codec.encode_to_bytes(&Preamble::Channel(channel.clone()))?;
-                    s.send(preamble).await.map_err(|e| self.stream_failed(e))?;
+                    let s = self
+                        .open_uni(codec, &Preamble::Channel(channel.clone()))
+                        .await?;
                     let s = Arc::new(tokio::sync::Mutex::new(s));
                     streams.insert(channel.clone(), s.clone());
                     s
@@ -272,14 +267,21 @@ impl Conn {
         codec: &FrameCodec,
         header: &StreamHeader,
     ) -> Result<SendStream> {
+        self.open_uni(codec, &Preamble::Stream(header.clone()))
+            .await
+    }
+
+    /// Opens a unidirectional stream and sends its preamble.
+    async fn open_uni(&self, codec: &FrameCodec, preamble: &Preamble) -> Result<SendStream> {
         let mut s = self
             .handle
             .clone()
             .open_send_stream()
             .await
             .map_err(|e| self.lost(e))?;
-        let preamble = codec.encode_to_bytes(&Preamble::Stream(header.clone()))?;
-        s.send(preamble).await.map_err(|e| self.stream_failed(e))?;
+        s.send(codec.encode_to_bytes(preamble)?)
+            .await
+            .map_err(|e| self.stream_failed(e))?;
         Ok(s)
     }
 }

@@ -8,10 +8,9 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use aqe_core::{
-    AgentId, BroadcastReport, Channel, ChannelKind, Delivered, Delivery, Envelope, Error, Event,
-    Inbound, InboxSender, PeerInfo, PeerState, QuicConfig, Recipient, Registration,
-    RemoteErrorKind, Result, RttStats, SendFailure, Stats, StreamHeader, StreamSink, Transport,
-    TransportKind,
+    AgentId, BroadcastReport, Channel, Delivered, Delivery, Envelope, Error, Event, Inbound,
+    InboxSender, PeerInfo, PeerState, QuicConfig, Recipient, Registration, RemoteErrorKind, Result,
+    RttStats, SendFailure, Stats, StreamHeader, StreamSink, Transport, TransportKind,
 };
 
 use crate::endpoint::{Local, Shared};
@@ -319,14 +318,8 @@ impl Transport for QuicTransport {
         let sender = self.sender(&envelope.from)?;
         let channel = sender
             .reg
-            .check_outgoing(&envelope.channel, envelope.payload.len())?
+            .check_broadcast(&envelope.channel, envelope.payload.len())?
             .clone();
-        if channel.kind != ChannelKind::Broadcast {
-            return Err(Error::WrongChannelKind {
-                channel: channel.name,
-                expected: ChannelKind::Broadcast,
-            });
-        }
         let sends = targets.iter().map(|to| {
             // Each copy names the peer it is for; its kind still says it was a broadcast.
             let mut copy = envelope.clone();
@@ -334,14 +327,9 @@ impl Transport for QuicTransport {
             let (sender, channel) = (&sender, &channel);
             async move { (to.clone(), self.deliver(sender, channel, to, copy).await) }
         });
-        let mut report = BroadcastReport::default();
-        for (to, outcome) in futures::future::join_all(sends).await {
-            match outcome {
-                Ok(()) => report.delivered.push(to),
-                Err(e) => report.failed.push((to, e)),
-            }
-        }
-        Ok(report)
+        Ok(BroadcastReport::from_outcomes(
+            futures::future::join_all(sends).await,
+        ))
     }
 
     async fn open_stream(&self, header: StreamHeader) -> Result<Box<dyn StreamSink>> {

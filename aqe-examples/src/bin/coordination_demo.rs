@@ -75,7 +75,10 @@ fn print(report: &Report) {
     println!(
         "2. peer to peer: each executor shared its results on the `findings` broadcast channel"
     );
-    println!("3. aggregation: the aggregator asked every executor in parallel:");
+    println!(
+        "3. aggregation: the aggregator asked every executor in parallel ({} round(s) until all views were complete):",
+        report.rounds
+    );
     for m in &report.metrics {
         println!(
             "   {:<12} config rev {}  ran {:>2} task(s)  knows {:>2}/{TASKS} results  primes {}",
