@@ -162,9 +162,10 @@ impl RttStats {
 /// Traffic statistics of an agent.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
-    /// Bytes sent (payload bytes on the bus; bytes on the wire over QUIC).
+    /// Payload bytes sent (the same measure on every transport; QUIC's own packet figures
+    /// are in the loss ratio and the transport's link statistics).
     pub bytes_sent: u64,
-    /// Bytes received (as above).
+    /// Payload bytes received.
     pub bytes_received: u64,
     /// Messages sent.
     pub messages_sent: u64,
