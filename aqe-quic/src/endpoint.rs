@@ -256,7 +256,15 @@ impl Shared {
     }
 
     /// Connects to the endpoint at `addr` (if not connected already) and exchanges hellos.
+    /// Shutdown interrupts it.
     pub(crate) async fn connect(self: &Arc<Self>, addr: SocketAddr) -> Result<()> {
+        tokio::select! {
+            r = self.dial(addr) => r,
+            () = self.shutdown.cancelled() => Err(Error::Shutdown),
+        }
+    }
+
+    async fn dial(self: &Arc<Self>, addr: SocketAddr) -> Result<()> {
         self.live()?;
         if addr == self.listen
             || self

@@ -180,3 +180,55 @@ async fn peer_death_is_detected_by_the_idle_timeout() {
         .expect_err("gone");
     assert!(matches!(err, aqe_core::Error::PeerNotFound { .. }), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_address_times_out_at_the_configured_connection_timeout() {
+    // A UDP socket that never answers: handshake packets go nowhere.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let timeout = Duration::from_millis(300);
+    let a = endpoint(QuicConfig {
+        connection_timeout: timeout,
+        ..config()
+    })
+    .await;
+    let started = Instant::now();
+    let err = a
+        .connect(silent.local_addr().expect("addr"))
+        .await
+        .expect_err("nobody answers");
+    assert!(
+        matches!(err, aqe_core::Error::ConnectionTimeout { after, .. } if after == timeout),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() >= timeout && started.elapsed() < timeout * 5,
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(a.connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_interrupts_a_dial_and_ends_promptly() {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let a = endpoint(QuicConfig {
+        connection_timeout: Duration::from_secs(30),
+        ..config()
+    })
+    .await;
+    let dial = tokio::spawn({
+        let a = a.clone();
+        let addr = silent.local_addr().expect("addr");
+        async move { a.connect(addr).await }
+    });
+    tokio::task::yield_now().await;
+    let started = Instant::now();
+    a.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    let err = dial.await.expect("join").expect_err("interrupted");
+    assert!(matches!(err, aqe_core::Error::Shutdown), "{err:?}");
+}
