@@ -266,12 +266,7 @@ impl Shared {
 
     async fn dial(self: &Arc<Self>, addr: SocketAddr) -> Result<()> {
         self.live()?;
-        if addr == self.listen
-            || self
-                .by_addr
-                .get(&addr)
-                .is_some_and(|e| self.conns.contains_key(&*e))
-        {
+        if addr == self.listen || self.connected_to(addr) {
             return Ok(());
         }
         let client = self
@@ -389,9 +384,16 @@ impl Shared {
         connection: Connection,
         control_rx: FrameReader,
         control_tx: s2n_quic::stream::SendStream,
-        hello: Hello,
+        mut hello: Hello,
         initiator: u64,
     ) {
+        // A peer listening on every interface announces an unspecified address; others reach
+        // it at the address this connection comes from, on the announced port.
+        if hello.listen.ip().is_unspecified()
+            && let Ok(seen) = connection.remote_addr()
+        {
+            hello.listen.set_ip(seen.ip());
+        }
         let (handle, acceptor) = connection.split();
         let conn = Arc::new(Conn::new(
             hello.endpoint,
@@ -580,6 +582,34 @@ impl Shared {
         self.tasks.wait().await;
     }
 
+    /// Whether a connection to the endpoint listening at `addr` is up.
+    fn connected_to(&self, addr: SocketAddr) -> bool {
+        self.by_addr
+            .get(&addr)
+            .is_some_and(|e| self.conns.contains_key(&*e))
+    }
+
+    /// Waits while the endpoint at `addr` stays connected. `true` when the connection ended,
+    /// `false` on shutdown or when no connection to that address is known (the peer
+    /// announced another address: there is nothing to watch).
+    async fn watch_connection(&self, addr: SocketAddr) -> bool {
+        let mut events = self.events.subscribe();
+        if !self.connected_to(addr) {
+            return false;
+        }
+        while self.connected_to(addr) {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return false,
+                e = events.recv() => {
+                    if let Err(broadcast::error::RecvError::Closed) = e {
+                        return false;
+                    }
+                }
+            }
+        }
+        !self.shutdown.is_cancelled()
+    }
+
     pub(crate) fn connection_count(&self) -> usize {
         self.conns.len()
     }
@@ -635,10 +665,18 @@ async fn bootstrap(shared: Arc<Shared>, peer: String) {
                 .ok_or(Error::Protocol {
                     detail: "bootstrap peer resolves to nothing",
                 })?;
-            shared.connect(addr).await
+            shared.connect(addr).await.map(|()| addr)
         };
         match attempt.await {
-            Ok(()) => return,
+            Ok(addr) => {
+                delay = Duration::from_millis(100);
+                // Stay connected: when the connection ends, dial again.
+                if !shared.watch_connection(addr).await {
+                    return;
+                }
+                tracing::info!(%peer, "connection to bootstrap peer lost; reconnecting");
+                continue;
+            }
             Err(Error::Shutdown) => return,
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "bootstrap peer not reached; retrying in {delay:?}");

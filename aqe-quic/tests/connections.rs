@@ -7,6 +7,7 @@ use std::io::BufRead;
 use std::time::{Duration, Instant};
 
 use aqe_core::{Envelope, Event, MessageKind, QuicConfig, Recipient, Transport};
+use aqe_quic::QuicTransport;
 use bytes::Bytes;
 use support::*;
 
@@ -231,4 +232,43 @@ async fn shutdown_interrupts_a_dial_and_ends_promptly() {
     );
     let err = dial.await.expect("join").expect_err("interrupted");
     assert!(matches!(err, aqe_core::Error::Shutdown), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_bootstrap_peer_is_dialed_again() {
+    let first = endpoint(config()).await;
+    let addr = first.local_addr();
+    let _i1 = attach(&first, "first").await;
+    let b = endpoint(QuicConfig {
+        bootstrap_peers: vec![addr.to_string()],
+        ..config()
+    })
+    .await;
+    await_peer(&b, "first").await;
+    // The peer goes away; another endpoint comes up at the same address.
+    first.shutdown().await;
+    let mut events = b.subscribe();
+    await_event(&mut events, |e| {
+        matches!(e, Event::PeerLeft(id) if id.as_str() == "first").then_some(())
+    })
+    .await;
+    let second = tokio::time::timeout(WAIT, async {
+        loop {
+            // The old socket may take a moment to be released.
+            if let Ok(t) = QuicTransport::bind(QuicConfig {
+                port: addr.port(),
+                ..config()
+            })
+            .await
+            {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("rebind");
+    let _i2 = attach(&second, "second").await;
+    await_peer(&b, "second").await;
+    assert_eq!(b.connections(), 1);
 }
