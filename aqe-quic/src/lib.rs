@@ -19,6 +19,8 @@
 
 mod conn;
 mod endpoint;
+#[cfg(test)]
+mod hostile;
 mod lane;
 mod link;
 mod stream;
