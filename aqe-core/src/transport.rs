@@ -1,21 +1,4 @@
-//! The transport trait: what the agent runtime needs from anything that moves messages.
-//!
-//! A transport is an *endpoint* hosting any number of local agents. Agents attach with a
-//! [`Registration`] and an [`InboxSender`]; the transport then delivers what arrives for
-//! them into their inbox and carries what they send. Peers are agents, wherever they live:
-//! on the same endpoint, on the same bus, or behind a connection to another endpoint (one
-//! connection per endpoint pair carries the traffic of every agent on both sides).
-//!
-//! The four ways of moving data map onto QUIC directly:
-//! - [`Transport::send`] on an ordered reliable channel: one long-lived stream per peer and
-//!   channel; unordered reliable: a stream per message; unreliable: a datagram.
-//! - [`Transport::request`]: one bidirectional stream per request; the stream is the
-//!   correlation, and dropping the future abandons it.
-//! - [`Transport::open_stream`]: one stream, with flow control.
-//! - [`Transport::broadcast`]: concurrent fan-out with a per-peer report.
-//!
-//! Every method validates what it is given: an unknown sender, channel or peer, or an
-//! oversize payload, is a typed error and nothing is sent.
+//! The transport trait and what travels through it.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -318,7 +301,25 @@ pub enum Inbound {
     Stream(IncomingStream),
 }
 
-/// A way to move messages between agents. See the [module docs](self).
+/// What the agent runtime needs from anything that moves messages.
+///
+/// A transport is an *endpoint* hosting any number of local agents. Agents attach with a
+/// [`Registration`] and an [`InboxSender`]; the transport then delivers what arrives for
+/// them into their inbox and carries what they send. Peers are agents, wherever they live:
+/// on the same endpoint, on the same bus, or behind a connection to another endpoint (one
+/// connection per endpoint pair carries the traffic of every agent on both sides).
+///
+/// The four ways of moving data map onto QUIC directly (see `aqe-quic` and PROTOCOL.md):
+/// - [`Transport::send`] on an ordered reliable channel: one long-lived stream per connection
+///   and channel; unordered reliable: a stream per message; unreliable: a datagram.
+/// - [`Transport::request`]: correlated request and response (over QUIC, on a long-lived
+///   request stream, or a stream of its own when large); timing out or dropping the future
+///   abandons the request, and the responder learns of it.
+/// - [`Transport::open_stream`]: one stream, with flow control.
+/// - [`Transport::broadcast`]: concurrent fan-out with a per-peer report.
+///
+/// Every method validates what it is given: an unknown sender, channel or peer, or an
+/// oversize payload, is a typed error and nothing is sent.
 ///
 /// Implementations are endpoints shared by many agents, so every method takes `&self` and
 /// may be called concurrently.
