@@ -650,6 +650,10 @@ async fn health_reflects_peers_and_shutdown() {
     assert_eq!(h.status, HealthStatus::Unhealthy);
 }
 
+fn lane(name: &str, priority: u8) -> Channel {
+    Channel::new(name, ChannelKind::Unicast).with_priority(Priority::new(priority).expect("valid"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn higher_priority_messages_overtake_waiting_ones() {
     let bus = bus();
@@ -662,14 +666,8 @@ async fn higher_priority_messages_overtake_waiting_ones() {
         .id("slow")
         .agent_type("t")
         .transport(bus.clone())
-        .channel(
-            Channel::new("low", ChannelKind::Unicast)
-                .with_priority(Priority::new(1).expect("valid")),
-        )
-        .channel(
-            Channel::new("high", ChannelKind::Unicast)
-                .with_priority(Priority::new(9).expect("valid")),
-        )
+        .channel(lane("low", 1))
+        .channel(lane("high", 9))
         .on_message(move |_a, env| {
             let (gate, tx, started) = (gate.clone(), tx.clone(), started_tx.clone());
             async move {
@@ -690,14 +688,8 @@ async fn higher_priority_messages_overtake_waiting_ones() {
         .id("me")
         .agent_type("t")
         .transport(bus.clone())
-        .channel(
-            Channel::new("low", ChannelKind::Unicast)
-                .with_priority(Priority::new(1).expect("valid")),
-        )
-        .channel(
-            Channel::new("high", ChannelKind::Unicast)
-                .with_priority(Priority::new(9).expect("valid")),
-        )
+        .channel(lane("low", 1))
+        .channel(lane("high", 9))
         .start()
         .await
         .expect("start");

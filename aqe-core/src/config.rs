@@ -466,9 +466,13 @@ mod tests {
     #[test]
     fn the_readme_example_definition_is_valid() {
         let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
-        let start = readme.find("```json\n").expect("a JSON example in the README") + "```json\n".len();
+        let start = readme
+            .find("```json\n")
+            .expect("a JSON example in the README")
+            + "```json\n".len();
         let end = start + readme[start..].find("```").expect("closed");
-        let def = AgentDefinition::from_json(&readme[start..end], Some(Path::new("README.md"))).expect("valid");
+        let def = AgentDefinition::from_json(&readme[start..end], Some(Path::new("README.md")))
+            .expect("valid");
         assert_eq!(def.quic_config.channels.len(), 3);
         assert_eq!(def.quic_config.send_timeout, Duration::from_secs(5));
     }

@@ -110,7 +110,7 @@ impl Conn {
                 Some(s) => s.clone(),
                 None => {
                     let s = self
-                        .open_uni(codec, &Preamble::Channel(channel.clone()))
+                        .open_uni(codec.encode_to_bytes(&Preamble::Channel(channel.clone()))?)
                         .await?;
                     let s = Arc::new(tokio::sync::Mutex::new(s));
                     streams.insert(channel.clone(), s.clone());
@@ -130,13 +130,7 @@ impl Conn {
     /// Unordered reliable: a stream of its own, so no message waits behind another.
     pub(crate) async fn send_message(&self, codec: &FrameCodec, envelope: &Envelope) -> Result<()> {
         let frames = wire::frames(codec, &[&Preamble::Message, envelope])?;
-        let mut s = self
-            .handle
-            .clone()
-            .open_send_stream()
-            .await
-            .map_err(|e| self.lost(e))?;
-        s.send(frames).await.map_err(|e| self.stream_failed(e))?;
+        let mut s = self.open_uni(frames).await?;
         s.finish().map_err(|e| self.stream_failed(e))
     }
 
@@ -267,21 +261,19 @@ impl Conn {
         codec: &FrameCodec,
         header: &StreamHeader,
     ) -> Result<SendStream> {
-        self.open_uni(codec, &Preamble::Stream(header.clone()))
+        self.open_uni(codec.encode_to_bytes(&Preamble::Stream(header.clone()))?)
             .await
     }
 
-    /// Opens a unidirectional stream and sends its preamble.
-    async fn open_uni(&self, codec: &FrameCodec, preamble: &Preamble) -> Result<SendStream> {
+    /// Opens a unidirectional stream and sends its first bytes (a preamble, or more).
+    async fn open_uni(&self, first: Bytes) -> Result<SendStream> {
         let mut s = self
             .handle
             .clone()
             .open_send_stream()
             .await
             .map_err(|e| self.lost(e))?;
-        s.send(codec.encode_to_bytes(preamble)?)
-            .await
-            .map_err(|e| self.stream_failed(e))?;
+        s.send(first).await.map_err(|e| self.stream_failed(e))?;
         Ok(s)
     }
 }

@@ -246,8 +246,8 @@ async fn a_lost_bootstrap_peer_is_dialed_again() {
     .await;
     await_peer(&b, "first").await;
     // The peer goes away; another endpoint comes up at the same address.
-    first.shutdown().await;
     let mut events = b.subscribe();
+    first.shutdown().await;
     await_event(&mut events, |e| {
         matches!(e, Event::PeerLeft(id) if id.as_str() == "first").then_some(())
     })
