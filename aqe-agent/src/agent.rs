@@ -207,9 +207,49 @@ impl Agent {
         .await
     }
 
+    /// Sends `payload` to one agent on a reliable `channel`, and returns once that agent has
+    /// taken it (its message handler returned, or it has none). Where [`Agent::send_to_agent`]
+    /// returns once the message is accepted for delivery, this waits for the receipt.
+    ///
+    /// # Errors
+    /// As [`Agent::send_to_agent`]; [`Error::DeliveryFailed`] when the message was accepted
+    /// but not delivered (the reason says whether it may have been processed);
+    /// [`Error::Unsupported`] on an unreliable channel, where nothing is acknowledged.
+    ///
+    /// # Examples
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> aqe_core::Result<()> {
+    /// # use std::sync::Arc;
+    /// # let bus = Arc::new(aqe_agent::EventBus::new());
+    /// let worker = aqe_agent::Agent::builder().id("worker").agent_type("w").transport(bus.clone())
+    ///     .on_message(|_, _| async {}).start().await?;
+    /// let boss = aqe_agent::Agent::builder().agent_type("boss").transport(bus).start().await?;
+    /// boss.send_confirmed(worker.id(), &"do it", "coordination").await?; // worker has it now
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_confirmed<T: Serialize + ?Sized>(
+        &self,
+        to: &AgentId,
+        payload: &T,
+        channel: impl Into<ChannelName>,
+    ) -> Result<()> {
+        let channel = channel.into();
+        self.guarded(async {
+            let env = self.envelope(
+                Recipient::Agent(to.clone()),
+                &channel,
+                MessageKind::Direct,
+                aqe_core::encode(payload)?,
+            )?;
+            self.inner.transport.send_confirmed(env).await
+        })
+        .await
+    }
+
     /// Sends a request and returns the decoded response, retrying after timeouts and
-    /// unreachable peers as `options` say. Retries are new requests: a handler may see the
-    /// same request twice if an answer was lost.
+    /// unreachable peers as `options` say. Each retry is a new request; a fallback transport
+    /// re-sending after a timeout uses the same request, so the responder's handler runs
+    /// once.
     ///
     /// # Errors
     /// [`Error::Timeout`] after the last attempt; [`Error::Remote`] when the peer's handler

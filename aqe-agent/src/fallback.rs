@@ -12,8 +12,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use aqe_core::{
-    AgentId, BroadcastReport, Envelope, Error, Event, InboxSender, PeerInfo, Registration, Result,
-    Stats, StreamHeader, StreamSink, Transport, TransportKind,
+    AgentId, BroadcastReport, Envelope, Error, Event, InboxSender, PeerInfo, Redeliver,
+    Registration, Result, Stats, StreamHeader, StreamSink, Transport, TransportKind,
 };
 
 /// When an operation moves from the primary transport to the secondary.
@@ -22,6 +22,13 @@ use aqe_core::{
 /// timed out or lost; peer unknown there; its receiver gone) and when a request times out.
 /// It never falls back for a problem with the message itself (too large, unknown channel,
 /// a handler's error response): the secondary would refuse it too, or run it twice.
+///
+/// A request that times out is sent again over the secondary *with the same id*, while the
+/// first attempt is kept open: the responding agent recognises the id and answers from the
+/// execution already running (or from the answer it just gave), so its handler runs at most
+/// once. Such a request may therefore take up to twice its timeout. Reliable messages the
+/// primary accepted but could not deliver (its connection to the receiver ended before they
+/// were acknowledged) are handed to the secondary before the primary reports them failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FallbackPolicy {
     /// Fall back when the peer cannot be reached over the primary.
@@ -58,8 +65,7 @@ pub struct Fallback {
     primary: Arc<dyn Transport>,
     secondary: Arc<dyn Transport>,
     policy: FallbackPolicy,
-    fallbacks: DashMap<AgentId, u64>,
-    events: broadcast::Sender<Event>,
+    account: Arc<Account>,
     shutdown: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -83,6 +89,16 @@ impl Fallback {
         policy: FallbackPolicy,
     ) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
+        let account = Arc::new(Account {
+            fallbacks: DashMap::new(),
+            events: events.clone(),
+            primary: primary.kind(),
+            secondary: secondary.kind(),
+        });
+        primary.set_redelivery(Arc::new(ViaSecondary {
+            secondary: secondary.clone(),
+            account: account.clone(),
+        }));
         // Over how many of the two transports each peer is known.
         let membership = Arc::new(Mutex::new(HashMap::new()));
         let shutdown = CancellationToken::new();
@@ -101,8 +117,7 @@ impl Fallback {
             primary,
             secondary,
             policy,
-            fallbacks: DashMap::new(),
-            events,
+            account,
             shutdown,
             tasks: Mutex::new(tasks),
         })
@@ -130,7 +145,7 @@ impl Fallback {
     ) -> Result<T> {
         match second.await {
             Ok(v) => {
-                self.record(operation, from, peer, &first_err);
+                self.account.record(operation, from, peer, &first_err);
                 Ok(v)
             }
             // The secondary does not know the peer either: the primary's error says more.
@@ -139,21 +154,93 @@ impl Fallback {
         }
     }
 
+    /// A request over the primary; after `timeout`, the same request (same id) over the
+    /// secondary too, the primary's attempt staying open: the first answer wins.
+    async fn hedged_request(&self, envelope: Envelope, timeout: Duration) -> Result<Envelope> {
+        let (from, peer) = (envelope.from.clone(), envelope.target().cloned());
+        let primary = self
+            .primary
+            .request(envelope.clone(), timeout.saturating_mul(2));
+        tokio::pin!(primary);
+        tokio::select! {
+            r = &mut primary => return match r {
+                Err(e) if self.policy.applies(&e) => {
+                    self.fall_back("request", &from, peer, e, self.secondary.request(envelope, timeout)).await
+                }
+                r => r,
+            },
+            () = tokio::time::sleep(timeout) => {}
+        }
+        let timed_out = Error::Timeout {
+            after: timeout,
+            attempts: 1,
+        };
+        let secondary = self.secondary.request(envelope, timeout);
+        tokio::pin!(secondary);
+        tokio::select! {
+            r = &mut primary => match r {
+                Ok(v) => Ok(v),
+                // The primary gave up too: what the secondary says decides.
+                Err(e) => self.fall_back("request", &from, peer, e, secondary).await,
+            },
+            r = &mut secondary => match r {
+                Ok(v) => {
+                    self.account.record("request", &from, peer, &timed_out);
+                    Ok(v)
+                }
+                Err(Error::PeerNotFound { .. } | Error::Timeout { .. }) => Err(timed_out),
+                Err(e) => Err(e),
+            },
+        }
+    }
+}
+
+/// What a [`Fallback`] counts and announces, shared with the redelivery it registers on its
+/// primary.
+struct Account {
+    fallbacks: DashMap<AgentId, u64>,
+    events: broadcast::Sender<Event>,
+    primary: TransportKind,
+    secondary: TransportKind,
+}
+
+impl Account {
     fn record(
         &self,
         operation: &'static str,
         from: &AgentId,
         peer: Option<AgentId>,
-        reason: &Error,
+        reason: &dyn std::fmt::Display,
     ) {
         *self.fallbacks.entry(from.clone()).or_insert(0) += 1;
-        tracing::info!(agent = %from, ?peer, operation, primary = %self.primary.kind(),
-            secondary = %self.secondary.kind(), reason = %reason, "fell back");
+        tracing::info!(agent = %from, ?peer, operation, primary = %self.primary,
+            secondary = %self.secondary, reason = %reason, "fell back");
         let _ = self.events.send(Event::FallbackUsed {
             operation,
             peer,
             reason: reason.to_string(),
         });
+    }
+}
+
+/// Delivers the primary's undeliverable reliable messages over the secondary.
+struct ViaSecondary {
+    secondary: Arc<dyn Transport>,
+    account: Arc<Account>,
+}
+
+#[async_trait]
+impl Redeliver for ViaSecondary {
+    async fn redeliver(&self, envelope: Envelope) -> Result<()> {
+        let (from, to) = (envelope.from.clone(), envelope.target().cloned());
+        self.secondary.send_confirmed(envelope).await?;
+        self.account.record(
+            "redeliver",
+            &from,
+            to,
+            &"the primary lost its connection before the message was acknowledged",
+        );
+        Ok(())
     }
 }
 
@@ -230,7 +317,27 @@ impl Transport for Fallback {
         }
     }
 
+    async fn send_confirmed(&self, envelope: Envelope) -> Result<()> {
+        match self.primary.send_confirmed(envelope.clone()).await {
+            Err(e) if self.policy.applies(&e) => {
+                let (from, peer) = (envelope.from.clone(), envelope.target().cloned());
+                self.fall_back(
+                    "send",
+                    &from,
+                    peer,
+                    e,
+                    self.secondary.send_confirmed(envelope),
+                )
+                .await
+            }
+            r => r,
+        }
+    }
+
     async fn request(&self, envelope: Envelope, timeout: Duration) -> Result<Envelope> {
+        if self.policy.on_timeout {
+            return self.hedged_request(envelope, timeout).await;
+        }
         match self.primary.request(envelope.clone(), timeout).await {
             Err(e) if self.policy.applies(&e) => {
                 let (from, peer) = (envelope.from.clone(), envelope.target().cloned());
@@ -263,7 +370,8 @@ impl Transport for Fallback {
             Ok(second) => {
                 for id in second.delivered {
                     if let Some(e) = first_errors.remove(&id) {
-                        self.record("broadcast", &envelope.from, Some(id.clone()), &e);
+                        self.account
+                            .record("broadcast", &envelope.from, Some(id.clone()), &e);
                     }
                     report.delivered.push(id);
                 }
@@ -310,12 +418,18 @@ impl Transport for Fallback {
 
     fn stats(&self, agent: &AgentId) -> Stats {
         let mut s = self.primary.stats(agent).merge(self.secondary.stats(agent));
-        s.fallbacks_used += self.fallbacks.get(agent).map(|n| *n).unwrap_or(0);
+        s.fallbacks_used += self.account.fallbacks.get(agent).map(|n| *n).unwrap_or(0);
         s
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+        self.account.events.subscribe()
+    }
+
+    /// What neither transport can deliver goes to `redeliver`: the secondary is the last
+    /// resort, so the handler is registered there.
+    fn set_redelivery(&self, redeliver: Arc<dyn Redeliver>) {
+        self.secondary.set_redelivery(redeliver);
     }
 
     async fn shutdown(&self) {

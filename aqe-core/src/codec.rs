@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use crate::{Error, Result};
 
 /// The wire version this build speaks.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Bytes before the body: the length (4) and the version (1).
 pub const FRAME_HEADER_LEN: usize = 5;
 /// The hard ceiling on a frame's length field: 16 MiB.
@@ -291,7 +291,7 @@ mod tests {
             codec.decode_exact::<u32>(&frame),
             Err(Error::UnsupportedVersion {
                 found: 99,
-                supported: 1
+                supported: WIRE_VERSION
             })
         ));
     }

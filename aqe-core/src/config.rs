@@ -172,6 +172,22 @@ pub struct QuicConfig {
     pub enable_migration: bool,
     /// Streams a peer may have open at once on a connection.
     pub max_concurrent_streams: u32,
+    /// How often each side of a connection proves it is alive (a heartbeat on the control
+    /// stream).
+    #[serde(with = "millis")]
+    pub heartbeat_interval: Duration,
+    /// How long a connection may stay silent (no heartbeat, acknowledgement or other control
+    /// frame) before its peer is declared unreachable: requests to it fail at once, and its
+    /// agents leave. A few heartbeats, so that loss alone does not trigger it.
+    #[serde(with = "millis")]
+    pub liveness_timeout: Duration,
+    /// How long a reliable message accepted for delivery may take to reach its receiver,
+    /// redeliveries after a connection failure included, before it is reported failed.
+    #[serde(with = "millis")]
+    pub delivery_deadline: Duration,
+    /// Reliable messages a sender may have unacknowledged per receiving agent and connection;
+    /// a full window makes the sender wait (up to `sendTimeout`).
+    pub window: u32,
     /// Addresses (`host:port`) of endpoints to connect to at start.
     pub bootstrap_peers: Vec<String>,
     /// Certificates, verification, tokens.
@@ -191,6 +207,10 @@ impl Default for QuicConfig {
             enable_0rtt: false,
             enable_migration: false,
             max_concurrent_streams: 100,
+            heartbeat_interval: Duration::from_millis(500),
+            liveness_timeout: Duration::from_secs(3),
+            delivery_deadline: Duration::from_secs(10),
+            window: 1024,
             bootstrap_peers: Vec::new(),
             security: SecurityConfig::default(),
         }
@@ -226,6 +246,27 @@ impl QuicConfig {
         }
         if self.max_concurrent_streams == 0 {
             return Err(Error::config("maxConcurrentStreams", "must be above zero"));
+        }
+        if self.heartbeat_interval.is_zero() {
+            return Err(Error::config("heartbeatInterval", "must be above zero"));
+        }
+        if self.liveness_timeout < self.heartbeat_interval * 2 {
+            return Err(Error::config(
+                "livenessTimeout",
+                "must be at least two heartbeat intervals, or loss alone would trip it",
+            ));
+        }
+        if self.delivery_deadline.is_zero() {
+            return Err(Error::config("deliveryDeadline", "must be above zero"));
+        }
+        if self.window == 0 || self.window as usize > crate::DEDUP_WINDOW / 2 {
+            return Err(Error::config(
+                "window",
+                format!(
+                    "must be within 1..={} (half the receivers' duplicate window)",
+                    crate::DEDUP_WINDOW / 2
+                ),
+            ));
         }
         self.security
             .validate()

@@ -43,6 +43,9 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $harness;
             unicast_ordered_reliable_is_exactly_once_in_order,
             unicast_unordered_reliable_delivers_each_once,
+            every_accepted_message_is_confirmed_once_taken,
+            confirmed_send_resolves_when_the_receiver_has_it,
+            messages_left_unread_by_a_stopping_receiver_are_reported,
             unreliable_channel_never_duplicates,
             request_response_is_correlated,
             concurrent_requests_are_correlated,
@@ -152,7 +155,7 @@ fn request(from: &str, to: &str, payload: impl Into<Bytes>) -> Envelope {
 
 async fn next_message(inbox: &mut Inbox) -> Envelope {
     match within("a message", inbox.recv()).await {
-        Some(Inbound::Message(e)) => e,
+        Some(Inbound::Message { envelope, .. }) => envelope,
         Some(other) => panic!("expected a message, got {other:?}"),
         None => panic!("inbox closed"),
     }
@@ -242,6 +245,155 @@ pub async fn unicast_unordered_reliable_delivers_each_once(h: &dyn Harness) {
     assert_eq!(seen, (0..N).collect::<HashSet<_>>());
 }
 
+/// Waits until `t`'s counters for `agent` satisfy `done`.
+async fn await_stats(
+    t: &Arc<dyn Transport>,
+    agent: &str,
+    done: impl Fn(&crate::Stats) -> bool,
+) -> crate::Stats {
+    within("the sender's accounting to settle", async {
+        loop {
+            let s = t.stats(&agent.into());
+            if done(&s) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
+/// Delivery accounting: reliable messages taken by the receiver leave nothing unconfirmed
+/// and nothing failed at the sender, on both reliable channels.
+pub async fn every_accepted_message_is_confirmed_once_taken(h: &dyn Harness) {
+    let (ta, _a, _tb, mut b) = pair(h).await;
+    const N: u32 = 200;
+    for i in 0..N {
+        let channel = if i % 2 == 0 {
+            "coordination"
+        } else {
+            "results"
+        };
+        ta.send(direct("a", "b", channel, counter(i)))
+            .await
+            .expect("send");
+    }
+    for _ in 0..N {
+        // Dropping the message acknowledges it.
+        next_message(&mut b).await;
+    }
+    let s = await_stats(&ta, "a", |s| s.messages_unconfirmed == 0).await;
+    assert_eq!(s.messages_failed, 0, "nothing failed");
+    assert!(s.messages_sent >= u64::from(N));
+}
+
+/// A confirmed send resolves only once the receiving agent has taken the message; on an
+/// unreliable channel it is refused, since nothing is acknowledged there.
+pub async fn confirmed_send_resolves_when_the_receiver_has_it(h: &dyn Harness) {
+    let (ta, _a, _tb, mut b) = pair(h).await;
+    let sender = ta.clone();
+    let mut confirmed = tokio::spawn(async move {
+        sender
+            .send_confirmed(direct("a", "b", "coordination", Bytes::from_static(b"c1")))
+            .await
+    });
+    // Not confirmed while the message sits in b's inbox.
+    let early = tokio::time::timeout(Duration::from_millis(200), &mut confirmed).await;
+    assert!(
+        early.is_err(),
+        "confirmed before the receiver took the message"
+    );
+    let got = match within("the message", b.recv()).await {
+        Some(Inbound::Message { envelope, receipt }) => {
+            drop(receipt);
+            envelope
+        }
+        other => panic!("expected a message, got {other:?}"),
+    };
+    assert_eq!(&got.payload[..], b"c1");
+    within("the confirmation", confirmed)
+        .await
+        .expect("join")
+        .expect("confirmed");
+    let err = ta
+        .send_confirmed(direct("a", "b", "metrics", Bytes::new()))
+        .await
+        .expect_err("nothing to confirm on an unreliable channel");
+    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+}
+
+/// Reliable messages still in a receiver's inbox when it stops are reported to the sender,
+/// by id, and counted as failed; the confirmed one among them fails with the reason.
+pub async fn messages_left_unread_by_a_stopping_receiver_are_reported(h: &dyn Harness) {
+    let (ta, _a, tb, mut b) = pair(h).await;
+    let mut events = ta.subscribe();
+    let mut sent = Vec::new();
+    for i in 0..5u32 {
+        let e = direct("a", "b", "coordination", counter(i));
+        sent.push(e.id);
+        ta.send(e).await.expect("send");
+    }
+    let last = direct("a", "b", "coordination", counter(5));
+    sent.push(last.id);
+    let confirmed = {
+        let ta = ta.clone();
+        tokio::spawn(async move { ta.send_confirmed(last).await })
+    };
+    // b takes the first message, then stops with the rest unread.
+    let first = next_message(&mut b).await;
+    assert_eq!(read_counter(&first.payload), 0);
+    // Let the rest arrive before b stops.
+    within("the rest to arrive", async {
+        while tb.stats(&"b".into()).messages_received < 6 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    tb.detach(&"b".into()).await.expect("detach");
+    drop(b);
+    let mut failed = Vec::new();
+    within("the failure reports", async {
+        while failed.len() < 5 {
+            match events.recv().await {
+                Ok(Event::DeliveryFailed {
+                    from,
+                    to,
+                    ids,
+                    reason,
+                    ..
+                }) => {
+                    assert_eq!((from.as_str(), to.as_str()), ("a", "b"));
+                    assert_eq!(reason, crate::DeliveryFailure::ReceiverStopped);
+                    failed.extend(ids);
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("event stream: {e}"),
+            }
+        }
+    })
+    .await;
+    failed.sort();
+    let mut expected = sent[1..].to_vec();
+    expected.sort();
+    assert_eq!(failed, expected, "exactly the unread messages are reported");
+    let err = within("the confirmed send", confirmed)
+        .await
+        .expect("join")
+        .expect_err("not delivered");
+    assert!(
+        matches!(
+            err,
+            Error::DeliveryFailed {
+                reason: crate::DeliveryFailure::ReceiverStopped,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let s = await_stats(&ta, "a", |s| s.messages_unconfirmed == 0).await;
+    assert_eq!(s.messages_failed, 5);
+}
+
 /// Unreliable channel: what arrives arrives once, and a send never fails for lack of room.
 pub async fn unreliable_channel_never_duplicates(h: &dyn Harness) {
     let (ta, _a, _tb, mut b) = pair(h).await;
@@ -264,7 +416,7 @@ pub async fn unreliable_channel_never_duplicates(h: &dyn Harness) {
     // Datagrams and the reliable marker race; read until both the marker and a quiet period.
     while !done || seen.len() < N as usize {
         let item = tokio::time::timeout(Duration::from_millis(500), b.recv()).await;
-        let Ok(Some(Inbound::Message(e))) = item else {
+        let Ok(Some(Inbound::Message { envelope: e, .. })) = item else {
             break;
         };
         if e.channel.as_str() == "coordination" {

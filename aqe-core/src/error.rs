@@ -83,6 +83,21 @@ pub enum Error {
         /// Why.
         reason: SendFailure,
     },
+    /// A reliable message was accepted but did not reach its receiver (a confirmed send).
+    #[error("message to {to} not delivered: {reason}")]
+    DeliveryFailed {
+        /// The intended receiver.
+        to: AgentId,
+        /// Why, and whether it may have been processed.
+        reason: DeliveryFailure,
+    },
+    /// The receiver has too many requests in hand to take another now; nothing was run.
+    /// Try again later.
+    #[error("{peer} is busy: too many requests in hand")]
+    Busy {
+        /// The agent that refused the request.
+        peer: AgentId,
+    },
     /// A request got no response in time, after every retry.
     #[error("request timed out after {after:?} ({attempts} attempt(s))")]
     Timeout {
@@ -201,6 +216,27 @@ pub enum SendFailure {
     /// The receiver is gone (stopped or detached).
     #[error("receiver closed")]
     ReceiverClosed,
+}
+
+/// Why an accepted reliable message was not delivered.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, thiserror::Error,
+)]
+#[non_exhaustive]
+pub enum DeliveryFailure {
+    /// The receiving agent stopped (or left its endpoint) before taking the message, and did
+    /// not come back before the delivery deadline. It was not processed.
+    #[error("the receiver stopped before taking it")]
+    ReceiverStopped,
+    /// The receiver could not be reached before the delivery deadline and the message was
+    /// never handed to it. It was not processed.
+    #[error("the receiver was unreachable until the delivery deadline")]
+    Unreachable,
+    /// The message was handed to the receiver's endpoint, which went away (crashed, or the
+    /// network failed) before confirming it, and the receiver did not come back before the
+    /// delivery deadline. It may or may not have been processed.
+    #[error("sent, but the receiver went away before confirming it (it may have been processed)")]
+    Unconfirmed,
 }
 
 /// Why a stream operation failed.

@@ -97,6 +97,19 @@ impl Health {
                     thresholds.unhealthy_loss * 100.0
                 ),
             )
+        } else if stats.unreachable_peers > 0 && connected_peers == 0 {
+            (
+                HealthStatus::Unhealthy,
+                format!(
+                    "{} peer endpoint(s) unreachable and no peer connected",
+                    stats.unreachable_peers
+                ),
+            )
+        } else if stats.unreachable_peers > 0 {
+            (
+                HealthStatus::Degraded,
+                format!("{} peer endpoint(s) unreachable", stats.unreachable_peers),
+            )
         } else if average_rtt.is_some_and(|rtt| rtt > thresholds.degraded_rtt) {
             (
                 HealthStatus::Degraded,
@@ -127,7 +140,7 @@ impl Health {
     }
 }
 
-/// Round-trip time figures; all zero while `samples` is zero.
+/// Round-trip time figures from real measurements only; all zero while `samples` is zero.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RttStats {
     /// How many measurements went in.
@@ -143,18 +156,37 @@ pub struct RttStats {
 }
 
 impl RttStats {
+    /// One measurement.
+    pub fn sample(rtt: Duration) -> RttStats {
+        RttStats {
+            samples: 1,
+            current: rtt,
+            min: rtt,
+            max: rtt,
+            average: rtt,
+        }
+    }
+
     /// Combines two sets of figures (the latest of `other` becomes current if it has any).
+    /// The average is weighted by sample counts, in 128-bit arithmetic so that no count or
+    /// duration overflows it.
     pub fn merge(self, other: RttStats) -> RttStats {
         match (self.samples, other.samples) {
             (0, _) => other,
             (_, 0) => self,
-            (a, b) => RttStats {
-                samples: a + b,
-                current: other.current,
-                min: self.min.min(other.min),
-                max: self.max.max(other.max),
-                average: (self.average * a as u32 + other.average * b as u32) / (a + b) as u32,
-            },
+            (a, b) => {
+                let total = u128::from(a) + u128::from(b);
+                let weighted = self.average.as_nanos() * u128::from(a)
+                    + other.average.as_nanos() * u128::from(b);
+                let avg = u64::try_from(weighted / total).unwrap_or(u64::MAX);
+                RttStats {
+                    samples: a.saturating_add(b),
+                    current: other.current,
+                    min: self.min.min(other.min),
+                    max: self.max.max(other.max),
+                    average: Duration::from_nanos(avg),
+                }
+            }
         }
     }
 }
@@ -173,6 +205,12 @@ pub struct Stats {
     pub messages_received: u64,
     /// Messages dropped: unreliable messages that found a full queue, expired messages.
     pub messages_dropped: u64,
+    /// Reliable messages accepted for delivery that did not reach their receiver
+    /// (each also reported in an `Event::DeliveryFailed`).
+    pub messages_failed: u64,
+    /// Reliable messages accepted for delivery and not yet taken by their receiver nor
+    /// reported failed.
+    pub messages_unconfirmed: u64,
     /// Round-trip times (request round trips on the bus; the QUIC RTT estimate over QUIC).
     pub rtt: RttStats,
     /// Loss ratio 0..1 (dropped over offered on the bus; lost packets over sent over QUIC).
@@ -187,6 +225,9 @@ pub struct Stats {
     pub last_activity: Option<Timestamp>,
     /// Operations that fell back to the secondary transport.
     pub fallbacks_used: u64,
+    /// Peer endpoints whose connection was lost without a goodbye (liveness failure, idle
+    /// timeout, network error) and that have not come back yet.
+    pub unreachable_peers: u64,
 }
 
 impl Stats {
@@ -206,6 +247,8 @@ impl Stats {
             messages_sent: offered,
             messages_received: self.messages_received + other.messages_received,
             messages_dropped: self.messages_dropped + other.messages_dropped,
+            messages_failed: self.messages_failed + other.messages_failed,
+            messages_unconfirmed: self.messages_unconfirmed + other.messages_unconfirmed,
             rtt: self.rtt.merge(other.rtt),
             packet_loss: loss,
             congestion_window: match (self.congestion_window, other.congestion_window) {
@@ -216,6 +259,7 @@ impl Stats {
             uptime: self.uptime.max(other.uptime),
             last_activity: self.last_activity.max(other.last_activity),
             fallbacks_used: self.fallbacks_used + other.fallbacks_used,
+            unreachable_peers: self.unreachable_peers + other.unreachable_peers,
         }
     }
 }
@@ -229,6 +273,8 @@ pub struct StatsRecorder {
     messages_sent: AtomicU64,
     messages_received: AtomicU64,
     messages_dropped: AtomicU64,
+    messages_failed: AtomicU64,
+    messages_unconfirmed: AtomicU64,
     active_streams: AtomicU64,
     last_activity_ms: AtomicU64,
     rtt: Mutex<RttStats>,
@@ -243,6 +289,8 @@ impl Default for StatsRecorder {
             messages_sent: AtomicU64::new(0),
             messages_received: AtomicU64::new(0),
             messages_dropped: AtomicU64::new(0),
+            messages_failed: AtomicU64::new(0),
+            messages_unconfirmed: AtomicU64::new(0),
             active_streams: AtomicU64::new(0),
             last_activity_ms: AtomicU64::new(0),
             rtt: Mutex::new(RttStats::default()),
@@ -271,6 +319,35 @@ impl StatsRecorder {
         self.messages_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a reliable message accepted for delivery, now awaiting its receipt.
+    pub fn accepted(&self) {
+        self.messages_unconfirmed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes back an [`accepted`](StatsRecorder::accepted) message that could not be handed
+    /// over after all (its connection ended first; the sender got an error instead).
+    pub fn unaccepted(&self) {
+        Self::sub(&self.messages_unconfirmed, 1);
+    }
+
+    /// Counts `n` accepted messages taken by their receiver.
+    pub fn confirmed(&self, n: u64) {
+        Self::sub(&self.messages_unconfirmed, n);
+    }
+
+    /// Counts `n` accepted messages reported failed.
+    pub fn failed(&self, n: u64) {
+        self.messages_failed.fetch_add(n, Ordering::Relaxed);
+        Self::sub(&self.messages_unconfirmed, n);
+    }
+
+    fn sub(counter: &AtomicU64, n: u64) {
+        // Never wraps below zero, whatever the order of reports.
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(n))
+        });
+    }
+
     /// Counts a stream opened (`+1`) or closed (`-1`).
     pub fn stream_delta(&self, opened: bool) {
         if opened {
@@ -286,13 +363,7 @@ impl StatsRecorder {
     /// Records one round-trip measurement.
     pub fn rtt_sample(&self, rtt: Duration) {
         let mut r = self.rtt.lock().unwrap_or_else(|p| p.into_inner());
-        *r = r.merge(RttStats {
-            samples: 1,
-            current: rtt,
-            min: rtt,
-            max: rtt,
-            average: rtt,
-        });
+        *r = r.merge(RttStats::sample(rtt));
     }
 
     fn touch(&self) {
@@ -312,6 +383,8 @@ impl StatsRecorder {
             messages_sent: sent,
             messages_received: self.messages_received.load(Ordering::Relaxed),
             messages_dropped: dropped,
+            messages_failed: self.messages_failed.load(Ordering::Relaxed),
+            messages_unconfirmed: self.messages_unconfirmed.load(Ordering::Relaxed),
             rtt: *self.rtt.lock().unwrap_or_else(|p| p.into_inner()),
             packet_loss: if offered == 0 {
                 0.0
@@ -323,6 +396,7 @@ impl StatsRecorder {
             uptime: self.started.elapsed(),
             last_activity: (last > 0).then_some(Timestamp(last)),
             fallbacks_used: 0,
+            unreachable_peers: 0,
         }
     }
 }
@@ -400,6 +474,47 @@ mod tests {
         );
         assert_eq!(s.active_streams, 0);
         assert!(s.last_activity.is_some());
+    }
+
+    #[test]
+    fn rtt_merge_is_weighted_and_cannot_overflow() {
+        let a = RttStats {
+            samples: u64::MAX / 2,
+            ..RttStats::sample(Duration::from_micros(100))
+        };
+        let b = RttStats {
+            samples: u64::MAX / 2,
+            ..RttStats::sample(Duration::from_micros(300))
+        };
+        let m = a.merge(b);
+        assert_eq!(m.average, Duration::from_micros(200));
+        assert_eq!(m.samples, u64::MAX - 1);
+        let three = RttStats {
+            samples: 3,
+            ..RttStats::sample(Duration::from_millis(1))
+        }
+        .merge(RttStats::sample(Duration::from_millis(5)));
+        assert_eq!(three.average, Duration::from_millis(2));
+        assert_eq!(
+            (three.min, three.max),
+            (Duration::from_millis(1), Duration::from_millis(5))
+        );
+    }
+
+    #[test]
+    fn unreachable_peers_degrade_health() {
+        let t = HealthThresholds::default();
+        let s = Stats {
+            unreachable_peers: 1,
+            ..Stats::default()
+        };
+        let h = Health::assess(&s, true, 2, 1, vec![], &t);
+        assert_eq!(h.status, HealthStatus::Degraded);
+        assert!(h.message.contains("unreachable"), "{}", h.message);
+        assert_eq!(
+            Health::assess(&s, true, 0, 1, vec![], &t).status,
+            HealthStatus::Unhealthy
+        );
     }
 
     #[test]

@@ -1,10 +1,18 @@
 //! An agent's inbox: bounded, highest priority first, FIFO within a priority.
 //!
-//! Every transport delivers into the same inbox type, so priority, backpressure and drop
-//! accounting behave the same whatever carried the message. Capacity is shared by all
-//! priorities; what happens when it is full is the sender's choice ([`Delivery`]).
+//! Every transport delivers into the same inbox type, so priority, backpressure, drop
+//! accounting and duplicate suppression behave the same whatever carried the message.
+//! Capacity is shared by all priorities; what happens when it is full is the sender's choice
+//! ([`Delivery`]). Network transports, whose senders keep a bounded window of unacknowledged
+//! messages per agent, use [`InboxSender::deliver_now`] instead: the window is the bound, and
+//! one agent's full inbox never stalls a connection shared with other agents.
+//!
+//! Reliable messages (those whose [`Receipt`] is tracked) are remembered by sender and id in
+//! a bounded window ([`DEDUP_WINDOW`] per sender, [`DEDUP_SENDERS`] senders): a copy that
+//! arrives again, say redelivered after a connection failure or through a fallback
+//! transport, is not delivered twice. Its receipt is settled with the first copy's.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
 
 use crate::transport::Inbound;
-use crate::{AgentId, Error, Priority, Result, SendFailure, Timestamp};
+use crate::{AgentId, Error, MessageId, Priority, Result, SendFailure, Timestamp};
 
 /// What a sender does when the inbox is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,16 +39,76 @@ pub enum Delivered {
     Queued,
     /// The inbox was full and the item was unreliable: it was dropped.
     Dropped,
+    /// The same message (sender and id) was delivered before: this copy was not queued, and
+    /// its receipt is settled with the first copy's.
+    Duplicate,
 }
 
 /// Default inbox capacity, in items.
 pub const DEFAULT_INBOX_CAPACITY: usize = 1024;
+/// Reliable message ids remembered per sender for duplicate suppression. Senders keep at
+/// most 1024 unacknowledged messages per receiving agent and connection, and redeliver them
+/// before anything newer, so a redelivered copy is always within this window.
+pub const DEDUP_WINDOW: usize = 2048;
+/// Senders whose ids are remembered at once; the least recently heard is forgotten first.
+pub const DEDUP_SENDERS: usize = 256;
 
 const LANES: usize = 10;
 
+/// Recent reliable message ids, by sender.
+#[derive(Default)]
+struct Dedup {
+    senders: HashMap<AgentId, SenderIds>,
+    clock: u64,
+}
+
+#[derive(Default)]
+struct SenderIds {
+    set: HashSet<u64>,
+    ring: VecDeque<u64>,
+    last_heard: u64,
+}
+
+impl Dedup {
+    /// Records `id` from `from`; `false` if it was already there.
+    fn insert(&mut self, from: &AgentId, id: MessageId) -> bool {
+        self.clock += 1;
+        if !self.senders.contains_key(from) && self.senders.len() >= DEDUP_SENDERS {
+            // Forget the sender heard from least recently (rare: a new sender, table full).
+            let oldest = self
+                .senders
+                .iter()
+                .min_by_key(|(_, s)| s.last_heard)
+                .map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                self.senders.remove(&oldest);
+            }
+        }
+        let ids = self.senders.entry(from.clone()).or_default();
+        ids.last_heard = self.clock;
+        if !ids.set.insert(id.0) {
+            return false;
+        }
+        ids.ring.push_back(id.0);
+        if ids.ring.len() > DEDUP_WINDOW
+            && let Some(old) = ids.ring.pop_front()
+        {
+            ids.set.remove(&old);
+        }
+        true
+    }
+}
+
+struct State {
+    lanes: [VecDeque<Inbound>; LANES],
+    /// Items queued above capacity by [`InboxSender::deliver_now`]: popping them frees no room.
+    excess: usize,
+    dedup: Dedup,
+}
+
 struct Shared {
     owner: AgentId,
-    lanes: Mutex<[VecDeque<Inbound>; LANES]>,
+    state: Mutex<State>,
     room: Semaphore,
     notify: Notify,
     closed: AtomicBool,
@@ -79,7 +147,11 @@ pub fn inbox(owner: AgentId, capacity: usize) -> (InboxSender, Inbox) {
     let capacity = capacity.clamp(1, Semaphore::MAX_PERMITS);
     let shared = Arc::new(Shared {
         owner,
-        lanes: Mutex::new(Default::default()),
+        state: Mutex::new(State {
+            lanes: Default::default(),
+            excess: 0,
+            dedup: Dedup::default(),
+        }),
         room: Semaphore::new(capacity),
         notify: Notify::new(),
         closed: AtomicBool::new(false),
@@ -94,15 +166,69 @@ pub fn inbox(owner: AgentId, capacity: usize) -> (InboxSender, Inbox) {
 }
 
 impl Shared {
-    fn push(&self, item: Inbound) {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `item` unless it duplicates a message already delivered; runs `on_queued`
+    /// under the lock first, so that nobody sees the item before it is counted.
+    fn push(&self, item: Inbound, excess: bool, on_queued: impl FnOnce()) -> Delivered {
+        let mut state = self.lock();
+        if let Inbound::Message { envelope, receipt } = &item
+            && receipt.is_tracked()
+            && !state.dedup.insert(&envelope.from, envelope.id)
+        {
+            drop(state);
+            self.duplicate(item);
+            return Delivered::Duplicate;
+        }
+        on_queued();
         let lane = item.priority().get() as usize;
-        self.lanes.lock().unwrap_or_else(|p| p.into_inner())[lane].push_back(item);
+        state.lanes[lane].push_back(item);
+        if excess {
+            state.excess += 1;
+        }
+        drop(state);
         self.notify.notify_one();
+        Delivered::Queued
+    }
+
+    /// A copy of a message delivered before: if the first copy is still queued, settle this
+    /// one's receipt with it; otherwise the agent has taken it, and this copy is acknowledged.
+    fn duplicate(&self, item: Inbound) {
+        let Inbound::Message { envelope, receipt } = item else {
+            return;
+        };
+        let mut state = self.lock();
+        let original = state
+            .lanes
+            .iter_mut()
+            .flatten()
+            .find_map(|queued| match queued {
+                Inbound::Message {
+                    envelope: e,
+                    receipt: r,
+                } if e.id == envelope.id && e.from == envelope.from => Some(r),
+                _ => None,
+            });
+        match original {
+            Some(first) => first.join(receipt),
+            None => {
+                drop(state);
+                drop(receipt);
+            }
+        }
     }
 
     fn pop(&self) -> Option<Inbound> {
-        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        lanes.iter_mut().rev().find_map(VecDeque::pop_front)
+        let mut state = self.lock();
+        let item = state.lanes.iter_mut().rev().find_map(VecDeque::pop_front)?;
+        if state.excess > 0 {
+            state.excess -= 1;
+        } else {
+            self.room.add_permits(1);
+        }
+        Some(item)
     }
 
     fn close(&self) {
@@ -126,12 +252,40 @@ impl InboxSender {
     /// then dropped, and the error tells the sender so ([`InboxSender::reserve`] keeps it).
     pub async fn deliver(&self, item: Inbound, delivery: Delivery) -> Result<Delivered> {
         Ok(match self.room(delivery).await? {
-            Some(permit) => {
-                permit.send(item);
-                Delivered::Queued
-            }
+            Some(permit) => permit.send(item),
             None => Delivered::Dropped,
         })
+    }
+
+    /// Puts `item` in the inbox at once, above capacity if need be, running `on_queued` just
+    /// before it becomes visible (to count it). For network transports whose senders bound
+    /// what they have in flight per agent: waiting here would stall a connection that other
+    /// agents share.
+    ///
+    /// # Errors
+    /// [`Error::SendFailed`] with [`SendFailure::ReceiverClosed`] once the inbox is closed;
+    /// the item is handed back so that its receipt can be abandoned.
+    #[allow(clippy::result_large_err)]
+    pub fn deliver_now(
+        &self,
+        item: Inbound,
+        on_queued: impl FnOnce(),
+    ) -> std::result::Result<Delivered, (Error, Inbound)> {
+        if self.is_closed() {
+            return Err((self.fail(SendFailure::ReceiverClosed), item));
+        }
+        let excess = match self.shared.room.try_acquire() {
+            Ok(permit) => {
+                permit.forget();
+                false
+            }
+            Err(_) => true,
+        };
+        let outcome = self.shared.push(item, excess, on_queued);
+        if outcome == Delivered::Duplicate && !excess {
+            self.shared.room.add_permits(1);
+        }
+        Ok(outcome)
     }
 
     /// Waits up to `wait` for room for one item, and holds it: the item is handed over only
@@ -173,8 +327,7 @@ impl InboxSender {
     }
 
     /// Room for one item, as `delivery` says: waits (reliable) or not (unreliable; `None`
-    /// when full). Transports count a message, then hand it over with the permit, so that a
-    /// reader never sees a message before it is counted.
+    /// when full).
     ///
     /// # Errors
     /// As [`InboxSender::deliver`].
@@ -212,10 +365,21 @@ pub struct InboxPermit {
 
 impl InboxPermit {
     /// Puts the item in the reserved room.
-    pub fn send(mut self, item: Inbound) {
-        if let Some(shared) = self.shared.take() {
-            shared.push(item);
+    pub fn send(self, item: Inbound) -> Delivered {
+        self.send_counted(item, || {})
+    }
+
+    /// Puts the item in the reserved room, running `on_queued` just before it becomes
+    /// visible (to count it); a duplicate gives the room back and is not counted.
+    pub fn send_counted(mut self, item: Inbound, on_queued: impl FnOnce()) -> Delivered {
+        let Some(shared) = self.shared.take() else {
+            return Delivered::Dropped;
+        };
+        let outcome = shared.push(item, false, on_queued);
+        if outcome == Delivered::Duplicate {
+            shared.room.add_permits(1);
         }
+        outcome
     }
 }
 
@@ -235,14 +399,14 @@ impl std::fmt::Debug for InboxPermit {
 
 impl Inbox {
     /// The next item: the oldest of the highest priority waiting. Expired messages are
-    /// skipped and counted. `None` once the inbox is closed and empty.
+    /// skipped and counted (their receipts acknowledged: the receiver applied their TTL).
+    /// `None` once the inbox is closed and empty.
     ///
     /// # Cancel safety
     /// Cancel safe: an item is only taken when this returns it.
     pub async fn recv(&mut self) -> Option<Inbound> {
         loop {
             if let Some(item) = self.shared.pop() {
-                self.shared.room.add_permits(1);
                 if item.is_expired(Timestamp::now()) {
                     self.shared.expired.fetch_add(1, Ordering::Relaxed);
                     continue;
@@ -270,21 +434,41 @@ impl Inbox {
 impl Drop for Inbox {
     fn drop(&mut self) {
         self.shared.close();
+        // What is still queued will never be taken: its senders must learn that.
+        let left: Vec<Inbound> = {
+            let mut state = self.shared.lock();
+            state.lanes.iter_mut().flat_map(std::mem::take).collect()
+        };
+        for item in left {
+            item.abandon();
+        }
     }
 }
 
 impl Inbound {
     fn priority(&self) -> Priority {
         match self {
-            Inbound::Message(e) | Inbound::Request { envelope: e, .. } => e.priority,
+            Inbound::Message { envelope: e, .. } | Inbound::Request { envelope: e, .. } => {
+                e.priority
+            }
             Inbound::Stream(s) => s.header().options.priority,
         }
     }
 
     fn is_expired(&self, now: Timestamp) -> bool {
         match self {
-            Inbound::Message(e) | Inbound::Request { envelope: e, .. } => e.is_expired(now),
+            Inbound::Message { envelope: e, .. } | Inbound::Request { envelope: e, .. } => {
+                e.is_expired(now)
+            }
             Inbound::Stream(_) => false,
+        }
+    }
+
+    /// Gives up on the item without its agent taking it: a message's receipt is abandoned,
+    /// a request's responder dropped (the requester hears it was dropped), a stream refused.
+    pub fn abandon(self) {
+        if let Inbound::Message { receipt, .. } = self {
+            receipt.abandon();
         }
     }
 }
@@ -296,7 +480,7 @@ mod tests {
     use bytes::Bytes;
 
     fn msg(prio: u8, tag: u8) -> Inbound {
-        Inbound::Message(
+        Inbound::message(
             Envelope::new(
                 "s".into(),
                 Recipient::Agent("r".into()),
@@ -310,8 +494,34 @@ mod tests {
 
     fn tag(i: Inbound) -> u8 {
         match i {
-            Inbound::Message(e) => e.payload[0],
+            Inbound::Message { envelope, .. } => envelope.payload[0],
             _ => unreachable!(),
+        }
+    }
+
+    /// Records what happens to receipts.
+    #[derive(Default)]
+    struct Log(std::sync::Mutex<Vec<(u64, bool)>>);
+
+    impl crate::AckSink for Log {
+        fn acknowledged(&self, token: u64) {
+            self.0.lock().expect("lock").push((token, true));
+        }
+        fn abandoned(&self, token: u64) {
+            self.0.lock().expect("lock").push((token, false));
+        }
+    }
+
+    impl Log {
+        fn take(&self) -> Vec<(u64, bool)> {
+            std::mem::take(&mut *self.0.lock().expect("lock"))
+        }
+    }
+
+    fn tracked(env: &Envelope, log: &Arc<Log>, token: u64) -> Inbound {
+        Inbound::Message {
+            envelope: env.clone(),
+            receipt: crate::Receipt::shared(log.clone(), token),
         }
     }
 
@@ -391,7 +601,8 @@ mod tests {
         assert_eq!(tag(rx.recv().await.expect("item")), 1);
         drop(unused.await.expect("room"));
         // The dropped permit gave the room back.
-        tx.reserve(Duration::from_millis(10))
+        let _ = tx
+            .reserve(Duration::from_millis(10))
             .await
             .expect("room")
             .send(msg(5, 2));
@@ -435,7 +646,7 @@ mod tests {
         .with_ttl(Duration::from_millis(10));
         old.timestamp = Timestamp(Timestamp::now().0 - 1_000);
         let _ = tx
-            .deliver(Inbound::Message(old), Delivery::Unreliable)
+            .deliver(Inbound::message(old), Delivery::Unreliable)
             .await
             .expect("open");
         let _ = tx
@@ -444,5 +655,107 @@ mod tests {
             .expect("open");
         assert_eq!(tag(rx.recv().await.expect("fresh")), 42);
         assert_eq!(rx.expired(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_copy_is_not_queued_twice_and_follows_the_first() {
+        let (tx, mut rx) = inbox("r".into(), 8);
+        let log = Arc::new(Log::default());
+        let Inbound::Message { envelope: env, .. } = msg(5, 1) else {
+            unreachable!()
+        };
+        let ok = |d: std::result::Result<Delivered, (Error, Inbound)>| d.map_err(|(e, _)| e);
+        assert_eq!(
+            ok(tx.deliver_now(tracked(&env, &log, 1), || {})).expect("open"),
+            Delivered::Queued
+        );
+        // A copy while the first is queued: settled together with it.
+        assert_eq!(
+            ok(tx.deliver_now(tracked(&env, &log, 2), || {})).expect("open"),
+            Delivered::Duplicate
+        );
+        assert!(
+            log.take().is_empty(),
+            "nothing settled before the agent takes it"
+        );
+        let first = rx.recv().await.expect("first copy");
+        drop(first);
+        assert_eq!(log.take(), [(1, true), (2, true)]);
+        // A copy after the agent took it: acknowledged at once, never queued.
+        assert_eq!(
+            ok(tx.deliver_now(tracked(&env, &log, 3), || {})).expect("open"),
+            Delivered::Duplicate
+        );
+        assert_eq!(log.take(), [(3, true)]);
+        let permit = tx.try_reserve().expect("open").expect("room");
+        assert_eq!(permit.send(tracked(&env, &log, 4)), Delivered::Duplicate);
+        assert_eq!(log.take(), [(4, true)]);
+        // Unreliable messages are not remembered: no receipt, nothing to settle.
+        assert_eq!(
+            tx.deliver(Inbound::message(env.clone()), Delivery::Unreliable)
+                .await
+                .expect("open"),
+            Delivered::Queued
+        );
+        assert!(matches!(rx.recv().await, Some(Inbound::Message { .. })));
+    }
+
+    #[tokio::test]
+    async fn deliver_now_goes_above_capacity_without_freeing_room_twice() {
+        let (tx, mut rx) = inbox("r".into(), 1);
+        for t in 0..3 {
+            assert_eq!(
+                tx.deliver_now(msg(5, t), || {})
+                    .map_err(|(e, _)| e)
+                    .expect("open"),
+                Delivered::Queued
+            );
+        }
+        assert!(tx.try_reserve().expect("open").is_none(), "full");
+        for t in 0..3 {
+            assert_eq!(tag(rx.recv().await.expect("item")), t);
+        }
+        // Only the one slot of capacity is free again.
+        let one = tx.try_reserve().expect("open").expect("room");
+        assert!(tx.try_reserve().expect("open").is_none());
+        drop(one);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_inbox_abandons_what_it_still_holds() {
+        let (tx, mut rx) = inbox("r".into(), 4);
+        let log = Arc::new(Log::default());
+        for t in 0..3u8 {
+            let Inbound::Message { envelope, .. } = msg(5, t) else {
+                unreachable!()
+            };
+            let _ = tx.deliver_now(tracked(&envelope, &log, u64::from(t)), || {});
+        }
+        drop(rx.recv().await.expect("taken"));
+        drop(rx);
+        assert_eq!(log.take(), [(0, true), (1, false), (2, false)]);
+        assert!(tx.deliver_now(msg(5, 9), || {}).is_err(), "closed");
+    }
+
+    #[test]
+    fn the_dedup_window_is_bounded_per_sender_and_in_senders() {
+        let mut d = Dedup::default();
+        let a = AgentId::from("a");
+        for i in 0..(DEDUP_WINDOW as u64 + 10) {
+            assert!(d.insert(&a, MessageId(i)));
+        }
+        assert!(
+            !d.insert(&a, MessageId(DEDUP_WINDOW as u64)),
+            "recent id remembered"
+        );
+        assert!(d.insert(&a, MessageId(0)), "oldest id forgotten");
+        for s in 0..DEDUP_SENDERS + 5 {
+            d.insert(&AgentId::from(format!("s{s}")), MessageId(1));
+        }
+        assert_eq!(d.senders.len(), DEDUP_SENDERS);
+        assert!(
+            d.insert(&AgentId::from("s0"), MessageId(1)),
+            "least recent sender forgotten"
+        );
     }
 }

@@ -8,7 +8,8 @@
 //! - [`Health`] and [`Stats`], and the [`StatsRecorder`] transports keep;
 //! - configuration ([`QuicConfig`], [`SecurityConfig`], [`AgentDefinition`] files);
 //! - the wire codec ([`FrameCodec`]): postcard in versioned, length-prefixed frames;
-//! - the agent [`Inbox`], bounded and ordered by priority;
+//! - the agent [`Inbox`], bounded, ordered by priority, suppressing duplicates, and the
+//!   [`Receipt`] by which a reliable message is acknowledged once its agent took it;
 //! - the [`Transport`] trait and the one [`Error`] type.
 //!
 //! This crate opens no socket and knows nothing of QUIC: transports live in their own crates.
@@ -30,6 +31,7 @@ pub mod local;
 mod message;
 mod options;
 mod peer;
+mod receipt;
 mod transport;
 
 #[cfg(feature = "conformance")]
@@ -39,19 +41,22 @@ pub use channel::{Channel, ChannelKind, DEFAULT_MAX_MESSAGE_SIZE, Priority};
 pub use codec::{FRAME_HEADER_LEN, FrameCodec, MAX_FRAME_LEN, MAX_PAYLOAD_LEN, WIRE_VERSION};
 pub use config::{AgentDefinition, QuicConfig, SecurityConfig, Token, default_channels};
 pub use error::{
-    BoxError, Error, RemoteErrorKind, Result, SecurityFailure, SendFailure, StreamFailure,
+    BoxError, DeliveryFailure, Error, RemoteErrorKind, Result, SecurityFailure, SendFailure,
+    StreamFailure,
 };
 pub use health::{
     Health, HealthStatus, HealthThresholds, RecentError, RttStats, Stats, StatsRecorder,
 };
 pub use id::{AgentId, AgentType, Capability, ChannelId, ChannelName, MessageId, StreamId};
 pub use inbox::{
-    DEFAULT_INBOX_CAPACITY, Delivered, Delivery, Inbox, InboxPermit, InboxSender, inbox,
+    DEDUP_SENDERS, DEDUP_WINDOW, DEFAULT_INBOX_CAPACITY, Delivered, Delivery, Inbox, InboxPermit,
+    InboxSender, inbox,
 };
 pub use message::{Envelope, ErrorBody, MessageKind, Recipient, Timestamp, decode, encode};
 pub use options::{BroadcastOptions, DiscoveryOptions, PeerFilter, RequestOptions, StreamOptions};
 pub use peer::{PeerInfo, PeerState, Registration};
+pub use receipt::{AckOnce, AckSink, Receipt};
 pub use transport::{
-    BroadcastReport, Event, Inbound, IncomingStream, Respond, Responder, StreamChunk, StreamHeader,
-    StreamSink, StreamSource, Transport, TransportKind,
+    BroadcastReport, Event, Inbound, IncomingStream, Redeliver, Respond, Responder, StreamChunk,
+    StreamHeader, StreamSink, StreamSource, Transport, TransportKind,
 };

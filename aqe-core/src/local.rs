@@ -1,18 +1,294 @@
-//! In-process building blocks for transports: a request's answer over a one-shot channel,
-//! and a stream as a bounded channel of chunks. The event bus is made of them, and a network
-//! transport uses them between agents it hosts side by side.
+//! In-process delivery, shared by every transport: the event bus is made of it, and a
+//! network transport uses it between agents it hosts side by side. One implementation of
+//! "put this in that agent's inbox" means one behaviour for priorities, backpressure,
+//! receipts and failure reports, whatever the transport.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::{
-    AgentId, Envelope, Error, IncomingStream, Respond, Responder, Result, SendFailure,
-    StatsRecorder, StreamChunk, StreamFailure, StreamHeader, StreamId, StreamSink, StreamSource,
+    AckOnce, AgentId, BroadcastReport, Channel, ChannelName, Delivered, Delivery, DeliveryFailure,
+    Envelope, Error, Event, Inbound, InboxSender, IncomingStream, MessageId, Receipt, Registration,
+    RemoteErrorKind, Respond, Responder, Result, SendFailure, StatsRecorder, StreamChunk,
+    StreamFailure, StreamHeader, StreamId, StreamSink, StreamSource,
 };
+
+/// An agent hosted by a transport in this process: what it declared, where its messages go,
+/// and its counters.
+#[derive(Debug)]
+pub struct LocalAgent {
+    /// What it declared when it attached.
+    pub reg: Registration,
+    /// Its inbox.
+    pub inbox: InboxSender,
+    /// Its counters on this transport.
+    pub stats: Arc<StatsRecorder>,
+}
+
+impl LocalAgent {
+    /// A freshly attached agent with zeroed counters.
+    pub fn new(reg: Registration, inbox: InboxSender) -> Self {
+        Self {
+            reg,
+            inbox,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Checks that this agent, as a receiver, listens on `channel`.
+    ///
+    /// # Errors
+    /// [`Error::ChannelNotFound`] naming this agent.
+    pub fn listens(&self, channel: &ChannelName) -> Result<()> {
+        if self.reg.has_channel(channel) {
+            Ok(())
+        } else {
+            Err(Error::ChannelNotFound {
+                channel: channel.clone(),
+                agent: self.reg.id.clone(),
+            })
+        }
+    }
+}
+
+/// Delivers between agents of one process, reporting failures on a transport's event channel.
+#[derive(Debug, Clone)]
+pub struct LocalDelivery {
+    events: broadcast::Sender<Event>,
+    send_timeout: Duration,
+    stream_capacity: usize,
+}
+
+impl LocalDelivery {
+    /// Deliveries that wait up to `send_timeout` for room and report on `events`; streams
+    /// buffer `stream_capacity` chunks.
+    pub fn new(
+        events: broadcast::Sender<Event>,
+        send_timeout: Duration,
+        stream_capacity: usize,
+    ) -> Self {
+        Self {
+            events,
+            send_timeout,
+            stream_capacity: stream_capacity.max(1),
+        }
+    }
+
+    /// Puts a one-way message in `to`'s inbox as `channel`'s contract says: a reliable one
+    /// waits for room (up to the send timeout) and carries a receipt; an unreliable one is
+    /// dropped and counted when the inbox is full. With `confirm`, resolves once `to` has
+    /// taken the message.
+    ///
+    /// # Errors
+    /// [`Error::SendFailed`] (receiver full for the whole send timeout, or gone),
+    /// [`Error::DeliveryFailed`] (confirmed: the receiver stopped before taking it),
+    /// [`Error::Unsupported`] for a confirmed send on an unreliable channel.
+    pub async fn send(
+        &self,
+        from: &LocalAgent,
+        to: &LocalAgent,
+        envelope: Envelope,
+        channel: &Channel,
+        confirm: bool,
+    ) -> Result<()> {
+        let len = envelope.payload.len();
+        if !channel.reliable {
+            if confirm {
+                return Err(unconfirmable());
+            }
+            match to.inbox.try_reserve()? {
+                Some(permit) => {
+                    let _ =
+                        permit.send_counted(Inbound::message(envelope), || to.stats.received(len));
+                    from.stats.sent(len);
+                }
+                None => from.stats.dropped(),
+            }
+            return Ok(());
+        }
+        let permit = to.inbox.reserve(self.send_timeout).await?;
+        let (done, confirmed) = if confirm {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let receipt = Receipt::once(LocalAck {
+            from: envelope.from.clone(),
+            to: to.reg.id.clone(),
+            channel: envelope.channel.clone(),
+            id: envelope.id,
+            stats: from.stats.clone(),
+            events: self.events.clone(),
+            done,
+        });
+        from.stats.accepted();
+        let outcome = permit.send_counted(Inbound::Message { envelope, receipt }, || {
+            to.stats.received(len)
+        });
+        if outcome == Delivered::Queued {
+            from.stats.sent(len);
+        }
+        match confirmed {
+            None => Ok(()),
+            Some(rx) => rx.await.unwrap_or(Err(Error::DeliveryFailed {
+                to: to.reg.id.clone(),
+                reason: DeliveryFailure::ReceiverStopped,
+            })),
+        }
+    }
+
+    /// Sends `envelope` to each target that `lookup` finds, concurrently, on the broadcast
+    /// channel `channel`, and reports per target.
+    pub async fn broadcast(
+        &self,
+        from: &LocalAgent,
+        envelope: Envelope,
+        channel: &Channel,
+        targets: Vec<(AgentId, Result<Arc<LocalAgent>>)>,
+    ) -> BroadcastReport {
+        let sends = targets.into_iter().map(|(id, to)| {
+            let mut copy = envelope.clone();
+            copy.to = crate::Recipient::Agent(id.clone());
+            async move {
+                let outcome = match to {
+                    Ok(to) => match to.listens(&channel.name) {
+                        Ok(()) => self.send(from, &to, copy, channel, false).await,
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                };
+                (id, outcome)
+            }
+        });
+        BroadcastReport::from_outcomes(futures::future::join_all(sends).await)
+    }
+
+    /// Puts a request in `to`'s inbox and waits for the answer, all within `timeout`.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] (no room, or no answer, in time); [`Error::Remote`] with
+    /// [`RemoteErrorKind::Dropped`] when the receiver dropped the request unanswered.
+    pub async fn request(
+        &self,
+        from: &LocalAgent,
+        to: &LocalAgent,
+        envelope: Envelope,
+        timeout: Duration,
+    ) -> Result<Envelope> {
+        let len = envelope.payload.len();
+        let started = Instant::now();
+        let (responder, answer) = responder(envelope.from.clone(), to.stats.clone());
+        let exchange = async {
+            let permit = to.inbox.reserve(timeout).await?;
+            let _ = permit.send_counted(
+                Inbound::Request {
+                    envelope,
+                    responder,
+                },
+                || to.stats.received(len),
+            );
+            from.stats.sent(len);
+            answer.await.map_err(|_| Error::Remote {
+                agent: to.reg.id.clone(),
+                kind: RemoteErrorKind::Dropped,
+                message: "the request was dropped without an answer".to_owned(),
+            })
+        };
+        let response = match tokio::time::timeout(timeout, exchange).await {
+            Ok(Err(Error::SendFailed {
+                reason: SendFailure::QueueFull(_),
+                ..
+            }))
+            | Err(_) => {
+                return Err(Error::Timeout {
+                    after: timeout,
+                    attempts: 1,
+                });
+            }
+            Ok(r) => r?,
+        };
+        from.stats.received(response.payload.len());
+        from.stats.rtt_sample(started.elapsed());
+        Ok(response)
+    }
+
+    /// Opens a stream from `from` to `to` on `channel`; the receiver gets it in its inbox.
+    ///
+    /// # Errors
+    /// [`Error::SendFailed`] when `to`'s inbox stays full for the send timeout, or is gone.
+    pub async fn open_stream(
+        &self,
+        from: &LocalAgent,
+        to: &LocalAgent,
+        header: StreamHeader,
+        channel: &Channel,
+    ) -> Result<LocalSink> {
+        let limits = LocalStreamLimits {
+            max_chunk: channel.max_message_size,
+            capacity: self.stream_capacity,
+            send_timeout: self.send_timeout,
+        };
+        let (sink, incoming) = stream(header, limits, from.stats.clone(), to.stats.clone());
+        let _ = to
+            .inbox
+            .deliver(
+                Inbound::Stream(incoming),
+                Delivery::Reliable(self.send_timeout),
+            )
+            .await?;
+        Ok(sink)
+    }
+}
+
+fn unconfirmable() -> Error {
+    Error::Unsupported {
+        operation: "a confirmed send on an unreliable channel (nothing is acknowledged there)",
+    }
+}
+
+/// The receipt of one reliable in-process message.
+struct LocalAck {
+    from: AgentId,
+    to: AgentId,
+    channel: ChannelName,
+    id: MessageId,
+    stats: Arc<StatsRecorder>,
+    events: broadcast::Sender<Event>,
+    done: Option<oneshot::Sender<Result<()>>>,
+}
+
+impl AckOnce for LocalAck {
+    fn acknowledged(self: Box<Self>) {
+        self.stats.confirmed(1);
+        if let Some(done) = self.done {
+            let _ = done.send(Ok(()));
+        }
+    }
+
+    fn abandoned(self: Box<Self>) {
+        let reason = DeliveryFailure::ReceiverStopped;
+        self.stats.failed(1);
+        tracing::debug!(from = %self.from, to = %self.to, id = %self.id, "message abandoned by its receiver");
+        let _ = self.events.send(Event::DeliveryFailed {
+            from: self.from,
+            to: self.to.clone(),
+            channel: self.channel,
+            ids: vec![self.id],
+            reason,
+        });
+        if let Some(done) = self.done {
+            let _ = done.send(Err(Error::DeliveryFailed {
+                to: self.to,
+                reason,
+            }));
+        }
+    }
+}
 
 /// A responder that hands the answer to a waiting requester in the same process, and the
 /// requester's end. `responder_stats` counts the answer as sent.

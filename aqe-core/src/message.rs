@@ -88,6 +88,11 @@ pub struct Envelope {
     pub correlation_id: Option<MessageId>,
     /// How long it stays worth delivering; an expired message is dropped and counted.
     pub ttl: Option<Duration>,
+    /// Set on a copy sent again after its first transmission went unconfirmed (the
+    /// receiver's endpoint went away): the receiving agent, or a previous incarnation of it,
+    /// may already have processed this message. Duplicates within one receiving process are
+    /// suppressed; across a crash of the receiver they cannot be, and this flag says so.
+    pub redelivered: bool,
     /// The encoded content.
     pub payload: Bytes,
 }
@@ -112,6 +117,7 @@ impl Envelope {
             timestamp: Timestamp::now(),
             correlation_id: None,
             ttl: None,
+            redelivered: false,
             payload,
         }
     }

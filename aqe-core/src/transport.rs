@@ -9,8 +9,8 @@ use bytes::Bytes;
 use tokio::sync::broadcast;
 
 use crate::{
-    AgentId, ChannelName, Envelope, Error, InboxSender, MessageKind, PeerInfo, Registration,
-    Result, Stats, StreamId, StreamOptions,
+    AgentId, ChannelName, DeliveryFailure, Envelope, Error, InboxSender, MessageId, MessageKind,
+    PeerInfo, Receipt, Registration, Result, Stats, StreamId, StreamOptions,
 };
 
 /// Which kind of transport this is.
@@ -93,6 +93,21 @@ pub enum Event {
         transport: TransportKind,
         /// What happened.
         message: String,
+    },
+    /// Reliable messages that were accepted for delivery (their send returned `Ok`) did not
+    /// reach their receiver, and will not: the reason says whether they may have been
+    /// processed. Every accepted message ends either taken by its receiving agent or here.
+    DeliveryFailed {
+        /// The sending agent.
+        from: AgentId,
+        /// The receiving agent.
+        to: AgentId,
+        /// The channel they were sent on.
+        channel: ChannelName,
+        /// The messages, in send order.
+        ids: Vec<MessageId>,
+        /// Why.
+        reason: DeliveryFailure,
     },
     /// An operation failed on the primary transport and was carried by the fallback.
     FallbackUsed {
@@ -289,7 +304,12 @@ impl fmt::Debug for IncomingStream {
 #[derive(Debug)]
 pub enum Inbound {
     /// A one-way message (direct or broadcast).
-    Message(Envelope),
+    Message {
+        /// The message.
+        envelope: Envelope,
+        /// Acknowledges it when dropped: the sender then counts it delivered.
+        receipt: Receipt,
+    },
     /// A request, with the means to answer it.
     Request {
         /// The request.
@@ -299,6 +319,30 @@ pub enum Inbound {
     },
     /// A stream a peer opened.
     Stream(IncomingStream),
+}
+
+impl Inbound {
+    /// A message nobody needs a receipt for (unreliable, or made up locally).
+    pub fn message(envelope: Envelope) -> Self {
+        Inbound::Message {
+            envelope,
+            receipt: Receipt::none(),
+        }
+    }
+}
+
+/// Where a transport hands reliable messages it accepted but could not deliver (the
+/// connection to the receiver ended before they were acknowledged), to try another way
+/// before reporting them failed. [`Fallback`](../aqe_agent/struct.Fallback.html)-style
+/// combinations register one on their primary with [`Transport::set_redelivery`].
+#[async_trait]
+pub trait Redeliver: Send + Sync {
+    /// Delivers `envelope` another way and resolves once its receiver has taken it.
+    ///
+    /// # Errors
+    /// When the other way cannot reach the receiver either: the transport keeps the message
+    /// and goes on trying until its delivery deadline.
+    async fn redeliver(&self, envelope: Envelope) -> Result<()>;
 }
 
 /// What the agent runtime needs from anything that moves messages.
@@ -317,6 +361,11 @@ pub enum Inbound {
 ///   abandons the request, and the responder learns of it.
 /// - [`Transport::open_stream`]: one stream, with flow control.
 /// - [`Transport::broadcast`]: concurrent fan-out with a per-peer report.
+///
+/// **Delivery accounting.** On a reliable channel, `Ok` from [`Transport::send`] means the
+/// message was accepted for delivery; it then ends in exactly one of two ways: taken by the
+/// receiving agent (its [`Receipt`] acknowledged), or reported in [`Event::DeliveryFailed`]
+/// and counted in `Stats::messages_failed`. [`Transport::send_confirmed`] waits for the first.
 ///
 /// Every method validates what it is given: an unknown sender, channel or peer, or an
 /// oversize payload, is a typed error and nothing is sent.
@@ -349,6 +398,15 @@ pub trait Transport: Send + Sync + 'static {
     /// channel), [`Error::MessageTooLarge`], [`Error::SendFailed`], connection errors.
     async fn send(&self, envelope: Envelope) -> Result<()>;
 
+    /// Sends a one-way message as [`Transport::send`] does, and resolves once the receiving
+    /// agent has taken it (its message handler returned).
+    ///
+    /// # Errors
+    /// As [`Transport::send`]; [`Error::DeliveryFailed`] when the message was accepted but
+    /// not delivered; [`Error::Unsupported`] on an unreliable channel, where nothing is
+    /// acknowledged.
+    async fn send_confirmed(&self, envelope: Envelope) -> Result<()>;
+
     /// Sends a request and waits up to `timeout` for its response. Dropping the future or
     /// timing out abandons the request: a late answer is discarded.
     ///
@@ -379,6 +437,13 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Subscribes to membership and connection events.
     fn subscribe(&self) -> broadcast::Receiver<Event>;
+
+    /// Hands reliable messages this transport could not deliver to `redeliver` before
+    /// reporting them failed. Transports that never lose an accepted message (the in-process
+    /// bus) ignore it, which is what this default does.
+    fn set_redelivery(&self, redeliver: std::sync::Arc<dyn Redeliver>) {
+        let _ = redeliver;
+    }
 
     /// Stops the transport: every attached agent is detached (their inboxes stay open) and
     /// every task it runs ends.

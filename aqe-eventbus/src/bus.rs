@@ -1,15 +1,15 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
 use tokio::sync::broadcast;
 
+use aqe_core::local::{LocalAgent, LocalDelivery};
 use aqe_core::{
-    AgentId, BroadcastReport, Delivery, Envelope, Error, Event, Inbound, InboxSender, PeerInfo,
-    PeerState, Registration, RemoteErrorKind, Result, Stats, StatsRecorder, StreamHeader,
-    StreamSink, Transport, TransportKind,
+    AgentId, BroadcastReport, Envelope, Error, Event, InboxSender, PeerInfo, PeerState,
+    Registration, Result, Stats, StreamHeader, StreamSink, Transport, TransportKind,
 };
 
 /// Tunables of the bus.
@@ -40,16 +40,10 @@ pub struct EventBus {
     inner: Arc<Inner>,
 }
 
-struct Member {
-    reg: Registration,
-    inbox: InboxSender,
-    stats: Arc<StatsRecorder>,
-}
-
 struct Inner {
-    config: BusConfig,
-    members: DashMap<AgentId, Arc<Member>>,
+    members: DashMap<AgentId, Arc<LocalAgent>>,
     events: broadcast::Sender<Event>,
+    delivery: LocalDelivery,
     closed: AtomicBool,
 }
 
@@ -76,11 +70,13 @@ impl EventBus {
     /// A bus with the given configuration.
     pub fn with_config(config: BusConfig) -> Self {
         let (events, _) = broadcast::channel(config.event_capacity.max(1));
+        let delivery =
+            LocalDelivery::new(events.clone(), config.send_timeout, config.stream_capacity);
         Self {
             inner: Arc::new(Inner {
-                config,
                 members: DashMap::new(),
                 events,
+                delivery,
                 closed: AtomicBool::new(false),
             }),
         }
@@ -95,7 +91,7 @@ impl EventBus {
     }
 
     /// The member of that id; the map guard is released before returning.
-    fn member(&self, id: &AgentId) -> Result<Arc<Member>> {
+    fn member(&self, id: &AgentId) -> Result<Arc<LocalAgent>> {
         self.inner
             .members
             .get(id)
@@ -116,45 +112,27 @@ impl EventBus {
         to: &AgentId,
         channel: &aqe_core::ChannelName,
         len: usize,
-    ) -> Result<(Arc<Member>, aqe_core::Channel, Arc<Member>)> {
+    ) -> Result<(Arc<LocalAgent>, aqe_core::Channel, Arc<LocalAgent>)> {
         self.live()?;
         let sender = self.member(from)?;
         let ch = sender.reg.check_outgoing(channel, len)?.clone();
         let receiver = self.member(to)?;
-        if !receiver.reg.has_channel(channel) {
-            return Err(Error::ChannelNotFound {
-                channel: channel.clone(),
-                agent: to.clone(),
-            });
-        }
+        receiver.listens(channel)?;
         Ok((sender, ch, receiver))
     }
 
-    fn delivery(&self, reliable: bool) -> Delivery {
-        if reliable {
-            Delivery::Reliable(self.inner.config.send_timeout)
-        } else {
-            Delivery::Unreliable
-        }
-    }
-
-    async fn deliver(
-        &self,
-        sender: &Member,
-        receiver: &Member,
-        envelope: Envelope,
-        reliable: bool,
-    ) -> Result<()> {
-        let len = envelope.payload.len();
-        match receiver.inbox.room(self.delivery(reliable)).await? {
-            Some(permit) => {
-                sender.stats.sent(len);
-                receiver.stats.received(len);
-                permit.send(Inbound::Message(envelope));
-            }
-            None => sender.stats.dropped(),
-        }
-        Ok(())
+    async fn send_as(&self, envelope: Envelope, confirm: bool) -> Result<()> {
+        let to = Self::target_of(&envelope)?;
+        let (sender, channel, receiver) = self.route(
+            &envelope.from,
+            &to,
+            &envelope.channel,
+            envelope.payload.len(),
+        )?;
+        self.inner
+            .delivery
+            .send(&sender, &receiver, envelope, &channel, confirm)
+            .await
     }
 
     fn publish(&self, event: Event) {
@@ -182,11 +160,7 @@ impl Transport for EventBus {
                 });
             }
             dashmap::Entry::Vacant(v) => {
-                v.insert(Arc::new(Member {
-                    reg: agent,
-                    inbox,
-                    stats: Arc::default(),
-                }));
+                v.insert(Arc::new(LocalAgent::new(agent, inbox)));
             }
         }
         tracing::debug!(agent = %info.id, "agent joined the bus");
@@ -207,15 +181,11 @@ impl Transport for EventBus {
     }
 
     async fn send(&self, envelope: Envelope) -> Result<()> {
-        let to = Self::target_of(&envelope)?;
-        let (sender, channel, receiver) = self.route(
-            &envelope.from,
-            &to,
-            &envelope.channel,
-            envelope.payload.len(),
-        )?;
-        self.deliver(&sender, &receiver, envelope, channel.reliable)
-            .await
+        self.send_as(envelope, false).await
+    }
+
+    async fn send_confirmed(&self, envelope: Envelope) -> Result<()> {
+        self.send_as(envelope, true).await
     }
 
     async fn request(&self, envelope: Envelope, timeout: Duration) -> Result<Envelope> {
@@ -226,43 +196,10 @@ impl Transport for EventBus {
             &envelope.channel,
             envelope.payload.len(),
         )?;
-        let started = Instant::now();
-        let len = envelope.payload.len();
-        let (responder, answer) =
-            aqe_core::local::responder(envelope.from.clone(), receiver.stats.clone());
-        let exchange = async {
-            // Requests are always reliable: waiting for room counts against the timeout.
-            let item = Inbound::Request {
-                envelope,
-                responder,
-            };
-            let permit = receiver.inbox.reserve(timeout).await?;
-            sender.stats.sent(len);
-            receiver.stats.received(len);
-            permit.send(item);
-            answer.await.map_err(|_| Error::Remote {
-                agent: to.clone(),
-                kind: RemoteErrorKind::Dropped,
-                message: "the request was dropped without an answer".to_owned(),
-            })
-        };
-        let response = match tokio::time::timeout(timeout, exchange).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(Error::SendFailed {
-                reason: aqe_core::SendFailure::QueueFull(_),
-                ..
-            }))
-            | Err(_) => {
-                return Err(Error::Timeout {
-                    after: timeout,
-                    attempts: 1,
-                });
-            }
-            Ok(Err(e)) => return Err(e),
-        };
-        sender.stats.received(response.payload.len());
-        sender.stats.rtt_sample(started.elapsed());
-        Ok(response)
+        self.inner
+            .delivery
+            .request(&sender, &receiver, envelope, timeout)
+            .await
     }
 
     async fn broadcast(&self, envelope: Envelope, targets: &[AgentId]) -> Result<BroadcastReport> {
@@ -272,49 +209,24 @@ impl Transport for EventBus {
             .reg
             .check_broadcast(&envelope.channel, envelope.payload.len())?
             .clone();
-        let deliveries = targets.iter().map(|to| {
-            // Each copy names the peer it is for; its kind still says it was a broadcast.
-            let mut envelope = envelope.clone();
-            envelope.to = aqe_core::Recipient::Agent(to.clone());
-            let sender = sender.clone();
-            let channel = &channel;
-            async move {
-                let outcome = async {
-                    let receiver = self.member(to)?;
-                    if !receiver.reg.has_channel(&channel.name) {
-                        return Err(Error::ChannelNotFound {
-                            channel: channel.name.clone(),
-                            agent: to.clone(),
-                        });
-                    }
-                    self.deliver(&sender, &receiver, envelope, channel.reliable)
-                        .await
-                }
-                .await;
-                (to.clone(), outcome)
-            }
-        });
-        Ok(BroadcastReport::from_outcomes(
-            futures::future::join_all(deliveries).await,
-        ))
+        let targets = targets
+            .iter()
+            .map(|id| (id.clone(), self.member(id)))
+            .collect();
+        Ok(self
+            .inner
+            .delivery
+            .broadcast(&sender, envelope, &channel, targets)
+            .await)
     }
 
     async fn open_stream(&self, header: StreamHeader) -> Result<Box<dyn StreamSink>> {
         let (sender, channel, receiver) =
             self.route(&header.from, &header.to, &header.options.channel, 0)?;
-        let limits = aqe_core::local::LocalStreamLimits {
-            max_chunk: channel.max_message_size,
-            capacity: self.inner.config.stream_capacity,
-            send_timeout: self.inner.config.send_timeout,
-        };
-        let (sink, incoming) =
-            aqe_core::local::stream(header, limits, sender.stats.clone(), receiver.stats.clone());
-        let _ = receiver
-            .inbox
-            .deliver(
-                Inbound::Stream(incoming),
-                Delivery::Reliable(self.inner.config.send_timeout),
-            )
+        let sink = self
+            .inner
+            .delivery
+            .open_stream(&sender, &receiver, header, &channel)
             .await?;
         Ok(Box::new(sink))
     }

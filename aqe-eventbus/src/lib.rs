@@ -3,8 +3,10 @@
 //! Messages move as values, without encoding, through each agent's bounded priority
 //! [`Inbox`](aqe_core::Inbox). Full queues behave as the channel says: a reliable send waits
 //! up to the bus's send timeout and then fails with [`SendFailure::QueueFull`]; an unreliable
-//! send drops the message and counts it in the sender's `messages_dropped`. Nothing is lost
-//! silently.
+//! send drops the message and counts it in the sender's `messages_dropped`. A reliable
+//! message is acknowledged when its agent takes it (its [`Receipt`](aqe_core::Receipt)); one
+//! still queued when the receiver stops is reported in [`Event::DeliveryFailed`]. Nothing is
+//! lost silently.
 //!
 //! Agents starting and stopping are published to subscribers as [`Event::PeerDiscovered`]
 //! and [`Event::PeerLeft`].
@@ -20,7 +22,7 @@
 //! let msg = Envelope::new("a".into(), Recipient::Agent("b".into()), "coordination".into(),
 //!                         MessageKind::Direct, aqe_core::encode(&"hello")?);
 //! bus.send(msg).await?;
-//! let Some(Inbound::Message(got)) = b.recv().await else { unreachable!() };
+//! let Some(Inbound::Message { envelope: got, .. }) = b.recv().await else { unreachable!() };
 //! assert_eq!(got.decode::<String>()?, "hello");
 //! # Ok(()) }
 //! ```

@@ -62,7 +62,7 @@ async fn a_full_inbox_makes_reliable_senders_wait_then_fail() {
     assert_eq!((stats.messages_sent, stats.messages_dropped), (2, 1));
     assert!(stats.packet_loss > 0.0);
     // Once the receiver reads, reliable sends go through again.
-    assert!(matches!(b.recv().await, Some(Inbound::Message(_))));
+    assert!(matches!(b.recv().await, Some(Inbound::Message { .. })));
     bus.send(msg("coordination")).await.expect("room again");
     assert_eq!(bus.stats(&"b".into()).messages_received, 3);
 }

@@ -1,70 +1,129 @@
-//! One connection to another endpoint: what arrives on it, and the ways of sending on it.
+//! One connection to another endpoint: its writers, its control writer, its driver (what
+//! arrives on it), and its liveness.
+//!
+//! Reliable messages go to a writer task per stream (one per ordered channel, a small pool
+//! for unordered channels, one of its own for a large unordered message). A writer sends
+//! what accumulated in one vectored write per wake-up. Senders never touch a QUIC stream;
+//! they take room in the [`Outbox`] window and enqueue.
+//!
+//! Liveness: each side sends a heartbeat on the control stream every `heartbeatInterval`; a
+//! connection on which nothing was heard for `livenessTimeout` is closed as unresponsive,
+//! which fails its requests at once and orphans its unacknowledged messages for redelivery.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use s2n_quic::connection::{Handle, StreamAcceptor};
 use s2n_quic::provider::datagram::default as datagram;
 use s2n_quic::stream::{PeerStream, SendStream};
+use tokio::sync::mpsc;
 
+use aqe_core::local::LocalAgent;
 use aqe_core::{
-    AgentId, ChannelName, Delivered, Envelope, Error, FrameCodec, Inbound, IncomingStream, Result,
-    StreamHeader,
+    AgentId, ChannelName, Delivered, Envelope, Error, FrameCodec, Inbound, IncomingStream, Receipt,
+    Result, StreamHeader,
 };
 
-use crate::endpoint::{Local, Shared};
+use crate::endpoint::Shared;
+use crate::inflow::Inflow;
 use crate::link::{self, LinkStats};
+use crate::outbox::{self, Lane, Outbox, Pending};
+use crate::registry::ConnKey;
 use crate::stream::{QuicResponder, QuicSource};
-use crate::wire::{self, Control, FrameReader, Preamble, close, reset};
-
-/// How long a delivery waits for room in a full inbox before re-checking whether the
-/// connection or endpoint went away. Reliable data is never dropped for lack of room: the
-/// stream stalls, and QUIC flow control pushes back on the sender.
-const INBOX_WAIT: Duration = Duration::from_secs(1);
+use crate::wire::{self, Control, FrameReader, Preamble, Sequenced, Unprocessed, close, reset};
 
 /// The largest datagram frame sent: it fits in one packet on any QUIC path (the minimum
 /// path MTU is 1200 bytes; headers, packet protection and the frame header take the rest).
 /// A fixed limit keeps "too large" predictable instead of depending on path MTU discovery.
 pub(crate) const MAX_DATAGRAM: usize = 1100;
+/// Unordered messages above this size take a stream of their own, so that a large message
+/// never holds back the small ones.
+const LARGE_MESSAGE: usize = 64 * 1024;
+/// Pooled streams per connection for small unordered messages: a lost packet holds back
+/// only the messages of its stream.
+const UNORDERED_POOL: usize = 4;
+/// Frames a writer sends in one write, at most.
+const WRITE_BATCH: usize = 256;
+/// Control frames queued for a peer that does not read them before the connection is
+/// declared unresponsive.
+pub(crate) const CONTROL_QUEUE: usize = 4096;
+
+/// A writer task's queue and how far it wrote.
+#[derive(Clone)]
+struct Writer {
+    tx: mpsc::UnboundedSender<(u64, Bytes)>,
+    written: Arc<AtomicU64>,
+}
+
+#[derive(Default)]
+struct Writers {
+    ordered: std::collections::HashMap<ChannelName, Writer>,
+    pool: Vec<Writer>,
+    next: usize,
+}
 
 pub(crate) struct Conn {
+    pub(crate) key: ConnKey,
     /// The remote endpoint's id.
     pub(crate) endpoint: u64,
     /// Where the remote endpoint listens.
     pub(crate) listen: SocketAddr,
-    /// The id of the endpoint that dialed this connection.
-    pub(crate) initiator: u64,
     pub(crate) handle: Handle,
-    control_tx: tokio::sync::Mutex<SendStream>,
-    /// The long-lived stream of each ordered reliable channel.
-    ordered: tokio::sync::Mutex<HashMap<ChannelName, Arc<tokio::sync::Mutex<SendStream>>>>,
+    pub(crate) outbox: Outbox,
+    pub(crate) inflow: Arc<Inflow>,
+    control: mpsc::Sender<Control>,
+    writers: Mutex<Writers>,
     link: Arc<LinkStats>,
     /// The request lane this side opened, once used.
-    lane: tokio::sync::Mutex<Option<Arc<crate::lane::Lane>>>,
+    pub(crate) lane: tokio::sync::Mutex<Option<Arc<crate::lane::Lane>>>,
+    born: Instant,
+    /// Milliseconds after `born` when the peer was last heard from.
+    heard_ms: AtomicU64,
+    /// Set when this side closed the connection, with the code.
+    closed_with: Mutex<Option<u32>>,
+    retire: Mutex<Option<Retirement>>,
+    pings: AtomicU32,
+}
+
+/// A connection being retired: drained when neither side needs it any more.
+#[derive(Clone, Copy)]
+struct Retirement {
+    code: u32,
+    since: Instant,
+    drained_sent: bool,
+    drained_received: bool,
 }
 
 impl Conn {
     pub(crate) fn new(
+        key: ConnKey,
         endpoint: u64,
         listen: SocketAddr,
-        initiator: u64,
         handle: Handle,
-        control_tx: SendStream,
+        control: mpsc::Sender<Control>,
+        window: usize,
     ) -> Self {
         let link = link::of(&handle);
         Self {
+            key,
             endpoint,
             listen,
-            initiator,
             handle,
-            control_tx: tokio::sync::Mutex::new(control_tx),
-            ordered: tokio::sync::Mutex::new(HashMap::new()),
+            outbox: Outbox::new(window),
+            inflow: Arc::default(),
+            control,
+            writers: Mutex::default(),
             link,
             lane: tokio::sync::Mutex::new(None),
+            born: Instant::now(),
+            heard_ms: AtomicU64::new(0),
+            closed_with: Mutex::new(None),
+            retire: Mutex::new(None),
+            pings: AtomicU32::new(0),
         }
     }
 
@@ -79,81 +138,159 @@ impl Conn {
         }
     }
 
-    fn stream_failed(&self, e: s2n_quic::stream::Error) -> Error {
-        match e {
-            s2n_quic::stream::Error::ConnectionError { .. } => self.lost(e),
-            e => wire::stream_error(0, e),
+    /// Closes the connection with `code` (once).
+    pub(crate) fn close(&self, code: u32) {
+        let mut c = self.closed_with.lock().unwrap_or_else(|p| p.into_inner());
+        if c.is_none() {
+            *c = Some(code);
+            self.handle.close(code.into());
         }
     }
 
-    /// Sends a membership update on the control stream.
-    pub(crate) async fn control(&self, codec: &FrameCodec, msg: &Control) -> Result<()> {
-        let frame = codec.encode_to_bytes(msg)?;
-        self.control_tx
-            .lock()
-            .await
-            .send(frame)
-            .await
-            .map_err(|e| self.stream_failed(e))
+    fn closed_with(&self) -> Option<u32> {
+        *self.closed_with.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Ordered reliable: on the channel's long-lived stream, opened on first use.
-    pub(crate) async fn send_ordered(
-        &self,
-        codec: &FrameCodec,
-        channel: &ChannelName,
-        frame: Bytes,
-    ) -> Result<()> {
-        let stream = {
-            let mut streams = self.ordered.lock().await;
-            match streams.get(channel) {
-                Some(s) => s.clone(),
-                None => {
-                    let s = self
-                        .open_uni(codec.encode_to_bytes(&Preamble::Channel(channel.clone()))?)
-                        .await?;
-                    let s = Arc::new(tokio::sync::Mutex::new(s));
-                    streams.insert(channel.clone(), s.clone());
-                    s
-                }
-            }
+    /// Queues a control frame; a peer that let [`CONTROL_QUEUE`] of them pile up is not
+    /// reading, and is closed as unresponsive.
+    pub(crate) fn send_control(&self, c: Control) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.control.try_send(c) {
+            tracing::warn!(peer = %self.listen, "peer does not read its control stream; closing");
+            self.close(close::UNRESPONSIVE);
+        }
+    }
+
+    fn heard(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.heard_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        self.born
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.heard_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Stops using the connection: closes it now, or once both sides drained it.
+    pub(crate) fn retire(&self, code: u32, drain: bool) {
+        if !drain {
+            self.close(code);
+            return;
+        }
+        let mut r = self.retire.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some(Retirement {
+                code,
+                since: Instant::now(),
+                drained_sent: false,
+                drained_received: false,
+            });
+        }
+    }
+
+    /// Whether this side needs nothing more from the connection.
+    async fn idle(&self) -> bool {
+        if !self.outbox.is_empty() {
+            return false;
+        }
+        match self.lane.lock().await.as_ref() {
+            Some(lane) => lane.is_idle(),
+            None => true,
+        }
+    }
+
+    /// Drives a retirement on each heartbeat: announce `Drained` once idle, close once both
+    /// sides are, or when draining took longer than `limit`.
+    async fn step_retirement(&self, limit: Duration) {
+        let Some(r) = *self.retire.lock().unwrap_or_else(|p| p.into_inner()) else {
+            return;
         };
-        let res = stream.lock().await.send(frame).await;
-        if let Err(e) = res {
-            // A broken channel stream is replaced on the next send.
-            self.ordered.lock().await.remove(channel);
-            return Err(self.stream_failed(e));
+        if !r.drained_sent && self.idle().await {
+            self.send_control(Control::Drained);
+            if let Some(r) = self
+                .retire
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
+                r.drained_sent = true;
+            }
         }
+        let r = self
+            .retire
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or(r);
+        if (r.drained_sent && r.drained_received) || r.since.elapsed() > limit {
+            self.close(r.code);
+        }
+    }
+
+    fn peer_drained(&self) {
+        if let Some(r) = self
+            .retire
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            r.drained_received = true;
+        }
+    }
+
+    /// Hands a reliable message to its writer; `admitted` says whether it took room in the
+    /// window already (a redelivery is forced past it). `Err` gives it back when the
+    /// connection has ended.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn enqueue(
+        &self,
+        shared: &Arc<Shared>,
+        mut p: Pending,
+        admitted: bool,
+    ) -> std::result::Result<(), Pending> {
+        let writer = self.writer(shared, &p.lane, p.body.len());
+        p.written = Some(writer.written.clone());
+        let body = p.body.clone();
+        let seq = self.outbox.push(p, admitted)?;
+        // A writer that ended leaves the message unacknowledged: it is orphaned, and
+        // redelivered, when the connection closes (a writer only ends with its connection).
+        let _ = writer.tx.send((seq, body));
         Ok(())
     }
 
-    /// Unordered reliable: a stream of its own, so no message waits behind another.
-    pub(crate) async fn send_message(&self, codec: &FrameCodec, envelope: &Envelope) -> Result<()> {
-        let frames = wire::frames(codec, &[&Preamble::Message, envelope])?;
-        let mut s = self.open_uni(frames).await?;
-        s.finish().map_err(|e| self.stream_failed(e))
+    fn writer(&self, shared: &Arc<Shared>, lane: &Lane, len: usize) -> Writer {
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        match lane {
+            Lane::Ordered(channel) => w
+                .ordered
+                .entry(channel.clone())
+                .or_insert_with(|| self.spawn_writer(shared, Preamble::Channel(channel.clone())))
+                .clone(),
+            Lane::Unordered if len > LARGE_MESSAGE => {
+                self.spawn_writer(shared, Preamble::Unordered)
+            }
+            Lane::Unordered => {
+                if w.pool.len() < UNORDERED_POOL {
+                    let fresh = self.spawn_writer(shared, Preamble::Unordered);
+                    w.pool.push(fresh);
+                }
+                w.next = (w.next + 1) % w.pool.len();
+                w.pool[w.next].clone()
+            }
+        }
     }
 
-    /// Unreliable: one DATAGRAM frame. Too large for the peer is an error, never a silent drop;
-    /// a full send queue drops and says so.
-    pub(crate) fn send_datagram(&self, frame: Bytes) -> Result<Delivered> {
-        let (size, max) = (frame.len(), MAX_DATAGRAM);
-        if size > max {
-            return Err(Error::MessageTooLarge { size, max });
-        }
-        self.handle
-            .datagram_mut(|s: &mut datagram::Sender| match s.send_datagram(frame) {
-                Ok(()) => Ok(Delivered::Queued),
-                Err(datagram::DatagramError::QueueAtCapacity { .. }) => Ok(Delivered::Dropped),
-                Err(datagram::DatagramError::ExceedsPeerTransportLimits { .. }) => {
-                    Err(Error::MessageTooLarge { size, max })
-                }
-                Err(e) => Err(Error::ConnectionLost {
-                    addr: self.listen,
-                    source: format!("{e:?}").into(),
-                }),
-            })
-            .map_err(|e| self.lost(e))?
+    fn spawn_writer(&self, shared: &Arc<Shared>, preamble: Preamble) -> Writer {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let written = Arc::new(AtomicU64::new(0));
+        shared.tasks.spawn(write_stream(
+            shared.clone(),
+            self.handle.clone(),
+            self.key,
+            preamble,
+            rx,
+            written.clone(),
+        ));
+        Writer { tx, written }
     }
 
     /// A request: on the lane, or on a stream of its own when large.
@@ -197,6 +334,7 @@ impl Conn {
             Ok(Err(e)) => Err(e),
             Ok(Ok(crate::lane::Down::Response(response))) => Ok(response),
             Ok(Ok(crate::lane::Down::Refused(_))) => Err(Error::PeerNotFound { peer: target }),
+            Ok(Ok(crate::lane::Down::Busy(_))) => Err(Error::Busy { peer: target }),
             Ok(Ok(crate::lane::Down::Dropped(_))) => Err(Error::Remote {
                 agent: target,
                 kind: aqe_core::RemoteErrorKind::Dropped,
@@ -229,19 +367,19 @@ impl Conn {
             FrameReader::new(recv, *codec).next::<Envelope>().await
         };
         let outcome = tokio::time::timeout(timeout, exchange).await;
+        let target = || target.clone().unwrap_or_else(|| AgentId::from("?"));
         match outcome {
             Ok(Ok(Some(response))) => Ok(response),
             Ok(Ok(None)) => Err(Error::Remote {
-                agent: target.unwrap_or_else(|| AgentId::from("?")),
+                agent: target(),
                 kind: aqe_core::RemoteErrorKind::Dropped,
                 message: "the request was dropped without an answer".to_owned(),
             }),
             Ok(Err(Error::Stream {
                 reason: aqe_core::StreamFailure::Reset(code),
                 ..
-            })) if code == u64::from(reset::REFUSED) => Err(Error::PeerNotFound {
-                peer: target.unwrap_or_else(|| AgentId::from("?")),
-            }),
+            })) if code == u64::from(reset::REFUSED) => Err(Error::PeerNotFound { peer: target() }),
+            Ok(Err(Error::Stream { .. })) => Err(self.lost("the request stream broke")),
             Ok(Err(e)) => Err(e),
             Err(_) => {
                 if let Some(send) = send_half.as_mut() {
@@ -255,64 +393,243 @@ impl Conn {
         }
     }
 
+    fn stream_failed(&self, e: s2n_quic::stream::Error) -> Error {
+        match e {
+            s2n_quic::stream::Error::ConnectionError { .. } => self.lost(e),
+            e => wire::stream_error(0, e),
+        }
+    }
+
+    /// Unreliable: one DATAGRAM frame. Too large for the peer is an error, never a silent drop;
+    /// a full send queue drops and says so.
+    pub(crate) fn send_datagram(&self, frame: Bytes) -> Result<Delivered> {
+        let (size, max) = (frame.len(), MAX_DATAGRAM);
+        if size > max {
+            return Err(Error::MessageTooLarge { size, max });
+        }
+        self.handle
+            .datagram_mut(|s: &mut datagram::Sender| match s.send_datagram(frame) {
+                Ok(()) => Ok(Delivered::Queued),
+                Err(datagram::DatagramError::QueueAtCapacity { .. }) => Ok(Delivered::Dropped),
+                Err(datagram::DatagramError::ExceedsPeerTransportLimits { .. }) => {
+                    Err(Error::MessageTooLarge { size, max })
+                }
+                Err(e) => Err(Error::ConnectionLost {
+                    addr: self.listen,
+                    source: format!("{e:?}").into(),
+                }),
+            })
+            .map_err(|e| self.lost(e))?
+    }
+
     /// Opens the stream of an agent stream and sends its preamble.
     pub(crate) async fn open_stream(
         &self,
         codec: &FrameCodec,
         header: &StreamHeader,
     ) -> Result<SendStream> {
-        self.open_uni(codec.encode_to_bytes(&Preamble::Stream(header.clone()))?)
-            .await
-    }
-
-    /// Opens a unidirectional stream and sends its first bytes (a preamble, or more).
-    async fn open_uni(&self, first: Bytes) -> Result<SendStream> {
         let mut s = self
             .handle
             .clone()
             .open_send_stream()
             .await
             .map_err(|e| self.lost(e))?;
-        s.send(first).await.map_err(|e| self.stream_failed(e))?;
+        s.send(codec.encode_to_bytes(&Preamble::Stream(header.clone()))?)
+            .await
+            .map_err(|e| self.stream_failed(e))?;
         Ok(s)
     }
 }
 
-/// Serves a connection until it ends: membership updates, incoming streams, datagrams.
+/// Writes one stream: opens it, sends the preamble, then [`Sequenced`] frames as they come,
+/// all that accumulated in one vectored write. Ends, finishing the stream, once its queue is
+/// dropped: with its connection, or at once for a large message's own stream (nobody keeps
+/// that queue after the one message), and at shutdown. A stream that fails while its connection lives closes the
+/// connection, so that what it held is orphaned and redelivered rather than stuck.
+async fn write_stream(
+    shared: Arc<Shared>,
+    handle: Handle,
+    key: ConnKey,
+    preamble: Preamble,
+    mut rx: mpsc::UnboundedReceiver<(u64, Bytes)>,
+    written: Arc<AtomicU64>,
+) {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        tracing::debug!(%e, "{what}");
+        shared.close_conn(key, close::PROTOCOL_VIOLATION);
+    };
+    let mut handle = handle;
+    let mut stream = match handle.open_send_stream().await {
+        Ok(s) => s,
+        Err(e) => return fail("cannot open a stream", &e),
+    };
+    let Ok(first) = shared.codec.encode_to_bytes(&preamble) else {
+        return;
+    };
+    let mut pending_preamble = Some(first);
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(2 * WRITE_BATCH + 1);
+    loop {
+        let n = tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            n = rx.recv_many(&mut batch, WRITE_BATCH) => n,
+        };
+        if n == 0 {
+            let _ = stream.finish();
+            return;
+        }
+        chunks.clear();
+        chunks.extend(pending_preamble.take());
+        let mut last = 0;
+        for (seq, body) in batch.drain(..) {
+            match wire::sequenced_header(seq, body.len()) {
+                Ok(h) => chunks.push(h),
+                Err(e) => return fail("cannot frame a message", &e),
+            }
+            chunks.push(body);
+            last = seq;
+        }
+        if let Err(e) = stream.send_vectored(&mut chunks).await {
+            return fail("a message stream failed", &e);
+        }
+        written.store(last, Ordering::Release);
+    }
+}
+
+/// Writes the control stream: acknowledgements first, then queued frames, as one write per
+/// wake-up. A write that cannot complete within the send timeout means the peer stopped
+/// reading: the connection is closed as unresponsive.
+pub(crate) async fn write_control(
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    mut send: SendStream,
+    mut rx: mpsc::Receiver<Control>,
+) {
+    let mut buf = BytesMut::new();
+    let timeout = shared.config.send_timeout;
+    loop {
+        let mut queued = Vec::new();
+        tokio::select! {
+            biased;
+            () = shared.shutdown.cancelled() => return,
+            c = rx.recv() => match c {
+                Some(c) => queued.push(c),
+                None => return,
+            },
+            () = conn.inflow.wake.notified() => {}
+        }
+        while let Ok(c) = rx.try_recv() {
+            queued.push(c);
+        }
+        let mut frames = conn.inflow.drain();
+        frames.extend(queued);
+        buf.clear();
+        for f in &frames {
+            if let Err(e) = shared.codec.encode(f, &mut buf) {
+                tracing::error!(error = %e, "cannot encode a control frame");
+            }
+        }
+        if buf.is_empty() {
+            continue;
+        }
+        match tokio::time::timeout(timeout, send.send(buf.split().freeze())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tracing::warn!(peer = %conn.listen, "control stream blocked for the send timeout; closing");
+                conn.close(close::UNRESPONSIVE);
+                return;
+            }
+        }
+    }
+}
+
+/// Serves a connection until it ends: control frames, heartbeats and liveness, incoming
+/// streams, datagrams.
 pub(crate) async fn drive(
     shared: Arc<Shared>,
     conn: Arc<Conn>,
     mut control: FrameReader,
     mut acceptor: StreamAcceptor,
 ) {
+    let config = &shared.config;
+    let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    conn.heard();
     let reason = loop {
         tokio::select! {
             () = shared.shutdown.cancelled() => return,
             msg = control.next::<Control>() => match msg {
-                Ok(Some(Control::Joined(reg))) => shared.remote_joined(reg, conn.endpoint),
-                Ok(Some(Control::Left(id))) => shared.remote_left(&id, conn.endpoint),
-                Ok(Some(Control::Peers(addrs))) => addrs.into_iter().for_each(|a| shared.dial_in_background(a)),
+                Ok(Some(c)) => {
+                    conn.heard();
+                    match c {
+                        Control::Ack(ranges) => {
+                            conn.outbox.settle(&ranges).into_iter().for_each(outbox::delivered);
+                        }
+                        Control::Unprocessed(ranges, why) => {
+                            let gone = conn.outbox.settle(&ranges);
+                            tracing::debug!(peer = %conn.listen, n = gone.len(), ?why, "messages not taken by their receiver");
+                            outbox::failed(&shared.events, gone, |_| unprocessed_reason(why));
+                        }
+                        Control::Ping(_) => {}
+                        Control::Drained => conn.peer_drained(),
+                        other => shared.on_control(conn.key, other),
+                    }
+                }
                 Ok(None) => break "the peer closed its control stream".to_owned(),
                 Err(e @ Error::Stream { .. }) => break e.to_string(),
                 Err(e) => {
-                    conn.handle.close(close::PROTOCOL_VIOLATION.into());
+                    conn.close(close::PROTOCOL_VIOLATION);
                     break format!("protocol violation on the control stream: {e}");
                 }
             },
             stream = acceptor.accept() => match stream {
                 Ok(Some(s)) => {
+                    conn.heard();
                     shared.tasks.spawn(serve(shared.clone(), conn.clone(), s));
                 }
                 Ok(None) => break "connection closed".to_owned(),
                 Err(e) => break e.to_string(),
             },
             dgram = recv_datagram(&conn.handle) => match dgram {
-                Some(bytes) => datagram_arrived(&shared, &conn, bytes).await,
+                Some(bytes) => {
+                    conn.heard();
+                    datagram_arrived(&shared, &conn, bytes);
+                }
                 None => break "connection closed".to_owned(),
+            },
+            _ = heartbeat.tick() => {
+                if conn.silent_for() > config.liveness_timeout {
+                    tracing::warn!(peer = %conn.listen, silent = ?conn.silent_for(), "peer unresponsive; closing");
+                    conn.close(close::UNRESPONSIVE);
+                    break format!("nothing heard for {:?}", config.liveness_timeout);
+                }
+                let n = conn.pings.fetch_add(1, Ordering::Relaxed);
+                conn.send_control(Control::Ping(u64::from(n)));
+                conn.step_retirement(config.delivery_deadline).await;
             },
         }
     };
-    shared.connection_ended(&conn, reason);
+    let clean = match conn.closed_with() {
+        Some(code) => code != close::UNRESPONSIVE && code != close::PROTOCOL_VIOLATION,
+        None => peer_said_goodbye(&conn.handle),
+    };
+    conn.close(close::NORMAL);
+    shared.connection_ended(&conn, clean, reason);
+}
+
+/// Whether the peer closed the connection itself with a goodbye code.
+fn peer_said_goodbye(handle: &Handle) -> bool {
+    let mut handle = handle.clone();
+    match futures::FutureExt::now_or_never(handle.open_send_stream()) {
+        Some(Err(s2n_quic::connection::Error::Application { error, .. })) => {
+            let code = u64::from(error);
+            [close::NORMAL, close::DUPLICATE, close::REPLACED]
+                .iter()
+                .any(|c| u64::from(*c) == code)
+        }
+        _ => false,
+    }
 }
 
 async fn recv_datagram(handle: &Handle) -> Option<Bytes> {
@@ -326,25 +643,19 @@ async fn recv_datagram(handle: &Handle) -> Option<Bytes> {
     .await
 }
 
-/// Checks an envelope from `conn`: its sender must live behind this connection, its
-/// receiver here, on a channel it has. Returns the receiver.
-pub(crate) fn admit(shared: &Shared, conn: &Conn, envelope: &Envelope) -> Option<Arc<Local>> {
-    let from_here = shared
-        .remotes
-        .get(&envelope.from)
-        .is_some_and(|r| r.endpoint == conn.endpoint);
-    if !from_here {
-        tracing::debug!(from = %envelope.from, peer = %conn.listen, "envelope from an agent not hosted by that endpoint; dropped");
+/// The local agent an envelope from `conn` is for, if it may have it: its sender must not be
+/// an agent known to live elsewhere (here, or behind another endpoint); its receiver must be
+/// hosted here and listen on the envelope's channel.
+pub(crate) fn admit(shared: &Shared, conn: &Conn, envelope: &Envelope) -> Option<Arc<LocalAgent>> {
+    if !shared.may_send_from(&envelope.from, conn.endpoint) {
+        tracing::debug!(from = %envelope.from, peer = %conn.listen, "envelope from an agent that lives elsewhere; refused");
         return None;
     }
-    let local = shared
-        .locals
-        .get(envelope.target()?)
-        .map(|l| l.value().clone())?;
+    let local = shared.local(envelope.target()?)?;
     local.reg.has_channel(&envelope.channel).then_some(local)
 }
 
-async fn datagram_arrived(shared: &Shared, conn: &Conn, bytes: Bytes) {
+fn datagram_arrived(shared: &Shared, conn: &Conn, bytes: Bytes) {
     let len = bytes.len();
     let envelope = match shared.codec.decode_exact::<Envelope>(&bytes) {
         Ok(e) => e,
@@ -357,34 +668,29 @@ async fn datagram_arrived(shared: &Shared, conn: &Conn, bytes: Bytes) {
     };
     match local.inbox.try_reserve() {
         Ok(Some(permit)) => {
-            local.stats.received(len);
-            permit.send(Inbound::Message(envelope));
+            let _ = permit.send_counted(Inbound::message(envelope), || local.stats.received(len));
         }
         Ok(None) | Err(_) => local.stats.dropped(),
     }
 }
 
-/// Delivers reliably, counting `len` received bytes first: waits for room as long as the
-/// endpoint and the agent live.
-pub(crate) async fn deliver_reliably(
-    shared: &Shared,
-    local: &Local,
-    item: Inbound,
-    len: usize,
-) -> bool {
-    loop {
-        tokio::select! {
-            () = shared.shutdown.cancelled() => return false,
-            r = local.inbox.reserve(INBOX_WAIT) => match r {
-                Ok(permit) => {
-                    local.stats.received(len);
-                    permit.send(item);
-                    return true;
-                }
-                Err(Error::SendFailed { reason: aqe_core::SendFailure::QueueFull(_), .. }) => continue,
-                Err(_) => return false,
-            },
-        }
+/// Puts a reliable message in its agent's inbox at once (the sender's window bounds what can
+/// be in flight), with a receipt on this connection; a message nobody here can take is
+/// refused, so the sender learns it.
+fn deliver_sequenced(shared: &Shared, conn: &Conn, seq: u64, envelope: Envelope) {
+    let Some(local) = admit(shared, conn, &envelope) else {
+        conn.inflow.refuse(seq);
+        return;
+    };
+    let len = envelope.payload.len();
+    let sink: Arc<dyn aqe_core::AckSink> = conn.inflow.clone();
+    let item = Inbound::Message {
+        envelope,
+        receipt: Receipt::shared(sink, seq),
+    };
+    if let Err((_, item)) = local.inbox.deliver_now(item, || local.stats.received(len)) {
+        // The agent is stopping: it will never take it.
+        item.abandon();
     }
 }
 
@@ -419,7 +725,7 @@ async fn serve(shared: Arc<Shared>, conn: Arc<Conn>, stream: PeerStream) {
                 | Error::Protocol { .. }
                 | Error::Truncated { .. }
         ) {
-            conn.handle.close(close::PROTOCOL_VIOLATION.into());
+            conn.close(close::PROTOCOL_VIOLATION);
         }
     }
 }
@@ -446,17 +752,17 @@ async fn serve_request(
         shared.codec,
         local.clone(),
         requester,
+        shared.config.send_timeout,
     ));
-    deliver_reliably(
-        shared,
-        &local,
-        Inbound::Request {
-            envelope,
-            responder,
-        },
-        len,
-    )
-    .await;
+    // A request stream is one of the connection's bounded streams: it waits in the inbox
+    // above capacity rather than hold the stream open waiting for room.
+    let item = Inbound::Request {
+        envelope,
+        responder,
+    };
+    if let Err((_, item)) = local.inbox.deliver_now(item, || local.stats.received(len)) {
+        item.abandon();
+    }
     Ok(())
 }
 
@@ -467,43 +773,37 @@ async fn serve_receive(
 ) -> Result<()> {
     match reader.next::<Preamble>().await? {
         Some(Preamble::Channel(channel)) => {
-            while let Some(envelope) = reader.next::<Envelope>().await? {
+            while let Some(Sequenced { seq, envelope }) = reader.next::<Sequenced>().await? {
                 if envelope.channel != channel {
                     return Err(Error::Protocol {
                         detail: "envelope on another channel's stream",
                     });
                 }
-                deliver_message(shared, conn, envelope).await;
+                deliver_sequenced(shared, conn, seq, envelope);
             }
             Ok(())
         }
-        Some(Preamble::Message) => {
-            if let Some(envelope) = reader.next::<Envelope>().await? {
-                deliver_message(shared, conn, envelope).await;
+        Some(Preamble::Unordered) => {
+            while let Some(Sequenced { seq, envelope }) = reader.next::<Sequenced>().await? {
+                deliver_sequenced(shared, conn, seq, envelope);
             }
             Ok(())
         }
         Some(Preamble::Stream(header)) => {
-            let from_here = shared
-                .remotes
-                .get(&header.from)
-                .is_some_and(|r| r.endpoint == conn.endpoint);
-            let local = shared.locals.get(&header.to).map(|l| l.value().clone());
-            let Some(local) =
-                local.filter(|l| from_here && l.reg.has_channel(&header.options.channel))
-            else {
+            let allowed = shared.may_send_from(&header.from, conn.endpoint);
+            let local = shared
+                .local(&header.to)
+                .filter(|l| allowed && l.reg.has_channel(&header.options.channel));
+            let Some(local) = local else {
                 reader.stop(reset::REFUSED);
                 return Ok(());
             };
             local.stats.stream_delta(true);
             let source = QuicSource::new(header.id, reader, local.clone());
-            deliver_reliably(
-                shared,
-                &local,
-                Inbound::Stream(IncomingStream::new(header, source)),
-                0,
-            )
-            .await;
+            let item = Inbound::Stream(IncomingStream::new(header, source));
+            if let Err((_, item)) = local.inbox.deliver_now(item, || {}) {
+                item.abandon();
+            }
             Ok(())
         }
         Some(Preamble::Request | Preamble::Lane) => Err(Error::Protocol {
@@ -513,10 +813,10 @@ async fn serve_receive(
     }
 }
 
-async fn deliver_message(shared: &Shared, conn: &Conn, envelope: Envelope) {
-    let Some(local) = admit(shared, conn, &envelope) else {
-        return;
-    };
-    let len = envelope.payload.len();
-    deliver_reliably(shared, &local, Inbound::Message(envelope), len).await;
+/// Why messages sent on a connection were not taken, as the sender reports it: either way
+/// the receiving agent is not there to take them, and they were not processed.
+fn unprocessed_reason(why: Unprocessed) -> aqe_core::DeliveryFailure {
+    match why {
+        Unprocessed::NotHere | Unprocessed::Stopped => aqe_core::DeliveryFailure::ReceiverStopped,
+    }
 }

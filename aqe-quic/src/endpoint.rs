@@ -1,47 +1,64 @@
-//! The endpoint: sockets, connections to other endpoints, and who is where.
+//! The endpoint: sockets, connections to other endpoints, membership and redelivery.
+//!
+//! Membership lives in one [`Registry`] under one lock, together with each connection's
+//! control queue and the redelivery queue. Registry steps return actions, which are applied
+//! before the lock is released: a control frame is queued for a connection in the same
+//! critical section that decided it, so that no attach can slip between a hello's snapshot
+//! and the connection's registration, and messages waiting for an agent go out before any
+//! newer send can be routed to it. Nothing under the lock waits: queues are bounded and
+//! pushed without blocking, and I/O happens in the connections' tasks.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use s2n_quic::client::Connect;
 use s2n_quic::connection::Connection;
 use s2n_quic::provider::datagram::default as datagram;
 use s2n_quic::provider::limits::Limits;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use aqe_core::local::{LocalAgent, LocalDelivery};
 use aqe_core::{
-    AgentId, BoxError, Error, Event, FrameCodec, InboxSender, PeerInfo, PeerState, QuicConfig,
-    Registration, Result, SecurityFailure, StatsRecorder,
+    AgentId, BoxError, ChannelName, Error, Event, FrameCodec, InboxSender, PeerInfo, PeerState,
+    QuicConfig, Redeliver, Registration, Result, SecurityFailure,
 };
 
-use crate::conn::{self, Conn};
+use crate::conn::{self, CONTROL_QUEUE, Conn};
 use crate::link::{self, StatsSubscriber};
+use crate::outbox::{self, Pending, Redelivery};
+use crate::registry::{Action, ConnKey, PeerHello, Refusal, Registry};
 use crate::tls::Material;
 use crate::wire::{Control, FrameReader, Hello, PROTOCOL_VERSION, close};
 
-/// How long a connection that lost a simultaneous-dial tie stays open so that what was sent
-/// on it before both sides agreed still arrives.
-const RETIRE_GRACE: Duration = Duration::from_secs(1);
 /// Bootstrap dials back off up to this long between attempts.
 const MAX_REDIAL: Duration = Duration::from_secs(5);
+/// How often deadlines of messages waiting for redelivery are checked.
+const SWEEP: Duration = Duration::from_millis(200);
+/// How long a peer endpoint lost without a goodbye counts as unreachable in health reports,
+/// unless it comes back first.
+const UNREACHABLE_MEMORY: Duration = Duration::from_secs(60);
 
-/// An agent hosted by this endpoint.
-pub(crate) struct Local {
-    pub(crate) reg: Registration,
-    pub(crate) inbox: InboxSender,
-    pub(crate) stats: Arc<StatsRecorder>,
+/// This endpoint's membership as a hello states it: generation, agents, known peers.
+type Snapshot = (u64, Vec<Registration>, Vec<SocketAddr>);
+
+/// A connection as the endpoint holds it: its control queue from the start of its
+/// handshake, the connection itself once established.
+struct Link {
+    control: mpsc::Sender<Control>,
+    conn: Option<Arc<Conn>>,
 }
 
-/// An agent hosted by another endpoint.
-#[derive(Clone)]
-pub(crate) struct Remote {
-    pub(crate) reg: Registration,
-    pub(crate) endpoint: u64,
+/// What is guarded by the endpoint's one lock.
+struct State {
+    registry: Registry,
+    links: HashMap<ConnKey, Link>,
+    redelivery: Redelivery,
 }
 
 pub(crate) struct Shared {
@@ -50,21 +67,21 @@ pub(crate) struct Shared {
     pub(crate) listen: SocketAddr,
     pub(crate) codec: FrameCodec,
     client: Mutex<Option<s2n_quic::Client>>,
-    pub(crate) locals: DashMap<AgentId, Arc<Local>>,
-    pub(crate) remotes: DashMap<AgentId, Remote>,
-    /// The connection in use to each remote endpoint, by endpoint id.
-    pub(crate) conns: DashMap<u64, Arc<Conn>>,
-    /// Remote endpoints by listen address.
-    by_addr: DashMap<SocketAddr, u64>,
-    /// Dials under way.
-    dialing: DashMap<SocketAddr, ()>,
+    state: Mutex<State>,
+    /// The local agents' inboxes and counters, for the paths that deliver to them.
+    locals: DashMap<AgentId, Arc<LocalAgent>>,
     pub(crate) events: broadcast::Sender<Event>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
     closed: AtomicBool,
+    /// Delivery between agents of this endpoint.
+    pub(crate) local_delivery: LocalDelivery,
+    redeliver: Mutex<Option<Arc<dyn Redeliver>>>,
+    /// Signalled whenever a handoff to the redelivery handler ends.
+    handoffs: Notify,
 }
 
-fn random_id() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(aqe_core::MessageId::next().0);
@@ -157,31 +174,42 @@ impl Shared {
             .start()
             .map_err(|e| setup_error("host")(e.into()))?;
         let (events, _) = broadcast::channel(1024);
+        let id = random_u64();
+        let local_delivery = LocalDelivery::new(events.clone(), config.send_timeout, 64);
         let shared = Arc::new(Shared {
             config,
-            id: random_id(),
+            id,
             listen,
             codec: FrameCodec::default(),
             client: Mutex::new(Some(client)),
+            state: Mutex::new(State {
+                registry: Registry::new(id),
+                links: HashMap::new(),
+                redelivery: Redelivery::default(),
+            }),
             locals: DashMap::new(),
-            remotes: DashMap::new(),
-            conns: DashMap::new(),
-            by_addr: DashMap::new(),
-            dialing: DashMap::new(),
             events,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             closed: AtomicBool::new(false),
+            local_delivery,
+            redeliver: Mutex::new(None),
+            handoffs: Notify::new(),
         });
         tracing::info!(%listen, endpoint = format_args!("{:016x}", shared.id), "QUIC endpoint listening");
         shared.tasks.spawn(accept_loop(shared.clone(), server));
         shared
             .tasks
             .spawn(announce_rejections(shared.clone(), rejected));
+        shared.tasks.spawn(sweep_deadlines(shared.clone()));
         for peer in shared.config.bootstrap_peers.clone() {
             shared.tasks.spawn(bootstrap(shared.clone(), peer));
         }
         Ok(shared)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn live(&self) -> Result<()> {
@@ -196,21 +224,243 @@ impl Shared {
         let _ = self.events.send(event);
     }
 
-    /// The connection to the endpoint hosting `agent`, with the agent's registration.
-    pub(crate) fn route(&self, agent: &AgentId) -> Option<(Remote, Arc<Conn>)> {
-        let remote = self.remotes.get(agent)?.value().clone();
-        let conn = self.conns.get(&remote.endpoint)?.value().clone();
-        Some((remote, conn))
+    // ----- membership -----
+
+    /// Performs what a registry step decided. Runs under the lock and never waits.
+    fn apply(self: &Arc<Self>, state: &mut State, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Send(key, control) => {
+                    if let Some(link) = state.links.get(&key)
+                        && let Err(mpsc::error::TrySendError::Full(_)) =
+                            link.control.try_send(control)
+                    {
+                        tracing::warn!("a peer does not read its control stream; closing");
+                        if let Some(c) = &link.conn {
+                            c.close(close::UNRESPONSIVE);
+                        }
+                    }
+                }
+                Action::Publish(event) => self.publish(event),
+                Action::Dial(addr) => self.spawn_dial(addr),
+                Action::Retire { conn, code, drain } => {
+                    if let Some(c) = state.links.get(&conn).and_then(|l| l.conn.as_ref()) {
+                        c.retire(code, drain);
+                    }
+                }
+                Action::Orphaned(key) => {
+                    if let Some(conn) = state.links.remove(&key).and_then(|l| l.conn) {
+                        let orphans = conn.outbox.close();
+                        if !orphans.is_empty() {
+                            tracing::debug!(peer = %conn.listen, n = orphans.len(), "unacknowledged messages orphaned");
+                        }
+                        for to in state.redelivery.add(orphans) {
+                            self.redeliver_now(state, &to);
+                        }
+                    }
+                }
+                Action::Reachable { agent, conn } => self.flush(state, &agent, conn),
+            }
+        }
     }
 
-    fn hello(&self) -> Hello {
+    /// Sends what waits for `to` over the connection it is reachable on now, or hands it to
+    /// the redelivery handler, if either is possible.
+    fn redeliver_now(self: &Arc<Self>, state: &mut State, to: &AgentId) {
+        if let Some((key, ..)) = state.registry.route(to) {
+            self.flush(state, to, key);
+        } else {
+            self.hand_off(state, to);
+        }
+    }
+
+    /// Pushes everything waiting for `to` into connection `key`, in order, ahead of anything
+    /// newer (this runs under the lock that routing takes).
+    fn flush(self: &Arc<Self>, state: &mut State, to: &AgentId, key: ConnKey) {
+        if state.redelivery.handing_off(to) || !state.redelivery.has(to) {
+            return;
+        }
+        let Some(conn) = state.links.get(&key).and_then(|l| l.conn.clone()) else {
+            return;
+        };
+        let waiting = state.redelivery.take(to);
+        tracing::debug!(agent = %to, n = waiting.len(), peer = %conn.listen, "redelivering");
+        let mut back = Vec::new();
+        for p in waiting {
+            let p = match p.redelivered() {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot re-encode a message");
+                    continue;
+                }
+            };
+            if let Err(p) = conn.enqueue(self, p, false) {
+                back.push(p);
+            }
+        }
+        state.redelivery.add(back);
+    }
+
+    /// Starts handing what waits for `to` to the redelivery handler, if one is registered
+    /// and no handoff for `to` runs yet.
+    fn hand_off(self: &Arc<Self>, state: &mut State, to: &AgentId) {
+        let Some(handler) = self
+            .redeliver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        if !state.redelivery.has(to) || !state.redelivery.start_handoff(to) {
+            return;
+        }
+        self.tasks
+            .spawn(hand_over(self.clone(), handler, to.clone()));
+    }
+
+    pub(crate) fn set_redelivery(self: &Arc<Self>, handler: Arc<dyn Redeliver>) {
+        *self.redeliver.lock().unwrap_or_else(|p| p.into_inner()) = Some(handler);
+    }
+
+    /// A membership frame from connection `key`.
+    pub(crate) fn on_control(self: &Arc<Self>, key: ConnKey, control: Control) {
+        let mut state = self.lock();
+        let actions = state.registry.on_control(key, control);
+        self.apply(&mut state, actions);
+    }
+
+    /// Hosts a local agent and announces it to every connection.
+    pub(crate) fn attach(self: &Arc<Self>, reg: Registration, inbox: InboxSender) -> Result<()> {
+        self.live()?;
+        reg.validate()?;
+        let info = reg.peer_info(Some(self.listen), PeerState::Connected);
+        let mut state = self.lock();
+        let Some(actions) = state.registry.attach(reg.clone()) else {
+            return Err(Error::Configuration {
+                file: None,
+                field: "id".to_owned(),
+                message: format!("agent {} is already attached to this endpoint", reg.id),
+            });
+        };
+        self.locals
+            .insert(reg.id.clone(), Arc::new(LocalAgent::new(reg, inbox)));
+        self.publish(Event::PeerDiscovered(info));
+        self.apply(&mut state, actions);
+        Ok(())
+    }
+
+    /// Stops hosting a local agent and announces it.
+    pub(crate) fn detach(self: &Arc<Self>, id: &AgentId) -> Result<()> {
+        let mut state = self.lock();
+        let Some(actions) = state.registry.detach(id) else {
+            return Err(Error::PeerNotFound { peer: id.clone() });
+        };
+        self.locals.remove(id);
+        self.publish(Event::PeerLeft(id.clone()));
+        self.apply(&mut state, actions);
+        Ok(())
+    }
+
+    pub(crate) fn local(&self, id: &AgentId) -> Option<Arc<LocalAgent>> {
+        self.locals.get(id).map(|l| l.value().clone())
+    }
+
+    /// Whether connection `from_endpoint` may carry messages from agent `from`: not if that
+    /// id is hosted here or routed to another endpoint. (An id not known yet is accepted: its
+    /// announcement may still be on the way on the control stream.)
+    pub(crate) fn may_send_from(&self, from: &AgentId, from_endpoint: u64) -> bool {
+        if self.locals.contains_key(from) {
+            return false;
+        }
+        self.lock()
+            .registry
+            .owner_of(from)
+            .is_none_or(|e| e == from_endpoint)
+    }
+
+    /// The connection to the endpoint hosting remote agent `to`, which must listen on
+    /// `channel`.
+    ///
+    /// # Errors
+    /// [`Error::PeerNotFound`], or [`Error::ChannelNotFound`] naming `to`.
+    pub(crate) fn route(&self, to: &AgentId, channel: &ChannelName) -> Result<Arc<Conn>> {
+        let state = self.lock();
+        let Some((key, reg, _)) = state.registry.route(to) else {
+            return Err(Error::PeerNotFound { peer: to.clone() });
+        };
+        if !reg.has_channel(channel) {
+            return Err(Error::ChannelNotFound {
+                channel: channel.clone(),
+                agent: to.clone(),
+            });
+        }
+        state
+            .links
+            .get(&key)
+            .and_then(|l| l.conn.clone())
+            .ok_or_else(|| Error::PeerNotFound { peer: to.clone() })
+    }
+
+    /// Waits (at most `wait`) while messages for `to` are being handed to the redelivery
+    /// handler, so that a send falling back after this returns goes out after them.
+    pub(crate) async fn await_handoff(&self, to: &AgentId, wait: Duration) {
+        let _ = tokio::time::timeout(wait, async {
+            loop {
+                let notified = self.handoffs.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if !self.lock().redelivery.handing_off(to) {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+    }
+
+    /// Closes connection `key` with `code`, if it is still there.
+    pub(crate) fn close_conn(&self, key: ConnKey, code: u32) {
+        if let Some(c) = self.lock().links.get(&key).and_then(|l| l.conn.clone()) {
+            c.close(code);
+        }
+    }
+
+    /// A connection ended: membership, and what it held unacknowledged, follow.
+    pub(crate) fn connection_ended(
+        self: &Arc<Self>,
+        conn: &Arc<Conn>,
+        clean: bool,
+        reason: String,
+    ) {
+        let mut state = self.lock();
+        let actions = state
+            .registry
+            .on_connection_lost(conn.key, clean, reason, Instant::now());
+        self.apply(&mut state, actions);
+        // A connection the registry no longer knew about still hands over what it held.
+        self.apply(&mut state, vec![Action::Orphaned(conn.key)]);
+    }
+
+    // ----- connections -----
+
+    fn hello(
+        &self,
+        nonce: u64,
+        generation: u64,
+        agents: Vec<Registration>,
+        known: Vec<SocketAddr>,
+    ) -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
             endpoint: self.id,
+            nonce,
             listen: self.listen,
             token: self.token(),
-            agents: self.locals.iter().map(|l| l.reg.clone()).collect(),
-            known: self.conns.iter().map(|c| c.listen).collect(),
+            agents,
+            known,
+            generation,
+            window: self.config.window,
         }
     }
 
@@ -264,9 +514,26 @@ impl Shared {
         }
     }
 
+    fn spawn_dial(self: &Arc<Self>, addr: SocketAddr) {
+        if addr == self.listen || self.shutdown.is_cancelled() {
+            return;
+        }
+        let me = self.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = me.connect(addr).await {
+                tracing::debug!(%addr, error = %e, "peer exchange dial failed");
+                me.publish(Event::TransportError {
+                    transport: aqe_core::TransportKind::Quic,
+                    message: format!("dial {addr}: {e}"),
+                });
+            }
+            me.lock().registry.dial_done(addr);
+        });
+    }
+
     async fn dial(self: &Arc<Self>, addr: SocketAddr) -> Result<()> {
         self.live()?;
-        if addr == self.listen || self.connected_to(addr) {
+        if addr == self.listen || self.lock().registry.connected_to(addr) {
             return Ok(());
         }
         let client = self
@@ -289,13 +556,16 @@ impl Shared {
             Ok(Ok(c)) => c,
         };
         let _ = connection.keep_alive(true);
+        let nonce = random_u64();
+        let (key, rx, (generation, agents, known)) = self.begin();
         let exchange = async {
             let stream = connection
                 .open_bidirectional_stream()
                 .await
                 .map_err(|e| connection_error(addr, timeout, e))?;
             let (recv, mut send) = stream.split();
-            let hello = self.codec.encode_to_bytes(&self.hello())?;
+            let ours = self.hello(nonce, generation, agents, known);
+            let hello = self.codec.encode_to_bytes(&ours)?;
             send.send(hello)
                 .await
                 .map_err(|e| stream_connection_error(addr, timeout, e))?;
@@ -309,8 +579,10 @@ impl Shared {
                 Err(e) => Err(e),
             }
         };
-        let (peer_hello, reader, send) = match tokio::time::timeout(timeout, exchange).await {
+        let outcome = tokio::time::timeout(timeout, exchange).await;
+        let (peer_hello, reader, send) = match outcome {
             Err(_) => {
+                self.abort(key);
                 connection.close(close::HELLO_TIMEOUT.into());
                 return Err(Error::ConnectionTimeout {
                     addr,
@@ -318,17 +590,49 @@ impl Shared {
                 });
             }
             Ok(Err(e)) => {
+                self.abort(key);
                 connection.close(close::PROTOCOL_VIOLATION.into());
                 return Err(e);
             }
             Ok(Ok(x)) => x,
         };
         if let Err((code, e)) = self.check(&peer_hello) {
+            self.abort(key);
             connection.close(code.into());
             return Err(e);
         }
-        self.register(connection, reader, send, peer_hello, self.id);
-        Ok(())
+        self.establish(
+            key,
+            rx,
+            connection,
+            reader,
+            send,
+            peer_hello,
+            (self.id, nonce),
+        )
+    }
+
+    /// Registers a connection starting its handshake: its key, its control queue's receiving
+    /// end, and what this endpoint's hello on it says. Taken in one step under the lock, so
+    /// that every membership change after the hello's snapshot is queued for the connection.
+    fn begin(&self) -> (ConnKey, mpsc::Receiver<Control>, Snapshot) {
+        let mut state = self.lock();
+        let (key, generation, agents, known) = state.registry.begin();
+        let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+        state.links.insert(
+            key,
+            Link {
+                control: tx,
+                conn: None,
+            },
+        );
+        (key, rx, (generation, agents, known))
+    }
+
+    fn abort(&self, key: ConnKey) {
+        let mut state = self.lock();
+        state.registry.abort(key);
+        state.links.remove(&key);
     }
 
     /// Serves a connection a peer opened: hello first, nothing else before it checks.
@@ -366,27 +670,39 @@ impl Shared {
             connection.close(code.into());
             return;
         }
-        let ours = match self.codec.encode_to_bytes(&self.hello()) {
-            Ok(b) => b,
-            Err(e) => return tracing::error!(error = %e, "cannot encode hello"),
+        let (key, rx, (generation, agents, known)) = self.begin();
+        let ours = self.hello(peer_hello.nonce, generation, agents, known);
+        let sent = match self.codec.encode_to_bytes(&ours) {
+            Ok(b) => tokio::time::timeout(timeout, send.send(b)).await,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode hello");
+                self.abort(key);
+                return;
+            }
         };
-        if send.send(ours).await.is_err() {
+        if !matches!(sent, Ok(Ok(()))) {
+            self.abort(key);
             return;
         }
-        let initiator = peer_hello.endpoint;
-        self.register(connection, reader, send, peer_hello, initiator);
+        let rank = (peer_hello.endpoint, peer_hello.nonce);
+        if let Err(e) = self.establish(key, rx, connection, reader, send, peer_hello, rank) {
+            tracing::debug!(?addr, error = %e, "connection not established");
+        }
     }
 
-    /// Records a connection that passed the hello, learns the peer's agents and peers, and
-    /// starts serving it.
-    fn register(
+    /// Records a connection that passed the hello exchange, learns the peer's agents and
+    /// peers, and starts serving it.
+    #[allow(clippy::too_many_arguments)]
+    fn establish(
         self: &Arc<Self>,
+        key: ConnKey,
+        control_queue: mpsc::Receiver<Control>,
         connection: Connection,
         control_rx: FrameReader,
         control_tx: s2n_quic::stream::SendStream,
         mut hello: Hello,
-        initiator: u64,
-    ) {
+        rank: (u64, u64),
+    ) -> Result<()> {
         // A peer listening on every interface announces an unspecified address; others reach
         // it at the address this connection comes from, on the announced port.
         if hello.listen.ip().is_unspecified()
@@ -395,141 +711,68 @@ impl Shared {
             hello.listen.set_ip(seen.ip());
         }
         let (handle, acceptor) = connection.split();
+        let window = hello.window.min(self.config.window).max(1) as usize;
+        let mut state = self.lock();
+        let Some(link) = state.links.get_mut(&key) else {
+            handle.close(close::NORMAL.into());
+            return Err(Error::Shutdown);
+        };
         let conn = Arc::new(Conn::new(
+            key,
             hello.endpoint,
             hello.listen,
-            initiator,
             handle,
-            control_tx,
+            link.control.clone(),
+            window,
         ));
-        // One connection per endpoint pair: when both dialed, keep the one dialed by the
-        // endpoint with the smaller id, on both sides alike.
-        let retired = match self.conns.entry(hello.endpoint) {
-            dashmap::Entry::Vacant(v) => {
-                v.insert(conn.clone());
-                None
-            }
-            dashmap::Entry::Occupied(mut o) => {
-                if conn.initiator < o.get().initiator {
-                    Some(o.insert(conn.clone()))
-                } else {
-                    Some(conn.clone())
-                }
-            }
+        link.conn = Some(conn.clone());
+        let peer = PeerHello {
+            endpoint: hello.endpoint,
+            listen: hello.listen,
+            generation: hello.generation,
+            agents: hello.agents,
+            known: hello.known,
+            rank,
         };
-        if let Some(loser) = retired {
-            tracing::debug!(peer = %hello.listen, "duplicate connection retired");
-            let token = self.shutdown.clone();
-            self.tasks.spawn(async move {
-                tokio::select! {
-                    () = tokio::time::sleep(RETIRE_GRACE) => {}
-                    () = token.cancelled() => {}
-                }
-                loser.handle.close(close::DUPLICATE.into());
-            });
-        }
-        self.by_addr.insert(hello.listen, hello.endpoint);
-        self.publish(Event::ConnectionEstablished { addr: hello.listen });
-        for reg in hello.agents {
-            self.remote_joined(reg, hello.endpoint);
-        }
-        // Peer exchange: dial what the peer knows, tell the others about the peer.
-        for addr in hello.known {
-            self.dial_in_background(addr);
-        }
-        let others: Vec<Arc<Conn>> = self
-            .conns
-            .iter()
-            .filter(|c| c.endpoint != hello.endpoint)
-            .map(|c| c.value().clone())
-            .collect();
-        let news = Control::Peers(vec![hello.listen]);
-        let me = self.clone();
-        self.tasks.spawn(async move {
-            for c in others {
-                let _ = c.control(&me.codec, &news).await;
-            }
-        });
-        self.tasks
-            .spawn(conn::drive(self.clone(), conn, control_rx, acceptor));
-    }
-
-    pub(crate) fn remote_joined(&self, reg: Registration, endpoint: u64) {
-        let info = self.peer_info_remote(&reg, endpoint);
-        let id = reg.id.clone();
-        if self.locals.contains_key(&id) {
-            tracing::warn!(agent = %id, "a remote endpoint announces an agent of the same id as a local one; ignored");
-            return;
-        }
-        let fresh = self.remotes.insert(id, Remote { reg, endpoint }).is_none();
-        if fresh {
-            self.publish(Event::PeerDiscovered(info));
-        }
-    }
-
-    pub(crate) fn remote_left(&self, id: &AgentId, endpoint: u64) {
-        if self
-            .remotes
-            .remove_if(id, |_, r| r.endpoint == endpoint)
-            .is_some()
-        {
-            self.publish(Event::PeerLeft(id.clone()));
-        }
-    }
-
-    /// Forgets a connection that ended; if it was the one in use, its agents are gone too.
-    pub(crate) fn connection_ended(&self, conn: &Arc<Conn>, reason: String) {
-        let current = self
-            .conns
-            .remove_if(&conn.endpoint, |_, c| Arc::ptr_eq(c, conn))
-            .is_some();
-        if !current {
-            return;
-        }
-        self.by_addr
-            .remove_if(&conn.listen, |_, e| *e == conn.endpoint);
-        let gone: Vec<AgentId> = self
-            .remotes
-            .iter()
-            .filter(|r| r.endpoint == conn.endpoint)
-            .map(|r| r.key().clone())
-            .collect();
-        for id in gone {
-            self.remote_left(&id, conn.endpoint);
-        }
-        tracing::info!(peer = %conn.listen, %reason, "connection lost");
-        self.publish(Event::ConnectionLost {
-            addr: conn.listen,
-            reason,
-        });
-    }
-
-    pub(crate) fn dial_in_background(self: &Arc<Self>, addr: SocketAddr) {
-        if addr == self.listen
-            || self.by_addr.contains_key(&addr)
-            || self.dialing.insert(addr, ()).is_some()
-        {
-            return;
-        }
-        let me = self.clone();
-        self.tasks.spawn(async move {
-            if let Err(e) = me.connect(addr).await {
-                tracing::debug!(%addr, error = %e, "peer exchange dial failed");
-                me.publish(Event::TransportError {
-                    transport: aqe_core::TransportKind::Quic,
-                    message: format!("dial {addr}: {e}"),
+        match state.registry.on_hello(key, peer) {
+            Ok(actions) => self.apply(&mut state, actions),
+            Err(refusal) => {
+                state.links.remove(&key);
+                drop(state);
+                let code = match refusal {
+                    Refusal::SelfConnection => close::SELF_CONNECTION,
+                    Refusal::Unknown => close::NORMAL,
+                };
+                conn.close(code);
+                return Err(Error::Protocol {
+                    detail: "connection refused by membership",
                 });
             }
-            me.dialing.remove(&addr);
-        });
+        }
+        drop(state);
+        self.tasks.spawn(conn::write_control(
+            self.clone(),
+            conn.clone(),
+            control_tx,
+            control_queue,
+        ));
+        self.tasks
+            .spawn(conn::drive(self.clone(), conn, control_rx, acceptor));
+        Ok(())
     }
 
-    fn peer_info_remote(&self, reg: &Registration, endpoint: u64) -> PeerInfo {
-        let conn = self.conns.get(&endpoint).map(|c| c.value().clone());
-        let mut info = reg.peer_info(conn.as_ref().map(|c| c.listen), PeerState::Connected);
+    // ----- views -----
+
+    fn peer_info_remote(
+        reg: &Registration,
+        listen: SocketAddr,
+        conn: Option<&Arc<Conn>>,
+    ) -> PeerInfo {
+        let mut info = reg.peer_info(Some(listen), PeerState::Connected);
         info.rtt = conn
-            .map(|c| c.link().read().smoothed_rtt)
-            .filter(|d| !d.is_zero());
+            .map(|c| c.link().read())
+            .filter(|r| r.rtt_samples > 0)
+            .map(|r| r.smoothed_rtt);
         info
     }
 
@@ -539,54 +782,38 @@ impl Shared {
             .iter()
             .map(|l| l.reg.peer_info(Some(self.listen), PeerState::Connected))
             .collect();
-        out.extend(
-            self.remotes
-                .iter()
-                .map(|r| self.peer_info_remote(&r.reg, r.endpoint)),
-        );
+        let state = self.lock();
+        out.extend(state.registry.remote_agents().map(|(reg, listen, key)| {
+            let conn = state.links.get(&key).and_then(|l| l.conn.as_ref());
+            Self::peer_info_remote(reg, listen, conn)
+        }));
         out
     }
 
-    /// Tells every connected endpoint.
-    pub(crate) async fn tell_all(&self, msg: &Control) {
-        let conns: Vec<Arc<Conn>> = self.conns.iter().map(|c| c.value().clone()).collect();
-        for c in conns {
-            if let Err(e) = c.control(&self.codec, msg).await {
-                tracing::debug!(peer = %c.listen, error = %e, "control message not sent");
-            }
-        }
+    /// The connections in use, with their peer's listen address.
+    pub(crate) fn conns(&self) -> Vec<Arc<Conn>> {
+        let state = self.lock();
+        state
+            .registry
+            .active_conns()
+            .filter_map(|(key, _)| state.links.get(&key).and_then(|l| l.conn.clone()))
+            .collect()
     }
 
-    pub(crate) async fn shutdown(&self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        self.shutdown.cancel();
-        let conns: Vec<Arc<Conn>> = self.conns.iter().map(|c| c.value().clone()).collect();
-        for c in &conns {
-            c.handle.close(close::NORMAL.into());
-        }
-        let locals: Vec<AgentId> = self.locals.iter().map(|l| l.key().clone()).collect();
-        for id in locals {
-            self.locals.remove(&id);
-            self.publish(Event::PeerLeft(id));
-        }
-        let remotes: Vec<AgentId> = self.remotes.iter().map(|r| r.key().clone()).collect();
-        for id in remotes {
-            self.remotes.remove(&id);
-            self.publish(Event::PeerLeft(id));
-        }
-        self.conns.clear();
-        self.client.lock().unwrap_or_else(|p| p.into_inner()).take();
-        self.tasks.close();
-        self.tasks.wait().await;
+    pub(crate) fn connection_count(&self) -> usize {
+        self.lock().registry.active_conns().count()
+    }
+
+    /// Peer endpoints lost without a goodbye, recently.
+    pub(crate) fn unreachable(&self) -> usize {
+        self.lock()
+            .registry
+            .unreachable(Instant::now(), UNREACHABLE_MEMORY)
     }
 
     /// Whether a connection to the endpoint listening at `addr` is up.
     fn connected_to(&self, addr: SocketAddr) -> bool {
-        self.by_addr
-            .get(&addr)
-            .is_some_and(|e| self.conns.contains_key(&*e))
+        self.lock().registry.connected_to(addr)
     }
 
     /// Waits while the endpoint at `addr` stays connected. `true` when the connection ended,
@@ -610,8 +837,40 @@ impl Shared {
         !self.shutdown.is_cancelled()
     }
 
-    pub(crate) fn connection_count(&self) -> usize {
-        self.conns.len()
+    pub(crate) async fn shutdown(self: &Arc<Self>) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.shutdown.cancel();
+        let (conns, left) = {
+            let mut state = self.lock();
+            let actions = state.registry.clear();
+            let conns: Vec<Arc<Conn>> = state
+                .links
+                .values()
+                .filter_map(|l| l.conn.clone())
+                .collect();
+            // Everything still unacknowledged or waiting fails: nobody will deliver it now.
+            let mut left: Vec<Pending> = state.redelivery.drain();
+            for c in &conns {
+                left.extend(c.outbox.close());
+            }
+            state.links.clear();
+            for a in actions {
+                if let Action::Publish(e) = a {
+                    self.publish(e);
+                }
+            }
+            (conns, left)
+        };
+        for c in &conns {
+            c.close(close::NORMAL);
+        }
+        outbox::failed(&self.events, left, outbox::orphan_reason);
+        self.locals.clear();
+        self.client.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 }
 
@@ -648,6 +907,76 @@ async fn announce_rejections(
             },
         }
     }
+}
+
+/// Reports failed what waited for redelivery past its deadline.
+async fn sweep_deadlines(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let expired = shared
+            .lock()
+            .redelivery
+            .expired(Instant::now(), shared.config.delivery_deadline);
+        if !expired.is_empty() {
+            tracing::info!(
+                n = expired.len(),
+                "messages not delivered by their deadline"
+            );
+            outbox::failed(&shared.events, expired, outbox::orphan_reason);
+        }
+    }
+}
+
+/// Hands what waits for `to` to the redelivery handler, oldest first, until it is all
+/// delivered, the handler cannot deliver, or `to` became reachable again here (the rest then
+/// goes over that connection).
+async fn hand_over(shared: Arc<Shared>, handler: Arc<dyn Redeliver>, to: AgentId) {
+    loop {
+        let next = {
+            let mut state = shared.lock();
+            if state.registry.route(&to).is_some() {
+                state.redelivery.end_handoff(&to);
+                shared.redeliver_now(&mut state, &to);
+                None
+            } else {
+                match state.redelivery.pop(&to) {
+                    Some(p) => Some(p),
+                    None => {
+                        state.redelivery.end_handoff(&to);
+                        None
+                    }
+                }
+            }
+        };
+        let Some(p) = next else { break };
+        let p = match p.redelivered() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot re-encode a message");
+                continue;
+            }
+        };
+        let attempt = tokio::select! {
+            () = shared.shutdown.cancelled() => Err(Error::Shutdown),
+            r = handler.redeliver(p.envelope.clone()) => r,
+        };
+        match attempt {
+            Ok(()) => outbox::delivered(p),
+            Err(e) => {
+                tracing::debug!(agent = %to, error = %e, "redelivery handler cannot deliver; waiting for a connection");
+                let mut state = shared.lock();
+                state.redelivery.unpop(p);
+                state.redelivery.end_handoff(&to);
+                break;
+            }
+        }
+    }
+    shared.handoffs.notify_waiters();
 }
 
 /// Keeps dialing a bootstrap peer until connected, backing off, until shutdown.
@@ -710,7 +1039,7 @@ pub(crate) fn connection_error(
         && u64::from(error) == u64::from(close::VERSION_MISMATCH)
     {
         return Error::Protocol {
-            detail: "the peer does not speak this protocol version (aqe/1)",
+            detail: "the peer does not speak this protocol version (aqe/2)",
         };
     }
     match e {
@@ -775,7 +1104,7 @@ mod tests {
         let shared = Shared::bind(config).await.expect("bind");
         let good = Hello {
             endpoint: shared.id ^ 1,
-            ..shared.hello()
+            ..shared.hello(0, 0, vec![], vec![])
         };
         assert!(shared.check(&good).is_ok());
         let (code, err) = shared
@@ -790,7 +1119,7 @@ mod tests {
                 err,
                 Error::UnsupportedVersion {
                     found: 9,
-                    supported: 1
+                    supported: PROTOCOL_VERSION
                 }
             ),
             "{err}"
@@ -829,7 +1158,7 @@ mod tests {
     #[test]
     fn token_comparison() {
         assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
     }
 }

@@ -6,15 +6,22 @@
 //! is explicit here: a requester that gives up sends [`Up::Cancel`], a responder that goes
 //! away answers [`Down::Dropped`]. Requests larger than [`LANE_MAX_PAYLOAD`] still take a
 //! stream of their own, so that a large request never holds back the small ones behind it.
+//!
+//! Each direction of a lane has one writer task that owns its half of the stream and writes
+//! what accumulated in one write per wake-up; requesters and responders only enqueue. A
+//! responder holds at most [`LANE_MAX_IN_FLIGHT`] requests of a lane in hand at once and
+//! answers [`Down::Busy`] beyond that, so a peer cannot make it queue work without limit.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::BytesMut;
 use dashmap::DashMap;
 use s2n_quic::stream::SendStream;
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -22,12 +29,16 @@ use aqe_core::{
     AgentId, Envelope, Error, FrameCodec, Inbound, MessageId, Respond, Result, SendFailure,
 };
 
-use crate::conn::{Conn, admit, deliver_reliably};
-use crate::endpoint::{Local, Shared};
+use crate::conn::{Conn, admit};
+use crate::endpoint::Shared;
 use crate::wire::FrameReader;
 
 /// Requests with larger payloads get a stream of their own.
 pub(crate) const LANE_MAX_PAYLOAD: usize = 16 * 1024;
+/// Requests of one lane a responder holds in hand (queued or running) at once.
+pub(crate) const LANE_MAX_IN_FLIGHT: usize = 1024;
+/// Frames a lane writer sends in one write, at most.
+const LANE_BATCH: usize = 128;
 
 /// Requester to responder.
 #[derive(Debug, Serialize, Deserialize)]
@@ -47,14 +58,15 @@ pub(crate) enum Down {
     Refused(MessageId),
     /// The recipient dropped the request without answering (it stopped).
     Dropped(MessageId),
+    /// The responder holds too many of this lane's requests in hand; nothing was run.
+    Busy(MessageId),
 }
 
 /// The requesting half, one per connection.
 pub(crate) struct Lane {
-    send: tokio::sync::Mutex<SendStream>,
+    up: mpsc::UnboundedSender<Up>,
     pending: DashMap<MessageId, oneshot::Sender<Down>>,
     broken: AtomicBool,
-    codec: FrameCodec,
 }
 
 impl Lane {
@@ -62,17 +74,13 @@ impl Lane {
         self.broken.load(Ordering::Acquire)
     }
 
-    async fn send(&self, frame: &Up) -> Result<()> {
-        let bytes = self.codec.encode_to_bytes(frame)?;
-        self.send
-            .lock()
-            .await
-            .send(bytes)
-            .await
-            .map_err(|e| crate::wire::stream_error(0, e))
+    /// Whether no request awaits an answer.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.pending.is_empty()
     }
 
-    /// Opens the lane on `conn`: its stream, and the task that routes answers to requests.
+    /// Opens the lane on `conn`: its stream, its writer, and the task that routes answers to
+    /// requests.
     pub(crate) async fn open(shared: &Arc<Shared>, conn: &Conn) -> Result<Arc<Lane>> {
         let stream = conn
             .handle
@@ -83,12 +91,20 @@ impl Lane {
         let (recv, mut send) = stream.split();
         let preamble = shared.codec.encode_to_bytes(&crate::wire::Preamble::Lane)?;
         send.send(preamble).await.map_err(|e| conn.lost(e))?;
+        let (up, rx) = mpsc::unbounded_channel();
         let lane = Arc::new(Lane {
-            send: tokio::sync::Mutex::new(send),
+            up,
             pending: DashMap::new(),
             broken: AtomicBool::new(false),
-            codec: shared.codec,
         });
+        let timeout = shared.config.send_timeout;
+        shared.tasks.spawn(write_frames(
+            send,
+            rx,
+            shared.codec,
+            timeout,
+            shared.shutdown.clone(),
+        ));
         shared.tasks.spawn(route_answers(
             lane.clone(),
             FrameReader::new(recv, shared.codec),
@@ -101,7 +117,7 @@ impl Lane {
     /// request if dropped before the answer.
     pub(crate) async fn request(
         self: &Arc<Self>,
-        tasks: &TaskTracker,
+        _tasks: &TaskTracker,
         envelope: Envelope,
     ) -> Result<(oneshot::Receiver<Down>, Pending)> {
         let id = envelope.id;
@@ -110,10 +126,14 @@ impl Lane {
         let guard = Pending {
             lane: self.clone(),
             id,
-            tasks: tasks.clone(),
             armed: true,
         };
-        self.send(&Up::Request(envelope)).await?;
+        self.up
+            .send(Up::Request(envelope))
+            .map_err(|_| Error::Stream {
+                stream: aqe_core::StreamId(0),
+                reason: aqe_core::StreamFailure::ClosedByPeer,
+            })?;
         Ok((rx, guard))
     }
 }
@@ -122,7 +142,6 @@ impl Lane {
 pub(crate) struct Pending {
     lane: Arc<Lane>,
     id: MessageId,
-    tasks: TaskTracker,
     armed: bool,
 }
 
@@ -140,10 +159,51 @@ impl Drop for Pending {
         }
         self.lane.pending.remove(&self.id);
         if !self.lane.is_broken() {
-            let (lane, id) = (self.lane.clone(), self.id);
-            self.tasks.spawn(async move {
-                let _ = lane.send(&Up::Cancel(id)).await;
-            });
+            let _ = self.lane.up.send(Up::Cancel(self.id));
+        }
+    }
+}
+
+/// Writes the frames of one direction of a lane as they come, all that accumulated in one
+/// write. Ends when its queue is dropped, at shutdown, or when a write fails or cannot
+/// complete within `timeout` (the peer stopped reading: the lane is abandoned, its stream
+/// reset, and waiting requests fail).
+///
+/// The queue is unbounded because each entry stands for a request (or its answer) already
+/// bounded elsewhere: requesters wait for their answers with a timeout, and responders hold
+/// at most [`LANE_MAX_IN_FLIGHT`] requests.
+async fn write_frames<T: Serialize>(
+    mut send: SendStream,
+    mut rx: mpsc::UnboundedReceiver<T>,
+    codec: FrameCodec,
+    timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(LANE_BATCH);
+    let mut buf = BytesMut::new();
+    loop {
+        let n = tokio::select! {
+            () = shutdown.cancelled() => return,
+            n = rx.recv_many(&mut batch, LANE_BATCH) => n,
+        };
+        if n == 0 {
+            let _ = send.finish();
+            return;
+        }
+        buf.clear();
+        for frame in batch.drain(..) {
+            if let Err(e) = codec.encode(&frame, &mut buf) {
+                tracing::error!(error = %e, "cannot encode a lane frame");
+            }
+        }
+        match tokio::time::timeout(timeout, send.send(buf.split().freeze())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tracing::warn!("lane blocked for the send timeout; abandoning it");
+                let _ = send.reset(crate::wire::reset::CANCELLED.into());
+                return;
+            }
         }
     }
 }
@@ -159,7 +219,7 @@ async fn route_answers(lane: Arc<Lane>, mut reader: FrameReader, shutdown: Cance
                 Some(id) => (id, Down::Response(env)),
                 None => continue,
             },
-            Ok(Some(d @ (Down::Refused(id) | Down::Dropped(id)))) => (id, d),
+            Ok(Some(d @ (Down::Refused(id) | Down::Dropped(id) | Down::Busy(id)))) => (id, d),
             Ok(None) | Err(_) => break,
         };
         // An answer nobody waits for any more (timed out) is discarded.
@@ -179,20 +239,15 @@ pub(crate) async fn serve(
     mut reader: FrameReader,
     send: SendStream,
 ) -> Result<()> {
-    let send = Arc::new(tokio::sync::Mutex::new(send));
+    let (down, rx) = mpsc::unbounded_channel();
+    let writer = shared.tasks.spawn(write_frames(
+        send,
+        rx,
+        shared.codec,
+        shared.config.send_timeout,
+        shared.shutdown.clone(),
+    ));
     let cancels: Arc<DashMap<MessageId, CancellationToken>> = Arc::new(DashMap::new());
-    let down = |d: Down| {
-        let send = send.clone();
-        let codec = shared.codec;
-        async move {
-            let bytes = codec.encode_to_bytes(&d)?;
-            send.lock()
-                .await
-                .send(bytes)
-                .await
-                .map_err(|e| crate::wire::stream_error(0, e))
-        }
-    };
     let outcome = loop {
         let frame = tokio::select! {
             () = shared.shutdown.cancelled() => break Ok(()),
@@ -201,20 +256,22 @@ pub(crate) async fn serve(
         match frame {
             Ok(Some(Up::Request(envelope))) => {
                 let Some(local) = admit(&shared, &conn, &envelope) else {
-                    down(Down::Refused(envelope.id)).await?;
+                    let _ = down.send(Down::Refused(envelope.id));
                     continue;
                 };
+                if cancels.len() >= LANE_MAX_IN_FLIGHT {
+                    let _ = down.send(Down::Busy(envelope.id));
+                    continue;
+                }
                 let token = CancellationToken::new();
                 cancels.insert(envelope.id, token.clone());
                 let responder = LaneResponder {
                     id: envelope.id,
                     requester: envelope.from.clone(),
-                    send: send.clone(),
-                    codec: shared.codec,
+                    down: down.clone(),
                     local: local.clone(),
                     token,
                     cancels: cancels.clone(),
-                    tasks: shared.tasks.clone(),
                     answered: false,
                 };
                 let len = envelope.payload.len();
@@ -222,20 +279,12 @@ pub(crate) async fn serve(
                     envelope,
                     responder: aqe_core::Responder::new(responder),
                 };
-                // Never let one full inbox stall the lane for every other agent.
-                match local.inbox.try_reserve() {
-                    Ok(Some(permit)) => {
-                        local.stats.received(len);
-                        permit.send(item);
-                    }
-                    Ok(None) => {
-                        let shared = shared.clone();
-                        shared.tasks.clone().spawn(async move {
-                            deliver_reliably(&shared, &local, item, len).await;
-                        });
-                    }
-                    // The agent is stopping: dropping the item answers Dropped.
-                    Err(_) => drop(item),
+                // Never wait for room: one full inbox must not stall the lane for every
+                // other agent. What is in hand is bounded above.
+                if let Err((_, item)) = local.inbox.deliver_now(item, || local.stats.received(len))
+                {
+                    // The agent is stopping: dropping the request answers Dropped.
+                    item.abandon();
                 }
             }
             Ok(Some(Up::Cancel(id))) => {
@@ -251,6 +300,8 @@ pub(crate) async fn serve(
     for entry in cancels.iter() {
         entry.value().cancel();
     }
+    drop(down);
+    let _ = writer.await;
     outcome
 }
 
@@ -258,12 +309,10 @@ pub(crate) async fn serve(
 struct LaneResponder {
     id: MessageId,
     requester: AgentId,
-    send: Arc<tokio::sync::Mutex<SendStream>>,
-    codec: FrameCodec,
-    local: Arc<Local>,
+    down: mpsc::UnboundedSender<Down>,
+    local: Arc<aqe_core::local::LocalAgent>,
     token: CancellationToken,
     cancels: Arc<DashMap<MessageId, CancellationToken>>,
-    tasks: TaskTracker,
     answered: bool,
 }
 
@@ -280,8 +329,7 @@ impl Respond for LaneResponder {
             return Err(gone);
         }
         let len = response.payload.len();
-        let bytes = self.codec.encode_to_bytes(&Down::Response(response))?;
-        self.send.lock().await.send(bytes).await.map_err(|_| gone)?;
+        self.down.send(Down::Response(response)).map_err(|_| gone)?;
         self.local.stats.sent(len);
         Ok(())
     }
@@ -297,15 +345,9 @@ impl Drop for LaneResponder {
             return;
         }
         self.cancels.remove(&self.id);
-        if self.token.is_cancelled() {
-            return;
+        if !self.token.is_cancelled() {
+            // Tell the requester at once rather than let it time out.
+            let _ = self.down.send(Down::Dropped(self.id));
         }
-        // Tell the requester at once rather than let it time out.
-        let (send, codec, id) = (self.send.clone(), self.codec, self.id);
-        self.tasks.spawn(async move {
-            if let Ok(bytes) = codec.encode_to_bytes(&Down::Dropped(id)) {
-                let _ = send.lock().await.send(bytes).await;
-            }
-        });
     }
 }

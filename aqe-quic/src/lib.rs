@@ -21,8 +21,11 @@ mod conn;
 mod endpoint;
 #[cfg(test)]
 mod hostile;
+mod inflow;
 mod lane;
 mod link;
+mod outbox;
+mod registry;
 mod stream;
 mod tls;
 mod transport;

@@ -1,4 +1,9 @@
 //! Per-connection statistics from s2n-quic's event subscriber: RTT, congestion window, packets.
+//!
+//! RTT figures come from real samples only. s2n-quic reports its estimator's state on every
+//! transmission and acknowledgement, starting from an initial guess of 333 ms before anything
+//! was measured; a sample is counted when an ACK frame has been received and the latest RTT
+//! changed, so neither the initial guess nor repeated reports of one sample skew the figures.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +23,9 @@ pub(crate) struct LinkStats {
     min_rtt_us: AtomicU64,
     max_rtt_us: AtomicU64,
     latest_rtt_us: AtomicU64,
+    rtt_samples: AtomicU64,
+    rtt_sum_us: AtomicU64,
+    acks_received: AtomicU64,
     cwnd: AtomicU64,
     packets_sent: AtomicU64,
     packets_lost: AtomicU64,
@@ -27,6 +35,9 @@ pub(crate) struct LinkStats {
 /// A reading of [`LinkStats`].
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct LinkReading {
+    /// RTT samples measured so far; every RTT figure is zero while this is.
+    pub(crate) rtt_samples: u64,
+    pub(crate) rtt_sum: Duration,
     pub(crate) smoothed_rtt: Duration,
     pub(crate) min_rtt: Duration,
     pub(crate) max_rtt: Duration,
@@ -40,6 +51,8 @@ impl LinkStats {
     pub(crate) fn read(&self) -> LinkReading {
         let us = |a: &AtomicU64| Duration::from_micros(a.load(Ordering::Relaxed));
         LinkReading {
+            rtt_samples: self.rtt_samples.load(Ordering::Relaxed),
+            rtt_sum: us(&self.rtt_sum_us),
             smoothed_rtt: us(&self.smoothed_rtt_us),
             min_rtt: us(&self.min_rtt_us),
             max_rtt: us(&self.max_rtt_us),
@@ -47,6 +60,23 @@ impl LinkStats {
             cwnd: self.cwnd.load(Ordering::Relaxed),
             packets_sent: self.packets_sent.load(Ordering::Relaxed),
             packets_lost: self.packets_lost.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl LinkReading {
+    /// The RTT figures of this connection, from real samples.
+    pub(crate) fn rtt(&self) -> aqe_core::RttStats {
+        if self.rtt_samples == 0 {
+            return aqe_core::RttStats::default();
+        }
+        let avg = self.rtt_sum.as_nanos() / u128::from(self.rtt_samples);
+        aqe_core::RttStats {
+            samples: self.rtt_samples,
+            current: self.latest_rtt,
+            min: self.min_rtt,
+            max: self.max_rtt,
+            average: Duration::from_nanos(u64::try_from(avg).unwrap_or(u64::MAX)),
         }
     }
 }
@@ -84,15 +114,39 @@ impl Subscriber for StatsSubscriber {
         _meta: &ConnectionMeta,
         e: &events::RecoveryMetrics<'_>,
     ) {
-        let us = |d: Duration| d.as_micros() as u64;
-        ctx.smoothed_rtt_us
-            .store(us(e.smoothed_rtt), Ordering::Relaxed);
-        ctx.min_rtt_us.store(us(e.min_rtt), Ordering::Relaxed);
-        ctx.latest_rtt_us.store(us(e.latest_rtt), Ordering::Relaxed);
-        ctx.max_rtt_us
-            .fetch_max(us(e.latest_rtt), Ordering::Relaxed);
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         ctx.cwnd
             .store(u64::from(e.congestion_window), Ordering::Relaxed);
+        // Before any acknowledgement the estimator holds its initial guess, not a sample.
+        if ctx.acks_received.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let latest = us(e.latest_rtt);
+        let fresh = ctx.rtt_samples.load(Ordering::Relaxed) == 0
+            || ctx.latest_rtt_us.load(Ordering::Relaxed) != latest;
+        ctx.smoothed_rtt_us
+            .store(us(e.smoothed_rtt), Ordering::Relaxed);
+        if !fresh {
+            return;
+        }
+        ctx.latest_rtt_us.store(latest, Ordering::Relaxed);
+        let first = ctx.rtt_samples.fetch_add(1, Ordering::Relaxed) == 0;
+        ctx.rtt_sum_us.fetch_add(latest, Ordering::Relaxed);
+        ctx.max_rtt_us.fetch_max(latest, Ordering::Relaxed);
+        if first {
+            ctx.min_rtt_us.store(latest, Ordering::Relaxed);
+        } else {
+            ctx.min_rtt_us.fetch_min(latest, Ordering::Relaxed);
+        }
+    }
+
+    fn on_ack_range_received(
+        &mut self,
+        ctx: &mut Arc<LinkStats>,
+        _meta: &ConnectionMeta,
+        _e: &events::AckRangeReceived<'_>,
+    ) {
+        ctx.acks_received.fetch_add(1, Ordering::Relaxed);
     }
 
     fn on_packet_sent(

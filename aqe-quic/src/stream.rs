@@ -1,6 +1,7 @@
 //! QUIC-backed halves of the transport's stream and request traits.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -11,8 +12,8 @@ use aqe_core::{
     StreamId, StreamSink, StreamSource,
 };
 
-use crate::endpoint::Local;
 use crate::wire::{Chunk, FrameReader, reset};
+use aqe_core::local::LocalAgent as Local;
 
 /// Answers a request on the stream it came on.
 pub(crate) struct QuicResponder {
@@ -23,6 +24,7 @@ pub(crate) struct QuicResponder {
     requester: AgentId,
     /// The requester ended its side: it has given up.
     gone: bool,
+    send_timeout: Duration,
 }
 
 impl QuicResponder {
@@ -32,6 +34,7 @@ impl QuicResponder {
         codec: FrameCodec,
         local: Arc<Local>,
         requester: AgentId,
+        send_timeout: Duration,
     ) -> Self {
         Self {
             send,
@@ -40,6 +43,7 @@ impl QuicResponder {
             local,
             requester,
             gone: false,
+            send_timeout,
         }
     }
 }
@@ -56,7 +60,19 @@ impl Respond for QuicResponder {
         }
         let len = response.payload.len();
         let frame = self.codec.encode_to_bytes(&response)?;
-        self.send.send(frame).await.map_err(|_| gone)?;
+        // A requester that stopped reading cannot hold the answer (and its handler's slot)
+        // forever.
+        match tokio::time::timeout(self.send_timeout, self.send.send(frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(gone),
+            Err(_) => {
+                let _ = self.send.reset(reset::CANCELLED.into());
+                return Err(Error::SendFailed {
+                    to: self.requester.clone(),
+                    reason: SendFailure::QueueFull(self.send_timeout),
+                });
+            }
+        }
         let _ = self.send.finish();
         self.local.stats.sent(len);
         Ok(())
@@ -80,24 +96,29 @@ pub(crate) struct QuicSink {
     max_chunk: usize,
     finished: bool,
     local: Arc<Local>,
+    to: AgentId,
+    send_timeout: Duration,
 }
 
 impl QuicSink {
     pub(crate) fn new(
-        id: StreamId,
+        header: &aqe_core::StreamHeader,
         send: SendStream,
         codec: FrameCodec,
         max_chunk: usize,
         local: Arc<Local>,
+        send_timeout: Duration,
     ) -> Self {
         local.stats.stream_delta(true);
         Self {
-            id,
+            id: header.id,
             send,
             codec,
             max_chunk,
             finished: false,
             local,
+            to: header.to.clone(),
+            send_timeout,
         }
     }
 
@@ -125,7 +146,19 @@ impl StreamSink for QuicSink {
         }
         let len = data.len();
         let frame = self.codec.encode_to_bytes(&Chunk { data, fin })?;
-        if let Err(e) = self.send.send(frame).await {
+        let sent = match tokio::time::timeout(self.send_timeout, self.send.send(frame)).await {
+            Ok(r) => r,
+            // The reader is not reading. s2n-quic queues a chunk whole or not at all, so
+            // nothing of this frame was sent and the stream stays usable: the caller may
+            // write again.
+            Err(_) => {
+                return Err(Error::SendFailed {
+                    to: self.to.clone(),
+                    reason: SendFailure::QueueFull(self.send_timeout),
+                });
+            }
+        };
+        if let Err(e) = sent {
             self.finish();
             return Err(match e {
                 s2n_quic::stream::Error::ConnectionError { error, .. } => Error::Stream {

@@ -5,21 +5,29 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 
+use aqe_core::local::LocalAgent;
 use aqe_core::{
-    AgentId, BroadcastReport, Channel, Delivered, Delivery, Envelope, Error, Event, Inbound,
-    InboxSender, PeerInfo, PeerState, QuicConfig, Recipient, Registration, RemoteErrorKind, Result,
-    RttStats, SendFailure, Stats, StreamHeader, StreamSink, Transport, TransportKind,
+    AgentId, BroadcastReport, Channel, Delivered, Envelope, Error, Event, InboxSender, PeerInfo,
+    Recipient, Redeliver, Registration, Result, RttStats, Stats, StreamHeader, StreamSink,
+    Transport, TransportKind,
 };
 
-use crate::endpoint::{Local, Shared};
+use crate::conn::Conn;
+use crate::endpoint::Shared;
+use crate::outbox::{Lane, Pending};
 use crate::stream::QuicSink;
-use crate::wire::Control;
 
 /// A QUIC endpoint hosting any number of agents: one UDP socket to accept on (and one to
 /// dial from), one connection per remote endpoint carrying the traffic of every agent on
 /// both sides. Cloning gives another handle to the same endpoint.
+///
+/// Reliable messages are acknowledged end to end: `Ok` from [`Transport::send`] means the
+/// message is accepted, and it then ends either taken by its receiving agent or reported in
+/// [`Event::DeliveryFailed`]. A connection that ends with messages unacknowledged (its peer
+/// died, the network failed) hands them on: to the same agent over its next connection, or
+/// to the redelivery handler a fallback registered, within the delivery deadline.
 ///
 /// # Examples
 /// ```no_run
@@ -51,10 +59,11 @@ impl std::fmt::Debug for QuicTransport {
 pub struct LinkInfo {
     /// Where the remote endpoint listens.
     pub addr: SocketAddr,
-    /// Smoothed round-trip time.
-    pub rtt: Duration,
-    /// Smallest round-trip time seen.
-    pub min_rtt: Duration,
+    /// Round-trip times measured on the connection (real samples only).
+    pub rtt: RttStats,
+    /// Smoothed round-trip time, as QUIC's loss recovery estimates it (zero before the
+    /// first sample).
+    pub smoothed_rtt: Duration,
     /// Congestion window, in bytes.
     pub congestion_window: u64,
     /// Packets sent on the connection.
@@ -64,8 +73,8 @@ pub struct LinkInfo {
 }
 
 enum Target {
-    Here(Arc<Local>),
-    There(Arc<crate::conn::Conn>),
+    Here(Arc<LocalAgent>),
+    There(Arc<Conn>),
 }
 
 impl QuicTransport {
@@ -76,7 +85,7 @@ impl QuicTransport {
     /// # Errors
     /// [`Error::Configuration`] for invalid options or an address that cannot be bound;
     /// [`Error::Security`] when certificates cannot be loaded.
-    pub async fn bind(config: QuicConfig) -> Result<Self> {
+    pub async fn bind(config: aqe_core::QuicConfig) -> Result<Self> {
         Ok(Self {
             shared: Shared::bind(config).await?,
         })
@@ -88,7 +97,7 @@ impl QuicTransport {
     }
 
     /// Connects to the endpoint at `addr`, unless already connected: QUIC handshake (TLS 1.3,
-    /// ALPN `aqe/1`), then hellos (version, token, agents, known peers). Peers it knows are
+    /// ALPN `aqe/2`), then hellos (version, token, agents, known peers). Peers it knows are
     /// dialed in turn.
     ///
     /// # Errors
@@ -102,14 +111,18 @@ impl QuicTransport {
     /// Statistics of each connection to a remote endpoint, as QUIC measures them.
     pub fn links(&self) -> Vec<LinkInfo> {
         self.shared
-            .conns
+            .conns()
             .iter()
             .map(|c| {
                 let r = c.link().read();
                 LinkInfo {
                     addr: c.listen,
-                    rtt: r.smoothed_rtt,
-                    min_rtt: r.min_rtt,
+                    rtt: r.rtt(),
+                    smoothed_rtt: if r.rtt_samples > 0 {
+                        r.smoothed_rtt
+                    } else {
+                        Duration::ZERO
+                    },
                     congestion_window: r.cwnd,
                     packets_sent: r.packets_sent,
                     packets_lost: r.packets_lost,
@@ -123,92 +136,132 @@ impl QuicTransport {
         self.shared.connection_count()
     }
 
-    fn sender(&self, id: &AgentId) -> Result<Arc<Local>> {
+    fn sender(&self, id: &AgentId) -> Result<Arc<LocalAgent>> {
         self.shared.live()?;
         self.shared
-            .locals
-            .get(id)
-            .map(|l| l.value().clone())
+            .local(id)
             .ok_or_else(|| Error::PeerNotFound { peer: id.clone() })
     }
 
     /// Where `to` is, checking that it listens on `channel`.
     fn target(&self, to: &AgentId, channel: &aqe_core::ChannelName) -> Result<Target> {
-        let missing = || Error::ChannelNotFound {
-            channel: channel.clone(),
-            agent: to.clone(),
-        };
-        if let Some(local) = self.shared.locals.get(to).map(|l| l.value().clone()) {
-            return if local.reg.has_channel(channel) {
-                Ok(Target::Here(local))
-            } else {
-                Err(missing())
-            };
+        if let Some(local) = self.shared.local(to) {
+            local.listens(channel)?;
+            return Ok(Target::Here(local));
         }
-        let (remote, conn) = self
-            .shared
-            .route(to)
-            .ok_or_else(|| Error::PeerNotFound { peer: to.clone() })?;
-        if remote.reg.has_channel(channel) {
-            Ok(Target::There(conn))
-        } else {
-            Err(missing())
-        }
+        self.shared.route(to, channel).map(Target::There)
     }
 
-    /// Sends one envelope to one agent as its channel says, and counts it.
+    /// Sends one envelope to one agent as its channel says, and counts it. With `confirm`,
+    /// resolves once the receiver took it.
     async fn deliver(
         &self,
-        sender: &Local,
+        sender: &Arc<LocalAgent>,
         channel: &Channel,
         to: &AgentId,
         envelope: Envelope,
+        confirm: bool,
     ) -> Result<()> {
-        let send_timeout = self.shared.config.send_timeout;
+        let conn = match self.target(to, &channel.name) {
+            Ok(Target::Here(local)) => {
+                return self
+                    .shared
+                    .local_delivery
+                    .send(sender, &local, envelope, channel, confirm)
+                    .await;
+            }
+            Ok(Target::There(conn)) => conn,
+            Err(e @ Error::PeerNotFound { .. }) => {
+                // Messages accepted for this agent before its connection ended may be on
+                // their way through the fallback: whatever falls back after this error goes
+                // out after them.
+                self.shared
+                    .await_handoff(to, self.shared.config.send_timeout)
+                    .await;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         let len = envelope.payload.len();
-        let outcome = match self.target(to, &channel.name)? {
-            Target::Here(local) => {
-                let delivery = if channel.reliable {
-                    Delivery::Reliable(send_timeout)
-                } else {
-                    Delivery::Unreliable
-                };
-                match local.inbox.room(delivery).await? {
-                    Some(permit) => {
-                        local.stats.received(len);
-                        permit.send(Inbound::Message(envelope));
-                        Delivered::Queued
-                    }
-                    None => Delivered::Dropped,
-                }
+        if !channel.reliable {
+            if confirm {
+                return Err(Error::Unsupported {
+                    operation: "a confirmed send on an unreliable channel (nothing is acknowledged there)",
+                });
             }
-            Target::There(conn) if !channel.reliable => {
-                conn.send_datagram(self.shared.codec.encode_to_bytes(&envelope)?)?
+            match conn.send_datagram(self.shared.codec.encode_to_bytes(&envelope)?)? {
+                Delivered::Queued | Delivered::Duplicate => sender.stats.sent(len),
+                Delivered::Dropped => sender.stats.dropped(),
             }
-            Target::There(conn) => {
-                let codec = &self.shared.codec;
-                let send = async {
-                    if channel.ordered {
-                        conn.send_ordered(codec, &channel.name, codec.encode_to_bytes(&envelope)?)
-                            .await
-                    } else {
-                        conn.send_message(codec, &envelope).await
-                    }
-                };
-                tokio::time::timeout(send_timeout, send)
-                    .await
-                    .map_err(|_| Error::SendFailed {
-                        to: to.clone(),
-                        reason: SendFailure::QueueFull(send_timeout),
-                    })??;
-                Delivered::Queued
+            return Ok(());
+        }
+        let send_timeout = self.shared.config.send_timeout;
+        conn.outbox
+            .admit(to, send_timeout, || conn.lost("the connection ended"))
+            .await?;
+        let body = match aqe_core::encode(&envelope) {
+            Ok(b) => b,
+            Err(e) => {
+                conn.outbox.release(to);
+                return Err(e);
             }
         };
-        match outcome {
-            Delivered::Queued => sender.stats.sent(len),
-            Delivered::Dropped => sender.stats.dropped(),
+        let (done, confirmed) = if confirm {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let lane = if channel.ordered {
+            Lane::Ordered(channel.name.clone())
+        } else {
+            Lane::Unordered
+        };
+        sender.stats.accepted();
+        let pending = Pending {
+            envelope,
+            body,
+            lane,
+            accepted: Instant::now(),
+            in_doubt: false,
+            seq: 0,
+            written: None,
+            stats: sender.stats.clone(),
+            confirm: done,
+        };
+        if conn.enqueue(&self.shared, pending, true).is_err() {
+            sender.stats.unaccepted();
+            return Err(conn.lost("the connection ended"));
         }
-        Ok(())
+        sender.stats.sent(len);
+        let Some(confirmed) = confirmed else {
+            return Ok(());
+        };
+        // Every accepted message is settled by its deadline at the latest (acknowledged,
+        // reported unprocessed, or failed once redelivery gave up); a receiver that holds it
+        // longer in its handler makes this time out, the message still on its way.
+        let wait = self.shared.config.delivery_deadline + send_timeout;
+        match tokio::time::timeout(wait, confirmed).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(Error::Shutdown),
+            Err(_) => Err(Error::Timeout {
+                after: wait,
+                attempts: 1,
+            }),
+        }
+    }
+
+    async fn send_as(&self, envelope: Envelope, confirm: bool) -> Result<()> {
+        let sender = self.sender(&envelope.from)?;
+        let channel = sender
+            .reg
+            .check_outgoing(&envelope.channel, envelope.payload.len())?
+            .clone();
+        let to = envelope.target().cloned().ok_or(Error::Protocol {
+            detail: "a unicast operation needs exactly one recipient",
+        })?;
+        self.deliver(&sender, &channel, &to, envelope, confirm)
+            .await
     }
 }
 
@@ -219,52 +272,19 @@ impl Transport for QuicTransport {
     }
 
     async fn attach(&self, agent: Registration, inbox: InboxSender) -> Result<()> {
-        self.shared.live()?;
-        agent.validate()?;
-        let info = agent.peer_info(Some(self.shared.listen), PeerState::Connected);
-        match self.shared.locals.entry(agent.id.clone()) {
-            dashmap::Entry::Occupied(_) => {
-                return Err(Error::Configuration {
-                    file: None,
-                    field: "id".to_owned(),
-                    message: format!("agent {} is already attached to this endpoint", agent.id),
-                });
-            }
-            dashmap::Entry::Vacant(v) => {
-                v.insert(Arc::new(Local {
-                    reg: agent.clone(),
-                    inbox,
-                    stats: Arc::default(),
-                }));
-            }
-        }
-        self.shared.publish(Event::PeerDiscovered(info));
-        self.shared.tell_all(&Control::Joined(agent)).await;
-        Ok(())
+        self.shared.attach(agent, inbox)
     }
 
     async fn detach(&self, agent: &AgentId) -> Result<()> {
-        self.shared
-            .locals
-            .remove(agent)
-            .ok_or_else(|| Error::PeerNotFound {
-                peer: agent.clone(),
-            })?;
-        self.shared.publish(Event::PeerLeft(agent.clone()));
-        self.shared.tell_all(&Control::Left(agent.clone())).await;
-        Ok(())
+        self.shared.detach(agent)
     }
 
     async fn send(&self, envelope: Envelope) -> Result<()> {
-        let sender = self.sender(&envelope.from)?;
-        let channel = sender
-            .reg
-            .check_outgoing(&envelope.channel, envelope.payload.len())?
-            .clone();
-        let to = envelope.target().cloned().ok_or(Error::Protocol {
-            detail: "a unicast operation needs exactly one recipient",
-        })?;
-        self.deliver(&sender, &channel, &to, envelope).await
+        self.send_as(envelope, false).await
+    }
+
+    async fn send_confirmed(&self, envelope: Envelope) -> Result<()> {
+        self.send_as(envelope, true).await
     }
 
     async fn request(&self, envelope: Envelope, timeout: Duration) -> Result<Envelope> {
@@ -274,44 +294,22 @@ impl Transport for QuicTransport {
         let to = envelope.target().cloned().ok_or(Error::Protocol {
             detail: "a request needs exactly one recipient",
         })?;
-        let started = Instant::now();
-        let response = match self.target(&to, &envelope.channel)? {
+        match self.target(&to, &envelope.channel)? {
             Target::Here(local) => {
-                let (responder, answer) =
-                    aqe_core::local::responder(envelope.from.clone(), local.stats.clone());
-                let exchange = async {
-                    let permit = local.inbox.reserve(timeout).await?;
-                    local.stats.received(len);
-                    permit.send(Inbound::Request {
-                        envelope,
-                        responder,
-                    });
-                    answer.await.map_err(|_| Error::Remote {
-                        agent: to.clone(),
-                        kind: RemoteErrorKind::Dropped,
-                        message: "the request was dropped without an answer".to_owned(),
-                    })
-                };
-                match tokio::time::timeout(timeout, exchange).await {
-                    Ok(Err(Error::SendFailed {
-                        reason: SendFailure::QueueFull(_),
-                        ..
-                    }))
-                    | Err(_) => {
-                        return Err(Error::Timeout {
-                            after: timeout,
-                            attempts: 1,
-                        });
-                    }
-                    Ok(r) => r?,
-                }
+                self.shared
+                    .local_delivery
+                    .request(&sender, &local, envelope, timeout)
+                    .await
             }
-            Target::There(conn) => conn.request(&self.shared, envelope, timeout).await?,
-        };
-        sender.stats.sent(len);
-        sender.stats.received(response.payload.len());
-        sender.stats.rtt_sample(started.elapsed());
-        Ok(response)
+            Target::There(conn) => {
+                let started = Instant::now();
+                let response = conn.request(&self.shared, envelope, timeout).await?;
+                sender.stats.sent(len);
+                sender.stats.received(response.payload.len());
+                sender.stats.rtt_sample(started.elapsed());
+                Ok(response)
+            }
+        }
     }
 
     async fn broadcast(&self, envelope: Envelope, targets: &[AgentId]) -> Result<BroadcastReport> {
@@ -325,7 +323,12 @@ impl Transport for QuicTransport {
             let mut copy = envelope.clone();
             copy.to = Recipient::Agent(to.clone());
             let (sender, channel) = (&sender, &channel);
-            async move { (to.clone(), self.deliver(sender, channel, to, copy).await) }
+            async move {
+                (
+                    to.clone(),
+                    self.deliver(sender, channel, to, copy, false).await,
+                )
+            }
         });
         Ok(BroadcastReport::from_outcomes(
             futures::future::join_all(sends).await,
@@ -341,20 +344,10 @@ impl Transport for QuicTransport {
         let send_timeout = self.shared.config.send_timeout;
         match self.target(&header.to, &channel.name)? {
             Target::Here(local) => {
-                let limits = aqe_core::local::LocalStreamLimits {
-                    max_chunk: channel.max_message_size,
-                    capacity: 64,
-                    send_timeout,
-                };
-                let (sink, incoming) = aqe_core::local::stream(
-                    header,
-                    limits,
-                    sender.stats.clone(),
-                    local.stats.clone(),
-                );
-                let _ = local
-                    .inbox
-                    .deliver(Inbound::Stream(incoming), Delivery::Reliable(send_timeout))
+                let sink = self
+                    .shared
+                    .local_delivery
+                    .open_stream(&sender, &local, header, &channel)
                     .await?;
                 Ok(Box::new(sink))
             }
@@ -366,14 +359,15 @@ impl Transport for QuicTransport {
                 .await
                 .map_err(|_| Error::SendFailed {
                     to: header.to.clone(),
-                    reason: SendFailure::QueueFull(send_timeout),
+                    reason: aqe_core::SendFailure::QueueFull(send_timeout),
                 })??;
                 Ok(Box::new(QuicSink::new(
-                    header.id,
+                    &header,
                     send,
                     self.shared.codec,
                     channel.max_message_size,
                     sender,
+                    send_timeout,
                 )))
             }
         }
@@ -384,34 +378,26 @@ impl Transport for QuicTransport {
     }
 
     /// The agent's message counters (bytes are payload bytes), with the QUIC figures of the
-    /// endpoint's connections: RTT (smoothed per connection; min and max over all), loss
-    /// (packets lost over packets sent) and congestion window (the largest).
+    /// endpoint's connections: RTT (real samples of every connection, combined), loss
+    /// (packets lost over packets sent), congestion window (the largest), and the peer
+    /// endpoints lost without a goodbye that have not come back.
     fn stats(&self, agent: &AgentId) -> Stats {
         let mut stats = self
             .shared
-            .locals
-            .get(agent)
+            .local(agent)
             .map(|l| l.stats.snapshot())
             .unwrap_or_default();
-        let links: Vec<_> = self.shared.conns.iter().map(|c| c.link().read()).collect();
-        let measured: Vec<_> = links.iter().filter(|l| !l.smoothed_rtt.is_zero()).collect();
-        if !measured.is_empty() {
-            let n = measured.len() as u32;
-            stats.rtt = RttStats {
-                samples: u64::from(n),
-                current: measured
-                    .iter()
-                    .map(|l| l.latest_rtt)
-                    .max()
-                    .unwrap_or_default(),
-                min: measured.iter().map(|l| l.min_rtt).min().unwrap_or_default(),
-                max: measured
-                    .iter()
-                    .map(|l| l.max_rtt.max(l.smoothed_rtt))
-                    .max()
-                    .unwrap_or_default(),
-                average: measured.iter().map(|l| l.smoothed_rtt).sum::<Duration>() / n,
-            };
+        let links: Vec<_> = self
+            .shared
+            .conns()
+            .iter()
+            .map(|c| c.link().read())
+            .collect();
+        let rtt = links
+            .iter()
+            .fold(RttStats::default(), |acc, l| acc.merge(l.rtt()));
+        if rtt.samples > 0 {
+            stats.rtt = rtt;
         }
         let (sent, lost) = links
             .iter()
@@ -420,11 +406,16 @@ impl Transport for QuicTransport {
             stats.packet_loss = stats.packet_loss.max(lost as f64 / sent as f64);
         }
         stats.congestion_window = links.iter().map(|l| l.cwnd).max().filter(|c| *c > 0);
+        stats.unreachable_peers = self.shared.unreachable() as u64;
         stats
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.shared.events.subscribe()
+    }
+
+    fn set_redelivery(&self, redeliver: Arc<dyn Redeliver>) {
+        self.shared.set_redelivery(redeliver);
     }
 
     async fn shutdown(&self) {

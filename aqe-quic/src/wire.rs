@@ -3,16 +3,16 @@
 
 use std::net::SocketAddr;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use aqe_core::{AgentId, ChannelName, Error, FrameCodec, Registration, Result, StreamHeader};
 
 /// The ALPN identifier of this protocol.
-pub(crate) const ALPN: &[u8] = b"aqe/1";
+pub(crate) const ALPN: &[u8] = b"aqe/2";
 /// The version carried in the hello; a peer with another version is refused.
-pub(crate) const PROTOCOL_VERSION: u8 = 1;
+pub(crate) const PROTOCOL_VERSION: u8 = 2;
 
 /// The first message on a connection, in both directions, on the first bidirectional stream
 /// (the control stream) opened by the dialer.
@@ -20,42 +20,85 @@ pub(crate) const PROTOCOL_VERSION: u8 = 1;
 pub(crate) struct Hello {
     /// [`PROTOCOL_VERSION`].
     pub(crate) version: u8,
-    /// The sender's endpoint id (random per endpoint; breaks ties between simultaneous dials).
+    /// The sender's endpoint id (random per endpoint).
     pub(crate) endpoint: u64,
+    /// Chosen by the dialer for this connection and echoed by the listener; with the dialer's
+    /// endpoint id it ranks the connections of one endpoint pair (the smallest is kept).
+    pub(crate) nonce: u64,
     /// Where the sender accepts connections.
     pub(crate) listen: SocketAddr,
     /// The shared token, when token authentication is on.
     pub(crate) token: Option<String>,
-    /// The agents the sender hosts.
+    /// The sender's membership generation: bumped by every attach and detach, carried by
+    /// `Joined` and `Left`; a receiver applies only what is newer than what it has.
+    pub(crate) generation: u64,
+    /// The agents the sender hosts, as of `generation`.
     pub(crate) agents: Vec<Registration>,
     /// Listen addresses of the other endpoints the sender is connected to (peer exchange).
     pub(crate) known: Vec<SocketAddr>,
+    /// Reliable messages the sender of this hello accepts unacknowledged per receiving agent
+    /// on this connection.
+    pub(crate) window: u32,
 }
 
-/// Membership updates, on the control stream after the hello.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Why reliable messages were not taken by their agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Unprocessed {
+    /// The receiving agent is not hosted here (it left, or never was), or lacks the channel.
+    NotHere,
+    /// The receiving agent stopped with the messages still queued.
+    Stopped,
+}
+
+/// Inclusive ranges of sequence numbers, `(first, last)`.
+pub(crate) type SeqRanges = Vec<(u64, u64)>;
+
+/// What each side sends on its half of the control stream after the hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum Control {
-    /// An agent started on the sender's endpoint.
-    Joined(Registration),
-    /// An agent stopped on the sender's endpoint.
-    Left(AgentId),
+    /// An agent started on the sender's endpoint, making its membership this generation.
+    Joined(u64, Registration),
+    /// An agent stopped on the sender's endpoint, making its membership this generation.
+    Left(u64, AgentId),
     /// The sender connected to these endpoints (peer exchange).
     Peers(Vec<SocketAddr>),
+    /// The reliable messages with these sequence numbers (the receiver's, on this
+    /// connection) were taken by their agents.
+    Ack(SeqRanges),
+    /// These will never be taken, for this reason.
+    Unprocessed(SeqRanges, Unprocessed),
+    /// A heartbeat; its number only tells heartbeats apart.
+    Ping(u64),
+    /// On a connection being retired: the sender needs nothing more from it (no request of
+    /// its own awaits an answer, no message of its own awaits an acknowledgement).
+    Drained,
 }
 
 /// The first frame of every stream other than the control stream: what the stream carries.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum Preamble {
-    /// Unidirectional, long-lived: envelopes of one ordered reliable channel, in order.
+    /// Unidirectional, long-lived: [`Sequenced`] envelopes of one ordered reliable channel,
+    /// in order.
     Channel(ChannelName),
-    /// Unidirectional: one envelope of an unordered reliable channel, then the end.
-    Message,
+    /// Unidirectional: [`Sequenced`] envelopes of unordered reliable channels (one of a pool
+    /// of streams, or a stream of its own for a large message).
+    Unordered,
     /// Bidirectional: the request envelope; the response envelope comes back on the same stream.
     Request,
     /// Unidirectional: an agent stream; [`Chunk`] frames follow.
     Stream(StreamHeader),
     /// Bidirectional, long-lived: the request lane (see `lane.rs`).
     Lane,
+}
+
+/// A reliable envelope with its sender's sequence number on this connection, by which the
+/// receiver acknowledges it. Its postcard encoding is the varint `seq` followed by the
+/// envelope's encoding, which lets the sender encode the envelope once and frame it again
+/// with a new number when it redelivers it (see [`sequenced_frame`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Sequenced {
+    pub(crate) seq: u64,
+    pub(crate) envelope: aqe_core::Envelope,
 }
 
 /// One piece of agent stream data.
@@ -83,13 +126,20 @@ pub(crate) mod close {
     pub(crate) const HELLO_TIMEOUT: u32 = 0x6;
     /// The peer connected to itself.
     pub(crate) const SELF_CONNECTION: u32 = 0x7;
+    /// Nothing was heard from the peer for the liveness timeout, or it stopped reading its
+    /// control stream: it is declared unreachable.
+    pub(crate) const UNRESPONSIVE: u32 = 0x8;
+    /// Another endpoint now listens at the peer's address (it restarted): this connection
+    /// is to an endpoint that no longer exists.
+    pub(crate) const REPLACED: u32 = 0x9;
 }
 
 /// Application codes for stream resets (RESET_STREAM, STOP_SENDING).
 pub(crate) mod reset {
-    /// The requester gave up on a request.
+    /// The requester or writer gave up.
     pub(crate) const CANCELLED: u32 = 0x10;
-    /// The receiver refused the stream (unknown agent or channel, bad preamble).
+    /// The receiver refused the stream (unknown agent or channel, bad preamble), or the
+    /// reader of an agent stream dropped it.
     pub(crate) const REFUSED: u32 = 0x11;
 }
 
@@ -111,6 +161,26 @@ impl<T: Serialize> ErasedFrame for T {
     fn encode_into(&self, codec: &FrameCodec, buf: &mut BytesMut) -> Result<()> {
         codec.encode(self, buf)
     }
+}
+
+/// The header of a [`Sequenced`] frame whose envelope encodes to `envelope_len` bytes: the
+/// frame length, the wire version and the varint `seq`. Sent before the envelope's bytes.
+pub(crate) fn sequenced_header(seq: u64, envelope_len: usize) -> Result<Bytes> {
+    let mut varint = [0u8; 10];
+    let seq_bytes = postcard::to_slice(&seq, &mut varint).map_err(|source| Error::Encode {
+        what: "sequence number",
+        source,
+    })?;
+    let len = 1 + seq_bytes.len() + envelope_len;
+    let len = u32::try_from(len).map_err(|_| Error::MessageTooLarge {
+        size: len,
+        max: aqe_core::MAX_FRAME_LEN,
+    })?;
+    let mut buf = BytesMut::with_capacity(5 + seq_bytes.len());
+    buf.put_u32(len);
+    buf.put_u8(aqe_core::WIRE_VERSION);
+    buf.put_slice(seq_bytes);
+    Ok(buf.freeze())
 }
 
 /// Reads frames off a QUIC receive stream.
@@ -179,5 +249,36 @@ pub(crate) fn stream_error(id: u64, e: s2n_quic::stream::Error) -> Error {
     Error::Stream {
         stream: aqe_core::StreamId(id),
         reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aqe_core::{Envelope, MessageKind, Recipient};
+
+    #[test]
+    fn a_sequenced_frame_is_its_header_then_the_envelope_encoding() {
+        let env = Envelope::new(
+            "a".into(),
+            Recipient::Agent("b".into()),
+            "coordination".into(),
+            MessageKind::Direct,
+            Bytes::from_static(b"hi"),
+        );
+        let codec = FrameCodec::default();
+        for seq in [0, 127, 128, 300, u64::MAX] {
+            let body = aqe_core::encode(&env).expect("encode");
+            let mut frame = BytesMut::new();
+            frame.extend_from_slice(&sequenced_header(seq, body.len()).expect("header"));
+            frame.extend_from_slice(&body);
+            let expected = codec
+                .encode_to_bytes(&Sequenced {
+                    seq,
+                    envelope: env.clone(),
+                })
+                .expect("encode");
+            assert_eq!(&frame[..], &expected[..], "seq {seq}");
+        }
     }
 }

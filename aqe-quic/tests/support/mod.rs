@@ -88,7 +88,7 @@ pub async fn next_message(inbox: &mut Inbox) -> aqe_core::Envelope {
         .await
         .expect("message in time")
     {
-        Some(Inbound::Message(e)) => e,
+        Some(Inbound::Message { envelope, .. }) => envelope,
         other => panic!("expected a message, got {other:?}"),
     }
 }

@@ -1,0 +1,158 @@
+//! Delivery receipts: how a transport learns that a reliable message reached its agent.
+//!
+//! Every reliable message a transport puts in an inbox carries a [`Receipt`]. The agent
+//! runtime drops the receipt once the message handler has returned (or at once when the agent
+//! has no message handler): dropping it *acknowledges* the message, and the transport then
+//! counts it delivered (over QUIC: it sends the acknowledgement to the sender). A receipt the
+//! agent could not honour (it stopped with the message still queued or in hand) is
+//! [abandoned](Receipt::abandon) instead, and the sender reports the message failed or
+//! delivers it again elsewhere.
+//!
+//! Acknowledging after the handler, not on arrival, is what makes a crash of the receiving
+//! process visible to the sender: what the handler had not finished is unconfirmed, never
+//! silently counted as delivered.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Where acknowledgements of many messages go; `token` tells them apart (a sequence number,
+/// say). Shared by the messages of one connection, so a receipt costs no allocation.
+pub trait AckSink: Send + Sync + 'static {
+    /// The agent took the message.
+    fn acknowledged(&self, token: u64);
+    /// The agent will never take the message: it stopped first.
+    fn abandoned(&self, token: u64);
+}
+
+/// What a one-off receipt does, for transports without a shared sink.
+pub trait AckOnce: Send + 'static {
+    /// The agent took the message.
+    fn acknowledged(self: Box<Self>);
+    /// The agent will never take the message.
+    fn abandoned(self: Box<Self>);
+}
+
+enum Inner {
+    None,
+    Shared(Arc<dyn AckSink>, u64),
+    Once(Box<dyn AckOnce>),
+}
+
+/// The acknowledgement of one reliable message; acknowledges when dropped.
+///
+/// `also` holds receipts of copies of the same message that arrived while it was still
+/// queued (a sender's redelivery after a connection failure): they are settled with it.
+#[must_use = "dropping a receipt acknowledges the message"]
+pub struct Receipt {
+    inner: Inner,
+    also: Vec<Receipt>,
+}
+
+impl Receipt {
+    /// A receipt nobody waits for (unreliable messages, messages made up by a test).
+    pub fn none() -> Self {
+        Self {
+            inner: Inner::None,
+            also: Vec::new(),
+        }
+    }
+
+    /// A receipt reporting to a shared sink under `token`.
+    pub fn shared(sink: Arc<dyn AckSink>, token: u64) -> Self {
+        Self {
+            inner: Inner::Shared(sink, token),
+            also: Vec::new(),
+        }
+    }
+
+    /// A receipt with its own handler.
+    pub fn once(handler: impl AckOnce) -> Self {
+        Self {
+            inner: Inner::Once(Box::new(handler)),
+            also: Vec::new(),
+        }
+    }
+
+    /// Whether anyone waits for this receipt (reliable messages).
+    pub fn is_tracked(&self) -> bool {
+        !matches!(self.inner, Inner::None)
+    }
+
+    /// Settles `other` (the receipt of a duplicate) together with this one.
+    pub fn join(&mut self, other: Receipt) {
+        self.also.push(other);
+    }
+
+    /// Marks the message as never taken: its agent stopped first.
+    pub fn abandon(mut self) {
+        self.settle(false);
+    }
+
+    fn settle(&mut self, taken: bool) {
+        match std::mem::replace(&mut self.inner, Inner::None) {
+            Inner::None => {}
+            Inner::Shared(sink, token) if taken => sink.acknowledged(token),
+            Inner::Shared(sink, token) => sink.abandoned(token),
+            Inner::Once(h) if taken => h.acknowledged(),
+            Inner::Once(h) => h.abandoned(),
+        }
+        for mut r in std::mem::take(&mut self.also) {
+            r.settle(taken);
+        }
+    }
+}
+
+impl Drop for Receipt {
+    fn drop(&mut self) {
+        self.settle(true);
+    }
+}
+
+impl fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.inner {
+            Inner::None => "none",
+            Inner::Shared(..) => "shared",
+            Inner::Once(_) => "once",
+        };
+        f.debug_struct("Receipt")
+            .field("kind", &kind)
+            .field("copies", &self.also.len())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Log(Mutex<Vec<(u64, bool)>>);
+
+    impl AckSink for Log {
+        fn acknowledged(&self, token: u64) {
+            self.0.lock().expect("lock").push((token, true));
+        }
+        fn abandoned(&self, token: u64) {
+            self.0.lock().expect("lock").push((token, false));
+        }
+    }
+
+    #[test]
+    fn drop_acknowledges_abandon_does_not_and_copies_follow() {
+        let log = Arc::new(Log::default());
+        drop(Receipt::shared(log.clone(), 1));
+        let mut r = Receipt::shared(log.clone(), 2);
+        r.join(Receipt::shared(log.clone(), 3));
+        r.abandon();
+        let mut r = Receipt::shared(log.clone(), 4);
+        r.join(Receipt::shared(log.clone(), 5));
+        drop(r);
+        assert!(!Receipt::none().is_tracked());
+        assert_eq!(
+            *log.0.lock().expect("lock"),
+            [(1, true), (2, false), (3, false), (4, true), (5, true)]
+        );
+    }
+}
