@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use aqe_core::{
     AgentId, BroadcastOptions, BroadcastReport, ChannelName, DiscoveryOptions, Envelope, Error,
-    ErrorBody, Event, Health, HealthThresholds, InboxSender, MessageKind, PeerInfo, PeerState,
-    RecentError, Recipient, Registration, RequestOptions, Result, Stats, StreamFailure,
+    ErrorBody, Event, Health, HealthThresholds, InboxSender, MessageId, MessageKind, PeerInfo,
+    PeerState, RecentError, Recipient, Registration, RequestOptions, Result, Stats, StreamFailure,
     StreamHeader, StreamId, StreamOptions, StreamSink, Timestamp, Transport,
 };
 
@@ -182,18 +182,24 @@ impl Agent {
         Ok(env)
     }
 
-    /// Sends `payload` to one agent on `channel`.
+    /// Sends `payload` to one agent on `channel`, and returns the message's id.
+    ///
+    /// On a reliable channel, `Ok` means the message was accepted for delivery: it then ends
+    /// either taken by the receiving agent, or reported in an [`Event::DeliveryFailed`]
+    /// naming this id (and counted in `Stats::messages_failed`).
+    /// [`Agent::send_confirmed`] waits for the first.
     ///
     /// # Errors
     /// [`Error::ChannelNotFound`] (this agent or the peer lacks the channel),
     /// [`Error::MessageTooLarge`], [`Error::PeerNotFound`], [`Error::SendFailed`] (a reliable
-    /// channel's receiver stayed full), connection errors, [`Error::Shutdown`].
+    /// channel's receiver stayed full), connection errors, [`Error::Shutdown`]. After an
+    /// error, the message was not accepted: nothing else will be reported about it.
     pub async fn send_to_agent<T: Serialize + ?Sized>(
         &self,
         to: &AgentId,
         payload: &T,
         channel: impl Into<ChannelName>,
-    ) -> Result<()> {
+    ) -> Result<MessageId> {
         let channel = channel.into();
         self.guarded(async {
             let env = self.envelope(
@@ -202,7 +208,8 @@ impl Agent {
                 MessageKind::Direct,
                 aqe_core::encode(payload)?,
             )?;
-            self.inner.transport.send(env).await
+            let id = env.id;
+            self.inner.transport.send(env).await.map(|()| id)
         })
         .await
     }

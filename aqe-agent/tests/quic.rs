@@ -243,3 +243,65 @@ async fn a_fleet_with_quic_definitions_shares_one_endpoint_per_address() {
         .await
         .expect("the caller's bus keeps running");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_timing_out_over_quic_is_answered_through_the_fallback_by_one_handler_run() {
+    let bus = Arc::new(EventBus::new());
+    let (qa, qb) = (quic().await, quic().await);
+    qa.connect(qb.local_addr()).await.expect("connect");
+    let fa = Fallback::new(Arc::new(qa.clone()), bus.clone(), FallbackPolicy::default());
+    let fb = Fallback::new(Arc::new(qb.clone()), bus.clone(), FallbackPolicy::default());
+    let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = runs.clone();
+    let slow = Agent::builder()
+        .id("slow")
+        .agent_type("analyzer")
+        .transport(fb)
+        .on_request(move |_a, req| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let n: u32 = req.decode()?;
+                // Longer than the requester's timeout: the request times out over QUIC and
+                // is sent again, with the same id, over the bus.
+                tokio::time::sleep(Duration::from_millis(450)).await;
+                Ok::<_, HandlerError>(n * 2)
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    let asker = Agent::builder()
+        .id("asker")
+        .agent_type("executor")
+        .transport(fa)
+        .start()
+        .await
+        .expect("start");
+    // Known over QUIC itself (the bus knows every local agent at once).
+    tokio::time::timeout(WAIT, async {
+        while !qa.peers().iter().any(|p| p.id.as_str() == "slow") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("slow discovered over QUIC");
+    let answer: u32 = asker
+        .request_from_agent(
+            slow.id(),
+            &21u32,
+            RequestOptions::default().with_timeout(Duration::from_millis(300)),
+        )
+        .await
+        .expect("answered");
+    assert_eq!(answer, 42);
+    // Let any second run show itself.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the handler ran more than once"
+    );
+    asker.shutdown().await;
+    slow.shutdown().await;
+}

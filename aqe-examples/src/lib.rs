@@ -3,7 +3,12 @@
 //! [`coordination::run`] drives the fleet defined in `aqe-examples/agents/` through the four
 //! patterns: hierarchical task distribution, peer-to-peer result sharing, request
 //! aggregation and metrics streaming. The `coordination-demo` binary prints its report.
+//!
+//! [`probe`] is the delivery probe (`aqe-probe`): a receiving agent that prints what it
+//! takes and a sender that accounts for everything it sends, run as separate processes by
+//! the delivery tests and by `cargo xtask lab`.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod coordination;
+pub mod probe;
 pub mod protocol;

@@ -259,6 +259,13 @@ impl Shared {
                         }
                     }
                 }
+                Action::HandOver(key) => {
+                    if let Some(conn) = state.links.get(&key).and_then(|l| l.conn.clone()) {
+                        for to in state.redelivery.add(conn.outbox.hand_over()) {
+                            self.redeliver_now(state, &to);
+                        }
+                    }
+                }
                 Action::Reachable { agent, conn } => self.flush(state, &agent, conn),
             }
         }

@@ -25,6 +25,8 @@ mod inflow;
 mod lane;
 mod link;
 mod outbox;
+#[cfg(test)]
+mod race;
 mod registry;
 mod stream;
 mod tls;

@@ -269,6 +269,19 @@ impl Outbox {
             .collect()
     }
 
+    /// The connection is retired while its peer lives on: no more pushes; what was
+    /// unacknowledged, in send order, to go out on the connection in use (not in doubt: the
+    /// peer's process still holds what arrived, and drops a copy of it).
+    pub(crate) fn hand_over(&self) -> Vec<Pending> {
+        let mut s = self.lock();
+        s.closed = true;
+        s.in_flight.clear();
+        let out = std::mem::take(&mut s.unacked).into_values().collect();
+        drop(s);
+        self.room.notify_waiters();
+        out
+    }
+
     /// Whether nothing awaits acknowledgement.
     pub(crate) fn is_empty(&self) -> bool {
         self.lock().unacked.is_empty()

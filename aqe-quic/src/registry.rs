@@ -58,6 +58,11 @@ pub(crate) enum Action {
     },
     /// This connection is gone: what was sent on it unacknowledged must be redelivered.
     Orphaned(ConnKey),
+    /// This connection is being retired while its peer lives on over another: what it holds
+    /// unacknowledged moves to the connection in use now, ahead of anything newer, so that
+    /// ordered channels stay ordered across the switch. The receiver drops copies that still
+    /// arrive over the retired one.
+    HandOver(ConnKey),
     /// This agent is reachable again over that connection: deliver what waits for it.
     Reachable { agent: AgentId, conn: ConnKey },
 }
@@ -236,11 +241,15 @@ impl Registry {
         {
             tracing::info!(addr = %hello.listen, "a new endpoint listens at a known address: the old one is gone");
             self.lose_endpoint(old, false, None, &mut actions);
+            // What it held unacknowledged is redelivered before anything newer can be routed
+            // to the new endpoint: in this same step.
+            self.conns.remove(&old_conn);
             actions.push(Action::Retire {
                 conn: old_conn,
                 code: close::REPLACED,
                 drain: false,
             });
+            actions.push(Action::Orphaned(old_conn));
         }
         self.unreachable.remove(&hello.listen);
         if let Some(c) = self.conns.get_mut(&key) {
@@ -271,6 +280,7 @@ impl Registry {
                     code: close::DUPLICATE,
                     drain: true,
                 });
+                actions.push(Action::HandOver(retire));
                 self.apply_snapshot(hello.endpoint, hello.generation, hello.agents, &mut actions);
             }
             _ => {
@@ -656,7 +666,10 @@ mod tests {
                     }
                     Action::Publish(e) => self.events.push(e),
                     Action::Retire { conn, .. } => self.retired.push(conn),
-                    Action::Dial(_) | Action::Orphaned(_) | Action::Reachable { .. } => {}
+                    Action::Dial(_)
+                    | Action::Orphaned(_)
+                    | Action::HandOver(_)
+                    | Action::Reachable { .. } => {}
                 }
             }
         }
@@ -874,6 +887,7 @@ mod tests {
             }),
             "{actions:?}"
         );
+        assert!(actions.contains(&Action::HandOver(k1)), "{actions:?}");
         assert!(r.is_active(k2) && !r.is_active(k1));
         assert_eq!(r.route(&"x".into()).map(|(k, ..)| k), Some(k2));
         // The retired one ending changes nothing: the endpoint is still reachable.
@@ -892,13 +906,21 @@ mod tests {
         let actions = r
             .on_hello(k2, hello(77, 900, 1, &["x"]))
             .expect("restarted");
+        let at = |a: Action| actions.iter().position(|b| *b == a);
+        let retire = at(Action::Retire {
+            conn: k1,
+            code: close::REPLACED,
+            drain: false,
+        });
+        let orphan = at(Action::Orphaned(k1));
+        let reach = at(Action::Reachable {
+            agent: "x".into(),
+            conn: k2,
+        });
+        assert!(retire.is_some(), "{actions:?}");
         assert!(
-            actions.contains(&Action::Retire {
-                conn: k1,
-                code: close::REPLACED,
-                drain: false
-            }),
-            "{actions:?}"
+            orphan.is_some() && reach.is_some() && orphan < reach,
+            "what the old connection held goes out before x is reachable again: {actions:?}"
         );
         assert!(actions.contains(&Action::Publish(Event::PeerLeft("y".into()))));
         // x left with the old endpoint and is back with the new one, reachable over k2.

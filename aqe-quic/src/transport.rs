@@ -72,6 +72,9 @@ pub struct LinkInfo {
     pub packets_lost: u64,
 }
 
+/// How many times a send routes again when its connection ends under it.
+const ROUTE_ATTEMPTS: usize = 4;
+
 enum Target {
     Here(Arc<LocalAgent>),
     There(Arc<Conn>),
@@ -89,6 +92,11 @@ impl QuicTransport {
         Ok(Self {
             shared: Shared::bind(config).await?,
         })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn from_shared(shared: Arc<Shared>) -> Self {
+        Self { shared }
     }
 
     /// Where this endpoint accepts connections.
@@ -162,50 +170,109 @@ impl QuicTransport {
         envelope: Envelope,
         confirm: bool,
     ) -> Result<()> {
-        let conn = match self.target(to, &channel.name) {
-            Ok(Target::Here(local)) => {
-                return self
-                    .shared
-                    .local_delivery
-                    .send(sender, &local, envelope, channel, confirm)
-                    .await;
-            }
-            Ok(Target::There(conn)) => conn,
-            Err(e @ Error::PeerNotFound { .. }) => {
-                // Messages accepted for this agent before its connection ended may be on
-                // their way through the fallback: whatever falls back after this error goes
-                // out after them.
-                self.shared
-                    .await_handoff(to, self.shared.config.send_timeout)
-                    .await;
-                return Err(e);
-            }
-            Err(e) => return Err(e),
-        };
-        let len = envelope.payload.len();
-        if !channel.reliable {
-            if confirm {
-                return Err(Error::Unsupported {
-                    operation: "a confirmed send on an unreliable channel (nothing is acknowledged there)",
-                });
-            }
-            match conn.send_datagram(self.shared.codec.encode_to_bytes(&envelope)?)? {
-                Delivered::Queued | Delivered::Duplicate => sender.stats.sent(len),
-                Delivered::Dropped => sender.stats.dropped(),
-            }
-            return Ok(());
-        }
         let send_timeout = self.shared.config.send_timeout;
-        conn.outbox
-            .admit(to, send_timeout, || conn.lost("the connection ended"))
-            .await?;
-        let body = match aqe_core::encode(&envelope) {
-            Ok(b) => b,
-            Err(e) => {
-                conn.outbox.release(to);
-                return Err(e);
+        let deadline = tokio::time::Instant::now() + send_timeout;
+        let mut envelope = envelope;
+        // A connection can end or be retired between routing and enqueueing (its peer is
+        // then reachable over another, or not at all): route again rather than fail.
+        for _ in 0..ROUTE_ATTEMPTS {
+            let conn = match self.target(to, &channel.name) {
+                Ok(Target::Here(local)) => {
+                    return self
+                        .shared
+                        .local_delivery
+                        .send(sender, &local, envelope, channel, confirm)
+                        .await;
+                }
+                Ok(Target::There(conn)) => conn,
+                Err(e @ Error::PeerNotFound { .. }) => {
+                    // Messages accepted for this agent before its connection ended may be on
+                    // their way through the fallback: whatever falls back after this error
+                    // goes out after them.
+                    self.shared.await_handoff(to, send_timeout).await;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            if !channel.reliable {
+                return self.send_unreliable(sender, &conn, envelope, confirm);
             }
-        };
+            let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match conn
+                .outbox
+                .admit(to, wait, || conn.lost("the connection ended"))
+                .await
+            {
+                Ok(()) => {}
+                Err(Error::ConnectionLost { .. }) => continue,
+                Err(Error::SendFailed {
+                    to,
+                    reason: aqe_core::SendFailure::QueueFull(_),
+                }) => {
+                    return Err(Error::SendFailed {
+                        to,
+                        reason: aqe_core::SendFailure::QueueFull(send_timeout),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+            let pending = match self.pending(sender, channel, envelope, confirm) {
+                Ok(p) => p,
+                Err(e) => {
+                    conn.outbox.release(to);
+                    return Err(e);
+                }
+            };
+            let (pending, confirmed) = pending;
+            let len = pending.envelope.payload.len();
+            sender.stats.accepted();
+            match conn.enqueue(&self.shared, pending, true) {
+                Ok(()) => {
+                    sender.stats.sent(len);
+                    return match confirmed {
+                        None => Ok(()),
+                        Some(rx) => self.await_confirmation(rx).await,
+                    };
+                }
+                Err(p) => {
+                    sender.stats.unaccepted();
+                    envelope = p.envelope;
+                }
+            }
+        }
+        Err(Error::PeerNotFound { peer: to.clone() })
+    }
+
+    /// Unreliable: one datagram, never waiting; a full queue drops it and counts the drop.
+    fn send_unreliable(
+        &self,
+        sender: &LocalAgent,
+        conn: &Conn,
+        envelope: Envelope,
+        confirm: bool,
+    ) -> Result<()> {
+        if confirm {
+            return Err(Error::Unsupported {
+                operation: "a confirmed send on an unreliable channel (nothing is acknowledged there)",
+            });
+        }
+        let len = envelope.payload.len();
+        match conn.send_datagram(self.shared.codec.encode_to_bytes(&envelope)?)? {
+            Delivered::Queued | Delivered::Duplicate => sender.stats.sent(len),
+            Delivered::Dropped => sender.stats.dropped(),
+        }
+        Ok(())
+    }
+
+    /// A reliable message ready to be enqueued, and the receiver of its confirmation.
+    fn pending(
+        &self,
+        sender: &LocalAgent,
+        channel: &Channel,
+        envelope: Envelope,
+        confirm: bool,
+    ) -> Result<(Pending, Option<oneshot::Receiver<Result<()>>>)> {
+        let body = aqe_core::encode(&envelope)?;
         let (done, confirmed) = if confirm {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
@@ -217,7 +284,6 @@ impl QuicTransport {
         } else {
             Lane::Unordered
         };
-        sender.stats.accepted();
         let pending = Pending {
             envelope,
             body,
@@ -229,18 +295,15 @@ impl QuicTransport {
             stats: sender.stats.clone(),
             confirm: done,
         };
-        if conn.enqueue(&self.shared, pending, true).is_err() {
-            sender.stats.unaccepted();
-            return Err(conn.lost("the connection ended"));
-        }
-        sender.stats.sent(len);
-        let Some(confirmed) = confirmed else {
-            return Ok(());
-        };
-        // Every accepted message is settled by its deadline at the latest (acknowledged,
-        // reported unprocessed, or failed once redelivery gave up); a receiver that holds it
-        // longer in its handler makes this time out, the message still on its way.
-        let wait = self.shared.config.delivery_deadline + send_timeout;
+        Ok((pending, confirmed))
+    }
+
+    /// Waits for a confirmed message's receipt. Every accepted message is settled by its
+    /// deadline at the latest (acknowledged, reported unprocessed, or failed once redelivery
+    /// gave up); a receiver that holds it longer in its handler makes this time out, the
+    /// message still on its way.
+    async fn await_confirmation(&self, confirmed: oneshot::Receiver<Result<()>>) -> Result<()> {
+        let wait = self.shared.config.delivery_deadline + self.shared.config.send_timeout;
         match tokio::time::timeout(wait, confirmed).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(Error::Shutdown),

@@ -95,3 +95,46 @@ async fn a_large_unordered_message_does_not_hold_back_a_small_one() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_thousand_unordered_sends_are_all_delivered_without_a_false_error() {
+    const N: u32 = 20_000;
+    let a = endpoint(config()).await;
+    let b = endpoint(config()).await;
+    let _ia = attach(&a, "a").await;
+    let mut ib = attach(&b, "b").await;
+    a.connect(b.local_addr()).await.expect("connect");
+    await_peer(&a, "b").await;
+    let reader = tokio::spawn(async move {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..N {
+            let e = next_message(&mut ib).await;
+            let n = u32::from_be_bytes(e.payload[..4].try_into().expect("4 bytes"));
+            assert!(seen.insert(n), "message {n} delivered twice");
+        }
+        seen.len()
+    });
+    let mut errors = Vec::new();
+    for i in 0..N {
+        if let Err(e) = a.send(msg("results", i.to_be_bytes().to_vec())).await {
+            errors.push((i, e.to_string()));
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "{} sends failed, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert_eq!(reader.await.expect("reader"), N as usize);
+    // Every message acknowledged, none failed.
+    tokio::time::timeout(WAIT, async {
+        while a.stats(&"a".into()).messages_unconfirmed > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("all confirmed");
+    let s = a.stats(&"a".into());
+    assert_eq!((s.messages_failed, s.messages_sent), (0, u64::from(N)));
+}

@@ -1,5 +1,9 @@
 //! The repository's own tools.
 //!
+//! `cargo xtask lab`: aqe between separate processes in network namespaces, under 0 to 10 %
+//! packet loss and with a receiver killed by SIGKILL; prints sent / received / duplicated /
+//! reordered / failed per scenario (root only; see `lab.rs`).
+//!
 //! `cargo xtask bench [criterion args]`: runs the latency benchmarks (pinned to CPU 0 with
 //! `taskset` when available, since a wake-up that crosses CPUs costs tens of microseconds on a
 //! small VM), then prints each median with its ratio to the floor measured in the same run,
@@ -9,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
+
+mod lab;
 
 /// What each measurement is compared with: (benchmark, floor, what it shows).
 const COMPARISONS: &[(&str, &str, &str)] = &[
@@ -55,7 +61,8 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
-        _ => bail!("usage: cargo xtask bench [criterion arguments]"),
+        Some("lab") => lab::lab(&workspace_root()),
+        _ => bail!("usage: cargo xtask bench [criterion arguments] | cargo xtask lab"),
     }
 }
 

@@ -1,0 +1,331 @@
+//! A probe for delivery checks across processes and hosts.
+//!
+//! - [`write_certs`] makes a fleet CA and a node certificate valid for the given names.
+//! - [`receive`] runs a receiving agent that prints one line per message it takes, *before*
+//!   its handler returns (so before the message is acknowledged): `M <channel> <n>
+//!   <redelivered>`. A process killed at any moment has printed everything it acknowledged.
+//! - [`send`] runs a sender that accounts for every message: accepted (then confirmed or
+//!   reported failed) or refused at once.
+//!
+//! The delivery tests run the receiver as a separate process and kill it with SIGKILL;
+//! `cargo xtask lab` runs both in network namespaces with packet loss. Payloads are a `u32`
+//! counter, so that every line names the message it is about.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use aqe_agent::{Agent, HandlerError, QuicTransport};
+use aqe_core::{
+    AgentId, ChannelName, DeliveryFailure, Event, MessageId, QuicConfig, RequestOptions,
+    SecurityConfig,
+};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tokio::io::AsyncWriteExt;
+
+/// File names in a certificate directory.
+pub const CA_FILE: &str = "ca.pem";
+/// The node certificate (server and client use).
+pub const CERT_FILE: &str = "node.pem";
+/// The node's private key.
+pub const KEY_FILE: &str = "node.key";
+
+/// Writes a fleet CA and one node certificate (for `localhost` and `ips`) into `dir`.
+///
+/// # Errors
+/// When a file cannot be written or a certificate made.
+pub fn write_certs(dir: &Path, ips: &[std::net::IpAddr]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "aqe probe CA");
+    let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+    let mut names = vec!["localhost".to_owned()];
+    names.extend(ips.iter().map(ToString::to_string));
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(names)?.signed_by(&key, &issuer)?;
+    std::fs::write(dir.join(CA_FILE), issuer.as_ref().pem())?;
+    std::fs::write(dir.join(CERT_FILE), cert.pem())?;
+    std::fs::write(dir.join(KEY_FILE), key.serialize_pem())?;
+    Ok(())
+}
+
+/// How a probe endpoint runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where it listens (port 0 picks one).
+    pub listen: SocketAddr,
+    /// The endpoint it keeps connecting to, if any.
+    pub peer: Option<SocketAddr>,
+    /// The directory [`write_certs`] filled (mutual TLS with that CA).
+    pub certs: PathBuf,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Liveness timeout.
+    pub liveness: Duration,
+    /// Delivery deadline.
+    pub deadline: Duration,
+}
+
+impl Options {
+    /// A probe listening at `listen`, with certificates from `certs`, and the default
+    /// timings.
+    pub fn new(listen: SocketAddr, certs: impl Into<PathBuf>) -> Self {
+        let defaults = QuicConfig::default();
+        Self {
+            listen,
+            peer: None,
+            certs: certs.into(),
+            heartbeat: defaults.heartbeat_interval,
+            liveness: defaults.liveness_timeout,
+            deadline: defaults.delivery_deadline,
+        }
+    }
+
+    /// The QUIC configuration these options describe.
+    pub fn quic_config(&self) -> QuicConfig {
+        QuicConfig {
+            enabled: true,
+            host: self.listen.ip().to_string(),
+            port: self.listen.port(),
+            heartbeat_interval: self.heartbeat,
+            liveness_timeout: self.liveness,
+            delivery_deadline: self.deadline,
+            bootstrap_peers: self.peer.iter().map(ToString::to_string).collect(),
+            security: SecurityConfig {
+                cert_path: Some(self.certs.join(CERT_FILE)),
+                key_path: Some(self.certs.join(KEY_FILE)),
+                ca_path: Some(self.certs.join(CA_FILE)),
+                verify_peer: true,
+                ..SecurityConfig::default()
+            },
+            ..QuicConfig::default()
+        }
+    }
+
+    /// Binds a QUIC endpoint as these options say (a busy port is retried for a few
+    /// seconds: a restarted probe may find its predecessor's socket not yet released).
+    ///
+    /// # Errors
+    /// When the endpoint cannot be bound.
+    pub async fn bind(&self) -> anyhow::Result<QuicTransport> {
+        let mut last = None;
+        for _ in 0..100 {
+            match QuicTransport::bind(self.quic_config()).await {
+                Ok(t) => return Ok(t),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(last.map_or_else(|| anyhow::anyhow!("bind failed"), Into::into))
+    }
+}
+
+/// Runs a receiving agent `agent` until the process ends: prints `READY <addr>`, then a line
+/// per message it takes (`M <channel> <n> <0|1 redelivered>`) and per request it answers
+/// (`R <n>`, answered with `n`).
+///
+/// # Errors
+/// When the endpoint cannot be bound or the agent started.
+pub async fn receive(options: &Options, agent: &str) -> anyhow::Result<()> {
+    let quic = options.bind().await?;
+    let addr = quic.local_addr();
+    let out = Arc::new(tokio::sync::Mutex::new(tokio::io::stdout()));
+    let msg_out = out.clone();
+    let req_out = out.clone();
+    let _agent = Agent::builder()
+        .id(agent)
+        .agent_type("probe-receiver")
+        .transport(Arc::new(quic))
+        .inbox_capacity(4096)
+        .on_message(move |_, env| {
+            let out = msg_out.clone();
+            async move {
+                let n: u32 = env.decode().unwrap_or(u32::MAX);
+                let line = format!("M {} {n} {}\n", env.channel, u8::from(env.redelivered));
+                // Printed before the handler returns, so before the acknowledgement.
+                let mut out = out.lock().await;
+                let _ = out.write_all(line.as_bytes()).await;
+                let _ = out.flush().await;
+            }
+        })
+        .on_request(move |_, req| {
+            let out = req_out.clone();
+            async move {
+                let n: u32 = req.decode()?;
+                let mut out = out.lock().await;
+                let _ = out.write_all(format!("R {n}\n").as_bytes()).await;
+                let _ = out.flush().await;
+                Ok::<_, HandlerError>(n)
+            }
+        })
+        .start()
+        .await?;
+    {
+        let mut out = out.lock().await;
+        out.write_all(format!("READY {addr}\n").as_bytes()).await?;
+        out.flush().await?;
+    }
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// What a sender does.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The receiving agent.
+    pub to: AgentId,
+    /// The channel.
+    pub channel: ChannelName,
+    /// Messages (or requests) numbered `0..count`.
+    pub count: u32,
+    /// Requests instead of one-way messages.
+    pub requests: bool,
+    /// A pause after every `pace.0` messages, of `pace.1`.
+    pub pace: Option<(u32, Duration)>,
+    /// Per-request timeout.
+    pub request_timeout: Duration,
+}
+
+/// What became of every message a sender sent.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    /// Accepted for delivery (one-way messages), or answered (requests).
+    pub accepted: Vec<u32>,
+    /// Refused at once (the send returned an error), with the error.
+    pub refused: Vec<(u32, String)>,
+    /// Accepted, then reported failed, with the reason.
+    pub failed: Vec<(u32, DeliveryFailure)>,
+    /// Accepted and still neither confirmed nor failed when the report was made.
+    pub unconfirmed: u64,
+    /// Requests answered with another number than they sent.
+    pub wrong_answers: Vec<u32>,
+    /// Unreliable messages dropped by the sender itself (a full datagram queue).
+    pub dropped: u64,
+}
+
+/// Sends as `plan` says from `agent`, then waits (up to `settle`) until every accepted
+/// message is confirmed or reported failed, and reports.
+///
+/// # Errors
+/// Never for a message: every outcome is in the report.
+pub async fn send(agent: &Agent, plan: &Plan, settle: Duration) -> anyhow::Result<Report> {
+    let mut events = agent.events();
+    let mut report = Report::default();
+    let mut ids: HashMap<MessageId, u32> = HashMap::new();
+    let mut failures: Vec<(MessageId, DeliveryFailure)> = Vec::new();
+    let drain = |events: &mut aqe_agent::EventStream, failures: &mut Vec<_>| {
+        while let Some(Some(e)) = futures::FutureExt::now_or_never(events.recv()) {
+            if let Event::DeliveryFailed { ids, reason, .. } = e {
+                failures.extend(ids.into_iter().map(|id| (id, reason)));
+            }
+        }
+    };
+    for n in 0..plan.count {
+        if plan.requests {
+            let options = RequestOptions::default()
+                .with_channel(plan.channel.clone())
+                .with_timeout(plan.request_timeout);
+            match agent
+                .request_from_agent::<u32, u32>(&plan.to, &n, options)
+                .await
+            {
+                Ok(answer) if answer == n => report.accepted.push(n),
+                Ok(_) => report.wrong_answers.push(n),
+                Err(e) => report.refused.push((n, e.to_string())),
+            }
+        } else {
+            match agent
+                .send_to_agent(&plan.to, &n, plan.channel.clone())
+                .await
+            {
+                Ok(id) => {
+                    ids.insert(id, n);
+                    report.accepted.push(n);
+                }
+                Err(e) => report.refused.push((n, e.to_string())),
+            }
+        }
+        if let Some((every, pause)) = plan.pace
+            && n % every == every - 1
+        {
+            tokio::time::sleep(pause).await;
+        }
+        drain(&mut events, &mut failures);
+    }
+    let settled = tokio::time::timeout(settle, async {
+        loop {
+            drain(&mut events, &mut failures);
+            if agent.stats().messages_unconfirmed == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Events may trail the counter by a moment.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drain(&mut events, &mut failures);
+    report.unconfirmed = agent.stats().messages_unconfirmed;
+    report.dropped = agent.stats().messages_dropped;
+    if settled.is_err() {
+        tracing::warn!(
+            left = report.unconfirmed,
+            "not every message settled in time"
+        );
+    }
+    report.failed = failures
+        .into_iter()
+        .filter_map(|(id, reason)| ids.get(&id).map(|n| (*n, reason)))
+        .collect();
+    report.failed.sort_by_key(|(n, _)| *n);
+    Ok(report)
+}
+
+/// Starts a sending agent `id` on a probe endpoint.
+///
+/// # Errors
+/// When the endpoint cannot be bound or the agent started.
+pub async fn sender(options: &Options, id: &str) -> anyhow::Result<(QuicTransport, Agent)> {
+    let quic = options.bind().await?;
+    let agent = Agent::builder()
+        .id(id)
+        .agent_type("probe-sender")
+        .transport(Arc::new(quic.clone()))
+        .start()
+        .await
+        .context("starting the sender")?;
+    Ok((quic, agent))
+}
+
+/// One line a receiver printed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Line {
+    /// `READY <addr>`.
+    Ready(SocketAddr),
+    /// A message taken: channel, number, redelivered.
+    Message(String, u32, bool),
+    /// A request answered.
+    Request(u32),
+}
+
+impl Line {
+    /// Parses a receiver's line.
+    pub fn parse(line: &str) -> Option<Line> {
+        let mut words = line.split_whitespace();
+        match words.next()? {
+            "READY" => Some(Line::Ready(words.next()?.parse().ok()?)),
+            "M" => Some(Line::Message(
+                words.next()?.to_owned(),
+                words.next()?.parse().ok()?,
+                words.next()? == "1",
+            )),
+            "R" => Some(Line::Request(words.next()?.parse().ok()?)),
+            _ => None,
+        }
+    }
+}

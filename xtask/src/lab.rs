@@ -1,0 +1,618 @@
+//! `cargo xtask lab`: aqe over QUIC between separate processes on separate (namespaced)
+//! hosts, under packet loss and with a receiver killed by SIGKILL, accounted message by
+//! message.
+//!
+//! Two hosts (`aqe-lab-h1` at 10.77.0.1, `aqe-lab-h2` at 10.77.0.2) hang off a bridge in a
+//! third namespace, over veth links. Each host drops a share of the packets it sends with an
+//! nftables rule in its output hook (`numgen random mod 100 < PCT drop`; this kernel has no
+//! netem). The receiver (`aqe-probe receive`, on h2) prints every message it takes before
+//! acknowledging it; the sender (`aqe-probe send`, on h1, one process per run) reports every
+//! message it sent as accepted, refused, or failed. Root only.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+const H1: &str = "aqe-lab-h1";
+const H2: &str = "aqe-lab-h2";
+const BR: &str = "aqe-lab-br";
+const IP1: &str = "10.77.0.1";
+const IP2: &str = "10.77.0.2";
+const RECEIVER_PORT: u16 = 7000;
+const SENDER_PORT: u16 = 7001;
+const LOSSES: [u32; 4] = [0, 1, 5, 10];
+const MESSAGES: u32 = 5000;
+const REQUESTS: u32 = 1000;
+const KILL_MESSAGES: u32 = 10_000;
+
+fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<String> {
+    run(Command::new("ip").args(["netns", "exec", ns]).args(args))
+}
+
+/// The namespaces; removed when dropped.
+struct Lab;
+
+impl Lab {
+    fn create() -> anyhow::Result<Lab> {
+        Self::remove();
+        for ns in [BR, H1, H2] {
+            ip(&["netns", "add", ns])?;
+            in_ns(ns, &["ip", "link", "set", "lo", "up"])?;
+        }
+        let lab = Lab;
+        in_ns(BR, &["ip", "link", "add", "br0", "type", "bridge"])?;
+        in_ns(BR, &["ip", "link", "set", "br0", "up"])?;
+        for (n, (ns, addr)) in [(H1, IP1), (H2, IP2)].iter().enumerate() {
+            let (host_end, bridge_end) = (format!("aqelab{n}"), format!("aqelab{n}br"));
+            ip(&[
+                "link",
+                "add",
+                &host_end,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &bridge_end,
+            ])?;
+            ip(&["link", "set", &host_end, "netns", ns])?;
+            ip(&["link", "set", &bridge_end, "netns", BR])?;
+            in_ns(BR, &["ip", "link", "set", &bridge_end, "master", "br0"])?;
+            in_ns(BR, &["ip", "link", "set", &bridge_end, "up"])?;
+            in_ns(
+                ns,
+                &["ip", "addr", "add", &format!("{addr}/24"), "dev", &host_end],
+            )?;
+            in_ns(ns, &["ip", "link", "set", &host_end, "up"])?;
+        }
+        Ok(lab)
+    }
+
+    fn remove() {
+        for ns in [H1, H2, BR] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
+    /// Each host drops `pct` percent of the packets it sends to the other.
+    fn set_loss(&self, pct: u32) -> anyhow::Result<()> {
+        for ns in [H1, H2] {
+            let _ = in_ns(ns, &["nft", "delete", "table", "inet", "aqelab"]);
+            if pct == 0 {
+                continue;
+            }
+            in_ns(ns, &["nft", "add", "table", "inet", "aqelab"])?;
+            in_ns(
+                ns,
+                &[
+                    "nft",
+                    "add chain inet aqelab out { type filter hook output priority 0 ; }",
+                ],
+            )?;
+            in_ns(
+                ns,
+                &[
+                    "nft",
+                    &format!(
+                        "add rule inet aqelab out ip daddr 10.77.0.0/24 numgen random mod 100 < {pct} drop"
+                    ),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        Self::remove();
+    }
+}
+
+/// What a receiver printed, by kind.
+#[derive(Default)]
+struct Taken {
+    /// Messages per channel, in the order taken, with the redelivered flag.
+    messages: HashMap<String, Vec<(u32, bool)>>,
+    requests: Vec<u32>,
+}
+
+/// A receiver process on h2.
+struct Receiver {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Receiver {
+    fn start(probe: &Path, certs: &Path, dial_back: bool) -> anyhow::Result<Receiver> {
+        let listen = format!("{IP2}:{RECEIVER_PORT}");
+        let peer = format!("{IP1}:{SENDER_PORT}");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", H2])
+            .arg(probe)
+            .args(["receive", "--listen", &listen, "--certs"])
+            .arg(certs)
+            .args(["--liveness-ms", "2000", "--deadline-ms", "10000"]);
+        if dial_back {
+            cmd.args(["--peer", &peer]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the receiver")?;
+        let stdout = child.stdout.take().context("receiver stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let r = Receiver { child, lines };
+        match r.lines.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) if l.starts_with("READY") => Ok(r),
+            other => bail!("receiver not ready: {other:?}"),
+        }
+    }
+
+    /// Collects what arrived, waiting for more until `quiet` passes with nothing new.
+    fn collect(&self, into: &mut Taken, quiet: Duration) {
+        self.collect_until(into, quiet, |_| false);
+    }
+
+    /// As [`Receiver::collect`], stopping early once `enough` says so.
+    fn collect_until(&self, into: &mut Taken, quiet: Duration, enough: impl Fn(&Taken) -> bool) {
+        while !enough(into)
+            && let Ok(line) = self.lines.recv_timeout(quiet)
+        {
+            let mut w = line.split_whitespace();
+            match (w.next(), w.next(), w.next(), w.next()) {
+                (Some("M"), Some(ch), Some(n), Some(r)) => {
+                    if let Ok(n) = n.parse() {
+                        into.messages
+                            .entry(ch.to_owned())
+                            .or_default()
+                            .push((n, r == "1"));
+                    }
+                }
+                (Some("R"), Some(n), ..) => {
+                    if let Ok(n) = n.parse() {
+                        into.requests.push(n);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A sender's report (the JSON `aqe-probe send` prints).
+#[derive(Debug, Default)]
+struct Report {
+    accepted: Vec<u32>,
+    refused: Vec<u32>,
+    failed: Vec<(u32, String)>,
+    unconfirmed: u64,
+    /// Unreliable messages the sender dropped itself (its datagram queue was full).
+    dropped: u64,
+}
+
+fn sender(probe: &Path, certs: &Path, args: &[&str]) -> anyhow::Result<Child> {
+    let listen = format!("{IP1}:{SENDER_PORT}");
+    let peer = format!("{IP2}:{RECEIVER_PORT}");
+    Command::new("ip")
+        .args(["netns", "exec", H1])
+        .arg(probe)
+        .args(["send", "--listen", &listen, "--peer", &peer, "--certs"])
+        .arg(certs)
+        .args([
+            "--to",
+            "sink",
+            "--liveness-ms",
+            "2000",
+            "--deadline-ms",
+            "10000",
+        ])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the sender")
+}
+
+fn report_of(child: Child) -> anyhow::Result<Report> {
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("the sender printed no report ({})", out.status))?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let nums = |k: &str| -> Vec<u32> {
+        v[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u32)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let failed = v["failed"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| Some((p[0].as_u64()? as u32, p[1].as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Report {
+        accepted: nums("accepted"),
+        refused: nums("refused"),
+        failed,
+        unconfirmed: v["unconfirmed"].as_u64().unwrap_or(0),
+        dropped: v["dropped"].as_u64().unwrap_or(0),
+    })
+}
+
+/// One row of the results table.
+struct Row {
+    scenario: String,
+    sent: usize,
+    received: usize,
+    duplicated: usize,
+    reordered: Option<usize>,
+    failed: usize,
+    refused: usize,
+    unaccounted: Option<usize>,
+    note: String,
+}
+
+impl Row {
+    fn print_header() {
+        println!(
+            "{:<34} {:>6} {:>8} {:>5} {:>9} {:>6} {:>7} {:>11}  note",
+            "scenario", "sent", "received", "dup", "reordered", "failed", "refused", "unaccounted"
+        );
+    }
+
+    fn print(&self) {
+        let opt = |v: Option<usize>| v.map_or("-".to_owned(), |v| v.to_string());
+        println!(
+            "{:<34} {:>6} {:>8} {:>5} {:>9} {:>6} {:>7} {:>11}  {}",
+            self.scenario,
+            self.sent,
+            self.received,
+            self.duplicated,
+            opt(self.reordered),
+            self.failed,
+            self.refused,
+            opt(self.unaccounted),
+            self.note
+        );
+    }
+}
+
+fn duplicates(ns: &[u32]) -> usize {
+    let mut seen = HashSet::new();
+    ns.iter().filter(|n| !seen.insert(**n)).count()
+}
+
+fn inversions(ns: &[u32]) -> usize {
+    ns.windows(2).filter(|w| w[1] < w[0]).count()
+}
+
+/// A reliable message run: sent = accepted; unaccounted = accepted that were neither
+/// received nor reported failed (must be 0).
+fn message_row(scenario: String, report: &Report, taken: &[(u32, bool)], ordered: bool) -> Row {
+    let numbers: Vec<u32> = taken.iter().map(|(n, _)| *n).collect();
+    let received: HashSet<u32> = numbers.iter().copied().collect();
+    let failed: HashSet<u32> = report.failed.iter().map(|(n, _)| *n).collect();
+    let unaccounted = report
+        .accepted
+        .iter()
+        .filter(|n| !received.contains(n) && !failed.contains(n))
+        .count();
+    let in_doubt = report
+        .failed
+        .iter()
+        .filter(|(n, _)| received.contains(n))
+        .count();
+    Row {
+        scenario,
+        sent: report.accepted.len(),
+        received: received.len(),
+        duplicated: duplicates(&numbers),
+        reordered: ordered.then(|| inversions(&numbers)),
+        failed: failed.len(),
+        refused: report.refused.len(),
+        unaccounted: Some(unaccounted + report.unconfirmed as usize),
+        note: if in_doubt > 0 {
+            format!("{in_doubt} failed as unconfirmed were taken before the crash")
+        } else {
+            String::new()
+        },
+    }
+}
+
+pub(crate) fn lab(root: &Path) -> anyhow::Result<()> {
+    let uid = run(Command::new("id").arg("-u")).unwrap_or_default();
+    if uid.trim() != "0" {
+        println!(
+            "cargo xtask lab: skipped: it creates network namespaces and nftables rules, which needs root"
+        );
+        return Ok(());
+    }
+    for tool in ["ip", "nft"] {
+        if Command::new(tool).arg("-V").output().is_err() {
+            println!(
+                "cargo xtask lab: skipped: `{tool}` is missing (apt-get install iproute2 nftables)"
+            );
+            return Ok(());
+        }
+    }
+    let status = Command::new("cargo")
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "aqe-examples",
+            "--bin",
+            "aqe-probe",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("building aqe-probe failed");
+    }
+    let probe = root.join("target/release/aqe-probe");
+    let certs: PathBuf = root.join("target/aqe-lab/certs");
+    run(Command::new(&probe)
+        .arg("certs")
+        .arg(&certs)
+        .args([IP1, IP2]))?;
+    let lab = Lab::create()?;
+    println!(
+        "aqe lab: hosts {H1} ({IP1}) and {H2} ({IP2}) over veth and a bridge; loss by nftables on each host's output"
+    );
+    Row::print_header();
+    let mut problems = Vec::new();
+    let check = |row: &Row, problems: &mut Vec<String>| {
+        row.print();
+        if row.unaccounted.unwrap_or(0) > 0 {
+            problems.push(format!(
+                "{}: {} unaccounted",
+                row.scenario,
+                row.unaccounted.unwrap_or(0)
+            ));
+        }
+    };
+    let count = MESSAGES.to_string();
+    let requests = REQUESTS.to_string();
+    for loss in LOSSES {
+        lab.set_loss(loss)?;
+        let receiver = Receiver::start(&probe, &certs, false)?;
+        let mut taken = Taken::default();
+        for (channel, ordered) in [("coordination", true), ("results", false)] {
+            let started = Instant::now();
+            let report = report_of(sender(
+                &probe,
+                &certs,
+                &["--channel", channel, "--count", &count],
+            )?)?;
+            receiver.collect(&mut taken, Duration::from_millis(300));
+            let kind = if ordered { "ordered" } else { "unordered" };
+            let mut row = message_row(
+                format!("{loss:>2}% loss, {kind} ({channel})"),
+                &report,
+                taken.messages.get(channel).map_or(&[][..], Vec::as_slice),
+                ordered,
+            );
+            if row.duplicated > 0 {
+                problems.push(format!("{}: {} duplicates", row.scenario, row.duplicated));
+            }
+            if ordered && row.reordered.unwrap_or(0) > 0 {
+                problems.push(format!("{}: reordered", row.scenario));
+            }
+            row.note = format!("{:.1} s {}", started.elapsed().as_secs_f64(), row.note);
+            check(&row, &mut problems);
+        }
+        // Unreliable: datagrams, at most once; what is lost is lost, never duplicated.
+        let report = report_of(sender(
+            &probe,
+            &certs,
+            &["--channel", "metrics", "--count", &count],
+        )?)?;
+        receiver.collect(&mut taken, Duration::from_millis(300));
+        let got: Vec<u32> = taken
+            .messages
+            .get("metrics")
+            .map(|v| v.iter().map(|(n, _)| *n).collect())
+            .unwrap_or_default();
+        let row = Row {
+            scenario: format!("{loss:>2}% loss, unreliable (metrics)"),
+            sent: report.accepted.len(),
+            received: got.iter().collect::<HashSet<_>>().len(),
+            duplicated: duplicates(&got),
+            reordered: None,
+            failed: 0,
+            refused: report.refused.len(),
+            unaccounted: None,
+            note: format!(
+                "at most once; {} dropped by the sender (queue full), the rest lost in the network",
+                report.dropped
+            ),
+        };
+        if row.duplicated > 0 {
+            problems.push(format!("{}: duplicates", row.scenario));
+        }
+        row.print();
+        // Requests: answered, or failed with an error the caller sees.
+        let report = report_of(sender(
+            &probe,
+            &certs,
+            &["--requests", "--count", &requests],
+        )?)?;
+        receiver.collect(&mut taken, Duration::from_millis(300));
+        let row = Row {
+            scenario: format!("{loss:>2}% loss, requests"),
+            sent: REQUESTS as usize,
+            received: taken.requests.iter().collect::<HashSet<_>>().len(),
+            duplicated: duplicates(&taken.requests),
+            reordered: None,
+            failed: report.refused.len(),
+            refused: 0,
+            unaccounted: Some(REQUESTS as usize - report.accepted.len() - report.refused.len()),
+            note: format!("{} answered", report.accepted.len()),
+        };
+        if row.duplicated > 0 {
+            problems.push(format!("{}: a handler ran twice", row.scenario));
+        }
+        check(&row, &mut problems);
+        drop(receiver);
+    }
+    // A receiver killed mid-stream with SIGKILL, without and with a restart.
+    lab.set_loss(1)?;
+    for restart in [false, true] {
+        let mut first = Receiver::start(&probe, &certs, true)?;
+        let kill_count = KILL_MESSAGES.to_string();
+        let send = sender(
+            &probe,
+            &certs,
+            &[
+                "--count",
+                &kill_count,
+                "--pace",
+                "50:5000",
+                "--settle-ms",
+                "30000",
+            ],
+        )?;
+        let mut before = Taken::default();
+        first.collect_until(&mut before, Duration::from_secs(20), |t| {
+            t.messages.get("coordination").map_or(0, Vec::len) >= 3000
+        });
+        first.kill();
+        first.collect(&mut before, Duration::from_millis(50));
+        let mut after = Taken::default();
+        let second = if restart {
+            Some(Receiver::start(&probe, &certs, true)?)
+        } else {
+            None
+        };
+        let report = report_of(send)?;
+        if let Some(second) = &second {
+            second.collect(&mut after, Duration::from_millis(500));
+        }
+        let r1 = before.messages.remove("coordination").unwrap_or_default();
+        let r2 = after.messages.remove("coordination").unwrap_or_default();
+        let both: HashSet<u32> = r1
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<HashSet<_>>()
+            .intersection(&r2.iter().map(|(n, _)| *n).collect())
+            .copied()
+            .collect();
+        let unflagged = r2.iter().filter(|(n, r)| both.contains(n) && !r).count();
+        let mut taken: Vec<(u32, bool)> = r1.clone();
+        taken.extend(r2.iter().filter(|(n, _)| !both.contains(n)));
+        let mut row = message_row(
+            format!(
+                " 1% loss, SIGKILL{}",
+                if restart { " + restart" } else { "" }
+            ),
+            &report,
+            &taken,
+            false,
+        );
+        row.reordered = Some(
+            inversions(&r1.iter().map(|(n, _)| *n).collect::<Vec<_>>())
+                + inversions(&r2.iter().map(|(n, _)| *n).collect::<Vec<_>>()),
+        );
+        row.duplicated = duplicates(&r1.iter().map(|(n, _)| *n).collect::<Vec<_>>())
+            + duplicates(&r2.iter().map(|(n, _)| *n).collect::<Vec<_>>());
+        row.note = format!(
+            "first took {}, {}{}",
+            r1.len(),
+            if restart {
+                format!(
+                    "restarted took {} ({} flagged redelivered, {} taken by both)",
+                    r2.len(),
+                    r2.iter().filter(|(_, r)| *r).count(),
+                    both.len()
+                )
+            } else {
+                "no restart".to_owned()
+            },
+            if row.note.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", row.note)
+            }
+        );
+        if unflagged > 0 {
+            problems.push(format!(
+                "{}: {unflagged} redelivered copies not flagged",
+                row.scenario
+            ));
+        }
+        if row.duplicated > 0 || row.reordered.unwrap_or(0) > 0 {
+            problems.push(format!(
+                "{}: duplicates or reordering within one receiver",
+                row.scenario
+            ));
+        }
+        check(&row, &mut problems);
+    }
+    drop(lab);
+    println!(
+        "\nsent = accepted sends; refused = sends that returned an error (nothing else is reported about them);\n\
+         unaccounted = accepted messages neither taken by a receiver nor reported failed (must be 0);\n\
+         dup and reordered count within one receiver process."
+    );
+    if problems.is_empty() {
+        println!(
+            "every scenario: sent = received + reported failed, no duplicate or reordering on reliable channels"
+        );
+        Ok(())
+    } else {
+        bail!("the lab found problems:\n  {}", problems.join("\n  "))
+    }
+}
