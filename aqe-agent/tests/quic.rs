@@ -305,3 +305,88 @@ async fn a_request_timing_out_over_quic_is_answered_through_the_fallback_by_one_
     asker.shutdown().await;
     slow.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_in_flight_when_quic_goes_away_arrive_through_the_fallback_once_each() {
+    const N: u32 = 400;
+    let bus = Arc::new(EventBus::new());
+    let (qa, qb) = (quic().await, quic().await);
+    qa.connect(qb.local_addr()).await.expect("connect");
+    let fa = Fallback::new(Arc::new(qa.clone()), bus.clone(), FallbackPolicy::default());
+    let fb = Fallback::new(Arc::new(qb.clone()), bus.clone(), FallbackPolicy::default());
+    let (tx, mut got) = mpsc::unbounded_channel();
+    let sink = Agent::builder()
+        .id("sink")
+        .agent_type("analyzer")
+        .transport(fb)
+        .on_message(move |_a, env| {
+            let tx = tx.clone();
+            async move {
+                // A slow receiver: many messages are unacknowledged when QUIC goes.
+                tokio::time::sleep(Duration::from_micros(500)).await;
+                let _ = tx.send((env.decode::<u32>().expect("u32"), env.redelivered));
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    let source = Agent::builder()
+        .id("source")
+        .agent_type("executor")
+        .transport(fa)
+        .start()
+        .await
+        .expect("start");
+    tokio::time::timeout(WAIT, async {
+        while !qa.peers().iter().any(|p| p.id.as_str() == "sink") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("sink known over QUIC");
+    let mut events = source.events();
+    for i in 0..N {
+        source
+            .send_to_agent(sink.id(), &i, "coordination")
+            .await
+            .expect("accepted");
+        if i == N / 4 {
+            // The receiver's QUIC endpoint goes away; the bus still reaches it.
+            let qb = qb.clone();
+            tokio::spawn(async move { qb.shutdown().await });
+        }
+    }
+    let mut seen = Vec::new();
+    while seen.len() < N as usize {
+        let (n, _) = tokio::time::timeout(WAIT, got.recv())
+            .await
+            .expect("every message arrives")
+            .expect("open");
+        seen.push(n);
+    }
+    assert_eq!(seen, (0..N).collect::<Vec<_>>(), "each once, in order");
+    tokio::time::timeout(WAIT, async {
+        while source.stats().messages_unconfirmed > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("all confirmed");
+    let stats = source.stats();
+    assert_eq!(stats.messages_failed, 0);
+    assert!(stats.fallbacks_used > 0, "the bus carried some");
+    let mut redelivered = 0;
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(50), events.recv()).await {
+        if let Event::FallbackUsed { operation, .. } = e {
+            redelivered += usize::from(operation == "redeliver");
+        }
+    }
+    eprintln!(
+        "{N} sent; {} fell back ({redelivered} redelivered through the bus after QUIC went away)",
+        stats.fallbacks_used
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(got.try_recv().is_err(), "nothing arrives twice");
+    source.shutdown().await;
+    sink.shutdown().await;
+}

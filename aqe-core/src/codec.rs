@@ -257,6 +257,30 @@ mod tests {
         }
     }
 
+    /// The worked example of PROTOCOL.md, byte for byte.
+    #[test]
+    fn the_protocol_documents_example_frame() {
+        let mut e = envelope(b"hi".to_vec(), Recipient::Agent("b".into()), None);
+        e.id = crate::MessageId(300);
+        e.from = "a".into();
+        e.timestamp = crate::Timestamp(1_764_000_000_000);
+        let frame = FrameCodec::default().encode_to_bytes(&e).expect("encode");
+        let expected: Vec<u8> = [
+            &[0x00, 0x00, 0x00, 0x23, 0x02][..],
+            &[0xac, 0x02],
+            &[0x01, 0x61],
+            &[0x00, 0x01, 0x62],
+            &[0x0c],
+            b"coordination",
+            &[0x00, 0x05],
+            &[0x80, 0xd0, 0xdf, 0xb4, 0xab, 0x33],
+            &[0x00, 0x00, 0x00],
+            &[0x02, 0x68, 0x69],
+        ]
+        .concat();
+        assert_eq!(&frame[..], &expected[..]);
+    }
+
     #[test]
     fn oversized_length_is_refused_from_the_header() {
         let codec = FrameCodec::new(100);

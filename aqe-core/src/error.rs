@@ -249,9 +249,13 @@ pub enum StreamFailure {
     /// The stream was already finished by a final write or a close.
     #[error("already finished")]
     Finished,
-    /// The receiving side went away.
+    /// The receiving side went away, or refused the stream.
     #[error("closed by peer")]
     ClosedByPeer,
+    /// The writing side gave up on the stream before finishing it (it dropped the stream,
+    /// or its agent stopped): what arrived is all there will be.
+    #[error("cancelled by the writer")]
+    Cancelled,
     /// The stream was reset with an application code.
     #[error("reset with code {0}")]
     Reset(u64),

@@ -270,8 +270,9 @@ impl IncomingStream {
     /// The next chunk, in write order; `None` once the final chunk has been returned.
     ///
     /// # Errors
-    /// [`Error::Stream`] when the writer reset the stream or its connection went away
-    /// before the final chunk.
+    /// [`Error::Stream`] with [`StreamFailure::Cancelled`](crate::StreamFailure::Cancelled)
+    /// when the writer gave up before the final chunk; [`Error::ConnectionLost`] when the
+    /// connection carrying it went away.
     pub async fn next(&mut self) -> Option<Result<StreamChunk>> {
         if self.finished {
             return None;
@@ -281,10 +282,11 @@ impl IncomingStream {
             Some(Ok(chunk)) if !chunk.fin => {}
             Some(Ok(_)) | Some(Err(_)) => self.finished = true,
             None => {
+                // The source ended without the final mark: the writer gave up.
                 self.finished = true;
                 return Some(Err(Error::Stream {
                     stream: self.header.id,
-                    reason: crate::StreamFailure::ClosedByPeer,
+                    reason: crate::StreamFailure::Cancelled,
                 }));
             }
         }

@@ -376,9 +376,9 @@ impl Conn {
                 message: "the request was dropped without an answer".to_owned(),
             }),
             Ok(Err(Error::Stream {
-                reason: aqe_core::StreamFailure::Reset(code),
+                reason: aqe_core::StreamFailure::ClosedByPeer,
                 ..
-            })) if code == u64::from(reset::REFUSED) => Err(Error::PeerNotFound { peer: target() }),
+            })) => Err(Error::PeerNotFound { peer: target() }),
             Ok(Err(Error::Stream { .. })) => Err(self.lost("the request stream broke")),
             Ok(Err(e)) => Err(e),
             Err(_) => {
@@ -394,10 +394,7 @@ impl Conn {
     }
 
     fn stream_failed(&self, e: s2n_quic::stream::Error) -> Error {
-        match e {
-            s2n_quic::stream::Error::ConnectionError { .. } => self.lost(e),
-            e => wire::stream_error(0, e),
-        }
+        wire::stream_error(self.listen, 0, e)
     }
 
     /// Unreliable: one DATAGRAM frame. Too large for the peer is an error, never a silent drop;
@@ -577,7 +574,7 @@ pub(crate) async fn drive(
                     }
                 }
                 Ok(None) => break "the peer closed its control stream".to_owned(),
-                Err(e @ Error::Stream { .. }) => break e.to_string(),
+                Err(e @ (Error::Stream { .. } | Error::ConnectionLost { .. })) => break e.to_string(),
                 Err(e) => {
                     conn.close(close::PROTOCOL_VIOLATION);
                     break format!("protocol violation on the control stream: {e}");

@@ -582,7 +582,9 @@ impl Shared {
                 Ok(None) => Err(Error::Protocol {
                     detail: "the peer ended the control stream before its hello",
                 }),
-                Err(Error::Stream { .. }) => Err(closed_reason(&connection, addr, timeout)),
+                Err(Error::Stream { .. } | Error::ConnectionLost { .. }) => {
+                    Err(closed_reason(&connection, addr, timeout))
+                }
                 Err(e) => Err(e),
             }
         };

@@ -98,6 +98,7 @@ pub(crate) struct QuicSink {
     local: Arc<Local>,
     to: AgentId,
     send_timeout: Duration,
+    peer: std::net::SocketAddr,
 }
 
 impl QuicSink {
@@ -110,7 +111,12 @@ impl QuicSink {
         send_timeout: Duration,
     ) -> Self {
         local.stats.stream_delta(true);
+        let peer = send
+            .connection()
+            .remote_addr()
+            .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
         Self {
+            peer,
             id: header.id,
             send,
             codec,
@@ -160,17 +166,15 @@ impl StreamSink for QuicSink {
         };
         if let Err(e) = sent {
             self.finish();
-            return Err(match e {
-                s2n_quic::stream::Error::ConnectionError { error, .. } => Error::Stream {
-                    stream: self.id,
-                    reason: StreamFailure::Reset(u64::from(error_code(&error))),
+            return Err(
+                match crate::wire::stream_error(self.peer, self.send.id(), e) {
+                    Error::Stream { reason, .. } => Error::Stream {
+                        stream: self.id,
+                        reason,
+                    },
+                    other => other,
                 },
-                // The reader dropped the stream (STOP_SENDING) or reset it.
-                _ => Error::Stream {
-                    stream: self.id,
-                    reason: StreamFailure::ClosedByPeer,
-                },
-            });
+            );
         }
         self.local.stats.sent(len);
         if fin {
@@ -186,16 +190,6 @@ impl StreamSink for QuicSink {
         } else {
             self.write(Bytes::new(), true).await
         }
-    }
-}
-
-/// The application code a connection was closed with, or 0.
-fn error_code(e: &s2n_quic::connection::Error) -> u32 {
-    match e {
-        s2n_quic::connection::Error::Application { error, .. } => {
-            u32::try_from(u64::from(*error)).unwrap_or(u32::MAX)
-        }
-        _ => 0,
     }
 }
 

@@ -188,14 +188,20 @@ pub(crate) struct FrameReader {
     recv: s2n_quic::stream::ReceiveStream,
     buf: BytesMut,
     codec: FrameCodec,
+    peer: SocketAddr,
 }
 
 impl FrameReader {
     pub(crate) fn new(recv: s2n_quic::stream::ReceiveStream, codec: FrameCodec) -> Self {
+        let peer = recv
+            .connection()
+            .remote_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         Self {
             recv,
             buf: BytesMut::new(),
             codec,
+            peer,
         }
     }
 
@@ -203,7 +209,8 @@ impl FrameReader {
     ///
     /// # Errors
     /// Codec errors, [`Error::Truncated`] for a stream that ends inside a frame, and
-    /// [`Error::Stream`] when the stream was reset or its connection went away.
+    /// [`Error::Stream`] when the stream was reset or stopped, [`Error::ConnectionLost`] when
+    /// its connection went away.
     pub(crate) async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>> {
         loop {
             if let Some(v) = self.codec.decode(&mut self.buf)? {
@@ -219,7 +226,7 @@ impl FrameReader {
                         have: self.buf.len(),
                     });
                 }
-                Err(e) => return Err(stream_error(self.recv.id(), e)),
+                Err(e) => return Err(stream_error(self.peer, self.recv.id(), e)),
             }
         }
     }
@@ -236,14 +243,23 @@ impl FrameReader {
     }
 }
 
-/// Maps an s2n stream error to ours.
-pub(crate) fn stream_error(id: u64, e: s2n_quic::stream::Error) -> Error {
+/// Maps an s2n stream error to ours: the codes of this protocol to the failures they mean
+/// (PROTOCOL.md, section 6), a connection that went away to [`Error::ConnectionLost`].
+pub(crate) fn stream_error(peer: SocketAddr, id: u64, e: s2n_quic::stream::Error) -> Error {
     use aqe_core::StreamFailure;
     let reason = match e {
-        s2n_quic::stream::Error::StreamReset { error, .. } => {
-            StreamFailure::Reset(u64::from(error))
-        }
+        s2n_quic::stream::Error::StreamReset { error, .. } => match u64::from(error) {
+            c if c == u64::from(reset::CANCELLED) => StreamFailure::Cancelled,
+            c if c == u64::from(reset::REFUSED) => StreamFailure::ClosedByPeer,
+            c => StreamFailure::Reset(c),
+        },
         s2n_quic::stream::Error::SendAfterFinish { .. } => StreamFailure::Finished,
+        s2n_quic::stream::Error::ConnectionError { error, .. } => {
+            return Error::ConnectionLost {
+                addr: peer,
+                source: Box::new(error),
+            };
+        }
         _ => StreamFailure::ClosedByPeer,
     };
     Error::Stream {

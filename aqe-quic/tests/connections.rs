@@ -291,12 +291,22 @@ async fn rtt_figures_come_from_real_samples_only() {
     assert!(rtt.samples > 0, "measured");
     // s2n-quic's estimator starts at 333 ms; none of that may show as a sample on loopback.
     let limit = Duration::from_millis(20);
+    // A few milliseconds at most on loopback, even with the whole test suite running beside.
+    assert!(
+        rtt.average < Duration::from_millis(5),
+        "average {:?}",
+        rtt.average
+    );
     assert!(rtt.max < limit, "max {:?}", rtt.max);
     assert!(rtt.min <= rtt.average && rtt.average <= rtt.max, "{rtt:?}");
     let link = &a.links()[0];
     assert!(
         link.rtt.max < limit && link.smoothed_rtt < limit,
         "{link:?}"
+    );
+    eprintln!(
+        "loopback RTT over {} samples: min {:?}, average {:?}, max {:?}",
+        rtt.samples, rtt.min, rtt.average, rtt.max
     );
 }
 
