@@ -182,6 +182,21 @@ impl Agent {
         Ok(env)
     }
 
+    /// A one-way message to one agent.
+    fn direct<T: Serialize + ?Sized>(
+        &self,
+        to: &AgentId,
+        payload: &T,
+        channel: &ChannelName,
+    ) -> Result<Envelope> {
+        self.envelope(
+            Recipient::Agent(to.clone()),
+            channel,
+            MessageKind::Direct,
+            aqe_core::encode(payload)?,
+        )
+    }
+
     /// Sends `payload` to one agent on `channel`, and returns the message's id.
     ///
     /// On a reliable channel, `Ok` means the message was accepted for delivery: it then ends
@@ -202,12 +217,7 @@ impl Agent {
     ) -> Result<MessageId> {
         let channel = channel.into();
         self.guarded(async {
-            let env = self.envelope(
-                Recipient::Agent(to.clone()),
-                &channel,
-                MessageKind::Direct,
-                aqe_core::encode(payload)?,
-            )?;
+            let env = self.direct(to, payload, &channel)?;
             let id = env.id;
             self.inner.transport.send(env).await.map(|()| id)
         })
@@ -242,12 +252,7 @@ impl Agent {
     ) -> Result<()> {
         let channel = channel.into();
         self.guarded(async {
-            let env = self.envelope(
-                Recipient::Agent(to.clone()),
-                &channel,
-                MessageKind::Direct,
-                aqe_core::encode(payload)?,
-            )?;
+            let env = self.direct(to, payload, &channel)?;
             self.inner.transport.send_confirmed(env).await
         })
         .await

@@ -20,6 +20,18 @@ async fn quic() -> QuicTransport {
     .expect("bind")
 }
 
+/// Waits until the QUIC endpoint itself knows `id` (an agent over a fallback also knows every
+/// agent of its bus at once).
+async fn until_quic_peer(quic: &QuicTransport, id: &str) {
+    tokio::time::timeout(WAIT, async {
+        while !quic.peers().iter().any(|p| p.id.as_str() == id) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("peer known over QUIC");
+}
+
 async fn until_peer(agent: &Agent, id: &str) {
     tokio::time::timeout(WAIT, async {
         while !agent
@@ -279,13 +291,7 @@ async fn a_request_timing_out_over_quic_is_answered_through_the_fallback_by_one_
         .await
         .expect("start");
     // Known over QUIC itself (the bus knows every local agent at once).
-    tokio::time::timeout(WAIT, async {
-        while !qa.peers().iter().any(|p| p.id.as_str() == "slow") {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("slow discovered over QUIC");
+    until_quic_peer(&qa, "slow").await;
     let answer: u32 = asker
         .request_from_agent(
             slow.id(),
@@ -337,13 +343,7 @@ async fn messages_in_flight_when_quic_goes_away_arrive_through_the_fallback_once
         .start()
         .await
         .expect("start");
-    tokio::time::timeout(WAIT, async {
-        while !qa.peers().iter().any(|p| p.id.as_str() == "sink") {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("sink known over QUIC");
+    until_quic_peer(&qa, "sink").await;
     let mut events = source.events();
     for i in 0..N {
         source

@@ -121,14 +121,22 @@ impl EventBus {
         Ok((sender, ch, receiver))
     }
 
-    async fn send_as(&self, envelope: Envelope, confirm: bool) -> Result<()> {
-        let to = Self::target_of(&envelope)?;
-        let (sender, channel, receiver) = self.route(
+    /// Sender, channel and receiver of a unicast envelope.
+    fn route_envelope(
+        &self,
+        envelope: &Envelope,
+    ) -> Result<(Arc<LocalAgent>, aqe_core::Channel, Arc<LocalAgent>)> {
+        let to = Self::target_of(envelope)?;
+        self.route(
             &envelope.from,
             &to,
             &envelope.channel,
             envelope.payload.len(),
-        )?;
+        )
+    }
+
+    async fn send_as(&self, envelope: Envelope, confirm: bool) -> Result<()> {
+        let (sender, channel, receiver) = self.route_envelope(&envelope)?;
         self.inner
             .delivery
             .send(&sender, &receiver, envelope, &channel, confirm)
@@ -189,13 +197,7 @@ impl Transport for EventBus {
     }
 
     async fn request(&self, envelope: Envelope, timeout: Duration) -> Result<Envelope> {
-        let to = Self::target_of(&envelope)?;
-        let (sender, _channel, receiver) = self.route(
-            &envelope.from,
-            &to,
-            &envelope.channel,
-            envelope.payload.len(),
-        )?;
+        let (sender, _channel, receiver) = self.route_envelope(&envelope)?;
         self.inner
             .delivery
             .request(&sender, &receiver, envelope, timeout)
