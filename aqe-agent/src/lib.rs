@@ -38,5 +38,8 @@ pub use handler::HandlerError;
 /// The core types, for users who depend on this crate alone.
 pub use aqe_core;
 pub use aqe_eventbus::EventBus;
+/// The QUIC transport crate (certificates for a fleet: `aqe_quic::certs`).
+#[cfg(feature = "quic")]
+pub use aqe_quic;
 #[cfg(feature = "quic")]
 pub use aqe_quic::{LinkInfo, QuicTransport};

@@ -2,7 +2,8 @@
 //!
 //! A frame is `length: u32 big-endian`, then `version: u8`, then the postcard encoding of the
 //! value; `length` counts the version byte and the body. The decoder checks the announced
-//! length against the maximum *before* buffering the body, so a hostile length costs nothing.
+//! length against the maximum *before* buffering the body and never reserves room for what a
+//! header claims, so a hostile length costs nothing.
 
 use bytes::{Buf, BufMut, BytesMut};
 use serde::Serialize;
@@ -109,7 +110,9 @@ impl FrameCodec {
             });
         }
         if src.len() < 4 + len {
-            src.reserve(4 + len - src.len());
+            // Nothing is reserved for what the header claims: the buffer grows with what
+            // actually arrives, so a hostile length costs nothing until its bytes are sent
+            // (and QUIC flow control bounds those).
             return Ok(None);
         }
         let version = src[4];
@@ -292,6 +295,24 @@ mod tests {
                 max: 100
             })
         ));
+    }
+
+    #[test]
+    fn a_claimed_length_reserves_nothing() {
+        let codec = FrameCodec::default();
+        let mut buf = BytesMut::from(&[0x00u8, 0xff, 0xff, 0xf0, 2, 0][..]);
+        let before = buf.capacity();
+        assert!(
+            codec
+                .decode::<Envelope>(&mut buf)
+                .expect("incomplete")
+                .is_none()
+        );
+        assert_eq!(
+            buf.capacity(),
+            before,
+            "no room reserved for 16 MiB not sent"
+        );
     }
 
     #[test]

@@ -143,6 +143,93 @@ impl SecurityConfig {
     }
 }
 
+/// Bounds on what peers can make a QUIC endpoint hold or do. Every resource a peer drives is
+/// bounded by one of these (or by the window, the request lane's limit or a stream limit).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct QuicLimits {
+    /// Connections open at once; further connection attempts are refused. Default 1024.
+    pub max_connections: u32,
+    /// TLS handshakes in progress at once; beyond, new attempts must first prove their
+    /// address (a QUIC Retry), and beyond twice this they are dropped. Default 64.
+    pub max_handshakes: u32,
+    /// Largest hello frame accepted, before the peer is authenticated. Default 256 KiB.
+    pub hello_frame: u32,
+    /// Largest control frame (an agent's announcement, say) accepted. Default 256 KiB.
+    pub control_frame: u32,
+    /// Agents one peer endpoint may announce. Default 4096.
+    pub agents_per_peer: u32,
+    /// Other endpoints one peer may tell this endpoint about (peer exchange). Default 1024.
+    pub endpoints_per_peer: u32,
+    /// Connections being dialed at once. Default 16.
+    pub concurrent_dials: u32,
+    /// Requests of one peer's request lane held in hand (queued or running); further ones are
+    /// answered "busy". Default 1024.
+    pub requests_in_hand: u32,
+}
+
+impl Default for QuicLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_handshakes: 64,
+            hello_frame: 256 * 1024,
+            control_frame: 256 * 1024,
+            agents_per_peer: 4096,
+            endpoints_per_peer: 1024,
+            concurrent_dials: 16,
+            requests_in_hand: 1024,
+        }
+    }
+}
+
+impl QuicLimits {
+    fn validate(&self) -> Result<()> {
+        let checks: [(&str, u32, u32); 8] = [
+            ("maxConnections", self.max_connections, 1),
+            ("maxHandshakes", self.max_handshakes, 1),
+            ("helloFrame", self.hello_frame, 1024),
+            ("controlFrame", self.control_frame, 1024),
+            ("agentsPerPeer", self.agents_per_peer, 1),
+            ("endpointsPerPeer", self.endpoints_per_peer, 0),
+            ("concurrentDials", self.concurrent_dials, 1),
+            ("requestsInHand", self.requests_in_hand, 1),
+        ];
+        for (field, value, min) in checks {
+            if value < min {
+                return Err(Error::config(field, format!("must be at least {min}")));
+            }
+        }
+        for (field, value) in [
+            ("helloFrame", self.hello_frame),
+            ("controlFrame", self.control_frame),
+        ] {
+            if value as usize > crate::MAX_FRAME_LEN {
+                return Err(Error::config(
+                    field,
+                    format!("must be at most {}", crate::MAX_FRAME_LEN),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whose word an endpoint takes about other endpoints (their addresses and agents).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerExchange {
+    /// Only from peers that proved who they are: with a token, with a client certificate
+    /// (mutual TLS), or by the server certificate this endpoint verified when it dialed them.
+    #[default]
+    Authenticated,
+    /// From any peer, authenticated or not. A stranger could then point this endpoint at any
+    /// address (it still verifies the certificate of whatever it dials).
+    All,
+    /// From nobody: every connection is configured or dialed by hand.
+    Off,
+}
+
 /// Options of the QUIC transport, and the channels of the agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
@@ -190,6 +277,10 @@ pub struct QuicConfig {
     pub window: u32,
     /// Addresses (`host:port`) of endpoints to connect to at start.
     pub bootstrap_peers: Vec<String>,
+    /// Whose word this endpoint takes about other endpoints (default: authenticated peers).
+    pub peer_exchange: PeerExchange,
+    /// Bounds on what peers can make this endpoint hold or do.
+    pub limits: QuicLimits,
     /// Certificates, verification, tokens.
     pub security: SecurityConfig,
 }
@@ -212,6 +303,8 @@ impl Default for QuicConfig {
             delivery_deadline: Duration::from_secs(10),
             window: 1024,
             bootstrap_peers: Vec::new(),
+            peer_exchange: PeerExchange::default(),
+            limits: QuicLimits::default(),
             security: SecurityConfig::default(),
         }
     }
@@ -268,6 +361,9 @@ impl QuicConfig {
                 ),
             ));
         }
+        self.limits
+            .validate()
+            .map_err(|e| e.in_config(None, "limits."))?;
         self.security
             .validate()
             .map_err(|e| e.in_config(None, "security."))

@@ -285,6 +285,14 @@ pub enum SecurityFailure {
     /// Token authentication is on and the peer presented none.
     #[error("token missing")]
     TokenMissing,
+    /// The peer announced an endpoint id its certificate does not give: it claimed to be
+    /// another endpoint.
+    #[error("the peer claimed an identity its certificate does not give")]
+    IdentityMismatch,
+    /// The peer presents this endpoint's own certificate (same key): each endpoint needs a
+    /// key of its own, or endpoints cannot tell each other apart.
+    #[error("the peer uses this endpoint's own certificate; give each endpoint its own key")]
+    SharedCertificate,
 }
 
 /// The class of an error response sent back by a remote agent.

@@ -39,7 +39,9 @@ pub mod conformance;
 
 pub use channel::{Channel, ChannelKind, DEFAULT_MAX_MESSAGE_SIZE, Priority};
 pub use codec::{FRAME_HEADER_LEN, FrameCodec, MAX_FRAME_LEN, MAX_PAYLOAD_LEN, WIRE_VERSION};
-pub use config::{AgentDefinition, QuicConfig, SecurityConfig, Token, default_channels};
+pub use config::{
+    AgentDefinition, PeerExchange, QuicConfig, QuicLimits, SecurityConfig, Token, default_channels,
+};
 pub use error::{
     BoxError, DeliveryFailure, Error, RemoteErrorKind, Result, SecurityFailure, SendFailure,
     StreamFailure,

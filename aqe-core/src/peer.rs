@@ -15,6 +15,9 @@ pub enum PeerState {
     Connecting,
     /// The peer is reachable.
     Connected,
+    /// The peer is known through another endpoint (peer exchange); a direct connection is
+    /// made on first traffic.
+    Known,
     /// The peer left or its connection ended.
     Disconnected,
     /// The last attempt to reach the peer failed.

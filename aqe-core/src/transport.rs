@@ -87,6 +87,14 @@ pub enum Event {
         /// Which check failed.
         kind: crate::SecurityFailure,
     },
+    /// An endpoint announced an agent id that another endpoint (or this one) hosts already.
+    /// The first keeps it; the claim is refused, never silently preferred.
+    AgentConflict {
+        /// The contested id.
+        agent: AgentId,
+        /// Where the endpoint that claimed it listens.
+        claimed_by: SocketAddr,
+    },
     /// A transport reported an error not tied to one call.
     TransportError {
         /// Which transport.

@@ -1,6 +1,6 @@
 //! A probe for delivery checks across processes and hosts.
 //!
-//! - [`write_certs`] makes a fleet CA and a node certificate valid for the given names.
+//! - [`write_certs`] makes a fleet CA; each probe process issues itself a node certificate.
 //! - [`receive`] runs a receiving agent that prints one line per message it takes, *before*
 //!   its handler returns (so before the message is acknowledged): `M <channel> <n>
 //!   <redelivered>`. A process killed at any moment has printed everything it acknowledged.
@@ -18,39 +18,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use aqe_agent::aqe_quic::certs::FleetCa;
 use aqe_agent::{Agent, HandlerError, QuicTransport};
 use aqe_core::{
     AgentId, ChannelName, DeliveryFailure, Event, MessageId, QuicConfig, RequestOptions,
     SecurityConfig,
 };
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokio::io::AsyncWriteExt;
 
-/// File names in a certificate directory.
+/// The fleet CA's certificate, in a certificate directory.
 pub const CA_FILE: &str = "ca.pem";
-/// The node certificate (server and client use).
-pub const CERT_FILE: &str = "node.pem";
-/// The node's private key.
-pub const KEY_FILE: &str = "node.key";
+/// The fleet CA's key: every probe process issues itself a node certificate with it, so that
+/// each has a key (and an endpoint id) of its own.
+pub const CA_KEY_FILE: &str = "ca.key";
 
-/// Writes a fleet CA and one node certificate (for `localhost` and `ips`) into `dir`.
+/// Writes a fleet CA (certificate and key) into `dir`.
 ///
 /// # Errors
-/// When a file cannot be written or a certificate made.
-pub fn write_certs(dir: &Path, ips: &[std::net::IpAddr]) -> anyhow::Result<()> {
+/// When a file cannot be written or the CA made.
+pub fn write_certs(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "aqe probe CA");
-    let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
-    let mut names = vec!["localhost".to_owned()];
-    names.extend(ips.iter().map(ToString::to_string));
-    let key = KeyPair::generate()?;
-    let cert = CertificateParams::new(names)?.signed_by(&key, &issuer)?;
-    std::fs::write(dir.join(CA_FILE), issuer.as_ref().pem())?;
-    std::fs::write(dir.join(CERT_FILE), cert.pem())?;
-    std::fs::write(dir.join(KEY_FILE), key.serialize_pem())?;
+    let ca = FleetCa::generate("aqe probe CA")?;
+    std::fs::write(dir.join(CA_FILE), ca.cert_pem())?;
+    std::fs::write(dir.join(CA_KEY_FILE), ca.key_pem())?;
     Ok(())
 }
 
@@ -86,8 +76,9 @@ impl Options {
         }
     }
 
-    /// The QUIC configuration these options describe.
-    pub fn quic_config(&self) -> QuicConfig {
+    /// The QUIC configuration these options describe, with the node certificate in `node`
+    /// (a directory holding `node.pem` and `node.key`).
+    pub fn quic_config(&self, node: &Path) -> QuicConfig {
         QuicConfig {
             enabled: true,
             host: self.listen.ip().to_string(),
@@ -97,8 +88,8 @@ impl Options {
             delivery_deadline: self.deadline,
             bootstrap_peers: self.peer.iter().map(ToString::to_string).collect(),
             security: SecurityConfig {
-                cert_path: Some(self.certs.join(CERT_FILE)),
-                key_path: Some(self.certs.join(KEY_FILE)),
+                cert_path: Some(node.join("node.pem")),
+                key_path: Some(node.join("node.key")),
                 ca_path: Some(self.certs.join(CA_FILE)),
                 verify_peer: true,
                 ..SecurityConfig::default()
@@ -107,15 +98,25 @@ impl Options {
         }
     }
 
-    /// Binds a QUIC endpoint as these options say (a busy port is retried for a few
-    /// seconds: a restarted probe may find its predecessor's socket not yet released).
+    /// Binds a QUIC endpoint as these options say, with a node certificate of its own issued
+    /// by the fleet CA (a busy port is retried for a few seconds: a restarted probe may find
+    /// its predecessor's socket not yet released).
     ///
     /// # Errors
-    /// When the endpoint cannot be bound.
+    /// When the CA cannot be read or the endpoint bound.
     pub async fn bind(&self) -> anyhow::Result<QuicTransport> {
+        let ca = FleetCa::from_pem(
+            &std::fs::read_to_string(self.certs.join(CA_FILE))?,
+            &std::fs::read_to_string(self.certs.join(CA_KEY_FILE))?,
+        )?;
+        let node = tempfile::tempdir()?;
+        let cert = ca.issue("aqe probe", "localhost", &[self.listen.ip()], &[])?;
+        std::fs::write(node.path().join("node.pem"), &cert.cert_pem)?;
+        std::fs::write(node.path().join("node.key"), &cert.key_pem)?;
         let mut last = None;
         for _ in 0..100 {
-            match QuicTransport::bind(self.quic_config()).await {
+            // The endpoint reads its certificate files while it binds.
+            match QuicTransport::bind(self.quic_config(node.path())).await {
                 Ok(t) => return Ok(t),
                 Err(e) => last = Some(e),
             }

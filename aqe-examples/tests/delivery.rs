@@ -115,7 +115,7 @@ struct Setup {
 
 async fn setup() -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
-    probe::write_certs(dir.path(), &[]).expect("certificates");
+    probe::write_certs(dir.path()).expect("certificates");
     let options = timings(Options::new(loopback(), dir.path()));
     let (quic, sender) = probe::sender(&options, "source").await.expect("sender");
     Setup {

@@ -28,7 +28,7 @@ use aqe_core::{
     Result, StreamHeader,
 };
 
-use crate::endpoint::Shared;
+use crate::endpoint::{Frames, Shared};
 use crate::inflow::Inflow;
 use crate::link::{self, LinkStats};
 use crate::outbox::{self, Lane, Outbox, Pending};
@@ -301,9 +301,7 @@ impl Conn {
         timeout: Duration,
     ) -> Result<Envelope> {
         if envelope.payload.len() > crate::lane::LANE_MAX_PAYLOAD {
-            return self
-                .request_on_stream(&shared.codec, &envelope, timeout)
-                .await;
+            return self.request_on_stream(shared, &envelope, timeout).await;
         }
         let target = envelope
             .target()
@@ -346,12 +344,12 @@ impl Conn {
     /// A request on a bidirectional stream of its own; the response comes back on it.
     async fn request_on_stream(
         &self,
-        codec: &FrameCodec,
+        shared: &Shared,
         envelope: &Envelope,
         timeout: Duration,
     ) -> Result<Envelope> {
         let target = envelope.target().cloned();
-        let frames = wire::frames(codec, &[&Preamble::Request, envelope])?;
+        let frames = wire::frames(&shared.codec, &[&Preamble::Request, envelope])?;
         let mut send_half = None;
         let exchange = async {
             let stream = self
@@ -364,7 +362,9 @@ impl Conn {
             let send = send_half.insert(send);
             // The send side stays open until the answer: its end tells the responder we gave up.
             send.send(frames).await.map_err(|e| self.stream_failed(e))?;
-            FrameReader::new(recv, *codec).next::<Envelope>().await
+            FrameReader::new(recv, shared.frame_limit(Frames::Data))
+                .next::<Envelope>()
+                .await
         };
         let outcome = tokio::time::timeout(timeout, exchange).await;
         let target = || target.clone().unwrap_or_else(|| AgentId::from("?"));
@@ -674,11 +674,21 @@ fn datagram_arrived(shared: &Shared, conn: &Conn, bytes: Bytes) {
 /// Puts a reliable message in its agent's inbox at once (the sender's window bounds what can
 /// be in flight), with a receipt on this connection; a message nobody here can take is
 /// refused, so the sender learns it.
-fn deliver_sequenced(shared: &Shared, conn: &Conn, seq: u64, envelope: Envelope) {
+///
+/// # Errors
+/// [`Error::Protocol`] when the peer has more messages unsettled here than the windows it was
+/// given allow (one window per local agent): it ignored them, and the stream is closed.
+fn deliver_sequenced(shared: &Shared, conn: &Conn, seq: u64, envelope: Envelope) -> Result<()> {
     let Some(local) = admit(shared, conn, &envelope) else {
         conn.inflow.refuse(seq);
-        return;
+        return Ok(());
     };
+    let allowed = shared.config.window as usize * shared.local_count().max(1);
+    if !conn.inflow.take_one(allowed) {
+        return Err(Error::Protocol {
+            detail: "the peer sent more unacknowledged messages than its windows allow",
+        });
+    }
     let len = envelope.payload.len();
     let sink: Arc<dyn aqe_core::AckSink> = conn.inflow.clone();
     let item = Inbound::Message {
@@ -689,16 +699,21 @@ fn deliver_sequenced(shared: &Shared, conn: &Conn, seq: u64, envelope: Envelope)
         // The agent is stopping: it will never take it.
         item.abandon();
     }
+    Ok(())
 }
 
 async fn serve(shared: Arc<Shared>, conn: Arc<Conn>, stream: PeerStream) {
     let outcome = match stream {
         PeerStream::Bidirectional(s) => {
             let (recv, send) = s.split();
-            let mut reader = FrameReader::new(recv, shared.codec);
+            let mut reader = FrameReader::new(recv, shared.frame_limit(Frames::Control));
             match reader.next::<Preamble>().await {
-                Ok(Some(Preamble::Request)) => serve_request(&shared, &conn, reader, send).await,
+                Ok(Some(Preamble::Request)) => {
+                    reader.set_limit(shared.frame_limit(Frames::Data));
+                    serve_request(&shared, &conn, reader, send).await
+                }
                 Ok(Some(Preamble::Lane)) => {
+                    reader.set_limit(shared.frame_limit(Frames::Lane));
                     crate::lane::serve(shared.clone(), conn.clone(), reader, send).await
                 }
                 Ok(Some(_)) => Err(Error::Protocol {
@@ -709,7 +724,8 @@ async fn serve(shared: Arc<Shared>, conn: Arc<Conn>, stream: PeerStream) {
             }
         }
         PeerStream::Receive(recv) => {
-            serve_receive(&shared, &conn, FrameReader::new(recv, shared.codec)).await
+            let reader = FrameReader::new(recv, shared.frame_limit(Frames::Control));
+            serve_receive(&shared, &conn, reader).await
         }
     };
     if let Err(e) = outcome {
@@ -768,7 +784,9 @@ async fn serve_receive(
     conn: &Arc<Conn>,
     mut reader: FrameReader,
 ) -> Result<()> {
-    match reader.next::<Preamble>().await? {
+    let preamble = reader.next::<Preamble>().await?;
+    reader.set_limit(shared.frame_limit(Frames::Data));
+    match preamble {
         Some(Preamble::Channel(channel)) => {
             while let Some(Sequenced { seq, envelope }) = reader.next::<Sequenced>().await? {
                 if envelope.channel != channel {
@@ -776,13 +794,13 @@ async fn serve_receive(
                         detail: "envelope on another channel's stream",
                     });
                 }
-                deliver_sequenced(shared, conn, seq, envelope);
+                deliver_sequenced(shared, conn, seq, envelope)?;
             }
             Ok(())
         }
         Some(Preamble::Unordered) => {
             while let Some(Sequenced { seq, envelope }) = reader.next::<Sequenced>().await? {
-                deliver_sequenced(shared, conn, seq, envelope);
+                deliver_sequenced(shared, conn, seq, envelope)?;
             }
             Ok(())
         }

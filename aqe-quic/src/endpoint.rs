@@ -32,7 +32,7 @@ use aqe_core::{
 use crate::conn::{self, CONTROL_QUEUE, Conn};
 use crate::link::{self, StatsSubscriber};
 use crate::outbox::{self, Pending, Redelivery};
-use crate::registry::{Action, ConnKey, PeerHello, Refusal, Registry};
+use crate::registry::{Action, ConnKey, PeerHello, Policy, Refusal, Registry, Route};
 use crate::tls::Material;
 use crate::wire::{Control, FrameReader, Hello, PROTOCOL_VERSION, close};
 
@@ -44,8 +44,50 @@ const SWEEP: Duration = Duration::from_millis(200);
 /// unless it comes back first.
 const UNREACHABLE_MEMORY: Duration = Duration::from_secs(60);
 
-/// This endpoint's membership as a hello states it: generation, agents, known peers.
-type Snapshot = (u64, Vec<Registration>, Vec<SocketAddr>);
+/// Room for an envelope's fields other than its payload, in a frame limit.
+const ENVELOPE_OVERHEAD: usize = 64 * 1024;
+
+/// What a stream carries, for the largest frame accepted on it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Frames {
+    /// A hello, before the peer is authenticated.
+    Hello,
+    /// Control frames, and the preamble of every other stream.
+    Control,
+    /// The request lane.
+    Lane,
+    /// Envelopes, stream chunks and large requests: the largest channel of any local agent.
+    Data,
+}
+
+/// Admits connection attempts: beyond `max_handshakes` in flight an attempt must first prove
+/// its address (a Retry), beyond twice that it is dropped; beyond `max_connections` it is
+/// refused.
+struct Admission {
+    max_handshakes: usize,
+    max_connections: usize,
+}
+
+impl s2n_quic::provider::endpoint_limits::Limiter for Admission {
+    fn on_connection_attempt(
+        &mut self,
+        attempt: &s2n_quic::provider::endpoint_limits::ConnectionAttempt<'_>,
+    ) -> s2n_quic::provider::endpoint_limits::Outcome {
+        use s2n_quic::provider::endpoint_limits::Outcome;
+        if attempt.connection_count >= self.max_connections {
+            Outcome::close()
+        } else if attempt.inflight_handshakes >= 2 * self.max_handshakes {
+            Outcome::drop()
+        } else if attempt.inflight_handshakes >= self.max_handshakes {
+            Outcome::retry()
+        } else {
+            Outcome::allow()
+        }
+    }
+}
+
+/// This endpoint's membership as a hello states it: generation and agents.
+type Snapshot = (u64, Vec<Registration>);
 
 /// A connection as the endpoint holds it: its control queue from the start of its
 /// handshake, the connection itself once established.
@@ -79,6 +121,15 @@ pub(crate) struct Shared {
     redeliver: Mutex<Option<Arc<dyn Redeliver>>>,
     /// Signalled whenever a handoff to the redelivery handler ends.
     handoffs: Notify,
+    /// Bounds the dials under way.
+    dials: tokio::sync::Semaphore,
+    /// One dial per address at a time: a second caller waits for the first's outcome.
+    dial_locks: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
+    /// Nonces of this endpoint's dials in progress, to tell a connection to itself from a
+    /// peer presenting this endpoint's own certificate.
+    own_nonces: Mutex<std::collections::HashSet<u64>>,
+    /// The largest channel message size of any local agent (only grows).
+    max_message: std::sync::atomic::AtomicUsize,
 }
 
 pub(crate) fn random_u64() -> u64 {
@@ -142,6 +193,11 @@ impl Shared {
             .map_err(|e| setup_error("host")(e.into()))?
             .with_limits(limits().map_err(setup_error("limits"))?)
             .map_err(|e| setup_error("limits")(e.into()))?
+            .with_endpoint_limits(Admission {
+                max_handshakes: config.limits.max_handshakes as usize,
+                max_connections: config.limits.max_connections as usize,
+            })
+            .map_err(|e| setup_error("limits")(e.into()))?
             .with_event(StatsSubscriber {
                 rejections: rejections.clone(),
             })
@@ -174,7 +230,20 @@ impl Shared {
             .start()
             .map_err(|e| setup_error("host")(e.into()))?;
         let (events, _) = broadcast::channel(1024);
-        let id = random_u64();
+        // The endpoint's id is its certificate's: a peer that verified the certificate knows
+        // the id is not made up.
+        let id = material.identity;
+        let policy = Policy {
+            exchange: config.peer_exchange,
+            agents_per_peer: config.limits.agents_per_peer as usize,
+            endpoints_per_peer: config.limits.endpoints_per_peer as usize,
+        };
+        if config.peer_exchange == aqe_core::PeerExchange::All {
+            tracing::warn!(
+                "peerExchange \"all\": this endpoint takes any peer's word about other endpoints, authenticated or not"
+            );
+        }
+        let dials = tokio::sync::Semaphore::new(config.limits.concurrent_dials as usize);
         let local_delivery = LocalDelivery::new(events.clone(), config.send_timeout, 64);
         let shared = Arc::new(Shared {
             config,
@@ -183,7 +252,7 @@ impl Shared {
             codec: FrameCodec::default(),
             client: Mutex::new(Some(client)),
             state: Mutex::new(State {
-                registry: Registry::new(id),
+                registry: Registry::new(id, policy),
                 links: HashMap::new(),
                 redelivery: Redelivery::default(),
             }),
@@ -195,6 +264,10 @@ impl Shared {
             local_delivery,
             redeliver: Mutex::new(None),
             handoffs: Notify::new(),
+            dials,
+            dial_locks: Mutex::new(HashMap::new()),
+            own_nonces: Mutex::new(std::collections::HashSet::new()),
+            max_message: std::sync::atomic::AtomicUsize::new(aqe_core::DEFAULT_MAX_MESSAGE_SIZE),
         });
         tracing::info!(%listen, endpoint = format_args!("{:016x}", shared.id), "QUIC endpoint listening");
         shared.tasks.spawn(accept_loop(shared.clone(), server));
@@ -220,6 +293,17 @@ impl Shared {
         }
     }
 
+    /// A codec accepting the largest frame a stream of this kind may carry.
+    pub(crate) fn frame_limit(&self, frames: Frames) -> FrameCodec {
+        let limits = &self.config.limits;
+        FrameCodec::new(match frames {
+            Frames::Hello => limits.hello_frame as usize,
+            Frames::Control => limits.control_frame as usize,
+            Frames::Lane => crate::lane::LANE_MAX_PAYLOAD + ENVELOPE_OVERHEAD,
+            Frames::Data => self.max_message.load(Ordering::Relaxed) + ENVELOPE_OVERHEAD,
+        })
+    }
+
     pub(crate) fn publish(&self, event: Event) {
         let _ = self.events.send(event);
     }
@@ -242,7 +326,12 @@ impl Shared {
                     }
                 }
                 Action::Publish(event) => self.publish(event),
-                Action::Dial(addr) => self.spawn_dial(addr),
+                Action::Known { agent, addr } => {
+                    // Messages wait for it: connect, and they go out when it is reachable.
+                    if state.redelivery.has(&agent) {
+                        self.spawn_dial(addr);
+                    }
+                }
                 Action::Retire { conn, code, drain } => {
                     if let Some(c) = state.links.get(&conn).and_then(|l| l.conn.as_ref()) {
                         c.retire(code, drain);
@@ -274,10 +363,15 @@ impl Shared {
     /// Sends what waits for `to` over the connection it is reachable on now, or hands it to
     /// the redelivery handler, if either is possible.
     fn redeliver_now(self: &Arc<Self>, state: &mut State, to: &AgentId) {
-        if let Some((key, ..)) = state.registry.route(to) {
-            self.flush(state, to, key);
-        } else {
-            self.hand_off(state, to);
+        match state.registry.route(to) {
+            Some(Route::Direct(key, ..)) => self.flush(state, to, key),
+            Some(Route::Dial(addr, _)) => {
+                // Reachable by dialing: hand it to the fallback meanwhile if there is one,
+                // and dial; whichever comes first delivers what waits.
+                self.hand_off(state, to);
+                self.spawn_dial(addr);
+            }
+            None => self.hand_off(state, to),
         }
     }
 
@@ -350,6 +444,13 @@ impl Shared {
                 message: format!("agent {} is already attached to this endpoint", reg.id),
             });
         };
+        let largest = reg
+            .channels
+            .iter()
+            .map(|c| c.max_message_size)
+            .max()
+            .unwrap_or(0);
+        self.max_message.fetch_max(largest, Ordering::Relaxed);
         self.locals
             .insert(reg.id.clone(), Arc::new(LocalAgent::new(reg, inbox)));
         self.publish(Event::PeerDiscovered(info));
@@ -367,6 +468,11 @@ impl Shared {
         self.publish(Event::PeerLeft(id.clone()));
         self.apply(&mut state, actions);
         Ok(())
+    }
+
+    /// How many agents this endpoint hosts.
+    pub(crate) fn local_count(&self) -> usize {
+        self.locals.len()
     }
 
     pub(crate) fn local(&self, id: &AgentId) -> Option<Arc<LocalAgent>> {
@@ -387,26 +493,78 @@ impl Shared {
     }
 
     /// The connection to the endpoint hosting remote agent `to`, which must listen on
-    /// `channel`.
+    /// `channel`; an endpoint known through peer exchange is dialed first (within `wait`).
     ///
     /// # Errors
-    /// [`Error::PeerNotFound`], or [`Error::ChannelNotFound`] naming `to`.
-    pub(crate) fn route(&self, to: &AgentId, channel: &ChannelName) -> Result<Arc<Conn>> {
-        let state = self.lock();
-        let Some((key, reg, _)) = state.registry.route(to) else {
-            return Err(Error::PeerNotFound { peer: to.clone() });
-        };
-        if !reg.has_channel(channel) {
-            return Err(Error::ChannelNotFound {
-                channel: channel.clone(),
-                agent: to.clone(),
-            });
+    /// [`Error::PeerNotFound`], [`Error::ChannelNotFound`] naming `to`, or why the dial
+    /// failed.
+    pub(crate) async fn route(
+        self: &Arc<Self>,
+        to: &AgentId,
+        channel: &ChannelName,
+        wait: Duration,
+    ) -> Result<Arc<Conn>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let dial = {
+                let state = self.lock();
+                let Some(route) = state.registry.route(to) else {
+                    return Err(Error::PeerNotFound { peer: to.clone() });
+                };
+                if !route.registration().has_channel(channel) {
+                    return Err(Error::ChannelNotFound {
+                        channel: channel.clone(),
+                        agent: to.clone(),
+                    });
+                }
+                match route {
+                    Route::Direct(key, ..) => {
+                        return state
+                            .links
+                            .get(&key)
+                            .and_then(|l| l.conn.clone())
+                            .ok_or_else(|| Error::PeerNotFound { peer: to.clone() });
+                    }
+                    Route::Dial(addr, _) => addr,
+                }
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            self.reach(dial, left).await?;
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::ConnectionTimeout {
+                    addr: dial,
+                    after: wait,
+                });
+            }
         }
-        state
-            .links
-            .get(&key)
-            .and_then(|l| l.conn.clone())
-            .ok_or_else(|| Error::PeerNotFound { peer: to.clone() })
+    }
+
+    /// Connects to the endpoint at `addr` unless connected already, within `wait` and the
+    /// bound on dials under way; one dial per address at a time.
+    async fn reach(self: &Arc<Self>, addr: SocketAddr, wait: Duration) -> Result<()> {
+        let attempt = async {
+            let lock = self
+                .dial_locks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(addr)
+                .or_default()
+                .clone();
+            let _one = lock.lock().await;
+            if self.connected_to(addr) {
+                return Ok(());
+            }
+            let _slot = self.dials.acquire().await.map_err(|_| Error::Shutdown)?;
+            self.connect(addr).await
+        };
+        let outcome = tokio::time::timeout(wait, attempt)
+            .await
+            .unwrap_or(Err(Error::ConnectionTimeout { addr, after: wait }));
+        let mut locks = self.dial_locks.lock().unwrap_or_else(|p| p.into_inner());
+        if locks.get(&addr).is_some_and(|l| Arc::strong_count(l) == 1) {
+            locks.remove(&addr);
+        }
+        outcome
     }
 
     /// Waits (at most `wait`) while messages for `to` are being handed to the redelivery
@@ -451,13 +609,7 @@ impl Shared {
 
     // ----- connections -----
 
-    fn hello(
-        &self,
-        nonce: u64,
-        generation: u64,
-        agents: Vec<Registration>,
-        known: Vec<SocketAddr>,
-    ) -> Hello {
+    fn hello(&self, nonce: u64, generation: u64, agents: Vec<Registration>) -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
             endpoint: self.id,
@@ -465,7 +617,6 @@ impl Shared {
             listen: self.listen,
             token: self.token(),
             agents,
-            known,
             generation,
             window: self.config.window,
         }
@@ -478,8 +629,10 @@ impl Shared {
             .flatten()
     }
 
-    /// Checks a peer's hello; the close code to use if it fails.
-    fn check(&self, hello: &Hello) -> std::result::Result<(), (u32, Error)> {
+    /// Checks a peer's hello; the close code to use if it fails. `verified` is the id the
+    /// peer's certificate gives, when the handshake verified one (always for a listener this
+    /// endpoint dialed; for a dialer only with mutual TLS).
+    fn check(&self, hello: &Hello, verified: Option<u64>) -> std::result::Result<(), (u32, Error)> {
         if hello.version != PROTOCOL_VERSION {
             let e = Error::UnsupportedVersion {
                 found: hello.version,
@@ -487,15 +640,35 @@ impl Shared {
             };
             return Err((close::VERSION_MISMATCH, e));
         }
+        let security = |kind| Error::Security { kind, source: None };
         if hello.endpoint == self.id {
+            let own_dial = self
+                .own_nonces
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&hello.nonce);
+            return Err(if own_dial || verified.is_none() {
+                (
+                    close::SELF_CONNECTION,
+                    Error::Protocol {
+                        detail: "connection to self",
+                    },
+                )
+            } else {
+                (
+                    close::SHARED_CERTIFICATE,
+                    security(SecurityFailure::SharedCertificate),
+                )
+            });
+        }
+        if let Some(id) = verified
+            && id != hello.endpoint
+        {
             return Err((
-                close::SELF_CONNECTION,
-                Error::Protocol {
-                    detail: "connection to self",
-                },
+                close::IDENTITY_MISMATCH,
+                security(SecurityFailure::IdentityMismatch),
             ));
         }
-        let security = |kind| Error::Security { kind, source: None };
         match (self.token(), &hello.token) {
             (None, _) => Ok(()),
             (Some(_), None) => Err((
@@ -512,6 +685,12 @@ impl Shared {
         }
     }
 
+    /// Whether a peer that passed [`Shared::check`] proved who it is: by the token, or by a
+    /// certificate this endpoint verified.
+    fn authenticated(&self, verified: Option<u64>) -> bool {
+        self.token().is_some() || verified.is_some()
+    }
+
     /// Connects to the endpoint at `addr` (if not connected already) and exchanges hellos.
     /// Shutdown interrupts it.
     pub(crate) async fn connect(self: &Arc<Self>, addr: SocketAddr) -> Result<()> {
@@ -521,20 +700,17 @@ impl Shared {
         }
     }
 
+    /// Dials `addr` in the background (within the bound on dials), to deliver what waits.
     fn spawn_dial(self: &Arc<Self>, addr: SocketAddr) {
         if addr == self.listen || self.shutdown.is_cancelled() {
             return;
         }
         let me = self.clone();
         self.tasks.spawn(async move {
-            if let Err(e) = me.connect(addr).await {
-                tracing::debug!(%addr, error = %e, "peer exchange dial failed");
-                me.publish(Event::TransportError {
-                    transport: aqe_core::TransportKind::Quic,
-                    message: format!("dial {addr}: {e}"),
-                });
+            let wait = me.config.connection_timeout * 2;
+            if let Err(e) = me.reach(addr, wait).await {
+                tracing::debug!(%addr, error = %e, "dial to deliver waiting messages failed");
             }
-            me.lock().registry.dial_done(addr);
         });
     }
 
@@ -564,19 +740,38 @@ impl Shared {
         };
         let _ = connection.keep_alive(true);
         let nonce = random_u64();
-        let (key, rx, (generation, agents, known)) = self.begin();
+        self.own_nonces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(nonce);
+        let outcome = self.exchange_as_dialer(addr, connection, nonce).await;
+        self.own_nonces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&nonce);
+        outcome
+    }
+
+    async fn exchange_as_dialer(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        mut connection: Connection,
+        nonce: u64,
+    ) -> Result<()> {
+        let timeout = self.config.connection_timeout;
+        let (key, rx, (generation, agents)) = self.begin();
         let exchange = async {
             let stream = connection
                 .open_bidirectional_stream()
                 .await
                 .map_err(|e| connection_error(addr, timeout, e))?;
             let (recv, mut send) = stream.split();
-            let ours = self.hello(nonce, generation, agents, known);
+            let ours = self.hello(nonce, generation, agents);
             let hello = self.codec.encode_to_bytes(&ours)?;
             send.send(hello)
                 .await
                 .map_err(|e| stream_connection_error(addr, timeout, e))?;
-            let mut reader = FrameReader::new(recv, self.codec);
+            let mut reader = FrameReader::new(recv, self.frame_limit(Frames::Hello));
             match reader.next::<Hello>().await {
                 Ok(Some(h)) => Ok((h, reader, send)),
                 Ok(None) => Err(Error::Protocol {
@@ -605,11 +800,14 @@ impl Shared {
             }
             Ok(Ok(x)) => x,
         };
-        if let Err((code, e)) = self.check(&peer_hello) {
+        // The listener's certificate was verified: its id is known.
+        let verified = link::of(&connection.handle()).peer_identity();
+        if let Err((code, e)) = self.check(&peer_hello, verified) {
             self.abort(key);
             connection.close(code.into());
             return Err(e);
         }
+        let authenticated = self.authenticated(verified);
         self.establish(
             key,
             rx,
@@ -618,6 +816,7 @@ impl Shared {
             send,
             peer_hello,
             (self.id, nonce),
+            authenticated,
         )
     }
 
@@ -626,7 +825,7 @@ impl Shared {
     /// that every membership change after the hello's snapshot is queued for the connection.
     fn begin(&self) -> (ConnKey, mpsc::Receiver<Control>, Snapshot) {
         let mut state = self.lock();
-        let (key, generation, agents, known) = state.registry.begin();
+        let (key, generation, agents) = state.registry.begin();
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
         state.links.insert(
             key,
@@ -635,7 +834,7 @@ impl Shared {
                 conn: None,
             },
         );
-        (key, rx, (generation, agents, known))
+        (key, rx, (generation, agents))
     }
 
     fn abort(&self, key: ConnKey) {
@@ -656,7 +855,7 @@ impl Shared {
                 .ok()
                 .flatten()?;
             let (recv, send) = stream.split();
-            let mut reader = FrameReader::new(recv, self.codec);
+            let mut reader = FrameReader::new(recv, self.frame_limit(Frames::Hello));
             let hello = reader.next::<Hello>().await.ok().flatten()?;
             Some((hello, reader, send))
         };
@@ -671,7 +870,9 @@ impl Shared {
                 return;
             }
         };
-        if let Err((code, e)) = self.check(&peer_hello) {
+        // A dialer's certificate is known only with mutual TLS.
+        let verified = link::of(&connection.handle()).peer_identity();
+        if let Err((code, e)) = self.check(&peer_hello, verified) {
             tracing::warn!(?addr, error = %e, "connection refused");
             if let (Error::Security { kind, .. }, Some(addr)) = (&e, addr) {
                 self.publish(Event::SecurityRejected { addr, kind: *kind });
@@ -679,8 +880,8 @@ impl Shared {
             connection.close(code.into());
             return;
         }
-        let (key, rx, (generation, agents, known)) = self.begin();
-        let ours = self.hello(peer_hello.nonce, generation, agents, known);
+        let (key, rx, (generation, agents)) = self.begin();
+        let ours = self.hello(peer_hello.nonce, generation, agents);
         let sent = match self.codec.encode_to_bytes(&ours) {
             Ok(b) => tokio::time::timeout(timeout, send.send(b)).await,
             Err(e) => {
@@ -694,7 +895,17 @@ impl Shared {
             return;
         }
         let rank = (peer_hello.endpoint, peer_hello.nonce);
-        if let Err(e) = self.establish(key, rx, connection, reader, send, peer_hello, rank) {
+        let authenticated = self.authenticated(verified);
+        if let Err(e) = self.establish(
+            key,
+            rx,
+            connection,
+            reader,
+            send,
+            peer_hello,
+            rank,
+            authenticated,
+        ) {
             tracing::debug!(?addr, error = %e, "connection not established");
         }
     }
@@ -711,14 +922,16 @@ impl Shared {
         control_tx: s2n_quic::stream::SendStream,
         mut hello: Hello,
         rank: (u64, u64),
+        authenticated: bool,
     ) -> Result<()> {
-        // A peer listening on every interface announces an unspecified address; others reach
-        // it at the address this connection comes from, on the announced port.
-        if hello.listen.ip().is_unspecified()
-            && let Ok(seen) = connection.remote_addr()
-        {
+        // A peer's listen address is taken with the IP its connection comes from (the port
+        // from its hello): nobody can point this endpoint, or its peers, at an IP the peer
+        // does not send from.
+        if let Ok(seen) = connection.remote_addr() {
             hello.listen.set_ip(seen.ip());
         }
+        let mut control_rx = control_rx;
+        control_rx.set_limit(self.frame_limit(Frames::Control));
         let (handle, acceptor) = connection.split();
         let window = hello.window.min(self.config.window).max(1) as usize;
         let mut state = self.lock();
@@ -740,8 +953,8 @@ impl Shared {
             listen: hello.listen,
             generation: hello.generation,
             agents: hello.agents,
-            known: hello.known,
             rank,
+            authenticated,
         };
         match state.registry.on_hello(key, peer) {
             Ok(actions) => self.apply(&mut state, actions),
@@ -777,7 +990,12 @@ impl Shared {
         listen: SocketAddr,
         conn: Option<&Arc<Conn>>,
     ) -> PeerInfo {
-        let mut info = reg.peer_info(Some(listen), PeerState::Connected);
+        let state = if conn.is_some() {
+            PeerState::Connected
+        } else {
+            PeerState::Known
+        };
+        let mut info = reg.peer_info(Some(listen), state);
         info.rtt = conn
             .map(|c| c.link().read())
             .filter(|r| r.rtt_samples > 0)
@@ -793,7 +1011,9 @@ impl Shared {
             .collect();
         let state = self.lock();
         out.extend(state.registry.remote_agents().map(|(reg, listen, key)| {
-            let conn = state.links.get(&key).and_then(|l| l.conn.as_ref());
+            let conn = key
+                .and_then(|k| state.links.get(&k))
+                .and_then(|l| l.conn.as_ref());
             Self::peer_info_remote(reg, listen, conn)
         }));
         out
@@ -1113,14 +1333,42 @@ mod tests {
         let shared = Shared::bind(config).await.expect("bind");
         let good = Hello {
             endpoint: shared.id ^ 1,
-            ..shared.hello(0, 0, vec![], vec![])
+            ..shared.hello(0, 0, vec![])
         };
-        assert!(shared.check(&good).is_ok());
+        assert!(shared.check(&good, None).is_ok());
+        assert!(
+            shared.check(&good, Some(shared.id ^ 1)).is_ok(),
+            "verified and matching"
+        );
         let (code, err) = shared
-            .check(&Hello {
-                version: 9,
-                ..good.clone()
-            })
+            .check(&good, Some(shared.id ^ 2))
+            .expect_err("claimed id");
+        assert_eq!(code, close::IDENTITY_MISMATCH);
+        assert!(matches!(
+            err,
+            Error::Security {
+                kind: SecurityFailure::IdentityMismatch,
+                ..
+            }
+        ));
+        let (code, _) = shared
+            .check(
+                &Hello {
+                    endpoint: shared.id,
+                    ..good.clone()
+                },
+                Some(shared.id),
+            )
+            .expect_err("another endpoint with our certificate");
+        assert_eq!(code, close::SHARED_CERTIFICATE);
+        let (code, err) = shared
+            .check(
+                &Hello {
+                    version: 9,
+                    ..good.clone()
+                },
+                None,
+            )
             .expect_err("version");
         assert_eq!(code, close::VERSION_MISMATCH);
         assert!(
@@ -1134,17 +1382,23 @@ mod tests {
             "{err}"
         );
         let (code, _) = shared
-            .check(&Hello {
-                endpoint: shared.id,
-                ..good.clone()
-            })
+            .check(
+                &Hello {
+                    endpoint: shared.id,
+                    ..good.clone()
+                },
+                None,
+            )
             .expect_err("self");
         assert_eq!(code, close::SELF_CONNECTION);
         let (code, err) = shared
-            .check(&Hello {
-                token: Some("t0k3N".into()),
-                ..good.clone()
-            })
+            .check(
+                &Hello {
+                    token: Some("t0k3N".into()),
+                    ..good.clone()
+                },
+                None,
+            )
             .expect_err("token");
         assert_eq!(code, close::TOKEN_REJECTED);
         assert!(matches!(
@@ -1155,10 +1409,13 @@ mod tests {
             }
         ));
         let (code, _) = shared
-            .check(&Hello {
-                token: None,
-                ..good
-            })
+            .check(
+                &Hello {
+                    token: None,
+                    ..good
+                },
+                None,
+            )
             .expect_err("no token");
         assert_eq!(code, close::TOKEN_MISSING);
         shared.shutdown().await;

@@ -74,7 +74,6 @@ fn hello(version: u8) -> Hello {
         listen: "127.0.0.1:9".parse().expect("addr"),
         token: None,
         agents: Vec::new(),
-        known: Vec::new(),
     }
 }
 

@@ -7,6 +7,7 @@
 //! one write per wake-up however many messages were settled meanwhile.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
 
@@ -20,6 +21,8 @@ pub(crate) struct Inflow {
     state: Mutex<Settled>,
     /// Wakes the control writer.
     pub(crate) wake: Notify,
+    /// Messages put in inboxes and not settled yet.
+    unsettled: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -33,6 +36,21 @@ impl Inflow {
     fn record(&self, pick: impl FnOnce(&mut Settled) -> &mut Vec<u64>, seq: u64) {
         pick(&mut self.state.lock().unwrap_or_else(|p| p.into_inner())).push(seq);
         self.wake.notify_one();
+    }
+
+    /// Counts one more message in hand, unless that makes more than `allowed`.
+    pub(crate) fn take_one(&self, allowed: usize) -> bool {
+        self.unsettled
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < allowed).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn settle_one(&self) {
+        let _ = self
+            .unsettled
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
     /// The message was refused on arrival: its receiver is not here, or lacks the channel.
@@ -66,10 +84,12 @@ impl Inflow {
 
 impl AckSink for Inflow {
     fn acknowledged(&self, token: u64) {
+        self.settle_one();
         self.record(|s| &mut s.taken, token);
     }
 
     fn abandoned(&self, token: u64) {
+        self.settle_one();
         self.record(|s| &mut s.stopped, token);
     }
 }

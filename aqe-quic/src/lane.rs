@@ -107,7 +107,8 @@ impl Lane {
         ));
         shared.tasks.spawn(route_answers(
             lane.clone(),
-            FrameReader::new(recv, shared.codec),
+            // Answers may be as large as their channel allows, requests on the lane are small.
+            FrameReader::new(recv, shared.frame_limit(crate::endpoint::Frames::Data)),
             shared.shutdown.clone(),
         ));
         Ok(lane)

@@ -17,10 +17,12 @@
 //! inside the process), with mutual TLS when `verifyPeer` is set, and token authentication.
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod certs;
 mod conn;
 mod endpoint;
 #[cfg(test)]
 mod hostile;
+mod identity;
 mod inflow;
 mod lane;
 mod link;

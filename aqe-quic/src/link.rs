@@ -30,6 +30,9 @@ pub(crate) struct LinkStats {
     packets_sent: AtomicU64,
     packets_lost: AtomicU64,
     remote: Mutex<Option<SocketAddr>>,
+    /// The endpoint id the peer's certificate gives, once the handshake verified it; `None`
+    /// when the peer presented none (a dialer without mutual TLS).
+    peer_identity: Mutex<Option<u64>>,
 }
 
 /// A reading of [`LinkStats`].
@@ -48,6 +51,11 @@ pub(crate) struct LinkReading {
 }
 
 impl LinkStats {
+    /// The peer's id from its verified certificate, if it presented one.
+    pub(crate) fn peer_identity(&self) -> Option<u64> {
+        *self.peer_identity.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(crate) fn read(&self) -> LinkReading {
         let us = |a: &AtomicU64| Duration::from_micros(a.load(Ordering::Relaxed));
         LinkReading {
@@ -140,6 +148,21 @@ impl Subscriber for StatsSubscriber {
         }
     }
 
+    fn on_tls_exporter_ready(
+        &mut self,
+        ctx: &mut Arc<LinkStats>,
+        _meta: &ConnectionMeta,
+        e: &events::TlsExporterReady<'_>,
+    ) {
+        // The handshake is complete: s2n-tls verified the chain against our CA.
+        let identity = e.session.peer_cert_chain_der().ok().and_then(|chain| {
+            chain
+                .first()
+                .and_then(|leaf| crate::identity::of_certificate(leaf))
+        });
+        *ctx.peer_identity.lock().unwrap_or_else(|p| p.into_inner()) = identity;
+    }
+
     fn on_ack_range_received(
         &mut self,
         ctx: &mut Arc<LinkStats>,
@@ -198,6 +221,12 @@ pub(crate) fn security_failure(error: &s2n_quic::connection::Error) -> Option<Se
         s2n_quic::connection::Error::Application { error, .. } => match u64::from(*error) {
             c if c == u64::from(close::TOKEN_REJECTED) => Some(SecurityFailure::TokenRejected),
             c if c == u64::from(close::TOKEN_MISSING) => Some(SecurityFailure::TokenMissing),
+            c if c == u64::from(close::IDENTITY_MISMATCH) => {
+                Some(SecurityFailure::IdentityMismatch)
+            }
+            c if c == u64::from(close::SHARED_CERTIFICATE) => {
+                Some(SecurityFailure::SharedCertificate)
+            }
             _ => None,
         },
         _ => None,

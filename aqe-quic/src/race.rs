@@ -81,13 +81,13 @@ async fn an_agent_attached_while_the_peer_delays_its_hello_is_announced_and_reac
     tokio::time::sleep(Duration::from_millis(200)).await;
     let ours = Hello {
         version: PROTOCOL_VERSION,
-        endpoint: 4242,
+        // The id its certificate gives: the endpoint checks.
+        endpoint: material.identity,
         nonce: theirs.nonce,
         listen: peer_addr,
         token: None,
         generation: 1,
         agents: vec![reg("p")],
-        known: vec![],
         window: 64,
     };
     send.send(codec.encode_to_bytes(&ours).expect("encode"))

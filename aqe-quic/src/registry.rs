@@ -1,25 +1,31 @@
 //! Who is where: the membership of an endpoint as one deterministic state machine.
 //!
 //! The [`Registry`] knows the local agents, the connections (being set up, in use, being
-//! retired), the remote endpoints with the agents each announced, and which endpoint owns
+//! retired), the endpoints connected directly with the agents each announced, what peers
+//! relayed about endpoints they are connected to (peer exchange), and which endpoint owns
 //! each remote agent id. Its methods take what happened (a hello, an attach, a control frame,
-//! a lost connection) and return the [`Action`]s to perform (announce to a connection, dial
-//! an address, retire a connection, publish an event). It does no I/O and reads no clock
-//! (time is passed in), so every interleaving can be tested without a socket; the endpoint
-//! holds it under one lock and performs the actions.
+//! a lost connection) and return the [`Action`]s to perform (announce to a connection, retire
+//! a connection, publish an event). It does no I/O and reads no clock (time is passed in), so
+//! every interleaving can be tested without a socket; the endpoint holds it under one lock
+//! and performs the actions.
 //!
 //! Membership updates are versioned: every attach or detach bumps the endpoint's
 //! *generation*, carried by the hello (with the full agent list) and by each `Joined` and
 //! `Left`. A receiver applies only what is newer than what it has, so updates that reach it
 //! over two connections of the same endpoint pair, in any interleaving, end in the same state.
+//!
+//! Peer exchange is one hop: an endpoint relays only what it knows first-hand (endpoints
+//! connected to it) and only to endpoints connected to it; a receiver keeps relayed knowledge
+//! per source, takes it only from peers it trusts, within per-peer caps, and lets first-hand
+//! knowledge override it. Relayed agents are routed by dialing their endpoint on first use.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use aqe_core::{AgentId, Event, PeerState, Registration};
+use aqe_core::{AgentId, Event, PeerExchange, PeerState, Registration};
 
-use crate::wire::{Control, close};
+use crate::wire::{Control, Relayed, close};
 
 /// A connection's handle in the registry, unique for the endpoint's life.
 pub(crate) type ConnKey = u64;
@@ -32,12 +38,32 @@ pub(crate) type Rank = (u64, u64);
 #[derive(Debug, Clone)]
 pub(crate) struct PeerHello {
     pub(crate) endpoint: u64,
-    /// Where it listens, with an unspecified IP already replaced by the observed one.
+    /// Where it listens, with the IP its connection comes from.
     pub(crate) listen: SocketAddr,
     pub(crate) generation: u64,
     pub(crate) agents: Vec<Registration>,
-    pub(crate) known: Vec<SocketAddr>,
     pub(crate) rank: Rank,
+    /// Whether the peer proved who it is (token, client certificate, or the server
+    /// certificate this endpoint verified when it dialed): its relays are taken.
+    pub(crate) authenticated: bool,
+}
+
+/// Caps and policy the registry applies to what peers tell it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Policy {
+    pub(crate) exchange: PeerExchange,
+    pub(crate) agents_per_peer: usize,
+    pub(crate) endpoints_per_peer: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            exchange: PeerExchange::Authenticated,
+            agents_per_peer: 4096,
+            endpoints_per_peer: 1024,
+        }
+    }
 }
 
 /// What the endpoint must do after a registry step.
@@ -47,8 +73,6 @@ pub(crate) enum Action {
     Send(ConnKey, Control),
     /// Publish this event.
     Publish(Event),
-    /// Dial this address.
-    Dial(SocketAddr),
     /// Stop using this connection and close it with `code`: after draining what is in flight
     /// on it (`drain`), or at once.
     Retire {
@@ -63,8 +87,28 @@ pub(crate) enum Action {
     /// ordered channels stay ordered across the switch. The receiver drops copies that still
     /// arrive over the retired one.
     HandOver(ConnKey),
-    /// This agent is reachable again over that connection: deliver what waits for it.
+    /// This agent is reachable over that connection: deliver what waits for it.
     Reachable { agent: AgentId, conn: ConnKey },
+    /// This agent is known to live at an endpoint listening at `addr`, not connected yet:
+    /// what waits for it wants a connection there.
+    Known { agent: AgentId, addr: SocketAddr },
+}
+
+/// Where a remote agent can be reached.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Route<'a> {
+    /// Over this connection.
+    Direct(ConnKey, &'a Registration, SocketAddr),
+    /// By dialing the endpoint listening here (known through peer exchange).
+    Dial(SocketAddr, &'a Registration),
+}
+
+impl<'a> Route<'a> {
+    pub(crate) fn registration(&self) -> &'a Registration {
+        match self {
+            Route::Direct(_, r, _) | Route::Dial(_, r) => r,
+        }
+    }
 }
 
 /// Why a hello is refused.
@@ -88,9 +132,10 @@ struct Conn {
     phase: Phase,
     /// Set once the peer's hello was accepted.
     peer: Option<(u64, Rank)>,
+    authenticated: bool,
 }
 
-/// A remote endpoint and what it announced.
+/// An endpoint connected directly, and what it announced.
 #[derive(Debug)]
 struct Remote {
     listen: SocketAddr,
@@ -100,35 +145,49 @@ struct Remote {
     active: ConnKey,
 }
 
+/// An endpoint as a peer relayed it.
+#[derive(Debug, Default)]
+struct Heard {
+    listen: Option<SocketAddr>,
+    generation: u64,
+    agents: BTreeMap<AgentId, Registration>,
+}
+
 /// The membership state machine (see the module docs).
 #[derive(Debug)]
 pub(crate) struct Registry {
     me: u64,
     generation: u64,
+    policy: Policy,
     locals: BTreeMap<AgentId, Registration>,
     conns: BTreeMap<ConnKey, Conn>,
     next_key: ConnKey,
     remotes: HashMap<u64, Remote>,
+    /// Relayed knowledge, by the endpoint that relayed it, then the endpoint it is about.
+    heard: HashMap<u64, HashMap<u64, Heard>>,
     /// Which remote endpoint each remote agent id is routed to: the first to announce it.
     owner: HashMap<AgentId, u64>,
+    /// Claims of an owned id by another endpoint, reported once each.
+    conflicts: HashSet<(AgentId, u64)>,
     by_addr: HashMap<SocketAddr, u64>,
-    dialing: HashSet<SocketAddr>,
     /// Endpoints lost without a goodbye, by listen address, since when.
     unreachable: HashMap<SocketAddr, Instant>,
 }
 
 impl Registry {
-    pub(crate) fn new(me: u64) -> Self {
+    pub(crate) fn new(me: u64, policy: Policy) -> Self {
         Self {
             me,
             generation: 0,
+            policy,
             locals: BTreeMap::new(),
             conns: BTreeMap::new(),
             next_key: 1,
             remotes: HashMap::new(),
+            heard: HashMap::new(),
             owner: HashMap::new(),
+            conflicts: HashSet::new(),
             by_addr: HashMap::new(),
-            dialing: HashSet::new(),
             unreachable: HashMap::new(),
         }
     }
@@ -149,6 +208,15 @@ impl Registry {
     /// to all of them, so whichever a peer reads last, it ends knowing the latest state.
     fn open_conns(&self) -> impl Iterator<Item = ConnKey> + '_ {
         self.conns.keys().copied()
+    }
+
+    /// Active connections other than `except`, with the endpoint at their far end.
+    fn active_except(&self, except: Option<u64>) -> Vec<ConnKey> {
+        self.remotes
+            .iter()
+            .filter(|(e, _)| Some(**e) != except)
+            .map(|(_, r)| r.active)
+            .collect()
     }
 
     /// Hosts a new local agent. `None` if the id is taken here.
@@ -186,9 +254,9 @@ impl Registry {
     // ----- connections -----
 
     /// A connection starts its handshake: its key, and what this endpoint's hello says
-    /// (membership generation, agents, known peers). From now on membership updates are
-    /// queued for it, after that hello.
-    pub(crate) fn begin(&mut self) -> (ConnKey, u64, Vec<Registration>, Vec<SocketAddr>) {
+    /// (membership generation and agents). From now on membership updates are queued for it,
+    /// after that hello.
+    pub(crate) fn begin(&mut self) -> (ConnKey, u64, Vec<Registration>) {
         let key = self.next_key;
         self.next_key += 1;
         self.conns.insert(
@@ -196,14 +264,13 @@ impl Registry {
             Conn {
                 phase: Phase::Handshaking,
                 peer: None,
+                authenticated: false,
             },
         );
-        let known = self.remotes.values().map(|r| r.listen).collect();
         (
             key,
             self.generation,
             self.locals.values().cloned().collect(),
-            known,
         )
     }
 
@@ -240,7 +307,7 @@ impl Registry {
             && let Some(old_conn) = self.remotes.get(&old).map(|r| r.active)
         {
             tracing::info!(addr = %hello.listen, "a new endpoint listens at a known address: the old one is gone");
-            self.lose_endpoint(old, false, None, &mut actions);
+            self.lose_endpoint(old, None, &mut actions);
             // What it held unacknowledged is redelivered before anything newer can be routed
             // to the new endpoint: in this same step.
             self.conns.remove(&old_conn);
@@ -254,6 +321,7 @@ impl Registry {
         self.unreachable.remove(&hello.listen);
         if let Some(c) = self.conns.get_mut(&key) {
             c.peer = Some((hello.endpoint, hello.rank));
+            c.authenticated = hello.authenticated;
         }
         let existing = self.remotes.get(&hello.endpoint).map(|r| r.active);
         match existing {
@@ -281,6 +349,9 @@ impl Registry {
                     drain: true,
                 });
                 actions.push(Action::HandOver(retire));
+                if keep == key {
+                    self.announce_reachable(hello.endpoint, &mut actions);
+                }
                 self.apply_snapshot(hello.endpoint, hello.generation, hello.agents, &mut actions);
             }
             _ => {
@@ -298,16 +369,16 @@ impl Registry {
                 actions.push(Action::Publish(Event::ConnectionEstablished {
                     addr: hello.listen,
                 }));
+                // Agents known so far through peer exchange are now reachable directly.
+                self.announce_reachable(hello.endpoint, &mut actions);
                 self.apply_snapshot(hello.endpoint, hello.generation, hello.agents, &mut actions);
-                // Peer exchange: dial what the peer knows; tell the others about the peer.
-                for addr in hello.known {
-                    if let Some(a) = self.want_dial(addr) {
-                        actions.push(a);
-                    }
-                }
-                for (&other_key, c) in &self.conns {
-                    if other_key != key && c.phase == Phase::Active {
-                        actions.push(Action::Send(other_key, Control::Peers(vec![hello.listen])));
+                // Tell the newcomer about the endpoints connected here (applying its snapshot
+                // above told them about it).
+                if self.policy.exchange != PeerExchange::Off {
+                    for (&endpoint, r) in &self.remotes {
+                        if endpoint != hello.endpoint {
+                            actions.push(Action::Send(key, Control::Relay(snapshot(endpoint, r))));
+                        }
                     }
                 }
             }
@@ -321,14 +392,44 @@ impl Registry {
         }
     }
 
+    /// Every agent `endpoint` owns is reachable over its connection in use.
+    fn announce_reachable(&self, endpoint: u64, actions: &mut Vec<Action>) {
+        let Some(conn) = self.remotes.get(&endpoint).map(|r| r.active) else {
+            return;
+        };
+        for (id, e) in &self.owner {
+            if *e == endpoint {
+                actions.push(Action::Reachable {
+                    agent: id.clone(),
+                    conn,
+                });
+            }
+        }
+    }
+
+    /// Relays news about direct peer `endpoint` to the other direct peers.
+    fn relay(&self, endpoint: u64, news: Relayed, actions: &mut Vec<Action>) {
+        if self.policy.exchange == PeerExchange::Off {
+            return;
+        }
+        for k in self.active_except(Some(endpoint)) {
+            actions.push(Action::Send(k, Control::Relay(news.clone())));
+        }
+    }
+
     /// A control frame (other than acknowledgements and heartbeats) from connection `key`.
     pub(crate) fn on_control(&mut self, key: ConnKey, control: Control) -> Vec<Action> {
         let mut actions = Vec::new();
-        let Some(endpoint) = self.conns.get(&key).and_then(|c| c.peer).map(|(e, _)| e) else {
+        let Some((endpoint, authenticated)) = self
+            .conns
+            .get(&key)
+            .and_then(|c| c.peer.map(|(e, _)| (e, c.authenticated)))
+        else {
             return actions;
         };
         match control {
             Control::Joined(generation, reg) => {
+                let cap = self.policy.agents_per_peer;
                 let Some(remote) = self.remotes.get_mut(&endpoint) else {
                     return actions;
                 };
@@ -336,9 +437,22 @@ impl Registry {
                     return actions;
                 }
                 remote.generation = generation;
+                if remote.agents.len() >= cap && !remote.agents.contains_key(&reg.id) {
+                    tracing::warn!(peer = %remote.listen, cap, "a peer announces more agents than allowed; ignored");
+                    return actions;
+                }
                 let id = reg.id.clone();
-                remote.agents.insert(id.clone(), reg);
+                remote.agents.insert(id.clone(), reg.clone());
                 self.elect_owner(&id, &mut actions);
+                self.relay(
+                    endpoint,
+                    Relayed::Joined {
+                        endpoint,
+                        generation,
+                        agent: reg,
+                    },
+                    &mut actions,
+                );
             }
             Control::Left(generation, id) => {
                 let Some(remote) = self.remotes.get_mut(&endpoint) else {
@@ -351,12 +465,29 @@ impl Registry {
                 if remote.agents.remove(&id).is_some() {
                     self.disown(&id, endpoint, &mut actions);
                 }
+                self.relay(
+                    endpoint,
+                    Relayed::Left {
+                        endpoint,
+                        generation,
+                        agent: id,
+                    },
+                    &mut actions,
+                );
             }
-            Control::Peers(addrs) => {
-                for addr in addrs {
-                    if let Some(a) = self.want_dial(addr) {
-                        actions.push(a);
-                    }
+            Control::Relay(news) => {
+                let trusted = match self.policy.exchange {
+                    PeerExchange::Off => false,
+                    PeerExchange::Authenticated => authenticated,
+                    PeerExchange::All => true,
+                };
+                if trusted {
+                    self.on_relay(endpoint, news, &mut actions);
+                } else {
+                    tracing::debug!(
+                        peer = endpoint,
+                        "peer exchange from an unauthenticated peer ignored"
+                    );
                 }
             }
             Control::Ack(..) | Control::Unprocessed(..) | Control::Ping(_) | Control::Drained => {}
@@ -364,7 +495,100 @@ impl Registry {
         actions
     }
 
-    /// Replaces an endpoint's agents with a hello's list, if the hello is newer.
+    /// What `source` (a peer connected here) says about an endpoint connected to it.
+    fn on_relay(&mut self, source: u64, news: Relayed, actions: &mut Vec<Action>) {
+        let about = match &news {
+            Relayed::Snapshot { endpoint, .. }
+            | Relayed::Joined { endpoint, .. }
+            | Relayed::Left { endpoint, .. }
+            | Relayed::Gone { endpoint } => *endpoint,
+        };
+        if about == self.me || about == source {
+            return;
+        }
+        let (agents_cap, endpoints_cap) =
+            (self.policy.agents_per_peer, self.policy.endpoints_per_peer);
+        let heard = self.heard.entry(source).or_default();
+        let changed: Vec<AgentId> = match news {
+            Relayed::Snapshot {
+                listen,
+                generation,
+                agents,
+                ..
+            } => {
+                if !heard.contains_key(&about) && heard.len() >= endpoints_cap {
+                    tracing::warn!(
+                        source,
+                        cap = endpoints_cap,
+                        "a peer tells of more endpoints than allowed; ignored"
+                    );
+                    return;
+                }
+                let entry = heard.entry(about).or_default();
+                if entry.listen.is_some() && generation <= entry.generation {
+                    return;
+                }
+                let new: BTreeMap<AgentId, Registration> = agents
+                    .into_iter()
+                    .take(agents_cap)
+                    .map(|r| (r.id.clone(), r))
+                    .collect();
+                let mut changed: Vec<AgentId> = entry
+                    .agents
+                    .keys()
+                    .filter(|id| !new.contains_key(*id))
+                    .cloned()
+                    .collect();
+                changed.extend(
+                    new.keys()
+                        .filter(|id| !entry.agents.contains_key(*id))
+                        .cloned(),
+                );
+                entry.listen = Some(listen);
+                entry.generation = generation;
+                entry.agents = new;
+                changed
+            }
+            Relayed::Joined {
+                generation, agent, ..
+            } => {
+                let Some(entry) = heard.get_mut(&about).filter(|e| e.listen.is_some()) else {
+                    return;
+                };
+                if generation <= entry.generation
+                    || (entry.agents.len() >= agents_cap && !entry.agents.contains_key(&agent.id))
+                {
+                    return;
+                }
+                entry.generation = generation;
+                let id = agent.id.clone();
+                entry.agents.insert(id.clone(), agent);
+                vec![id]
+            }
+            Relayed::Left {
+                generation, agent, ..
+            } => {
+                let Some(entry) = heard.get_mut(&about) else {
+                    return;
+                };
+                if generation <= entry.generation {
+                    return;
+                }
+                entry.generation = generation;
+                entry.agents.remove(&agent);
+                vec![agent]
+            }
+            Relayed::Gone { .. } => match heard.remove(&about) {
+                Some(entry) => entry.agents.into_keys().collect(),
+                None => return,
+            },
+        };
+        for id in changed {
+            self.reconsider(&id, actions);
+        }
+    }
+
+    /// Replaces a direct endpoint's agents with a hello's list, if the hello is newer.
     fn apply_snapshot(
         &mut self,
         endpoint: u64,
@@ -372,6 +596,7 @@ impl Registry {
         agents: Vec<Registration>,
         actions: &mut Vec<Action>,
     ) {
+        let cap = self.policy.agents_per_peer;
         let Some(remote) = self.remotes.get_mut(&endpoint) else {
             return;
         };
@@ -379,8 +604,14 @@ impl Registry {
             return;
         }
         remote.generation = generation;
-        let new: BTreeMap<AgentId, Registration> =
-            agents.into_iter().map(|r| (r.id.clone(), r)).collect();
+        if agents.len() > cap {
+            tracing::warn!(peer = %remote.listen, cap, "a peer announces more agents than allowed; the rest ignored");
+        }
+        let new: BTreeMap<AgentId, Registration> = agents
+            .into_iter()
+            .take(cap)
+            .map(|r| (r.id.clone(), r))
+            .collect();
         let gone: Vec<AgentId> = remote
             .agents
             .keys()
@@ -393,56 +624,121 @@ impl Registry {
             .cloned()
             .collect();
         remote.agents = new;
+        let news = snapshot(endpoint, remote);
         for id in gone {
             self.disown(&id, endpoint, actions);
         }
         for id in added {
             self.elect_owner(&id, actions);
         }
+        self.relay(endpoint, news, actions);
     }
 
-    /// Routes `id` to an endpoint announcing it, if none owns it yet and it is not local.
+    /// The endpoints claiming `id`: connected ones first, then those peers told of; each
+    /// with the registration and the address it is known at.
+    fn claimants(&self, id: &AgentId) -> Vec<(u64, Registration, SocketAddr, bool)> {
+        let mut out: Vec<(u64, Registration, SocketAddr, bool)> = self
+            .remotes
+            .iter()
+            .filter_map(|(e, r)| {
+                r.agents
+                    .get(id)
+                    .map(|reg| (*e, reg.clone(), r.listen, true))
+            })
+            .collect();
+        for heard in self.heard.values() {
+            for (e, h) in heard {
+                if self.remotes.contains_key(e) || *e == self.me {
+                    continue;
+                }
+                if let (Some(reg), Some(listen)) = (h.agents.get(id), h.listen)
+                    && !out.iter().any(|(x, ..)| x == e)
+                {
+                    out.push((*e, reg.clone(), listen, false));
+                }
+            }
+        }
+        // Deterministic: connected first, then by endpoint id.
+        out.sort_by_key(|(e, _, _, direct)| (!*direct, *e));
+        out
+    }
+
+    /// Routes `id` to an endpoint claiming it, if none owns it yet and it is not local;
+    /// reports a second claimant of an owned id.
     fn elect_owner(&mut self, id: &AgentId, actions: &mut Vec<Action>) {
-        if self.locals.contains_key(id) || self.owner.contains_key(id) {
-            if let Some(owner) = self.owner.get(id)
-                && let Some(claimant) = self
-                    .remotes
-                    .iter()
-                    .find(|(e, r)| *e != owner && r.agents.contains_key(id))
-            {
-                tracing::warn!(agent = %id, owner, other = *claimant.0, "two endpoints announce the same agent id; the first keeps it");
+        let claimants = self.claimants(id);
+        if let Some(owner) = self.owner.get(id).copied() {
+            for (e, _, listen, _) in &claimants {
+                if *e != owner && self.conflicts.insert((id.clone(), *e)) {
+                    tracing::warn!(agent = %id, owner, other = *e, "two endpoints announce the same agent id; the first keeps it");
+                    actions.push(Action::Publish(Event::AgentConflict {
+                        agent: id.clone(),
+                        claimed_by: *listen,
+                    }));
+                }
             }
             return;
         }
-        // Deterministic: the claimant with the smallest endpoint id.
-        let Some((&endpoint, remote)) = self
-            .remotes
-            .iter()
-            .filter(|(_, r)| r.agents.contains_key(id))
-            .min_by_key(|(e, _)| **e)
-        else {
+        if self.locals.contains_key(id) {
+            for (e, _, listen, _) in &claimants {
+                if self.conflicts.insert((id.clone(), *e)) {
+                    actions.push(Action::Publish(Event::AgentConflict {
+                        agent: id.clone(),
+                        claimed_by: *listen,
+                    }));
+                }
+            }
+            return;
+        }
+        let Some((endpoint, reg, listen, direct)) = claimants.first().cloned() else {
             return;
         };
-        let Some(reg) = remote.agents.get(id) else {
-            return;
+        let state = if direct {
+            PeerState::Connected
+        } else {
+            PeerState::Known
         };
-        let info = reg.peer_info(Some(remote.listen), PeerState::Connected);
-        let conn = remote.active;
+        let info = reg.peer_info(Some(listen), state);
         self.owner.insert(id.clone(), endpoint);
         actions.push(Action::Publish(Event::PeerDiscovered(info)));
-        actions.push(Action::Reachable {
-            agent: id.clone(),
-            conn,
-        });
+        match self.remotes.get(&endpoint) {
+            Some(r) if direct => actions.push(Action::Reachable {
+                agent: id.clone(),
+                conn: r.active,
+            }),
+            _ => actions.push(Action::Known {
+                agent: id.clone(),
+                addr: listen,
+            }),
+        }
+        for (e, _, listen, _) in &claimants[1..] {
+            if self.conflicts.insert((id.clone(), *e)) {
+                actions.push(Action::Publish(Event::AgentConflict {
+                    agent: id.clone(),
+                    claimed_by: *listen,
+                }));
+            }
+        }
+    }
+
+    /// `id` changed at some endpoint: if its owner no longer claims it, it leaves (or moves
+    /// to another claimant); if it has no owner, one may be elected.
+    fn reconsider(&mut self, id: &AgentId, actions: &mut Vec<Action>) {
+        if let Some(owner) = self.owner.get(id).copied() {
+            let still = self.claimants(id).iter().any(|(e, ..)| *e == owner);
+            if !still {
+                self.owner.remove(id);
+                actions.push(Action::Publish(Event::PeerLeft(id.clone())));
+            }
+        }
+        self.elect_owner(id, actions);
     }
 
     /// `endpoint` no longer hosts `id`: if it owned it, the agent left (or moves to another
     /// claimant).
     fn disown(&mut self, id: &AgentId, endpoint: u64, actions: &mut Vec<Action>) {
         if self.owner.get(id) == Some(&endpoint) {
-            self.owner.remove(id);
-            actions.push(Action::Publish(Event::PeerLeft(id.clone())));
-            self.elect_owner(id, actions);
+            self.reconsider(id, actions);
         }
     }
 
@@ -469,27 +765,32 @@ impl Registry {
             if !clean && let Some(listen) = listen {
                 self.unreachable.insert(listen, now);
             }
-            self.lose_endpoint(endpoint, clean, Some(reason), &mut actions);
+            self.lose_endpoint(endpoint, Some(reason), &mut actions);
         }
         actions
     }
 
-    /// Forgets a remote endpoint: its agents leave, its other connections are retired.
-    fn lose_endpoint(
-        &mut self,
-        endpoint: u64,
-        clean: bool,
-        reason: Option<String>,
-        actions: &mut Vec<Action>,
-    ) {
+    /// Forgets a remote endpoint: what it told first-hand and what it relayed; its agents
+    /// leave (unless a peer still tells of them: they are then known, not connected); its
+    /// other connections are retired; its peers are told.
+    fn lose_endpoint(&mut self, endpoint: u64, reason: Option<String>, actions: &mut Vec<Action>) {
         let Some(remote) = self.remotes.remove(&endpoint) else {
             return;
         };
         if self.by_addr.get(&remote.listen) == Some(&endpoint) {
             self.by_addr.remove(&remote.listen);
         }
-        for id in remote.agents.keys() {
-            self.disown(id, endpoint, actions);
+        // What others relayed about it is stale now: its connection here just failed.
+        for heard in self.heard.values_mut() {
+            heard.remove(&endpoint);
+        }
+        let relayed: Vec<AgentId> = self
+            .heard
+            .remove(&endpoint)
+            .map(|h| h.into_values().flat_map(|e| e.agents.into_keys()).collect())
+            .unwrap_or_default();
+        for id in remote.agents.keys().chain(relayed.iter()) {
+            self.reconsider(id, actions);
         }
         // Connections to it still open (being retired) lead nowhere now.
         let others: Vec<ConnKey> = self
@@ -506,35 +807,31 @@ impl Registry {
                 drain: false,
             });
         }
+        self.relay(endpoint, Relayed::Gone { endpoint }, actions);
         let reason = reason.unwrap_or_else(|| "replaced by a new endpoint at its address".into());
-        tracing::info!(peer = %remote.listen, %reason, clean, "connection lost");
+        tracing::info!(peer = %remote.listen, %reason, "connection lost");
         actions.push(Action::Publish(Event::ConnectionLost {
             addr: remote.listen,
             reason,
         }));
     }
 
-    // ----- dialing -----
-
-    fn want_dial(&mut self, addr: SocketAddr) -> Option<Action> {
-        if self.by_addr.contains_key(&addr) || !self.dialing.insert(addr) {
-            return None;
-        }
-        Some(Action::Dial(addr))
-    }
-
-    /// The dial to `addr` ended (connected or not).
-    pub(crate) fn dial_done(&mut self, addr: SocketAddr) {
-        self.dialing.remove(&addr);
-    }
-
     // ----- queries -----
 
-    /// The connection and registration of remote agent `id`.
-    pub(crate) fn route(&self, id: &AgentId) -> Option<(ConnKey, &Registration, SocketAddr)> {
+    /// Where remote agent `id` can be reached.
+    pub(crate) fn route(&self, id: &AgentId) -> Option<Route<'_>> {
         let endpoint = self.owner.get(id)?;
-        let remote = self.remotes.get(endpoint)?;
-        Some((remote.active, remote.agents.get(id)?, remote.listen))
+        if let Some(remote) = self.remotes.get(endpoint) {
+            return Some(Route::Direct(
+                remote.active,
+                remote.agents.get(id)?,
+                remote.listen,
+            ));
+        }
+        self.heard
+            .values()
+            .filter_map(|h| h.get(endpoint))
+            .find_map(|h| Some(Route::Dial(h.listen?, h.agents.get(id)?)))
     }
 
     /// The remote endpoint an agent id is routed to, if any.
@@ -555,13 +852,14 @@ impl Registry {
             .is_some_and(|c| c.phase == Phase::Active)
     }
 
-    /// Remote agents reachable, with where they live.
+    /// Remote agents this endpoint routes to: registration, address, and the connection in
+    /// use if there is one.
     pub(crate) fn remote_agents(
         &self,
-    ) -> impl Iterator<Item = (&Registration, SocketAddr, ConnKey)> {
-        self.owner.iter().filter_map(|(id, e)| {
-            let r = self.remotes.get(e)?;
-            Some((r.agents.get(id)?, r.listen, r.active))
+    ) -> impl Iterator<Item = (&Registration, SocketAddr, Option<ConnKey>)> {
+        self.owner.keys().filter_map(|id| match self.route(id)? {
+            Route::Direct(k, reg, listen) => Some((reg, listen, Some(k))),
+            Route::Dial(listen, reg) => Some((reg, listen, None)),
         })
     }
 
@@ -589,9 +887,20 @@ impl Registry {
         self.locals.clear();
         self.owner.clear();
         self.remotes.clear();
+        self.heard.clear();
         self.by_addr.clear();
         self.conns.clear();
         actions
+    }
+}
+
+/// A relay snapshot of a direct peer.
+fn snapshot(endpoint: u64, r: &Remote) -> Relayed {
+    Relayed::Snapshot {
+        endpoint,
+        listen: r.listen,
+        generation: r.generation,
+        agents: r.agents.values().cloned().collect(),
     }
 }
 
@@ -646,7 +955,7 @@ mod tests {
     impl Side {
         fn new(id: u64, port: u16) -> Self {
             Self {
-                reg: Registry::new(id),
+                reg: Registry::new(id, Policy::default()),
                 id,
                 listen: addr(port),
                 out: BTreeMap::new(),
@@ -666,25 +975,25 @@ mod tests {
                     }
                     Action::Publish(e) => self.events.push(e),
                     Action::Retire { conn, .. } => self.retired.push(conn),
-                    Action::Dial(_)
-                    | Action::Orphaned(_)
+                    Action::Orphaned(_)
                     | Action::HandOver(_)
-                    | Action::Reachable { .. } => {}
+                    | Action::Reachable { .. }
+                    | Action::Known { .. } => {}
                 }
             }
         }
 
         /// Starts the handshake of global connection `n`; the hello goes first on it.
         fn begin(&mut self, n: u32, rank: Rank) {
-            let (key, generation, agents, known) = self.reg.begin();
+            let (key, generation, agents) = self.reg.begin();
             self.keys.insert(n, key);
             let hello = PeerHello {
                 endpoint: self.id,
                 listen: self.listen,
                 generation,
                 agents,
-                known,
                 rank,
+                authenticated: true,
             };
             self.out.insert(key, VecDeque::from([Frame::Hello(hello)]));
         }
@@ -859,14 +1168,216 @@ mod tests {
             listen: addr(port),
             generation,
             agents: agents.iter().map(|a| reg(a)).collect(),
-            known: vec![],
             rank: (endpoint, 0),
+            authenticated: true,
         }
+    }
+
+    fn direct_conn(r: &Registry, id: &str) -> Option<ConnKey> {
+        match r.route(&id.into()) {
+            Some(Route::Direct(k, ..)) => Some(k),
+            _ => None,
+        }
+    }
+
+    fn registry(me: u64) -> Registry {
+        Registry::new(me, Policy::default())
+    }
+
+    fn relays(actions: &[Action], to: ConnKey) -> Vec<Relayed> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(k, Control::Relay(r)) if *k == to => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn published(actions: &[Action]) -> Vec<&Event> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Publish(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_hub_relays_what_it_knows_first_hand_and_only_that() {
+        // The hub, connected to b (endpoint 20) then c (endpoint 30).
+        let mut hub = registry(1);
+        let (kb, ..) = hub.begin();
+        hub.on_hello(kb, hello(20, 2000, 1, &["b"])).expect("b");
+        let (kc, ..) = hub.begin();
+        let actions = hub.on_hello(kc, hello(30, 3000, 1, &["c"])).expect("c");
+        // c is told of b; b is told of c.
+        assert!(
+            matches!(
+                &relays(&actions, kc)[..],
+                [Relayed::Snapshot { endpoint: 20, .. }]
+            ),
+            "{actions:?}"
+        );
+        assert!(
+            matches!(
+                &relays(&actions, kb)[..],
+                [Relayed::Snapshot { endpoint: 30, .. }]
+            ),
+            "{actions:?}"
+        );
+        // A change at b is relayed to c; what c relays is never relayed further.
+        let actions = hub.on_control(kb, Control::Joined(2, reg("b2")));
+        assert!(matches!(
+            &relays(&actions, kc)[..],
+            [Relayed::Joined { endpoint: 20, .. }]
+        ));
+        let actions = hub.on_control(
+            kc,
+            Control::Relay(Relayed::Snapshot {
+                endpoint: 99,
+                listen: addr(9900),
+                generation: 1,
+                agents: vec![reg("far")],
+            }),
+        );
+        assert!(relays(&actions, kb).is_empty(), "one hop only: {actions:?}");
+        // Losing b tells c.
+        let actions = hub.on_connection_lost(kb, false, "gone".into(), Instant::now());
+        assert!(matches!(
+            &relays(&actions, kc)[..],
+            [Relayed::Gone { endpoint: 20 }]
+        ));
+    }
+
+    #[test]
+    fn relayed_agents_are_known_until_their_endpoint_is_connected_or_gone() {
+        let mut c = registry(30);
+        let (kh, ..) = c.begin();
+        c.on_hello(kh, hello(1, 1000, 1, &["hub"])).expect("hub");
+        let actions = c.on_control(
+            kh,
+            Control::Relay(Relayed::Snapshot {
+                endpoint: 20,
+                listen: addr(2000),
+                generation: 1,
+                agents: vec![reg("b")],
+            }),
+        );
+        assert!(
+            actions.contains(&Action::Known {
+                agent: "b".into(),
+                addr: addr(2000)
+            }),
+            "{actions:?}"
+        );
+        assert!(
+            matches!(&published(&actions)[..], [Event::PeerDiscovered(p)] if p.state == PeerState::Known)
+        );
+        assert!(matches!(c.route(&"b".into()), Some(Route::Dial(a, _)) if a == addr(2000)));
+        // Connected directly: the same agent, now reachable over the connection.
+        let (kb, ..) = c.begin();
+        let actions = c.on_hello(kb, hello(20, 2000, 1, &["b"])).expect("b");
+        assert!(
+            actions.contains(&Action::Reachable {
+                agent: "b".into(),
+                conn: kb
+            }),
+            "{actions:?}"
+        );
+        assert!(
+            published(&actions)
+                .iter()
+                .all(|e| !matches!(e, Event::PeerDiscovered(_))),
+            "not discovered twice"
+        );
+        assert!(matches!(c.route(&"b".into()), Some(Route::Direct(k, ..)) if k == kb));
+        // Another endpoint that the hub says is gone leaves.
+        c.on_control(
+            kh,
+            Control::Relay(Relayed::Snapshot {
+                endpoint: 40,
+                listen: addr(4000),
+                generation: 1,
+                agents: vec![reg("d")],
+            }),
+        );
+        let actions = c.on_control(kh, Control::Relay(Relayed::Gone { endpoint: 40 }));
+        assert_eq!(published(&actions), [&Event::PeerLeft("d".into())]);
+        // Losing the hub forgets what it relayed.
+        c.on_control(
+            kh,
+            Control::Relay(Relayed::Snapshot {
+                endpoint: 50,
+                listen: addr(5000),
+                generation: 1,
+                agents: vec![reg("e")],
+            }),
+        );
+        let actions = c.on_connection_lost(kh, true, "bye".into(), Instant::now());
+        assert!(
+            published(&actions).contains(&&Event::PeerLeft("e".into())),
+            "{actions:?}"
+        );
+        assert!(
+            c.route(&"b".into()).is_some(),
+            "b is still connected directly"
+        );
+    }
+
+    #[test]
+    fn relays_from_an_unauthenticated_peer_are_ignored_and_caps_hold() {
+        let mut r = Registry::new(
+            1,
+            Policy {
+                endpoints_per_peer: 2,
+                agents_per_peer: 2,
+                ..Policy::default()
+            },
+        );
+        let (k, ..) = r.begin();
+        r.on_hello(
+            k,
+            PeerHello {
+                authenticated: false,
+                ..hello(9, 900, 1, &[])
+            },
+        )
+        .expect("hello");
+        let steer = Control::Relay(Relayed::Snapshot {
+            endpoint: 66,
+            listen: addr(6666),
+            generation: 1,
+            agents: vec![reg("bait")],
+        });
+        assert!(
+            r.on_control(k, steer.clone()).is_empty(),
+            "nothing learnt from a stranger"
+        );
+        assert!(r.route(&"bait".into()).is_none());
+        // An authenticated peer is believed, within its caps.
+        let (k2, ..) = r.begin();
+        r.on_hello(k2, hello(8, 800, 1, &["a", "b", "c"]))
+            .expect("hello");
+        assert_eq!(r.remote_agents().count(), 2, "agents per peer capped");
+        for e in 0..5u64 {
+            r.on_control(
+                k2,
+                Control::Relay(Relayed::Snapshot {
+                    endpoint: 100 + e,
+                    listen: addr(100 + e as u16),
+                    generation: 1,
+                    agents: vec![reg(&format!("r{e}"))],
+                }),
+            );
+        }
+        assert_eq!(r.heard[&8].len(), 2, "endpoints per peer capped");
     }
 
     #[test]
     fn a_duplicate_is_retired_by_draining_not_by_a_timer() {
-        let mut r = Registry::new(1);
+        let mut r = registry(1);
         let (k1, ..) = r.begin();
         r.on_hello(k1, hello(9, 900, 1, &["x"])).expect("first");
         let (k2, ..) = r.begin();
@@ -889,7 +1400,7 @@ mod tests {
         );
         assert!(actions.contains(&Action::HandOver(k1)), "{actions:?}");
         assert!(r.is_active(k2) && !r.is_active(k1));
-        assert_eq!(r.route(&"x".into()).map(|(k, ..)| k), Some(k2));
+        assert_eq!(direct_conn(&r, "x"), Some(k2));
         // The retired one ending changes nothing: the endpoint is still reachable.
         let actions = r.on_connection_lost(k1, true, "retired".into(), Instant::now());
         assert_eq!(actions, [Action::Orphaned(k1)]);
@@ -898,7 +1409,7 @@ mod tests {
 
     #[test]
     fn a_restarted_peer_at_the_same_address_replaces_the_dead_connection_at_once() {
-        let mut r = Registry::new(1);
+        let mut r = registry(1);
         let (k1, ..) = r.begin();
         r.on_hello(k1, hello(9, 900, 3, &["x", "y"]))
             .expect("first");
@@ -928,13 +1439,13 @@ mod tests {
             agent: "x".into(),
             conn: k2
         }));
-        assert_eq!(r.route(&"x".into()).map(|(k, ..)| k), Some(k2));
+        assert_eq!(direct_conn(&r, "x"), Some(k2));
         assert!(r.route(&"y".into()).is_none());
     }
 
     #[test]
     fn an_agent_announced_by_two_endpoints_stays_with_the_first_until_it_is_gone() {
-        let mut r = Registry::new(1);
+        let mut r = registry(1);
         let (k1, ..) = r.begin();
         r.on_hello(k1, hello(9, 900, 1, &["x"])).expect("first");
         let (k2, ..) = r.begin();
@@ -945,11 +1456,14 @@ mod tests {
                 .any(|a| matches!(a, Action::Publish(Event::PeerDiscovered(_)))),
             "{actions:?}"
         );
-        assert_eq!(
-            r.route(&"x".into()).map(|(k, ..)| k),
-            Some(k1),
-            "no silent overwrite"
+        assert!(
+            actions.contains(&Action::Publish(Event::AgentConflict {
+                agent: "x".into(),
+                claimed_by: addr(800)
+            })),
+            "the claim is refused and reported: {actions:?}"
         );
+        assert_eq!(direct_conn(&r, "x"), Some(k1), "no silent overwrite");
         let actions = r.on_connection_lost(k1, false, "liveness".into(), Instant::now());
         assert!(
             actions.contains(&Action::Reachable {
@@ -963,7 +1477,7 @@ mod tests {
 
     #[test]
     fn stale_updates_are_ignored_and_membership_follows_generations() {
-        let mut r = Registry::new(1);
+        let mut r = registry(1);
         let (k, ..) = r.begin();
         r.on_hello(k, hello(9, 900, 5, &["x"])).expect("hello");
         assert!(r.on_control(k, Control::Joined(4, reg("old"))).is_empty());
@@ -978,8 +1492,8 @@ mod tests {
 
     #[test]
     fn attach_during_a_handshake_is_announced_after_the_hello() {
-        let mut r = Registry::new(1);
-        let (k, generation, agents, _) = r.begin();
+        let mut r = registry(1);
+        let (k, generation, agents) = r.begin();
         assert_eq!((generation, agents.len()), (0, 0));
         let actions = r.attach(reg("late")).expect("attach");
         assert!(

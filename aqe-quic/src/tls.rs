@@ -22,6 +22,8 @@ pub(crate) struct Material {
     key: String,
     trust: String,
     verify_peer: bool,
+    /// The endpoint id its certificate's key gives it.
+    pub(crate) identity: u64,
 }
 
 fn load_failure(source: impl Into<BoxError>) -> Error {
@@ -35,6 +37,39 @@ async fn read(path: &Path) -> Result<String> {
     tokio::fs::read_to_string(path)
         .await
         .map_err(|e| load_failure(format!("{}: {e}", path.display())))
+}
+
+/// Reads a PEM file that must hold a block whose tag contains `what` (`CERTIFICATE`,
+/// `PRIVATE KEY`), naming the file in the error when it does not.
+async fn read_pem(path: &Path, what: &str) -> Result<String> {
+    let text = read(path).await?;
+    let blocks = pem::parse_many(&text)
+        .map_err(|e| load_failure(format!("{}: not PEM: {e}", path.display())))?;
+    if !blocks.iter().any(|b| b.tag().contains(what)) {
+        return Err(load_failure(format!(
+            "{}: no {what} in it ({})",
+            path.display(),
+            if blocks.is_empty() {
+                "no PEM block at all".to_owned()
+            } else {
+                format!(
+                    "found {}",
+                    blocks
+                        .iter()
+                        .map(|b| b.tag())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        )));
+    }
+    Ok(text)
+}
+
+/// The endpoint id a certificate gives.
+fn identity_of(cert: &str) -> Result<u64> {
+    crate::identity::of_pem(cert)
+        .ok_or_else(|| load_failure("the certificate's public key cannot be read"))
 }
 
 struct DevCa {
@@ -65,16 +100,18 @@ impl Material {
     pub(crate) async fn new(security: &SecurityConfig) -> Result<Self> {
         if let (Some(cert), Some(key)) = (&security.cert_path, &security.key_path) {
             let trust = match &security.ca_path {
-                Some(ca) => read(ca).await?,
+                Some(ca) => read_pem(ca, "CERTIFICATE").await?,
                 None => {
                     return Err(load_failure(
                         "a configured certificate needs caPath to verify peers",
                     ));
                 }
             };
+            let cert = read_pem(cert, "CERTIFICATE").await?;
             return Ok(Self {
-                cert: read(cert).await?,
-                key: read(key).await?,
+                identity: identity_of(&cert)?,
+                cert,
+                key: read_pem(key, "PRIVATE KEY").await?,
                 trust,
                 verify_peer: security.verify_peer,
             });
@@ -94,10 +131,15 @@ impl Material {
              this process trust it (set security.certPath, keyPath and caPath to talk across processes)"
         );
         let trust = match &security.ca_path {
-            Some(ca_path) => format!("{}\n{}", read(ca_path).await?, ca.issuer.as_ref().pem()),
+            Some(ca_path) => format!(
+                "{}\n{}",
+                read_pem(ca_path, "CERTIFICATE").await?,
+                ca.issuer.as_ref().pem()
+            ),
             None => ca.issuer.as_ref().pem(),
         };
         Ok(Self {
+            identity: identity_of(&cert.pem())?,
             cert: cert.pem(),
             key: key.serialize_pem(),
             trust,
@@ -108,7 +150,10 @@ impl Material {
     /// The listener's TLS provider: presents the certificate; with `verifyPeer`, requires and
     /// checks the dialer's.
     pub(crate) fn server(&self) -> Result<s2n_tls::Server> {
+        // aqe trusts only its own CA: the system's trust store is never loaded.
         let mut b = s2n_tls::Server::builder()
+            .with_empty_trust_store()
+            .map_err(load_failure)?
             .with_application_protocols([ALPN])
             .map_err(load_failure)?
             .with_certificate(self.cert.as_str(), self.key.as_str())
@@ -127,6 +172,8 @@ impl Material {
     /// certificate.
     pub(crate) fn client(&self) -> Result<s2n_tls::Client> {
         let mut b = s2n_tls::Client::builder()
+            .with_empty_trust_store()
+            .map_err(load_failure)?
             .with_application_protocols([ALPN])
             .map_err(load_failure)?
             .with_certificate(self.trust.as_str())

@@ -151,13 +151,22 @@ impl QuicTransport {
             .ok_or_else(|| Error::PeerNotFound { peer: id.clone() })
     }
 
-    /// Where `to` is, checking that it listens on `channel`.
-    fn target(&self, to: &AgentId, channel: &aqe_core::ChannelName) -> Result<Target> {
+    /// Where `to` is, checking that it listens on `channel`; an endpoint known only through
+    /// peer exchange is connected to first, within `wait`.
+    async fn target(
+        &self,
+        to: &AgentId,
+        channel: &aqe_core::ChannelName,
+        wait: Duration,
+    ) -> Result<Target> {
         if let Some(local) = self.shared.local(to) {
             local.listens(channel)?;
             return Ok(Target::Here(local));
         }
-        self.shared.route(to, channel).map(Target::There)
+        self.shared
+            .route(to, channel, wait)
+            .await
+            .map(Target::There)
     }
 
     /// Sends one envelope to one agent as its channel says, and counts it. With `confirm`,
@@ -176,7 +185,8 @@ impl QuicTransport {
         // A connection can end or be retired between routing and enqueueing (its peer is
         // then reachable over another, or not at all): route again rather than fail.
         for _ in 0..ROUTE_ATTEMPTS {
-            let conn = match self.target(to, &channel.name) {
+            let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let conn = match self.target(to, &channel.name, wait).await {
                 Ok(Target::Here(local)) => {
                     return self
                         .shared
@@ -357,7 +367,7 @@ impl Transport for QuicTransport {
         let to = envelope.target().cloned().ok_or(Error::Protocol {
             detail: "a request needs exactly one recipient",
         })?;
-        match self.target(&to, &envelope.channel)? {
+        match self.target(&to, &envelope.channel, timeout).await? {
             Target::Here(local) => {
                 self.shared
                     .local_delivery
@@ -405,7 +415,7 @@ impl Transport for QuicTransport {
             .check_outgoing(&header.options.channel, 0)?
             .clone();
         let send_timeout = self.shared.config.send_timeout;
-        match self.target(&header.to, &channel.name)? {
+        match self.target(&header.to, &channel.name, send_timeout).await? {
             Target::Here(local) => {
                 let sink = self
                     .shared

@@ -34,11 +34,36 @@ pub(crate) struct Hello {
     pub(crate) generation: u64,
     /// The agents the sender hosts, as of `generation`.
     pub(crate) agents: Vec<Registration>,
-    /// Listen addresses of the other endpoints the sender is connected to (peer exchange).
-    pub(crate) known: Vec<SocketAddr>,
     /// Reliable messages the sender of this hello accepts unacknowledged per receiving agent
     /// on this connection.
     pub(crate) window: u32,
+}
+
+/// Membership of another endpoint, as the endpoint connected to it tells it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum Relayed {
+    /// All of it: where it listens (with the IP its connection comes from), its membership
+    /// generation and its agents.
+    Snapshot {
+        endpoint: u64,
+        listen: SocketAddr,
+        generation: u64,
+        agents: Vec<Registration>,
+    },
+    /// An agent started there.
+    Joined {
+        endpoint: u64,
+        generation: u64,
+        agent: Registration,
+    },
+    /// An agent stopped there.
+    Left {
+        endpoint: u64,
+        generation: u64,
+        agent: AgentId,
+    },
+    /// The sender's connection to it ended.
+    Gone { endpoint: u64 },
 }
 
 /// Why reliable messages were not taken by their agent.
@@ -60,8 +85,9 @@ pub(crate) enum Control {
     Joined(u64, Registration),
     /// An agent stopped on the sender's endpoint, making its membership this generation.
     Left(u64, AgentId),
-    /// The sender connected to these endpoints (peer exchange).
-    Peers(Vec<SocketAddr>),
+    /// What the sender knows first-hand about another endpoint it is connected to (peer
+    /// exchange); never relayed further.
+    Relay(Relayed),
     /// The reliable messages with these sequence numbers (the receiver's, on this
     /// connection) were taken by their agents.
     Ack(SeqRanges),
@@ -132,6 +158,10 @@ pub(crate) mod close {
     /// Another endpoint now listens at the peer's address (it restarted): this connection
     /// is to an endpoint that no longer exists.
     pub(crate) const REPLACED: u32 = 0x9;
+    /// The hello's endpoint id is not the one the peer's certificate gives.
+    pub(crate) const IDENTITY_MISMATCH: u32 = 0xa;
+    /// The peer presents this endpoint's own certificate.
+    pub(crate) const SHARED_CERTIFICATE: u32 = 0xb;
 }
 
 /// Application codes for stream resets (RESET_STREAM, STOP_SENDING).
@@ -234,6 +264,12 @@ impl FrameReader {
     /// Waits for the end of the stream (clean or not), discarding data.
     pub(crate) async fn closed(&mut self) {
         while let Ok(Some(_)) = self.recv.receive().await {}
+    }
+
+    /// Changes the largest frame accepted from now on (a control stream after its hello, a
+    /// data stream after its preamble).
+    pub(crate) fn set_limit(&mut self, codec: FrameCodec) {
+        self.codec = codec;
     }
 
     pub(crate) fn stop(&mut self, code: u32) {

@@ -63,7 +63,8 @@ async fn a_third_agent_is_discovered_through_peer_exchange() {
     let mut ib = attach(&b, "b").await;
     let _ic = attach(&c, "c").await;
     b.connect(hub.local_addr()).await.expect("b to hub");
-    // c knows only the hub; it learns of b from the hub and dials it itself.
+    // c knows only the hub; it learns of b from the hub (whose certificate it verified), and
+    // the hub tells b of c.
     c.connect(hub.local_addr()).await.expect("c to hub");
     await_peer(&c, "b").await;
     await_peer(&b, "c").await;
@@ -75,17 +76,73 @@ async fn a_third_agent_is_discovered_through_peer_exchange() {
     assert_eq!(
         via.address,
         Some(b.local_addr()),
-        "b is reached directly, at its own address"
+        "b is known at its own address"
     );
-    tokio::time::timeout(WAIT, async {
-        while c.connections() != 2 || b.connections() != 2 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(via.state, aqe_core::PeerState::Known, "not connected yet");
+    assert_eq!(
+        (c.connections(), b.connections()),
+        (1, 1),
+        "no dial before traffic"
+    );
+    // The first message dials b and goes directly.
+    c.send(hello("c", "b")).await.expect("c to b directly");
+    assert_eq!(next_message(&mut ib).await.from.as_str(), "c");
+    assert_eq!((c.connections(), b.connections()), (2, 2));
+    let direct = c
+        .peers()
+        .into_iter()
+        .find(|p| p.id.as_str() == "b")
+        .expect("b listed");
+    assert_eq!(direct.state, aqe_core::PeerState::Connected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_endpoints_joining_one_hub_know_every_agent_in_seconds() {
+    const N: usize = 100;
+    let hub = endpoint(config()).await;
+    let _ih = attach(&hub, "hub").await;
+    let started = Instant::now();
+    let mut nodes = Vec::with_capacity(N);
+    for i in 0..N {
+        let n = endpoint(QuicConfig {
+            bootstrap_peers: vec![hub.local_addr().to_string()],
+            ..config()
+        })
+        .await;
+        let inbox = attach(&n, &format!("n{i}")).await;
+        nodes.push((n, inbox));
+    }
+    // Every endpoint knows every agent: the hub's and the 99 others', without dialing them.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let complete = nodes.iter().all(|(n, _)| n.peers().len() == N + 1);
+            if complete {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await
-    .expect("a full mesh");
-    c.send(hello("c", "b")).await.expect("c to b directly");
-    assert_eq!(next_message(&mut ib).await.from.as_str(), "c");
+    .expect("full membership");
+    let converged = started.elapsed();
+    let connections: usize = nodes.iter().map(|(n, _)| n.connections()).sum();
+    assert_eq!(connections, N, "one connection each, to the hub");
+    // Traffic between two of them connects them directly.
+    nodes[3]
+        .0
+        .send(hello("n3", "n97"))
+        .await
+        .expect("n3 to n97");
+    let (_, inbox) = &mut nodes[97];
+    assert_eq!(next_message(inbox).await.from.as_str(), "n3");
+    eprintln!(
+        "{N} endpoints joined one hub and knew all {} agents after {converged:?}, with {connections} connections",
+        N + 1
+    );
+    for (n, _) in &nodes {
+        n.shutdown().await;
+    }
+    hub.shutdown().await;
 }
 
 /// Not a test on its own: the peer that the idle-timeout test runs in a child process and

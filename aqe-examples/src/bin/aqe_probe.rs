@@ -1,7 +1,8 @@
 //! `aqe-probe`: the delivery probe of the tests and of `cargo xtask lab`.
 //!
 //! ```text
-//! aqe-probe certs DIR [IP ...]                 a fleet CA and a node certificate in DIR
+//! aqe-probe certs DIR                          a fleet CA in DIR (each probe issues itself a
+//!                                              node certificate from it)
 //! aqe-probe receive --listen ADDR --certs DIR [--agent ID] [--peer ADDR] [timings]
 //! aqe-probe send --listen ADDR --peer ADDR --certs DIR --to ID [--channel C] [--count N]
 //!                [--requests] [--pace N:MICROS] [--settle-ms MS] [timings]
@@ -98,12 +99,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse(rest)?;
     match role.as_str() {
         "certs" => {
-            let dir = args.1.first().context("certs DIR [IP ...]")?;
-            let ips = args.1[1..]
-                .iter()
-                .map(|s| s.parse())
-                .collect::<Result<Vec<std::net::IpAddr>, _>>()?;
-            probe::write_certs(&PathBuf::from(dir), &ips)
+            let dir = args.1.first().context("certs DIR")?;
+            probe::write_certs(&PathBuf::from(dir))
         }
         "receive" => {
             let agent = args
