@@ -73,6 +73,8 @@ pub(crate) struct Inner {
     streams: DashMap<StreamId, Arc<tokio::sync::Mutex<Box<dyn StreamSink>>>>,
     recent_errors: Mutex<VecDeque<RecentError>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Handler runs that panicked (caught: the agent goes on).
+    panics: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Agent {
@@ -111,6 +113,7 @@ impl Agent {
                 streams: DashMap::new(),
                 recent_errors: Mutex::new(VecDeque::with_capacity(RECENT_ERRORS)),
                 tasks: Mutex::new(Vec::new()),
+                panics: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -152,6 +155,18 @@ impl Agent {
             self.note_error(e);
         }
         res
+    }
+
+    /// A handler panicked (caught by the dispatcher): counted, kept among the recent errors,
+    /// and reported by [`Agent::health`].
+    pub(crate) fn handler_panicked(&self, kind: &str, message: &str, from: &AgentId) {
+        self.inner
+            .panics
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!(agent = %self.id(), %from, handler = kind, panic = message, "a handler panicked");
+        self.note_error(&format!(
+            "the {kind} handler panicked on input from {from}: {message}"
+        ));
     }
 
     pub(crate) fn note_error(&self, e: &dyn std::fmt::Display) {
@@ -287,6 +302,9 @@ impl Agent {
                 match self.inner.transport.request(env, options.timeout).await {
                     Ok(rsp) if rsp.kind == MessageKind::Error => {
                         let body: ErrorBody = rsp.decode()?;
+                        if body.kind == aqe_core::RemoteErrorKind::Busy {
+                            return Err(Error::Busy { peer: rsp.from });
+                        }
                         return Err(Error::Remote { agent: rsp.from, kind: body.kind, message: body.message });
                     }
                     Ok(rsp) => return rsp.decode(),
@@ -464,14 +482,23 @@ impl Agent {
             .iter()
             .cloned()
             .collect();
-        Health::assess(
+        let mut health = Health::assess(
             &stats,
             !self.inner.shutdown.is_cancelled(),
             connected,
             self.inner.reg.channels.len(),
             errors,
             &self.inner.thresholds,
-        )
+        );
+        let panics = self.inner.panics.load(std::sync::atomic::Ordering::Relaxed);
+        if panics > 0 && health.status == aqe_core::HealthStatus::Healthy {
+            health.status = aqe_core::HealthStatus::Degraded;
+            health.message = format!(
+                "{panics} handler run(s) panicked (the agent goes on); {}",
+                health.message
+            );
+        }
+        health
     }
 
     /// Subscribes to this agent's events, from now on.

@@ -5,7 +5,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use serde::Serialize;
-use tokio::sync::Semaphore;
 
 use aqe_core::{
     AgentDefinition, AgentId, AgentType, Capability, Channel, DEFAULT_INBOX_CAPACITY, Envelope,
@@ -31,6 +30,7 @@ pub struct AgentBuilder {
     handlers: Handlers,
     inbox_capacity: usize,
     max_concurrent_handlers: usize,
+    max_concurrent_streams: usize,
     event_capacity: usize,
 }
 
@@ -47,6 +47,7 @@ impl Default for AgentBuilder {
             handlers: Handlers::default(),
             inbox_capacity: DEFAULT_INBOX_CAPACITY,
             max_concurrent_handlers: 256,
+            max_concurrent_streams: 256,
             event_capacity: 1024,
         }
     }
@@ -115,10 +116,19 @@ impl AgentBuilder {
         self
     }
 
-    /// Request and stream handlers running at once; further ones wait in the inbox.
-    /// Default 256.
+    /// Request handlers running at once; up to four times as many more wait their turn, and
+    /// requests beyond that are answered "busy" (the requester gets
+    /// [`Error::Busy`](aqe_core::Error::Busy)). Default 256.
     pub fn max_concurrent_handlers(mut self, n: usize) -> Self {
         self.max_concurrent_handlers = n;
+        self
+    }
+
+    /// Stream handlers running at once, apart from request handlers (idle streams never keep
+    /// requests waiting); up to four times as many more streams wait their turn, and streams
+    /// beyond that are refused. Default 256.
+    pub fn max_concurrent_streams(mut self, n: usize) -> Self {
+        self.max_concurrent_streams = n;
         self
     }
 
@@ -196,12 +206,15 @@ impl AgentBuilder {
         // Subscribe before attaching so no membership change is missed.
         let events = transport.subscribe();
         transport.attach(reg, tx).await?;
-        let permits = Arc::new(Semaphore::new(self.max_concurrent_handlers.max(1)));
+        let limits = dispatch::Limits {
+            requests: self.max_concurrent_handlers.max(1),
+            streams: self.max_concurrent_streams.max(1),
+        };
         agent.own_task(tokio::spawn(dispatch::run(
             agent.clone(),
             inbox,
             self.handlers,
-            permits,
+            limits,
         )));
         agent.own_task(tokio::spawn(dispatch::forward_events(
             agent.clone(),

@@ -4,12 +4,15 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 
 use aqe_core::{
-    AgentId, Envelope, ErrorBody, Event, Inbound, Inbox, MessageId, MessageKind, RemoteErrorKind,
-    Responder,
+    AgentId, Envelope, ErrorBody, Event, Inbound, Inbox, IncomingStream, MessageId, MessageKind,
+    RemoteErrorKind, Responder,
 };
 
 use crate::Agent;
@@ -54,23 +57,75 @@ impl Requests {
     }
 }
 
+/// How much an agent's dispatcher runs at once, and holds waiting.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Request handlers running at once.
+    pub(crate) requests: usize,
+    /// Stream handlers running at once (apart from requests: idle streams never stop requests
+    /// from being served).
+    pub(crate) streams: usize,
+}
+
+impl Limits {
+    /// Work held waiting for a running slot, per kind, before more is refused.
+    fn backlog(n: usize) -> usize {
+        n.saturating_mul(4)
+    }
+}
+
+/// What a dispatcher task was, when it ends.
+enum Done {
+    /// A request handler.
+    Request,
+    /// A stream handler.
+    Stream,
+    /// An answer sent without a handler (repeated from a cache, or "busy").
+    Reply,
+}
+
 /// Takes items off the inbox until shutdown. Message handlers run inline (arrival order),
 /// and a message is acknowledged once its handler returned; request and stream handlers run
-/// as tasks owned here, at most `permits` at once, and are aborted when the dispatcher ends.
-pub(crate) async fn run(
-    agent: Agent,
-    mut inbox: Inbox,
-    handlers: Handlers,
-    permits: Arc<Semaphore>,
-) {
+/// as tasks owned here, each kind within its limit, and are aborted when the dispatcher ends.
+///
+/// The dispatcher never waits for a free slot: beyond its limit, work waits in a bounded
+/// backlog (requests and streams separately), and beyond that a request is answered "busy"
+/// and a stream refused. A panicking handler is caught: a request's requester gets an error
+/// response, and the agent's health reports it.
+pub(crate) async fn run(agent: Agent, mut inbox: Inbox, handlers: Handlers, limits: Limits) {
     let shutdown = agent.inner.shutdown.clone();
     let requests = Arc::new(Mutex::new(Requests::default()));
-    let mut tasks = JoinSet::new();
+    let mut tasks: JoinSet<Done> = JoinSet::new();
+    let (mut running_requests, mut running_streams, mut replying) = (0usize, 0usize, 0usize);
+    let mut waiting_requests: VecDeque<(Envelope, Responder)> = VecDeque::new();
+    let mut waiting_streams: VecDeque<IncomingStream> = VecDeque::new();
     loop {
         let item = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                match done {
+                    Ok(Done::Request) => {
+                        running_requests -= 1;
+                        if let Some((envelope, responder)) = waiting_requests.pop_front() {
+                            running_requests += 1;
+                            start_request(&mut tasks, &agent, &handlers, &requests, envelope, responder);
+                        }
+                    }
+                    Ok(Done::Reply) => replying -= 1,
+                    Ok(Done::Stream) => {
+                        running_streams -= 1;
+                        if let Some(stream) = waiting_streams.pop_front() {
+                            running_streams += 1;
+                            start_stream(&mut tasks, &agent, &handlers, stream);
+                        }
+                    }
+                    // Handler panics are caught inside the tasks; a task only fails if it
+                    // was aborted, which happens at shutdown.
+                    Err(e) => tracing::debug!(agent = %agent.id(), error = %e, "handler task ended abnormally"),
+                }
+                continue;
+            }
             item = inbox.recv() => match item {
                 Some(item) => item,
                 None => break,
@@ -80,8 +135,17 @@ pub(crate) async fn run(
             Inbound::Message { envelope, receipt } => {
                 announce(&agent, &envelope);
                 if let Some(h) = &handlers.message {
+                    let from = envelope.from.clone();
+                    let run = AssertUnwindSafe(h(agent.clone(), envelope)).catch_unwind();
                     tokio::select! {
-                        () = h(agent.clone(), envelope) => drop(receipt),
+                        outcome = run => {
+                            if let Err(panic) = outcome {
+                                agent.handler_panicked("message", &panic_message(&panic), &from);
+                            }
+                            // Processed (or crashed processing it): acknowledged either way,
+                            // so a message that crashes its handler is not redelivered forever.
+                            drop(receipt);
+                        }
                         () = shutdown.cancelled() => {
                             // The handler did not finish: the sender must not count it delivered.
                             receipt.abandon();
@@ -98,7 +162,7 @@ pub(crate) async fn run(
             } => {
                 announce(&agent, &envelope);
                 let key = (envelope.from.clone(), envelope.id);
-                let cached = {
+                let fresh = {
                     let table = requests.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(join) = table.running.get(&key) {
                         // The same request is being handled: this requester waits for it too.
@@ -112,73 +176,141 @@ pub(crate) async fn run(
                         Err(responder)
                     }
                 };
-                let Some(permit) = acquire(&permits, &shutdown).await else {
-                    break;
-                };
-                match cached {
-                    Ok((answer, responder)) => {
+                match fresh {
+                    Ok((answer, responder)) if replying < Limits::backlog(limits.requests) => {
+                        // Answered before: the same answer again, without the handler.
+                        replying += 1;
                         tasks.spawn(async move {
                             let _ = responder.respond(answer).await;
-                            drop(permit);
+                            Done::Reply
                         });
                     }
+                    // Too many answers on their way already: the requester hears the
+                    // request was dropped (the responder is dropped unanswered).
+                    Ok(_) => {}
+                    Err(responder) if running_requests < limits.requests => {
+                        running_requests += 1;
+                        start_request(
+                            &mut tasks, &agent, &handlers, &requests, envelope, responder,
+                        );
+                    }
+                    Err(responder) if waiting_requests.len() < Limits::backlog(limits.requests) => {
+                        waiting_requests.push_back((envelope, responder));
+                    }
                     Err(responder) => {
-                        let (join, joined) = mpsc::unbounded_channel();
-                        requests
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .running
-                            .insert(key.clone(), join);
-                        let (agent, handler, requests) =
-                            (agent.clone(), handlers.request.clone(), requests.clone());
-                        tasks.spawn(async move {
-                            let answer = answer(agent, handler, envelope, responder, joined).await;
-                            let mut table = requests.lock().unwrap_or_else(|p| p.into_inner());
-                            table.running.remove(&key);
-                            if let Some(answer) = answer {
-                                table.remember(key, answer);
-                            }
-                            drop(permit);
-                        });
+                        tracing::debug!(agent = %agent.id(), from = %envelope.from, "too many requests in hand: busy");
+                        if replying < Limits::backlog(limits.requests) {
+                            replying += 1;
+                            let busy = error_reply(
+                                &agent,
+                                &envelope,
+                                RemoteErrorKind::Busy,
+                                "too many requests in hand".into(),
+                            );
+                            tasks.spawn(async move {
+                                let _ = responder.respond(busy).await;
+                                Done::Reply
+                            });
+                        }
                     }
                 }
             }
             Inbound::Stream(stream) => {
-                let (id, from) = (stream.header().id, stream.header().from.clone());
-                let Some(h) = handlers.stream.clone() else {
-                    tracing::debug!(agent = %agent.id(), %from, "no stream handler: stream refused");
+                if handlers.stream.is_none() {
+                    tracing::debug!(agent = %agent.id(), from = %stream.header().from, "no stream handler: stream refused");
                     continue;
-                };
-                agent.emit(Event::StreamOpened {
-                    stream: id,
-                    from: from.clone(),
-                });
-                let Some(permit) = acquire(&permits, &shutdown).await else {
-                    break;
-                };
-                let agent = agent.clone();
-                tasks.spawn(async move {
-                    h(agent.clone(), stream).await;
-                    agent.emit(Event::StreamClosed { stream: id, from });
-                    drop(permit);
-                });
+                }
+                if running_streams < limits.streams {
+                    running_streams += 1;
+                    start_stream(&mut tasks, &agent, &handlers, stream);
+                } else if waiting_streams.len() < Limits::backlog(limits.streams) {
+                    waiting_streams.push_back(stream);
+                } else {
+                    tracing::debug!(agent = %agent.id(), from = %stream.header().from, "too many streams: refused");
+                }
             }
         }
     }
     // Dropping the responders of aborted handlers tells their requesters; dropping the inbox
     // abandons the messages still in it, so their senders learn they were not delivered.
     tasks.shutdown().await;
+    drop(waiting_requests);
+    drop(waiting_streams);
     inbox.close();
 }
 
-async fn acquire(
-    permits: &Arc<Semaphore>,
-    shutdown: &tokio_util::sync::CancellationToken,
-) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    tokio::select! {
-        p = permits.clone().acquire_owned() => p.ok(),
-        () = shutdown.cancelled() => None,
-    }
+fn start_request(
+    tasks: &mut JoinSet<Done>,
+    agent: &Agent,
+    handlers: &Handlers,
+    requests: &Arc<Mutex<Requests>>,
+    envelope: Envelope,
+    responder: Responder,
+) {
+    let key = (envelope.from.clone(), envelope.id);
+    let (join, joined) = mpsc::unbounded_channel();
+    requests
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .running
+        .insert(key.clone(), join);
+    let (agent, handler, requests) = (agent.clone(), handlers.request.clone(), requests.clone());
+    tasks.spawn(async move {
+        let answer = answer(agent, handler, envelope, responder, joined).await;
+        let mut table = requests.lock().unwrap_or_else(|p| p.into_inner());
+        table.running.remove(&key);
+        if let Some(answer) = answer {
+            table.remember(key, answer);
+        }
+        Done::Request
+    });
+}
+
+fn start_stream(
+    tasks: &mut JoinSet<Done>,
+    agent: &Agent,
+    handlers: &Handlers,
+    stream: IncomingStream,
+) {
+    let Some(h) = handlers.stream.clone() else {
+        return;
+    };
+    let (id, from) = (stream.header().id, stream.header().from.clone());
+    agent.emit(Event::StreamOpened {
+        stream: id,
+        from: from.clone(),
+    });
+    let agent = agent.clone();
+    tasks.spawn(async move {
+        if let Err(panic) = AssertUnwindSafe(h(agent.clone(), stream))
+            .catch_unwind()
+            .await
+        {
+            agent.handler_panicked("stream", &panic_message(&panic), &from);
+        }
+        agent.emit(Event::StreamClosed { stream: id, from });
+        Done::Stream
+    });
+}
+
+/// What a panic said, if it said it with a string.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
+}
+
+/// The error response to `request`.
+fn error_reply(
+    agent: &Agent,
+    request: &Envelope,
+    kind: RemoteErrorKind,
+    message: String,
+) -> Envelope {
+    let body = aqe_core::encode(&ErrorBody { kind, message }).unwrap_or_default();
+    request.reply(agent.id().clone(), MessageKind::Error, body)
 }
 
 fn announce(agent: &Agent, env: &Envelope) {
@@ -216,7 +348,7 @@ async fn answer(
             format!("agent {me} has no request handler"),
         )),
         Some(h) => {
-            let mut work = h(agent.clone(), request.clone());
+            let mut work = AssertUnwindSafe(h(agent.clone(), request.clone())).catch_unwind();
             loop {
                 enum Next<T> {
                     Done(T),
@@ -229,7 +361,15 @@ async fn answer(
                     Some(r) = joined.recv() => Next::Joined(r),
                 };
                 match next {
-                    Next::Done(r) => break r.map_err(|e| (e.kind(), e.message().to_owned())),
+                    Next::Done(Ok(r)) => break r.map_err(|e| (e.kind(), e.message().to_owned())),
+                    Next::Done(Err(panic)) => {
+                        let message = panic_message(&panic);
+                        agent.handler_panicked("request", &message, &request.from);
+                        break Err((
+                            RemoteErrorKind::HandlerFailed,
+                            format!("the request handler panicked: {message}"),
+                        ));
+                    }
                     Next::Joined(r) => responders.push(r),
                     Next::Cancelled => {
                         tracing::debug!(agent = %me, from = %request.from, "requester gave up; handler cancelled");
@@ -264,10 +404,7 @@ async fn answer(
     });
     let reply = match outcome {
         Ok(payload) => request.reply(me.clone(), MessageKind::Response, payload),
-        Err((kind, message)) => {
-            let body = aqe_core::encode(&ErrorBody { kind, message }).unwrap_or_default();
-            request.reply(me.clone(), MessageKind::Error, body)
-        }
+        Err((kind, message)) => error_reply(&agent, &request, kind, message),
     };
     for r in responders {
         if let Err(e) = r.respond(reply.clone()).await {

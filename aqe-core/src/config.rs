@@ -153,7 +153,8 @@ pub struct QuicLimits {
     /// TLS handshakes in progress at once; beyond, new attempts must first prove their
     /// address (a QUIC Retry), and beyond twice this they are dropped. Default 64.
     pub max_handshakes: u32,
-    /// Largest hello frame accepted, before the peer is authenticated. Default 256 KiB.
+    /// Largest hello frame accepted, before the peer is authenticated (a hello holds no
+    /// agent list: membership follows it). Default 16 KiB.
     pub hello_frame: u32,
     /// Largest control frame (an agent's announcement, say) accepted. Default 256 KiB.
     pub control_frame: u32,
@@ -173,7 +174,7 @@ impl Default for QuicLimits {
         Self {
             max_connections: 1024,
             max_handshakes: 64,
-            hello_frame: 256 * 1024,
+            hello_frame: 16 * 1024,
             control_frame: 256 * 1024,
             agents_per_peer: 4096,
             endpoints_per_peer: 1024,
@@ -189,7 +190,7 @@ impl QuicLimits {
             ("maxConnections", self.max_connections, 1),
             ("maxHandshakes", self.max_handshakes, 1),
             ("helloFrame", self.hello_frame, 1024),
-            ("controlFrame", self.control_frame, 1024),
+            ("controlFrame", self.control_frame, 128 * 1024),
             ("agentsPerPeer", self.agents_per_peer, 1),
             ("endpointsPerPeer", self.endpoints_per_peer, 0),
             ("concurrentDials", self.concurrent_dials, 1),

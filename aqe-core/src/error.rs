@@ -313,6 +313,10 @@ pub enum RemoteErrorKind {
     /// The agent dropped the request without answering (it stopped, or gave up on it).
     #[error("dropped without answer")]
     Dropped,
+    /// The agent holds too many requests (running and waiting) to take another; nothing was
+    /// run. Try again later.
+    #[error("busy")]
+    Busy,
 }
 
 impl Error {

@@ -44,6 +44,9 @@ const SWEEP: Duration = Duration::from_millis(200);
 /// unless it comes back first.
 const UNREACHABLE_MEMORY: Duration = Duration::from_secs(60);
 
+/// The largest registration (channels, capabilities, metadata) an agent may announce, encoded.
+const MAX_REGISTRATION: usize = 64 * 1024;
+
 /// Room for an envelope's fields other than its payload, in a frame limit.
 const ENVELOPE_OVERHEAD: usize = 64 * 1024;
 
@@ -85,9 +88,6 @@ impl s2n_quic::provider::endpoint_limits::Limiter for Admission {
         }
     }
 }
-
-/// This endpoint's membership as a hello states it: generation and agents.
-type Snapshot = (u64, Vec<Registration>);
 
 /// A connection as the endpoint holds it: its control queue from the start of its
 /// handshake, the connection itself once established.
@@ -177,6 +177,10 @@ impl Shared {
                 .with_max_handshake_duration(config.connection_timeout)?
                 .with_max_open_remote_bidirectional_streams(streams)?
                 .with_max_open_remote_unidirectional_streams(streams)?
+                // What this side may open is bounded by what the peer allows; s2n-quic's own
+                // default (100) would cap it below that.
+                .with_max_open_local_bidirectional_streams(streams)?
+                .with_max_open_local_unidirectional_streams(streams)?
                 .with_active_connection_migration(config.enable_migration)?)
         };
         let dgrams = || -> std::result::Result<datagram::Endpoint, BoxError> {
@@ -435,6 +439,17 @@ impl Shared {
     pub(crate) fn attach(self: &Arc<Self>, reg: Registration, inbox: InboxSender) -> Result<()> {
         self.live()?;
         reg.validate()?;
+        let size = aqe_core::encode(&reg)?.len();
+        if size > MAX_REGISTRATION {
+            return Err(Error::Configuration {
+                file: None,
+                field: "registration".to_owned(),
+                message: format!(
+                    "agent {} announces {size} bytes of registration (channels, capabilities, metadata); at most {MAX_REGISTRATION} travel to peers",
+                    reg.id
+                ),
+            });
+        }
         let info = reg.peer_info(Some(self.listen), PeerState::Connected);
         let mut state = self.lock();
         let Some(actions) = state.registry.attach(reg.clone()) else {
@@ -609,15 +624,13 @@ impl Shared {
 
     // ----- connections -----
 
-    fn hello(&self, nonce: u64, generation: u64, agents: Vec<Registration>) -> Hello {
+    fn hello(&self, nonce: u64) -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
             endpoint: self.id,
             nonce,
             listen: self.listen,
             token: self.token(),
-            agents,
-            generation,
             window: self.config.window,
         }
     }
@@ -759,14 +772,14 @@ impl Shared {
         nonce: u64,
     ) -> Result<()> {
         let timeout = self.config.connection_timeout;
-        let (key, rx, (generation, agents)) = self.begin();
+        let (key, rx) = self.begin();
         let exchange = async {
             let stream = connection
                 .open_bidirectional_stream()
                 .await
                 .map_err(|e| connection_error(addr, timeout, e))?;
             let (recv, mut send) = stream.split();
-            let ours = self.hello(nonce, generation, agents);
+            let ours = self.hello(nonce);
             let hello = self.codec.encode_to_bytes(&ours)?;
             send.send(hello)
                 .await
@@ -820,13 +833,17 @@ impl Shared {
         )
     }
 
-    /// Registers a connection starting its handshake: its key, its control queue's receiving
-    /// end, and what this endpoint's hello on it says. Taken in one step under the lock, so
-    /// that every membership change after the hello's snapshot is queued for the connection.
-    fn begin(&self) -> (ConnKey, mpsc::Receiver<Control>, Snapshot) {
+    /// Registers a connection starting its handshake: its key, and its control queue's
+    /// receiving end with this endpoint's membership snapshot queued first. Done in one step
+    /// under the lock, so that every membership change after the snapshot is queued after it.
+    fn begin(&self) -> (ConnKey, mpsc::Receiver<Control>) {
         let mut state = self.lock();
         let (key, generation, agents) = state.registry.begin();
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+        for frame in self.snapshot_frames(generation, agents) {
+            // A fresh queue: room for the snapshot's few frames.
+            let _ = tx.try_send(frame);
+        }
         state.links.insert(
             key,
             Link {
@@ -834,7 +851,33 @@ impl Shared {
                 conn: None,
             },
         );
-        (key, rx, (generation, agents))
+        (key, rx)
+    }
+
+    /// A membership snapshot as control frames, each within the control frame limit.
+    fn snapshot_frames(&self, generation: u64, agents: Vec<Registration>) -> Vec<Control> {
+        let budget = self.config.limits.control_frame as usize / 2;
+        let mut frames = Vec::new();
+        let (mut chunk, mut size) = (Vec::new(), 0);
+        for reg in agents {
+            let len = aqe_core::encode(&reg).map(|b| b.len()).unwrap_or(budget);
+            if !chunk.is_empty() && size + len > budget {
+                frames.push(Control::Snapshot {
+                    generation,
+                    agents: std::mem::take(&mut chunk),
+                    last: false,
+                });
+                size = 0;
+            }
+            size += len;
+            chunk.push(reg);
+        }
+        frames.push(Control::Snapshot {
+            generation,
+            agents: chunk,
+            last: true,
+        });
+        frames
     }
 
     fn abort(&self, key: ConnKey) {
@@ -880,8 +923,8 @@ impl Shared {
             connection.close(code.into());
             return;
         }
-        let (key, rx, (generation, agents)) = self.begin();
-        let ours = self.hello(peer_hello.nonce, generation, agents);
+        let (key, rx) = self.begin();
+        let ours = self.hello(peer_hello.nonce);
         let sent = match self.codec.encode_to_bytes(&ours) {
             Ok(b) => tokio::time::timeout(timeout, send.send(b)).await,
             Err(e) => {
@@ -951,8 +994,6 @@ impl Shared {
         let peer = PeerHello {
             endpoint: hello.endpoint,
             listen: hello.listen,
-            generation: hello.generation,
-            agents: hello.agents,
             rank,
             authenticated,
         };
@@ -1333,7 +1374,7 @@ mod tests {
         let shared = Shared::bind(config).await.expect("bind");
         let good = Hello {
             endpoint: shared.id ^ 1,
-            ..shared.hello(0, 0, vec![])
+            ..shared.hello(0)
         };
         assert!(shared.check(&good, None).is_ok());
         assert!(

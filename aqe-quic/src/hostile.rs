@@ -69,11 +69,9 @@ fn hello(version: u8) -> Hello {
         version,
         endpoint: 42,
         nonce: 7,
-        generation: 0,
         window: 16,
         listen: "127.0.0.1:9".parse().expect("addr"),
         token: None,
-        agents: Vec::new(),
     }
 }
 

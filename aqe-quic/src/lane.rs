@@ -11,6 +11,8 @@
 //! what accumulated in one write per wake-up; requesters and responders only enqueue. A
 //! responder holds at most [`LANE_MAX_IN_FLIGHT`] requests of a lane in hand at once and
 //! answers [`Down::Busy`] beyond that, so a peer cannot make it queue work without limit.
+#![cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
+// `Up`, `Down` and `LANE_MAX_PAYLOAD` are `pub` for the `testing` feature only.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +36,7 @@ use crate::endpoint::Shared;
 use crate::wire::FrameReader;
 
 /// Requests with larger payloads get a stream of their own.
-pub(crate) const LANE_MAX_PAYLOAD: usize = 16 * 1024;
+pub const LANE_MAX_PAYLOAD: usize = 16 * 1024;
 /// Requests of one lane a responder holds in hand (queued or running) at once.
 pub(crate) const LANE_MAX_IN_FLIGHT: usize = 1024;
 /// Frames a lane writer sends in one write, at most.
@@ -42,7 +44,7 @@ const LANE_BATCH: usize = 128;
 
 /// Requester to responder.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum Up {
+pub enum Up {
     /// A request (kind Request).
     Request(Envelope),
     /// The requester gave up on this request.
@@ -51,7 +53,7 @@ pub(crate) enum Up {
 
 /// Responder to requester.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum Down {
+pub enum Down {
     /// The answer (kind Response or Error; `correlation_id` names the request).
     Response(Envelope),
     /// Unknown recipient or channel, or a sender the peer does not host.

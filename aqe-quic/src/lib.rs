@@ -15,6 +15,12 @@
 //!
 //! TLS is always on: certificates from PEM files, or generated for development (trusted only
 //! inside the process), with mutual TLS when `verifyPeer` is set, and token authentication.
+//! [`certs`] makes a fleet CA and node certificates as endpoints need them.
+//!
+//! # Feature flags
+//! - `testing`: a doc-hidden `testing` module with the wire types, decoder entry points for
+//!   fuzzing, and TLS material for hand-driven peers. For this crate's tests and `fuzz/`; not
+//!   a stable API, and it changes nothing else.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod certs;
@@ -31,6 +37,9 @@ mod outbox;
 mod race;
 mod registry;
 mod stream;
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod testing;
 mod tls;
 mod transport;
 mod wire;

@@ -67,14 +67,6 @@ async fn an_agent_attached_while_the_peer_delays_its_hello_is_announced_and_reac
         .expect("hello in time")
         .expect("hello")
         .expect("hello");
-    assert_eq!(
-        theirs
-            .agents
-            .iter()
-            .map(|a| a.id.to_string())
-            .collect::<Vec<_>>(),
-        ["early"]
-    );
     // The peer holds its hello back; meanwhile an agent attaches on the endpoint.
     let (late_tx, mut late) = inbox("late".into(), 64);
     ep.attach(reg("late"), late_tx).expect("attach late");
@@ -86,18 +78,33 @@ async fn an_agent_attached_while_the_peer_delays_its_hello_is_announced_and_reac
         nonce: theirs.nonce,
         listen: peer_addr,
         token: None,
-        generation: 1,
-        agents: vec![reg("p")],
         window: 64,
     };
-    send.send(codec.encode_to_bytes(&ours).expect("encode"))
+    let snapshot = Control::Snapshot {
+        generation: 1,
+        agents: vec![reg("p")],
+        last: true,
+    };
+    send.send(crate::wire::frames(&codec, &[&ours, &snapshot]).expect("encode"))
         .await
-        .expect("send hello");
+        .expect("send hello and membership");
     tokio::time::timeout(WAIT, dial)
         .await
         .expect("dial in time")
         .expect("join")
         .expect("connected");
+    // The endpoint's membership follows the hellos: the snapshot taken when the handshake
+    // began, then what changed since.
+    match control.next::<Control>().await {
+        Ok(Some(Control::Snapshot { agents, last, .. })) => {
+            assert!(last);
+            assert_eq!(
+                agents.iter().map(|a| a.id.to_string()).collect::<Vec<_>>(),
+                ["early"]
+            );
+        }
+        other => panic!("expected the membership snapshot, got {other:?}"),
+    }
 
     // The late agent is announced after the hello, on the control stream.
     let joined = tokio::time::timeout(WAIT, async {

@@ -34,14 +34,13 @@ pub(crate) type ConnKey = u64;
 /// dialer's nonce. Both sides know both, so both keep the same (smallest) connection.
 pub(crate) type Rank = (u64, u64);
 
-/// A checked hello from a peer, as the registry needs it.
+/// A checked hello from a peer, as the registry needs it (its membership follows in
+/// `Snapshot` control frames).
 #[derive(Debug, Clone)]
 pub(crate) struct PeerHello {
     pub(crate) endpoint: u64,
     /// Where it listens, with the IP its connection comes from.
     pub(crate) listen: SocketAddr,
-    pub(crate) generation: u64,
-    pub(crate) agents: Vec<Registration>,
     pub(crate) rank: Rank,
     /// Whether the peer proved who it is (token, client certificate, or the server
     /// certificate this endpoint verified when it dialed): its relays are taken.
@@ -133,6 +132,8 @@ struct Conn {
     /// Set once the peer's hello was accepted.
     peer: Option<(u64, Rank)>,
     authenticated: bool,
+    /// A membership snapshot arriving over several frames.
+    snapshot: Option<(u64, Vec<Registration>)>,
 }
 
 /// An endpoint connected directly, and what it announced.
@@ -265,6 +266,7 @@ impl Registry {
                 phase: Phase::Handshaking,
                 peer: None,
                 authenticated: false,
+                snapshot: None,
             },
         );
         (
@@ -352,16 +354,24 @@ impl Registry {
                 if keep == key {
                     self.announce_reachable(hello.endpoint, &mut actions);
                 }
-                self.apply_snapshot(hello.endpoint, hello.generation, hello.agents, &mut actions);
             }
             _ => {
                 self.set_phase(key, Phase::Active);
+                // Until its own snapshot arrives (next on its control stream), it is what
+                // peers relayed about it, if anything: agents known that way stay routable.
+                let (generation, agents) = self
+                    .heard
+                    .values()
+                    .filter_map(|h| h.get(&hello.endpoint))
+                    .max_by_key(|h| h.generation)
+                    .map(|h| (h.generation, h.agents.clone()))
+                    .unwrap_or_default();
                 self.remotes.insert(
                     hello.endpoint,
                     Remote {
                         listen: hello.listen,
-                        generation: 0,
-                        agents: BTreeMap::new(),
+                        generation,
+                        agents,
                         active: key,
                     },
                 );
@@ -371,9 +381,8 @@ impl Registry {
                 }));
                 // Agents known so far through peer exchange are now reachable directly.
                 self.announce_reachable(hello.endpoint, &mut actions);
-                self.apply_snapshot(hello.endpoint, hello.generation, hello.agents, &mut actions);
-                // Tell the newcomer about the endpoints connected here (applying its snapshot
-                // above told them about it).
+                // Tell the newcomer about the endpoints connected here (applying its snapshot,
+                // when it comes, tells them about it).
                 if self.policy.exchange != PeerExchange::Off {
                     for (&endpoint, r) in &self.remotes {
                         if endpoint != hello.endpoint {
@@ -428,6 +437,35 @@ impl Registry {
             return actions;
         };
         match control {
+            Control::Snapshot {
+                generation,
+                agents,
+                last,
+            } => {
+                let cap = self.policy.agents_per_peer;
+                let Some(conn) = self.conns.get_mut(&key) else {
+                    return actions;
+                };
+                let pending = conn
+                    .snapshot
+                    .get_or_insert_with(|| (generation, Vec::new()));
+                if pending.0 != generation {
+                    // A new snapshot began before the last one ended: start over.
+                    *pending = (generation, Vec::new());
+                }
+                let room = cap.saturating_sub(pending.1.len());
+                if agents.len() > room {
+                    tracing::warn!(
+                        peer = endpoint,
+                        cap,
+                        "a peer announces more agents than allowed; the rest ignored"
+                    );
+                }
+                pending.1.extend(agents.into_iter().take(room));
+                if last && let Some((generation, agents)) = conn.snapshot.take() {
+                    self.apply_snapshot(endpoint, generation, agents, &mut actions);
+                }
+            }
             Control::Joined(generation, reg) => {
                 let cap = self.policy.agents_per_peer;
                 let Some(remote) = self.remotes.get_mut(&endpoint) else {
@@ -990,12 +1028,19 @@ mod tests {
             let hello = PeerHello {
                 endpoint: self.id,
                 listen: self.listen,
-                generation,
-                agents,
                 rank,
                 authenticated: true,
             };
-            self.out.insert(key, VecDeque::from([Frame::Hello(hello)]));
+            // The hello, then the membership snapshot taken with it.
+            let snapshot = Control::Snapshot {
+                generation,
+                agents,
+                last: true,
+            };
+            self.out.insert(
+                key,
+                VecDeque::from([Frame::Hello(hello), Frame::Control(snapshot)]),
+            );
         }
 
         fn receive(&mut self, n: u32, frame: Frame) {
@@ -1162,14 +1207,39 @@ mod tests {
         }
     }
 
-    fn hello(endpoint: u64, port: u16, generation: u64, agents: &[&str]) -> PeerHello {
-        PeerHello {
-            endpoint,
-            listen: addr(port),
+    /// A hello, with the membership snapshot that follows it on the control stream.
+    struct Greeting {
+        hello: PeerHello,
+        generation: u64,
+        agents: Vec<Registration>,
+    }
+
+    fn hello(endpoint: u64, port: u16, generation: u64, agents: &[&str]) -> Greeting {
+        Greeting {
+            hello: PeerHello {
+                endpoint,
+                listen: addr(port),
+                rank: (endpoint, 0),
+                authenticated: true,
+            },
             generation,
             agents: agents.iter().map(|a| reg(a)).collect(),
-            rank: (endpoint, 0),
-            authenticated: true,
+        }
+    }
+
+    impl Registry {
+        /// The peer's hello, then its snapshot.
+        fn greet(&mut self, key: ConnKey, g: Greeting) -> Result<Vec<Action>, Refusal> {
+            let mut actions = self.on_hello(key, g.hello)?;
+            actions.extend(self.on_control(
+                key,
+                Control::Snapshot {
+                    generation: g.generation,
+                    agents: g.agents,
+                    last: true,
+                },
+            ));
+            Ok(actions)
         }
     }
 
@@ -1209,9 +1279,9 @@ mod tests {
         // The hub, connected to b (endpoint 20) then c (endpoint 30).
         let mut hub = registry(1);
         let (kb, ..) = hub.begin();
-        hub.on_hello(kb, hello(20, 2000, 1, &["b"])).expect("b");
+        hub.greet(kb, hello(20, 2000, 1, &["b"])).expect("b");
         let (kc, ..) = hub.begin();
-        let actions = hub.on_hello(kc, hello(30, 3000, 1, &["c"])).expect("c");
+        let actions = hub.greet(kc, hello(30, 3000, 1, &["c"])).expect("c");
         // c is told of b; b is told of c.
         assert!(
             matches!(
@@ -1255,7 +1325,7 @@ mod tests {
     fn relayed_agents_are_known_until_their_endpoint_is_connected_or_gone() {
         let mut c = registry(30);
         let (kh, ..) = c.begin();
-        c.on_hello(kh, hello(1, 1000, 1, &["hub"])).expect("hub");
+        c.greet(kh, hello(1, 1000, 1, &["hub"])).expect("hub");
         let actions = c.on_control(
             kh,
             Control::Relay(Relayed::Snapshot {
@@ -1278,7 +1348,7 @@ mod tests {
         assert!(matches!(c.route(&"b".into()), Some(Route::Dial(a, _)) if a == addr(2000)));
         // Connected directly: the same agent, now reachable over the connection.
         let (kb, ..) = c.begin();
-        let actions = c.on_hello(kb, hello(20, 2000, 1, &["b"])).expect("b");
+        let actions = c.greet(kb, hello(20, 2000, 1, &["b"])).expect("b");
         assert!(
             actions.contains(&Action::Reachable {
                 agent: "b".into(),
@@ -1337,14 +1407,9 @@ mod tests {
             },
         );
         let (k, ..) = r.begin();
-        r.on_hello(
-            k,
-            PeerHello {
-                authenticated: false,
-                ..hello(9, 900, 1, &[])
-            },
-        )
-        .expect("hello");
+        let mut stranger = hello(9, 900, 1, &[]);
+        stranger.hello.authenticated = false;
+        r.greet(k, stranger).expect("hello");
         let steer = Control::Relay(Relayed::Snapshot {
             endpoint: 66,
             listen: addr(6666),
@@ -1358,7 +1423,7 @@ mod tests {
         assert!(r.route(&"bait".into()).is_none());
         // An authenticated peer is believed, within its caps.
         let (k2, ..) = r.begin();
-        r.on_hello(k2, hello(8, 800, 1, &["a", "b", "c"]))
+        r.greet(k2, hello(8, 800, 1, &["a", "b", "c"]))
             .expect("hello");
         assert_eq!(r.remote_agents().count(), 2, "agents per peer capped");
         for e in 0..5u64 {
@@ -1379,17 +1444,11 @@ mod tests {
     fn a_duplicate_is_retired_by_draining_not_by_a_timer() {
         let mut r = registry(1);
         let (k1, ..) = r.begin();
-        r.on_hello(k1, hello(9, 900, 1, &["x"])).expect("first");
+        r.greet(k1, hello(9, 900, 1, &["x"])).expect("first");
         let (k2, ..) = r.begin();
-        let actions = r
-            .on_hello(
-                k2,
-                PeerHello {
-                    rank: (0, 0),
-                    ..hello(9, 900, 1, &["x"])
-                },
-            )
-            .expect("second");
+        let mut smaller = hello(9, 900, 1, &["x"]);
+        smaller.hello.rank = (0, 0);
+        let actions = r.greet(k2, smaller).expect("second");
         assert!(
             actions.contains(&Action::Retire {
                 conn: k1,
@@ -1411,12 +1470,9 @@ mod tests {
     fn a_restarted_peer_at_the_same_address_replaces_the_dead_connection_at_once() {
         let mut r = registry(1);
         let (k1, ..) = r.begin();
-        r.on_hello(k1, hello(9, 900, 3, &["x", "y"]))
-            .expect("first");
+        r.greet(k1, hello(9, 900, 3, &["x", "y"])).expect("first");
         let (k2, ..) = r.begin();
-        let actions = r
-            .on_hello(k2, hello(77, 900, 1, &["x"]))
-            .expect("restarted");
+        let actions = r.greet(k2, hello(77, 900, 1, &["x"])).expect("restarted");
         let at = |a: Action| actions.iter().position(|b| *b == a);
         let retire = at(Action::Retire {
             conn: k1,
@@ -1447,9 +1503,9 @@ mod tests {
     fn an_agent_announced_by_two_endpoints_stays_with_the_first_until_it_is_gone() {
         let mut r = registry(1);
         let (k1, ..) = r.begin();
-        r.on_hello(k1, hello(9, 900, 1, &["x"])).expect("first");
+        r.greet(k1, hello(9, 900, 1, &["x"])).expect("first");
         let (k2, ..) = r.begin();
-        let actions = r.on_hello(k2, hello(8, 800, 1, &["x"])).expect("second");
+        let actions = r.greet(k2, hello(8, 800, 1, &["x"])).expect("second");
         assert!(
             !actions
                 .iter()
@@ -1479,7 +1535,7 @@ mod tests {
     fn stale_updates_are_ignored_and_membership_follows_generations() {
         let mut r = registry(1);
         let (k, ..) = r.begin();
-        r.on_hello(k, hello(9, 900, 5, &["x"])).expect("hello");
+        r.greet(k, hello(9, 900, 5, &["x"])).expect("hello");
         assert!(r.on_control(k, Control::Joined(4, reg("old"))).is_empty());
         assert!(r.route(&"old".into()).is_none());
         let actions = r.on_control(k, Control::Left(6, "x".into()));

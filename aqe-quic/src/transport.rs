@@ -99,6 +99,11 @@ impl QuicTransport {
         Self { shared }
     }
 
+    #[cfg(feature = "testing")]
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
     /// Where this endpoint accepts connections.
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.listen

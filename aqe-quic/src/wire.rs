@@ -1,5 +1,10 @@
 //! The aqe wire protocol over QUIC: ALPN, hello, control messages, stream preambles, close
 //! codes. PROTOCOL.md at the repository root is the reference for all of this.
+//!
+//! The items are `pub` only so that the `testing` feature can expose them to tests and fuzz
+//! targets; the module itself is private.
+// Every item is protocol; tests and fuzz targets reach them through `testing`.
+#![allow(unreachable_pub)]
 
 use std::net::SocketAddr;
 
@@ -10,65 +15,75 @@ use serde::{Deserialize, Serialize};
 use aqe_core::{AgentId, ChannelName, Error, FrameCodec, Registration, Result, StreamHeader};
 
 /// The ALPN identifier of this protocol.
-pub(crate) const ALPN: &[u8] = b"aqe/2";
+pub const ALPN: &[u8] = b"aqe/2";
 /// The version carried in the hello; a peer with another version is refused.
-pub(crate) const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// The first message on a connection, in both directions, on the first bidirectional stream
-/// (the control stream) opened by the dialer.
+/// (the control stream) opened by the dialer. It authenticates the sender (token) and is
+/// small, so that a peer not authenticated yet can make the receiver hold little; the
+/// sender's membership follows in `Snapshot` frames once both hellos passed their checks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct Hello {
+pub struct Hello {
     /// [`PROTOCOL_VERSION`].
-    pub(crate) version: u8,
+    pub version: u8,
     /// The sender's endpoint id (random per endpoint).
-    pub(crate) endpoint: u64,
+    pub endpoint: u64,
     /// Chosen by the dialer for this connection and echoed by the listener; with the dialer's
     /// endpoint id it ranks the connections of one endpoint pair (the smallest is kept).
-    pub(crate) nonce: u64,
+    pub nonce: u64,
     /// Where the sender accepts connections.
-    pub(crate) listen: SocketAddr,
+    pub listen: SocketAddr,
     /// The shared token, when token authentication is on.
-    pub(crate) token: Option<String>,
-    /// The sender's membership generation: bumped by every attach and detach, carried by
-    /// `Joined` and `Left`; a receiver applies only what is newer than what it has.
-    pub(crate) generation: u64,
-    /// The agents the sender hosts, as of `generation`.
-    pub(crate) agents: Vec<Registration>,
+    pub token: Option<String>,
     /// Reliable messages the sender of this hello accepts unacknowledged per receiving agent
     /// on this connection.
-    pub(crate) window: u32,
+    pub window: u32,
 }
 
 /// Membership of another endpoint, as the endpoint connected to it tells it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) enum Relayed {
+pub enum Relayed {
     /// All of it: where it listens (with the IP its connection comes from), its membership
     /// generation and its agents.
     Snapshot {
+        /// The endpoint told of.
         endpoint: u64,
+        /// Where it listens.
         listen: SocketAddr,
+        /// Its membership generation.
         generation: u64,
+        /// Its agents.
         agents: Vec<Registration>,
     },
     /// An agent started there.
     Joined {
+        /// The endpoint told of.
         endpoint: u64,
+        /// Its membership generation now.
         generation: u64,
+        /// The agent.
         agent: Registration,
     },
     /// An agent stopped there.
     Left {
+        /// The endpoint told of.
         endpoint: u64,
+        /// Its membership generation now.
         generation: u64,
+        /// The agent.
         agent: AgentId,
     },
     /// The sender's connection to it ended.
-    Gone { endpoint: u64 },
+    Gone {
+        /// The endpoint told of.
+        endpoint: u64,
+    },
 }
 
 /// Why reliable messages were not taken by their agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum Unprocessed {
+pub enum Unprocessed {
     /// The receiving agent is not hosted here (it left, or never was), or lacks the channel.
     NotHere,
     /// The receiving agent stopped with the messages still queued.
@@ -76,11 +91,23 @@ pub(crate) enum Unprocessed {
 }
 
 /// Inclusive ranges of sequence numbers, `(first, last)`.
-pub(crate) type SeqRanges = Vec<(u64, u64)>;
+pub type SeqRanges = Vec<(u64, u64)>;
 
 /// What each side sends on its half of the control stream after the hello.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) enum Control {
+pub enum Control {
+    /// Part of the sender's membership as of a generation: the agents it hosts. Sent right
+    /// after the hello (split over several frames when large); applied when `last` arrives.
+    /// Membership generations are bumped by every attach and detach, carried by `Joined` and
+    /// `Left`; a receiver applies only what is newer than what it has.
+    Snapshot {
+        /// The sender's membership generation.
+        generation: u64,
+        /// Agents it hosts (some of them, unless `last` and no frame came before).
+        agents: Vec<Registration>,
+        /// Whether this completes the snapshot.
+        last: bool,
+    },
     /// An agent started on the sender's endpoint, making its membership this generation.
     Joined(u64, Registration),
     /// An agent stopped on the sender's endpoint, making its membership this generation.
@@ -102,7 +129,7 @@ pub(crate) enum Control {
 
 /// The first frame of every stream other than the control stream: what the stream carries.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) enum Preamble {
+pub enum Preamble {
     /// Unidirectional, long-lived: [`Sequenced`] envelopes of one ordered reliable channel,
     /// in order.
     Channel(ChannelName),
@@ -122,59 +149,63 @@ pub(crate) enum Preamble {
 /// envelope's encoding, which lets the sender encode the envelope once and frame it again
 /// with a new number when it redelivers it (see [`sequenced_frame`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct Sequenced {
-    pub(crate) seq: u64,
-    pub(crate) envelope: aqe_core::Envelope,
+pub struct Sequenced {
+    /// The sender's number for it on this connection.
+    pub seq: u64,
+    /// The message.
+    pub envelope: aqe_core::Envelope,
 }
 
 /// One piece of agent stream data.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct Chunk {
-    pub(crate) data: Bytes,
-    pub(crate) fin: bool,
+pub struct Chunk {
+    /// The bytes written.
+    pub data: Bytes,
+    /// Whether this is the last chunk.
+    pub fin: bool,
 }
 
 /// Application close codes (CONNECTION_CLOSE of type 0x1d).
-pub(crate) mod close {
+pub mod close {
     /// Graceful shutdown of the endpoint.
-    pub(crate) const NORMAL: u32 = 0x0;
+    pub const NORMAL: u32 = 0x0;
     /// This connection duplicates another between the same endpoints and is retired.
-    pub(crate) const DUPLICATE: u32 = 0x1;
+    pub const DUPLICATE: u32 = 0x1;
     /// The token did not match.
-    pub(crate) const TOKEN_REJECTED: u32 = 0x2;
+    pub const TOKEN_REJECTED: u32 = 0x2;
     /// Token authentication is on and the hello carried none.
-    pub(crate) const TOKEN_MISSING: u32 = 0x3;
+    pub const TOKEN_MISSING: u32 = 0x3;
     /// The hello carried another protocol version.
-    pub(crate) const VERSION_MISMATCH: u32 = 0x4;
+    pub const VERSION_MISMATCH: u32 = 0x4;
     /// A frame was malformed or out of place.
-    pub(crate) const PROTOCOL_VIOLATION: u32 = 0x5;
+    pub const PROTOCOL_VIOLATION: u32 = 0x5;
     /// No hello within the connection timeout.
-    pub(crate) const HELLO_TIMEOUT: u32 = 0x6;
+    pub const HELLO_TIMEOUT: u32 = 0x6;
     /// The peer connected to itself.
-    pub(crate) const SELF_CONNECTION: u32 = 0x7;
+    pub const SELF_CONNECTION: u32 = 0x7;
     /// Nothing was heard from the peer for the liveness timeout, or it stopped reading its
     /// control stream: it is declared unreachable.
-    pub(crate) const UNRESPONSIVE: u32 = 0x8;
+    pub const UNRESPONSIVE: u32 = 0x8;
     /// Another endpoint now listens at the peer's address (it restarted): this connection
     /// is to an endpoint that no longer exists.
-    pub(crate) const REPLACED: u32 = 0x9;
+    pub const REPLACED: u32 = 0x9;
     /// The hello's endpoint id is not the one the peer's certificate gives.
-    pub(crate) const IDENTITY_MISMATCH: u32 = 0xa;
+    pub const IDENTITY_MISMATCH: u32 = 0xa;
     /// The peer presents this endpoint's own certificate.
-    pub(crate) const SHARED_CERTIFICATE: u32 = 0xb;
+    pub const SHARED_CERTIFICATE: u32 = 0xb;
 }
 
 /// Application codes for stream resets (RESET_STREAM, STOP_SENDING).
-pub(crate) mod reset {
+pub mod reset {
     /// The requester or writer gave up.
-    pub(crate) const CANCELLED: u32 = 0x10;
+    pub const CANCELLED: u32 = 0x10;
     /// The receiver refused the stream (unknown agent or channel, bad preamble), or the
     /// reader of an agent stream dropped it.
-    pub(crate) const REFUSED: u32 = 0x11;
+    pub const REFUSED: u32 = 0x11;
 }
 
 /// Encodes several values as consecutive frames in one buffer, to send in one write.
-pub(crate) fn frames(codec: &FrameCodec, values: &[&dyn ErasedFrame]) -> Result<Bytes> {
+pub fn frames(codec: &FrameCodec, values: &[&dyn ErasedFrame]) -> Result<Bytes> {
     let mut buf = BytesMut::new();
     for v in values {
         v.encode_into(codec, &mut buf)?;
@@ -183,7 +214,7 @@ pub(crate) fn frames(codec: &FrameCodec, values: &[&dyn ErasedFrame]) -> Result<
 }
 
 /// A value that can be framed, whatever its type.
-pub(crate) trait ErasedFrame {
+pub trait ErasedFrame {
     fn encode_into(&self, codec: &FrameCodec, buf: &mut BytesMut) -> Result<()>;
 }
 
@@ -195,7 +226,7 @@ impl<T: Serialize> ErasedFrame for T {
 
 /// The header of a [`Sequenced`] frame whose envelope encodes to `envelope_len` bytes: the
 /// frame length, the wire version and the varint `seq`. Sent before the envelope's bytes.
-pub(crate) fn sequenced_header(seq: u64, envelope_len: usize) -> Result<Bytes> {
+pub fn sequenced_header(seq: u64, envelope_len: usize) -> Result<Bytes> {
     let mut varint = [0u8; 10];
     let seq_bytes = postcard::to_slice(&seq, &mut varint).map_err(|source| Error::Encode {
         what: "sequence number",
@@ -214,7 +245,7 @@ pub(crate) fn sequenced_header(seq: u64, envelope_len: usize) -> Result<Bytes> {
 }
 
 /// Reads frames off a QUIC receive stream.
-pub(crate) struct FrameReader {
+pub struct FrameReader {
     recv: s2n_quic::stream::ReceiveStream,
     buf: BytesMut,
     codec: FrameCodec,
@@ -222,7 +253,8 @@ pub(crate) struct FrameReader {
 }
 
 impl FrameReader {
-    pub(crate) fn new(recv: s2n_quic::stream::ReceiveStream, codec: FrameCodec) -> Self {
+    /// Reads `recv`, accepting frames up to `codec`'s limit.
+    pub fn new(recv: s2n_quic::stream::ReceiveStream, codec: FrameCodec) -> Self {
         let peer = recv
             .connection()
             .remote_addr()
@@ -241,7 +273,7 @@ impl FrameReader {
     /// Codec errors, [`Error::Truncated`] for a stream that ends inside a frame, and
     /// [`Error::Stream`] when the stream was reset or stopped, [`Error::ConnectionLost`] when
     /// its connection went away.
-    pub(crate) async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>> {
+    pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>> {
         loop {
             if let Some(v) = self.codec.decode(&mut self.buf)? {
                 return Ok(Some(v));
@@ -262,17 +294,18 @@ impl FrameReader {
     }
 
     /// Waits for the end of the stream (clean or not), discarding data.
-    pub(crate) async fn closed(&mut self) {
+    pub async fn closed(&mut self) {
         while let Ok(Some(_)) = self.recv.receive().await {}
     }
 
     /// Changes the largest frame accepted from now on (a control stream after its hello, a
     /// data stream after its preamble).
-    pub(crate) fn set_limit(&mut self, codec: FrameCodec) {
+    pub fn set_limit(&mut self, codec: FrameCodec) {
         self.codec = codec;
     }
 
-    pub(crate) fn stop(&mut self, code: u32) {
+    /// Tells the writer to stop (STOP_SENDING with `code`).
+    pub fn stop(&mut self, code: u32) {
         let _ = self
             .recv
             .stop_sending(s2n_quic::application::Error::from(code));
@@ -281,7 +314,7 @@ impl FrameReader {
 
 /// Maps an s2n stream error to ours: the codes of this protocol to the failures they mean
 /// (PROTOCOL.md, section 6), a connection that went away to [`Error::ConnectionLost`].
-pub(crate) fn stream_error(peer: SocketAddr, id: u64, e: s2n_quic::stream::Error) -> Error {
+pub fn stream_error(peer: SocketAddr, id: u64, e: s2n_quic::stream::Error) -> Error {
     use aqe_core::StreamFailure;
     let reason = match e {
         s2n_quic::stream::Error::StreamReset { error, .. } => match u64::from(error) {
