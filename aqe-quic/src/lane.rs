@@ -9,7 +9,7 @@
 //!
 //! Each direction of a lane has one writer task that owns its half of the stream and writes
 //! what accumulated in one write per wake-up; requesters and responders only enqueue. A
-//! responder holds at most [`LANE_MAX_IN_FLIGHT`] requests of a lane in hand at once and
+//! responder holds at most `limits.requestsInHand` requests of a lane in hand at once and
 //! answers [`Down::Busy`] beyond that, so a peer cannot make it queue work without limit.
 #![cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 // `Up`, `Down` and `LANE_MAX_PAYLOAD` are `pub` for the `testing` feature only.
@@ -37,8 +37,6 @@ use crate::wire::FrameReader;
 
 /// Requests with larger payloads get a stream of their own.
 pub const LANE_MAX_PAYLOAD: usize = 16 * 1024;
-/// Requests of one lane a responder holds in hand (queued or running) at once.
-pub(crate) const LANE_MAX_IN_FLIGHT: usize = 1024;
 /// Frames a lane writer sends in one write, at most.
 const LANE_BATCH: usize = 128;
 
@@ -174,7 +172,7 @@ impl Drop for Pending {
 ///
 /// The queue is unbounded because each entry stands for a request (or its answer) already
 /// bounded elsewhere: requesters wait for their answers with a timeout, and responders hold
-/// at most [`LANE_MAX_IN_FLIGHT`] requests.
+/// at most `limits.requestsInHand` requests.
 async fn write_frames<T: Serialize>(
     mut send: SendStream,
     mut rx: mpsc::UnboundedReceiver<T>,
@@ -262,7 +260,7 @@ pub(crate) async fn serve(
                     let _ = down.send(Down::Refused(envelope.id));
                     continue;
                 };
-                if cancels.len() >= LANE_MAX_IN_FLIGHT {
+                if cancels.len() >= shared.config.limits.requests_in_hand as usize {
                     let _ = down.send(Down::Busy(envelope.id));
                     continue;
                 }
