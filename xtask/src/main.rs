@@ -1,5 +1,8 @@
 //! The repository's own tools.
 //!
+//! `cargo xtask fuzz [SECS]`: runs every fuzz target of `fuzz/` (cargo-fuzz, nightly) for
+//! SECS seconds (default 60) and fails on a crash.
+//!
 //! `cargo xtask lab`: aqe between separate processes in network namespaces, under 0 to 10 %
 //! packet loss and with a receiver killed by SIGKILL; prints sent / received / duplicated /
 //! reordered / failed per scenario (root only; see `lab.rs`).
@@ -14,6 +17,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
+mod fuzz;
 mod lab;
 
 /// What each measurement is compared with: (benchmark, floor, what it shows).
@@ -62,7 +66,10 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
         Some("lab") => lab::lab(&workspace_root()),
-        _ => bail!("usage: cargo xtask bench [criterion arguments] | cargo xtask lab"),
+        Some("fuzz") => fuzz::fuzz(&workspace_root(), &args[1..]),
+        _ => bail!(
+            "usage: cargo xtask bench [criterion arguments] | cargo xtask lab | cargo xtask fuzz [SECS]"
+        ),
     }
 }
 
