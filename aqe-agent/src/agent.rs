@@ -13,10 +13,11 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use aqe_core::plumbing::InboxSender;
 use aqe_core::{
     AgentId, BroadcastOptions, BroadcastReport, ChannelName, DiscoveryOptions, Envelope, Error,
-    ErrorBody, Event, Health, HealthThresholds, InboxSender, MessageId, MessageKind, PeerInfo,
-    PeerState, RecentError, Recipient, Registration, RequestOptions, Result, Stats, StreamFailure,
+    ErrorBody, Event, Health, HealthThresholds, MessageId, MessageKind, PeerInfo, PeerState,
+    RecentError, Recipient, Registration, RequestOptions, Result, Stats, StreamFailure,
     StreamHeader, StreamId, StreamOptions, StreamSink, Timestamp, Transport,
 };
 

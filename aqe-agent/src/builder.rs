@@ -6,10 +6,13 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use aqe_core::plumbing::DEFAULT_INBOX_CAPACITY;
 use aqe_core::{
-    AgentDefinition, AgentId, AgentType, Capability, Channel, DEFAULT_INBOX_CAPACITY, Envelope,
-    Error, HealthThresholds, IncomingStream, Registration, Result, Transport,
+    AgentId, AgentType, Capability, Channel, Envelope, Error, HealthThresholds, IncomingStream,
+    Registration, Result, Transport,
 };
+
+use crate::AgentDefinition;
 
 use crate::handler::{self, HandlerError, Handlers};
 use crate::{Agent, dispatch};
@@ -195,7 +198,7 @@ impl AgentBuilder {
             metadata: self.metadata,
         };
         reg.validate()?;
-        let (tx, inbox) = aqe_core::inbox(id, self.inbox_capacity);
+        let (tx, inbox) = aqe_core::plumbing::inbox(id, self.inbox_capacity);
         let agent = Agent::new(
             reg.clone(),
             transport.clone(),

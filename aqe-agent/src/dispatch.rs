@@ -10,8 +10,9 @@ use futures::FutureExt;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 
+use aqe_core::plumbing::Inbox;
 use aqe_core::{
-    AgentId, Envelope, ErrorBody, Event, Inbound, Inbox, IncomingStream, MessageId, MessageKind,
+    AgentId, Envelope, ErrorBody, Event, Inbound, IncomingStream, MessageId, MessageKind,
     RemoteErrorKind, Responder,
 };
 

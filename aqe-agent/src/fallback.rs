@@ -1,7 +1,9 @@
-//! A transport made of two: try the primary, and where it cannot reach a peer, the secondary.
+//! A transport made of an ordered chain: try the first, and where it cannot reach a peer, the
+//! next. FALLBACK.md at the repository root gives the policy link by link.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,29 +13,31 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use aqe_core::plumbing::InboxSender;
 use aqe_core::{
-    AgentId, BroadcastReport, Envelope, Error, Event, InboxSender, PeerInfo, Redeliver,
-    Registration, Result, Stats, StreamHeader, StreamSink, Transport, TransportKind,
+    AgentId, BroadcastReport, Envelope, Error, Event, PeerInfo, Redeliver, Registration, Result,
+    Stats, StreamHeader, StreamSink, Transport, TransportKind,
 };
 
-/// When an operation moves from the primary transport to the secondary.
+/// When an operation moves from one transport of a chain to the next.
 ///
-/// The default falls back when the peer is unreachable over the primary (connection failed,
+/// The default falls back when the peer is unreachable over a transport (connection failed,
 /// timed out or lost; peer unknown there; its receiver gone) and when a request times out.
 /// It never falls back for a problem with the message itself (too large, unknown channel,
-/// a handler's error response): the secondary would refuse it too, or run it twice.
+/// a handler's error response): the next transport would refuse it too, or run it twice.
 ///
-/// A request that times out is sent again over the secondary *with the same id*, while the
-/// first attempt is kept open: the responding agent recognises the id and answers from the
-/// execution already running (or from the answer it just gave), so its handler runs at most
-/// once. Such a request may therefore take up to twice its timeout. Reliable messages the
-/// primary accepted but could not deliver (its connection to the receiver ended before they
-/// were acknowledged) are handed to the secondary before the primary reports them failed.
+/// A request that times out is sent again over the next transport *with the same id*, while
+/// the first attempt is kept open: the responding agent recognises the id and answers from
+/// the execution already running (or from the answer it just gave), so its handler runs at
+/// most once. Such a request may therefore take up to its timeout once per transport tried.
+/// Reliable messages a transport accepted but could not deliver (its connection to the
+/// receiver ended before they were acknowledged) are handed to the next transports before
+/// being reported failed; the receiver's inbox drops a copy it already took, by message id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FallbackPolicy {
-    /// Fall back when the peer cannot be reached over the primary.
+    /// Fall back when the peer cannot be reached over the transport.
     pub on_unreachable: bool,
-    /// Fall back when a request times out over the primary.
+    /// Fall back when a request times out over the transport.
     pub on_timeout: bool,
 }
 
@@ -47,7 +51,7 @@ impl Default for FallbackPolicy {
 }
 
 impl FallbackPolicy {
-    /// Whether `error`, from the primary, sends the operation to the secondary.
+    /// Whether `error`, from a transport, sends the operation to the next one.
     pub fn applies(&self, error: &Error) -> bool {
         match error {
             Error::Timeout { .. } => self.on_timeout,
@@ -56,15 +60,33 @@ impl FallbackPolicy {
     }
 }
 
-/// A [`Transport`] over two transports: agents attach to both; each operation goes to the
-/// primary and, when the [`FallbackPolicy`] says so, again to the secondary. Every fallback
-/// is counted in the agent's `fallbacks_used` and announced as [`Event::FallbackUsed`].
-///
-/// Membership is the union of both; an agent reachable over both is announced once.
-pub struct Fallback {
-    primary: Arc<dyn Transport>,
-    secondary: Arc<dyn Transport>,
+/// One transport of the chain, and when to leave it for the next.
+struct Link {
+    transport: Arc<dyn Transport>,
+    /// When an operation that failed here goes on to the next link (unused on the last).
     policy: FallbackPolicy,
+}
+
+/// A [`Transport`] over an ordered chain of transports (QUIC, then NATS, then the local bus,
+/// say): agents attach to all of them; each operation goes to the first and, when that
+/// link's [`FallbackPolicy`] says so, on to the next. Every fallback is counted in the
+/// agent's `fallbacks_used` and announced as [`Event::FallbackUsed`].
+///
+/// Membership is the union of all; an agent reachable over several is announced once.
+///
+/// ```no_run
+/// # async fn f(quic: std::sync::Arc<dyn aqe_core::Transport>,
+/// #            nats: std::sync::Arc<dyn aqe_core::Transport>) {
+/// use std::sync::Arc;
+/// use aqe_agent::{EventBus, Fallback, FallbackPolicy};
+/// let chain = Fallback::chain(quic)
+///     .then(nats, FallbackPolicy::default())
+///     .then(Arc::new(EventBus::new()), FallbackPolicy::default())
+///     .build();
+/// # }
+/// ```
+pub struct Fallback {
+    links: Vec<Link>,
     account: Arc<Account>,
     shutdown: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -72,41 +94,77 @@ pub struct Fallback {
 
 impl std::fmt::Debug for Fallback {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fallback")
-            .field("primary", &self.primary.kind())
-            .field("secondary", &self.secondary.kind())
-            .field("policy", &self.policy)
-            .finish_non_exhaustive()
+        f.debug_list()
+            .entries(self.links.iter().map(|l| l.transport.kind()))
+            .finish()
+    }
+}
+
+/// Builds a [`Fallback`] chain, first transport first.
+#[must_use]
+pub struct FallbackBuilder {
+    links: Vec<Link>,
+}
+
+impl FallbackBuilder {
+    /// Adds `next` after the transports so far; an operation goes on to it when the one
+    /// before fails as `policy` says.
+    pub fn then(mut self, next: Arc<dyn Transport>, policy: FallbackPolicy) -> Self {
+        if let Some(last) = self.links.last_mut() {
+            last.policy = policy;
+        }
+        self.links.push(Link {
+            transport: next,
+            policy: FallbackPolicy::default(),
+        });
+        self
+    }
+
+    /// Starts the chain. Must be called within a tokio runtime: it starts the tasks that
+    /// merge the transports' events, which end at [`Fallback::close`] or shutdown.
+    pub fn build(self) -> Arc<Fallback> {
+        Fallback::from_links(self.links)
     }
 }
 
 impl Fallback {
-    /// Combines two transports. Must be called within a tokio runtime: it starts the two
-    /// tasks that merge their events, which end at [`Transport::shutdown`].
+    /// A chain starting with `first`; add the next transports with [`FallbackBuilder::then`].
+    pub fn chain(first: Arc<dyn Transport>) -> FallbackBuilder {
+        FallbackBuilder { links: Vec::new() }.then(first, FallbackPolicy::default())
+    }
+
+    /// A chain of two: `primary`, then `secondary` as `policy` says. Must be called within a
+    /// tokio runtime.
     pub fn new(
         primary: Arc<dyn Transport>,
         secondary: Arc<dyn Transport>,
         policy: FallbackPolicy,
     ) -> Arc<Self> {
+        Self::chain(primary).then(secondary, policy).build()
+    }
+
+    fn from_links(links: Vec<Link>) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
         let account = Arc::new(Account {
             fallbacks: DashMap::new(),
             events: events.clone(),
-            primary: primary.kind(),
-            secondary: secondary.kind(),
         });
-        primary.set_redelivery(Arc::new(ViaSecondary {
-            secondary: secondary.clone(),
-            account: account.clone(),
-        }));
-        // Over how many of the two transports each peer is known.
+        // Each link but the last hands what it could not deliver to the links after it.
+        for (i, link) in links.iter().enumerate().take(links.len().saturating_sub(1)) {
+            link.transport.set_redelivery(Arc::new(ViaNext {
+                after: link.transport.kind(),
+                next: links[i + 1..].iter().map(|l| l.transport.clone()).collect(),
+                account: account.clone(),
+            }));
+        }
+        // Over how many of the transports each peer is known.
         let membership = Arc::new(Mutex::new(HashMap::new()));
         let shutdown = CancellationToken::new();
-        let tasks = [primary.subscribe(), secondary.subscribe()]
-            .into_iter()
-            .map(|rx| {
+        let tasks = links
+            .iter()
+            .map(|l| {
                 tokio::spawn(merge_events(
-                    rx,
+                    l.transport.subscribe(),
                     events.clone(),
                     membership.clone(),
                     shutdown.clone(),
@@ -114,18 +172,21 @@ impl Fallback {
             })
             .collect();
         Arc::new(Self {
-            primary,
-            secondary,
-            policy,
+            links,
             account,
             shutdown,
             tasks: Mutex::new(tasks),
         })
     }
 
-    /// Stops this combination's own tasks (the event merging) and leaves both transports
-    /// running: for a `Fallback` over transports it does not own. [`Transport::shutdown`]
-    /// stops both transports as well.
+    /// The transports of the chain, first first.
+    pub fn transports(&self) -> impl Iterator<Item = &Arc<dyn Transport>> {
+        self.links.iter().map(|l| &l.transport)
+    }
+
+    /// Stops this chain's own tasks (the event merging) and leaves its transports running:
+    /// for a `Fallback` over transports it does not own. [`Transport::shutdown`] stops the
+    /// transports as well.
     pub async fn close(&self) {
         self.shutdown.cancel();
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
@@ -134,74 +195,144 @@ impl Fallback {
         }
     }
 
-    /// Runs `second` after `first_err` from the primary, and accounts for it.
-    async fn fall_back<T>(
-        &self,
+    /// Runs `op` on each link in turn while the link's policy says the error calls for the
+    /// next one, and accounts for every fallback that succeeded.
+    async fn along<'a, T, F, Fut>(
+        &'a self,
         operation: &'static str,
         from: &AgentId,
-        peer: Option<AgentId>,
-        first_err: Error,
-        second: impl Future<Output = Result<T>>,
-    ) -> Result<T> {
-        match second.await {
-            Ok(v) => {
-                self.account.record(operation, from, peer, &first_err);
-                Ok(v)
+        peer: Option<&AgentId>,
+        op: F,
+    ) -> Result<T>
+    where
+        F: Fn(&'a Arc<dyn Transport>) -> Fut,
+        Fut: Future<Output = Result<T>> + 'a,
+    {
+        let mut failures: Vec<Error> = Vec::new();
+        for (i, link) in self.links.iter().enumerate() {
+            match op(&link.transport).await {
+                Ok(v) => {
+                    if let Some(previous) = failures.last() {
+                        self.account.record(
+                            operation,
+                            from,
+                            peer.cloned(),
+                            link.transport.kind(),
+                            previous,
+                        );
+                    }
+                    return Ok(v);
+                }
+                Err(e) => {
+                    let go_on = i + 1 < self.links.len() && link.policy.applies(&e);
+                    failures.push(e);
+                    if !go_on {
+                        break;
+                    }
+                }
             }
-            // The secondary does not know the peer either: the primary's error says more.
-            Err(Error::PeerNotFound { .. }) => Err(first_err),
-            Err(e) => Err(e),
         }
+        Err(most_telling(failures))
     }
 
-    /// A request over the primary; after `timeout`, the same request (same id) over the
-    /// secondary too, the primary's attempt staying open: the first answer wins.
-    async fn hedged_request(&self, envelope: Envelope, timeout: Duration) -> Result<Envelope> {
-        let (from, peer) = (envelope.from.clone(), envelope.target().cloned());
-        let primary = self
-            .primary
-            .request(envelope.clone(), timeout.saturating_mul(2));
-        tokio::pin!(primary);
-        tokio::select! {
-            r = &mut primary => return match r {
-                Err(e) if self.policy.applies(&e) => {
-                    self.fall_back("request", &from, peer, e, self.secondary.request(envelope, timeout)).await
-                }
-                r => r,
-            },
-            () = tokio::time::sleep(timeout) => {}
-        }
-        let timed_out = Error::Timeout {
-            after: timeout,
-            attempts: 1,
-        };
-        let secondary = self.secondary.request(envelope, timeout);
-        tokio::pin!(secondary);
-        tokio::select! {
-            r = &mut primary => match r {
-                Ok(v) => Ok(v),
-                // The primary gave up too: what the secondary says decides.
-                Err(e) => self.fall_back("request", &from, peer, e, secondary).await,
-            },
-            r = &mut secondary => match r {
-                Ok(v) => {
-                    self.account.record("request", &from, peer, &timed_out);
-                    Ok(v)
-                }
-                Err(Error::PeerNotFound { .. } | Error::Timeout { .. }) => Err(timed_out),
-                Err(e) => Err(e),
-            },
-        }
+    /// A request over link `i`; when that link's policy falls back on timeouts, the same
+    /// request (same id) goes on to the next link after `timeout`, this attempt staying
+    /// open: the first answer wins.
+    fn request_from(
+        &self,
+        i: usize,
+        envelope: Envelope,
+        timeout: Duration,
+    ) -> Pin<Box<dyn Future<Output = Result<Envelope>> + Send + '_>> {
+        Box::pin(async move {
+            let link = &self.links[i];
+            let last = i + 1 == self.links.len();
+            let (from, peer) = (envelope.from.clone(), envelope.target().cloned());
+            if last {
+                return link.transport.request(envelope, timeout).await;
+            }
+            let next_kind = self.links[i + 1].transport.kind();
+            if !link.policy.on_timeout {
+                return match link.transport.request(envelope.clone(), timeout).await {
+                    Err(e) if link.policy.applies(&e) => {
+                        match self.request_from(i + 1, envelope, timeout).await {
+                            Ok(v) => {
+                                self.account.record("request", &from, peer, next_kind, &e);
+                                Ok(v)
+                            }
+                            Err(later) => Err(most_telling(vec![e, later])),
+                        }
+                    }
+                    r => r,
+                };
+            }
+            // Kept open while the later links try, up to a timeout each.
+            let remaining = u32::try_from(self.links.len() - i).unwrap_or(u32::MAX);
+            let here = link
+                .transport
+                .request(envelope.clone(), timeout.saturating_mul(remaining));
+            tokio::pin!(here);
+            tokio::select! {
+                r = &mut here => return match r {
+                    Err(e) if link.policy.applies(&e) => {
+                        match self.request_from(i + 1, envelope, timeout).await {
+                            Ok(v) => {
+                                self.account.record("request", &from, peer, next_kind, &e);
+                                Ok(v)
+                            }
+                            Err(later) => Err(most_telling(vec![e, later])),
+                        }
+                    }
+                    r => r,
+                },
+                () = tokio::time::sleep(timeout) => {}
+            }
+            let timed_out = Error::Timeout {
+                after: timeout,
+                attempts: 1,
+            };
+            let later = self.request_from(i + 1, envelope, timeout);
+            tokio::pin!(later);
+            tokio::select! {
+                r = &mut here => match r {
+                    Ok(v) => Ok(v),
+                    // This link gave up too: what the later ones say decides.
+                    Err(e) => match later.await {
+                        Ok(v) => {
+                            self.account.record("request", &from, peer, next_kind, &e);
+                            Ok(v)
+                        }
+                        Err(later) => Err(most_telling(vec![e, later])),
+                    },
+                },
+                r = &mut later => match r {
+                    Ok(v) => {
+                        self.account.record("request", &from, peer, next_kind, &timed_out);
+                        Ok(v)
+                    }
+                    Err(Error::PeerNotFound { .. } | Error::Timeout { .. }) => Err(timed_out),
+                    Err(e) => Err(e),
+                },
+            }
+        })
     }
 }
 
+/// Of the errors met along the chain, the one to report: that of the farthest transport that
+/// knew the peer (a later "peer not found" says less than an earlier lost connection).
+fn most_telling(mut failures: Vec<Error>) -> Error {
+    let pos = failures
+        .iter()
+        .rposition(|e| !matches!(e, Error::PeerNotFound { .. }))
+        .unwrap_or(0);
+    failures.swap_remove(pos)
+}
+
 /// What a [`Fallback`] counts and announces, shared with the redelivery it registers on its
-/// primary.
+/// links.
 struct Account {
     fallbacks: DashMap<AgentId, u64>,
     events: broadcast::Sender<Event>,
-    primary: TransportKind,
-    secondary: TransportKind,
 }
 
 impl Account {
@@ -210,44 +341,60 @@ impl Account {
         operation: &'static str,
         from: &AgentId,
         peer: Option<AgentId>,
+        via: TransportKind,
         reason: &dyn std::fmt::Display,
     ) {
         *self.fallbacks.entry(from.clone()).or_insert(0) += 1;
-        tracing::info!(agent = %from, ?peer, operation, primary = %self.primary,
-            secondary = %self.secondary, reason = %reason, "fell back");
+        tracing::info!(agent = %from, ?peer, operation, via = %via, reason = %reason, "fell back");
         let _ = self.events.send(Event::FallbackUsed {
             operation,
             peer,
+            via,
             reason: reason.to_string(),
         });
     }
 }
 
-/// Delivers the primary's undeliverable reliable messages over the secondary.
-struct ViaSecondary {
-    secondary: Arc<dyn Transport>,
+/// Delivers a link's undeliverable reliable messages over the links after it, in order.
+struct ViaNext {
+    after: TransportKind,
+    next: Vec<Arc<dyn Transport>>,
     account: Arc<Account>,
 }
 
 #[async_trait]
-impl Redeliver for ViaSecondary {
+impl Redeliver for ViaNext {
     async fn redeliver(&self, envelope: Envelope) -> Result<()> {
         let (from, to) = (envelope.from.clone(), envelope.target().cloned());
-        self.secondary.send_confirmed(envelope).await?;
-        self.account.record(
-            "redeliver",
-            &from,
-            to,
-            &"the primary lost its connection before the message was acknowledged",
-        );
-        Ok(())
+        let mut failures = Vec::new();
+        for t in &self.next {
+            match t.send_confirmed(envelope.clone()).await {
+                Ok(()) => {
+                    let reason = format!(
+                        "{} lost its connection before the message was acknowledged",
+                        self.after
+                    );
+                    self.account
+                        .record("redeliver", &from, to, t.kind(), &reason);
+                    return Ok(());
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        Err(if failures.is_empty() {
+            Error::PeerNotFound {
+                peer: to.unwrap_or_else(|| from.clone()),
+            }
+        } else {
+            most_telling(failures)
+        })
     }
 }
 
 async fn merge_events(
     mut rx: broadcast::Receiver<Event>,
     out: broadcast::Sender<Event>,
-    membership: Arc<Mutex<HashMap<AgentId, u8>>>,
+    membership: Arc<Mutex<HashMap<AgentId, usize>>>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -288,136 +435,128 @@ async fn merge_events(
 #[async_trait]
 impl Transport for Fallback {
     fn kind(&self) -> TransportKind {
-        self.primary.kind()
+        self.links[0].transport.kind()
     }
 
     async fn attach(&self, agent: Registration, inbox: InboxSender) -> Result<()> {
-        self.primary.attach(agent.clone(), inbox.clone()).await?;
-        if let Err(e) = self.secondary.attach(agent.clone(), inbox).await {
-            let _ = self.primary.detach(&agent.id).await;
-            return Err(e);
+        for (i, link) in self.links.iter().enumerate() {
+            if let Err(e) = link.transport.attach(agent.clone(), inbox.clone()).await {
+                for earlier in &self.links[..i] {
+                    let _ = earlier.transport.detach(&agent.id).await;
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
 
     async fn detach(&self, agent: &AgentId) -> Result<()> {
-        let a = self.primary.detach(agent).await;
-        let b = self.secondary.detach(agent).await;
-        a.or(b)
+        let mut outcome = Err(Error::PeerNotFound {
+            peer: agent.clone(),
+        });
+        for link in &self.links {
+            let r = link.transport.detach(agent).await;
+            if outcome.is_err() {
+                outcome = r;
+            }
+        }
+        outcome
     }
 
     async fn send(&self, envelope: Envelope) -> Result<()> {
-        match self.primary.send(envelope.clone()).await {
-            Err(e) if self.policy.applies(&e) => {
-                let (from, peer) = (envelope.from.clone(), envelope.target().cloned());
-                self.fall_back("send", &from, peer, e, self.secondary.send(envelope))
-                    .await
-            }
-            r => r,
-        }
+        let (from, peer) = (envelope.from.clone(), envelope.target().cloned());
+        self.along("send", &from, peer.as_ref(), |t| t.send(envelope.clone()))
+            .await
     }
 
     async fn send_confirmed(&self, envelope: Envelope) -> Result<()> {
-        match self.primary.send_confirmed(envelope.clone()).await {
-            Err(e) if self.policy.applies(&e) => {
-                let (from, peer) = (envelope.from.clone(), envelope.target().cloned());
-                self.fall_back(
-                    "send",
-                    &from,
-                    peer,
-                    e,
-                    self.secondary.send_confirmed(envelope),
-                )
-                .await
-            }
-            r => r,
-        }
+        let (from, peer) = (envelope.from.clone(), envelope.target().cloned());
+        self.along("send", &from, peer.as_ref(), |t| {
+            t.send_confirmed(envelope.clone())
+        })
+        .await
     }
 
     async fn request(&self, envelope: Envelope, timeout: Duration) -> Result<Envelope> {
-        if self.policy.on_timeout {
-            return self.hedged_request(envelope, timeout).await;
-        }
-        match self.primary.request(envelope.clone(), timeout).await {
-            Err(e) if self.policy.applies(&e) => {
-                let (from, peer) = (envelope.from.clone(), envelope.target().cloned());
-                self.fall_back(
-                    "request",
-                    &from,
-                    peer,
-                    e,
-                    self.secondary.request(envelope, timeout),
-                )
-                .await
-            }
-            r => r,
-        }
+        self.request_from(0, envelope, timeout).await
     }
 
     async fn broadcast(&self, envelope: Envelope, targets: &[AgentId]) -> Result<BroadcastReport> {
-        let mut report = self.primary.broadcast(envelope.clone(), targets).await?;
-        let (retry, keep): (Vec<_>, Vec<_>) = report
-            .failed
-            .drain(..)
-            .partition(|(_, e)| self.policy.applies(e));
-        report.failed = keep;
-        if retry.is_empty() {
-            return Ok(report);
-        }
-        let ids: Vec<AgentId> = retry.iter().map(|(id, _)| id.clone()).collect();
-        let mut first_errors: HashMap<AgentId, Error> = retry.into_iter().collect();
-        match self.secondary.broadcast(envelope.clone(), &ids).await {
-            Ok(second) => {
-                for id in second.delivered {
-                    if let Some(e) = first_errors.remove(&id) {
-                        self.account
-                            .record("broadcast", &envelope.from, Some(id.clone()), &e);
-                    }
-                    report.delivered.push(id);
-                }
-                for (id, e) in second.failed {
-                    let first = first_errors.remove(&id);
-                    let err = match (e, first) {
-                        (Error::PeerNotFound { .. }, Some(first)) => first,
-                        (e, _) => e,
-                    };
-                    report.failed.push((id, err));
-                }
+        let first = &self.links[0];
+        let mut report = first.transport.broadcast(envelope.clone(), targets).await?;
+        for (i, link) in self.links.iter().enumerate().skip(1) {
+            let policy = self.links[i - 1].policy;
+            let (retry, keep): (Vec<_>, Vec<_>) = report
+                .failed
+                .drain(..)
+                .partition(|(_, e)| policy.applies(e));
+            report.failed = keep;
+            if retry.is_empty() {
+                break;
             }
-            Err(_) => report.failed.extend(first_errors),
+            let ids: Vec<AgentId> = retry.iter().map(|(id, _)| id.clone()).collect();
+            let mut before: HashMap<AgentId, Error> = retry.into_iter().collect();
+            match link.transport.broadcast(envelope.clone(), &ids).await {
+                Ok(here) => {
+                    for id in here.delivered {
+                        if let Some(e) = before.remove(&id) {
+                            self.account.record(
+                                "broadcast",
+                                &envelope.from,
+                                Some(id.clone()),
+                                link.transport.kind(),
+                                &e,
+                            );
+                        }
+                        report.delivered.push(id);
+                    }
+                    for (id, e) in here.failed {
+                        let earlier = before.remove(&id);
+                        let err = match (e, earlier) {
+                            (Error::PeerNotFound { .. }, Some(earlier)) => earlier,
+                            (e, _) => e,
+                        };
+                        report.failed.push((id, err));
+                    }
+                }
+                Err(_) => report.failed.extend(before),
+            }
         }
         Ok(report)
     }
 
     async fn open_stream(&self, header: StreamHeader) -> Result<Box<dyn StreamSink>> {
-        match self.primary.open_stream(header.clone()).await {
-            Err(e) if self.policy.applies(&e) => {
-                let (from, peer) = (header.from.clone(), Some(header.to.clone()));
-                self.fall_back(
-                    "open_stream",
-                    &from,
-                    peer,
-                    e,
-                    self.secondary.open_stream(header),
-                )
-                .await
-            }
-            r => r,
-        }
+        let from = header.from.clone();
+        let peer = header.to.clone();
+        self.along("open_stream", &from, Some(&peer), |t| {
+            t.open_stream(header.clone())
+        })
+        .await
+    }
+
+    fn registration(&self, agent: &AgentId) -> Result<Registration> {
+        self.links[0].transport.registration(agent)
     }
 
     fn peers(&self) -> Vec<PeerInfo> {
-        let mut peers = self.primary.peers();
-        for p in self.secondary.peers() {
-            if !peers.iter().any(|q| q.id == p.id) {
-                peers.push(p);
+        let mut peers: Vec<PeerInfo> = Vec::new();
+        for link in &self.links {
+            for p in link.transport.peers() {
+                if !peers.iter().any(|q| q.id == p.id) {
+                    peers.push(p);
+                }
             }
         }
         peers
     }
 
     fn stats(&self, agent: &AgentId) -> Stats {
-        let mut s = self.primary.stats(agent).merge(self.secondary.stats(agent));
+        let mut s = self
+            .links
+            .iter()
+            .map(|l| l.transport.stats(agent))
+            .reduce(Stats::merge)
+            .unwrap_or_default();
         s.fallbacks_used += self.account.fallbacks.get(agent).map(|n| *n).unwrap_or(0);
         s
     }
@@ -426,16 +565,19 @@ impl Transport for Fallback {
         self.account.events.subscribe()
     }
 
-    /// What neither transport can deliver goes to `redeliver`: the secondary is the last
-    /// resort, so the handler is registered there.
+    /// What no transport of the chain can deliver goes to `redeliver`: the last link is the
+    /// last resort, so the handler is registered there.
     fn set_redelivery(&self, redeliver: Arc<dyn Redeliver>) {
-        self.secondary.set_redelivery(redeliver);
+        if let Some(last) = self.links.last() {
+            last.transport.set_redelivery(redeliver);
+        }
     }
 
     async fn shutdown(&self) {
         self.close().await;
-        self.primary.shutdown().await;
-        self.secondary.shutdown().await;
+        for link in &self.links {
+            link.transport.shutdown().await;
+        }
     }
 }
 
@@ -473,5 +615,26 @@ mod tests {
             after: Duration::from_secs(1),
             attempts: 1
         }));
+    }
+
+    #[test]
+    fn the_farthest_transport_that_knew_the_peer_explains_the_failure() {
+        let lost = || Error::ConnectionLost {
+            addr: aqe_core::Address::named("q"),
+            source: "gone".into(),
+        };
+        let unknown = || Error::PeerNotFound { peer: "x".into() };
+        assert!(matches!(
+            most_telling(vec![lost(), unknown(), unknown()]),
+            Error::ConnectionLost { .. }
+        ));
+        assert!(matches!(
+            most_telling(vec![unknown(), lost(), unknown()]),
+            Error::ConnectionLost { .. }
+        ));
+        assert!(matches!(
+            most_telling(vec![unknown(), unknown()]),
+            Error::PeerNotFound { .. }
+        ));
     }
 }

@@ -3,9 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use aqe_core::{AgentDefinition, AgentId, Error, Result, Transport};
+use aqe_core::{AgentId, Error, Result, Transport};
 
-use crate::{Agent, AgentBuilder};
+use crate::{Agent, AgentBuilder, AgentDefinition};
 
 /// The agents started from a directory of definitions, and the QUIC endpoints started for
 /// them; shuts them all down together.
@@ -105,11 +105,14 @@ impl Fleet {
         file: &Path,
         fallback: &Arc<dyn Transport>,
     ) -> Result<Arc<dyn Transport>> {
-        if !def.enable_quic || fallback.kind() == aqe_core::TransportKind::Quic {
+        if !def.enable_quic {
             return Ok(fallback.clone());
         }
         #[cfg(feature = "quic")]
         {
+            if fallback.kind() == aqe_quic::QuicTransport::KIND {
+                return Ok(fallback.clone());
+            }
             let (host, port) = (&def.quic_config.host, def.quic_config.port);
             if let Some(e) = self
                 .endpoints

@@ -22,14 +22,17 @@
 
 mod agent;
 mod builder;
+mod definition;
 mod dispatch;
 mod events;
 mod fallback;
 mod fleet;
 mod handler;
+pub mod prelude;
 
 pub use agent::Agent;
 pub use builder::AgentBuilder;
+pub use definition::AgentDefinition;
 pub use events::EventStream;
 pub use fallback::{Fallback, FallbackPolicy};
 pub use fleet::Fleet;

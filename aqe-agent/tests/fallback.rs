@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aqe_agent::{Agent, EventBus, Fallback, FallbackPolicy, HandlerError};
-use aqe_core::{Event, Inbound, Registration, RequestOptions, Transport, inbox};
+use aqe_core::plumbing::inbox;
+use aqe_core::{Event, Inbound, Registration, RequestOptions, Transport};
 use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(10);

@@ -147,11 +147,10 @@ async fn requests_beyond_the_limit_and_its_backlog_are_answered_busy() {
 async fn three_hundred_idle_streams_never_keep_a_request_waiting() {
     use aqe_agent::QuicTransport;
     let quic = || {
-        QuicTransport::bind(aqe_core::QuicConfig {
-            enabled: true,
+        QuicTransport::bind(aqe_quic::QuicConfig {
             host: "127.0.0.1".into(),
             max_concurrent_streams: 1000,
-            ..aqe_core::QuicConfig::default()
+            ..aqe_quic::QuicConfig::default()
         })
     };
     let (qa, qb) = (quic().await.expect("bind"), quic().await.expect("bind"));

@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aqe_agent::{Agent, EventBus, Fallback, FallbackPolicy, Fleet, HandlerError, QuicTransport};
-use aqe_core::{BroadcastOptions, Event, QuicConfig, RequestOptions, StreamOptions, Transport};
+use aqe_core::{BroadcastOptions, Event, RequestOptions, StreamOptions, Transport};
+use aqe_quic::QuicConfig;
 use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn quic() -> QuicTransport {
     QuicTransport::bind(QuicConfig {
-        enabled: true,
         host: "127.0.0.1".into(),
         ..QuicConfig::default()
     })
@@ -92,7 +92,7 @@ async fn the_agent_api_works_across_quic_endpoints() {
         .into_iter()
         .find(|p| p.id.as_str() == "analyzer")
         .expect("listed");
-    assert_eq!(peer.address, Some(qb.local_addr()));
+    assert_eq!(peer.address, Some(qb.local_addr().into()));
 
     executor
         .send_to_agent(analyzer.id(), &"hello over QUIC", "coordination")
@@ -250,7 +250,7 @@ async fn a_fleet_with_quic_definitions_shares_one_endpoint_per_address() {
     assert_eq!(a.stats().fallbacks_used, 1);
     fleet.shutdown().await;
     assert!(bus.peers().is_empty(), "every agent left the bus");
-    let (tx, _rx) = aqe_core::inbox("after".into(), 4);
+    let (tx, _rx) = aqe_core::plumbing::inbox("after".into(), 4);
     bus.attach(aqe_core::Registration::new("after", "t"), tx)
         .await
         .expect("the caller's bus keeps running");

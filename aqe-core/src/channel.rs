@@ -110,6 +110,16 @@ fn default_max_message_size() -> usize {
     DEFAULT_MAX_MESSAGE_SIZE
 }
 
+/// The three presets: `coordination`, `results`, `metrics`, the channels an agent has when
+/// its definition names none.
+pub fn default_channels() -> Vec<Channel> {
+    vec![
+        Channel::coordination(),
+        Channel::results(),
+        Channel::metrics(),
+    ]
+}
+
 impl Channel {
     /// A reliable, ordered channel of the given kind at the default priority.
     pub fn new(name: impl Into<ChannelName>, kind: ChannelKind) -> Self {

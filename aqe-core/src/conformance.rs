@@ -23,9 +23,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::plumbing::{Inbox, inbox};
 use crate::{
-    AgentId, Channel, ChannelKind, Envelope, Error, Event, Inbound, Inbox, MessageKind, Recipient,
-    Registration, StreamFailure, StreamHeader, StreamId, StreamOptions, Transport, inbox,
+    AgentId, Channel, ChannelKind, Envelope, Error, Event, Inbound, MessageKind, Recipient,
+    Registration, StreamFailure, StreamHeader, StreamId, StreamOptions, Transport,
 };
 
 /// Makes endpoints for the suite.

@@ -1,10 +1,9 @@
 //! The one error type of aqe-core, shared by every transport and the runtime.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::{AgentId, ChannelKind, ChannelName, StreamId};
+use crate::{Address, AgentId, ChannelKind, ChannelName, StreamId};
 
 /// A boxed error from a layer below aqe (I/O, TLS, QUIC), kept as the source.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -23,7 +22,7 @@ pub enum Error {
     #[error("connection to {addr} failed")]
     ConnectionFailed {
         /// The address that was dialed.
-        addr: SocketAddr,
+        addr: Address,
         /// What the layer below reported.
         #[source]
         source: BoxError,
@@ -32,7 +31,7 @@ pub enum Error {
     #[error("connection to {addr} timed out after {after:?}")]
     ConnectionTimeout {
         /// The address that was dialed.
-        addr: SocketAddr,
+        addr: Address,
         /// The connection timeout that expired.
         after: Duration,
     },
@@ -40,7 +39,7 @@ pub enum Error {
     #[error("connection to {addr} lost")]
     ConnectionLost {
         /// The remote endpoint's address.
-        addr: SocketAddr,
+        addr: Address,
         /// Why the connection ended, as reported by the layer below.
         #[source]
         source: BoxError,
@@ -355,7 +354,8 @@ impl Error {
         }
     }
 
-    pub(crate) fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
+    /// A configuration error naming `field` (the file is added by [`Error::in_config`]).
+    pub fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Configuration {
             file: None,
             field: field.into(),

@@ -27,7 +27,7 @@ pub struct HealthThresholds {
     /// Loss ratio (0..1) above which the status is unhealthy.
     pub unhealthy_loss: f64,
     /// Average RTT above which the status is degraded, in milliseconds in configuration files.
-    #[serde(with = "crate::config::millis", rename = "degradedRttMs")]
+    #[serde(with = "crate::plumbing::millis", rename = "degradedRttMs")]
     pub degraded_rtt: Duration,
     /// Whether having no peer at all counts as degraded.
     pub degraded_without_peers: bool,

@@ -503,7 +503,7 @@ mod tests {
     #[derive(Default)]
     struct Log(std::sync::Mutex<Vec<(u64, bool)>>);
 
-    impl crate::AckSink for Log {
+    impl crate::plumbing::AckSink for Log {
         fn acknowledged(&self, token: u64) {
             self.0.lock().expect("lock").push((token, true));
         }

@@ -1,18 +1,21 @@
-//! Core types of aqe: the vocabulary every transport and the agent runtime share.
+//! The contract of aqe: what agents exchange and what every transport promises.
 //!
 //! - identifiers ([`AgentId`], [`AgentType`], [`ChannelName`], [`MessageId`], [`StreamId`]);
 //! - [`Channel`]s and their delivery contract, with the presets `coordination`, `results`,
 //!   `metrics`;
 //! - the message [`Envelope`], whose payload is `Bytes` with typed [`encode`] / [`decode`];
 //! - options for requests, broadcasts, discovery and streams;
-//! - [`Health`] and [`Stats`], and the [`StatsRecorder`] transports keep;
-//! - configuration ([`QuicConfig`], [`SecurityConfig`], [`AgentDefinition`] files);
-//! - the wire codec ([`FrameCodec`]): postcard in versioned, length-prefixed frames;
-//! - the agent [`Inbox`], bounded, ordered by priority, suppressing duplicates, and the
-//!   [`Receipt`] by which a reliable message is acknowledged once its agent took it;
-//! - the [`Transport`] trait and the one [`Error`] type.
+//! - [`Health`] and [`Stats`];
+//! - the [`Transport`] trait, what travels through it ([`Inbound`], [`Responder`],
+//!   [`IncomingStream`], [`Receipt`]), the [`Event`]s it reports, and the one [`Error`] type;
+//! - the open identity of a transport ([`TransportKind`]) and of a remote place
+//!   ([`Address`]): adding a transport never touches this crate.
 //!
-//! This crate opens no socket and knows nothing of QUIC: transports live in their own crates.
+//! What a transport is built from (an agent's inbox, delivery between agents of one process,
+//! counters, the frame codec) is in [`plumbing`], for transport authors.
+//!
+//! This crate opens no socket and knows nothing of QUIC, NATS or any other transport: those
+//! live in their own crates, and so does their configuration.
 //!
 //! # Feature flags
 //! - `conformance`: the transport conformance suite ([`conformance`]), a set of tests written
@@ -20,45 +23,39 @@
 //!   nothing to the other types.
 #![warn(missing_docs, unreachable_pub)]
 
+mod address;
 mod channel;
 mod codec;
-mod config;
 mod error;
 mod health;
 mod id;
 mod inbox;
-pub mod local;
+mod local;
 mod message;
 mod options;
 mod peer;
+pub mod plumbing;
 mod receipt;
+mod token;
 mod transport;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-pub use channel::{Channel, ChannelKind, DEFAULT_MAX_MESSAGE_SIZE, Priority};
-pub use codec::{FRAME_HEADER_LEN, FrameCodec, MAX_FRAME_LEN, MAX_PAYLOAD_LEN, WIRE_VERSION};
-pub use config::{
-    AgentDefinition, PeerExchange, QuicConfig, QuicLimits, SecurityConfig, Token, default_channels,
-};
+pub use address::{Address, TransportKind};
+pub use channel::{Channel, ChannelKind, DEFAULT_MAX_MESSAGE_SIZE, Priority, default_channels};
 pub use error::{
     BoxError, DeliveryFailure, Error, RemoteErrorKind, Result, SecurityFailure, SendFailure,
     StreamFailure,
 };
-pub use health::{
-    Health, HealthStatus, HealthThresholds, RecentError, RttStats, Stats, StatsRecorder,
-};
+pub use health::{Health, HealthStatus, HealthThresholds, RecentError, RttStats, Stats};
 pub use id::{AgentId, AgentType, Capability, ChannelId, ChannelName, MessageId, StreamId};
-pub use inbox::{
-    DEDUP_SENDERS, DEDUP_WINDOW, DEFAULT_INBOX_CAPACITY, Delivered, Delivery, Inbox, InboxPermit,
-    InboxSender, inbox,
-};
 pub use message::{Envelope, ErrorBody, MessageKind, Recipient, Timestamp, decode, encode};
 pub use options::{BroadcastOptions, DiscoveryOptions, PeerFilter, RequestOptions, StreamOptions};
 pub use peer::{PeerInfo, PeerState, Registration};
-pub use receipt::{AckOnce, AckSink, Receipt};
+pub use receipt::Receipt;
+pub use token::Token;
 pub use transport::{
-    BroadcastReport, Event, Inbound, IncomingStream, Redeliver, Respond, Responder, StreamChunk,
-    StreamHeader, StreamSink, StreamSource, Transport, TransportKind,
+    BroadcastReport, Event, Inbound, IncomingStream, Redeliver, Responder, StreamChunk,
+    StreamHeader, StreamSink, Transport,
 };

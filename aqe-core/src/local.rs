@@ -10,11 +10,13 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::plumbing::{
+    AckOnce, Delivered, Delivery, InboxSender, Respond, StatsRecorder, StreamSource,
+};
 use crate::{
-    AckOnce, AgentId, BroadcastReport, Channel, ChannelName, Delivered, Delivery, DeliveryFailure,
-    Envelope, Error, Event, Inbound, InboxSender, IncomingStream, MessageId, Receipt, Registration,
-    RemoteErrorKind, Respond, Responder, Result, SendFailure, StatsRecorder, StreamChunk,
-    StreamFailure, StreamHeader, StreamId, StreamSink, StreamSource,
+    AgentId, Channel, ChannelName, DeliveryFailure, Envelope, Error, Event, Inbound,
+    IncomingStream, MessageId, Receipt, Registration, RemoteErrorKind, Responder, Result,
+    SendFailure, StreamChunk, StreamFailure, StreamHeader, StreamId, StreamSink,
 };
 
 /// An agent hosted by a transport in this process: what it declared, where its messages go,
@@ -140,32 +142,6 @@ impl LocalDelivery {
                 reason: DeliveryFailure::ReceiverStopped,
             })),
         }
-    }
-
-    /// Sends `envelope` to each target that `lookup` finds, concurrently, on the broadcast
-    /// channel `channel`, and reports per target.
-    pub async fn broadcast(
-        &self,
-        from: &LocalAgent,
-        envelope: Envelope,
-        channel: &Channel,
-        targets: Vec<(AgentId, Result<Arc<LocalAgent>>)>,
-    ) -> BroadcastReport {
-        let sends = targets.into_iter().map(|(id, to)| {
-            let mut copy = envelope.clone();
-            copy.to = crate::Recipient::Agent(id.clone());
-            async move {
-                let outcome = match to {
-                    Ok(to) => match to.listens(&channel.name) {
-                        Ok(()) => self.send(from, &to, copy, channel, false).await,
-                        Err(e) => Err(e),
-                    },
-                    Err(e) => Err(e),
-                };
-                (id, outcome)
-            }
-        });
-        BroadcastReport::from_outcomes(futures::future::join_all(sends).await)
     }
 
     /// Puts a request in `to`'s inbox and waits for the answer, all within `timeout`.

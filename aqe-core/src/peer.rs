@@ -1,12 +1,11 @@
 //! What an agent knows about another agent.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AgentId, AgentType, Capability, Channel, ChannelName, Error, Result};
+use crate::{Address, AgentId, AgentType, Capability, Channel, ChannelName, Error, Result};
 
 /// The connection state of a peer as seen from here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -32,7 +31,7 @@ pub struct PeerInfo {
     /// Its type.
     pub agent_type: AgentType,
     /// The network address of the endpoint hosting it, if it is remote.
-    pub address: Option<SocketAddr>,
+    pub address: Option<Address>,
     /// Connection state.
     pub state: PeerState,
     /// Latest round-trip time to its endpoint, where the transport measures one.
@@ -150,7 +149,7 @@ impl Registration {
     }
 
     /// How this agent appears to others.
-    pub fn peer_info(&self, address: Option<SocketAddr>, state: PeerState) -> PeerInfo {
+    pub fn peer_info(&self, address: Option<Address>, state: PeerState) -> PeerInfo {
         PeerInfo {
             id: self.id.clone(),
             agent_type: self.agent_type.clone(),

@@ -1,35 +1,17 @@
 //! The transport trait and what travels through it.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
+use crate::plumbing::InboxSender;
 use crate::{
-    AgentId, ChannelName, DeliveryFailure, Envelope, Error, InboxSender, MessageId, MessageKind,
-    PeerInfo, Receipt, Registration, Result, Stats, StreamId, StreamOptions,
+    Address, AgentId, ChannelName, DeliveryFailure, Envelope, Error, MessageId, MessageKind,
+    PeerInfo, Receipt, Registration, Result, Stats, StreamId, StreamOptions, TransportKind,
 };
-
-/// Which kind of transport this is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TransportKind {
-    /// The in-process event bus.
-    EventBus,
-    /// QUIC over UDP.
-    Quic,
-}
-
-impl fmt::Display for TransportKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            TransportKind::EventBus => "event bus",
-            TransportKind::Quic => "QUIC",
-        })
-    }
-}
 
 /// Something that happened in the fleet or on a transport.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,12 +24,12 @@ pub enum Event {
     /// A connection to another endpoint is up.
     ConnectionEstablished {
         /// The remote endpoint.
-        addr: SocketAddr,
+        addr: Address,
     },
     /// A connection to another endpoint ended.
     ConnectionLost {
         /// The remote endpoint.
-        addr: SocketAddr,
+        addr: Address,
         /// Why.
         reason: String,
     },
@@ -83,7 +65,7 @@ pub enum Event {
     /// its call; this event is how the accepting side learns of it.
     SecurityRejected {
         /// The remote endpoint.
-        addr: SocketAddr,
+        addr: Address,
         /// Which check failed.
         kind: crate::SecurityFailure,
     },
@@ -93,7 +75,7 @@ pub enum Event {
         /// The contested id.
         agent: AgentId,
         /// Where the endpoint that claimed it listens.
-        claimed_by: SocketAddr,
+        claimed_by: Address,
     },
     /// A transport reported an error not tied to one call.
     TransportError {
@@ -117,13 +99,16 @@ pub enum Event {
         /// Why.
         reason: DeliveryFailure,
     },
-    /// An operation failed on the primary transport and was carried by the fallback.
+    /// An operation failed on one transport of a fallback chain and was carried by a later
+    /// one.
     FallbackUsed {
-        /// The operation (`send`, `request`, `broadcast`, `open_stream`).
+        /// The operation (`send`, `request`, `broadcast`, `open_stream`, `redeliver`).
         operation: &'static str,
         /// The peer concerned, if one.
         peer: Option<AgentId>,
-        /// The primary's error.
+        /// The transport that carried it.
+        via: TransportKind,
+        /// The error of the transport before it.
         reason: String,
     },
     /// This subscriber was too slow and missed that many events.
@@ -427,17 +412,40 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Sends one message to each of `targets` concurrently and reports per peer.
     ///
+    /// The provided implementation checks the sender's channel once (it must be a broadcast
+    /// channel), then makes one [`Transport::send`] per target, each copy addressed to its
+    /// target and still of kind [`MessageKind::Broadcast`]. A transport with a cheaper
+    /// fan-out (a broker's fleet subject) overrides it, keeping the same report.
+    ///
     /// # Errors
     /// Only for what concerns every target alike: an unknown sender or channel,
     /// [`Error::WrongChannelKind`] for a unicast channel, [`Error::MessageTooLarge`],
     /// [`Error::Shutdown`]. A target that cannot be reached is listed in the report.
-    async fn broadcast(&self, envelope: Envelope, targets: &[AgentId]) -> Result<BroadcastReport>;
+    async fn broadcast(&self, envelope: Envelope, targets: &[AgentId]) -> Result<BroadcastReport> {
+        self.registration(&envelope.from)?
+            .check_broadcast(&envelope.channel, envelope.payload.len())?;
+        let sends = targets.iter().map(|to| {
+            let mut copy = envelope.clone();
+            copy.to = crate::Recipient::Agent(to.clone());
+            async move { (to.clone(), self.send(copy).await) }
+        });
+        Ok(BroadcastReport::from_outcomes(
+            futures::future::join_all(sends).await,
+        ))
+    }
 
     /// Opens a stream to `header.to`; the receiver gets an [`IncomingStream`] in its inbox.
     ///
     /// # Errors
     /// As [`Transport::send`].
     async fn open_stream(&self, header: StreamHeader) -> Result<Box<dyn StreamSink>>;
+
+    /// What the local agent `agent` declared when it attached here.
+    ///
+    /// # Errors
+    /// [`Error::PeerNotFound`] when no such agent is attached here; [`Error::Shutdown`] after
+    /// shutdown.
+    fn registration(&self, agent: &AgentId) -> Result<Registration>;
 
     /// Every agent this transport can reach, local ones included.
     fn peers(&self) -> Vec<PeerInfo>;

@@ -6,10 +6,10 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use tokio::sync::broadcast;
 
-use aqe_core::local::{LocalAgent, LocalDelivery};
+use aqe_core::plumbing::{InboxSender, LocalAgent, LocalDelivery};
 use aqe_core::{
-    AgentId, BroadcastReport, Envelope, Error, Event, InboxSender, PeerInfo, PeerState,
-    Registration, Result, Stats, StreamHeader, StreamSink, Transport, TransportKind,
+    AgentId, Envelope, Error, Event, PeerInfo, PeerState, Registration, Result, Stats,
+    StreamHeader, StreamSink, Transport, TransportKind,
 };
 
 /// Tunables of the bus.
@@ -62,6 +62,9 @@ impl std::fmt::Debug for EventBus {
 }
 
 impl EventBus {
+    /// How the bus names itself in events and logs.
+    pub const KIND: TransportKind = TransportKind::new("event bus");
+
     /// A bus with the default configuration.
     pub fn new() -> Self {
         Self::with_config(BusConfig::default())
@@ -152,7 +155,7 @@ impl EventBus {
 #[async_trait]
 impl Transport for EventBus {
     fn kind(&self) -> TransportKind {
-        TransportKind::EventBus
+        Self::KIND
     }
 
     async fn attach(&self, agent: Registration, inbox: InboxSender) -> Result<()> {
@@ -204,24 +207,6 @@ impl Transport for EventBus {
             .await
     }
 
-    async fn broadcast(&self, envelope: Envelope, targets: &[AgentId]) -> Result<BroadcastReport> {
-        self.live()?;
-        let sender = self.member(&envelope.from)?;
-        let channel = sender
-            .reg
-            .check_broadcast(&envelope.channel, envelope.payload.len())?
-            .clone();
-        let targets = targets
-            .iter()
-            .map(|id| (id.clone(), self.member(id)))
-            .collect();
-        Ok(self
-            .inner
-            .delivery
-            .broadcast(&sender, envelope, &channel, targets)
-            .await)
-    }
-
     async fn open_stream(&self, header: StreamHeader) -> Result<Box<dyn StreamSink>> {
         let (sender, channel, receiver) =
             self.route(&header.from, &header.to, &header.options.channel, 0)?;
@@ -231,6 +216,11 @@ impl Transport for EventBus {
             .open_stream(&sender, &receiver, header, &channel)
             .await?;
         Ok(Box::new(sink))
+    }
+
+    fn registration(&self, agent: &AgentId) -> Result<Registration> {
+        self.live()?;
+        Ok(self.member(agent)?.reg.clone())
     }
 
     fn peers(&self) -> Vec<PeerInfo> {

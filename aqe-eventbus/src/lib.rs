@@ -1,7 +1,7 @@
 //! The in-process event bus: a [`Transport`] for agents that share a process.
 //!
 //! Messages move as values, without encoding, through each agent's bounded priority
-//! [`Inbox`](aqe_core::Inbox). Full queues behave as the channel says: a reliable send waits
+//! [`Inbox`](aqe_core::plumbing::Inbox). Full queues behave as the channel says: a reliable send waits
 //! up to the bus's send timeout and then fails with [`SendFailure::QueueFull`]; an unreliable
 //! send drops the message and counts it in the sender's `messages_dropped`. A reliable
 //! message is acknowledged when its agent takes it (its [`Receipt`](aqe_core::Receipt)); one
@@ -13,7 +13,8 @@
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> aqe_core::Result<()> {
-//! use aqe_core::{inbox, Channel, Envelope, Inbound, MessageKind, Recipient, Registration, Transport};
+//! use aqe_core::{Channel, Envelope, Inbound, MessageKind, Recipient, Registration, Transport};
+//! use aqe_core::plumbing::inbox;
 //! let bus = aqe_eventbus::EventBus::new();
 //! let (tx, _a) = inbox("a".into(), 64);
 //! bus.attach(Registration::new("a", "demo").with_channel(Channel::coordination()), tx).await?;

@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use aqe_core::plumbing::inbox;
 use aqe_core::{
     Channel, Envelope, Error, Event, Inbound, MessageKind, Recipient, Registration, SendFailure,
-    StreamHeader, StreamId, StreamOptions, Transport, inbox,
+    StreamHeader, StreamId, StreamOptions, Transport,
 };
 use aqe_eventbus::{BusConfig, EventBus};
 use bytes::Bytes;

@@ -9,9 +9,10 @@ use anyhow::{Context, bail, ensure};
 use aqe_agent::{Agent, AgentBuilder, Fleet, HandlerError};
 use std::collections::HashSet;
 
+use aqe_agent::AgentDefinition;
 use aqe_core::{
-    AgentDefinition, AgentId, BroadcastOptions, DiscoveryOptions, Health, RequestOptions, Stats,
-    StreamOptions, Transport,
+    AgentId, BroadcastOptions, DiscoveryOptions, Health, RequestOptions, Stats, StreamOptions,
+    Transport,
 };
 use tokio::sync::{mpsc, oneshot};
 

@@ -19,11 +19,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use aqe_agent::aqe_quic::certs::FleetCa;
+use aqe_agent::aqe_quic::{QuicConfig, SecurityConfig};
 use aqe_agent::{Agent, HandlerError, QuicTransport};
-use aqe_core::{
-    AgentId, ChannelName, DeliveryFailure, Event, MessageId, QuicConfig, RequestOptions,
-    SecurityConfig,
-};
+use aqe_core::{AgentId, ChannelName, DeliveryFailure, Event, MessageId, RequestOptions};
 use tokio::io::AsyncWriteExt;
 
 /// The fleet CA's certificate, in a certificate directory.
@@ -80,7 +78,6 @@ impl Options {
     /// (a directory holding `node.pem` and `node.key`).
     pub fn quic_config(&self, node: &Path) -> QuicConfig {
         QuicConfig {
-            enabled: true,
             host: self.listen.ip().to_string(),
             port: self.listen.port(),
             heartbeat_interval: self.heartbeat,

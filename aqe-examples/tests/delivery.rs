@@ -408,7 +408,7 @@ async fn a_restarted_peer_replaces_the_dead_connection_at_once() {
     tokio::time::timeout(WAIT, async {
         loop {
             match events.recv().await {
-                Some(Event::ConnectionLost { addr: a, .. }) if a == addr => lost = true,
+                Some(Event::ConnectionLost { addr: a, .. }) if a == addr.into() => lost = true,
                 Some(Event::PeerDiscovered(p)) if p.id.as_str() == "sink" && lost => return,
                 Some(_) => {}
                 None => panic!("events ended"),

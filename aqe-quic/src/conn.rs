@@ -22,10 +22,10 @@ use s2n_quic::provider::datagram::default as datagram;
 use s2n_quic::stream::{PeerStream, SendStream};
 use tokio::sync::mpsc;
 
-use aqe_core::local::LocalAgent;
+use aqe_core::plumbing::LocalAgent;
+use aqe_core::plumbing::{Delivered, FrameCodec};
 use aqe_core::{
-    AgentId, ChannelName, Delivered, Envelope, Error, FrameCodec, Inbound, IncomingStream, Receipt,
-    Result, StreamHeader,
+    AgentId, ChannelName, Envelope, Error, Inbound, IncomingStream, Receipt, Result, StreamHeader,
 };
 
 use crate::endpoint::{Frames, Shared};
@@ -133,7 +133,7 @@ impl Conn {
 
     pub(crate) fn lost(&self, e: impl Into<aqe_core::BoxError>) -> Error {
         Error::ConnectionLost {
-            addr: self.listen,
+            addr: self.listen.into(),
             source: e.into(),
         }
     }
@@ -412,7 +412,7 @@ impl Conn {
                     Err(Error::MessageTooLarge { size, max })
                 }
                 Err(e) => Err(Error::ConnectionLost {
-                    addr: self.listen,
+                    addr: self.listen.into(),
                     source: format!("{e:?}").into(),
                 }),
             })
@@ -690,7 +690,7 @@ fn deliver_sequenced(shared: &Shared, conn: &Conn, seq: u64, envelope: Envelope)
         });
     }
     let len = envelope.payload.len();
-    let sink: Arc<dyn aqe_core::AckSink> = conn.inflow.clone();
+    let sink: Arc<dyn aqe_core::plumbing::AckSink> = conn.inflow.clone();
     let item = Inbound::Message {
         envelope,
         receipt: Receipt::shared(sink, seq),

@@ -23,10 +23,12 @@ use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use aqe_core::local::{LocalAgent, LocalDelivery};
+use crate::QuicConfig;
+use aqe_core::plumbing::{FrameCodec, InboxSender};
+use aqe_core::plumbing::{LocalAgent, LocalDelivery};
 use aqe_core::{
-    AgentId, BoxError, ChannelName, Error, Event, FrameCodec, InboxSender, PeerInfo, PeerState,
-    QuicConfig, Redeliver, Registration, Result, SecurityFailure,
+    AgentId, BoxError, ChannelName, Error, Event, PeerInfo, PeerState, Redeliver, Registration,
+    Result, SecurityFailure,
 };
 
 use crate::conn::{self, CONTROL_QUEUE, Conn};
@@ -242,7 +244,7 @@ impl Shared {
             agents_per_peer: config.limits.agents_per_peer as usize,
             endpoints_per_peer: config.limits.endpoints_per_peer as usize,
         };
-        if config.peer_exchange == aqe_core::PeerExchange::All {
+        if config.peer_exchange == crate::PeerExchange::All {
             tracing::warn!(
                 "peerExchange \"all\": this endpoint takes any peer's word about other endpoints, authenticated or not"
             );
@@ -450,7 +452,7 @@ impl Shared {
                 ),
             });
         }
-        let info = reg.peer_info(Some(self.listen), PeerState::Connected);
+        let info = reg.peer_info(Some(self.listen.into()), PeerState::Connected);
         let mut state = self.lock();
         let Some(actions) = state.registry.attach(reg.clone()) else {
             return Err(Error::Configuration {
@@ -547,7 +549,7 @@ impl Shared {
             self.reach(dial, left).await?;
             if tokio::time::Instant::now() >= deadline {
                 return Err(Error::ConnectionTimeout {
-                    addr: dial,
+                    addr: dial.into(),
                     after: wait,
                 });
             }
@@ -572,9 +574,13 @@ impl Shared {
             let _slot = self.dials.acquire().await.map_err(|_| Error::Shutdown)?;
             self.connect(addr).await
         };
-        let outcome = tokio::time::timeout(wait, attempt)
-            .await
-            .unwrap_or(Err(Error::ConnectionTimeout { addr, after: wait }));
+        let outcome =
+            tokio::time::timeout(wait, attempt)
+                .await
+                .unwrap_or(Err(Error::ConnectionTimeout {
+                    addr: addr.into(),
+                    after: wait,
+                }));
         let mut locks = self.dial_locks.lock().unwrap_or_else(|p| p.into_inner());
         if locks.get(&addr).is_some_and(|l| Arc::strong_count(l) == 1) {
             locks.remove(&addr);
@@ -744,7 +750,7 @@ impl Shared {
         let mut connection = match tokio::time::timeout(timeout, client.connect(connect)).await {
             Err(_) => {
                 return Err(Error::ConnectionTimeout {
-                    addr,
+                    addr: addr.into(),
                     after: timeout,
                 });
             }
@@ -802,7 +808,7 @@ impl Shared {
                 self.abort(key);
                 connection.close(close::HELLO_TIMEOUT.into());
                 return Err(Error::ConnectionTimeout {
-                    addr,
+                    addr: addr.into(),
                     after: timeout,
                 });
             }
@@ -918,7 +924,10 @@ impl Shared {
         if let Err((code, e)) = self.check(&peer_hello, verified) {
             tracing::warn!(?addr, error = %e, "connection refused");
             if let (Error::Security { kind, .. }, Some(addr)) = (&e, addr) {
-                self.publish(Event::SecurityRejected { addr, kind: *kind });
+                self.publish(Event::SecurityRejected {
+                    addr: addr.into(),
+                    kind: *kind,
+                });
             }
             connection.close(code.into());
             return;
@@ -1036,7 +1045,7 @@ impl Shared {
         } else {
             PeerState::Known
         };
-        let mut info = reg.peer_info(Some(listen), state);
+        let mut info = reg.peer_info(Some(listen.into()), state);
         info.rtt = conn
             .map(|c| c.link().read())
             .filter(|r| r.rtt_samples > 0)
@@ -1048,7 +1057,10 @@ impl Shared {
         let mut out: Vec<PeerInfo> = self
             .locals
             .iter()
-            .map(|l| l.reg.peer_info(Some(self.listen), PeerState::Connected))
+            .map(|l| {
+                l.reg
+                    .peer_info(Some(self.listen.into()), PeerState::Connected)
+            })
             .collect();
         let state = self.lock();
         out.extend(state.registry.remote_agents().map(|(reg, listen, key)| {
@@ -1171,7 +1183,7 @@ async fn announce_rejections(
             r = rejected.recv() => match r {
                 Some((addr, kind)) => {
                     tracing::warn!(%addr, %kind, "connection failed a security check");
-                    shared.publish(Event::SecurityRejected { addr, kind });
+                    shared.publish(Event::SecurityRejected { addr: addr.into(), kind });
                 }
                 None => return,
             },
@@ -1257,7 +1269,7 @@ async fn bootstrap(shared: Arc<Shared>, peer: String) {
             let addr = tokio::net::lookup_host(peer.as_str())
                 .await
                 .map_err(|e| Error::ConnectionFailed {
-                    addr: shared.listen,
+                    addr: shared.listen.into(),
                     source: e.into(),
                 })?
                 .next()
@@ -1280,7 +1292,7 @@ async fn bootstrap(shared: Arc<Shared>, peer: String) {
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "bootstrap peer not reached; retrying in {delay:?}");
                 shared.publish(Event::TransportError {
-                    transport: aqe_core::TransportKind::Quic,
+                    transport: crate::QuicTransport::KIND,
                     message: format!("bootstrap {peer}: {e}"),
                 });
             }
@@ -1315,11 +1327,11 @@ pub(crate) fn connection_error(
     match e {
         s2n_quic::connection::Error::MaxHandshakeDurationExceeded { .. }
         | s2n_quic::connection::Error::IdleTimerExpired { .. } => Error::ConnectionTimeout {
-            addr,
+            addr: addr.into(),
             after: timeout,
         },
         e => Error::ConnectionFailed {
-            addr,
+            addr: addr.into(),
             source: Box::new(e),
         },
     }
@@ -1335,7 +1347,7 @@ fn stream_connection_error(
             connection_error(addr, timeout, error)
         }
         e => Error::ConnectionFailed {
-            addr,
+            addr: addr.into(),
             source: Box::new(e),
         },
     }
@@ -1348,7 +1360,7 @@ fn closed_reason(connection: &Connection, addr: SocketAddr, timeout: Duration) -
     match futures::FutureExt::now_or_never(handle.open_send_stream()) {
         Some(Err(e)) => connection_error(addr, timeout, e),
         _ => Error::ConnectionFailed {
-            addr,
+            addr: addr.into(),
             source: "the peer closed the control stream".into(),
         },
     }
@@ -1360,7 +1372,6 @@ mod tests {
 
     fn local_config() -> QuicConfig {
         QuicConfig {
-            enabled: true,
             host: "127.0.0.1".into(),
             ..QuicConfig::default()
         }

@@ -7,7 +7,8 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use s2n_quic::client::Connect;
 
-use aqe_core::{FrameCodec, QuicConfig, SecurityConfig};
+use crate::{QuicConfig, SecurityConfig};
+use aqe_core::plumbing::FrameCodec;
 
 use crate::endpoint::Shared;
 use crate::tls::Material;
@@ -17,7 +18,6 @@ const WAIT: Duration = Duration::from_secs(10);
 
 async fn target() -> Arc<Shared> {
     Shared::bind(QuicConfig {
-        enabled: true,
         host: "127.0.0.1".into(),
         ..QuicConfig::default()
     })

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
 
-use aqe_core::AckSink;
+use aqe_core::plumbing::AckSink;
 
 use crate::wire::{Control, SeqRanges, Unprocessed};
 

@@ -27,9 +27,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use aqe_core::{
-    AgentId, Envelope, Error, FrameCodec, Inbound, MessageId, Respond, Result, SendFailure,
-};
+use aqe_core::plumbing::{FrameCodec, Respond};
+use aqe_core::{AgentId, Envelope, Error, Inbound, MessageId, Result, SendFailure};
 
 use crate::conn::{Conn, admit};
 use crate::endpoint::Shared;
@@ -311,7 +310,7 @@ struct LaneResponder {
     id: MessageId,
     requester: AgentId,
     down: mpsc::UnboundedSender<Down>,
-    local: Arc<aqe_core::local::LocalAgent>,
+    local: Arc<aqe_core::plumbing::LocalAgent>,
     token: CancellationToken,
     cancels: Arc<DashMap<MessageId, CancellationToken>>,
     answered: bool,

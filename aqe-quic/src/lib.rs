@@ -24,6 +24,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod certs;
+mod config;
 mod conn;
 mod endpoint;
 #[cfg(test)]
@@ -44,4 +45,5 @@ mod tls;
 mod transport;
 mod wire;
 
+pub use config::{PeerExchange, QuicConfig, QuicLimits, SecurityConfig};
 pub use transport::{LinkInfo, QuicTransport};

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{Notify, broadcast, oneshot};
 
+use aqe_core::plumbing::StatsRecorder;
 use aqe_core::{
     AgentId, ChannelName, DeliveryFailure, Envelope, Error, Event, MessageId, Result, SendFailure,
-    StatsRecorder,
 };
 
 /// Which writer of a connection carries a message.

@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use aqe_core::{
-    Channel, Envelope, FrameCodec, Inbound, MessageKind, QuicConfig, Recipient, Registration,
-    SecurityConfig, inbox,
-};
+use crate::{QuicConfig, SecurityConfig};
+use aqe_core::plumbing::{FrameCodec, inbox};
+use aqe_core::{Channel, Envelope, Inbound, MessageKind, Recipient, Registration};
 
 use crate::endpoint::Shared;
 use crate::tls::Material;
@@ -38,7 +37,6 @@ async fn an_agent_attached_while_the_peer_delays_its_hello_is_announced_and_reac
         .expect("server");
     let peer_addr = server.local_addr().expect("addr");
     let ep = Shared::bind(QuicConfig {
-        enabled: true,
         host: "127.0.0.1".into(),
         ..QuicConfig::default()
     })

@@ -23,7 +23,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use aqe_core::{AgentId, Event, PeerExchange, PeerState, Registration};
+use crate::PeerExchange;
+use aqe_core::{AgentId, Event, PeerState, Registration};
 
 use crate::wire::{Control, Relayed, close};
 
@@ -377,7 +378,7 @@ impl Registry {
                 );
                 self.by_addr.insert(hello.listen, hello.endpoint);
                 actions.push(Action::Publish(Event::ConnectionEstablished {
-                    addr: hello.listen,
+                    addr: hello.listen.into(),
                 }));
                 // Agents known so far through peer exchange are now reachable directly.
                 self.announce_reachable(hello.endpoint, &mut actions);
@@ -711,7 +712,7 @@ impl Registry {
                     tracing::warn!(agent = %id, owner, other = *e, "two endpoints announce the same agent id; the first keeps it");
                     actions.push(Action::Publish(Event::AgentConflict {
                         agent: id.clone(),
-                        claimed_by: *listen,
+                        claimed_by: (*listen).into(),
                     }));
                 }
             }
@@ -722,7 +723,7 @@ impl Registry {
                 if self.conflicts.insert((id.clone(), *e)) {
                     actions.push(Action::Publish(Event::AgentConflict {
                         agent: id.clone(),
-                        claimed_by: *listen,
+                        claimed_by: (*listen).into(),
                     }));
                 }
             }
@@ -736,7 +737,7 @@ impl Registry {
         } else {
             PeerState::Known
         };
-        let info = reg.peer_info(Some(listen), state);
+        let info = reg.peer_info(Some(listen.into()), state);
         self.owner.insert(id.clone(), endpoint);
         actions.push(Action::Publish(Event::PeerDiscovered(info)));
         match self.remotes.get(&endpoint) {
@@ -753,7 +754,7 @@ impl Registry {
             if self.conflicts.insert((id.clone(), *e)) {
                 actions.push(Action::Publish(Event::AgentConflict {
                     agent: id.clone(),
-                    claimed_by: *listen,
+                    claimed_by: (*listen).into(),
                 }));
             }
         }
@@ -849,7 +850,7 @@ impl Registry {
         let reason = reason.unwrap_or_else(|| "replaced by a new endpoint at its address".into());
         tracing::info!(peer = %remote.listen, %reason, "connection lost");
         actions.push(Action::Publish(Event::ConnectionLost {
-            addr: remote.listen,
+            addr: remote.listen.into(),
             reason,
         }));
     }
@@ -1515,7 +1516,7 @@ mod tests {
         assert!(
             actions.contains(&Action::Publish(Event::AgentConflict {
                 agent: "x".into(),
-                claimed_by: addr(800)
+                claimed_by: addr(800).into()
             })),
             "the claim is refused and reported: {actions:?}"
         );

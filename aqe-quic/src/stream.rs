@@ -7,13 +7,13 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use s2n_quic::stream::SendStream;
 
+use aqe_core::plumbing::{FrameCodec, Respond, StreamSource};
 use aqe_core::{
-    AgentId, Envelope, Error, FrameCodec, Respond, Result, SendFailure, StreamChunk, StreamFailure,
-    StreamId, StreamSink, StreamSource,
+    AgentId, Envelope, Error, Result, SendFailure, StreamChunk, StreamFailure, StreamId, StreamSink,
 };
 
 use crate::wire::{Chunk, FrameReader, reset};
-use aqe_core::local::LocalAgent as Local;
+use aqe_core::plumbing::LocalAgent as Local;
 
 /// Answers a request on the stream it came on.
 pub(crate) struct QuicResponder {

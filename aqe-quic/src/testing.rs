@@ -5,7 +5,9 @@
 use bytes::BytesMut;
 use serde::de::DeserializeOwned;
 
-use aqe_core::{Envelope, FrameCodec, SecurityConfig};
+use crate::SecurityConfig;
+use aqe_core::Envelope;
+use aqe_core::plumbing::FrameCodec;
 
 pub use crate::lane::{Down, LANE_MAX_PAYLOAD, Up};
 pub use crate::wire::{

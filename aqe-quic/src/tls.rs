@@ -12,7 +12,8 @@ use std::sync::OnceLock;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use s2n_quic::provider::tls::default as s2n_tls;
 
-use aqe_core::{BoxError, Error, Result, SecurityConfig, SecurityFailure};
+use crate::SecurityConfig;
+use aqe_core::{BoxError, Error, Result, SecurityFailure};
 
 use crate::wire::ALPN;
 

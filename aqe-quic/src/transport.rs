@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::{broadcast, oneshot};
 
-use aqe_core::local::LocalAgent;
+use aqe_core::plumbing::LocalAgent;
+use aqe_core::plumbing::{Delivered, InboxSender};
 use aqe_core::{
-    AgentId, BroadcastReport, Channel, Delivered, Envelope, Error, Event, InboxSender, PeerInfo,
-    Recipient, Redeliver, Registration, Result, RttStats, Stats, StreamHeader, StreamSink,
-    Transport, TransportKind,
+    AgentId, Channel, Envelope, Error, Event, PeerInfo, Redeliver, Registration, Result, RttStats,
+    Stats, StreamHeader, StreamSink, Transport, TransportKind,
 };
 
 use crate::conn::Conn;
@@ -32,11 +32,12 @@ use crate::stream::QuicSink;
 /// # Examples
 /// ```no_run
 /// # async fn run() -> aqe_core::Result<()> {
-/// use aqe_core::{QuicConfig, Transport};
+/// use aqe_core::Transport;
+/// use aqe_quic::{QuicConfig, QuicTransport};
 /// let a = aqe_quic::QuicTransport::bind(QuicConfig::default()).await?;
 /// let b = aqe_quic::QuicTransport::bind(QuicConfig::default()).await?;
 /// b.connect(a.local_addr()).await?; // TLS 1.3 handshake, then the aqe hello
-/// assert_eq!(a.kind(), aqe_core::TransportKind::Quic);
+/// assert_eq!(a.kind(), QuicTransport::KIND);
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -81,6 +82,9 @@ enum Target {
 }
 
 impl QuicTransport {
+    /// How QUIC names itself in events and logs.
+    pub const KIND: TransportKind = TransportKind::new("QUIC");
+
     /// Opens an endpoint as `config` says: listens on `host:port` (port 0 picks one, see
     /// [`QuicTransport::local_addr`]), loads or generates certificates, and starts dialing
     /// the bootstrap peers in the background.
@@ -88,7 +92,7 @@ impl QuicTransport {
     /// # Errors
     /// [`Error::Configuration`] for invalid options or an address that cannot be bound;
     /// [`Error::Security`] when certificates cannot be loaded.
-    pub async fn bind(config: aqe_core::QuicConfig) -> Result<Self> {
+    pub async fn bind(config: crate::QuicConfig) -> Result<Self> {
         Ok(Self {
             shared: Shared::bind(config).await?,
         })
@@ -346,7 +350,7 @@ impl QuicTransport {
 #[async_trait]
 impl Transport for QuicTransport {
     fn kind(&self) -> TransportKind {
-        TransportKind::Quic
+        Self::KIND
     }
 
     async fn attach(&self, agent: Registration, inbox: InboxSender) -> Result<()> {
@@ -390,29 +394,6 @@ impl Transport for QuicTransport {
         }
     }
 
-    async fn broadcast(&self, envelope: Envelope, targets: &[AgentId]) -> Result<BroadcastReport> {
-        let sender = self.sender(&envelope.from)?;
-        let channel = sender
-            .reg
-            .check_broadcast(&envelope.channel, envelope.payload.len())?
-            .clone();
-        let sends = targets.iter().map(|to| {
-            // Each copy names the peer it is for; its kind still says it was a broadcast.
-            let mut copy = envelope.clone();
-            copy.to = Recipient::Agent(to.clone());
-            let (sender, channel) = (&sender, &channel);
-            async move {
-                (
-                    to.clone(),
-                    self.deliver(sender, channel, to, copy, false).await,
-                )
-            }
-        });
-        Ok(BroadcastReport::from_outcomes(
-            futures::future::join_all(sends).await,
-        ))
-    }
-
     async fn open_stream(&self, header: StreamHeader) -> Result<Box<dyn StreamSink>> {
         let sender = self.sender(&header.from)?;
         let channel = sender
@@ -449,6 +430,10 @@ impl Transport for QuicTransport {
                 )))
             }
         }
+    }
+
+    fn registration(&self, agent: &AgentId) -> Result<Registration> {
+        Ok(self.sender(agent)?.reg.clone())
     }
 
     fn peers(&self) -> Vec<PeerInfo> {

@@ -12,7 +12,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use aqe_core::{AgentId, ChannelName, Error, FrameCodec, Registration, Result, StreamHeader};
+use aqe_core::plumbing::FrameCodec;
+use aqe_core::{AgentId, ChannelName, Error, Registration, Result, StreamHeader};
 
 /// The ALPN identifier of this protocol.
 pub const ALPN: &[u8] = b"aqe/2";
@@ -235,11 +236,11 @@ pub fn sequenced_header(seq: u64, envelope_len: usize) -> Result<Bytes> {
     let len = 1 + seq_bytes.len() + envelope_len;
     let len = u32::try_from(len).map_err(|_| Error::MessageTooLarge {
         size: len,
-        max: aqe_core::MAX_FRAME_LEN,
+        max: aqe_core::plumbing::MAX_FRAME_LEN,
     })?;
     let mut buf = BytesMut::with_capacity(5 + seq_bytes.len());
     buf.put_u32(len);
-    buf.put_u8(aqe_core::WIRE_VERSION);
+    buf.put_u8(aqe_core::plumbing::WIRE_VERSION);
     buf.put_slice(seq_bytes);
     Ok(buf.freeze())
 }
@@ -325,7 +326,7 @@ pub fn stream_error(peer: SocketAddr, id: u64, e: s2n_quic::stream::Error) -> Er
         s2n_quic::stream::Error::SendAfterFinish { .. } => StreamFailure::Finished,
         s2n_quic::stream::Error::ConnectionError { error, .. } => {
             return Error::ConnectionLost {
-                addr: peer,
+                addr: peer.into(),
                 source: Box::new(error),
             };
         }

@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
+use aqe_core::Transport;
 use aqe_core::conformance::Harness;
-use aqe_core::{QuicConfig, Transport};
+use aqe_quic::QuicConfig;
 use aqe_quic::QuicTransport;
 
 struct Quic;
@@ -14,7 +15,6 @@ impl Harness for Quic {
         let mut eps = Vec::new();
         for _ in 0..n {
             let config = QuicConfig {
-                enabled: true,
                 host: "127.0.0.1".into(),
                 port: 0,
                 ..QuicConfig::default()

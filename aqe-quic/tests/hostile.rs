@@ -9,10 +9,12 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use aqe_core::plumbing::FrameCodec;
 use aqe_core::{
-    AgentId, Channel, Envelope, Error, Event, FrameCodec, MessageKind, QuicConfig, Recipient,
-    Registration, RequestOptions, SecurityFailure, Transport,
+    AgentId, Channel, Envelope, Error, Event, MessageKind, Recipient, Registration, RequestOptions,
+    SecurityFailure, Transport,
 };
+use aqe_quic::QuicConfig;
 use aqe_quic::testing::{self, Control, Down, FrameReader, Hello, Preamble, Relayed, Up, close};
 use bytes::{BufMut, Bytes, BytesMut};
 use s2n_quic::client::Connect;
@@ -157,7 +159,12 @@ async fn an_unauthenticated_peers_word_about_addresses_and_endpoints_is_not_take
         .expect("listed");
     assert_eq!(
         stranger.address,
-        Some("127.0.0.1:4444".parse().expect("addr")),
+        Some(
+            "127.0.0.1:4444"
+                .parse::<std::net::SocketAddr>()
+                .expect("addr")
+                .into()
+        ),
         "its address takes the IP its connection comes from"
     );
     // e relays its direct peer's membership to f, with the observed address.
@@ -253,17 +260,27 @@ async fn an_agent_id_announced_by_a_second_endpoint_is_refused_and_reported() {
     await_peer(&a, "dup").await;
     a.connect(c.local_addr()).await.expect("a to c");
     let claimed_by = await_event(&mut events, |e| match e {
-        Event::AgentConflict { agent, claimed_by } if agent.as_str() == "dup" => Some(*claimed_by),
+        Event::AgentConflict { agent, claimed_by } if agent.as_str() == "dup" => {
+            Some(claimed_by.clone())
+        }
         _ => None,
     })
     .await;
-    assert_eq!(claimed_by, c.local_addr(), "the second claim is reported");
+    assert_eq!(
+        claimed_by,
+        c.local_addr().into(),
+        "the second claim is reported"
+    );
     let dup = a
         .peers()
         .into_iter()
         .find(|p| p.id.as_str() == "dup")
         .expect("listed");
-    assert_eq!(dup.address, Some(b.local_addr()), "the first keeps the id");
+    assert_eq!(
+        dup.address,
+        Some(b.local_addr().into()),
+        "the first keeps the id"
+    );
     let mut msg = Envelope::new(
         "a".into(),
         Recipient::Agent("dup".into()),
@@ -281,7 +298,7 @@ async fn twenty_thousand_lane_requests_to_a_full_inbox_stay_bounded_and_get_busy
     const N: usize = 20_000;
     let e = endpoint(config()).await;
     // An agent whose inbox nobody reads.
-    let (tx, _never_read) = aqe_core::inbox(AgentId::from("sink"), 16);
+    let (tx, _never_read) = aqe_core::plumbing::inbox(AgentId::from("sink"), 16);
     e.attach(reg("sink"), tx).await.expect("attach");
     let before = testing::task_count(&e);
     let raw = raw_join(
@@ -364,7 +381,7 @@ async fn hellos_announcing_sixteen_mebibytes_cost_nothing_and_are_refused() {
         // A length prefix claiming 16 MiB (minus a little), then nothing more.
         let mut prefix = BytesMut::new();
         prefix.put_u32(16 * 1024 * 1024 - 16);
-        prefix.put_u8(aqe_core::WIRE_VERSION);
+        prefix.put_u8(aqe_core::plumbing::WIRE_VERSION);
         s.send(prefix.freeze()).await.expect("send");
         connections.push((connection, s));
     }
@@ -400,7 +417,7 @@ async fn a_peer_that_stops_reading_cannot_hold_up_attach_detach_or_shutdown() {
     for i in 0..80 {
         let mut r = reg(&format!("big{i}"));
         r.metadata.insert("blob".into(), "x".repeat(60 * 1024));
-        let (tx, rx) = aqe_core::inbox(r.id.clone(), 8);
+        let (tx, rx) = aqe_core::plumbing::inbox(r.id.clone(), 8);
         e.attach(r, tx).await.expect("attach");
         inboxes.push(rx);
     }

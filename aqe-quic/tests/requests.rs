@@ -21,9 +21,9 @@ fn request(size: usize) -> Envelope {
 
 async fn pair() -> (
     aqe_quic::QuicTransport,
-    aqe_core::Inbox,
+    aqe_core::plumbing::Inbox,
     aqe_quic::QuicTransport,
-    aqe_core::Inbox,
+    aqe_core::plumbing::Inbox,
 ) {
     let (a, b) = (endpoint(config()).await, endpoint(config()).await);
     let ia = attach(&a, "a").await;

@@ -9,12 +9,12 @@ use support::*;
 async fn mutual_tls_with_certificates_of_the_configured_ca_is_accepted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(dir.path(), "fleet");
-    let a = endpoint(aqe_core::QuicConfig {
+    let a = endpoint(aqe_quic::QuicConfig {
         security: pki.security("a", &pki.ca_path(), true),
         ..config()
     })
     .await;
-    let b = endpoint(aqe_core::QuicConfig {
+    let b = endpoint(aqe_quic::QuicConfig {
         security: pki.security("b", &pki.ca_path(), true),
         ..config()
     })
@@ -41,7 +41,7 @@ async fn a_client_certificate_from_another_ca_is_rejected_on_both_sides() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fleet = Pki::new(dir.path(), "fleet");
     let rogue = Pki::new(dir.path(), "rogue");
-    let server = endpoint(aqe_core::QuicConfig {
+    let server = endpoint(aqe_quic::QuicConfig {
         security: fleet.security("server", &fleet.ca_path(), true),
         ..config()
     })
@@ -49,7 +49,7 @@ async fn a_client_certificate_from_another_ca_is_rejected_on_both_sides() {
     let mut server_events = server.subscribe();
     // The intruder trusts the fleet's CA (so it accepts the server) but its own certificate
     // comes from another CA.
-    let intruder = endpoint(aqe_core::QuicConfig {
+    let intruder = endpoint(aqe_quic::QuicConfig {
         security: rogue.security("intruder", &fleet.ca_path(), true),
         ..config()
     })
@@ -83,13 +83,13 @@ async fn a_server_certificate_from_an_untrusted_ca_is_rejected_on_both_sides() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fleet = Pki::new(dir.path(), "fleet");
     let other = Pki::new(dir.path(), "other");
-    let impostor = endpoint(aqe_core::QuicConfig {
+    let impostor = endpoint(aqe_quic::QuicConfig {
         security: other.security("impostor", &other.ca_path(), false),
         ..config()
     })
     .await;
     let mut impostor_events = impostor.subscribe();
-    let client = endpoint(aqe_core::QuicConfig {
+    let client = endpoint(aqe_quic::QuicConfig {
         security: fleet.security("client", &fleet.ca_path(), false),
         ..config()
     })

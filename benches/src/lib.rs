@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use aqe_agent::{Agent, EventBus, HandlerError};
-use aqe_core::{QuicConfig, RequestOptions};
+use aqe_core::RequestOptions;
+use aqe_quic::QuicConfig;
 use aqe_quic::QuicTransport;
 use bytes::Bytes;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
@@ -225,7 +226,6 @@ impl AgentPair {
 /// Two connected QUIC endpoints on loopback.
 pub async fn quic_pair() -> (QuicTransport, QuicTransport) {
     let config = || QuicConfig {
-        enabled: true,
         host: "127.0.0.1".into(),
         ..QuicConfig::default()
     };

@@ -6,18 +6,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aqe_core::{
-    AgentId, Channel, Event, Inbound, Inbox, QuicConfig, Registration, SecurityConfig, Token,
-    Transport, inbox,
-};
+use aqe_core::plumbing::{Inbox, inbox};
+use aqe_core::{AgentId, Channel, Event, Inbound, Registration, Token, Transport};
 use aqe_quic::QuicTransport;
+use aqe_quic::{QuicConfig, SecurityConfig};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
 pub fn config() -> QuicConfig {
     QuicConfig {
-        enabled: true,
         host: "127.0.0.1".into(),
         port: 0,
         ..QuicConfig::default()

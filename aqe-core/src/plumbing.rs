@@ -1,0 +1,54 @@
+//! The parts a transport is built from, for transport authors (and the agent runtime).
+//! Users of aqe never need them: an agent's inbox, its receipts and its counters are
+//! handled by the runtime and the transports.
+//!
+//! - the agent [`Inbox`]: bounded, ordered by priority, suppressing duplicates; a transport
+//!   puts what arrives for an agent into its [`InboxSender`];
+//! - [`LocalAgent`] and [`LocalDelivery`]: delivery between agents of one process, which every
+//!   transport uses for agents it hosts side by side (the event bus is nothing else), so that
+//!   priorities, backpressure, receipts and failure reports behave the same everywhere;
+//! - [`StatsRecorder`]: the counters behind [`Stats`](crate::Stats);
+//! - [`FrameCodec`]: postcard in versioned, length-prefixed frames, for byte-stream wires;
+//! - the traits a transport implements behind the contract's types: [`Respond`] (behind a
+//!   [`Responder`](crate::Responder)), [`StreamSource`] (behind an
+//!   [`IncomingStream`](crate::IncomingStream)), [`AckSink`] / [`AckOnce`] (behind a
+//!   [`Receipt`](crate::Receipt));
+//! - [`millis`]: durations as milliseconds in configuration files.
+
+pub use crate::codec::{
+    FRAME_HEADER_LEN, FrameCodec, MAX_FRAME_LEN, MAX_PAYLOAD_LEN, WIRE_VERSION,
+};
+pub use crate::health::StatsRecorder;
+pub use crate::inbox::{
+    DEDUP_SENDERS, DEDUP_WINDOW, DEFAULT_INBOX_CAPACITY, Delivered, Delivery, Inbox, InboxPermit,
+    InboxSender, inbox,
+};
+pub use crate::local::{
+    LocalAgent, LocalDelivery, LocalSink, LocalStreamLimits, responder, stream,
+};
+pub use crate::receipt::{AckOnce, AckSink};
+pub use crate::transport::{Respond, StreamSource};
+
+/// Durations as whole milliseconds in configuration files:
+/// `#[serde(with = "aqe_core::plumbing::millis")]`.
+pub mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes the duration as whole milliseconds.
+    ///
+    /// # Errors
+    /// As the serializer's.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Reads whole milliseconds.
+    ///
+    /// # Errors
+    /// When the value is not an unsigned integer.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}

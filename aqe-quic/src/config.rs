@@ -1,0 +1,325 @@
+//! Configuration of a QUIC endpoint: options, security, bounds.
+//!
+//! Field names follow the camelCase of definition files; durations are milliseconds there.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use aqe_core::plumbing::{DEDUP_WINDOW, MAX_FRAME_LEN, millis};
+use aqe_core::{Error, Result, Token};
+
+/// Security of QUIC links. TLS 1.3 is always on; these options choose certificates, peer
+/// verification and token authentication.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Must stay true: QUIC cannot run without TLS 1.3, and a request to turn it off is
+    /// refused rather than ignored.
+    #[serde(rename = "enableTLS")]
+    pub enable_tls: bool,
+    /// PEM certificate chain of this endpoint. Without it a self-signed one is generated.
+    pub cert_path: Option<PathBuf>,
+    /// PEM private key matching `cert_path`.
+    pub key_path: Option<PathBuf>,
+    /// PEM certificate authority that peers' certificates must chain to.
+    pub ca_path: Option<PathBuf>,
+    /// Mutual TLS: both sides present certificates, checked against `ca_path`.
+    pub verify_peer: bool,
+    /// Require a shared token as the first exchange on every connection.
+    pub enable_token_auth: bool,
+    /// The shared token.
+    pub token: Option<Token>,
+    /// The name every endpoint's certificate must carry; dialers check it. Default `localhost`.
+    pub server_name: String,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            enable_tls: true,
+            cert_path: None,
+            key_path: None,
+            ca_path: None,
+            verify_peer: false,
+            enable_token_auth: false,
+            token: None,
+            server_name: "localhost".to_owned(),
+        }
+    }
+}
+
+impl SecurityConfig {
+    /// Checks that the options are coherent.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] naming the field (relative to `security`).
+    pub fn validate(&self) -> Result<()> {
+        if !self.enable_tls {
+            return Err(Error::config(
+                "enableTLS",
+                "QUIC always uses TLS 1.3; it cannot be turned off",
+            ));
+        }
+        if self.cert_path.is_some() != self.key_path.is_some() {
+            let field = if self.cert_path.is_some() {
+                "keyPath"
+            } else {
+                "certPath"
+            };
+            return Err(Error::config(field, "certPath and keyPath go together"));
+        }
+        if self.verify_peer && self.ca_path.is_none() {
+            return Err(Error::config(
+                "caPath",
+                "verifyPeer needs a CA to verify against",
+            ));
+        }
+        if self.verify_peer && self.cert_path.is_none() {
+            return Err(Error::config(
+                "certPath",
+                "verifyPeer (mutual TLS) needs this endpoint's own certificate",
+            ));
+        }
+        if self.server_name.is_empty() {
+            return Err(Error::config("serverName", "cannot be empty"));
+        }
+        if self.cert_path.is_some() && self.ca_path.is_none() {
+            return Err(Error::config(
+                "caPath",
+                "a configured certificate needs a CA to verify peers against",
+            ));
+        }
+        if self.enable_token_auth && self.token.as_ref().is_none_or(|t| t.expose().is_empty()) {
+            return Err(Error::config(
+                "token",
+                "enableTokenAuth needs a non-empty token",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Bounds on what peers can make a QUIC endpoint hold or do. Every resource a peer drives is
+/// bounded by one of these (or by the window, the request lane's limit or a stream limit).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct QuicLimits {
+    /// Connections open at once; further connection attempts are refused. Default 1024.
+    pub max_connections: u32,
+    /// TLS handshakes in progress at once; beyond, new attempts must first prove their
+    /// address (a QUIC Retry), and beyond twice this they are dropped. Default 64.
+    pub max_handshakes: u32,
+    /// Largest hello frame accepted, before the peer is authenticated (a hello holds no
+    /// agent list: membership follows it). Default 16 KiB.
+    pub hello_frame: u32,
+    /// Largest control frame (an agent's announcement, say) accepted. Default 256 KiB.
+    pub control_frame: u32,
+    /// Agents one peer endpoint may announce. Default 4096.
+    pub agents_per_peer: u32,
+    /// Other endpoints one peer may tell this endpoint about (peer exchange). Default 1024.
+    pub endpoints_per_peer: u32,
+    /// Connections being dialed at once. Default 16.
+    pub concurrent_dials: u32,
+    /// Requests of one peer's request lane held in hand (queued or running); further ones are
+    /// answered "busy". Default 1024.
+    pub requests_in_hand: u32,
+}
+
+impl Default for QuicLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_handshakes: 64,
+            hello_frame: 16 * 1024,
+            control_frame: 256 * 1024,
+            agents_per_peer: 4096,
+            endpoints_per_peer: 1024,
+            concurrent_dials: 16,
+            requests_in_hand: 1024,
+        }
+    }
+}
+
+impl QuicLimits {
+    /// Checks the bounds.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let checks: [(&str, u32, u32); 8] = [
+            ("maxConnections", self.max_connections, 1),
+            ("maxHandshakes", self.max_handshakes, 1),
+            ("helloFrame", self.hello_frame, 1024),
+            ("controlFrame", self.control_frame, 128 * 1024),
+            ("agentsPerPeer", self.agents_per_peer, 1),
+            ("endpointsPerPeer", self.endpoints_per_peer, 0),
+            ("concurrentDials", self.concurrent_dials, 1),
+            ("requestsInHand", self.requests_in_hand, 1),
+        ];
+        for (field, value, min) in checks {
+            if value < min {
+                return Err(Error::config(field, format!("must be at least {min}")));
+            }
+        }
+        for (field, value) in [
+            ("helloFrame", self.hello_frame),
+            ("controlFrame", self.control_frame),
+        ] {
+            if value as usize > MAX_FRAME_LEN {
+                return Err(Error::config(
+                    field,
+                    format!("must be at most {}", MAX_FRAME_LEN),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whose word an endpoint takes about other endpoints (their addresses and agents).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerExchange {
+    /// Only from peers that proved who they are: with a token, with a client certificate
+    /// (mutual TLS), or by the server certificate this endpoint verified when it dialed them.
+    #[default]
+    Authenticated,
+    /// From any peer, authenticated or not. A stranger could then point this endpoint at any
+    /// address (it still verifies the certificate of whatever it dials).
+    All,
+    /// From nobody: every connection is configured or dialed by hand.
+    Off,
+}
+
+/// Options of a QUIC endpoint: where it listens, whom it dials, how long it waits, what it
+/// bounds, and its [`SecurityConfig`]. In an agent definition file these are the
+/// `quicConfig` object (whose `channels` belong to the agent, not to the endpoint).
+///
+/// ```
+/// let config: aqe_quic::QuicConfig = serde_json::from_str(
+///     r#"{"host": "0.0.0.0", "port": 4433, "livenessTimeout": 2000}"#,
+/// ).unwrap();
+/// assert_eq!(config.port, 4433);
+/// config.validate().unwrap();
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct QuicConfig {
+    /// Host or IP to listen on.
+    pub host: String,
+    /// UDP port to listen on; 0 picks a free one.
+    pub port: u16,
+    /// How long a connection attempt may take.
+    #[serde(with = "millis")]
+    pub connection_timeout: Duration,
+    /// How long a silent connection lives before the peer is declared gone.
+    #[serde(with = "millis")]
+    pub idle_timeout: Duration,
+    /// How long a reliable send may wait for the receiver (flow control, a full inbox).
+    #[serde(with = "millis")]
+    pub send_timeout: Duration,
+    /// 0-RTT early data on resumed connections.
+    #[serde(rename = "enable0RTT")]
+    pub enable_0rtt: bool,
+    /// Follow a peer whose address changes.
+    pub enable_migration: bool,
+    /// Streams a peer may have open at once on a connection.
+    pub max_concurrent_streams: u32,
+    /// How often each side of a connection proves it is alive (a heartbeat on the control
+    /// stream).
+    #[serde(with = "millis")]
+    pub heartbeat_interval: Duration,
+    /// How long a connection may stay silent (no heartbeat, acknowledgement or other control
+    /// frame) before its peer is declared unreachable: requests to it fail at once, and its
+    /// agents leave. A few heartbeats, so that loss alone does not trigger it.
+    #[serde(with = "millis")]
+    pub liveness_timeout: Duration,
+    /// How long a reliable message accepted for delivery may take to reach its receiver,
+    /// redeliveries after a connection failure included, before it is reported failed.
+    #[serde(with = "millis")]
+    pub delivery_deadline: Duration,
+    /// Reliable messages a sender may have unacknowledged per receiving agent and connection;
+    /// a full window makes the sender wait (up to `sendTimeout`).
+    pub window: u32,
+    /// Addresses (`host:port`) of endpoints to connect to at start.
+    pub bootstrap_peers: Vec<String>,
+    /// Whose word this endpoint takes about other endpoints (default: authenticated peers).
+    pub peer_exchange: PeerExchange,
+    /// Bounds on what peers can make this endpoint hold or do.
+    pub limits: QuicLimits,
+    /// Certificates, verification, tokens.
+    pub security: SecurityConfig,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".to_owned(),
+            port: 0,
+            connection_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(5),
+            enable_0rtt: false,
+            enable_migration: false,
+            max_concurrent_streams: 100,
+            heartbeat_interval: Duration::from_millis(500),
+            liveness_timeout: Duration::from_secs(3),
+            delivery_deadline: Duration::from_secs(10),
+            window: 1024,
+            bootstrap_peers: Vec::new(),
+            peer_exchange: PeerExchange::default(),
+            limits: QuicLimits::default(),
+            security: SecurityConfig::default(),
+        }
+    }
+}
+
+impl QuicConfig {
+    /// Checks the options.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.connection_timeout.is_zero() {
+            return Err(Error::config("connectionTimeout", "must be above zero"));
+        }
+        if self.send_timeout.is_zero() {
+            return Err(Error::config("sendTimeout", "must be above zero"));
+        }
+        if self.idle_timeout.is_zero() {
+            return Err(Error::config("idleTimeout", "must be above zero"));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err(Error::config("maxConcurrentStreams", "must be above zero"));
+        }
+        if self.heartbeat_interval.is_zero() {
+            return Err(Error::config("heartbeatInterval", "must be above zero"));
+        }
+        if self.liveness_timeout < self.heartbeat_interval * 2 {
+            return Err(Error::config(
+                "livenessTimeout",
+                "must be at least two heartbeat intervals, or loss alone would trip it",
+            ));
+        }
+        if self.delivery_deadline.is_zero() {
+            return Err(Error::config("deliveryDeadline", "must be above zero"));
+        }
+        if self.window == 0 || self.window as usize > DEDUP_WINDOW / 2 {
+            return Err(Error::config(
+                "window",
+                format!(
+                    "must be within 1..={} (half the receivers' duplicate window)",
+                    DEDUP_WINDOW / 2
+                ),
+            ));
+        }
+        self.limits
+            .validate()
+            .map_err(|e| e.in_config(None, "limits."))?;
+        self.security
+            .validate()
+            .map_err(|e| e.in_config(None, "security."))
+    }
+}
