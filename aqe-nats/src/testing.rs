@@ -1,0 +1,168 @@
+//! Test support: a real `nats-server` on a free loopback port.
+//!
+//! The server runs under a small shell watchdog whose standard input is a pipe from this
+//! process: when the [`NatsServer`] is dropped, or this process exits in any way, the pipe
+//! closes and the watchdog stops the server. No server outlives its test run.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// What to do when `nats-server` is not installed.
+pub const INSTALL_HINT: &str = "nats-server is not installed: the NATS tests run against a real server. \
+Install it with `apt-get install nats-server` (Debian/Ubuntu), or run the tests with \
+`cargo xtask test`, which installs it first.";
+
+/// A running `nats-server`, stopped when dropped.
+#[derive(Debug)]
+pub struct NatsServer {
+    port: u16,
+    watchdog: Child,
+    pipe: Option<ChildStdin>,
+    dir: PathBuf,
+}
+
+/// Where `nats-server` is, if installed (on `PATH`, or in the system directories Debian
+/// uses, which are not on every user's `PATH`).
+pub fn nats_server_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file())
+}
+
+impl NatsServer {
+    /// Starts a server on 127.0.0.1 and a free port.
+    ///
+    /// # Panics
+    /// When `nats-server` is not installed (with how to install it), or does not start.
+    pub fn start() -> Self {
+        Self::start_with(&[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts a server on 127.0.0.1 and a free port, with extra command-line arguments.
+    ///
+    /// # Errors
+    /// When `nats-server` is missing ([`INSTALL_HINT`]) or does not come up within 10 s.
+    pub fn start_with(args: &[&str]) -> Result<Self, String> {
+        Self::spawn(args, None)
+    }
+
+    /// One server for the whole test process, started on first use.
+    ///
+    /// # Panics
+    /// As [`NatsServer::start`].
+    pub fn shared() -> &'static NatsServer {
+        static SERVER: OnceLock<NatsServer> = OnceLock::new();
+        SERVER.get_or_init(NatsServer::start)
+    }
+
+    fn spawn(args: &[&str], port: Option<u16>) -> Result<Self, String> {
+        let binary = nats_server_binary().ok_or_else(|| INSTALL_HINT.to_owned())?;
+        let dir = std::env::temp_dir().join(format!(
+            "aqe-nats-{}-{}",
+            std::process::id(),
+            aqe_core::MessageId::next()
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let port_arg = port.map_or_else(|| "-1".to_owned(), |p| p.to_string());
+        // The watchdog: runs the server, waits for its stdin to close, then stops it.
+        let script = r#"server="$1"; shift
+"$server" "$@" >/dev/null 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null' EXIT
+read _unused
+kill $pid 2>/dev/null
+wait $pid"#;
+        let mut watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("aqe-nats-watchdog")
+            .arg(&binary)
+            .args(["-a", "127.0.0.1", "-p", &port_arg, "--ports_file_dir"])
+            .arg(&dir)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run sh to start {}: {e}", binary.display()))?;
+        let pipe = watchdog.stdin.take();
+        let mut server = Self {
+            port: 0,
+            watchdog,
+            pipe,
+            dir,
+        };
+        server.port = wait_for_port(&server.dir).ok_or_else(|| {
+            format!(
+                "{} did not report a listening port within 10 s",
+                binary.display()
+            )
+        })?;
+        Ok(server)
+    }
+
+    /// The client URL, `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops the server and starts a new one on the same port (clients reconnect).
+    ///
+    /// # Errors
+    /// As [`NatsServer::start_with`].
+    pub fn restart(&mut self) -> Result<(), String> {
+        let port = self.port;
+        self.stop();
+        let fresh = Self::spawn(&[], Some(port))?;
+        *self = fresh;
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut pipe) = self.pipe.take() {
+            let _ = pipe.write_all(b"\n");
+        }
+        let _ = self.watchdog.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Reads the port from the ports file the server writes once it listens.
+fn wait_for_port(dir: &Path) -> Option<u16> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                if let Ok(text) = std::fs::read_to_string(entry.path()) {
+                    // {"nats":["nats://127.0.0.1:37793"], ...}
+                    let port = text.split("nats://127.0.0.1:").nth(1).and_then(|rest| {
+                        rest.split(|c: char| !c.is_ascii_digit())
+                            .next()
+                            .and_then(|p| p.parse().ok())
+                    });
+                    if port.is_some() {
+                        return port;
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
