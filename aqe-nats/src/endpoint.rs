@@ -30,7 +30,7 @@ use aqe_core::{
 };
 
 use crate::NatsConfig;
-use crate::flows::{Entry, FlowKey, InKey, Inflow, Outbox, Verdict};
+use crate::flows::{Entry, FlowKey, InKey, Inflow, Outbox, Settled, Verdict};
 use crate::membership::{Change, MAX_SNAPSHOT_PARTS, Membership};
 use crate::stream::{InStream, NatsSource, OutStream};
 use crate::wire::{self, BroadcastTarget, Ep, Frame, Received, Sequenced, Subjects};
@@ -53,7 +53,15 @@ struct Pending {
 pub(crate) enum Control {
     /// A flow received up to a point.
     Received(Ep, Received),
-    /// A message taken by its agent.
+    /// A message of a flow taken or dropped by its agent.
+    Settled {
+        key: InKey,
+        epoch: u64,
+        seq: u64,
+        id: MessageId,
+        fate: Settled,
+    },
+    /// A message taken by its agent (confirmed again).
     Taken(Ep, MessageId),
     /// A message dropped unread by its stopping agent.
     Abandoned(Ep, MessageId),
@@ -827,36 +835,48 @@ impl Shared {
             to: agent.clone(),
             channel: envelope.channel.clone(),
         };
-        let verdict = lock(&self.inflow).on_message(key, &flow, Instant::now());
-        let up_to = match verdict {
-            Verdict::Deliver(up_to) | Verdict::Duplicate(up_to) => up_to,
-            Verdict::Gap | Verdict::Full => return,
-        };
-        let received = Received {
-            from: envelope.from.clone(),
-            to: agent.clone(),
-            channel: envelope.channel.clone(),
+        let verdict = lock(&self.inflow).on_message(key.clone(), id, &flow, Instant::now());
+        let received = |up_to| Received {
+            from: key.from.clone(),
+            to: key.to.clone(),
+            channel: key.channel.clone(),
             epoch: flow.epoch,
             up_to,
         };
-        // A copy of one already delivered goes to the inbox too: it recognises the id and
-        // confirms it again, in case the first confirmation was lost.
-        let receipt = Receipt::once(TakeAck {
-            control: self.control.clone(),
-            to: from,
-            id,
-        });
-        let item = Inbound::Message { envelope, receipt };
-        let fresh = matches!(verdict, Verdict::Deliver(_));
-        let delivered = local.inbox.deliver_now(item, || {
-            if fresh {
-                local.stats.received(len)
+        match verdict {
+            Verdict::Deliver(up_to) => {
+                let receipt = Receipt::once(TakeAck {
+                    control: self.control.clone(),
+                    key: key.clone(),
+                    epoch: flow.epoch,
+                    seq: flow.seq,
+                    id,
+                });
+                let item = Inbound::Message { envelope, receipt };
+                let delivered = local
+                    .inbox
+                    .deliver_now(item, || local.stats.received(len));
+                if let Err((_, Inbound::Message { receipt, .. })) = delivered {
+                    receipt.abandon();
+                }
+                let _ = self.control.send(Control::Received(from, received(up_to)));
             }
-        });
-        if let Err((_, Inbound::Message { receipt, .. })) = delivered {
-            receipt.abandon();
+            // A copy of one delivered before, sent again because a confirmation was lost:
+            // the confirmation goes again, the message does not.
+            Verdict::Duplicate(up_to, fate) => {
+                match fate {
+                    Some(Settled::Taken) => {
+                        let _ = self.control.send(Control::Taken(from, id));
+                    }
+                    Some(Settled::Abandoned) => {
+                        let _ = self.control.send(Control::Abandoned(from, id));
+                    }
+                    Some(Settled::Queued) | None => {}
+                }
+                let _ = self.control.send(Control::Received(from, received(up_to)));
+            }
+            Verdict::Gap | Verdict::Full => {}
         }
-        let _ = self.control.send(Control::Received(from, received));
     }
 
     /// A request for local agent `agent` from endpoint `from`, answered on `reply`.
@@ -1285,6 +1305,21 @@ impl Shared {
                         .or_insert(0);
                     *up = (*up).max(r.up_to);
                 }
+                Control::Settled {
+                    key,
+                    epoch,
+                    seq,
+                    id,
+                    fate,
+                } => {
+                    lock(&self.inflow).settle(&key, epoch, seq, fate);
+                    let a = acks.entry(key.endpoint).or_default();
+                    match fate {
+                        Settled::Taken => a.taken.push(id),
+                        Settled::Abandoned => a.abandoned.push(id),
+                        Settled::Queued => {}
+                    }
+                }
                 Control::Taken(ep, id) => acks.entry(ep).or_default().taken.push(id),
                 Control::Abandoned(ep, id) => acks.entry(ep).or_default().abandoned.push(id),
                 Control::To(ep, frame) => frames.push((ep, frame)),
@@ -1572,20 +1607,35 @@ impl Drop for RequestGuard<'_> {
     }
 }
 
-/// Confirms a reliable message to its sender's endpoint when its agent takes it.
+/// Confirms a reliable message to its sender's endpoint when its agent takes it (or
+/// reports it dropped unread), and records what became of it in its flow.
 struct TakeAck {
     control: mpsc::UnboundedSender<Control>,
-    to: Ep,
+    key: InKey,
+    epoch: u64,
+    seq: u64,
     id: MessageId,
+}
+
+impl TakeAck {
+    fn settle(self, fate: Settled) {
+        let _ = self.control.send(Control::Settled {
+            key: self.key,
+            epoch: self.epoch,
+            seq: self.seq,
+            id: self.id,
+            fate,
+        });
+    }
 }
 
 impl AckOnce for TakeAck {
     fn acknowledged(self: Box<Self>) {
-        let _ = self.control.send(Control::Taken(self.to, self.id));
+        self.settle(Settled::Taken);
     }
 
     fn abandoned(self: Box<Self>) {
-        let _ = self.control.send(Control::Abandoned(self.to, self.id));
+        self.settle(Settled::Abandoned);
     }
 }
 

@@ -9,7 +9,7 @@
 //! acknowledges cumulatively what it has received. NATS delivers a publisher's messages in
 //! order, so gaps come only from real loss (a slow consumer, a reconnect).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,10 @@ impl Flow {
             .iter()
             .find(|e| !e.received)
             .map_or(self.next_seq, |e| e.seq)
+    }
+
+    fn oldest(&self) -> u64 {
+        self.entries.front().map_or(self.next_seq, |e| e.seq)
     }
 }
 
@@ -137,6 +141,7 @@ impl Outbox {
             epoch: flow.epoch,
             seq,
             base: flow.base(),
+            oldest: flow.oldest(),
         })
     }
 
@@ -192,7 +197,7 @@ impl Outbox {
                 .iter()
                 .find(|e| !e.received)
                 .is_some_and(|e| now.saturating_duration_since(e.sent_at) >= after);
-            let (epoch, base) = (flow.epoch, flow.base());
+            let (epoch, base, oldest) = (flow.epoch, flow.base(), flow.oldest());
             let messages: Vec<_> = flow
                 .entries
                 .iter_mut()
@@ -210,6 +215,7 @@ impl Outbox {
                         epoch,
                         seq: e.seq,
                         base,
+                        oldest,
                     };
                     (s, e.envelope.clone())
                 })
@@ -298,20 +304,40 @@ pub(crate) struct InKey {
     pub(crate) channel: ChannelName,
 }
 
+/// What became of a message delivered to the receiving agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Still in the agent's inbox.
+    Queued,
+    /// Taken by the agent.
+    Taken,
+    /// Dropped unread when the agent stopped.
+    Abandoned,
+}
+
 #[derive(Debug)]
 struct InFlow {
     epoch: u64,
     next: u64,
     last_seen: Instant,
+    /// What became of each delivered message the sender may still ask about (from its
+    /// `oldest` on), so that a copy sent again because a confirmation was lost is answered
+    /// with the confirmation, never delivered twice.
+    fates: BTreeMap<u64, (MessageId, Settled)>,
 }
+
+/// Most fates one flow remembers; beyond, the oldest are forgotten (their senders' deadlines
+/// have passed long before, at any realistic rate).
+const MAX_FATES: usize = 16 * 1024;
 
 /// What the receiver does with a numbered message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
     /// Next in order: deliver it. The flow is now received up to the value.
     Deliver(u64),
-    /// Already delivered: acknowledge again (the first acknowledgement may be lost).
-    Duplicate(u64),
+    /// Already delivered: acknowledge again (the first acknowledgement may be lost), with
+    /// what became of it if that is known.
+    Duplicate(u64, Option<Settled>),
     /// Something before it is missing: drop it, the sender will send from the gap.
     Gap,
     /// Too many flows tracked: drop it, the sender will try again.
@@ -333,24 +359,27 @@ impl Inflow {
         }
     }
 
-    /// Decides about message `flow.seq` of `key`.
-    pub(crate) fn on_message(&mut self, key: InKey, flow: &Sequenced, now: Instant) -> Verdict {
-        let epoch = flow.epoch;
+    /// Decides about message `flow.seq` (id `id`) of `key`.
+    pub(crate) fn on_message(
+        &mut self,
+        key: InKey,
+        id: MessageId,
+        flow: &Sequenced,
+        now: Instant,
+    ) -> Verdict {
         if !self.flows.contains_key(&key) && self.flows.len() >= self.max_flows {
             return Verdict::Full;
         }
-        let state = self.flows.entry(key).or_insert(InFlow {
-            epoch,
+        let fresh = || InFlow {
+            epoch: flow.epoch,
             next: flow.base.max(1),
             last_seen: now,
-        });
-        if state.epoch != epoch {
+            fates: BTreeMap::new(),
+        };
+        let state = self.flows.entry(key).or_insert_with(fresh);
+        if state.epoch != flow.epoch {
             // A new life of the flow: what came before `base` was settled in the old one.
-            *state = InFlow {
-                epoch,
-                next: flow.base.max(1),
-                last_seen: now,
-            };
+            *state = fresh();
         }
         state.last_seen = now;
         if state.next < flow.base {
@@ -358,13 +387,35 @@ impl Inflow {
             // side forgot): nothing before it will come again.
             state.next = flow.base;
         }
+        // The sender no longer asks about anything before `oldest`.
+        let keep = state.fates.split_off(&flow.oldest);
+        state.fates = keep;
         if flow.seq == state.next {
             state.next += 1;
+            state.fates.insert(flow.seq, (id, Settled::Queued));
+            while state.fates.len() > MAX_FATES {
+                state.fates.pop_first();
+            }
             Verdict::Deliver(flow.seq)
         } else if flow.seq < state.next {
-            Verdict::Duplicate(state.next - 1)
+            let fate = state
+                .fates
+                .get(&flow.seq)
+                .filter(|(known, _)| *known == id)
+                .map(|(_, f)| *f);
+            Verdict::Duplicate(state.next - 1, fate)
         } else {
             Verdict::Gap
+        }
+    }
+
+    /// Records what became of message `seq` of `key`.
+    pub(crate) fn settle(&mut self, key: &InKey, epoch: u64, seq: u64, fate: Settled) {
+        if let Some(state) = self.flows.get_mut(key)
+            && state.epoch == epoch
+            && let Some((_, f)) = state.fates.get_mut(&seq)
+        {
+            *f = fate;
         }
     }
 
@@ -448,14 +499,18 @@ mod tests {
                     if lost() {
                         continue;
                     }
-                    let up_to = match inflow.on_message(inkey(), &s, now) {
+                    let up_to = match inflow.on_message(inkey(), e.id, &s, now) {
                         Verdict::Deliver(up_to) => {
                             // The agent takes it at once.
                             delivered.push(e.payload[0]);
+                            inflow.settle(&inkey(), s.epoch, s.seq, Settled::Taken);
                             up_to
                         }
-                        // The inbox recognises the copy and confirms it again.
-                        Verdict::Duplicate(up_to) => up_to,
+                        // A copy: the confirmation is sent again, nothing is delivered.
+                        Verdict::Duplicate(up_to, fate) => {
+                            assert_eq!(fate, Some(Settled::Taken), "seed {seed}");
+                            up_to
+                        }
                         Verdict::Gap | Verdict::Full => continue,
                     };
                     if !lost() {
@@ -478,28 +533,52 @@ mod tests {
     fn a_new_epoch_restarts_the_receiver_and_base_skips_what_was_settled() {
         let now = Instant::now();
         let mut inflow = Inflow::new(4);
-        let s = |epoch, seq, base| Sequenced { epoch, seq, base };
+        let s = |epoch, seq, base| Sequenced {
+            epoch,
+            seq,
+            base,
+            oldest: base,
+        };
+        let id = MessageId;
         assert_eq!(
-            inflow.on_message(inkey(), &s(1, 1, 1), now),
+            inflow.on_message(inkey(), id(1), &s(1, 1, 1), now),
             Verdict::Deliver(1)
         );
-        assert_eq!(inflow.on_message(inkey(), &s(1, 3, 2), now), Verdict::Gap);
+        let gap = Sequenced {
+            oldest: 1,
+            ..s(1, 3, 2)
+        };
+        assert_eq!(inflow.on_message(inkey(), id(3), &gap, now), Verdict::Gap);
         assert_eq!(
-            inflow.on_message(inkey(), &s(1, 1, 1), now),
-            Verdict::Duplicate(1)
+            inflow.on_message(inkey(), id(1), &s(1, 1, 1), now),
+            Verdict::Duplicate(1, Some(Settled::Queued))
+        );
+        inflow.settle(&inkey(), 1, 1, Settled::Abandoned);
+        assert_eq!(
+            inflow.on_message(inkey(), id(1), &s(1, 1, 1), now),
+            Verdict::Duplicate(1, Some(Settled::Abandoned))
         );
         // A new life of the flow: numbering restarts.
         assert_eq!(
-            inflow.on_message(inkey(), &s(2, 1, 1), now),
+            inflow.on_message(inkey(), id(5), &s(2, 1, 1), now),
             Verdict::Deliver(1)
         );
         // A receiver that forgot the flow starts at the sender's base.
         inflow.expire(now + Duration::from_secs(60), Duration::from_secs(30));
         assert_eq!(
-            inflow.on_message(inkey(), &s(2, 7, 7), now),
+            inflow.on_message(inkey(), id(7), &s(2, 7, 7), now),
             Verdict::Deliver(7)
         );
-        assert_eq!(inflow.on_message(inkey(), &s(2, 9, 8), now), Verdict::Gap);
+        assert_eq!(inflow.on_message(inkey(), id(9), &s(2, 9, 8), now), Verdict::Gap);
+        // What the sender no longer asks about is forgotten.
+        assert_eq!(
+            inflow.on_message(inkey(), id(8), &s(2, 8, 8), now),
+            Verdict::Deliver(8)
+        );
+        assert_eq!(
+            inflow.on_message(inkey(), id(7), &s(2, 7, 8), now),
+            Verdict::Duplicate(8, None)
+        );
     }
 
     #[test]
@@ -538,12 +617,16 @@ mod tests {
             epoch: 1,
             seq: 1,
             base: 1,
+            oldest: 1,
         };
-        full.on_message(inkey(), &first, now);
+        full.on_message(inkey(), MessageId(1), &first, now);
         let other = InKey {
             from: "z".into(),
             ..inkey()
         };
-        assert_eq!(full.on_message(other, &first, now), Verdict::Full);
+        assert_eq!(
+            full.on_message(other, MessageId(2), &first, now),
+            Verdict::Full
+        );
     }
 }

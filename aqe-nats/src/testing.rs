@@ -71,7 +71,8 @@ impl NatsServer {
         let port_arg = port.map_or_else(|| "-1".to_owned(), |p| p.to_string());
         // The watchdog: runs the server, waits for its stdin to close, then stops it.
         let script = r#"server="$1"; shift
-"$server" "$@" >/dev/null 2>&1 &
+log="$1"; shift
+"$server" "$@" >"$log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null' EXIT
 read _unused
@@ -82,6 +83,7 @@ wait $pid"#;
             .arg(script)
             .arg("aqe-nats-watchdog")
             .arg(&binary)
+            .arg(dir.join("server.log"))
             .args(["-a", "127.0.0.1", "-p", &port_arg, "--ports_file_dir"])
             .arg(&dir)
             .args(args)
@@ -98,9 +100,12 @@ wait $pid"#;
             dir,
         };
         server.port = wait_for_port(&server.dir).ok_or_else(|| {
+            let log = std::fs::read_to_string(server.dir.join("server.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
             format!(
-                "{} did not report a listening port within 10 s",
-                binary.display()
+                "{} did not report a listening port within 10 s; its log ends with:\n{}",
+                binary.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             )
         })?;
         Ok(server)
@@ -149,9 +154,12 @@ fn wait_for_port(dir: &Path) -> Option<u16> {
     while Instant::now() < deadline {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for entry in entries.flatten() {
+                if entry.path().extension().is_none_or(|e| e != "ports") {
+                    continue;
+                }
                 if let Ok(text) = std::fs::read_to_string(entry.path()) {
-                    // {"nats":["nats://127.0.0.1:37793"], ...}
-                    let port = text.split("nats://127.0.0.1:").nth(1).and_then(|rest| {
+                    // {"nats":["nats://127.0.0.1:37793"]}, `tls://` with TLS.
+                    let port = text.split("://127.0.0.1:").nth(1).and_then(|rest| {
                         rest.split(|c: char| !c.is_ascii_digit())
                             .next()
                             .and_then(|p| p.parse().ok())
@@ -165,4 +173,75 @@ fn wait_for_port(dir: &Path) -> Option<u16> {
         std::thread::sleep(Duration::from_millis(10));
     }
     None
+}
+
+/// Frames as another endpoint of the fleet would publish them, for tests of what an
+/// endpoint does with frames it did not expect (a misbehaving member of the account).
+pub mod forge {
+    use bytes::Bytes;
+
+    use aqe_core::{MessageId, Registration};
+
+    use crate::wire::{self, Ep, Frame};
+
+    fn encode(frame: &Frame) -> Bytes {
+        wire::encode(frame).unwrap_or_default()
+    }
+
+    /// The subject of the endpoint named `endpoint` (its
+    /// [`endpoint_id`](crate::NatsTransport::endpoint_id)) in `fleet`.
+    pub fn endpoint_subject(fleet: &str, endpoint: &str) -> String {
+        format!("aqe.{fleet}.ep.{endpoint}")
+    }
+
+    /// The fleet's presence subject.
+    pub fn presence_subject(fleet: &str) -> String {
+        crate::wire::Subjects::new(fleet).presence()
+    }
+
+    /// The subject of agent `agent` in `fleet`.
+    pub fn agent_subject(fleet: &str, agent: &str) -> String {
+        crate::wire::Subjects::new(fleet).agent(&agent.into())
+    }
+
+    /// The fleet's broadcast subject.
+    pub fn broadcast_subject(fleet: &str) -> String {
+        crate::wire::Subjects::new(fleet).broadcast()
+    }
+
+    /// A heartbeat of endpoint `from` at `generation`.
+    pub fn alive(from: u64, generation: u64) -> Bytes {
+        encode(&Frame::Alive {
+            from: Ep(from),
+            generation,
+        })
+    }
+
+    /// Endpoint `from` announcing `agent` at `generation`.
+    pub fn joined(from: u64, generation: u64, agent: Registration) -> Bytes {
+        encode(&Frame::Joined {
+            from: Ep(from),
+            generation,
+            agent,
+        })
+    }
+
+    /// Endpoint `from` claiming that messages `ids` were taken.
+    pub fn taken(from: u64, ids: Vec<MessageId>) -> Bytes {
+        encode(&Frame::Acks {
+            from: Ep(from),
+            received: Vec::new(),
+            taken: ids,
+            abandoned: Vec::new(),
+        })
+    }
+
+    /// Endpoint `from` claiming to answer request `request`.
+    pub fn response(from: u64, request: MessageId, envelope: aqe_core::Envelope) -> Bytes {
+        encode(&Frame::Response {
+            from: Ep(from),
+            request,
+            envelope,
+        })
+    }
 }

@@ -110,12 +110,14 @@ fn push_token(out: &mut String, id: &str) {
 /// A reliable message on its flow: `seq` numbers the messages of one (sender, receiver,
 /// channel) flow from 1 within `epoch` (fresh for every life of the flow); `base` is the
 /// oldest one the sender has not seen received, where a receiver without state for the flow
-/// starts.
+/// starts; `oldest` is the oldest one the sender has not seen taken, below which the
+/// receiver forgets what became of each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Sequenced {
     pub(crate) epoch: u64,
     pub(crate) seq: u64,
     pub(crate) base: u64,
+    pub(crate) oldest: u64,
 }
 
 /// One target of a fleet broadcast, with its place in the flow to it (none on an unreliable
@@ -299,7 +301,8 @@ mod tests {
             flow: Sequenced {
                 epoch: 7,
                 seq: 3,
-                base: 1,
+                base: 2,
+                oldest: 1,
             },
             envelope,
         };
