@@ -3,7 +3,8 @@
 //! The file layout is the guide's: `agentType`, `capabilities`, `enableQUIC` and a
 //! `quicConfig` object whose `channels` are the agent's channels and whose other fields are
 //! the QUIC endpoint's options (`aqe_quic::QuicConfig`). Channels may also be given at the
-//! top level as `channels`. Each transport section is read by the crate of that transport,
+//! top level as `channels`. A `natsConfig` object (`aqe_nats::NatsConfig`: servers, fleet,
+//! credentials, TLS) adds the NATS fallback. Each transport section is read by the crate of that transport,
 //! so a build without that transport's feature cannot check it: it is then ignored, with a
 //! warning when the definition asks for the transport.
 
@@ -52,6 +53,10 @@ pub struct AgentDefinition {
     /// The QUIC endpoint's options (`quicConfig` without its `channels`).
     #[cfg(feature = "quic")]
     pub quic_config: aqe_quic::QuicConfig,
+    /// The NATS connection (`natsConfig`): when present, the agent also joins its fleet on
+    /// that server, as the fallback after QUIC.
+    #[cfg(feature = "nats")]
+    pub nats_config: Option<aqe_nats::NatsConfig>,
 }
 
 /// The file as written, before each transport's section is handed to its crate.
@@ -69,6 +74,8 @@ struct File {
     channels: Option<Vec<Channel>>,
     #[serde(default)]
     quic_config: Option<Map<String, Value>>,
+    #[serde(default)]
+    nats_config: Option<Value>,
     #[serde(default)]
     health: HealthThresholds,
     #[serde(default)]
@@ -149,6 +156,19 @@ impl AgentDefinition {
         };
         #[cfg(not(feature = "quic"))]
         drop(quic);
+        #[cfg(feature = "nats")]
+        let nats_config = match doc.nats_config {
+            None => None,
+            Some(v) => {
+                let c: aqe_nats::NatsConfig = section(v, file, "natsConfig.")?;
+                c.validate().map_err(|e| e.in_config(file, "natsConfig."))?;
+                Some(c)
+            }
+        };
+        #[cfg(not(feature = "nats"))]
+        if doc.nats_config.is_some() {
+            tracing::warn!(file = ?file, "the definition configures NATS, but aqe-agent was built without the `nats` feature; natsConfig is ignored");
+        }
         let def = AgentDefinition {
             id: doc.id,
             agent_type: doc.agent_type,
@@ -159,6 +179,8 @@ impl AgentDefinition {
             enable_quic,
             #[cfg(feature = "quic")]
             quic_config,
+            #[cfg(feature = "nats")]
+            nats_config,
         };
         let mut reg = def.registration();
         reg.id = AgentId::new("check");

@@ -1,7 +1,7 @@
 //! A transport made of an ordered chain: try the first, and where it cannot reach a peer, the
 //! next. FALLBACK.md at the repository root gives the policy link by link.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -15,9 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use aqe_core::plumbing::InboxSender;
 use aqe_core::{
-    AgentId, BroadcastReport, Envelope, Error, Event, PeerInfo, Redeliver, Registration, Result,
-    Stats, StreamHeader, StreamSink, Transport, TransportKind,
+    AgentId, BroadcastReport, ChannelName, Envelope, Error, Event, PeerInfo, Redeliver,
+    Registration, Result, SendFailure, Stats, StreamHeader, StreamSink, Transport, TransportKind,
 };
+
+/// An ordered flow: sender, receiver, channel.
+type Flow = (AgentId, AgentId, ChannelName);
 
 /// When an operation moves from one transport of a chain to the next.
 ///
@@ -90,7 +93,15 @@ pub struct Fallback {
     account: Arc<Account>,
     shutdown: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The ordered reliable channels of each attached agent.
+    ordered: DashMap<AgentId, Arc<HashSet<ChannelName>>>,
+    /// The link that last carried each ordered flow (sender, receiver, channel).
+    last_link: DashMap<(AgentId, AgentId, ChannelName), usize>,
 }
+
+/// How long a message on an ordered channel waits, when its flow moves to another link, for
+/// what the previous link still carries to reach the receiver (redeliveries included).
+pub const ORDERED_SWITCH_WAIT: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Fallback {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -157,8 +168,10 @@ impl Fallback {
                 account: account.clone(),
             }));
         }
-        // Over how many of the transports each peer is known.
-        let membership = Arc::new(Mutex::new(HashMap::new()));
+        // What was last said of each peer; what each link can reach decides the rest.
+        let said = Arc::new(Mutex::new(HashMap::new()));
+        let transports: Arc<Vec<Arc<dyn Transport>>> =
+            Arc::new(links.iter().map(|l| l.transport.clone()).collect());
         let shutdown = CancellationToken::new();
         let tasks = links
             .iter()
@@ -166,7 +179,8 @@ impl Fallback {
                 tokio::spawn(merge_events(
                     l.transport.subscribe(),
                     events.clone(),
-                    membership.clone(),
+                    transports.clone(),
+                    said.clone(),
                     shutdown.clone(),
                 ))
             })
@@ -176,6 +190,8 @@ impl Fallback {
             account,
             shutdown,
             tasks: Mutex::new(tasks),
+            ordered: DashMap::new(),
+            last_link: DashMap::new(),
         })
     }
 
@@ -195,13 +211,49 @@ impl Fallback {
         }
     }
 
+    /// The ordered flow an envelope belongs to, if its channel is ordered and reliable.
+    fn flow_of(&self, from: &AgentId, to: Option<&AgentId>, channel: &ChannelName) -> Option<Flow> {
+        let to = to?;
+        self.ordered
+            .get(from)
+            .filter(|o| o.contains(channel))
+            .map(|_| (from.clone(), to.clone(), channel.clone()))
+    }
+
+    /// Before an ordered flow goes over link `i`: if another link carried it last, waits for
+    /// what that link still carries to reach the receiver, so nothing overtakes it.
+    async fn switch_to(&self, flow: &Flow, i: usize) -> Result<()> {
+        let previous = self.last_link.get(flow).map(|p| *p);
+        let Some(p) = previous.filter(|p| *p != i) else {
+            return Ok(());
+        };
+        let (from, to, channel) = flow;
+        let drained = tokio::time::timeout(
+            ORDERED_SWITCH_WAIT,
+            self.links[p].transport.flush(from, to, channel),
+        )
+        .await;
+        match drained {
+            // A link that shut down carries nothing more.
+            Ok(Ok(()) | Err(Error::Shutdown)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::SendFailed {
+                to: to.clone(),
+                reason: SendFailure::QueueFull(ORDERED_SWITCH_WAIT),
+            }),
+        }
+    }
+
     /// Runs `op` on each link in turn while the link's policy says the error calls for the
-    /// next one, and accounts for every fallback that succeeded.
+    /// next one, and accounts for every fallback that succeeded. A link that cannot reach
+    /// `peer` is skipped (as if it answered "peer not found"); an ordered `flow` moving to
+    /// another link waits for the previous one first.
     async fn along<'a, T, F, Fut>(
         &'a self,
         operation: &'static str,
         from: &AgentId,
         peer: Option<&AgentId>,
+        flow: Option<Flow>,
         op: F,
     ) -> Result<T>
     where
@@ -209,10 +261,27 @@ impl Fallback {
         Fut: Future<Output = Result<T>> + 'a,
     {
         let mut failures: Vec<Error> = Vec::new();
+        // The links skipped because they cannot reach the peer, last first.
+        let mut skipped: Option<Error> = None;
+        let n = self.links.len();
         for (i, link) in self.links.iter().enumerate() {
+            if let Some(to) = peer
+                && i + 1 < n
+                && link.policy.on_unreachable
+                && !link.transport.can_reach(to)
+            {
+                skipped = Some(Error::PeerNotFound { peer: to.clone() });
+                continue;
+            }
+            if let Some(flow) = &flow {
+                self.switch_to(flow, i).await?;
+            }
             match op(&link.transport).await {
                 Ok(v) => {
-                    if let Some(previous) = failures.last() {
+                    if let Some(flow) = flow {
+                        self.last_link.insert(flow, i);
+                    }
+                    if let Some(previous) = failures.last().or(skipped.as_ref()) {
                         self.account.record(
                             operation,
                             from,
@@ -224,7 +293,7 @@ impl Fallback {
                     return Ok(v);
                 }
                 Err(e) => {
-                    let go_on = i + 1 < self.links.len() && link.policy.applies(&e);
+                    let go_on = i + 1 < n && link.policy.applies(&e);
                     failures.push(e);
                     if !go_on {
                         break;
@@ -232,7 +301,10 @@ impl Fallback {
                 }
             }
         }
-        Err(most_telling(failures))
+        Err(match skipped {
+            Some(unreachable) if failures.is_empty() => unreachable,
+            _ => most_telling(failures),
+        })
     }
 
     /// A request over link `i`; when that link's policy falls back on timeouts, the same
@@ -391,12 +463,20 @@ impl Redeliver for ViaNext {
     }
 }
 
+/// Forwards one link's events, announcing a peer when the chain first reaches it and its
+/// departure when no link reaches it any more. Each link's events come through a task of
+/// their own, so the decision rests on what the links can reach now, not on the order in
+/// which their events arrive; `last` holds what was last said of each peer (`true`:
+/// discovered), so that nothing is said twice.
 async fn merge_events(
     mut rx: broadcast::Receiver<Event>,
     out: broadcast::Sender<Event>,
-    membership: Arc<Mutex<HashMap<AgentId, usize>>>,
+    links: Arc<Vec<Arc<dyn Transport>>>,
+    last: Arc<Mutex<HashMap<AgentId, bool>>>,
     shutdown: CancellationToken,
 ) {
+    /// Departed peers remembered before the oldest are forgotten.
+    const REMEMBERED: usize = 65536;
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -404,23 +484,19 @@ async fn merge_events(
         };
         let forward = match event {
             Ok(Event::PeerDiscovered(p)) => {
-                let mut m = membership.lock().unwrap_or_else(|p| p.into_inner());
-                let n = m.entry(p.id.clone()).or_insert(0);
-                *n += 1;
-                (*n == 1).then_some(Event::PeerDiscovered(p))
+                let mut said = last.lock().unwrap_or_else(|p| p.into_inner());
+                let reachable = links.iter().any(|l| l.can_reach(&p.id));
+                let new = reachable && said.insert(p.id.clone(), true) != Some(true);
+                new.then_some(Event::PeerDiscovered(p))
             }
             Ok(Event::PeerLeft(id)) => {
-                let mut m = membership.lock().unwrap_or_else(|p| p.into_inner());
-                match m.get_mut(&id) {
-                    Some(n) if *n > 1 => {
-                        *n -= 1;
-                        None
-                    }
-                    _ => {
-                        m.remove(&id);
-                        Some(Event::PeerLeft(id))
-                    }
+                let mut said = last.lock().unwrap_or_else(|p| p.into_inner());
+                let reachable = links.iter().any(|l| l.can_reach(&id));
+                let gone = !reachable && said.insert(id.clone(), false) != Some(false);
+                if said.len() > REMEMBERED {
+                    said.retain(|_, discovered| *discovered);
                 }
+                gone.then_some(Event::PeerLeft(id))
             }
             Ok(e) => Some(e),
             Err(broadcast::error::RecvError::Lagged(missed)) => Some(Event::Lagged { missed }),
@@ -439,11 +515,19 @@ impl Transport for Fallback {
     }
 
     async fn attach(&self, agent: Registration, inbox: InboxSender) -> Result<()> {
+        let ordered: HashSet<ChannelName> = agent
+            .channels
+            .iter()
+            .filter(|c| c.ordered && c.reliable)
+            .map(|c| c.name.clone())
+            .collect();
+        self.ordered.insert(agent.id.clone(), Arc::new(ordered));
         for (i, link) in self.links.iter().enumerate() {
             if let Err(e) = link.transport.attach(agent.clone(), inbox.clone()).await {
                 for earlier in &self.links[..i] {
                     let _ = earlier.transport.detach(&agent.id).await;
                 }
+                self.ordered.remove(&agent.id);
                 return Err(e);
             }
         }
@@ -451,6 +535,8 @@ impl Transport for Fallback {
     }
 
     async fn detach(&self, agent: &AgentId) -> Result<()> {
+        self.ordered.remove(agent);
+        self.last_link.retain(|(from, _, _), _| from != agent);
         let mut outcome = Err(Error::PeerNotFound {
             peer: agent.clone(),
         });
@@ -465,13 +551,17 @@ impl Transport for Fallback {
 
     async fn send(&self, envelope: Envelope) -> Result<()> {
         let (from, peer) = (envelope.from.clone(), envelope.target().cloned());
-        self.along("send", &from, peer.as_ref(), |t| t.send(envelope.clone()))
-            .await
+        let flow = self.flow_of(&from, peer.as_ref(), &envelope.channel);
+        self.along("send", &from, peer.as_ref(), flow, |t| {
+            t.send(envelope.clone())
+        })
+        .await
     }
 
     async fn send_confirmed(&self, envelope: Envelope) -> Result<()> {
         let (from, peer) = (envelope.from.clone(), envelope.target().cloned());
-        self.along("send", &from, peer.as_ref(), |t| {
+        let flow = self.flow_of(&from, peer.as_ref(), &envelope.channel);
+        self.along("send", &from, peer.as_ref(), flow, |t| {
             t.send_confirmed(envelope.clone())
         })
         .await
@@ -481,54 +571,32 @@ impl Transport for Fallback {
         self.request_from(0, envelope, timeout).await
     }
 
+    /// Each target gets its copy through the chain on its own, so that an ordered channel
+    /// stays ordered per target when some targets are reached over another link.
     async fn broadcast(&self, envelope: Envelope, targets: &[AgentId]) -> Result<BroadcastReport> {
-        let first = &self.links[0];
-        let mut report = first.transport.broadcast(envelope.clone(), targets).await?;
-        for (i, link) in self.links.iter().enumerate().skip(1) {
-            let policy = self.links[i - 1].policy;
-            let (retry, keep): (Vec<_>, Vec<_>) = report
-                .failed
-                .drain(..)
-                .partition(|(_, e)| policy.applies(e));
-            report.failed = keep;
-            if retry.is_empty() {
-                break;
+        self.registration(&envelope.from)?
+            .check_broadcast(&envelope.channel, envelope.payload.len())?;
+        let sends = targets.iter().map(|to| {
+            let mut copy = envelope.clone();
+            copy.to = aqe_core::Recipient::Agent(to.clone());
+            let flow = self.flow_of(&copy.from, Some(to), &copy.channel);
+            async move {
+                let from = copy.from.clone();
+                let r = self
+                    .along("broadcast", &from, Some(to), flow, |t| t.send(copy.clone()))
+                    .await;
+                (to.clone(), r)
             }
-            let ids: Vec<AgentId> = retry.iter().map(|(id, _)| id.clone()).collect();
-            let mut before: HashMap<AgentId, Error> = retry.into_iter().collect();
-            match link.transport.broadcast(envelope.clone(), &ids).await {
-                Ok(here) => {
-                    for id in here.delivered {
-                        if let Some(e) = before.remove(&id) {
-                            self.account.record(
-                                "broadcast",
-                                &envelope.from,
-                                Some(id.clone()),
-                                link.transport.kind(),
-                                &e,
-                            );
-                        }
-                        report.delivered.push(id);
-                    }
-                    for (id, e) in here.failed {
-                        let earlier = before.remove(&id);
-                        let err = match (e, earlier) {
-                            (Error::PeerNotFound { .. }, Some(earlier)) => earlier,
-                            (e, _) => e,
-                        };
-                        report.failed.push((id, err));
-                    }
-                }
-                Err(_) => report.failed.extend(before),
-            }
-        }
-        Ok(report)
+        });
+        Ok(BroadcastReport::from_outcomes(
+            futures::future::join_all(sends).await,
+        ))
     }
 
     async fn open_stream(&self, header: StreamHeader) -> Result<Box<dyn StreamSink>> {
         let from = header.from.clone();
         let peer = header.to.clone();
-        self.along("open_stream", &from, Some(&peer), |t| {
+        self.along("open_stream", &from, Some(&peer), None, |t| {
             t.open_stream(header.clone())
         })
         .await
@@ -536,6 +604,17 @@ impl Transport for Fallback {
 
     fn registration(&self, agent: &AgentId) -> Result<Registration> {
         self.links[0].transport.registration(agent)
+    }
+
+    fn can_reach(&self, agent: &AgentId) -> bool {
+        self.links.iter().any(|l| l.transport.can_reach(agent))
+    }
+
+    async fn flush(&self, from: &AgentId, to: &AgentId, channel: &ChannelName) -> Result<()> {
+        for link in &self.links {
+            link.transport.flush(from, to, channel).await?;
+        }
+        Ok(())
     }
 
     fn peers(&self) -> Vec<PeerInfo> {

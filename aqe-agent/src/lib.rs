@@ -1,19 +1,26 @@
-//! The agent runtime of aqe: what users program against.
+//! The agent runtime of aqe: what users program against (`use aqe_agent::prelude::*`).
 //!
 //! An [`Agent`] has an id, a type, capabilities and channels, handlers for what it receives,
 //! and one transport. It can send to one agent, request and await a reply (timeout,
 //! retries), broadcast to the fleet, open streams, discover peers, and report its health and
 //! statistics. The transport is any [`Transport`](aqe_core::Transport): the in-process
-//! [`EventBus`], QUIC, or a [`Fallback`] of two of them, which moves an operation to the
-//! second transport when the first cannot reach the peer ([`FallbackPolicy`]).
+//! [`EventBus`], QUIC, NATS, or a [`Fallback`] chain of them, which moves an operation to the
+//! next transport when one cannot reach the peer ([`FallbackPolicy`]; FALLBACK.md gives the
+//! policy link by link).
 //!
-//! Agents can also be started from a directory of JSON definition files with [`Fleet`].
+//! Agents can also be started from a directory of JSON definition files
+//! ([`AgentDefinition`]) with [`Fleet`].
 //!
 //! # Feature flags
-//! - `quic`: the QUIC transport ([`QuicTransport`], from `aqe-quic` on s2n-quic), and QUIC
+//! Each transport is one feature; features only add transports, never change what the
+//! others do.
+//! - `quic`: the QUIC transport (`QuicTransport`, from `aqe-quic` on s2n-quic), and QUIC
 //!   endpoints for definitions that set `enableQUIC` in [`Fleet::from_dir`]. Off by default;
-//!   without it s2n-quic is not compiled, and such definitions run on the given transport
+//!   without it s2n-quic is not compiled, and such definitions run on the rest of their chain
 //!   (a warning says so), which is the documented fallback when QUIC is off.
+//! - `nats`: the NATS transport (`NatsTransport`, from `aqe-nats` on async-nats), and NATS
+//!   connections for definitions with a `natsConfig`. Off by default; without it async-nats is
+//!   not compiled.
 //!
 //! All errors are [`aqe_core::Error`]: one error type across transports is what makes them
 //! interchangeable. Handler failures travel back to requesters as [`HandlerError`]s and
@@ -34,13 +41,18 @@ pub use agent::Agent;
 pub use builder::AgentBuilder;
 pub use definition::AgentDefinition;
 pub use events::EventStream;
-pub use fallback::{Fallback, FallbackPolicy};
+pub use fallback::{Fallback, FallbackBuilder, FallbackPolicy, ORDERED_SWITCH_WAIT};
 pub use fleet::Fleet;
 pub use handler::HandlerError;
 
 /// The core types, for users who depend on this crate alone.
 pub use aqe_core;
 pub use aqe_eventbus::EventBus;
+/// The NATS transport crate.
+#[cfg(feature = "nats")]
+pub use aqe_nats;
+#[cfg(feature = "nats")]
+pub use aqe_nats::NatsTransport;
 /// The QUIC transport crate (certificates for a fleet: `aqe_quic::certs`).
 #[cfg(feature = "quic")]
 pub use aqe_quic;

@@ -22,3 +22,6 @@ pub use aqe_core::{
 
 #[cfg(feature = "quic")]
 pub use aqe_quic::{QuicConfig, QuicTransport, SecurityConfig};
+
+#[cfg(feature = "nats")]
+pub use aqe_nats::{NatsConfig, NatsTransport};

@@ -456,6 +456,27 @@ pub trait Transport: Send + Sync + 'static {
     /// Subscribes to membership and connection events.
     fn subscribe(&self) -> broadcast::Receiver<Event>;
 
+    /// Whether this transport knows a way to `agent` now (it is attached here, or known at
+    /// a reachable endpoint). A fallback chain skips a transport that cannot reach the peer
+    /// instead of trying it. The provided implementation looks through [`Transport::peers`];
+    /// transports override it with a direct lookup.
+    fn can_reach(&self, agent: &AgentId) -> bool {
+        self.peers().iter().any(|p| &p.id == agent)
+    }
+
+    /// Resolves once every reliable message accepted so far from `from` to `to` on
+    /// `channel` is in the receiving agent's inbox (or was taken, or reported failed): what
+    /// a fallback chain waits for before it moves an ordered channel to another transport,
+    /// so that nothing sent later overtakes it. The provided implementation, for transports
+    /// whose `send` returns once the message is in the inbox, resolves at once.
+    ///
+    /// # Errors
+    /// [`Error::Shutdown`] when the transport stops meanwhile.
+    async fn flush(&self, from: &AgentId, to: &AgentId, channel: &ChannelName) -> Result<()> {
+        let _ = (from, to, channel);
+        Ok(())
+    }
+
     /// Hands reliable messages this transport could not deliver to `redeliver` before
     /// reporting them failed. Transports that never lose an accepted message (the in-process
     /// bus) ignore it, which is what this default does.

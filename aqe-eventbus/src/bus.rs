@@ -218,6 +218,10 @@ impl Transport for EventBus {
         Ok(Box::new(sink))
     }
 
+    fn can_reach(&self, agent: &AgentId) -> bool {
+        self.inner.members.contains_key(agent)
+    }
+
     fn registration(&self, agent: &AgentId) -> Result<Registration> {
         self.live()?;
         Ok(self.member(agent)?.reg.clone())

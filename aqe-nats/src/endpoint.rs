@@ -853,9 +853,7 @@ impl Shared {
                     id,
                 });
                 let item = Inbound::Message { envelope, receipt };
-                let delivered = local
-                    .inbox
-                    .deliver_now(item, || local.stats.received(len));
+                let delivered = local.inbox.deliver_now(item, || local.stats.received(len));
                 if let Err((_, Inbound::Message { receipt, .. })) = delivered {
                     receipt.abandon();
                 }
@@ -976,6 +974,7 @@ impl Shared {
         abandoned: Vec<MessageId>,
         now: Instant,
     ) {
+        let progress = !received.is_empty();
         let mut outbox = lock(&self.outbox);
         for r in received {
             let key = FlowKey {
@@ -1018,8 +1017,23 @@ impl Shared {
         for (key, ids) in failed {
             self.report_failed(key, ids, DeliveryFailure::ReceiverStopped);
         }
-        if freed {
+        if freed || progress {
             self.room.notify_waiters();
+        }
+    }
+
+    /// Resolves once the flow has nothing its receiver's endpoint has not acknowledged
+    /// receiving (it is then in the agent's inbox, or was handed on, or failed).
+    pub(crate) async fn flush(&self, key: &FlowKey) -> Result<()> {
+        loop {
+            let progress = self.room.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            self.live()?;
+            if !lock(&self.outbox).unreceived(key) {
+                return Ok(());
+            }
+            progress.await;
         }
     }
 

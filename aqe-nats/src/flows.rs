@@ -171,6 +171,13 @@ impl Outbox {
         sample
     }
 
+    /// Whether the flow has messages its receiver's endpoint has not acknowledged receiving.
+    pub(crate) fn unreceived(&self, key: &FlowKey) -> bool {
+        self.flows
+            .get(key)
+            .is_some_and(|f| f.entries.iter().any(|e| !e.received))
+    }
+
     /// Removes the message `id` (taken, or dropped unread by its receiver), when the
     /// endpoint saying so is the one its flow goes to.
     pub(crate) fn remove(&mut self, id: MessageId, by: Ep) -> Option<(FlowKey, Entry)> {
@@ -569,7 +576,10 @@ mod tests {
             inflow.on_message(inkey(), id(7), &s(2, 7, 7), now),
             Verdict::Deliver(7)
         );
-        assert_eq!(inflow.on_message(inkey(), id(9), &s(2, 9, 8), now), Verdict::Gap);
+        assert_eq!(
+            inflow.on_message(inkey(), id(9), &s(2, 9, 8), now),
+            Verdict::Gap
+        );
         // What the sender no longer asks about is forgotten.
         assert_eq!(
             inflow.on_message(inkey(), id(8), &s(2, 8, 8), now),

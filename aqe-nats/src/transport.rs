@@ -281,6 +281,28 @@ impl Transport for NatsTransport {
         }
     }
 
+    fn can_reach(&self, agent: &AgentId) -> bool {
+        self.shared.live().is_ok()
+            && (self.shared.locals.contains_key(agent)
+                || crate::endpoint::lock(&self.shared.membership)
+                    .lookup(agent)
+                    .is_some())
+    }
+
+    async fn flush(
+        &self,
+        from: &AgentId,
+        to: &AgentId,
+        channel: &aqe_core::ChannelName,
+    ) -> Result<()> {
+        let key = crate::flows::FlowKey {
+            from: from.clone(),
+            to: to.clone(),
+            channel: channel.clone(),
+        };
+        self.shared.flush(&key).await
+    }
+
     fn registration(&self, agent: &AgentId) -> Result<Registration> {
         Ok(self.sender(agent)?.reg.clone())
     }

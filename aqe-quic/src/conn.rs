@@ -562,11 +562,13 @@ pub(crate) async fn drive(
                     match c {
                         Control::Ack(ranges) => {
                             conn.outbox.settle(&ranges).into_iter().for_each(outbox::delivered);
+                            shared.progress.notify_waiters();
                         }
                         Control::Unprocessed(ranges, why) => {
                             let gone = conn.outbox.settle(&ranges);
                             tracing::debug!(peer = %conn.listen, n = gone.len(), ?why, "messages not taken by their receiver");
                             outbox::failed(&shared.events, gone, |_| unprocessed_reason(why));
+                            shared.progress.notify_waiters();
                         }
                         Control::Ping(_) => {}
                         Control::Drained => conn.peer_drained(),

@@ -123,6 +123,9 @@ pub(crate) struct Shared {
     redeliver: Mutex<Option<Arc<dyn Redeliver>>>,
     /// Signalled whenever a handoff to the redelivery handler ends.
     handoffs: Notify,
+    /// Signalled whenever reliable messages settle (acknowledged, failed, orphaned, handed
+    /// on): what [`Shared::flow_settled`] waits for.
+    pub(crate) progress: Notify,
     /// Bounds the dials under way.
     dials: tokio::sync::Semaphore,
     /// One dial per address at a time: a second caller waits for the first's outcome.
@@ -270,6 +273,7 @@ impl Shared {
             local_delivery,
             redeliver: Mutex::new(None),
             handoffs: Notify::new(),
+            progress: Notify::new(),
             dials,
             dial_locks: Mutex::new(HashMap::new()),
             own_nonces: Mutex::new(std::collections::HashSet::new()),
@@ -289,6 +293,46 @@ impl Shared {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `agent` is hosted here or has a route (a connection, or an address to dial).
+    pub(crate) fn can_reach(&self, agent: &AgentId) -> bool {
+        self.live().is_ok()
+            && (self.local(agent).is_some() || self.lock().registry.route(agent).is_some())
+    }
+
+    /// Whether a reliable message of the flow `from`, `to`, `channel` awaits acknowledgement
+    /// here, on any connection or for redelivery.
+    pub(crate) fn flow_pending(&self, from: &AgentId, to: &AgentId, channel: &ChannelName) -> bool {
+        let state = self.lock();
+        state.redelivery.has_flow(from, to, channel)
+            || state
+                .links
+                .values()
+                .filter_map(|l| l.conn.as_ref())
+                .any(|c| c.outbox.has_flow(from, to, channel))
+    }
+
+    /// Resolves once nothing of the flow awaits acknowledgement here.
+    pub(crate) async fn flow_settled(
+        &self,
+        from: &AgentId,
+        to: &AgentId,
+        channel: &ChannelName,
+    ) -> Result<()> {
+        loop {
+            let progress = self.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            self.live()?;
+            if !self.flow_pending(from, to, channel) {
+                return Ok(());
+            }
+            tokio::select! {
+                () = progress => {}
+                () = self.shutdown.cancelled() => return Err(Error::Shutdown),
+            }
+        }
     }
 
     pub(crate) fn live(&self) -> Result<()> {
@@ -352,6 +396,7 @@ impl Shared {
                         for to in state.redelivery.add(orphans) {
                             self.redeliver_now(state, &to);
                         }
+                        self.progress.notify_waiters();
                     }
                 }
                 Action::HandOver(key) => {
@@ -1210,6 +1255,7 @@ async fn sweep_deadlines(shared: Arc<Shared>) {
                 "messages not delivered by their deadline"
             );
             outbox::failed(&shared.events, expired, outbox::orphan_reason);
+            shared.progress.notify_waiters();
         }
     }
 }
@@ -1259,6 +1305,7 @@ async fn hand_over(shared: Arc<Shared>, handler: Arc<dyn Redeliver>, to: AgentId
         }
     }
     shared.handoffs.notify_waiters();
+    shared.progress.notify_waiters();
 }
 
 /// Keeps dialing a bootstrap peer until connected, backing off, until shutdown.

@@ -286,6 +286,18 @@ impl Outbox {
     pub(crate) fn is_empty(&self) -> bool {
         self.lock().unacked.is_empty()
     }
+
+    /// Whether a message of the flow `from`, `to`, `channel` awaits acknowledgement.
+    pub(crate) fn has_flow(&self, from: &AgentId, to: &AgentId, channel: &ChannelName) -> bool {
+        self.lock()
+            .unacked
+            .values()
+            .any(|p| is_flow(&p.envelope, from, to, channel))
+    }
+}
+
+fn is_flow(e: &Envelope, from: &AgentId, to: &AgentId, channel: &ChannelName) -> bool {
+    &e.from == from && &e.channel == channel && e.target() == Some(to)
 }
 
 /// Messages whose connection ended unacknowledged, waiting to go out again, by receiver.
@@ -341,6 +353,16 @@ impl Redelivery {
 
     pub(crate) fn end_handoff(&mut self, to: &AgentId) {
         self.handing_off.remove(to);
+    }
+
+    /// Whether a message of the flow `from`, `to`, `channel` waits here (or may be with the
+    /// redelivery handler now).
+    pub(crate) fn has_flow(&self, from: &AgentId, to: &AgentId, channel: &ChannelName) -> bool {
+        self.handing_off.contains(to)
+            || self
+                .waiting
+                .get(to)
+                .is_some_and(|q| q.iter().any(|p| is_flow(&p.envelope, from, to, channel)))
     }
 
     pub(crate) fn handing_off(&self, to: &AgentId) -> bool {

@@ -432,6 +432,19 @@ impl Transport for QuicTransport {
         }
     }
 
+    fn can_reach(&self, agent: &AgentId) -> bool {
+        self.shared.can_reach(agent)
+    }
+
+    async fn flush(
+        &self,
+        from: &AgentId,
+        to: &AgentId,
+        channel: &aqe_core::ChannelName,
+    ) -> Result<()> {
+        self.shared.flow_settled(from, to, channel).await
+    }
+
     fn registration(&self, agent: &AgentId) -> Result<Registration> {
         Ok(self.sender(agent)?.reg.clone())
     }
