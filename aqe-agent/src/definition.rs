@@ -356,6 +356,13 @@ mod tests {
         assert_eq!(field, "channels");
         let (field, _) = err_of(r#"{"agentType":"w","channels":["results","results"]}"#);
         assert_eq!(field, "channels[1].name");
+        #[cfg(feature = "nats")]
+        {
+            let (field, _) = err_of(r#"{"agentType":"w","natsConfig":{"fleet":"a.b"}}"#);
+            assert_eq!(field, "natsConfig.fleet");
+            let (field, _) = err_of(r#"{"agentType":"w","natsConfig":{"srevers":[]}}"#);
+            assert_eq!(field, "natsConfig.srevers");
+        }
         #[cfg(feature = "quic")]
         {
             let (field, _) = err_of(r#"{"agentType":"w","quicConfig":{"prot":1}}"#);
@@ -387,6 +394,8 @@ mod tests {
         assert_eq!(def.channels.len(), 3);
         #[cfg(feature = "quic")]
         assert_eq!(def.quic_config.send_timeout, Duration::from_secs(5));
+        #[cfg(feature = "nats")]
+        assert_eq!(def.nats_config.map(|n| n.fleet).as_deref(), Some("qe"));
     }
 
     #[test]

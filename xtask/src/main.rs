@@ -1,5 +1,9 @@
 //! The repository's own tools.
 //!
+//! `cargo xtask test [cargo test arguments]`: installs what the tests need (`nats-server`)
+//! when it is missing, then runs `cargo test --locked --workspace --all-features`: the
+//! README's test command.
+//!
 //! `cargo xtask fuzz [SECS]`: runs every fuzz target of `fuzz/` (cargo-fuzz, nightly) for
 //! SECS seconds (default 60) and fails on a crash.
 //!
@@ -19,6 +23,7 @@ use anyhow::{Context, bail};
 
 mod fuzz;
 mod lab;
+mod test;
 
 /// What each measurement is compared with: (benchmark, floor, what it shows).
 const COMPARISONS: &[(&str, &str, &str)] = &[
@@ -67,8 +72,9 @@ fn main() -> anyhow::Result<()> {
         Some("bench") => bench(&args[1..]),
         Some("lab") => lab::lab(&workspace_root()),
         Some("fuzz") => fuzz::fuzz(&workspace_root(), &args[1..]),
+        Some("test") => test::test(&workspace_root(), &args[1..]),
         _ => bail!(
-            "usage: cargo xtask bench [criterion arguments] | cargo xtask lab | cargo xtask fuzz [SECS]"
+            "usage: cargo xtask test [cargo test arguments] | cargo xtask bench [criterion arguments] | cargo xtask lab | cargo xtask fuzz [SECS]"
         ),
     }
 }

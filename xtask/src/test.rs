@@ -1,0 +1,69 @@
+//! `cargo xtask test [cargo test arguments]`: makes sure what the tests need is installed
+//! (`nats-server`, from Debian's packages), then runs the workspace tests with every feature:
+//! `cargo test --locked --workspace --all-features`. The NATS tests never skip: without a
+//! server they fail, naming what to install.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+pub(crate) fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    ensure_nats_server()?;
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+        .current_dir(root)
+        .args(["test", "--locked", "--workspace", "--all-features"])
+        .args(args)
+        .status()
+        .context("running cargo test")?;
+    if !status.success() {
+        bail!("the tests failed");
+    }
+    Ok(())
+}
+
+/// Installs `nats-server` with apt-get when it is missing.
+fn ensure_nats_server() -> anyhow::Result<()> {
+    if let Some(path) = aqe_nats::testing::nats_server_binary() {
+        println!("nats-server: {}", path.display());
+        return Ok(());
+    }
+    println!(
+        "nats-server is missing; installing it from Debian's packages (apt-get install nats-server)"
+    );
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let apt = |args: &[&str]| -> bool {
+        let mut cmd = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.args(["-n", "apt-get"]);
+            c
+        };
+        cmd.args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !apt(&["install", "-y", "-q", "nats-server"]) {
+        // The package lists may be stale or absent on a fresh machine.
+        let _ = apt(&["update", "-q"]);
+        if !apt(&["install", "-y", "-q", "nats-server"]) {
+            bail!(
+                "could not install nats-server (apt-get install nats-server{}); install it and run again",
+                if root { "" } else { ", as root or with sudo" }
+            );
+        }
+    }
+    match aqe_nats::testing::nats_server_binary() {
+        Some(path) => {
+            println!("nats-server installed: {}", path.display());
+            Ok(())
+        }
+        None => bail!("apt-get installed nats-server, but no nats-server binary was found"),
+    }
+}
