@@ -18,10 +18,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use aqe_agent::aqe_nats::NatsConfig;
 use aqe_agent::aqe_quic::certs::FleetCa;
 use aqe_agent::aqe_quic::{QuicConfig, SecurityConfig};
-use aqe_agent::{Agent, HandlerError, QuicTransport};
-use aqe_core::{AgentId, ChannelName, DeliveryFailure, Event, MessageId, RequestOptions};
+use aqe_agent::{
+    Agent, EventBus, Fallback, FallbackPolicy, HandlerError, NatsTransport, QuicTransport,
+};
+use aqe_core::{
+    AgentId, BroadcastOptions, ChannelName, DeliveryFailure, Event, MessageId, RequestOptions,
+    Transport,
+};
 use tokio::io::AsyncWriteExt;
 
 /// The fleet CA's certificate, in a certificate directory.
@@ -57,6 +63,8 @@ pub struct Options {
     pub liveness: Duration,
     /// Delivery deadline.
     pub deadline: Duration,
+    /// A NATS server: the endpoint's transport is then the chain QUIC, NATS, bus.
+    pub nats: Option<String>,
 }
 
 impl Options {
@@ -71,6 +79,7 @@ impl Options {
             heartbeat: defaults.heartbeat_interval,
             liveness: defaults.liveness_timeout,
             deadline: defaults.delivery_deadline,
+            nats: None,
         }
     }
 
@@ -121,6 +130,31 @@ impl Options {
         }
         Err(last.map_or_else(|| anyhow::anyhow!("bind failed"), Into::into))
     }
+
+    /// The agent's transport: the QUIC endpoint, or, with a NATS server, the chain QUIC,
+    /// NATS, bus.
+    ///
+    /// # Errors
+    /// When the NATS server cannot be reached.
+    pub async fn transport(&self, quic: &QuicTransport) -> anyhow::Result<Arc<dyn Transport>> {
+        let Some(server) = &self.nats else {
+            return Ok(Arc::new(quic.clone()));
+        };
+        let nats = NatsTransport::connect(NatsConfig {
+            servers: vec![server.clone()],
+            fleet: "probe".into(),
+            heartbeat_interval: self.heartbeat,
+            liveness_timeout: self.liveness,
+            delivery_deadline: self.deadline,
+            ..NatsConfig::default()
+        })
+        .await
+        .with_context(|| format!("connecting to NATS at {server}"))?;
+        Ok(Fallback::chain(Arc::new(quic.clone()))
+            .then(Arc::new(nats), FallbackPolicy::default())
+            .then(Arc::new(EventBus::new()), FallbackPolicy::default())
+            .build())
+    }
 }
 
 /// Runs a receiving agent `agent` until the process ends: prints `READY <addr>`, then a line
@@ -132,13 +166,14 @@ impl Options {
 pub async fn receive(options: &Options, agent: &str) -> anyhow::Result<()> {
     let quic = options.bind().await?;
     let addr = quic.local_addr();
+    let transport = options.transport(&quic).await?;
     let out = Arc::new(tokio::sync::Mutex::new(tokio::io::stdout()));
     let msg_out = out.clone();
     let req_out = out.clone();
     let _agent = Agent::builder()
         .id(agent)
         .agent_type("probe-receiver")
-        .transport(Arc::new(quic))
+        .transport(transport)
         .inbox_capacity(4096)
         .on_message(move |_, env| {
             let out = msg_out.clone();
@@ -187,7 +222,13 @@ pub struct Plan {
     pub pace: Option<(u32, Duration)>,
     /// Per-request timeout.
     pub request_timeout: Duration,
+    /// A mixed load: besides message `n` (on `channel`), every tenth `n` also a request and
+    /// a fleet broadcast numbered [`BROADCAST_BASE`] + `n`; a progress line every 500 ms.
+    pub mix: bool,
 }
+
+/// Where the numbers of broadcasts in a mixed load start.
+pub const BROADCAST_BASE: u32 = 1_000_000;
 
 /// What became of every message a sender sent.
 #[derive(Debug, Default, Clone)]
@@ -204,6 +245,16 @@ pub struct Report {
     pub wrong_answers: Vec<u32>,
     /// Unreliable messages dropped by the sender itself (a full datagram queue).
     pub dropped: u64,
+    /// Mixed load: requests answered, and failed (with the error).
+    pub requests_answered: Vec<u32>,
+    /// Mixed load: requests that failed.
+    pub requests_failed: Vec<(u32, String)>,
+    /// Mixed load: broadcasts the receiver was among the delivered targets of.
+    pub broadcasts: Vec<u32>,
+    /// Mixed load: broadcasts that did not reach the receiver, with the error.
+    pub broadcasts_failed: Vec<(u32, String)>,
+    /// Operations a fallback carried, by the transport that carried them.
+    pub fallbacks: HashMap<String, u64>,
 }
 
 /// Sends as `plan` says from `agent`, then waits (up to `settle`) until every accepted
@@ -216,14 +267,50 @@ pub async fn send(agent: &Agent, plan: &Plan, settle: Duration) -> anyhow::Resul
     let mut report = Report::default();
     let mut ids: HashMap<MessageId, u32> = HashMap::new();
     let mut failures: Vec<(MessageId, DeliveryFailure)> = Vec::new();
-    let drain = |events: &mut aqe_agent::EventStream, failures: &mut Vec<_>| {
+    let mut fallbacks: HashMap<String, u64> = HashMap::new();
+    let mut drain = |events: &mut aqe_agent::EventStream, failures: &mut Vec<_>| {
         while let Some(Some(e)) = futures::FutureExt::now_or_never(events.recv()) {
-            if let Event::DeliveryFailed { ids, reason, .. } = e {
-                failures.extend(ids.into_iter().map(|id| (id, reason)));
+            match e {
+                Event::DeliveryFailed { ids, reason, .. } => {
+                    failures.extend(ids.into_iter().map(|id| (id, reason)));
+                }
+                Event::FallbackUsed { via, .. } => {
+                    *fallbacks.entry(via.to_string()).or_insert(0) += 1;
+                }
+                _ => {}
             }
         }
     };
+    let started = tokio::time::Instant::now();
+    let mut next_progress = started;
     for n in 0..plan.count {
+        if plan.mix && n % 10 == 0 {
+            let options = RequestOptions::default().with_timeout(plan.request_timeout);
+            match agent
+                .request_from_agent::<u32, u32>(&plan.to, &n, options)
+                .await
+            {
+                Ok(answer) if answer == n => report.requests_answered.push(n),
+                Ok(_) => report.wrong_answers.push(n),
+                Err(e) => report.requests_failed.push((n, e.to_string())),
+            }
+            let b = BROADCAST_BASE + n;
+            match agent
+                .broadcast_to_fleet(&b, BroadcastOptions::on(plan.channel.clone()))
+                .await
+            {
+                Ok(r) => {
+                    if r.delivered.contains(&plan.to) {
+                        report.broadcasts.push(b);
+                    } else if let Some((_, e)) = r.failed.iter().find(|(p, _)| p == &plan.to) {
+                        report.broadcasts_failed.push((b, e.to_string()));
+                    } else {
+                        report.broadcasts_failed.push((b, "receiver not a target".into()));
+                    }
+                }
+                Err(e) => report.broadcasts_failed.push((b, e.to_string())),
+            }
+        }
         if plan.requests {
             let options = RequestOptions::default()
                 .with_channel(plan.channel.clone())
@@ -254,6 +341,16 @@ pub async fn send(agent: &Agent, plan: &Plan, settle: Duration) -> anyhow::Resul
             tokio::time::sleep(pause).await;
         }
         drain(&mut events, &mut failures);
+        if plan.mix && tokio::time::Instant::now() >= next_progress {
+            next_progress += Duration::from_millis(500);
+            // Progress: elapsed ms, operations done, fallbacks so far.
+            println!(
+                "P {} {} {}",
+                started.elapsed().as_millis(),
+                n + 1,
+                agent.stats().fallbacks_used
+            );
+        }
     }
     let settled = tokio::time::timeout(settle, async {
         loop {
@@ -270,6 +367,7 @@ pub async fn send(agent: &Agent, plan: &Plan, settle: Duration) -> anyhow::Resul
     drain(&mut events, &mut failures);
     report.unconfirmed = agent.stats().messages_unconfirmed;
     report.dropped = agent.stats().messages_dropped;
+    report.fallbacks = fallbacks;
     if settled.is_err() {
         tracing::warn!(
             left = report.unconfirmed,
@@ -290,10 +388,11 @@ pub async fn send(agent: &Agent, plan: &Plan, settle: Duration) -> anyhow::Resul
 /// When the endpoint cannot be bound or the agent started.
 pub async fn sender(options: &Options, id: &str) -> anyhow::Result<(QuicTransport, Agent)> {
     let quic = options.bind().await?;
+    let transport = options.transport(&quic).await?;
     let agent = Agent::builder()
         .id(id)
         .agent_type("probe-sender")
-        .transport(Arc::new(quic.clone()))
+        .transport(transport)
         .start()
         .await
         .context("starting the sender")?;

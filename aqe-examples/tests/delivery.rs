@@ -156,6 +156,7 @@ fn plan() -> Plan {
         requests: false,
         // About a second of sending, so that the kill lands mid-stream.
         pace: Some((50, Duration::from_millis(5))),
+        mix: false,
         request_timeout: Duration::from_secs(2),
     }
 }

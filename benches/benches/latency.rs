@@ -1,9 +1,9 @@
 //! Request/response latency, 64-byte payloads: aqe over each transport against floors
 //! measured in the same run, and NATS request/reply through a local nats-server (when one is
-//! installed) as the reference to beat. `cargo xtask bench` runs it pinned to one CPU and prints the
+//! installed) as the reference to beat; one-way latency over NATS, aqe against raw NATS. `cargo xtask bench` runs it pinned to one CPU and prints the
 //! comparison.
 
-use aqe_benches::{AgentPair, MpscFloor, NatsReference, PAYLOAD, S2nFloor};
+use aqe_benches::{AgentPair, MpscFloor, NatsAgents, NatsFloor, PAYLOAD, S2nFloor};
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use tokio::runtime::Runtime;
@@ -47,14 +47,36 @@ fn request_response(c: &mut Criterion) {
         b.to_async(&rt).iter(|| quic.request(&payload))
     });
 
-    if let Some(nats) = rt.block_on(NatsReference::start()) {
-        g.bench_function("reference/nats_request_reply", |b| {
-            b.to_async(&rt).iter(|| nats.request(payload.clone()))
-        });
-    } else {
-        eprintln!("nats-server not found: NATS is not measured (apt-get install nats-server)");
+    let nats = rt.block_on(NatsFloor::start());
+    match &nats {
+        Some(nats) => {
+            g.bench_function("reference/nats_request_reply", |b| {
+                b.to_async(&rt).iter(|| nats.request(payload.clone()))
+            });
+            let agents = rt.block_on(NatsAgents::start(&nats.server.url()));
+            g.bench_function("aqe/nats_agent", |b| {
+                b.to_async(&rt).iter(|| agents.request(&payload))
+            });
+        }
+        None => {
+            eprintln!("nats-server not found: NATS is not measured (apt-get install nats-server)")
+        }
     }
     g.finish();
+
+    // One-way, until the receiver has it: NATS publish to a subscriber, and an aqe message on
+    // a reliable ordered channel until the receiving agent's handler has it.
+    if let Some(nats) = &nats {
+        let mut g = c.benchmark_group("one_way_64B");
+        g.bench_function("floor/nats_publish", |b| {
+            b.to_async(&rt).iter(|| nats.one_way(payload.clone()))
+        });
+        let agents = rt.block_on(NatsAgents::start(&nats.server.url()));
+        g.bench_function("aqe/nats_agent_send", |b| {
+            b.to_async(&rt).iter(|| agents.one_way(&payload))
+        });
+        g.finish();
+    }
 }
 
 criterion_group!(benches, request_response);

@@ -235,45 +235,45 @@ pub async fn quic_pair() -> (QuicTransport, QuicTransport) {
     (a, b)
 }
 
-/// NATS request/reply through a `nats-server` started on loopback for the run: the reference
-/// point the project aims to beat. `None` when no `nats-server` binary is installed.
-pub struct NatsReference {
+/// Raw NATS through a `nats-server` started on loopback for the run: request/reply, and a
+/// one-way publication until the subscriber has it. The floor of aqe over NATS, and a
+/// reference point for aqe over QUIC. `None` when no `nats-server` binary is installed.
+pub struct NatsFloor {
     requester: async_nats::Client,
     _responder: async_nats::Client,
-    server: std::process::Child,
+    received: tokio::sync::Mutex<mpsc::Receiver<Bytes>>,
+    /// Keeps the server running.
+    pub server: aqe_nats::testing::NatsServer,
 }
 
-impl NatsReference {
-    /// Starts `nats-server` on a free loopback port with a responder echoing on `bench`.
+impl NatsFloor {
+    /// Starts `nats-server` on a free loopback port, a responder echoing on `bench` and a
+    /// subscriber on `oneway` handing what it receives to the benchmark.
     pub async fn start() -> Option<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let server = std::process::Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
-        let url = format!("nats://127.0.0.1:{port}");
-        let mut responder = None;
-        for _ in 0..100 {
-            if let Ok(c) = async_nats::connect(&url).await {
-                responder = Some(c);
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        let responder = responder?;
-        let mut subscription = responder.subscribe("bench").await.ok()?;
+        let server = tokio::task::spawn_blocking(|| {
+            aqe_nats::testing::NatsServer::start_with(&[]).ok()
+        })
+        .await
+        .ok()??;
+        let url = server.url();
+        let responder = async_nats::connect(&url).await.ok()?;
+        let mut requests = responder.subscribe("bench").await.ok()?;
+        let mut oneway = responder.subscribe("oneway").await.ok()?;
         let replier = responder.clone();
         tokio::spawn(async move {
             use futures::StreamExt;
-            while let Some(msg) = subscription.next().await {
+            while let Some(msg) = requests.next().await {
                 if let Some(reply) = msg.reply {
                     let _ = replier.publish(reply, msg.payload).await;
+                }
+            }
+        });
+        let (tx, received) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            while let Some(msg) = oneway.next().await {
+                if tx.send(msg.payload).await.is_err() {
+                    return;
                 }
             }
         });
@@ -282,6 +282,7 @@ impl NatsReference {
         Some(Self {
             requester,
             _responder: responder,
+            received: tokio::sync::Mutex::new(received),
             server,
         })
     }
@@ -294,11 +295,82 @@ impl NatsReference {
             .unwrap()
             .payload
     }
+
+    /// One publication, until the subscriber has it.
+    pub async fn one_way(&self, payload: Bytes) -> Bytes {
+        let mut received = self.received.lock().await;
+        self.requester.publish("oneway", payload).await.unwrap();
+        received.recv().await.unwrap()
+    }
 }
 
-impl Drop for NatsReference {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
+/// Two agents, each on its own NATS endpoint of one server, the responder echoing requests
+/// and handing messages to the benchmark: one-way sends are timed until its handler has them.
+pub struct NatsAgents {
+    pair: AgentPair,
+    received: tokio::sync::Mutex<mpsc::Receiver<Bytes>>,
+}
+
+impl NatsAgents {
+    /// Connects both agents to the server at `url`.
+    pub async fn start(url: &str) -> Self {
+        let fleet = format!("bench{}", aqe_core::MessageId::next());
+        let config = || aqe_nats::NatsConfig {
+            servers: vec![url.to_owned()],
+            // A fleet of its own: several pairs may share the server.
+            fleet: fleet.clone(),
+            ..aqe_nats::NatsConfig::default()
+        };
+        let a = aqe_nats::NatsTransport::connect(config()).await.unwrap();
+        let b = aqe_nats::NatsTransport::connect(config()).await.unwrap();
+        let (tx, received) = mpsc::channel(1024);
+        let responder = Agent::builder()
+            .id("responder")
+            .agent_type("bench")
+            .transport(Arc::new(b))
+            .on_request(|_a, req| async move { Ok::<_, HandlerError>(req.decode::<Bytes>()?) })
+            .on_message(move |_a, env| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(env.payload).await;
+                }
+            })
+            .start()
+            .await
+            .unwrap();
+        let requester = Agent::builder()
+            .id("requester")
+            .agent_type("bench")
+            .transport(Arc::new(a))
+            .start()
+            .await
+            .unwrap();
+        while requester.discover_peers(&Default::default()).len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        Self {
+            pair: AgentPair {
+                requester,
+                responder,
+            },
+            received: tokio::sync::Mutex::new(received),
+        }
+    }
+
+    /// One request/response through the agent API.
+    pub async fn request(&self, payload: &Bytes) -> Bytes {
+        self.pair.request(payload).await
+    }
+
+    /// One message on the ordered reliable `coordination` channel, until the receiving
+    /// agent's handler has it.
+    pub async fn one_way(&self, payload: &Bytes) -> Bytes {
+        let mut received = self.received.lock().await;
+        self.pair
+            .requester
+            .send_to_agent(self.pair.responder.id(), payload, "coordination")
+            .await
+            .unwrap();
+        received.recv().await.unwrap()
     }
 }

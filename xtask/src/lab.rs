@@ -8,6 +8,11 @@
 //! netem). The receiver (`aqe-probe receive`, on h2) prints every message it takes before
 //! acknowledging it; the sender (`aqe-probe send`, on h1, one process per run) reports every
 //! message it sent as accepted, refused, or failed. Root only.
+//!
+//! The last scenario runs both probes on the chain QUIC, NATS, bus, with a `nats-server` on h1:
+//! a mixed load (messages, requests, broadcasts) starts over QUIC, then UDP between the hosts
+//! is dropped (TCP to the NATS server is not), then allowed again; every operation must be
+//! accounted for, carried by NATS while UDP is blocked, and by QUIC again afterwards.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -29,6 +34,14 @@ const LOSSES: [u32; 4] = [0, 1, 5, 10];
 const MESSAGES: u32 = 5000;
 const REQUESTS: u32 = 1000;
 const KILL_MESSAGES: u32 = 10_000;
+const NATS_PORT: u16 = 4222;
+/// The mixed load of the UDP-blocked scenario: messages, paced 10 per 40 ms (24 s).
+const MIX_MESSAGES: u32 = 6000;
+/// When UDP is blocked, after the sender starts, and for how long.
+const BLOCK_AFTER: Duration = Duration::from_secs(3);
+const BLOCK_FOR: Duration = Duration::from_secs(6);
+/// Where broadcast numbers start in the mixed load (`aqe_examples::probe::BROADCAST_BASE`).
+const BROADCAST_BASE: u32 = 1_000_000;
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
@@ -125,6 +138,75 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Drops (or stops dropping) every UDP packet either host sends to the other; TCP passes.
+    fn block_udp(&self, block: bool) -> anyhow::Result<()> {
+        for ns in [H1, H2] {
+            let _ = in_ns(ns, &["nft", "delete", "table", "inet", "aqelabudp"]);
+            if !block {
+                continue;
+            }
+            in_ns(ns, &["nft", "add", "table", "inet", "aqelabudp"])?;
+            in_ns(
+                ns,
+                &[
+                    "nft",
+                    "add chain inet aqelabudp out { type filter hook output priority 0 ; }",
+                ],
+            )?;
+            in_ns(
+                ns,
+                &[
+                    "nft",
+                    "add rule inet aqelabudp out ip daddr 10.77.0.0/24 meta l4proto udp drop",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A nats-server on h1; stopped when dropped.
+struct NatsServer(Child);
+
+impl NatsServer {
+    fn start() -> anyhow::Result<Option<NatsServer>> {
+        let Some(binary) = aqe_nats::testing::nats_server_binary() else {
+            return Ok(None);
+        };
+        let child = Command::new("ip")
+            .args(["netns", "exec", H1])
+            .arg(binary)
+            .args(["-a", IP1, "-p", &NATS_PORT.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nats-server on h1")?;
+        let server = NatsServer(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Ready when h2 can open a TCP connection to it.
+        let probe = format!("exec 3<>/dev/tcp/{IP1}/{NATS_PORT}");
+        while in_ns(H2, &["bash", "-c", &probe]).is_err() {
+            if Instant::now() > deadline {
+                bail!("nats-server on h1 did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Some(server))
+    }
+
+    fn url() -> String {
+        format!("nats://{IP1}:{NATS_PORT}")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         Self::remove();
@@ -146,7 +228,7 @@ struct Receiver {
 }
 
 impl Receiver {
-    fn start(probe: &Path, certs: &Path, dial_back: bool) -> anyhow::Result<Receiver> {
+    fn start(probe: &Path, certs: &Path, dial_back: bool, extra: &[&str]) -> anyhow::Result<Receiver> {
         let listen = format!("{IP2}:{RECEIVER_PORT}");
         let peer = format!("{IP1}:{SENDER_PORT}");
         let mut cmd = Command::new("ip");
@@ -158,6 +240,7 @@ impl Receiver {
         if dial_back {
             cmd.args(["--peer", &peer]);
         }
+        cmd.args(extra);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -230,6 +313,16 @@ struct Report {
     unconfirmed: u64,
     /// Unreliable messages the sender dropped itself (its datagram queue was full).
     dropped: u64,
+    /// Mixed load: requests answered; requests failed (number, error).
+    requests_answered: usize,
+    requests_failed: Vec<(u32, String)>,
+    /// Mixed load: broadcasts that reached the receiver; that did not.
+    broadcasts: Vec<u32>,
+    broadcasts_failed: Vec<(u32, String)>,
+    /// Operations a fallback carried, by transport.
+    fallbacks: Vec<(String, u64)>,
+    /// Progress lines: (ms since the sender started, operations, fallbacks so far).
+    progress: Vec<(u64, u64, u64)>,
 }
 
 fn sender(probe: &Path, certs: &Path, args: &[&str]) -> anyhow::Result<Child> {
@@ -282,12 +375,45 @@ fn report_of(child: Child) -> anyhow::Result<Report> {
                 .collect()
         })
         .unwrap_or_default();
+    let pairs = |k: &str| -> Vec<(u32, String)> {
+        v[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| Some((p[0].as_u64()? as u32, p[1].as_str()?.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let progress = text
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("P ")?.split_whitespace();
+            Some((
+                w.next()?.parse().ok()?,
+                w.next()?.parse().ok()?,
+                w.next()?.parse().ok()?,
+            ))
+        })
+        .collect();
     Ok(Report {
         accepted: nums("accepted"),
         refused: nums("refused"),
         failed,
         unconfirmed: v["unconfirmed"].as_u64().unwrap_or(0),
         dropped: v["dropped"].as_u64().unwrap_or(0),
+        requests_answered: v["requests_answered"].as_u64().unwrap_or(0) as usize,
+        requests_failed: pairs("requests_failed"),
+        broadcasts: nums("broadcasts"),
+        broadcasts_failed: pairs("broadcasts_failed"),
+        fallbacks: v["fallbacks"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        progress,
     })
 }
 
@@ -371,7 +497,8 @@ fn message_row(scenario: String, report: &Report, taken: &[(u32, bool)], ordered
     }
 }
 
-pub(crate) fn lab(root: &Path) -> anyhow::Result<()> {
+/// Runs every scenario, or only the UDP-blocked one with `only_udp`.
+pub(crate) fn lab(root: &Path, only_udp: bool) -> anyhow::Result<()> {
     let uid = run(Command::new("id").arg("-u")).unwrap_or_default();
     if uid.trim() != "0" {
         println!(
@@ -414,21 +541,12 @@ pub(crate) fn lab(root: &Path) -> anyhow::Result<()> {
     );
     Row::print_header();
     let mut problems = Vec::new();
-    let check = |row: &Row, problems: &mut Vec<String>| {
-        row.print();
-        if row.unaccounted.unwrap_or(0) > 0 {
-            problems.push(format!(
-                "{}: {} unaccounted",
-                row.scenario,
-                row.unaccounted.unwrap_or(0)
-            ));
-        }
-    };
     let count = MESSAGES.to_string();
     let requests = REQUESTS.to_string();
-    for loss in LOSSES {
+    let losses: &[u32] = if only_udp { &[] } else { &LOSSES };
+    for &loss in losses {
         lab.set_loss(loss)?;
-        let receiver = Receiver::start(&probe, &certs, false)?;
+        let receiver = Receiver::start(&probe, &certs, false, &[])?;
         let mut taken = Taken::default();
         for (channel, ordered) in [("coordination", true), ("results", false)] {
             let started = Instant::now();
@@ -452,7 +570,7 @@ pub(crate) fn lab(root: &Path) -> anyhow::Result<()> {
                 problems.push(format!("{}: reordered", row.scenario));
             }
             row.note = format!("{:.1} s {}", started.elapsed().as_secs_f64(), row.note);
-            check(&row, &mut problems);
+            check_row(&row, &mut problems);
         }
         // Unreliable: datagrams, at most once; what is lost is lost, never duplicated.
         let report = report_of(sender(
@@ -505,13 +623,14 @@ pub(crate) fn lab(root: &Path) -> anyhow::Result<()> {
         if row.duplicated > 0 {
             problems.push(format!("{}: a handler ran twice", row.scenario));
         }
-        check(&row, &mut problems);
+        check_row(&row, &mut problems);
         drop(receiver);
     }
     // A receiver killed mid-stream with SIGKILL, without and with a restart.
     lab.set_loss(1)?;
-    for restart in [false, true] {
-        let mut first = Receiver::start(&probe, &certs, true)?;
+    let restarts: &[bool] = if only_udp { &[] } else { &[false, true] };
+    for &restart in restarts {
+        let mut first = Receiver::start(&probe, &certs, true, &[])?;
         let kill_count = KILL_MESSAGES.to_string();
         let send = sender(
             &probe,
@@ -533,7 +652,7 @@ pub(crate) fn lab(root: &Path) -> anyhow::Result<()> {
         first.collect(&mut before, Duration::from_millis(50));
         let mut after = Taken::default();
         let second = if restart {
-            Some(Receiver::start(&probe, &certs, true)?)
+            Some(Receiver::start(&probe, &certs, true, &[])?)
         } else {
             None
         };
@@ -599,8 +718,10 @@ pub(crate) fn lab(root: &Path) -> anyhow::Result<()> {
                 row.scenario
             ));
         }
-        check(&row, &mut problems);
+        check_row(&row, &mut problems);
     }
+    lab.set_loss(0)?;
+    udp_blocked(&lab, &probe, &certs, &mut problems)?;
     drop(lab);
     println!(
         "\nsent = accepted sends; refused = sends that returned an error (nothing else is reported about them);\n\
@@ -614,5 +735,162 @@ pub(crate) fn lab(root: &Path) -> anyhow::Result<()> {
         Ok(())
     } else {
         bail!("the lab found problems:\n  {}", problems.join("\n  "))
+    }
+}
+
+/// QUIC, then UDP blocked between the hosts while TCP to the NATS server stays up, then UDP
+/// allowed again, under a mixed load on the chain QUIC, NATS, bus.
+fn udp_blocked(
+    lab: &Lab,
+    probe: &Path,
+    certs: &Path,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let Some(_server) = NatsServer::start()? else {
+        println!("UDP blocked: skipped: nats-server is missing (apt-get install nats-server)");
+        return Ok(());
+    };
+    let url = NatsServer::url();
+    let receiver = Receiver::start(probe, certs, false, &["--nats", &url])?;
+    let count = MIX_MESSAGES.to_string();
+    let started = Instant::now();
+    let send = sender(
+        probe,
+        certs,
+        &[
+            "--nats",
+            &url,
+            "--mix",
+            "--count",
+            &count,
+            "--pace",
+            "10:40000",
+            "--settle-ms",
+            "30000",
+        ],
+    )?;
+    let mut taken = Taken::default();
+    receiver.collect_until(&mut taken, Duration::from_secs(20), |_| {
+        started.elapsed() >= BLOCK_AFTER
+    });
+    lab.block_udp(true)?;
+    let blocked_at = started.elapsed();
+    receiver.collect_until(&mut taken, Duration::from_secs(20), |_| {
+        started.elapsed() >= BLOCK_AFTER + BLOCK_FOR
+    });
+    lab.block_udp(false)?;
+    let unblocked_at = started.elapsed();
+    let report = report_of(send)?;
+    receiver.collect(&mut taken, Duration::from_millis(500));
+    drop(receiver);
+    let all = taken.messages.remove("coordination").unwrap_or_default();
+    let (broadcasts, messages): (Vec<_>, Vec<_>) =
+        all.into_iter().partition(|(n, _)| *n >= BROADCAST_BASE);
+    let label = format!("UDP blocked {} s, NATS up", BLOCK_FOR.as_secs());
+    // When the fallbacks stopped: the first progress line after which the count stays put.
+    let last = report.progress.last().map_or(0, |p| p.2);
+    let settled_ms = report
+        .progress
+        .iter()
+        .rev()
+        .take_while(|p| p.2 == last)
+        .last()
+        .map(|p| p.0);
+    let fell_back: u64 = report.fallbacks.iter().map(|(_, n)| n).sum();
+    let via: Vec<String> = report
+        .fallbacks
+        .iter()
+        .map(|(k, n)| format!("{n} via {k}"))
+        .collect();
+    let back_on_quic = settled_ms.map(|ms| Duration::from_millis(ms).saturating_sub(unblocked_at));
+    let mut row = message_row(format!("{label}: messages"), &report, &messages, true);
+    row.note = format!(
+        "blocked at {:.1} s, allowed at {:.1} s; {}; {}",
+        blocked_at.as_secs_f64(),
+        unblocked_at.as_secs_f64(),
+        if via.is_empty() {
+            "no fallback".to_owned()
+        } else {
+            via.join(", ")
+        },
+        match back_on_quic {
+            Some(d) if settled_ms.is_some_and(|ms| ms < report.progress.last().map_or(0, |p| p.0)) => {
+                format!("no fallback from {:.1} s after UDP returned (back on QUIC)", d.as_secs_f64())
+            }
+            _ => "still falling back at the end".to_owned(),
+        }
+    );
+    if row.duplicated > 0 || row.reordered.unwrap_or(0) > 0 || row.failed > 0 || row.refused > 0 {
+        problems.push(format!("{}: loss, duplicates, reordering or refusals", row.scenario));
+    }
+    if fell_back == 0 || report.fallbacks.iter().any(|(k, _)| k != "NATS") {
+        problems.push(format!("{}: not carried by NATS while UDP was blocked", row.scenario));
+    }
+    if !settled_ms.is_some_and(|ms| ms < report.progress.last().map_or(0, |p| p.0)) {
+        problems.push(format!("{}: never back on QUIC", row.scenario));
+    }
+    check_row(&row, problems);
+    let numbers: Vec<u32> = broadcasts.iter().map(|(n, _)| *n).collect();
+    let received: HashSet<u32> = numbers.iter().copied().collect();
+    let row = Row {
+        scenario: format!("{label}: broadcasts"),
+        sent: report.broadcasts.len(),
+        received: received.len(),
+        duplicated: duplicates(&numbers),
+        reordered: Some(inversions(&numbers)),
+        failed: report.broadcasts_failed.len(),
+        refused: 0,
+        unaccounted: Some(
+            report
+                .broadcasts
+                .iter()
+                .filter(|n| !received.contains(n))
+                .count(),
+        ),
+        note: report
+            .broadcasts_failed
+            .first()
+            .map(|(n, e)| format!("first failure: {n}: {e}"))
+            .unwrap_or_default(),
+    };
+    if row.duplicated > 0 || row.failed > 0 {
+        problems.push(format!("{}: duplicates or failures", row.scenario));
+    }
+    check_row(&row, problems);
+    let asked = (MIX_MESSAGES as usize).div_ceil(10);
+    let row = Row {
+        scenario: format!("{label}: requests"),
+        sent: asked,
+        received: taken.requests.iter().collect::<HashSet<_>>().len(),
+        duplicated: duplicates(&taken.requests),
+        reordered: None,
+        failed: report.requests_failed.len(),
+        refused: 0,
+        unaccounted: Some(asked - report.requests_answered - report.requests_failed.len()),
+        note: format!(
+            "{} answered{}",
+            report.requests_answered,
+            report
+                .requests_failed
+                .first()
+                .map(|(n, e)| format!("; first failure: {n}: {e}"))
+                .unwrap_or_default()
+        ),
+    };
+    if row.duplicated > 0 || row.failed > 0 {
+        problems.push(format!("{}: a handler ran twice, or requests failed", row.scenario));
+    }
+    check_row(&row, problems);
+    Ok(())
+}
+
+fn check_row(row: &Row, problems: &mut Vec<String>) {
+    row.print();
+    if row.unaccounted.unwrap_or(0) > 0 {
+        problems.push(format!(
+            "{}: {} unaccounted",
+            row.scenario,
+            row.unaccounted.unwrap_or(0)
+        ));
     }
 }

@@ -7,8 +7,9 @@
 //! `cargo xtask fuzz [SECS]`: runs every fuzz target of `fuzz/` (cargo-fuzz, nightly) for
 //! SECS seconds (default 60) and fails on a crash.
 //!
-//! `cargo xtask lab`: aqe between separate processes in network namespaces, under 0 to 10 %
-//! packet loss and with a receiver killed by SIGKILL; prints sent / received / duplicated /
+//! `cargo xtask lab [udp]`: aqe between separate processes in network namespaces, under 0 to
+//! 10 % packet loss, with a receiver killed by SIGKILL, and with UDP blocked between the hosts
+//! while NATS carries on (`udp`: that scenario only); prints sent / received / duplicated /
 //! reordered / failed per scenario (root only; see `lab.rs`).
 //!
 //! `cargo xtask bench [criterion args]`: runs the latency benchmarks (pinned to CPU 0 with
@@ -70,11 +71,14 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
-        Some("lab") => lab::lab(&workspace_root()),
+        Some("lab") => lab::lab(
+            &workspace_root(),
+            args.get(1).is_some_and(|a| a == "udp"),
+        ),
         Some("fuzz") => fuzz::fuzz(&workspace_root(), &args[1..]),
         Some("test") => test::test(&workspace_root(), &args[1..]),
         _ => bail!(
-            "usage: cargo xtask test [cargo test arguments] | cargo xtask bench [criterion arguments] | cargo xtask lab | cargo xtask fuzz [SECS]"
+            "usage: cargo xtask test [cargo test arguments] | cargo xtask bench [criterion arguments] | cargo xtask lab [udp] | cargo xtask fuzz [SECS]"
         ),
     }
 }

@@ -5,9 +5,13 @@
 //!                                              node certificate from it)
 //! aqe-probe receive --listen ADDR --certs DIR [--agent ID] [--peer ADDR] [timings]
 //! aqe-probe send --listen ADDR --peer ADDR --certs DIR --to ID [--channel C] [--count N]
-//!                [--requests] [--pace N:MICROS] [--settle-ms MS] [timings]
+//!                [--requests | --mix] [--pace N:MICROS] [--settle-ms MS] [timings]
 //! timings: --heartbeat-ms MS --liveness-ms MS --deadline-ms MS
+//! --nats URL (receive and send): the chain QUIC, NATS (fleet `probe`), bus
 //! ```
+//!
+//! `--mix`: besides each message, every tenth number also a request and a fleet broadcast
+//! (numbered from 1 000 000); progress lines `P <ms> <operations> <fallbacks>`.
 //!
 //! `receive` prints `READY <addr>`, then one line per message taken (`M <channel> <n> <0|1>`)
 //! or request answered (`R <n>`). `send` prints one JSON report: accepted, refused and
@@ -29,7 +33,7 @@ impl Args {
         let mut it = raw.iter();
         while let Some(a) = it.next() {
             if let Some(name) = a.strip_prefix("--") {
-                if name == "requests" {
+                if name == "requests" || name == "mix" {
                     named.insert(name.to_owned(), "true".to_owned());
                 } else {
                     let v = it
@@ -68,6 +72,7 @@ impl Args {
     fn options(&self) -> anyhow::Result<Options> {
         let mut o = Options::new(self.need("listen")?, self.need::<PathBuf>("certs")?);
         o.peer = self.get("peer")?;
+        o.nats = self.get("nats")?;
         let ms = |name: &str| -> anyhow::Result<Option<Duration>> {
             Ok(self.get::<u64>(name)?.map(Duration::from_millis))
         };
@@ -119,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
                     .into(),
                 count: args.get("count")?.unwrap_or(1000),
                 requests: args.0.contains_key("requests"),
+                mix: args.0.contains_key("mix"),
                 pace: match args.get::<String>("pace")? {
                     Some(p) => {
                         let (n, us) = p.split_once(':').context("--pace N:MICROS")?;
@@ -155,6 +161,11 @@ async fn main() -> anyhow::Result<()> {
                     "unconfirmed": report.unconfirmed,
                     "wrong_answers": report.wrong_answers,
                     "dropped": report.dropped,
+                    "requests_answered": report.requests_answered.len(),
+                    "requests_failed": report.requests_failed,
+                    "broadcasts": report.broadcasts,
+                    "broadcasts_failed": report.broadcasts_failed,
+                    "fallbacks": report.fallbacks,
                 })
             );
             agent.shutdown().await;
