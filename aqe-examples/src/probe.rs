@@ -305,7 +305,9 @@ pub async fn send(agent: &Agent, plan: &Plan, settle: Duration) -> anyhow::Resul
                     } else if let Some((_, e)) = r.failed.iter().find(|(p, _)| p == &plan.to) {
                         report.broadcasts_failed.push((b, e.to_string()));
                     } else {
-                        report.broadcasts_failed.push((b, "receiver not a target".into()));
+                        report
+                            .broadcasts_failed
+                            .push((b, "receiver not a target".into()));
                     }
                 }
                 Err(e) => report.broadcasts_failed.push((b, e.to_string())),

@@ -39,8 +39,41 @@ use crate::wire::{self, BroadcastTarget, Ep, Frame, Received, Sequenced, Subject
 const REDELIVERIES: usize = 64;
 /// Control items written per batch.
 const CONTROL_BATCH: usize = 1024;
+/// Agent subjects kept escaped.
+const MAX_CACHED_SUBJECTS: usize = 65536;
 /// Acknowledgements per frame.
 const ACKS_PER_FRAME: usize = 2048;
+/// How long an acknowledgement may wait to share a frame with others. Well below the
+/// sender's retransmission timer; a confirmed send does not wait for it.
+const ACK_DELAY: Duration = Duration::from_millis(2);
+/// Acknowledgements that make a batch go at once.
+const ACK_BATCH: usize = 256;
+
+/// Acknowledgements waiting to be written, by the endpoint they go to.
+#[derive(Default)]
+struct PendingAcks {
+    by_endpoint: HashMap<Ep, EndpointAcks>,
+}
+
+#[derive(Default)]
+struct EndpointAcks {
+    received: HashMap<(AgentId, AgentId, aqe_core::ChannelName, u64), u64>,
+    taken: Vec<MessageId>,
+    abandoned: Vec<MessageId>,
+}
+
+impl PendingAcks {
+    fn to(&mut self, ep: Ep) -> &mut EndpointAcks {
+        self.by_endpoint.entry(ep).or_default()
+    }
+
+    fn len(&self) -> usize {
+        self.by_endpoint
+            .values()
+            .map(|a| a.received.len() + a.taken.len() + a.abandoned.len())
+            .sum()
+    }
+}
 
 /// A request this endpoint sent, waiting for its answer.
 struct Pending {
@@ -49,24 +82,46 @@ struct Pending {
     answer: oneshot::Sender<Result<Envelope>>,
 }
 
-/// Small frames and acknowledgements for the control writer.
+/// Small frames for the control writer (acknowledgements go through the [`Acker`]).
 pub(crate) enum Control {
-    /// A flow received up to a point.
-    Received(Ep, Received),
-    /// A message of a flow taken or dropped by its agent.
-    Settled {
-        key: InKey,
-        epoch: u64,
-        seq: u64,
-        id: MessageId,
-        fate: Settled,
-    },
-    /// A message taken by its agent (confirmed again).
-    Taken(Ep, MessageId),
-    /// A message dropped unread by its stopping agent.
-    Abandoned(Ep, MessageId),
-    /// Any frame to an endpoint's subject.
+    /// Any frame to an endpoint's subject (or presence, for [`PRESENCE`]).
     To(Ep, Frame),
+}
+
+/// Acknowledgements waiting to be written: added from anywhere without waiting, written by
+/// the control writer in batches (at most [`ACK_DELAY`] after the first of a batch, at once
+/// when one is urgent or the batch is large).
+#[derive(Default)]
+pub(crate) struct Acker {
+    pending: Mutex<PendingAcks>,
+    wake: Notify,
+    /// The writer was told of the current batch.
+    armed: AtomicBool,
+    /// The current batch holds something a sender waits for.
+    urgent: AtomicBool,
+}
+
+impl Acker {
+    fn add(&self, urgent: bool, f: impl FnOnce(&mut PendingAcks)) {
+        let large = {
+            let mut p = lock(&self.pending);
+            f(&mut p);
+            p.len() >= ACK_BATCH
+        };
+        if urgent || large {
+            self.urgent.store(true, Ordering::Release);
+            self.wake.notify_one();
+        } else if !self.armed.swap(true, Ordering::AcqRel) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Takes the batch to write.
+    fn take(&self) -> PendingAcks {
+        self.armed.store(false, Ordering::Release);
+        self.urgent.store(false, Ordering::Release);
+        std::mem::take(&mut *lock(&self.pending))
+    }
 }
 
 /// Requests this endpoint's agents hold, by requesting endpoint.
@@ -88,6 +143,8 @@ pub(crate) struct Shared {
     pub(crate) client: async_nats::Client,
     pub(crate) me: Ep,
     pub(crate) subjects: Subjects,
+    /// This endpoint's own subject (the reply subject of its requests).
+    own_subject: async_nats::Subject,
     /// The server URLs, as events name the connection.
     pub(crate) server: Address,
     pub(crate) locals: DashMap<AgentId, Arc<LocalAgent>>,
@@ -110,6 +167,8 @@ pub(crate) struct Shared {
     /// what they stand for (messages admitted under the senders' windows, requests in hand,
     /// streams open).
     pub(crate) control: mpsc::UnboundedSender<Control>,
+    acker: Acker,
+    agent_subjects: DashMap<AgentId, async_nats::Subject>,
     pub(crate) events: broadcast::Sender<Event>,
     pub(crate) local_delivery: LocalDelivery,
     redelivery: RwLock<Option<Arc<dyn Redeliver>>>,
@@ -164,6 +223,7 @@ impl Shared {
             config,
             client,
             me,
+            own_subject: async_nats::Subject::from(subjects.endpoint(me)),
             subjects,
             server: server.clone(),
             locals: DashMap::new(),
@@ -177,6 +237,8 @@ impl Shared {
             out_streams: DashMap::new(),
             in_streams: DashMap::new(),
             control,
+            acker: Acker::default(),
+            agent_subjects: DashMap::new(),
             events,
             redelivery: RwLock::new(None),
             redeliveries: Arc::new(Semaphore::new(REDELIVERIES)),
@@ -244,7 +306,7 @@ impl Shared {
 
     /// The largest frame the server takes.
     pub(crate) fn max_frame(&self) -> usize {
-        self.client.server_info().max_payload
+        self.client.max_payload()
     }
 
     /// Encodes `frame`, refusing it (as a payload of `payload_len` bytes) when the server
@@ -267,10 +329,23 @@ impl Shared {
 
     /// Publishes on `subject`; a failure (the connection is closed for good) is logged: the
     /// retransmission and liveness machinery deal with what it loses.
-    pub(crate) async fn publish(&self, subject: String, bytes: Bytes) {
+    pub(crate) async fn publish(&self, subject: impl async_nats::subject::ToSubject, bytes: Bytes) {
         if let Err(e) = self.client.publish(subject, bytes).await {
             tracing::debug!(error = %e, "NATS publish failed");
         }
+    }
+
+    /// The subject of agent `id` (kept: it is escaped once, not per message).
+    pub(crate) fn agent_subject(&self, id: &AgentId) -> async_nats::Subject {
+        if let Some(s) = self.agent_subjects.get(id) {
+            return s.clone();
+        }
+        let subject = async_nats::Subject::from(self.subjects.agent(id));
+        if self.agent_subjects.len() >= MAX_CACHED_SUBJECTS {
+            self.agent_subjects.clear();
+        }
+        self.agent_subjects.insert(id.clone(), subject.clone());
+        subject
     }
 
     fn publish_presence(&self, frame: Frame) {
@@ -444,6 +519,7 @@ impl Shared {
             to: ep,
             from: self.me,
             flow,
+            confirm,
             envelope,
         };
         let bytes = match self.encode_checked(&frame, len) {
@@ -457,7 +533,7 @@ impl Shared {
         };
         sender.stats.accepted();
         sender.stats.sent(len);
-        self.publish(self.subjects.agent(&to), bytes).await;
+        self.publish(self.agent_subject(&to), bytes).await;
         match confirmed {
             None => Ok(()),
             Some(rx) => rx.await.unwrap_or(Err(Error::Shutdown)),
@@ -503,11 +579,7 @@ impl Shared {
         let started = Instant::now();
         if let Err(e) = self
             .client
-            .publish_with_reply(
-                self.subjects.agent(&to),
-                self.subjects.endpoint(self.me),
-                bytes,
-            )
+            .publish_with_reply(self.agent_subject(&to), self.own_subject.clone(), bytes)
             .await
         {
             return Err(Error::ConnectionLost {
@@ -642,11 +714,12 @@ impl Shared {
                 to,
                 from,
                 flow,
+                confirm,
                 envelope,
             } if to == self.me => {
                 self.lock_membership().heard(from, now);
                 if let Some(agent) = agent.filter(|a| envelope.target() == Some(*a)) {
-                    self.take_message(from, agent, Some(flow), envelope);
+                    self.take_message(from, agent, Some((flow, confirm)), envelope);
                 }
             }
             Frame::Datagram { to, from, envelope } if to == self.me => {
@@ -667,7 +740,7 @@ impl Shared {
                 for t in targets.into_iter().filter(|t| t.endpoint == self.me) {
                     let mut copy = envelope.clone();
                     copy.to = aqe_core::Recipient::Agent(t.agent.clone());
-                    self.take_message(from, &t.agent, t.flow, copy);
+                    self.take_message(from, &t.agent, t.flow.map(|f| (f, false)), copy);
                 }
             }
             Frame::Request {
@@ -804,24 +877,24 @@ impl Shared {
         self: &Arc<Self>,
         from: Ep,
         agent: &AgentId,
-        flow: Option<Sequenced>,
+        flow: Option<(Sequenced, bool)>,
         envelope: Envelope,
     ) {
         let id = envelope.id;
         let Some(local) = self.local(agent) else {
             if flow.is_some() {
-                let _ = self.control.send(Control::Abandoned(from, id));
+                self.acker.add(true, |p| p.to(from).abandoned.push(id));
             }
             return;
         };
         if local.listens(&envelope.channel).is_err() {
             if flow.is_some() {
-                let _ = self.control.send(Control::Abandoned(from, id));
+                self.acker.add(true, |p| p.to(from).abandoned.push(id));
             }
             return;
         }
         let len = envelope.payload.len();
-        let Some(flow) = flow else {
+        let Some((flow, confirm)) = flow else {
             // Unreliable: at most once, dropped when the inbox is full.
             if let Ok(Some(permit)) = local.inbox.try_reserve() {
                 let _ =
@@ -846,32 +919,31 @@ impl Shared {
         match verdict {
             Verdict::Deliver(up_to) => {
                 let receipt = Receipt::once(TakeAck {
-                    control: self.control.clone(),
+                    shared: Arc::downgrade(self),
                     key: key.clone(),
                     epoch: flow.epoch,
                     seq: flow.seq,
                     id,
+                    urgent: confirm,
                 });
                 let item = Inbound::Message { envelope, receipt };
                 let delivered = local.inbox.deliver_now(item, || local.stats.received(len));
                 if let Err((_, Inbound::Message { receipt, .. })) = delivered {
                     receipt.abandon();
                 }
-                let _ = self.control.send(Control::Received(from, received(up_to)));
+                self.ack_received(from, received(up_to));
             }
             // A copy of one delivered before, sent again because a confirmation was lost:
             // the confirmation goes again, the message does not.
             Verdict::Duplicate(up_to, fate) => {
                 match fate {
-                    Some(Settled::Taken) => {
-                        let _ = self.control.send(Control::Taken(from, id));
-                    }
+                    Some(Settled::Taken) => self.acker.add(false, |p| p.to(from).taken.push(id)),
                     Some(Settled::Abandoned) => {
-                        let _ = self.control.send(Control::Abandoned(from, id));
+                        self.acker.add(true, |p| p.to(from).abandoned.push(id));
                     }
                     Some(Settled::Queued) | None => {}
                 }
-                let _ = self.control.send(Control::Received(from, received(up_to)));
+                self.ack_received(from, received(up_to));
             }
             Verdict::Gap | Verdict::Full => {}
         }
@@ -1249,6 +1321,7 @@ impl Shared {
             {
                 let mut outbox = lock(&s.outbox);
                 for (key, entry) in waiting {
+                    let waited = entry.confirm.is_some();
                     match outbox.admit(
                         &key,
                         ep2,
@@ -1262,6 +1335,7 @@ impl Shared {
                                 to: ep2,
                                 from: s.me,
                                 flow,
+                                confirm: waited,
                                 envelope: entry.envelope,
                             },
                         )),
@@ -1274,7 +1348,7 @@ impl Shared {
             }
             for (to, frame) in frames {
                 if let Ok(bytes) = wire::encode(&frame) {
-                    s.publish(s.subjects.agent(&to), bytes).await;
+                    s.publish(s.agent_subject(&to), bytes).await;
                 }
             }
         });
@@ -1282,64 +1356,99 @@ impl Shared {
 
     // ---- the control writer ----
 
+    /// A flow received up to a point: acknowledged in the next batch.
+    fn ack_received(&self, to: Ep, r: Received) {
+        self.acker.add(false, |p| {
+            let up = p
+                .to(to)
+                .received
+                .entry((r.from, r.to, r.channel, r.epoch))
+                .or_insert(0);
+            *up = (*up).max(r.up_to);
+        });
+    }
+
+    /// What became of message `seq` of a flow: recorded, and confirmed to its sender.
+    fn ack_settled(
+        &self,
+        key: InKey,
+        epoch: u64,
+        seq: u64,
+        id: MessageId,
+        fate: Settled,
+        urgent: bool,
+    ) {
+        lock(&self.inflow).settle(&key, epoch, seq, fate);
+        self.acker.add(urgent || fate == Settled::Abandoned, |p| {
+            let a = p.to(key.endpoint);
+            // A confirmation implies everything before it in the flow was received.
+            let flow = (key.from, key.to, key.channel, epoch);
+            if a.received.get(&flow).is_some_and(|up| *up <= seq) {
+                a.received.remove(&flow);
+            }
+            match fate {
+                Settled::Taken => a.taken.push(id),
+                Settled::Abandoned => a.abandoned.push(id),
+                Settled::Queued => {}
+            }
+        });
+    }
+
+    /// Writes control frames as they come, and acknowledgements in batches.
     async fn write_control(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Control>) {
         let mut batch = Vec::with_capacity(CONTROL_BATCH);
+        let mut due: Option<tokio::time::Instant> = None;
         loop {
+            let until = due.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 () = self.shutdown.cancelled() => break,
-                n = rx.recv_many(&mut batch, CONTROL_BATCH) => if n == 0 { break },
+                n = rx.recv_many(&mut batch, CONTROL_BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.send_frames(&mut batch).await;
+                }
+                () = self.acker.wake.notified() => {
+                    if self.acker.urgent.load(Ordering::Acquire) {
+                        let mut acks = self.acker.take();
+                        self.flush_acks(&mut acks).await;
+                        due = None;
+                    } else if due.is_none() {
+                        due = Some(tokio::time::Instant::now() + ACK_DELAY);
+                    }
+                }
+                () = tokio::time::sleep_until(until), if due.is_some() => {
+                    let mut acks = self.acker.take();
+                    self.flush_acks(&mut acks).await;
+                    due = None;
+                }
             }
-            self.flush_control(&mut batch).await;
         }
         // What is queued at shutdown still goes (the goodbye among it).
         while let Ok(item) = rx.try_recv() {
             batch.push(item);
         }
-        self.flush_control(&mut batch).await;
+        self.send_frames(&mut batch).await;
+        let mut acks = self.acker.take();
+        self.flush_acks(&mut acks).await;
         let _ = self.client.flush().await;
     }
 
-    async fn flush_control(&self, batch: &mut Vec<Control>) {
-        #[derive(Default)]
-        struct Acks {
-            received: HashMap<(AgentId, AgentId, aqe_core::ChannelName, u64), u64>,
-            taken: Vec<MessageId>,
-            abandoned: Vec<MessageId>,
-        }
-        let mut acks: HashMap<Ep, Acks> = HashMap::new();
-        let mut frames = Vec::new();
-        for item in batch.drain(..) {
-            match item {
-                Control::Received(ep, r) => {
-                    let up = acks
-                        .entry(ep)
-                        .or_default()
-                        .received
-                        .entry((r.from, r.to, r.channel, r.epoch))
-                        .or_insert(0);
-                    *up = (*up).max(r.up_to);
-                }
-                Control::Settled {
-                    key,
-                    epoch,
-                    seq,
-                    id,
-                    fate,
-                } => {
-                    lock(&self.inflow).settle(&key, epoch, seq, fate);
-                    let a = acks.entry(key.endpoint).or_default();
-                    match fate {
-                        Settled::Taken => a.taken.push(id),
-                        Settled::Abandoned => a.abandoned.push(id),
-                        Settled::Queued => {}
-                    }
-                }
-                Control::Taken(ep, id) => acks.entry(ep).or_default().taken.push(id),
-                Control::Abandoned(ep, id) => acks.entry(ep).or_default().abandoned.push(id),
-                Control::To(ep, frame) => frames.push((ep, frame)),
+    async fn send_frames(&self, batch: &mut Vec<Control>) {
+        for Control::To(ep, frame) in batch.drain(..) {
+            let subject = if ep == PRESENCE {
+                self.subjects.presence()
+            } else {
+                self.subjects.endpoint(ep)
+            };
+            if let Ok(bytes) = wire::encode(&frame) {
+                self.publish(subject, bytes).await;
             }
         }
-        for (ep, a) in acks {
+    }
+
+    async fn flush_acks(&self, acks: &mut PendingAcks) {
+        for (ep, a) in std::mem::take(&mut acks.by_endpoint) {
             let mut received: Vec<Received> = a
                 .received
                 .into_iter()
@@ -1362,16 +1471,6 @@ impl Shared {
                 if let Ok(bytes) = wire::encode(&frame) {
                     self.publish(self.subjects.endpoint(ep), bytes).await;
                 }
-            }
-        }
-        for (ep, frame) in frames {
-            let subject = if ep == PRESENCE {
-                self.subjects.presence()
-            } else {
-                self.subjects.endpoint(ep)
-            };
-            if let Ok(bytes) = wire::encode(&frame) {
-                self.publish(subject, bytes).await;
             }
         }
     }
@@ -1416,15 +1515,16 @@ impl Shared {
     async fn retransmit(&self, now: Instant) {
         let due = lock(&self.outbox).due(now, self.config.retransmit_after);
         for resend in due {
-            for (flow, envelope) in resend.messages {
+            for (flow, envelope, confirm) in resend.messages {
                 let frame = Frame::Message {
                     to: resend.endpoint,
                     from: self.me,
                     flow,
+                    confirm,
                     envelope,
                 };
                 if let Ok(bytes) = wire::encode(&frame) {
-                    self.publish(self.subjects.agent(&resend.key.to), bytes)
+                    self.publish(self.agent_subject(&resend.key.to), bytes)
                         .await;
                 }
             }
@@ -1622,24 +1722,22 @@ impl Drop for RequestGuard<'_> {
 }
 
 /// Confirms a reliable message to its sender's endpoint when its agent takes it (or
-/// reports it dropped unread), and records what became of it in its flow.
+/// reports it dropped unread), and records what became of it in its flow. Holds the endpoint
+/// weakly: a receipt in an inbox that outlives its endpoint keeps nothing alive.
 struct TakeAck {
-    control: mpsc::UnboundedSender<Control>,
+    shared: std::sync::Weak<Shared>,
     key: InKey,
     epoch: u64,
     seq: u64,
     id: MessageId,
+    urgent: bool,
 }
 
 impl TakeAck {
     fn settle(self, fate: Settled) {
-        let _ = self.control.send(Control::Settled {
-            key: self.key,
-            epoch: self.epoch,
-            seq: self.seq,
-            id: self.id,
-            fate,
-        });
+        if let Some(shared) = self.shared.upgrade() {
+            shared.ack_settled(self.key, self.epoch, self.seq, self.id, fate, self.urgent);
+        }
     }
 }
 

@@ -81,7 +81,8 @@ fn next_epoch() -> u64 {
 pub(crate) struct Resend {
     pub(crate) key: FlowKey,
     pub(crate) endpoint: Ep,
-    pub(crate) messages: Vec<(Sequenced, Envelope)>,
+    /// Each with whether its sender waits for its confirmation.
+    pub(crate) messages: Vec<(Sequenced, Envelope, bool)>,
 }
 
 impl Outbox {
@@ -189,6 +190,10 @@ impl Outbox {
         self.by_id.remove(&id);
         let pos = flow.entries.iter().position(|e| e.envelope.id == id)?;
         let entry = flow.entries.remove(pos)?;
+        // Delivered in order: everything before it was received too.
+        for e in flow.entries.iter_mut().take_while(|e| e.seq < entry.seq) {
+            e.received = true;
+        }
         Some((key, entry))
     }
 
@@ -224,7 +229,7 @@ impl Outbox {
                         base,
                         oldest,
                     };
-                    (s, e.envelope.clone())
+                    (s, e.envelope.clone(), e.confirm.is_some())
                 })
                 .collect();
             if !messages.is_empty() {
@@ -500,7 +505,7 @@ mod tests {
                     wire.push((s, e));
                 }
                 for r in out.due(now, Duration::from_millis(50)) {
-                    wire.extend(r.messages);
+                    wire.extend(r.messages.into_iter().map(|(s, e, _)| (s, e)));
                 }
                 for (s, e) in wire {
                     if lost() {

@@ -84,7 +84,7 @@ pub(crate) struct NatsSink {
     shared: Arc<Shared>,
     header: StreamHeader,
     to: Ep,
-    subject: String,
+    subject: async_nats::Subject,
     seq: u64,
     finished: bool,
     state: watch::Receiver<OutState>,
@@ -116,7 +116,7 @@ impl NatsSink {
                 v.insert(out);
             }
         }
-        let subject = shared.subjects.agent(&header.to);
+        let subject = shared.agent_subject(&header.to);
         let frame = Frame::StreamOpen {
             to,
             from: shared.me,

@@ -143,11 +143,13 @@ pub(crate) struct Received {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum Frame {
     // On an agent's subject; `to` is the endpoint hosting it (others drop the frame).
-    /// A one-way message on a reliable channel.
+    /// A one-way message on a reliable channel; `confirm`: its sender waits for the
+    /// confirmation that it was taken (acknowledge it at once, not in the next batch).
     Message {
         to: Ep,
         from: Ep,
         flow: Sequenced,
+        confirm: bool,
         envelope: Envelope,
     },
     /// A one-way message on an unreliable channel: at most once, never acknowledged.
@@ -304,6 +306,7 @@ mod tests {
                 base: 2,
                 oldest: 1,
             },
+            confirm: false,
             envelope,
         };
         let bytes = encode(&f).expect("encode");

@@ -250,11 +250,10 @@ impl NatsFloor {
     /// Starts `nats-server` on a free loopback port, a responder echoing on `bench` and a
     /// subscriber on `oneway` handing what it receives to the benchmark.
     pub async fn start() -> Option<Self> {
-        let server = tokio::task::spawn_blocking(|| {
-            aqe_nats::testing::NatsServer::start_with(&[]).ok()
-        })
-        .await
-        .ok()??;
+        let server =
+            tokio::task::spawn_blocking(|| aqe_nats::testing::NatsServer::start_with(&[]).ok())
+                .await
+                .ok()??;
         let url = server.url();
         let responder = async_nats::connect(&url).await.ok()?;
         let mut requests = responder.subscribe("bench").await.ok()?;
@@ -345,8 +344,12 @@ impl NatsAgents {
             .start()
             .await
             .unwrap();
-        while requester.discover_peers(&Default::default()).len() < 2 {
-            tokio::task::yield_now().await;
+        while !requester
+            .discover_peers(&Default::default())
+            .iter()
+            .any(|p| &p.id == responder.id())
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         Self {
             pair: AgentPair {

@@ -228,7 +228,12 @@ struct Receiver {
 }
 
 impl Receiver {
-    fn start(probe: &Path, certs: &Path, dial_back: bool, extra: &[&str]) -> anyhow::Result<Receiver> {
+    fn start(
+        probe: &Path,
+        certs: &Path,
+        dial_back: bool,
+        extra: &[&str],
+    ) -> anyhow::Result<Receiver> {
         let listen = format!("{IP2}:{RECEIVER_PORT}");
         let peer = format!("{IP1}:{SENDER_PORT}");
         let mut cmd = Command::new("ip");
@@ -814,19 +819,31 @@ fn udp_blocked(
             via.join(", ")
         },
         match back_on_quic {
-            Some(d) if settled_ms.is_some_and(|ms| ms < report.progress.last().map_or(0, |p| p.0)) => {
-                format!("no fallback from {:.1} s after UDP returned (back on QUIC)", d.as_secs_f64())
+            Some(d)
+                if settled_ms.is_some_and(|ms| ms < report.progress.last().map_or(0, |p| p.0)) =>
+            {
+                format!(
+                    "no fallback from {:.1} s after UDP returned (back on QUIC)",
+                    d.as_secs_f64()
+                )
             }
             _ => "still falling back at the end".to_owned(),
         }
     );
     if row.duplicated > 0 || row.reordered.unwrap_or(0) > 0 || row.failed > 0 || row.refused > 0 {
-        problems.push(format!("{}: loss, duplicates, reordering or refusals", row.scenario));
+        problems.push(format!(
+            "{}: loss, duplicates, reordering or refusals",
+            row.scenario
+        ));
     }
     if fell_back == 0 || report.fallbacks.iter().any(|(k, _)| k != "NATS") {
-        problems.push(format!("{}: not carried by NATS while UDP was blocked", row.scenario));
+        problems.push(format!(
+            "{}: not carried by NATS while UDP was blocked",
+            row.scenario
+        ));
     }
-    if !settled_ms.is_some_and(|ms| ms < report.progress.last().map_or(0, |p| p.0)) {
+    let last_ms = report.progress.last().map_or(0, |p| p.0);
+    if settled_ms.is_none_or(|ms| ms >= last_ms) {
         problems.push(format!("{}: never back on QUIC", row.scenario));
     }
     check_row(&row, problems);
@@ -878,7 +895,10 @@ fn udp_blocked(
         ),
     };
     if row.duplicated > 0 || row.failed > 0 {
-        problems.push(format!("{}: a handler ran twice, or requests failed", row.scenario));
+        problems.push(format!(
+            "{}: a handler ran twice, or requests failed",
+            row.scenario
+        ));
     }
     check_row(&row, problems);
     Ok(())

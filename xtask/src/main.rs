@@ -71,10 +71,7 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
-        Some("lab") => lab::lab(
-            &workspace_root(),
-            args.get(1).is_some_and(|a| a == "udp"),
-        ),
+        Some("lab") => lab::lab(&workspace_root(), args.get(1).is_some_and(|a| a == "udp")),
         Some("fuzz") => fuzz::fuzz(&workspace_root(), &args[1..]),
         Some("test") => test::test(&workspace_root(), &args[1..]),
         _ => bail!(
