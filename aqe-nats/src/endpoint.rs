@@ -143,8 +143,6 @@ pub(crate) struct Shared {
     pub(crate) client: async_nats::Client,
     pub(crate) me: Ep,
     pub(crate) subjects: Subjects,
-    /// This endpoint's own subject (the reply subject of its requests).
-    own_subject: async_nats::Subject,
     /// The server URLs, as events name the connection.
     pub(crate) server: Address,
     pub(crate) locals: DashMap<AgentId, Arc<LocalAgent>>,
@@ -223,7 +221,6 @@ impl Shared {
             config,
             client,
             me,
-            own_subject: async_nats::Subject::from(subjects.endpoint(me)),
             subjects,
             server: server.clone(),
             locals: DashMap::new(),
@@ -577,34 +574,70 @@ impl Shared {
             answered: false,
         };
         let started = Instant::now();
-        if let Err(e) = self
-            .client
-            .publish_with_reply(self.agent_subject(&to), self.own_subject.clone(), bytes)
-            .await
-        {
-            return Err(Error::ConnectionLost {
-                addr: self.server.clone(),
-                source: Box::new(e),
-            });
-        }
+        // The answer comes on a reply inbox of the client's own request multiplexer (one hop
+        // fewer than a subscription of ours); refusals come on this endpoint's subject.
+        let call = self.client.send_request(
+            self.agent_subject(&to),
+            async_nats::Request::new().payload(bytes).timeout(None),
+        );
         sender.stats.sent(len);
-        let outcome = tokio::time::timeout(timeout, rx).await;
+        let outcome = tokio::time::timeout(timeout, async {
+            tokio::select! {
+                r = call => self.reply(ep, id, &to, r),
+                r = rx => r.unwrap_or(Err(Error::Shutdown)),
+            }
+        })
+        .await;
         let mut guard = guard;
         match outcome {
-            Ok(Ok(Ok(response))) => {
+            Ok(Ok(response)) => {
                 guard.answered = true;
                 sender.stats.received(response.payload.len());
                 sender.stats.rtt_sample(started.elapsed());
                 Ok(response)
             }
-            Ok(Ok(Err(e))) => {
-                guard.answered = true;
+            Ok(Err(e)) => {
+                guard.answered = !matches!(e, Error::ConnectionLost { .. });
                 Err(e)
             }
-            Ok(Err(_)) => Err(Error::Shutdown),
             Err(_) => Err(Error::Timeout {
                 after: timeout,
                 attempts: 1,
+            }),
+        }
+    }
+
+    /// What a reply on a request's inbox says: the response from the endpoint the request
+    /// went to, or why there is none.
+    fn reply(
+        &self,
+        ep: Ep,
+        id: MessageId,
+        to: &AgentId,
+        reply: std::result::Result<async_nats::Message, async_nats::RequestError>,
+    ) -> Result<Envelope> {
+        use async_nats::RequestErrorKind;
+        let message = match reply {
+            Ok(m) => m,
+            // Nobody subscribes to the agent's subject: it is not in the fleet (any more).
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => {
+                return Err(Error::PeerNotFound { peer: to.clone() });
+            }
+            Err(e) => {
+                return Err(Error::ConnectionLost {
+                    addr: self.server.clone(),
+                    source: Box::new(e),
+                });
+            }
+        };
+        match wire::decode(&message.payload) {
+            Some(Frame::Response {
+                from,
+                request,
+                envelope,
+            }) if from == ep && request == id => Ok(envelope),
+            _ => Err(Error::Protocol {
+                detail: "the answer on a request's inbox is not its response",
             }),
         }
     }
@@ -1708,8 +1741,8 @@ struct RequestGuard<'a> {
 
 impl Drop for RequestGuard<'_> {
     fn drop(&mut self) {
+        self.shared.requests.remove(&self.id);
         if !self.answered {
-            self.shared.requests.remove(&self.id);
             let _ = self.shared.control.send(Control::To(
                 self.to,
                 Frame::Cancel {
