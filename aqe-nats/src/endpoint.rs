@@ -58,8 +58,8 @@ struct PendingAcks {
 #[derive(Default)]
 struct EndpointAcks {
     received: HashMap<(AgentId, AgentId, aqe_core::ChannelName, u64), u64>,
-    taken: Vec<MessageId>,
-    abandoned: Vec<MessageId>,
+    taken: Vec<(AgentId, MessageId)>,
+    abandoned: Vec<(AgentId, MessageId)>,
 }
 
 impl PendingAcks {
@@ -523,7 +523,7 @@ impl Shared {
             Ok(bytes) => bytes,
             Err(e) => {
                 // Refused before anything left: the place in the window is given back.
-                lock(&self.outbox).remove(id, ep);
+                lock(&self.outbox).remove(&to, id, ep);
                 self.room.notify_waiters();
                 return Err(e);
             }
@@ -916,13 +916,15 @@ impl Shared {
         let id = envelope.id;
         let Some(local) = self.local(agent) else {
             if flow.is_some() {
-                self.acker.add(true, |p| p.to(from).abandoned.push(id));
+                self.acker
+                    .add(true, |p| p.to(from).abandoned.push((agent.clone(), id)));
             }
             return;
         };
         if local.listens(&envelope.channel).is_err() {
             if flow.is_some() {
-                self.acker.add(true, |p| p.to(from).abandoned.push(id));
+                self.acker
+                    .add(true, |p| p.to(from).abandoned.push((agent.clone(), id)));
             }
             return;
         }
@@ -970,9 +972,13 @@ impl Shared {
             // the confirmation goes again, the message does not.
             Verdict::Duplicate(up_to, fate) => {
                 match fate {
-                    Some(Settled::Taken) => self.acker.add(false, |p| p.to(from).taken.push(id)),
+                    Some(Settled::Taken) => {
+                        self.acker
+                            .add(false, |p| p.to(from).taken.push((agent.clone(), id)));
+                    }
                     Some(Settled::Abandoned) => {
-                        self.acker.add(true, |p| p.to(from).abandoned.push(id));
+                        self.acker
+                            .add(true, |p| p.to(from).abandoned.push((agent.clone(), id)));
                     }
                     Some(Settled::Queued) | None => {}
                 }
@@ -1075,8 +1081,8 @@ impl Shared {
         &self,
         from: Ep,
         received: Vec<Received>,
-        taken: Vec<MessageId>,
-        abandoned: Vec<MessageId>,
+        taken: Vec<(AgentId, MessageId)>,
+        abandoned: Vec<(AgentId, MessageId)>,
         now: Instant,
     ) {
         let progress = !received.is_empty();
@@ -1094,8 +1100,8 @@ impl Shared {
             }
         }
         let mut freed = false;
-        for id in taken {
-            if let Some((key, entry)) = outbox.remove(id, from) {
+        for (to, id) in taken {
+            if let Some((key, entry)) = outbox.remove(&to, id, from) {
                 freed = true;
                 if let Some(l) = self.local(&key.from) {
                     l.stats.confirmed(1);
@@ -1106,8 +1112,8 @@ impl Shared {
             }
         }
         let mut failed: HashMap<FlowKey, Vec<MessageId>> = HashMap::new();
-        for id in abandoned {
-            if let Some((key, entry)) = outbox.remove(id, from) {
+        for (to, id) in abandoned {
+            if let Some((key, entry)) = outbox.remove(&to, id, from) {
                 freed = true;
                 if let Some(c) = entry.confirm {
                     let _ = c.send(Err(Error::DeliveryFailed {
@@ -1415,13 +1421,14 @@ impl Shared {
         self.acker.add(urgent || fate == Settled::Abandoned, |p| {
             let a = p.to(key.endpoint);
             // A confirmation implies everything before it in the flow was received.
+            let to = key.to.clone();
             let flow = (key.from, key.to, key.channel, epoch);
             if a.received.get(&flow).is_some_and(|up| *up <= seq) {
                 a.received.remove(&flow);
             }
             match fate {
-                Settled::Taken => a.taken.push(id),
-                Settled::Abandoned => a.abandoned.push(id),
+                Settled::Taken => a.taken.push((to, id)),
+                Settled::Abandoned => a.abandoned.push((to, id)),
                 Settled::Queued => {}
             }
         });

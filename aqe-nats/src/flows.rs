@@ -68,7 +68,8 @@ impl Flow {
 pub(crate) struct Outbox {
     window: usize,
     flows: HashMap<FlowKey, Flow>,
-    by_id: HashMap<MessageId, FlowKey>,
+    /// By receiving agent and message id (the copies of a broadcast share the id).
+    by_id: HashMap<(AgentId, MessageId), FlowKey>,
 }
 
 /// Epochs are fresh per process and never reused.
@@ -128,7 +129,8 @@ impl Outbox {
         }
         let seq = flow.next_seq;
         flow.next_seq += 1;
-        self.by_id.insert(envelope.id, key.clone());
+        self.by_id
+            .insert((key.to.clone(), envelope.id), key.clone());
         flow.entries.push_back(Entry {
             seq,
             envelope,
@@ -181,13 +183,19 @@ impl Outbox {
 
     /// Removes the message `id` (taken, or dropped unread by its receiver), when the
     /// endpoint saying so is the one its flow goes to.
-    pub(crate) fn remove(&mut self, id: MessageId, by: Ep) -> Option<(FlowKey, Entry)> {
-        let key = self.by_id.get(&id)?.clone();
+    pub(crate) fn remove(
+        &mut self,
+        to: &AgentId,
+        id: MessageId,
+        by: Ep,
+    ) -> Option<(FlowKey, Entry)> {
+        let slot = (to.clone(), id);
+        let key = self.by_id.get(&slot)?.clone();
         let flow = self.flows.get_mut(&key)?;
         if flow.endpoint != by {
             return None;
         }
-        self.by_id.remove(&id);
+        self.by_id.remove(&slot);
         let pos = flow.entries.iter().position(|e| e.envelope.id == id)?;
         let entry = flow.entries.remove(pos)?;
         // Delivered in order: everything before it was received too.
@@ -253,7 +261,7 @@ impl Outbox {
                 .is_some_and(|e| now.saturating_duration_since(e.accepted_at) >= deadline)
             {
                 if let Some(e) = flow.entries.pop_front() {
-                    self.by_id.remove(&e.envelope.id);
+                    self.by_id.remove(&(key.to.clone(), e.envelope.id));
                     out.push((key.clone(), e));
                 }
             }
@@ -275,8 +283,8 @@ impl Outbox {
             }
             false
         });
-        for (_, e) in &out {
-            self.by_id.remove(&e.envelope.id);
+        for (key, e) in &out {
+            self.by_id.remove(&(key.to.clone(), e.envelope.id));
         }
         out
     }
@@ -293,8 +301,8 @@ impl Outbox {
             }
             false
         });
-        for (_, e) in &out {
-            self.by_id.remove(&e.envelope.id);
+        for (key, e) in &out {
+            self.by_id.remove(&(key.to.clone(), e.envelope.id));
         }
         out
     }
@@ -529,7 +537,7 @@ mod tests {
                         out.on_received(&key(), Ep(9), s.epoch, up_to, now);
                     }
                     if !lost() {
-                        out.remove(e.id, Ep(9));
+                        out.remove(&key().to, e.id, Ep(9));
                     }
                 }
                 if to_send.is_empty() && out.len() == 0 {

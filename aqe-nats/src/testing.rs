@@ -180,7 +180,7 @@ fn wait_for_port(dir: &Path) -> Option<u16> {
 pub mod forge {
     use bytes::Bytes;
 
-    use aqe_core::{MessageId, Registration};
+    use aqe_core::{AgentId, MessageId, Registration};
 
     use crate::wire::{self, Ep, Frame};
 
@@ -226,8 +226,8 @@ pub mod forge {
         })
     }
 
-    /// Endpoint `from` claiming that messages `ids` were taken.
-    pub fn taken(from: u64, ids: Vec<MessageId>) -> Bytes {
+    /// Endpoint `from` claiming that messages `ids` were taken by their receiving agents.
+    pub fn taken(from: u64, ids: Vec<(AgentId, MessageId)>) -> Bytes {
         encode(&Frame::Acks {
             from: Ep(from),
             received: Vec::new(),

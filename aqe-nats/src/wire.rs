@@ -192,12 +192,13 @@ pub(crate) enum Frame {
     },
     // On an endpoint's subject.
     /// Flows received up to a point; messages taken by their agent; messages dropped
-    /// unread by a stopping agent.
+    /// unread by a stopping agent. A message is named with the agent it went to: the copies
+    /// of a broadcast share one message id.
     Acks {
         from: Ep,
         received: Vec<Received>,
-        taken: Vec<MessageId>,
-        abandoned: Vec<MessageId>,
+        taken: Vec<(AgentId, MessageId)>,
+        abandoned: Vec<(AgentId, MessageId)>,
     },
     /// The answer to a request.
     Response {

@@ -362,7 +362,7 @@ async fn members_of_the_account_that_misbehave_cannot_break_or_steer_an_endpoint
     };
     raw.publish(
         forge::endpoint_subject(&fleet, &a.endpoint_id()),
-        forge::taken(1_000_000, vec![id]),
+        forge::taken(1_000_000, vec![(AgentId::from("b"), id)]),
     )
     .await
     .expect("publish");
@@ -663,4 +663,77 @@ async fn twenty_endpoints_converge_on_one_membership_through_churn() {
     for t in &endpoints {
         t.shutdown().await;
     }
+}
+
+/// The copies of a broadcast share one message id: each receiving agent's confirmation
+/// settles its own copy, so more broadcasts than a flow's window go through, and every copy
+/// ends confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_copies_are_confirmed_each() {
+    let server = server().await;
+    let fleet = fleet();
+    let sender = NatsTransport::connect(config(&server.url(), &fleet))
+        .await
+        .expect("connect");
+    let _s = attach(&sender, "s").await;
+    let (mut endpoints, mut inboxes) = (Vec::new(), Vec::new());
+    for e in 0..2 {
+        let t = NatsTransport::connect(config(&server.url(), &fleet))
+            .await
+            .expect("connect");
+        for a in 0..2 {
+            inboxes.push(attach(&t, &format!("r{e}{a}")).await);
+        }
+        endpoints.push(t);
+    }
+    let targets: Vec<AgentId> = ["r00", "r01", "r10", "r11"].map(AgentId::from).to_vec();
+    for t in &targets {
+        await_peer(&sender, t.as_str()).await;
+    }
+    // Receivers take what arrives, as agents do.
+    let mut readers = Vec::new();
+    for mut ib in inboxes {
+        readers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < 1500 {
+                match tokio::time::timeout(WAIT, ib.recv()).await {
+                    Ok(Some(Inbound::Message { envelope, receipt })) => {
+                        got.push(read_counter(&envelope.payload));
+                        drop(receipt);
+                    }
+                    _ => break,
+                }
+            }
+            got
+        }));
+    }
+    for i in 0..1500u32 {
+        let mut e = direct("s", "r00", "coordination", counter(i));
+        e.to = Recipient::Fleet;
+        e.kind = MessageKind::Broadcast;
+        let report = tokio::time::timeout(WAIT, sender.broadcast(e, &targets))
+            .await
+            .expect("a broadcast never waits out a window of unconfirmed copies");
+        assert_eq!(
+            report.expect("broadcast").delivered.len(),
+            4,
+            "broadcast {i}"
+        );
+    }
+    for r in readers {
+        let got = r.await.expect("reader");
+        assert_eq!(
+            got,
+            (0..1500).collect::<Vec<_>>(),
+            "every copy, once, in order"
+        );
+    }
+    // Every copy is confirmed: nothing is left to report unconfirmed.
+    tokio::time::timeout(WAIT, async {
+        while sender.stats(&AgentId::from("s")).messages_unconfirmed > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every broadcast copy confirmed");
 }
