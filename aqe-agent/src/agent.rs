@@ -68,7 +68,10 @@ pub(crate) struct Inner {
     pub(crate) thresholds: HealthThresholds,
     pub(crate) started: Instant,
     pub(crate) shutdown: CancellationToken,
-    pub(crate) events: broadcast::Sender<Event>,
+    /// Created by the first subscriber: an agent nobody watches holds no event buffer, and
+    /// builds no events.
+    events: std::sync::OnceLock<broadcast::Sender<Event>>,
+    event_capacity: usize,
     /// Kept to read the inbox's expiry count; the dispatcher owns the receiving side.
     pub(crate) inbox: InboxSender,
     streams: DashMap<StreamId, Arc<tokio::sync::Mutex<Box<dyn StreamSink>>>>,
@@ -101,7 +104,6 @@ impl Agent {
         inbox: InboxSender,
         event_capacity: usize,
     ) -> Self {
-        let (events, _) = broadcast::channel(event_capacity.max(1));
         Self {
             inner: Arc::new(Inner {
                 reg,
@@ -109,7 +111,8 @@ impl Agent {
                 thresholds,
                 started: Instant::now(),
                 shutdown: CancellationToken::new(),
-                events,
+                events: std::sync::OnceLock::new(),
+                event_capacity: event_capacity.max(1),
                 inbox,
                 streams: DashMap::new(),
                 recent_errors: Mutex::new(VecDeque::with_capacity(RECENT_ERRORS)),
@@ -139,7 +142,18 @@ impl Agent {
 
     /// Publishes an event to this agent's subscribers.
     pub(crate) fn emit(&self, event: Event) {
-        let _ = self.inner.events.send(event);
+        if let Some(tx) = self.inner.events.get() {
+            let _ = tx.send(event);
+        }
+    }
+
+    /// Whether anyone subscribes to this agent's events (else per-message events are not
+    /// even built).
+    pub(crate) fn watched(&self) -> bool {
+        self.inner
+            .events
+            .get()
+            .is_some_and(|tx| tx.receiver_count() > 0)
     }
 
     /// Runs `op` unless the agent is shut down or shuts down meanwhile, and keeps any error
@@ -504,7 +518,11 @@ impl Agent {
 
     /// Subscribes to this agent's events, from now on.
     pub fn events(&self) -> EventStream {
-        EventStream::new(self.inner.events.subscribe(), self.inner.shutdown.clone())
+        let tx = self
+            .inner
+            .events
+            .get_or_init(|| broadcast::channel(self.inner.event_capacity).0);
+        EventStream::new(tx.subscribe(), self.inner.shutdown.clone())
     }
 
     /// Whether [`Agent::shutdown`] has been called.

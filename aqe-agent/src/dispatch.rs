@@ -315,6 +315,9 @@ fn error_reply(
 }
 
 fn announce(agent: &Agent, env: &Envelope) {
+    if !agent.watched() {
+        return;
+    }
     agent.emit(Event::MessageReceived {
         id: env.id,
         from: env.from.clone(),
@@ -428,6 +431,7 @@ pub(crate) async fn forward_events(agent: Agent, mut events: broadcast::Receiver
             Ok(Event::PeerDiscovered(p)) if &p.id == agent.id() => {}
             Ok(Event::PeerLeft(id)) if &id == agent.id() => {}
             Ok(Event::DeliveryFailed { ref from, .. }) if from != agent.id() => {}
+            Ok(_) if !agent.watched() => {}
             Ok(e) => agent.emit(e),
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 agent.emit(Event::Lagged { missed })

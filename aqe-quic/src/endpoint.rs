@@ -194,11 +194,17 @@ impl Shared {
                 .with_recv_capacity(1024)?
                 .build()?)
         };
+        let io = |addr: SocketAddr| -> std::result::Result<s2n_quic::provider::io::tokio::Provider, BoxError> {
+            Ok(s2n_quic::provider::io::tokio::Builder::default()
+                .with_receive_address(addr)?
+                .with_internal_recv_buffer_size(config.limits.socket_buffer as usize)?
+                .build()?)
+        };
         let (rejections, rejected) = mpsc::channel(64);
         let server = s2n_quic::Server::builder()
             .with_tls(material.server()?)
             .map_err(|e| setup_error("security")(e.into()))?
-            .with_io(bind)
+            .with_io(io(bind).map_err(setup_error("host"))?)
             .map_err(|e| setup_error("host")(e.into()))?
             .with_limits(limits().map_err(setup_error("limits"))?)
             .map_err(|e| setup_error("limits")(e.into()))?
@@ -228,7 +234,7 @@ impl Shared {
         let client = s2n_quic::Client::builder()
             .with_tls(material.client()?)
             .map_err(|e| setup_error("security")(e.into()))?
-            .with_io(client_bind)
+            .with_io(io(client_bind).map_err(setup_error("host"))?)
             .map_err(|e| setup_error("host")(e.into()))?
             .with_limits(limits().map_err(setup_error("limits"))?)
             .map_err(|e| setup_error("limits")(e.into()))?

@@ -320,14 +320,14 @@ fn main() {
         let mut b = Bench::new(c.benchmark_group("setup"), &rt, &mut results);
         slow(&mut b);
         let p = payload(64);
-        b.latency(Spec::new("setup", "floor_s2n_handshake", 64), || {
-            floors.s2n.setup(&p)
+        b.each(Spec::new("setup", "floor_s2n_handshake", 64), || {
+            floors.s2n.handshake(&p)
         });
         if let Some(n) = &floors.nats {
-            b.latency(Spec::new("setup", "floor_nats_connect", 64), || n.setup(&p));
+            b.each(Spec::new("setup", "floor_nats_connect", 64), || n.setup(&p));
         }
         for (net, f) in fleets.iter().filter(|(n, _)| !matches!(n, Net::Bus)) {
-            b.latency(Spec::new("setup", net.name(), 64), || setup(net, f, &p));
+            b.each(Spec::new("setup", net.name(), 64), || setup(net, f, &p));
         }
         b.finish();
     }

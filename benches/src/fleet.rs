@@ -266,8 +266,10 @@ impl Fleet {
 }
 
 /// Endpoint start to first response: a new endpoint of `net` and an agent on it, a request
-/// answered by the fleet's first receiver, then both shut down.
-pub async fn setup(net: &Net, to: &Fleet, payload: &Bytes) {
+/// answered by the fleet's first receiver; returns the time to the response (shutting both
+/// down afterwards is not counted).
+pub async fn setup(net: &Net, to: &Fleet, payload: &Bytes) -> Vec<Duration> {
+    let started = Instant::now();
     let bus = Arc::new(EventBus::new());
     let ep = Endpoint::start(net, &to.name, &bus).await;
     ep.connect(&to.endpoints.1[0]).await;
@@ -282,9 +284,11 @@ pub async fn setup(net: &Net, to: &Fleet, payload: &Bytes) {
         .request_from_agent(to.first(), payload, RequestOptions::default())
         .await
         .expect("request");
+    let took = started.elapsed();
     std::hint::black_box(r);
     agent.shutdown().await;
     ep.transport.shutdown().await;
+    vec![took]
 }
 
 impl Fleet {

@@ -87,8 +87,10 @@ impl NatsFloor {
         self.tally.wait(n).await;
     }
 
-    /// A new client: connect, one request/reply, then closed.
-    pub async fn setup(&self, payload: &Bytes) {
+    /// A new client: connect, one request/reply; returns the time to the reply (closing is
+    /// not counted).
+    pub async fn setup(&self, payload: &Bytes) -> Vec<Duration> {
+        let started = Instant::now();
         let client = async_nats::connect(self.server.url())
             .await
             .expect("connect");
@@ -96,8 +98,10 @@ impl NatsFloor {
             .request("bench", payload.clone())
             .await
             .expect("reply");
+        let took = started.elapsed();
         std::hint::black_box(r);
         drop(client);
+        vec![took]
     }
 }
 

@@ -72,7 +72,6 @@ async fn read(recv: &mut ReceiveStream, len: usize) {
 /// streams carry, and a client endpoint connected to it (once, or `fanout` times).
 pub struct S2nFloor {
     addr: SocketAddr,
-    pems: Pems,
     client: s2n_quic::Client,
     handle: Mutex<Handle>,
     long_lived: Mutex<(ReceiveStream, SendStream)>,
@@ -151,7 +150,6 @@ impl S2nFloor {
         Self {
             _connections: (connections, acceptor),
             addr,
-            pems,
             client,
             handle: Mutex::new(handle),
             long_lived: Mutex::new(long_lived),
@@ -251,17 +249,12 @@ impl S2nFloor {
         self.tally.wait(n * payload.len()).await;
     }
 
-    /// A new client endpoint: start, handshake, one request/response on a new stream, then
-    /// closed.
-    pub async fn setup(&self, payload: &Bytes) {
-        let client = s2n_quic::Client::builder()
-            .with_tls(self.pems.ca.as_str())
-            .expect("tls")
-            .with_io("127.0.0.1:0")
-            .expect("io")
-            .start()
-            .expect("client");
-        let mut c = client
+    /// A new connection from the client endpoint: handshake, one request/response on a new
+    /// stream; returns the time to the response (closing is not counted).
+    pub async fn handshake(&self, payload: &Bytes) -> Vec<Duration> {
+        let started = Instant::now();
+        let mut c = self
+            .client
             .connect(Connect::new(self.addr).with_server_name("localhost"))
             .await
             .expect("connect");
@@ -269,11 +262,8 @@ impl S2nFloor {
         send.send(payload.clone()).await.expect("send");
         send.finish().expect("finish");
         read(&mut recv, payload.len()).await;
+        let took = started.elapsed();
         c.close(0u32.into());
-    }
-
-    /// Keeps the client endpoint referenced (it owns the connections).
-    pub fn client(&self) -> &s2n_quic::Client {
-        &self.client
+        vec![took]
     }
 }

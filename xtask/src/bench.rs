@@ -60,11 +60,22 @@ pub(crate) fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let raw = out_dir.join("raw.json");
     let _ = std::fs::remove_file(&raw);
 
+    // Built first on every CPU; only the run is pinned.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let bench_args = ["bench", "--locked", "-p", "aqe-benches", "--bench", "guide"];
+    let status = Command::new(&cargo)
+        .current_dir(root)
+        .args(bench_args)
+        .arg("--no-run")
+        .status()
+        .context("building the benchmarks")?;
+    if !status.success() {
+        bail!("building the benchmarks failed: {status}");
+    }
     let pinned = Command::new("taskset")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut cmd = if pinned {
         let mut c = Command::new("taskset");
         c.args(["-c", "0", &cargo]);
@@ -73,21 +84,18 @@ pub(crate) fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
         eprintln!("taskset not found: running unpinned (figures are then much noisier)");
         Command::new(&cargo)
     };
-    cmd.current_dir(root).env("AQE_BENCH_OUT", &raw).args([
-        "bench",
-        "--locked",
-        "-p",
-        "aqe-benches",
-        "--bench",
-        "guide",
-        "--",
-    ]);
+    cmd.current_dir(root)
+        .env("AQE_BENCH_OUT", &raw)
+        .args(bench_args)
+        .arg("--");
     if quick {
         cmd.args([
             "--warm-up-time",
-            "0.3",
+            "0.2",
             "--measurement-time",
-            "1",
+            "0.6",
+            "--nresamples",
+            "2000",
             "--noplot",
         ]);
     }
