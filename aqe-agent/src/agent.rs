@@ -162,7 +162,10 @@ impl Agent {
         if self.inner.shutdown.is_cancelled() {
             return Err(Error::Shutdown);
         }
+        // The operation first: one that completes at once (a send with room) never registers
+        // with the shutdown token.
         let res = tokio::select! {
+            biased;
             r = op => r,
             () = self.inner.shutdown.cancelled() => Err(Error::Shutdown),
         };

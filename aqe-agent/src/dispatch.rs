@@ -139,6 +139,7 @@ pub(crate) async fn run(agent: Agent, mut inbox: Inbox, handlers: Handlers, limi
                     let from = envelope.from.clone();
                     let run = AssertUnwindSafe(h(agent.clone(), envelope)).catch_unwind();
                     tokio::select! {
+                        biased;
                         outcome = run => {
                             if let Err(panic) = outcome {
                                 agent.handler_panicked("message", &panic_message(&panic), &from);
