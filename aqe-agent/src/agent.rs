@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use aqe_core::plumbing::InboxSender;
 use aqe_core::{
     AgentId, BroadcastOptions, BroadcastReport, ChannelName, DiscoveryOptions, Envelope, Error,
-    ErrorBody, Event, Health, HealthThresholds, MessageId, MessageKind, PeerInfo, PeerState,
-    RecentError, Recipient, Registration, RequestOptions, Result, Stats, StreamFailure,
+    ErrorBody, Event, Health, HealthThresholds, MessageId, MessageKind, Payload, PeerInfo,
+    PeerState, RecentError, Recipient, Registration, RequestOptions, Result, Stats, StreamFailure,
     StreamHeader, StreamId, StreamOptions, StreamSink, Timestamp, Transport,
 };
 
@@ -135,6 +135,11 @@ impl Agent {
         &self.inner.reg.id
     }
 
+    /// The transport this agent runs on (shared with the other agents of its endpoint).
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.inner.transport
+    }
+
     /// What this agent declared: type, capabilities, channels, labels.
     pub fn registration(&self) -> &Registration {
         &self.inner.reg
@@ -209,8 +214,26 @@ impl Agent {
         kind: MessageKind,
         payload: Bytes,
     ) -> Result<Envelope> {
-        let ch = self.inner.reg.check_outgoing(channel, payload.len())?;
-        let env = Envelope::new(self.id().clone(), to, channel.clone(), kind, payload)
+        self.envelope_of(to, channel, kind, Payload::raw(payload))
+            .map(|mut e| {
+                e.encoding = aqe_core::Encoding::Postcard;
+                e
+            })
+    }
+
+    fn envelope_of(
+        &self,
+        to: Recipient,
+        channel: &ChannelName,
+        kind: MessageKind,
+        payload: Payload,
+    ) -> Result<Envelope> {
+        let ch = self
+            .inner
+            .reg
+            .check_outgoing(channel, payload.bytes.len())?;
+        let env = Envelope::new(self.id().clone(), to, channel.clone(), kind, Bytes::new())
+            .with_payload(payload)
             .with_priority(ch.priority);
         Ok(env)
     }
@@ -291,6 +314,46 @@ impl Agent {
         .await
     }
 
+    /// Sends a payload in the encoding it carries (JSON, raw bytes, postcard) to one agent,
+    /// as [`Agent::send_to_agent`] does a typed value.
+    ///
+    /// # Errors
+    /// As [`Agent::send_to_agent`].
+    pub async fn send_payload(
+        &self,
+        to: &AgentId,
+        payload: Payload,
+        channel: impl Into<ChannelName>,
+    ) -> Result<MessageId> {
+        let channel = channel.into();
+        self.guarded(async {
+            let env = self.envelope_of(
+                Recipient::Agent(to.clone()),
+                &channel,
+                MessageKind::Direct,
+                payload,
+            )?;
+            let id = env.id;
+            self.inner.transport.send(env).await.map(|()| id)
+        })
+        .await
+    }
+
+    /// Sends a request carrying a payload in its own encoding and returns the response's
+    /// envelope, whose [`Envelope::decode`] follows the encoding the responder chose.
+    ///
+    /// # Errors
+    /// As [`Agent::request_from_agent`], except that the response is not decoded.
+    pub async fn request_payload(
+        &self,
+        to: &AgentId,
+        payload: Payload,
+        options: RequestOptions,
+    ) -> Result<Envelope> {
+        self.guarded(self.request_envelope(to, payload, &options))
+            .await
+    }
+
     /// Sends a request and returns the decoded response, retrying after timeouts and
     /// unreachable peers as `options` say. Each retry is a new request; a fallback transport
     /// re-sending after a timeout uses the same request, so the responder's handler runs
@@ -312,32 +375,58 @@ impl Agent {
         Resp: DeserializeOwned,
     {
         self.guarded(async {
-            let payload = aqe_core::encode(payload)?;
-            let attempts = options.retries.saturating_add(1);
-            let mut attempt = 1;
-            loop {
-                let env = self.envelope(Recipient::Agent(to.clone()), &options.channel, MessageKind::Request, payload.clone())?;
-                match self.inner.transport.request(env, options.timeout).await {
-                    Ok(rsp) if rsp.kind == MessageKind::Error => {
-                        let body: ErrorBody = rsp.decode()?;
-                        if body.kind == aqe_core::RemoteErrorKind::Busy {
-                            return Err(Error::Busy { peer: rsp.from });
-                        }
-                        return Err(Error::Remote { agent: rsp.from, kind: body.kind, message: body.message });
-                    }
-                    Ok(rsp) => return rsp.decode(),
-                    Err(e) if e.is_unreachable() && attempt < attempts => {
-                        tracing::debug!(agent = %self.id(), peer = %to, attempt, error = %e, "request attempt failed, retrying");
-                        self.note_error(&e);
-                        tokio::time::sleep(options.retry_delay).await;
-                        attempt += 1;
-                    }
-                    Err(Error::Timeout { after, .. }) => return Err(Error::Timeout { after, attempts: attempt }),
-                    Err(e) => return Err(e),
-                }
-            }
+            let rsp = self
+                .request_envelope(to, Payload::postcard(payload)?, &options)
+                .await?;
+            rsp.decode()
         })
         .await
+    }
+
+    /// One request with its retries; the response envelope (errors turned into `Err`).
+    async fn request_envelope(
+        &self,
+        to: &AgentId,
+        payload: Payload,
+        options: &RequestOptions,
+    ) -> Result<Envelope> {
+        let attempts = options.retries.saturating_add(1);
+        let mut attempt = 1;
+        loop {
+            let env = self.envelope_of(
+                Recipient::Agent(to.clone()),
+                &options.channel,
+                MessageKind::Request,
+                payload.clone(),
+            )?;
+            match self.inner.transport.request(env, options.timeout).await {
+                Ok(rsp) if rsp.kind == MessageKind::Error => {
+                    let body: ErrorBody = rsp.decode()?;
+                    if body.kind == aqe_core::RemoteErrorKind::Busy {
+                        return Err(Error::Busy { peer: rsp.from });
+                    }
+                    return Err(Error::Remote {
+                        agent: rsp.from,
+                        kind: body.kind,
+                        message: body.message,
+                    });
+                }
+                Ok(rsp) => return Ok(rsp),
+                Err(e) if e.is_unreachable() && attempt < attempts => {
+                    tracing::debug!(agent = %self.id(), peer = %to, attempt, error = %e, "request attempt failed, retrying");
+                    self.note_error(&e);
+                    tokio::time::sleep(options.retry_delay).await;
+                    attempt += 1;
+                }
+                Err(Error::Timeout { after, .. }) => {
+                    return Err(Error::Timeout {
+                        after,
+                        attempts: attempt,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Sends `payload` to every peer on the options' channel (a broadcast channel) that the
@@ -351,12 +440,25 @@ impl Agent {
         payload: &T,
         options: BroadcastOptions,
     ) -> Result<BroadcastReport> {
+        self.broadcast_payload(Payload::postcard(payload)?, options)
+            .await
+    }
+
+    /// Like [`Agent::broadcast_to_fleet`], with a payload in the encoding it carries.
+    ///
+    /// # Errors
+    /// As [`Agent::broadcast_to_fleet`].
+    pub async fn broadcast_payload(
+        &self,
+        payload: Payload,
+        options: BroadcastOptions,
+    ) -> Result<BroadcastReport> {
         self.guarded(async {
-            let env = self.envelope(
+            let env = self.envelope_of(
                 Recipient::Fleet,
                 &options.channel,
                 MessageKind::Broadcast,
-                aqe_core::encode(payload)?,
+                payload,
             )?;
             let targets: Vec<AgentId> = self
                 .inner

@@ -160,6 +160,17 @@ impl AgentBuilder {
         self
     }
 
+    /// Like [`AgentBuilder::on_request`], for a handler that chooses its response's encoding
+    /// (JSON for a tool, raw bytes from a command): it returns a [`aqe_core::Payload`].
+    pub fn on_request_payload<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(Agent, Envelope) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<aqe_core::Payload, HandlerError>> + Send + 'static,
+    {
+        self.handlers.request = Some(handler::request_payload(f));
+        self
+    }
+
     /// Runs `f` for each stream a peer opens, concurrently. Without one, incoming streams are
     /// refused (dropped: the writer's next write fails).
     pub fn on_stream<F, Fut>(mut self, f: F) -> Self

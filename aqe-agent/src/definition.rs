@@ -65,6 +65,7 @@ pub struct AgentDefinition {
 struct File {
     #[serde(default)]
     id: Option<AgentId>,
+    #[serde(alias = "type")]
     agent_type: AgentType,
     #[serde(default)]
     capabilities: Vec<Capability>,
@@ -80,6 +81,94 @@ struct File {
     health: HealthThresholds,
     #[serde(default)]
     metadata: BTreeMap<String, String>,
+}
+
+/// A relative path in a definition file is relative to the file's folder.
+#[cfg(any(feature = "quic", feature = "nats"))]
+fn relative_to(base: &Path, path: &mut Option<std::path::PathBuf>) {
+    if let Some(p) = path.as_mut()
+        && p.is_relative()
+    {
+        *p = base.join(&*p);
+    }
+}
+
+/// JSON with comments, as people write definition files.
+mod jsonc {
+    /// `text` with `//` and `/* */` comments and trailing commas blanked out (spaces, newlines
+    /// kept), so that positions in errors stay those of the file.
+    pub(super) fn strip(text: &str) -> String {
+        let mut out: Vec<u8> = text.as_bytes().to_vec();
+        let b = text.as_bytes();
+        let (mut i, mut in_string) = (0, false);
+        // The last comma outside strings and comments, and whether only blanks followed it.
+        let mut comma: Option<usize> = None;
+        while i < b.len() {
+            let c = b[i];
+            if in_string {
+                if c == b'\\' {
+                    i += 2;
+                    continue;
+                }
+                if c == b'"' {
+                    in_string = false;
+                }
+                i += 1;
+                continue;
+            }
+            match c {
+                b'"' => {
+                    in_string = true;
+                    comma = None;
+                }
+                b'/' if b.get(i + 1) == Some(&b'/') => {
+                    while i < b.len() && b[i] != b'\n' {
+                        out[i] = b' ';
+                        i += 1;
+                    }
+                    continue;
+                }
+                b'/' if b.get(i + 1) == Some(&b'*') => {
+                    let start = i;
+                    i += 2;
+                    while i < b.len() && !(b[i] == b'*' && b.get(i + 1) == Some(&b'/')) {
+                        i += 1;
+                    }
+                    let end = (i + 2).min(b.len());
+                    for (j, o) in out.iter_mut().enumerate().take(end).skip(start) {
+                        if b[j] != b'\n' {
+                            *o = b' ';
+                        }
+                    }
+                    i = end;
+                    continue;
+                }
+                b',' => comma = Some(i),
+                b'}' | b']' => {
+                    if let Some(at) = comma.take() {
+                        out[at] = b' ';
+                    }
+                }
+                c if c.is_ascii_whitespace() => {}
+                _ => comma = None,
+            }
+            i += 1;
+        }
+        // Only ASCII bytes were replaced, by ASCII spaces: still UTF-8.
+        String::from_utf8(out).unwrap_or_else(|_| text.to_owned())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn comments_and_trailing_commas_go_strings_stay() {
+            let text = "{ // a comment\n  \"a\": \"http://x//y\", /* b */ \"b\": [1, 2,],\n}";
+            let v: serde_json::Value = serde_json::from_str(&super::strip(text)).expect("JSON");
+            assert_eq!(v["a"], "http://x//y");
+            assert_eq!(v["b"], serde_json::json!([1, 2]));
+            assert_eq!(super::strip(text).len(), text.len());
+        }
+    }
 }
 
 /// Reads `value` as a `T`, naming `file` and the field path under `prefix` in errors.
@@ -103,12 +192,15 @@ fn section<T: serde::de::DeserializeOwned>(
 }
 
 impl AgentDefinition {
-    /// Parses and checks a definition; `file` only serves to name the file in errors.
+    /// Parses and checks a definition: JSON with comments (`//`, `/* */`) and trailing commas
+    /// allowed, `type` accepted for `agentType`. `file` names the file in errors, and relative
+    /// paths in it (certificates, keys, credentials) are taken relative to its folder.
     ///
     /// # Errors
     /// [`Error::Configuration`] naming the file (if given) and the field path.
     pub fn from_json(text: &str, file: Option<&Path>) -> Result<Self> {
-        let de = &mut serde_json::Deserializer::from_str(text);
+        let text = jsonc::strip(text);
+        let de = &mut serde_json::Deserializer::from_str(&text);
         let doc: File = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             Error::Configuration {
@@ -148,9 +240,16 @@ impl AgentDefinition {
             }
             (None, None) => default_channels(),
         };
+        let base = file.and_then(Path::parent);
         #[cfg(feature = "quic")]
         let quic_config: aqe_quic::QuicConfig = {
-            let c: aqe_quic::QuicConfig = section(Value::Object(quic), file, "quicConfig.")?;
+            let mut c: aqe_quic::QuicConfig = section(Value::Object(quic), file, "quicConfig.")?;
+            if let Some(base) = base {
+                let s = &mut c.security;
+                for p in [&mut s.cert_path, &mut s.key_path, &mut s.ca_path] {
+                    relative_to(base, p);
+                }
+            }
             c.validate().map_err(|e| e.in_config(file, "quicConfig."))?;
             c
         };
@@ -160,11 +259,24 @@ impl AgentDefinition {
         let nats_config = match doc.nats_config {
             None => None,
             Some(v) => {
-                let c: aqe_nats::NatsConfig = section(v, file, "natsConfig.")?;
+                let mut c: aqe_nats::NatsConfig = section(v, file, "natsConfig.")?;
+                if let Some(base) = base {
+                    let t = &mut c.tls;
+                    for p in [
+                        &mut c.credentials,
+                        &mut t.ca_path,
+                        &mut t.cert_path,
+                        &mut t.key_path,
+                    ] {
+                        relative_to(base, p);
+                    }
+                }
                 c.validate().map_err(|e| e.in_config(file, "natsConfig."))?;
                 Some(c)
             }
         };
+        #[cfg(not(any(feature = "quic", feature = "nats")))]
+        let _ = base;
         #[cfg(not(feature = "nats"))]
         if doc.nats_config.is_some() {
             tracing::warn!(file = ?file, "the definition configures NATS, but aqe-agent was built without the `nats` feature; natsConfig is ignored");

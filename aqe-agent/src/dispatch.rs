@@ -395,12 +395,12 @@ async fn answer(
         .map(|c| c.max_message_size)
         .unwrap_or(usize::MAX);
     let outcome = outcome.and_then(|payload| {
-        if payload.len() > limit {
+        if payload.bytes.len() > limit {
             Err((
                 RemoteErrorKind::HandlerFailed,
                 format!(
                     "response of {} bytes exceeds the channel limit of {limit} bytes",
-                    payload.len()
+                    payload.bytes.len()
                 ),
             ))
         } else {
@@ -408,7 +408,9 @@ async fn answer(
         }
     });
     let reply = match outcome {
-        Ok(payload) => request.reply(me.clone(), MessageKind::Response, payload),
+        Ok(payload) => request
+            .reply(me.clone(), MessageKind::Response, bytes::Bytes::new())
+            .with_payload(payload),
         Err((kind, message)) => error_reply(&agent, &request, kind, message),
     };
     for r in responders {

@@ -36,7 +36,9 @@ impl std::fmt::Debug for Fleet {
 }
 
 impl Fleet {
-    /// Starts one agent per `*.json` file of `dir`, in file-name order, on `transport`.
+    /// Starts one agent per definition file of `dir` (`*.json`, `*.jsonc`; comments
+    /// allowed), in file-name order, on `transport`. A folder without definitions that has
+    /// `.claude/agents/` (the guide's layout) or `agents/` is read from there.
     /// `customize` gets each definition and its builder, to add handlers by agent type.
     ///
     /// A definition asking for QUIC (`enableQUIC`, with the `quic` feature) runs on a QUIC
@@ -240,6 +242,25 @@ impl Fleet {
 }
 
 async fn definition_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let files = definitions_in(dir).await?;
+    if !files.is_empty() {
+        return Ok(files);
+    }
+    // A project folder laid out as the guide's: definitions under `.claude/agents/`.
+    for sub in [".claude/agents", "agents"] {
+        let nested = dir.join(sub);
+        if tokio::fs::metadata(&nested).await.is_ok_and(|m| m.is_dir()) {
+            let files = definitions_in(&nested).await?;
+            if !files.is_empty() {
+                return Ok(files);
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// The `.json` and `.jsonc` files of `dir`, in name order.
+async fn definitions_in(dir: &Path) -> Result<Vec<PathBuf>> {
     let unreadable = |e: std::io::Error| Error::Configuration {
         file: Some(dir.to_path_buf()),
         field: "(directory)".to_owned(),
@@ -249,7 +270,10 @@ async fn definition_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     while let Some(entry) = entries.next_entry().await.map_err(unreadable)? {
         let path = entry.path();
-        if path.extension().is_some_and(|e| e == "json") {
+        if path
+            .extension()
+            .is_some_and(|e| e == "json" || e == "jsonc")
+        {
             files.push(path);
         }
     }

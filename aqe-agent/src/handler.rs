@@ -4,7 +4,6 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use serde::Serialize;
 
@@ -55,7 +54,9 @@ impl HandlerError {
 impl<E: std::error::Error + 'static> From<E> for HandlerError {
     fn from(e: E) -> Self {
         let kind = match (&e as &dyn std::error::Error).downcast_ref::<Error>() {
-            Some(Error::Malformed { .. } | Error::Truncated { .. }) => RemoteErrorKind::BadRequest,
+            Some(Error::Malformed { .. } | Error::Truncated { .. } | Error::Undecodable { .. }) => {
+                RemoteErrorKind::BadRequest
+            }
             _ => RemoteErrorKind::HandlerFailed,
         };
         Self {
@@ -82,8 +83,11 @@ impl fmt::Display for HandlerError {
 
 pub(crate) type MessageHandler =
     Arc<dyn Fn(Agent, Envelope) -> BoxFuture<'static, ()> + Send + Sync>;
-pub(crate) type RequestHandler =
-    Arc<dyn Fn(Agent, Envelope) -> BoxFuture<'static, Result<Bytes, HandlerError>> + Send + Sync>;
+pub(crate) type RequestHandler = Arc<
+    dyn Fn(Agent, Envelope) -> BoxFuture<'static, Result<aqe_core::Payload, HandlerError>>
+        + Send
+        + Sync,
+>;
 pub(crate) type StreamHandler =
     Arc<dyn Fn(Agent, IncomingStream) -> BoxFuture<'static, ()> + Send + Sync>;
 
@@ -112,9 +116,17 @@ where
         let fut = f(agent, env);
         Box::pin(async move {
             let value = fut.await?;
-            aqe_core::encode(&value).map_err(HandlerError::from)
+            aqe_core::Payload::postcard(&value).map_err(HandlerError::from)
         })
     })
+}
+
+pub(crate) fn request_payload<F, Fut>(f: F) -> RequestHandler
+where
+    F: Fn(Agent, Envelope) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<aqe_core::Payload, HandlerError>> + Send + 'static,
+{
+    Arc::new(move |agent, env| Box::pin(f(agent, env)))
 }
 
 pub(crate) fn stream<F, Fut>(f: F) -> StreamHandler

@@ -15,9 +15,10 @@ pub use crate::{
 };
 pub use aqe_core::{
     AgentId, AgentType, BroadcastOptions, BroadcastReport, Capability, Channel, ChannelKind,
-    ChannelName, DiscoveryOptions, Envelope, Error, Event, Health, HealthStatus, IncomingStream,
-    MessageId, MessageKind, PeerFilter, PeerInfo, PeerState, Priority, RequestOptions, Result,
-    Stats, StreamChunk, StreamId, StreamOptions, Token, Transport, decode, encode,
+    ChannelName, DiscoveryOptions, Encoding, Envelope, Error, Event, Health, HealthStatus,
+    IncomingStream, MessageId, MessageKind, Payload, PeerFilter, PeerInfo, PeerState, Priority,
+    RequestOptions, Result, Stats, StreamChunk, StreamId, StreamOptions, Token, Transport, decode,
+    encode,
 };
 
 #[cfg(feature = "quic")]

@@ -95,3 +95,77 @@ async fn a_bad_definition_names_its_file_and_field_and_starts_nothing() {
         "{err}"
     );
 }
+
+/// Definition files as people write them, laid out as the guide's: under `.claude/agents/`,
+/// with comments, trailing commas and `type`; a JSON syntax error names file, line and column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_as_users_write_them() {
+    let project = tempfile::tempdir().expect("tempdir");
+    let agents = project.path().join(".claude").join("agents");
+    std::fs::create_dir_all(&agents).expect("mkdir");
+    write(
+        &agents,
+        "executor.json",
+        r#"{
+  // a test executor, as in the guide
+  "id": "executor",
+  "type": "qe-test-executor", /* `type` is `agentType` */
+  "capabilities": ["unit-tests",],
+}"#,
+    );
+    let bus = Arc::new(EventBus::new());
+    let fleet = Fleet::from_dir(project.path(), bus.clone(), |_, b| b)
+        .await
+        .expect("fleet from the project folder");
+    let executor = fleet.get(&"executor".into()).expect("executor");
+    assert_eq!(
+        executor.registration().agent_type.as_str(),
+        "qe-test-executor"
+    );
+    fleet.shutdown().await;
+
+    write(
+        &agents,
+        "executor.json",
+        "{\n  // fine so far\n  \"type\": \"x\"\n  \"id\": \"y\"\n}",
+    );
+    match Fleet::from_dir(project.path(), bus, |_, b| b).await {
+        Err(Error::Configuration { file, message, .. }) => {
+            assert_eq!(
+                file.as_deref(),
+                Some(agents.join("executor.json").as_path())
+            );
+            assert!(message.contains("line 4"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Certificate paths in a definition are relative to the file, wherever the process runs.
+#[cfg(feature = "quic")]
+#[test]
+fn relative_paths_are_relative_to_the_definition_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("node.jsonc");
+    let def = aqe_agent::AgentDefinition::from_json(
+        r#"{ "type": "node", "enableQUIC": true,
+             "quicConfig": { "security": { "certPath": "certs/node.pem",
+                                           "keyPath": "certs/node.key",
+                                           "caPath": "/etc/fleet/ca.pem" } } }"#,
+        Some(&file),
+    )
+    .expect("definition");
+    let s = &def.quic_config.security;
+    assert_eq!(
+        s.cert_path.as_deref(),
+        Some(dir.path().join("certs/node.pem").as_path())
+    );
+    assert_eq!(
+        s.key_path.as_deref(),
+        Some(dir.path().join("certs/node.key").as_path())
+    );
+    assert_eq!(
+        s.ca_path.as_deref(),
+        Some(std::path::Path::new("/etc/fleet/ca.pem"))
+    );
+}

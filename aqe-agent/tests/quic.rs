@@ -390,3 +390,119 @@ async fn messages_in_flight_when_quic_goes_away_arrive_through_the_fallback_once
     source.shutdown().await;
     sink.shutdown().await;
 }
+
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Job {
+    task: String,
+    n: u32,
+}
+
+/// Payloads say how they are encoded: JSON (as a command line sends it) reaches a Rust
+/// handler that decodes its own struct, over real QUIC; a handler may answer in JSON, which
+/// the requester decodes as a dynamic value; a typed answer is decoded typed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_payloads_reach_typed_handlers_over_quic() {
+    let (a, b) = (quic().await, quic().await);
+    a.connect(b.local_addr()).await.expect("connect");
+    let (tx, mut got) = mpsc::channel::<Job>(4);
+    let _typed = Agent::builder()
+        .id("typed")
+        .agent_type("worker")
+        .transport(Arc::new(b.clone()))
+        .on_message(move |_a, env| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(env.decode::<Job>().expect("a Job")).await;
+            }
+        })
+        .on_request(|_a, req| async move {
+            let job: Job = req.decode()?;
+            Ok::<_, HandlerError>(job.n * 2)
+        })
+        .start()
+        .await
+        .expect("typed");
+    let _json = Agent::builder()
+        .id("json")
+        .agent_type("tool")
+        .transport(Arc::new(b.clone()))
+        .on_request_payload(|_a, req| async move {
+            let v: serde_json::Value = req.decode()?;
+            Ok(aqe_core::Payload::json(&serde_json::json!({ "echo": v }))?)
+        })
+        .start()
+        .await
+        .expect("json");
+    let cli = Agent::builder()
+        .id("cli")
+        .agent_type("cli")
+        .transport(Arc::new(a.clone()))
+        .start()
+        .await
+        .expect("cli");
+    until_peer(&cli, "typed").await;
+    until_peer(&cli, "json").await;
+
+    let text = r#"{"task":"lint","n":21}"#;
+    cli.send_payload(
+        &"typed".into(),
+        aqe_core::Payload::json_text(text).expect("JSON"),
+        "coordination",
+    )
+    .await
+    .expect("send");
+    let job = tokio::time::timeout(WAIT, got.recv())
+        .await
+        .expect("in time")
+        .expect("a job");
+    assert_eq!(
+        job,
+        Job {
+            task: "lint".into(),
+            n: 21
+        }
+    );
+
+    let typed = cli
+        .request_payload(
+            &"typed".into(),
+            aqe_core::Payload::json_text(text).expect("JSON"),
+            RequestOptions::default(),
+        )
+        .await
+        .expect("typed answer");
+    assert_eq!(typed.encoding, aqe_core::Encoding::Postcard);
+    assert_eq!(typed.decode::<u32>().expect("u32"), 42);
+
+    let dynamic = cli
+        .request_payload(
+            &"json".into(),
+            aqe_core::Payload::json_text(text).expect("JSON"),
+            RequestOptions::default(),
+        )
+        .await
+        .expect("JSON answer");
+    assert_eq!(dynamic.encoding, aqe_core::Encoding::Json);
+    let v: serde_json::Value = dynamic.decode().expect("value");
+    assert_eq!(v["echo"]["task"], "lint");
+
+    // A typed request the JSON handler cannot read as JSON: a bad request, said so.
+    let err = cli
+        .request_from_agent::<_, serde_json::Value>(
+            &"json".into(),
+            &7u32,
+            RequestOptions::default(),
+        )
+        .await
+        .expect_err("postcard is not JSON");
+    assert!(
+        matches!(
+            err,
+            aqe_core::Error::Remote {
+                kind: aqe_core::RemoteErrorKind::BadRequest,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use crate::{Error, Result};
 
 /// The wire version this build speaks.
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 /// Bytes before the body: the length (4) and the version (1).
 pub const FRAME_HEADER_LEN: usize = 5;
 /// The hard ceiling on a frame's length field: 16 MiB.
@@ -60,7 +60,7 @@ impl FrameCodec {
             dst.truncate(start);
             return Err(Error::Encode {
                 what: "frame",
-                source,
+                source: Box::new(source),
             });
         }
         let len = dst.len() - start - 4;
@@ -269,7 +269,7 @@ mod tests {
         e.timestamp = crate::Timestamp(1_764_000_000_000);
         let frame = FrameCodec::default().encode_to_bytes(&e).expect("encode");
         let expected: Vec<u8> = [
-            &[0x00, 0x00, 0x00, 0x23, 0x02][..],
+            &[0x00, 0x00, 0x00, 0x24, 0x03][..],
             &[0xac, 0x02],
             &[0x01, 0x61],
             &[0x00, 0x01, 0x62],
@@ -278,6 +278,7 @@ mod tests {
             &[0x00, 0x05],
             &[0x80, 0xd0, 0xdf, 0xb4, 0xab, 0x33],
             &[0x00, 0x00, 0x00],
+            &[0x00],
             &[0x02, 0x68, 0x69],
         ]
         .concat();

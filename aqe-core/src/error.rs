@@ -140,6 +140,18 @@ pub enum Error {
         #[source]
         source: postcard::Error,
     },
+    /// A payload that is not a value of the type asked for, in the encoding its envelope
+    /// says it has.
+    #[error("cannot decode the {encoding} payload as {into}: {source}")]
+    Undecodable {
+        /// How the payload says it is encoded.
+        encoding: crate::Encoding,
+        /// The type asked for.
+        into: &'static str,
+        /// Why not.
+        #[source]
+        source: BoxError,
+    },
     /// Protocol error: input ended before a complete value.
     #[error("protocol error: truncated {what}: {have} of {needed} bytes")]
     Truncated {
@@ -163,7 +175,7 @@ pub enum Error {
         what: &'static str,
         /// The encoder's complaint.
         #[source]
-        source: postcard::Error,
+        source: BoxError,
     },
     /// Authentication or encryption failed: untrusted certificate, wrong token, TLS failure.
     #[error("security error: {kind}")]

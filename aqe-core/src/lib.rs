@@ -50,7 +50,10 @@ pub use error::{
 };
 pub use health::{Health, HealthStatus, HealthThresholds, RecentError, RttStats, Stats};
 pub use id::{AgentId, AgentType, Capability, ChannelId, ChannelName, MessageId, StreamId};
-pub use message::{Envelope, ErrorBody, MessageKind, Recipient, Timestamp, decode, encode};
+pub use message::{
+    Encoding, Envelope, ErrorBody, MessageKind, Payload, Recipient, Timestamp, decode, decode_as,
+    encode,
+};
 pub use options::{BroadcastOptions, DiscoveryOptions, PeerFilter, RequestOptions, StreamOptions};
 pub use peer::{PeerInfo, PeerState, Registration};
 pub use receipt::Receipt;

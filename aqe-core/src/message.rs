@@ -42,6 +42,128 @@ pub enum MessageKind {
     Error,
 }
 
+/// How a payload is encoded, carried in its envelope so that any receiver (a Rust agent
+/// decoding its own type, a tool printing JSON) decodes it the way it was written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Encoding {
+    /// postcard: compact, for typed Rust values. Not self-describing: decode it into the
+    /// sender's type (or one of the same shape).
+    #[default]
+    Postcard,
+    /// JSON text (UTF-8): self-describing; decodes into any matching type, including dynamic
+    /// values such as `serde_json::Value`.
+    Json,
+    /// Bytes as they are: decode into `Bytes` (or `String`, when they are UTF-8).
+    Raw,
+}
+
+impl std::fmt::Display for Encoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Encoding::Postcard => "postcard",
+            Encoding::Json => "JSON",
+            Encoding::Raw => "raw",
+        })
+    }
+}
+
+/// A payload with its encoding, for callers that choose it (JSON from a command line, raw
+/// bytes); typed Rust values go through [`encode`] (postcard).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload {
+    /// How `bytes` is encoded.
+    pub encoding: Encoding,
+    /// The encoded value.
+    pub bytes: Bytes,
+}
+
+impl Payload {
+    /// `value` in postcard.
+    ///
+    /// # Errors
+    /// [`Error::Encode`] when serde refuses the value.
+    pub fn postcard<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
+        Ok(Self {
+            encoding: Encoding::Postcard,
+            bytes: encode(value)?,
+        })
+    }
+
+    /// `value` as JSON.
+    ///
+    /// # Errors
+    /// [`Error::Encode`] when serde refuses the value.
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
+        serde_json::to_vec(value)
+            .map(|v| Self {
+                encoding: Encoding::Json,
+                bytes: Bytes::from(v),
+            })
+            .map_err(|e| Error::Encode {
+                what: "JSON payload",
+                source: Box::new(e),
+            })
+    }
+
+    /// JSON text as it is, checked to be JSON.
+    ///
+    /// # Errors
+    /// [`Error::Undecodable`] when `text` is not JSON.
+    pub fn json_text(text: impl Into<Bytes>) -> Result<Self> {
+        let bytes = text.into();
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).map_err(|e| {
+            Error::Undecodable {
+                encoding: Encoding::Json,
+                into: "JSON",
+                source: Box::new(e),
+            }
+        })?;
+        Ok(Self {
+            encoding: Encoding::Json,
+            bytes,
+        })
+    }
+
+    /// Bytes as they are.
+    pub fn raw(bytes: impl Into<Bytes>) -> Self {
+        Self {
+            encoding: Encoding::Raw,
+            bytes: bytes.into(),
+        }
+    }
+}
+
+/// Decodes `bytes`, encoded as `encoding`, into a `T`.
+///
+/// # Errors
+/// [`Error::Undecodable`], saying why: not a `T`, or (postcard) a type that needs a
+/// self-describing encoding.
+pub fn decode_as<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T> {
+    let into = std::any::type_name::<T>();
+    let fail = |source: crate::BoxError| Error::Undecodable {
+        encoding,
+        into,
+        source,
+    };
+    match encoding {
+        Encoding::Postcard => match postcard::take_from_bytes::<T>(bytes) {
+            Ok((value, [])) => Ok(value),
+            Ok(_) => Err(fail("bytes left over after the value".into())),
+            Err(postcard::Error::WontImplement) => Err(fail(
+                "postcard is not self-describing: decode it into the sender's type (dynamic \
+                 values such as JSON values need a JSON payload)"
+                    .into(),
+            )),
+            Err(e) => Err(fail(Box::new(e))),
+        },
+        Encoding::Json => serde_json::from_slice(bytes).map_err(|e| fail(Box::new(e))),
+        Encoding::Raw => {
+            let de = serde::de::value::BytesDeserializer::<serde::de::value::Error>::new(bytes);
+            T::deserialize(de).map_err(|e| fail(Box::new(e)))
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -93,6 +215,8 @@ pub struct Envelope {
     /// may already have processed this message. Duplicates within one receiving process are
     /// suppressed; across a crash of the receiver they cannot be, and this flag says so.
     pub redelivered: bool,
+    /// How `payload` is encoded.
+    pub encoding: Encoding,
     /// The encoded content.
     pub payload: Bytes,
 }
@@ -118,8 +242,16 @@ impl Envelope {
             correlation_id: None,
             ttl: None,
             redelivered: false,
+            encoding: Encoding::Postcard,
             payload,
         }
+    }
+
+    /// Carries `payload` in its own encoding.
+    pub fn with_payload(mut self, payload: Payload) -> Self {
+        self.encoding = payload.encoding;
+        self.payload = payload.bytes;
+        self
     }
 
     /// The envelope answering this one, from `responder`, carrying `payload`.
@@ -165,12 +297,14 @@ impl Envelope {
         }
     }
 
-    /// Decodes the payload as `T`.
+    /// Decodes the payload as `T`, in the encoding the envelope says it has: a typed Rust
+    /// value (postcard), JSON (into any matching type, `serde_json::Value` included) or raw
+    /// bytes (into `Bytes` or a UTF-8 `String`).
     ///
     /// # Errors
-    /// [`Error::Malformed`] when the payload is not a `T` in postcard encoding.
+    /// [`Error::Undecodable`] when the payload is not a `T`, saying why.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
-        decode(&self.payload)
+        decode_as(self.encoding, &self.payload)
     }
 }
 
@@ -192,7 +326,7 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes> {
         .map(Bytes::from)
         .map_err(|source| Error::Encode {
             what: "payload",
-            source,
+            source: Box::new(source),
         })
 }
 
@@ -225,6 +359,68 @@ mod tests {
     }
 
     #[test]
+    fn each_encoding_decodes_as_it_was_written() {
+        let json = Payload::json_text(r#"{"name":"build","weight":3}"#).expect("JSON");
+        let env = Envelope::new(
+            "cli".into(),
+            Recipient::Agent("worker".into()),
+            "coordination".into(),
+            MessageKind::Direct,
+            Bytes::new(),
+        )
+        .with_payload(json);
+        assert_eq!(env.encoding, Encoding::Json);
+        // A Rust handler decodes its own struct from JSON...
+        assert_eq!(
+            env.decode::<Task>().expect("struct"),
+            Task {
+                name: "build".into(),
+                weight: 3
+            }
+        );
+        // ...and a tool decodes a dynamic value.
+        let v: serde_json::Value = env.decode().expect("value");
+        assert_eq!(v["weight"], 3);
+
+        // postcard into a dynamic value: refused, saying why.
+        let typed = env.clone().with_payload(
+            Payload::postcard(&Task {
+                name: "x".into(),
+                weight: 1,
+            })
+            .expect("encode"),
+        );
+        let err = typed
+            .decode::<serde_json::Value>()
+            .expect_err("not self-describing");
+        assert!(matches!(
+            err,
+            Error::Undecodable {
+                encoding: Encoding::Postcard,
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("not self-describing"), "{err}");
+        assert_eq!(typed.decode::<Task>().expect("typed").weight, 1);
+
+        // Raw bytes: as bytes, or as text when UTF-8.
+        let raw = env.with_payload(Payload::raw(Bytes::from_static(b"hello")));
+        assert_eq!(
+            raw.decode::<Bytes>().expect("bytes"),
+            Bytes::from_static(b"hello")
+        );
+        assert_eq!(raw.decode::<String>().expect("text"), "hello");
+        assert!(matches!(
+            raw.decode::<Task>(),
+            Err(Error::Undecodable {
+                encoding: Encoding::Raw,
+                ..
+            })
+        ));
+        assert!(Payload::json_text("{not json").is_err());
+    }
+
+    #[test]
     fn payload_round_trips_and_rejects_other_types() {
         let t = Task {
             name: "lint".into(),
@@ -240,7 +436,7 @@ mod tests {
         assert_eq!(env.decode::<Task>().expect("decode"), t);
         assert!(matches!(
             env.decode::<(u64, u64, u64)>(),
-            Err(Error::Malformed { .. })
+            Err(Error::Undecodable { .. })
         ));
     }
 

@@ -311,7 +311,7 @@ impl Shared {
     pub(crate) fn encode_checked(&self, frame: &Frame, payload_len: usize) -> Result<Bytes> {
         let bytes = wire::encode(frame).map_err(|source| Error::Encode {
             what: "a NATS frame",
-            source,
+            source: Box::new(source),
         })?;
         let max = self.max_frame();
         if max > 0 && bytes.len() > max {

@@ -16,7 +16,7 @@ use aqe_core::{
 };
 
 /// The version byte that starts every frame. A frame of another version is dropped.
-pub(crate) const NATS_WIRE_VERSION: u8 = 1;
+pub(crate) const NATS_WIRE_VERSION: u8 = 2;
 
 /// One endpoint (one NATS connection hosting agents), named by a random number chosen at
 /// start, so that a restarted process is a new endpoint.

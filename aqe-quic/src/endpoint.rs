@@ -1374,7 +1374,7 @@ pub(crate) fn connection_error(
         && u64::from(error) == u64::from(close::VERSION_MISMATCH)
     {
         return Error::Protocol {
-            detail: "the peer does not speak this protocol version (aqe/2)",
+            detail: "the peer does not speak this protocol version (aqe/3)",
         };
     }
     match e {

@@ -23,7 +23,7 @@ fn reg(id: &str) -> Registration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_attached_while_the_peer_delays_its_hello_is_announced_and_reachable() {
     let codec = FrameCodec::default();
-    // The hand-driven peer: a QUIC server speaking aqe/2, trusted by the endpoint (same
+    // The hand-driven peer: a QUIC server speaking aqe/3, trusted by the endpoint (same
     // development CA).
     let material = Material::new(&SecurityConfig::default())
         .await
@@ -127,6 +127,17 @@ async fn an_agent_attached_while_the_peer_delays_its_hello_is_announced_and_reac
         Bytes::from_static(b"to p"),
     );
     let transport = crate::QuicTransport::from_shared(ep.clone());
+    // The peer's membership snapshot follows its hello: known once the endpoint has read it.
+    tokio::time::timeout(WAIT, async {
+        while !aqe_core::Transport::peers(&transport)
+            .iter()
+            .any(|p| p.id.as_str() == "p")
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("p known from the snapshot");
     aqe_core::Transport::send(&transport, to_p)
         .await
         .expect("p is routable");

@@ -114,7 +114,7 @@ impl QuicTransport {
     }
 
     /// Connects to the endpoint at `addr`, unless already connected: QUIC handshake (TLS 1.3,
-    /// ALPN `aqe/2`), then hellos (version, token, agents, known peers). Peers it knows are
+    /// ALPN `aqe/3`), then hellos (version, token, agents, known peers). Peers it knows are
     /// dialed in turn.
     ///
     /// # Errors

@@ -16,9 +16,9 @@ use aqe_core::plumbing::FrameCodec;
 use aqe_core::{AgentId, ChannelName, Error, Registration, Result, StreamHeader};
 
 /// The ALPN identifier of this protocol.
-pub const ALPN: &[u8] = b"aqe/2";
+pub const ALPN: &[u8] = b"aqe/3";
 /// The version carried in the hello; a peer with another version is refused.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// The first message on a connection, in both directions, on the first bidirectional stream
 /// (the control stream) opened by the dialer. It authenticates the sender (token) and is
@@ -231,7 +231,7 @@ pub fn sequenced_header(seq: u64, envelope_len: usize) -> Result<Bytes> {
     let mut varint = [0u8; 10];
     let seq_bytes = postcard::to_slice(&seq, &mut varint).map_err(|source| Error::Encode {
         what: "sequence number",
-        source,
+        source: Box::new(source),
     })?;
     let len = 1 + seq_bytes.len() + envelope_len;
     let len = u32::try_from(len).map_err(|_| Error::MessageTooLarge {

@@ -1,0 +1,236 @@
+//! The command line.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Run and use a fleet of aqe agents: certificates, nodes, and agents from the command line.
+#[derive(Debug, Parser)]
+#[command(name = "aqe", version, about, long_about = None)]
+pub(crate) struct Cli {
+    /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub(crate) verbose: u8,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Certificates for a fleet: a CA, and node certificates it signs.
+    #[command(subcommand)]
+    Certs(Certs),
+    /// Runs the agents of a folder of definition files until Ctrl-C.
+    Node(NodeArgs),
+    /// Sends one message to an agent.
+    #[command(
+        after_help = "Examples:\n  aqe send worker '{\"task\":\"lint\"}' --bootstrap 10.0.0.1:9000 --certs certs --name cli\n  aqe send worker hello --raw --bootstrap 127.0.0.1:9000"
+    )]
+    Send(SendArgs),
+    /// Sends a request to an agent and prints the response.
+    #[command(
+        after_help = "Example:\n  aqe request worker '{\"threshold\":80}' --bootstrap 10.0.0.1:9000 --certs certs --name cli"
+    )]
+    Request(RequestArgs),
+    /// Sends one message to every agent of the fleet on a broadcast channel.
+    Broadcast(BroadcastArgs),
+    /// Joins the fleet as an agent that answers requests (echo, or a command's output).
+    #[command(
+        after_help = "Examples:\n  aqe reply worker --echo --bootstrap 127.0.0.1:9000\n  aqe reply upper --command 'tr a-z A-Z' --bootstrap 127.0.0.1:9000"
+    )]
+    Reply(ReplyArgs),
+    /// Joins the fleet as an agent that prints what it receives.
+    Listen(ListenArgs),
+    /// Lists the agents of the fleet.
+    Peers(PeersArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Certs {
+    /// Creates a fleet CA in DIR: ca.pem (give it to every node) and ca.key (keep it safe).
+    #[command(after_help = "Example:\n  aqe certs init certs")]
+    Init {
+        /// Where to write ca.pem and ca.key.
+        dir: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "aqe fleet CA")]
+        name: String,
+        /// Replace a CA already there.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issues a node certificate signed by DIR's CA: DIR/NAME.pem and DIR/NAME.key.
+    #[command(
+        after_help = "Example:\n  aqe certs issue certs node-a --ip 10.0.0.1 --dns node-a.example"
+    )]
+    Issue {
+        /// The folder holding ca.pem and ca.key.
+        dir: PathBuf,
+        /// The node's name (the files' names, and the certificate's common name).
+        name: String,
+        /// IP addresses the node is dialed at.
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+        /// DNS names the node is dialed at.
+        #[arg(long)]
+        dns: Vec<String>,
+        /// The name peers verify (their `serverName`).
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct NodeArgs {
+    /// A folder of agent definitions (*.json, *.jsonc; or a project with .claude/agents/).
+    pub(crate) dir: PathBuf,
+    /// Also write the log to this file.
+    #[arg(long)]
+    pub(crate) log_file: Option<PathBuf>,
+}
+
+/// How to join a fleet.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct Join {
+    /// An endpoint of the fleet to connect to (host:port); repeatable.
+    #[arg(long, short = 'b')]
+    pub(crate) bootstrap: Vec<String>,
+    /// Join as a definition file describes (its quicConfig: certificates, token, port).
+    #[arg(long, conflicts_with_all = ["certs", "cert", "key", "ca"])]
+    pub(crate) definition: Option<PathBuf>,
+    /// A folder made by `aqe certs`: uses ca.pem, NAME.pem and NAME.key (with --name).
+    #[arg(long, requires = "name")]
+    pub(crate) certs: Option<PathBuf>,
+    /// The node certificate's name in --certs.
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// This endpoint's certificate (PEM).
+    #[arg(long, requires_all = ["key", "ca"])]
+    pub(crate) cert: Option<PathBuf>,
+    /// Its private key (PKCS#8 PEM).
+    #[arg(long)]
+    pub(crate) key: Option<PathBuf>,
+    /// The fleet's CA certificate (PEM).
+    #[arg(long)]
+    pub(crate) ca: Option<PathBuf>,
+    /// The fleet's shared token (or AQE_TOKEN).
+    #[arg(long, env = "AQE_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// The address to listen on (host:port).
+    #[arg(long, default_value = "0.0.0.0:0")]
+    pub(crate) listen: String,
+    /// How long to wait for the fleet and the agent named (seconds).
+    #[arg(long, default_value = "10", value_parser = seconds)]
+    pub(crate) wait: Duration,
+}
+
+/// How to read a payload given on the command line.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct PayloadArgs {
+    /// The payload: JSON, or text (sent as raw bytes when it is not JSON).
+    pub(crate) payload: String,
+    /// Send it as raw bytes even if it is JSON.
+    #[arg(long, conflicts_with = "json")]
+    pub(crate) raw: bool,
+    /// Require it to be JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SendArgs {
+    /// The receiving agent's id.
+    pub(crate) to: String,
+    #[command(flatten)]
+    pub(crate) payload: PayloadArgs,
+    /// The channel.
+    #[arg(long, default_value = "coordination")]
+    pub(crate) channel: String,
+    #[command(flatten)]
+    pub(crate) join: Join,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RequestArgs {
+    /// The answering agent's id.
+    pub(crate) to: String,
+    #[command(flatten)]
+    pub(crate) payload: PayloadArgs,
+    /// How long to wait for the response (seconds).
+    #[arg(long, default_value = "5", value_parser = seconds)]
+    pub(crate) timeout: Duration,
+    /// Attempts after a timeout or an unreachable peer.
+    #[arg(long, default_value = "0")]
+    pub(crate) retries: u32,
+    #[command(flatten)]
+    pub(crate) join: Join,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BroadcastArgs {
+    #[command(flatten)]
+    pub(crate) payload: PayloadArgs,
+    /// The (broadcast) channel.
+    #[arg(long, default_value = "coordination")]
+    pub(crate) channel: String,
+    /// Wait until this many agents are known before sending.
+    #[arg(long, default_value = "1")]
+    pub(crate) min_peers: usize,
+    #[command(flatten)]
+    pub(crate) join: Join,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ReplyArgs {
+    /// The id this agent takes.
+    pub(crate) agent: String,
+    /// Answer each request with its own payload.
+    #[arg(long, conflicts_with = "command")]
+    pub(crate) echo: bool,
+    /// Answer with this shell command's output, the request's payload on its stdin.
+    #[arg(long)]
+    pub(crate) command: Option<String>,
+    /// The agent's type.
+    #[arg(long, default_value = "cli")]
+    pub(crate) agent_type: String,
+    /// Stop after this many requests.
+    #[arg(long)]
+    pub(crate) count: Option<u64>,
+    #[command(flatten)]
+    pub(crate) join: Join,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ListenArgs {
+    /// The id this agent takes.
+    pub(crate) agent: String,
+    /// The agent's type.
+    #[arg(long, default_value = "cli")]
+    pub(crate) agent_type: String,
+    /// Stop after this many messages.
+    #[arg(long)]
+    pub(crate) count: Option<u64>,
+    #[command(flatten)]
+    pub(crate) join: Join,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PeersArgs {
+    /// Wait until this many agents are known.
+    #[arg(long, default_value = "1")]
+    pub(crate) min_peers: usize,
+    #[command(flatten)]
+    pub(crate) join: Join,
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.0..=86_400.0).contains(&secs) {
+        return Err(format!("{s} seconds is out of range (0 to 86400)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}

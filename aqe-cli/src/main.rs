@@ -1,0 +1,131 @@
+//! `aqe`: run and use a fleet of aqe agents from the command line.
+//!
+//! ```text
+//! aqe certs init certs                         # a fleet CA: certs/ca.pem, certs/ca.key
+//! aqe certs issue certs node-a --ip 10.0.0.1   # certs/node-a.pem, certs/node-a.key
+//! aqe node fleet/                              # the agents of fleet/*.json, until Ctrl-C
+//! aqe request worker '{"task":"lint"}' --bootstrap 10.0.0.1:9000 --certs certs --name cli
+//! ```
+//!
+//! Exit codes: 0 success, 1 the operation failed (timeout, remote error), 2 usage, 3 a
+//! configuration or file problem, 4 a security refusal (certificate, token), 5 the fleet or
+//! the agent could not be reached.
+#![warn(missing_docs)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod certs;
+mod cli;
+mod error;
+mod join;
+mod node;
+mod ops;
+mod payload;
+
+use cli::{Cli, Command};
+use error::CliError;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let log_file = match &cli.command {
+        Command::Node(n) => n.log_file.clone(),
+        _ => None,
+    };
+    let node = matches!(cli.command, Command::Node(_));
+    if let Err(e) = init_tracing(cli.verbose, node, log_file.as_deref()) {
+        return report(&e);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("aqe: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(run(cli.command));
+    // Whatever is left (agents' tasks being torn down) gets a moment, not forever.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report(&e),
+    }
+}
+
+async fn run(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Certs(c) => certs::run(c),
+        Command::Node(n) => node::run(n).await,
+        Command::Send(a) => ops::send(a).await,
+        Command::Request(a) => ops::request(a).await,
+        Command::Broadcast(a) => ops::broadcast(a).await,
+        Command::Reply(a) => ops::reply(a).await,
+        Command::Listen(a) => ops::listen(a).await,
+        Command::Peers(a) => ops::peers(a).await,
+    }
+}
+
+/// One line on stderr: what failed and why, down to the first cause.
+fn report(e: &CliError) -> ExitCode {
+    let mut line = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    eprintln!("aqe: {}", line.replace('\n', " "));
+    e.exit_code()
+}
+
+/// Logs to stderr (and to `log_file`), filtered by `RUST_LOG` or `-v`; a node logs what it
+/// does (info), a one-shot command only its warnings.
+fn init_tracing(
+    verbose: u8,
+    node: bool,
+    log_file: Option<&std::path::Path>,
+) -> Result<(), CliError> {
+    use tracing_subscriber::prelude::*;
+    let default = match verbose {
+        0 if node => "info",
+        // A one-shot command says what went wrong in its one error line.
+        0 => "error",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let file = match log_file {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| CliError::File {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(std::sync::Mutex::new(f)),
+            )
+        }
+        None => None,
+    };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .with(file)
+        .try_init();
+    Ok(())
+}

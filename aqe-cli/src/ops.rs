@@ -1,0 +1,236 @@
+//! The commands that join a fleet as an agent: send, request, broadcast, reply, listen, peers.
+
+use std::process::Stdio;
+use std::sync::Arc;
+
+use aqe_agent::{Agent, HandlerError};
+use aqe_core::{AgentId, BroadcastOptions, Payload, RequestOptions};
+use tokio::io::AsyncWriteExt;
+
+use crate::cli::{BroadcastArgs, Join, ListenArgs, PeersArgs, ReplyArgs, RequestArgs, SendArgs};
+use crate::error::CliError;
+use crate::join;
+use crate::node::wait_for_signal;
+use crate::payload;
+
+/// An agent of the fleet, on a fresh endpoint joined as `j` says.
+async fn agent(j: &Join, id: Option<&str>, agent_type: &str) -> Result<Agent, CliError> {
+    let transport = join::endpoint(j).await?;
+    let mut b = Agent::builder().agent_type(agent_type).transport(transport);
+    if let Some(id) = id {
+        b = b.id(id);
+    }
+    Ok(b.start().await?)
+}
+
+/// Shuts the agent down and closes its endpoint, telling its peers at once (a process that
+/// just exits leaves them to notice its silence).
+async fn leave(me: &Agent) {
+    me.shutdown().await;
+    me.transport().shutdown().await;
+}
+
+pub(crate) async fn send(a: SendArgs) -> Result<(), CliError> {
+    let payload = payload::from_args(&a.payload)?;
+    let me = agent(&a.join, None, "cli").await?;
+    let to = AgentId::from(a.to.as_str());
+    join::agent_known(&me, &to, a.join.wait).await?;
+    // Returns once the receiving agent has taken it: a command line has nothing to come back
+    // to, so "accepted" would not say enough.
+    let env_id = me.send_payload(&to, payload, a.channel.as_str()).await?;
+    let confirmed = me.stats();
+    tracing::debug!(id = %env_id, ?confirmed, "sent");
+    wait_settled(&me).await;
+    println!("sent {env_id} to {to}");
+    leave(&me).await;
+    Ok(())
+}
+
+/// Waits (briefly) until what this agent sent is settled, so that exiting loses nothing.
+async fn wait_settled(me: &Agent) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        let s = me.stats();
+        if s.messages_unconfirmed == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+pub(crate) async fn request(a: RequestArgs) -> Result<(), CliError> {
+    let payload = payload::from_args(&a.payload)?;
+    let me = agent(&a.join, None, "cli").await?;
+    let to = AgentId::from(a.to.as_str());
+    join::agent_known(&me, &to, a.join.wait).await?;
+    let options = RequestOptions {
+        timeout: a.timeout,
+        retries: a.retries,
+        ..RequestOptions::default()
+    };
+    let outcome = me.request_payload(&to, payload, options).await;
+    leave(&me).await;
+    let response = outcome?;
+    println!("{}", payload::show(&response));
+    Ok(())
+}
+
+pub(crate) async fn broadcast(a: BroadcastArgs) -> Result<(), CliError> {
+    let payload = payload::from_args(&a.payload)?;
+    let me = agent(&a.join, None, "cli").await?;
+    join::peers_known(&me, a.min_peers, a.join.wait).await;
+    let options = BroadcastOptions {
+        channel: a.channel.as_str().into(),
+        ..BroadcastOptions::default()
+    };
+    let report = me.broadcast_payload(payload, options).await?;
+    wait_settled(&me).await;
+    leave(&me).await;
+    for id in &report.delivered {
+        println!("sent to {id}");
+    }
+    for (id, e) in &report.failed {
+        println!("failed {id}: {e}");
+    }
+    if report.delivered.is_empty() {
+        return Err(CliError::Unreachable(aqe_core::Error::PeerNotFound {
+            peer: AgentId::from("(any agent on the channel)"),
+        }));
+    }
+    Ok(())
+}
+
+pub(crate) async fn reply(a: ReplyArgs) -> Result<(), CliError> {
+    if !a.echo && a.command.is_none() {
+        return Err(CliError::Usage("give --echo or --command CMD"));
+    }
+    let transport = join::endpoint(&a.join).await?;
+    let (served_tx, mut served) = tokio::sync::mpsc::channel::<()>(64);
+    let command = a.command.clone().map(Arc::new);
+    let me = Agent::builder()
+        .id(a.agent.as_str())
+        .agent_type(a.agent_type.as_str())
+        .transport(transport)
+        .on_request_payload(move |_agent, req| {
+            let command = command.clone();
+            let served = served_tx.clone();
+            async move {
+                eprintln!("request from {}: {}", req.from, payload::show(&req));
+                let answer = match command {
+                    None => Ok(Payload {
+                        encoding: req.encoding,
+                        bytes: req.payload.clone(),
+                    }),
+                    Some(cmd) => run_command(&cmd, &req.payload).await,
+                };
+                let _ = served.send(()).await;
+                answer
+            }
+        })
+        .start()
+        .await?;
+    println!("agent {} answering", me.id());
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            () = wait_for_signal() => break,
+            r = served.recv() => {
+                if r.is_none() { break; }
+                n += 1;
+                if a.count.is_some_and(|c| n >= c) {
+                    // Let the last answer leave.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    break;
+                }
+            }
+        }
+    }
+    leave(&me).await;
+    Ok(())
+}
+
+/// The command's output for `input` on its stdin: JSON when it is JSON, else raw.
+async fn run_command(cmd: &str, input: &[u8]) -> Result<Payload, HandlerError> {
+    let fail = |m: String| HandlerError::new(m);
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| fail(format!("cannot run {cmd:?}: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input)
+            .await
+            .map_err(|e| fail(format!("{cmd:?} did not read its input: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| fail(format!("{cmd:?}: {e}")))?;
+    if !out.status.success() {
+        return Err(fail(format!("{cmd:?} exited with {}", out.status)));
+    }
+    Ok(Payload::json_text(out.stdout.clone()).unwrap_or_else(|_| Payload::raw(out.stdout)))
+}
+
+pub(crate) async fn listen(a: ListenArgs) -> Result<(), CliError> {
+    let transport = join::endpoint(&a.join).await?;
+    let (tx, mut got) = tokio::sync::mpsc::channel::<String>(1024);
+    let me = Agent::builder()
+        .id(a.agent.as_str())
+        .agent_type(a.agent_type.as_str())
+        .transport(transport)
+        .on_message(move |_agent, env| {
+            let tx = tx.clone();
+            async move {
+                let line = format!("{} [{}] {}", env.from, env.channel, payload::show(&env));
+                let _ = tx.send(line).await;
+            }
+        })
+        .start()
+        .await?;
+    println!("agent {} listening", me.id());
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            () = wait_for_signal() => break,
+            line = got.recv() => {
+                let Some(line) = line else { break };
+                println!("{line}");
+                n += 1;
+                if a.count.is_some_and(|c| n >= c) {
+                    break;
+                }
+            }
+        }
+    }
+    leave(&me).await;
+    Ok(())
+}
+
+pub(crate) async fn peers(a: PeersArgs) -> Result<(), CliError> {
+    let me = agent(&a.join, None, "cli").await?;
+    join::peers_known(&me, a.min_peers, a.join.wait).await;
+    let peers = me.discover_peers(&Default::default());
+    for p in &peers {
+        let channels: Vec<&str> = p.channels.iter().map(|c| c.as_str()).collect();
+        println!(
+            "{}\t{}\t{:?}\t{}",
+            p.id,
+            p.agent_type,
+            p.state,
+            channels.join(",")
+        );
+    }
+    leave(&me).await;
+    if peers.is_empty() {
+        return Err(CliError::Unreachable(aqe_core::Error::PeerNotFound {
+            peer: AgentId::from("(any agent)"),
+        }));
+    }
+    Ok(())
+}

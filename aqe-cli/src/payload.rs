@@ -1,0 +1,41 @@
+//! Payloads from the command line and payloads printed to it.
+
+use aqe_core::{Encoding, Envelope, Payload};
+
+use crate::cli::PayloadArgs;
+use crate::error::CliError;
+
+/// The payload the arguments give: JSON when the text is JSON (or `--json`), else raw bytes.
+pub(crate) fn from_args(p: &PayloadArgs) -> Result<Payload, CliError> {
+    if p.raw {
+        return Ok(Payload::raw(p.payload.clone().into_bytes()));
+    }
+    match Payload::json_text(p.payload.clone().into_bytes()) {
+        Ok(json) => Ok(json),
+        Err(e) if p.json => Err(CliError::Config(aqe_core::Error::Configuration {
+            file: None,
+            field: "PAYLOAD".into(),
+            message: format!("not JSON ({e}); drop --json to send it as text"),
+        })),
+        Err(_) => Ok(Payload::raw(p.payload.clone().into_bytes())),
+    }
+}
+
+/// The payload as a line of text: JSON as it is (compact), raw bytes as text when UTF-8
+/// (else hex), postcard as its size (a typed Rust value: only its type can read it).
+pub(crate) fn show(env: &Envelope) -> String {
+    match env.encoding {
+        Encoding::Json => match env.decode::<serde_json::Value>() {
+            Ok(v) => v.to_string(),
+            Err(_) => String::from_utf8_lossy(&env.payload).into_owned(),
+        },
+        Encoding::Raw => match std::str::from_utf8(&env.payload) {
+            Ok(s) => s.to_owned(),
+            Err(_) => env.payload.iter().map(|b| format!("{b:02x}")).collect(),
+        },
+        Encoding::Postcard => format!(
+            "(postcard, {} bytes: a typed Rust value)",
+            env.payload.len()
+        ),
+    }
+}

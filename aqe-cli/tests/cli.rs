@@ -1,0 +1,275 @@
+//! The `aqe` binary in separate processes: certificates, a node from a definition folder,
+//! and commands joining it over real QUIC with mutual TLS and a token; every bad input with
+//! its exit code and its one-line message.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const AQE: &str = env!("CARGO_BIN_EXE_aqe");
+const TOKEN: &str = "s3cret";
+
+/// A child process killed when dropped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn aqe(dir: &Path, args: &[&str]) -> Output {
+    Command::new(AQE)
+        .current_dir(dir)
+        .args(args)
+        .env_remove("AQE_TOKEN")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run aqe")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Starts `aqe ARGS` and returns it once a stdout line starts with `ready`, with that line.
+fn spawn(
+    dir: &Path,
+    args: &[&str],
+    ready: &str,
+) -> (Running, String, BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(AQE)
+        .current_dir(dir)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn aqe");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let running = Running(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(Instant::now() < deadline, "{args:?} never said {ready}");
+        if out.read_line(&mut line).expect("read") == 0 {
+            panic!("{args:?} ended before saying {ready}");
+        }
+        if line.starts_with(ready) {
+            return (running, line.trim().to_owned(), out);
+        }
+    }
+}
+
+fn next_line(out: &mut BufReader<std::process::ChildStdout>) -> String {
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    line.trim().to_owned()
+}
+
+#[test]
+fn a_fleet_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // Certificates: a CA, a node, a command-line client.
+    let o = aqe(d, &["certs", "init", "certs"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // One certificate per process that runs at the same time: an endpoint's id is its key's.
+    for name in ["node", "cli", "listener", "replier"] {
+        let o = aqe(d, &["certs", "issue", "certs", name, "--ip", "127.0.0.1"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(d.join(format!("certs/{name}.pem")).exists());
+        assert!(d.join(format!("certs/{name}.key")).exists());
+    }
+    // A node from a definition folder, written as people write them.
+    std::fs::create_dir(d.join("fleet")).expect("mkdir");
+    std::fs::write(
+        d.join("fleet/worker.jsonc"),
+        r#"{
+  // answers requests
+  "id": "worker",
+  "type": "qe-test-executor",
+  "enableQUIC": true,
+  "quicConfig": {
+    "host": "127.0.0.1", "port": 0,
+    "security": { "certPath": "../certs/node.pem", "keyPath": "../certs/node.key",
+                  "caPath": "../certs/ca.pem", "verifyPeer": true,
+                  "enableTokenAuth": true, "token": "s3cret" },
+  },
+}"#,
+    )
+    .expect("definition");
+    let (_node, listening, _out) = spawn(d, &["node", "fleet"], "listening on ");
+    let addr = listening.trim_start_matches("listening on ").to_owned();
+    let join_as = |name: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["--bootstrap", &addr, "--certs", "certs", "--name", name]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let join = |extra: &[&str]| join_as("cli", extra);
+    let run = |cmd: &[&str], extra: &[&'static str]| -> Output {
+        let mut args: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        args.extend(join(extra));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        aqe(d, &args)
+    };
+
+    // A JSON request, echoed by the node's agent.
+    let o = run(
+        &["request", "worker", r#"{"task":"lint","n":3}"#],
+        &["--token", TOKEN],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), r#"{"n":3,"task":"lint"}"#);
+
+    // Peers.
+    let o = run(&["peers"], &["--token", TOKEN]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("worker\tqe-test-executor"),
+        "{}",
+        stdout(&o)
+    );
+
+    // A listener and a replier in their own processes, found through the node.
+    let mut listen_args = vec!["listen", "inbox", "--count", "2"];
+    let joined = join_as("listener", &["--token", TOKEN]);
+    listen_args.extend(joined.iter().map(String::as_str));
+    let (_listener, _, mut heard) = spawn(d, &listen_args, "agent inbox listening");
+    let mut reply_args = vec!["reply", "upper", "--command", "tr a-z A-Z", "--count", "1"];
+    let joined = join_as("replier", &["--token", TOKEN]);
+    reply_args.extend(joined.iter().map(String::as_str));
+    let (_replier, _, _) = spawn(d, &reply_args, "agent upper answering");
+
+    let o = run(&["send", "inbox", r#"{"x":1}"#], &["--token", TOKEN]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = next_line(&mut heard);
+    assert!(line.ends_with(r#"[coordination] {"x":1}"#), "{line}");
+
+    let o = run(
+        &["broadcast", "everyone", "--raw", "--min-peers", "3"],
+        &["--token", TOKEN],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("sent to worker"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("sent to inbox"), "{}", stdout(&o));
+    let line = next_line(&mut heard);
+    assert!(line.ends_with("[coordination] everyone"), "{line}");
+
+    let o = run(&["request", "upper", "hello", "--raw"], &["--token", TOKEN]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "HELLO");
+
+    // Bad input: exit code and one line naming what is wrong.
+    let o = run(&["request", "worker", "1"], &["--token", "wrong"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("token rejected"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+
+    let o = aqe(d, &["certs", "init", "other"]);
+    assert!(o.status.success());
+    let o = aqe(d, &["certs", "issue", "other", "stranger"]);
+    assert!(o.status.success());
+    let o = aqe(
+        d,
+        &[
+            "request",
+            "worker",
+            "1",
+            "--bootstrap",
+            &addr,
+            "--certs",
+            "other",
+            "--name",
+            "stranger",
+            "--token",
+            TOKEN,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("untrusted certificate"),
+        "{}",
+        stderr(&o)
+    );
+
+    std::fs::write(d.join("bad.pem"), "not a certificate").expect("write");
+    let o = aqe(
+        d,
+        &[
+            "request",
+            "worker",
+            "1",
+            "--bootstrap",
+            &addr,
+            "--cert",
+            "bad.pem",
+            "--key",
+            "certs/cli.key",
+            "--ca",
+            "certs/ca.pem",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("bad.pem: no CERTIFICATE"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = run(
+        &["request", "nobody", "1"],
+        &["--token", TOKEN, "--wait", "1"],
+    );
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("peer nobody not found"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = aqe(
+        d,
+        &[
+            "request",
+            "worker",
+            "1",
+            "--bootstrap",
+            "127.0.0.1:9",
+            "--certs",
+            "certs",
+            "--name",
+            "cli",
+            "--token",
+            TOKEN,
+            "--wait",
+            "1",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(stderr(&o).contains("127.0.0.1:9"), "{}", stderr(&o));
+
+    let o = aqe(d, &["certs", "issue", "missing", "x"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("missing/ca.pem"), "{}", stderr(&o));
+
+    let o = aqe(
+        d,
+        &["send", "worker", "not json", "--json", "--bootstrap", &addr],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not JSON"), "{}", stderr(&o));
+
+    let o = aqe(d, &["request"]);
+    assert_eq!(o.status.code(), Some(2), "usage");
+}
