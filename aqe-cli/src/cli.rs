@@ -45,6 +45,40 @@ pub(crate) enum Command {
     Listen(ListenArgs),
     /// Lists the agents of the fleet.
     Peers(PeersArgs),
+    /// Statistics of every endpoint of the fleet: links (RTT, congestion window, loss) and
+    /// agents (messages, bytes, RTT).
+    #[command(
+        after_help = "Example:\n  aqe stats --bootstrap 10.0.0.1:9000 --certs certs --name cli"
+    )]
+    Stats(InspectArgs),
+    /// Health of every agent of the fleet (healthy, degraded, unhealthy, and why).
+    Health(InspectArgs),
+    /// A live table of the fleet's endpoints and agents, refreshed every interval.
+    #[command(
+        after_help = "Examples:\n  aqe top --bootstrap 10.0.0.1:9000 --certs certs --name cli\n  aqe top --once --bootstrap 127.0.0.1:9000"
+    )]
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct InspectArgs {
+    /// Wait until this many other endpoints are known.
+    #[arg(long, default_value = "1")]
+    pub(crate) min_endpoints: usize,
+    #[command(flatten)]
+    pub(crate) join: Join,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TopArgs {
+    /// Print one frame and exit.
+    #[arg(long)]
+    pub(crate) once: bool,
+    /// Seconds between frames.
+    #[arg(long, default_value = "1", value_parser = seconds)]
+    pub(crate) interval: Duration,
+    #[command(flatten)]
+    pub(crate) inspect: InspectArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -19,6 +19,7 @@ use clap::Parser;
 mod certs;
 mod cli;
 mod error;
+mod inspect;
 mod join;
 mod node;
 mod ops;
@@ -66,6 +67,9 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Reply(a) => ops::reply(a).await,
         Command::Listen(a) => ops::listen(a).await,
         Command::Peers(a) => ops::peers(a).await,
+        Command::Stats(a) => inspect::stats(a).await,
+        Command::Health(a) => inspect::health(a).await,
+        Command::Top(a) => inspect::top(a).await,
     }
 }
 

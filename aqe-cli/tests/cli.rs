@@ -141,6 +141,23 @@ fn a_fleet_from_the_command_line() {
         stdout(&o)
     );
 
+    // What the node's endpoint says about itself: links and agents.
+    let o = run(&["stats"], &["--token", TOKEN]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("QUIC listen"), "{text}");
+    assert!(text.contains("worker "), "{text}");
+    let o = run(&["top", "--once"], &["--token", TOKEN]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("rtt ms") && text.contains("cwnd") && text.contains("worker"),
+        "{text}"
+    );
+    let o = run(&["health"], &["--token", TOKEN]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("worker\tHealthy"), "{}", stdout(&o));
+
     // A listener and a replier in their own processes, found through the node.
     let mut listen_args = vec!["listen", "inbox", "--count", "2"];
     let joined = join_as("listener", &["--token", TOKEN]);

@@ -27,8 +27,8 @@ use crate::QuicConfig;
 use aqe_core::plumbing::{FrameCodec, InboxSender};
 use aqe_core::plumbing::{LocalAgent, LocalDelivery};
 use aqe_core::{
-    AgentId, BoxError, ChannelName, Error, Event, PeerInfo, PeerState, Redeliver, Registration,
-    Result, SecurityFailure,
+    AgentId, BoxError, ChannelName, ENDPOINT_AGENT_TYPE, Error, Event, PeerInfo, PeerState,
+    Redeliver, Registration, Result, SecurityFailure,
 };
 
 use crate::conn::{self, CONTROL_QUEUE, Conn};
@@ -361,6 +361,12 @@ impl Shared {
     }
 
     pub(crate) fn publish(&self, event: Event) {
+        // Endpoints' introspection agents are infrastructure, not members of the fleet.
+        match &event {
+            Event::PeerDiscovered(p) if p.agent_type.as_str() == ENDPOINT_AGENT_TYPE => return,
+            Event::PeerLeft(id) if crate::introspect::is_endpoint_agent(id) => return,
+            _ => {}
+        }
         let _ = self.events.send(event);
     }
 
@@ -536,6 +542,11 @@ impl Shared {
         self.publish(Event::PeerLeft(id.clone()));
         self.apply(&mut state, actions);
         Ok(())
+    }
+
+    /// The agents this endpoint hosts.
+    pub(crate) fn local_agents(&self) -> Vec<Arc<LocalAgent>> {
+        self.locals.iter().map(|l| l.value().clone()).collect()
     }
 
     /// How many agents this endpoint hosts.
@@ -1120,6 +1131,21 @@ impl Shared {
                 .and_then(|l| l.conn.as_ref());
             Self::peer_info_remote(reg, listen, conn)
         }));
+        // Endpoints' introspection agents are infrastructure: see `endpoint_agents`.
+        out.retain(|p| p.agent_type.as_str() != ENDPOINT_AGENT_TYPE);
+        out
+    }
+
+    /// The introspection agents of the endpoints this one knows.
+    pub(crate) fn endpoint_agents(&self) -> Vec<AgentId> {
+        let state = self.lock();
+        let mut out: Vec<AgentId> = state
+            .registry
+            .remote_agents()
+            .filter(|(reg, _, _)| reg.agent_type.as_str() == ENDPOINT_AGENT_TYPE)
+            .map(|(reg, _, _)| reg.id.clone())
+            .collect();
+        out.sort();
         out
     }
 
@@ -1174,7 +1200,6 @@ impl Shared {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.shutdown.cancel();
         let (conns, left) = {
             let mut state = self.lock();
             let actions = state.registry.clear();
@@ -1196,16 +1221,28 @@ impl Shared {
             }
             (conns, left)
         };
+        // Goodbye first (the close code says so), then the tasks stop: a control stream
+        // ended by a stopping task before the goodbye would read as a lost peer.
         for c in &conns {
             c.close(close::NORMAL);
         }
+        self.shutdown.cancel();
         outbox::failed(&self.events, left, outbox::orphan_reason);
         self.locals.clear();
-        self.client.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let client = self.client.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.tasks.close();
         self.tasks.wait().await;
+        // The connections this endpoint dialed close once their CONNECTION_CLOSE is out: a
+        // process that exits right after shutdown still tells its peers it left (they would
+        // otherwise count it lost). Bounded: a peer that vanished is not waited for.
+        if let Some(mut client) = client {
+            let _ = tokio::time::timeout(CLOSE_GRACE, client.wait_idle()).await;
+        }
     }
 }
+
+/// How long shutdown waits for dialed connections to finish closing.
+const CLOSE_GRACE: Duration = Duration::from_millis(250);
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

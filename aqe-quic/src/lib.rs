@@ -31,6 +31,7 @@ mod endpoint;
 mod hostile;
 mod identity;
 mod inflow;
+mod introspect;
 mod lane;
 mod link;
 mod outbox;

@@ -93,9 +93,18 @@ impl QuicTransport {
     /// [`Error::Configuration`] for invalid options or an address that cannot be bound;
     /// [`Error::Security`] when certificates cannot be loaded.
     pub async fn bind(config: crate::QuicConfig) -> Result<Self> {
-        Ok(Self {
+        let t = Self {
             shared: Shared::bind(config).await?,
-        })
+        };
+        if let Err(e) = crate::introspect::start(&t).await {
+            t.shutdown().await;
+            return Err(e);
+        }
+        Ok(t)
+    }
+
+    pub(crate) fn shared_arc(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     #[cfg(test)]
@@ -146,6 +155,14 @@ impl QuicTransport {
                 }
             })
             .collect()
+    }
+
+    /// The introspection agents of the other endpoints this one knows (one per endpoint; id
+    /// `aqe.endpoint.<endpoint id>`, listening on `coordination`): each answers any request
+    /// with an [`aqe_core::EndpointReport`] in JSON. Every endpoint hosts one; they are left
+    /// out of [`Transport::peers`] and of membership events.
+    pub fn endpoint_agents(&self) -> Vec<AgentId> {
+        self.shared.endpoint_agents()
     }
 
     /// How many remote endpoints this endpoint is connected to.
