@@ -61,6 +61,9 @@ async fn leave(agent: &Agent, transport: &QuicTransport) {
     aqe_core::Transport::shutdown(transport).await;
 }
 
+/// Each agent's (messages sent, messages received) in the previous frame.
+type Counters = HashMap<String, (u64, u64)>;
+
 fn ms(us: u64) -> String {
     format!("{:.2}", us as f64 / 1000.0)
 }
@@ -69,7 +72,7 @@ fn ms(us: u64) -> String {
 /// previous frame's counters.
 fn table(
     reports: &[(AgentId, Result<EndpointReport, String>)],
-    rates: Option<(&HashMap<String, (u64, u64)>, Duration)>,
+    rates: Option<(&Counters, Duration)>,
 ) -> String {
     let mut s = String::new();
     for (id, r) in reports {
@@ -197,7 +200,7 @@ pub(crate) async fn health(a: InspectArgs) -> Result<(), CliError> {
 
 pub(crate) async fn top(a: TopArgs) -> Result<(), CliError> {
     let (agent, transport) = inspector(&a.inspect).await?;
-    let mut prev: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut prev: Counters = HashMap::new();
     let mut last = Instant::now();
     loop {
         let reports = reports(&agent, &transport).await;
