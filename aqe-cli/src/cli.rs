@@ -45,6 +45,17 @@ pub(crate) enum Command {
     Listen(ListenArgs),
     /// Lists the agents of the fleet.
     Peers(PeersArgs),
+    /// Opens a stream to an agent and writes each line of standard input to it.
+    #[command(
+        after_help = "Example:\n  tail -f app.log | aqe stream collector --bootstrap 10.0.0.1:9000 --certs certs --name cli"
+    )]
+    Stream(StreamArgs),
+    /// Measures request/response latency and one-way throughput to an agent (one that
+    /// answers requests: `aqe reply AGENT --echo`, or an `aqe node` agent).
+    #[command(
+        after_help = "Example:\n  aqe bench worker --requests 10000 --concurrency 8 --bootstrap 10.0.0.1:9000 --certs certs --name cli"
+    )]
+    Bench(BenchArgs),
     /// Statistics of every endpoint of the fleet: links (RTT, congestion window, loss) and
     /// agents (messages, bytes, RTT).
     #[command(
@@ -246,6 +257,40 @@ pub(crate) struct ListenArgs {
     /// Stop after this many messages.
     #[arg(long)]
     pub(crate) count: Option<u64>,
+    #[command(flatten)]
+    pub(crate) join: Join,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StreamArgs {
+    /// The receiving agent's id.
+    pub(crate) to: String,
+    /// The channel.
+    #[arg(long, default_value = "coordination")]
+    pub(crate) channel: String,
+    #[command(flatten)]
+    pub(crate) join: Join,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// The agent to measure against.
+    pub(crate) to: String,
+    /// Requests to time.
+    #[arg(long, default_value = "2000")]
+    pub(crate) requests: u64,
+    /// Requests in flight at once.
+    #[arg(long, default_value = "1")]
+    pub(crate) concurrency: usize,
+    /// One-way messages to send for the throughput figure (0: none).
+    #[arg(long, default_value = "10000")]
+    pub(crate) messages: u64,
+    /// Payload bytes per request and message.
+    #[arg(long, default_value = "64")]
+    pub(crate) size: usize,
+    /// The channel.
+    #[arg(long, default_value = "coordination")]
+    pub(crate) channel: String,
     #[command(flatten)]
     pub(crate) join: Join,
 }

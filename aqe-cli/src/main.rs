@@ -16,6 +16,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod bench;
 mod certs;
 mod cli;
 mod error;
@@ -67,6 +68,8 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Reply(a) => ops::reply(a).await,
         Command::Listen(a) => ops::listen(a).await,
         Command::Peers(a) => ops::peers(a).await,
+        Command::Stream(a) => ops::stream(a).await,
+        Command::Bench(a) => bench::run(a).await,
         Command::Stats(a) => inspect::stats(a).await,
         Command::Health(a) => inspect::health(a).await,
         Command::Top(a) => inspect::top(a).await,

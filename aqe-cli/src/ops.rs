@@ -7,7 +7,9 @@ use aqe_agent::{Agent, HandlerError};
 use aqe_core::{AgentId, BroadcastOptions, Payload, RequestOptions};
 use tokio::io::AsyncWriteExt;
 
-use crate::cli::{BroadcastArgs, Join, ListenArgs, PeersArgs, ReplyArgs, RequestArgs, SendArgs};
+use crate::cli::{
+    BroadcastArgs, Join, ListenArgs, PeersArgs, ReplyArgs, RequestArgs, SendArgs, StreamArgs,
+};
 use crate::error::CliError;
 use crate::join;
 use crate::node::wait_for_signal;
@@ -177,9 +179,47 @@ async fn run_command(cmd: &str, input: &[u8]) -> Result<Payload, HandlerError> {
     Ok(Payload::json_text(out.stdout.clone()).unwrap_or_else(|_| Payload::raw(out.stdout)))
 }
 
+pub(crate) async fn stream(a: StreamArgs) -> Result<(), CliError> {
+    use tokio::io::AsyncBufReadExt;
+    let me = agent(&a.join, None, "cli").await?;
+    let to = AgentId::from(a.to.as_str());
+    join::agent_known(&me, &to, a.join.wait).await?;
+    let options = aqe_core::StreamOptions {
+        channel: a.channel.as_str().into(),
+        ..aqe_core::StreamOptions::default()
+    };
+    let outcome = async {
+        let id = me.open_stream(&to, options).await?;
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        let mut n = 0u64;
+        loop {
+            let line = tokio::select! {
+                l = lines.next_line() => l,
+                () = wait_for_signal() => Ok(None),
+            };
+            match line {
+                Ok(Some(line)) => {
+                    me.write_stream(id, bytes::Bytes::from(line + "\n"), false)
+                        .await?;
+                    n += 1;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        me.close_stream(id).await?;
+        Ok::<_, aqe_core::Error>(n)
+    }
+    .await;
+    leave(&me).await;
+    let n = outcome?;
+    eprintln!("streamed {n} lines to {to}");
+    Ok(())
+}
+
 pub(crate) async fn listen(a: ListenArgs) -> Result<(), CliError> {
     let transport = join::endpoint(&a.join).await?;
     let (tx, mut got) = tokio::sync::mpsc::channel::<String>(1024);
+    let streamed = tx.clone();
     let me = Agent::builder()
         .id(a.agent.as_str())
         .agent_type(a.agent_type.as_str())
@@ -189,6 +229,21 @@ pub(crate) async fn listen(a: ListenArgs) -> Result<(), CliError> {
             async move {
                 let line = format!("{} [{}] {}", env.from, env.channel, payload::show(&env));
                 let _ = tx.send(line).await;
+            }
+        })
+        .on_stream(move |_agent, mut stream| {
+            let tx = streamed.clone();
+            async move {
+                let from = stream.header().from.clone();
+                while let Some(Ok(chunk)) = stream.next().await {
+                    let text = String::from_utf8_lossy(&chunk.data);
+                    for line in text.lines() {
+                        let _ = tx.send(format!("{from} [stream] {line}")).await;
+                    }
+                    if chunk.fin {
+                        break;
+                    }
+                }
             }
         })
         .start()

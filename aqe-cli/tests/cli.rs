@@ -159,7 +159,7 @@ fn a_fleet_from_the_command_line() {
     assert!(stdout(&o).contains("worker\tHealthy"), "{}", stdout(&o));
 
     // A listener and a replier in their own processes, found through the node.
-    let mut listen_args = vec!["listen", "inbox", "--count", "2"];
+    let mut listen_args = vec!["listen", "inbox", "--count", "4"];
     let joined = join_as("listener", &["--token", TOKEN]);
     listen_args.extend(joined.iter().map(String::as_str));
     let (_listener, _, mut heard) = spawn(d, &listen_args, "agent inbox listening");
@@ -182,6 +182,59 @@ fn a_fleet_from_the_command_line() {
     assert!(stdout(&o).contains("sent to inbox"), "{}", stdout(&o));
     let line = next_line(&mut heard);
     assert!(line.ends_with("[coordination] everyone"), "{line}");
+
+    // Standard input as a stream, line by line.
+    let mut args: Vec<String> = ["stream", "inbox"].iter().map(|s| s.to_string()).collect();
+    args.extend(join(&["--token", TOKEN]));
+    let mut child = Command::new(AQE)
+        .current_dir(d)
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("aqe stream");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"first line\nsecond line\n")
+            .expect("write");
+    }
+    let o = child.wait_with_output().expect("stream ends");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("streamed 2 lines to inbox"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(next_line(&mut heard).ends_with("[stream] first line"));
+    assert!(next_line(&mut heard).ends_with("[stream] second line"));
+
+    // A short benchmark against the node's agent.
+    let o = run(
+        &[
+            "bench",
+            "worker",
+            "--requests",
+            "50",
+            "--concurrency",
+            "2",
+            "--messages",
+            "200",
+        ],
+        &["--token", TOKEN],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("request/response: 50 requests of 64 B, 2 at once"),
+        "{text}"
+    );
+    assert!(
+        text.contains("p99") && text.contains("one-way: 200 messages"),
+        "{text}"
+    );
 
     let o = run(&["request", "upper", "hello", "--raw"], &["--token", TOKEN]);
     assert!(o.status.success(), "{}", stderr(&o));
