@@ -399,7 +399,20 @@ impl Agent {
                 MessageKind::Request,
                 payload.clone(),
             )?;
-            match self.inner.transport.request(env, options.timeout).await {
+            let span = tracing::debug_span!(
+                "request",
+                id = %env.id,
+                to = %to,
+                channel = %options.channel,
+                attempt
+            );
+            let sent = tracing::Instrument::instrument(
+                self.inner.transport.request(env, options.timeout),
+                span.clone(),
+            )
+            .await;
+            tracing::debug!(parent: &span, ok = sent.is_ok(), "request ended");
+            match sent {
                 Ok(rsp) if rsp.kind == MessageKind::Error => {
                     let body: ErrorBody = rsp.decode()?;
                     if body.kind == aqe_core::RemoteErrorKind::Busy {

@@ -224,11 +224,11 @@ impl AgentBuilder {
             requests: self.max_concurrent_handlers.max(1),
             streams: self.max_concurrent_streams.max(1),
         };
-        agent.own_task(tokio::spawn(dispatch::run(
-            agent.clone(),
-            inbox,
-            self.handlers,
-            limits,
+        // Everything the agent's handlers do logs under its span.
+        let span = tracing::info_span!("agent", id = %agent.id(), transport = %transport.kind());
+        agent.own_task(tokio::spawn(tracing::Instrument::instrument(
+            dispatch::run(agent.clone(), inbox, self.handlers, limits),
+            span,
         )));
         agent.own_task(tokio::spawn(dispatch::forward_events(
             agent.clone(),

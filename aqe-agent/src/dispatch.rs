@@ -257,15 +257,26 @@ fn start_request(
         .running
         .insert(key.clone(), join);
     let (agent, handler, requests) = (agent.clone(), handlers.request.clone(), requests.clone());
-    tasks.spawn(async move {
-        let answer = answer(agent, handler, envelope, responder, joined).await;
-        let mut table = requests.lock().unwrap_or_else(|p| p.into_inner());
-        table.running.remove(&key);
-        if let Some(answer) = answer {
-            table.remember(key, answer);
-        }
-        Done::Request
-    });
+    // The same message id as the requester's span: one request followed through both sides.
+    let span = tracing::info_span!(
+        "request",
+        id = %envelope.id,
+        from = %envelope.from,
+        channel = %envelope.channel
+    );
+    tracing::debug!(parent: &span, "request received");
+    tasks.spawn(tracing::Instrument::instrument(
+        async move {
+            let answer = answer(agent, handler, envelope, responder, joined).await;
+            let mut table = requests.lock().unwrap_or_else(|p| p.into_inner());
+            table.running.remove(&key);
+            if let Some(answer) = answer {
+                table.remember(key, answer);
+            }
+            Done::Request
+        },
+        span,
+    ));
 }
 
 fn start_stream(

@@ -21,6 +21,7 @@ use s2n_quic::connection::{Handle, StreamAcceptor};
 use s2n_quic::provider::datagram::default as datagram;
 use s2n_quic::stream::{PeerStream, SendStream};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use aqe_core::plumbing::LocalAgent;
 use aqe_core::plumbing::{Delivered, FrameCodec};
@@ -87,6 +88,9 @@ pub(crate) struct Conn {
     closed_with: Mutex<Option<u32>>,
     retire: Mutex<Option<Retirement>>,
     pings: AtomicU32,
+    /// The span of everything this connection does (`RUST_LOG=aqe_quic=debug` shows it):
+    /// the remote endpoint's id and address.
+    pub(crate) span: tracing::Span,
 }
 
 /// A connection being retired: drained when neither side needs it any more.
@@ -108,7 +112,13 @@ impl Conn {
         window: usize,
     ) -> Self {
         let link = link::of(&handle);
+        let span = tracing::info_span!(
+            "connection",
+            peer = %format_args!("{endpoint:016x}"),
+            addr = %listen
+        );
         Self {
+            span,
             key,
             endpoint,
             listen,
@@ -282,14 +292,17 @@ impl Conn {
     fn spawn_writer(&self, shared: &Arc<Shared>, preamble: Preamble) -> Writer {
         let (tx, rx) = mpsc::unbounded_channel();
         let written = Arc::new(AtomicU64::new(0));
-        shared.tasks.spawn(write_stream(
-            shared.clone(),
-            self.handle.clone(),
-            self.key,
-            preamble,
-            rx,
-            written.clone(),
-        ));
+        shared.tasks.spawn(
+            write_stream(
+                shared.clone(),
+                self.handle.clone(),
+                self.key,
+                preamble,
+                rx,
+                written.clone(),
+            )
+            .instrument(self.span.clone()),
+        );
         Writer { tx, written }
     }
 
@@ -585,7 +598,9 @@ pub(crate) async fn drive(
             stream = acceptor.accept() => match stream {
                 Ok(Some(s)) => {
                     conn.heard();
-                    shared.tasks.spawn(serve(shared.clone(), conn.clone(), s));
+                    shared
+                        .tasks
+                        .spawn(serve(shared.clone(), conn.clone(), s).instrument(conn.span.clone()));
                 }
                 Ok(None) => break "connection closed".to_owned(),
                 Err(e) => break e.to_string(),

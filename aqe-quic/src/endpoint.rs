@@ -22,6 +22,7 @@ use s2n_quic::provider::limits::Limits;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::QuicConfig;
 use aqe_core::plumbing::{FrameCodec, InboxSender};
@@ -213,9 +214,14 @@ impl Shared {
                 max_connections: config.limits.max_connections as usize,
             })
             .map_err(|e| setup_error("limits")(e.into()))?
-            .with_event(StatsSubscriber {
-                rejections: rejections.clone(),
-            })
+            // s2n-quic's own events go to tracing too, off unless asked for
+            // (`RUST_LOG=s2n_quic=debug`): the per-packet view beside aqe's spans.
+            .with_event((
+                StatsSubscriber {
+                    rejections: rejections.clone(),
+                },
+                s2n_quic::provider::event::tracing::Subscriber::default(),
+            ))
             .map_err(|e| setup_error("events")(e.into()))?
             .with_datagram(dgrams().map_err(setup_error("datagrams"))?)
             .map_err(|e| setup_error("datagrams")(e.into()))?
@@ -238,7 +244,10 @@ impl Shared {
             .map_err(|e| setup_error("host")(e.into()))?
             .with_limits(limits().map_err(setup_error("limits"))?)
             .map_err(|e| setup_error("limits")(e.into()))?
-            .with_event(StatsSubscriber { rejections })
+            .with_event((
+                StatsSubscriber { rejections },
+                s2n_quic::provider::event::tracing::Subscriber::default(),
+            ))
             .map_err(|e| setup_error("events")(e.into()))?
             .with_datagram(dgrams().map_err(setup_error("datagrams"))?)
             .map_err(|e| setup_error("datagrams")(e.into()))?
@@ -286,13 +295,25 @@ impl Shared {
             max_message: std::sync::atomic::AtomicUsize::new(aqe_core::DEFAULT_MAX_MESSAGE_SIZE),
         });
         tracing::info!(%listen, endpoint = format_args!("{:016x}", shared.id), "QUIC endpoint listening");
-        shared.tasks.spawn(accept_loop(shared.clone(), server));
+        // The endpoint's own tasks, and the connections they make, log under its span.
+        let span = tracing::info_span!(
+            "endpoint",
+            id = %format_args!("{:016x}", shared.id),
+            %listen
+        );
         shared
             .tasks
-            .spawn(announce_rejections(shared.clone(), rejected));
-        shared.tasks.spawn(sweep_deadlines(shared.clone()));
+            .spawn(accept_loop(shared.clone(), server).instrument(span.clone()));
+        shared
+            .tasks
+            .spawn(announce_rejections(shared.clone(), rejected).instrument(span.clone()));
+        shared
+            .tasks
+            .spawn(sweep_deadlines(shared.clone()).instrument(span.clone()));
         for peer in shared.config.bootstrap_peers.clone() {
-            shared.tasks.spawn(bootstrap(shared.clone(), peer));
+            shared
+                .tasks
+                .spawn(bootstrap(shared.clone(), peer).instrument(span.clone()));
         }
         Ok(shared)
     }
@@ -1084,14 +1105,14 @@ impl Shared {
             }
         }
         drop(state);
-        self.tasks.spawn(conn::write_control(
-            self.clone(),
-            conn.clone(),
-            control_tx,
-            control_queue,
-        ));
+        let span = conn.span.clone();
+        tracing::debug!(parent: &span, authenticated, "connection established");
+        self.tasks.spawn(
+            conn::write_control(self.clone(), conn.clone(), control_tx, control_queue)
+                .instrument(span.clone()),
+        );
         self.tasks
-            .spawn(conn::drive(self.clone(), conn, control_rx, acceptor));
+            .spawn(conn::drive(self.clone(), conn, control_rx, acceptor).instrument(span));
         Ok(())
     }
 
