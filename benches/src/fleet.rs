@@ -224,12 +224,7 @@ impl Fleet {
 
     /// `n` concurrent request/responses; how long each took.
     pub async fn requests_concurrent(&self, payload: &Bytes, n: usize) -> Vec<Duration> {
-        futures::future::join_all((0..n).map(|_| async {
-            let t = Instant::now();
-            self.request(payload).await;
-            t.elapsed()
-        }))
-        .await
+        crate::record::concurrently(n, || self.request(payload)).await
     }
 
     /// One broadcast on `coordination`, until every receiver's handler has it.

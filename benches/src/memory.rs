@@ -54,6 +54,9 @@ pub async fn idle_agents(net: &Net, count: usize) -> Memory {
         a.shutdown().await;
     }
     watcher.shutdown().await;
+    // Nothing of the measurement stays behind to disturb the benchmarks after it.
+    ep.transport.shutdown().await;
+    other.transport.shutdown().await;
     Memory {
         what: "idle_agent",
         transport: net.name(),

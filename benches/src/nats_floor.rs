@@ -68,12 +68,7 @@ impl NatsFloor {
 
     /// `n` concurrent request/replies; how long each took.
     pub async fn requests_concurrent(&self, payload: &Bytes, n: usize) -> Vec<Duration> {
-        futures::future::join_all((0..n).map(|_| async {
-            let t = Instant::now();
-            self.request(payload).await;
-            t.elapsed()
-        }))
-        .await
+        crate::record::concurrently(n, || self.request(payload)).await
     }
 
     /// `n` publications, until the subscriber has them all.

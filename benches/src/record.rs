@@ -157,6 +157,23 @@ impl Samples {
     }
 }
 
+/// Runs `n` copies of `op` at once and returns how long each took: concurrent requesters.
+pub(crate) async fn concurrently<F, Fut>(n: usize, op: F) -> Vec<Duration>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    futures::future::join_all((0..n).map(|_| {
+        let fut = op();
+        async move {
+            let t = Instant::now();
+            fut.await;
+            t.elapsed()
+        }
+    }))
+    .await
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]

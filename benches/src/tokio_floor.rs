@@ -72,12 +72,7 @@ impl MpscFloor {
 
     /// `n` concurrent request/responses; how long each took.
     pub async fn requests_concurrent(&self, payload: &Bytes, n: usize) -> Vec<std::time::Duration> {
-        futures::future::join_all((0..n).map(|_| async {
-            let t = std::time::Instant::now();
-            self.request(payload.clone()).await;
-            t.elapsed()
-        }))
-        .await
+        crate::record::concurrently(n, || self.request(payload.clone())).await
     }
 
     /// `n` one-way messages, until the serving task has had all of them.

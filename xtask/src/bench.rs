@@ -268,68 +268,93 @@ impl Report {
             self.find(op, transport, payload, channel)
                 .and_then(|r| r.floor.as_ref().map(|(f, x)| (f.clone(), *x)))
         };
-        let mut at_most = |what: &str, r: Option<(String, f64)>, max: f64| {
+        // (what, op, transport, payload, channel, bound, whether the bound is a maximum)
+        let ratios: [(&str, &str, &str, u64, Option<&str>, f64, bool); 8] = [
+            (
+                "QUIC request/response 64 B vs raw one-stream",
+                "request_response",
+                "quic",
+                64,
+                None,
+                1.15,
+                true,
+            ),
+            (
+                "QUIC 1,000-message stream 64 B vs raw write-each",
+                "stream1000",
+                "quic",
+                64,
+                None,
+                1.5,
+                true,
+            ),
+            (
+                "QUIC broadcast to 10, 64 B vs raw fan-out",
+                "broadcast10",
+                "quic",
+                64,
+                None,
+                1.15,
+                true,
+            ),
+            (
+                "QUIC endpoint start to first response vs raw handshake",
+                "setup",
+                "quic",
+                64,
+                None,
+                3.0,
+                true,
+            ),
+            (
+                "NATS request/response 64 B vs raw async-nats",
+                "request_response",
+                "nats",
+                64,
+                None,
+                1.2,
+                true,
+            ),
+            (
+                "NATS one-way 64 B vs raw publish",
+                "direct",
+                "nats",
+                64,
+                None,
+                1.2,
+                true,
+            ),
+            (
+                "QUIC throughput 4 KiB ordered vs raw stream",
+                "throughput",
+                "quic",
+                4096,
+                Some("ordered"),
+                0.85,
+                false,
+            ),
+            (
+                "QUIC bulk 16 MiB vs raw stream",
+                "bulk",
+                "quic",
+                16 << 20,
+                None,
+                0.85,
+                false,
+            ),
+        ];
+        for (what, op, transport, payload, channel, bound, max) in ratios {
+            let r = ratio(op, transport, payload, channel);
             t.push(Target {
                 what: what.to_owned(),
-                goal: format!("<= {max}x"),
+                goal: format!("{} {bound}x", if max { "<=" } else { ">=" }),
                 measured: r
                     .as_ref()
                     .map(|(f, x)| format!("{x:.2}x {f}"))
                     .unwrap_or_else(|| "not measured".into()),
-                met: r.map(|(_, x)| x <= max),
+                met: r.map(|(_, x)| if max { x <= bound } else { x >= bound }),
             });
-        };
-        at_most(
-            "QUIC request/response 64 B vs raw one-stream",
-            ratio("request_response", "quic", 64, None),
-            1.15,
-        );
-        at_most(
-            "QUIC 1,000-message stream 64 B vs raw write-each",
-            ratio("stream1000", "quic", 64, None),
-            1.5,
-        );
-        at_most(
-            "QUIC broadcast to 10, 64 B vs raw fan-out",
-            ratio("broadcast10", "quic", 64, None),
-            1.15,
-        );
-        at_most(
-            "QUIC endpoint start to first response vs raw handshake",
-            ratio("setup", "quic", 64, None),
-            3.0,
-        );
-        at_most(
-            "NATS request/response 64 B vs raw async-nats",
-            ratio("request_response", "nats", 64, None),
-            1.2,
-        );
-        at_most(
-            "NATS one-way 64 B vs raw publish",
-            ratio("direct", "nats", 64, None),
-            1.2,
-        );
-        let mut at_least = |what: &str, r: Option<(String, f64)>, min: f64| {
-            t.push(Target {
-                what: what.to_owned(),
-                goal: format!(">= {min}x"),
-                measured: r
-                    .as_ref()
-                    .map(|(f, x)| format!("{x:.2}x {f}"))
-                    .unwrap_or_else(|| "not measured".into()),
-                met: r.map(|(_, x)| x >= min),
-            });
-        };
-        at_least(
-            "QUIC throughput 4 KiB ordered vs raw stream",
-            ratio("throughput", "quic", 4096, Some("ordered")),
-            0.85,
-        );
-        at_least(
-            "QUIC bulk 16 MiB vs raw stream",
-            ratio("bulk", "quic", 16 << 20, None),
-            0.85,
-        );
+        }
         let rate = |transport: &str, channel: Option<&str>| {
             self.find("throughput", transport, 64, channel)
                 .and_then(|r| r.msgs_per_s)
