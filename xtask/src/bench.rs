@@ -186,6 +186,18 @@ fn time(us: f64) -> String {
     }
 }
 
+/// A target on a ratio to the floor: (what, op, transport, payload, channel, bound, whether
+/// the bound is a maximum).
+type RatioTarget = (
+    &'static str,
+    &'static str,
+    &'static str,
+    u64,
+    Option<&'static str>,
+    f64,
+    bool,
+);
+
 struct Target {
     what: String,
     goal: String,
@@ -268,8 +280,7 @@ impl Report {
             self.find(op, transport, payload, channel)
                 .and_then(|r| r.floor.as_ref().map(|(f, x)| (f.clone(), *x)))
         };
-        // (what, op, transport, payload, channel, bound, whether the bound is a maximum)
-        let ratios: [(&str, &str, &str, u64, Option<&str>, f64, bool); 8] = [
+        let ratios: [RatioTarget; 8] = [
             (
                 "QUIC request/response 64 B vs raw one-stream",
                 "request_response",
