@@ -148,7 +148,7 @@ pub enum Preamble {
 /// A reliable envelope with its sender's sequence number on this connection, by which the
 /// receiver acknowledges it. Its postcard encoding is the varint `seq` followed by the
 /// envelope's encoding, which lets the sender encode the envelope once and frame it again
-/// with a new number when it redelivers it (see [`sequenced_frame`]).
+/// with a new number when it redelivers it (see `sequenced_header`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sequenced {
     /// The sender's number for it on this connection.
