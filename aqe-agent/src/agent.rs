@@ -64,7 +64,17 @@ pub struct Agent {
 
 pub(crate) struct Inner {
     pub(crate) reg: Registration,
-    pub(crate) transport: Arc<dyn Transport>,
+    /// What the agent's operations go through: `base`, or a chain in front of it while QUIC
+    /// is enabled at run time ([`Agent::enable_quic`]).
+    transport: std::sync::RwLock<Arc<dyn Transport>>,
+    /// The transport the agent was started on.
+    #[cfg_attr(not(feature = "quic"), allow(dead_code))]
+    base: Arc<dyn Transport>,
+    /// The task passing the current transport's events on.
+    forwarder: Mutex<Option<JoinHandle<()>>>,
+    /// QUIC enabled at run time: the endpoint and the chain QUIC, then `base`.
+    #[cfg(feature = "quic")]
+    quic: tokio::sync::Mutex<Option<(Arc<aqe_quic::QuicTransport>, Arc<crate::Fallback>)>>,
     pub(crate) thresholds: HealthThresholds,
     pub(crate) started: Instant,
     pub(crate) shutdown: CancellationToken,
@@ -86,7 +96,7 @@ impl std::fmt::Debug for Agent {
         f.debug_struct("Agent")
             .field("id", &self.inner.reg.id)
             .field("type", &self.inner.reg.agent_type)
-            .field("transport", &self.inner.transport.kind())
+            .field("transport", &self.transport().kind())
             .finish_non_exhaustive()
     }
 }
@@ -107,7 +117,11 @@ impl Agent {
         Self {
             inner: Arc::new(Inner {
                 reg,
-                transport,
+                transport: std::sync::RwLock::new(transport.clone()),
+                base: transport,
+                forwarder: Mutex::new(None),
+                #[cfg(feature = "quic")]
+                quic: tokio::sync::Mutex::new(None),
                 thresholds,
                 started: Instant::now(),
                 shutdown: CancellationToken::new(),
@@ -135,9 +149,129 @@ impl Agent {
         &self.inner.reg.id
     }
 
-    /// The transport this agent runs on (shared with the other agents of its endpoint).
-    pub fn transport(&self) -> &Arc<dyn Transport> {
-        &self.inner.transport
+    /// The transport this agent's operations go through now (shared with the other agents
+    /// of its endpoint): the one it was started on, or, while QUIC is enabled at run time,
+    /// the chain QUIC then that one.
+    pub fn transport(&self) -> Arc<dyn Transport> {
+        self.inner
+            .transport
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts a QUIC endpoint configured by `config` in front of this agent's own transport, at
+    /// run time (the guide's `enableQUIC()`): operations try QUIC first and fall back to the
+    /// agent's transport as [`crate::FallbackPolicy::default`] says. Emits
+    /// [`Event::TransportEnabled`].
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when QUIC is enabled already; the errors of
+    /// [`aqe_quic::QuicTransport::bind`] (configuration, certificates, the port).
+    #[cfg(feature = "quic")]
+    pub async fn enable_quic(&self, config: aqe_quic::QuicConfig) -> Result<()> {
+        let mut slot = self.inner.quic.lock().await;
+        if slot.is_some() {
+            return Err(Error::Unsupported {
+                operation: "enabling QUIC twice (disable it first)",
+            });
+        }
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Error::Shutdown);
+        }
+        let quic = Arc::new(aqe_quic::QuicTransport::bind(config).await?);
+        let as_transport: Arc<dyn Transport> = quic.clone();
+        let chain = crate::Fallback::new(
+            as_transport.clone(),
+            self.inner.base.clone(),
+            crate::FallbackPolicy::default(),
+        );
+        chain.adopt(&self.inner.reg);
+        // Attached to QUIC (it is attached to its own transport already).
+        if let Err(e) = as_transport
+            .attach(self.inner.reg.clone(), self.inner.inbox.clone())
+            .await
+        {
+            as_transport.shutdown().await;
+            chain.close().await;
+            return Err(e);
+        }
+        let chain_transport: Arc<dyn Transport> = chain.clone();
+        self.forward_from(&chain_transport);
+        *self
+            .inner
+            .transport
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = chain_transport;
+        *slot = Some((quic, chain));
+        self.emit(Event::TransportEnabled {
+            kind: aqe_quic::QuicTransport::KIND,
+        });
+        tracing::info!(agent = %self.id(), "QUIC enabled");
+        Ok(())
+    }
+
+    /// Takes QUIC away again (the guide's `disableQUIC()`): new operations go through the
+    /// agent's own transport at once; what the agent sent over QUIC is given up to its
+    /// delivery deadline to be confirmed (unconfirmed messages are redelivered over the
+    /// agent's transport, never dropped silently); then the QUIC endpoint closes. Emits
+    /// [`Event::TransportDisabled`]. Does nothing when QUIC is not enabled.
+    #[cfg(feature = "quic")]
+    pub async fn disable_quic(&self) {
+        let Some((quic, chain)) = self.inner.quic.lock().await.take() else {
+            return;
+        };
+        let base = self.inner.base.clone();
+        *self
+            .inner
+            .transport
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = base.clone();
+        self.forward_from(&base);
+        // What went out over QUIC settles first: confirmed, or handed to the next link.
+        let deadline = Instant::now() + quic.config().delivery_deadline;
+        while aqe_core::Transport::stats(&*quic, self.id()).messages_unconfirmed > 0
+            && Instant::now() < deadline
+            && !self.inner.shutdown.is_cancelled()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let _ = aqe_core::Transport::detach(&*quic, self.id()).await;
+        aqe_core::Transport::shutdown(&*quic).await;
+        chain.close().await;
+        self.emit(Event::TransportDisabled {
+            kind: aqe_quic::QuicTransport::KIND,
+        });
+        tracing::info!(agent = %self.id(), "QUIC disabled");
+    }
+
+    /// The QUIC endpoint enabled at run time, if QUIC is enabled.
+    #[cfg(feature = "quic")]
+    pub async fn quic(&self) -> Option<Arc<aqe_quic::QuicTransport>> {
+        self.inner
+            .quic
+            .lock()
+            .await
+            .as_ref()
+            .map(|(q, _)| q.clone())
+    }
+
+    /// Passes `transport`'s events on to this agent's subscribers, instead of the previous
+    /// transport's.
+    pub(crate) fn forward_from(&self, transport: &Arc<dyn Transport>) {
+        let task = tokio::spawn(crate::dispatch::forward_events(
+            self.clone(),
+            transport.subscribe(),
+        ));
+        let old = self
+            .inner
+            .forwarder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(task);
+        if let Some(old) = old {
+            old.abort();
+        }
     }
 
     /// What this agent declared: type, capabilities, channels, labels.
@@ -275,7 +409,7 @@ impl Agent {
         self.guarded(async {
             let env = self.direct(to, payload, &channel)?;
             let id = env.id;
-            self.inner.transport.send(env).await.map(|()| id)
+            self.transport().send(env).await.map(|()| id)
         })
         .await
     }
@@ -309,7 +443,7 @@ impl Agent {
         let channel = channel.into();
         self.guarded(async {
             let env = self.direct(to, payload, &channel)?;
-            self.inner.transport.send_confirmed(env).await
+            self.transport().send_confirmed(env).await
         })
         .await
     }
@@ -334,7 +468,7 @@ impl Agent {
                 payload,
             )?;
             let id = env.id;
-            self.inner.transport.send(env).await.map(|()| id)
+            self.transport().send(env).await.map(|()| id)
         })
         .await
     }
@@ -407,7 +541,7 @@ impl Agent {
                 attempt
             );
             let sent = tracing::Instrument::instrument(
-                self.inner.transport.request(env, options.timeout),
+                self.transport().request(env, options.timeout),
                 span.clone(),
             )
             .await;
@@ -474,8 +608,7 @@ impl Agent {
                 payload,
             )?;
             let targets: Vec<AgentId> = self
-                .inner
-                .transport
+                .transport()
                 .peers()
                 .into_iter()
                 .filter(|p| {
@@ -494,7 +627,7 @@ impl Agent {
                     }
                 }
             }
-            self.inner.transport.broadcast(env, &targets).await
+            self.transport().broadcast(env, &targets).await
         })
         .await
     }
@@ -515,7 +648,7 @@ impl Agent {
                 to: to.clone(),
                 options,
             };
-            let sink = self.inner.transport.open_stream(header).await?;
+            let sink = self.transport().open_stream(header).await?;
             self.inner
                 .streams
                 .insert(id, Arc::new(tokio::sync::Mutex::new(sink)));
@@ -580,8 +713,7 @@ impl Agent {
     /// The peers the transport knows, other than this agent, as the options select them.
     pub fn discover_peers(&self, options: &DiscoveryOptions) -> Vec<PeerInfo> {
         let peers = self
-            .inner
-            .transport
+            .transport()
             .peers()
             .into_iter()
             .filter(|p| &p.id != self.id())
@@ -591,7 +723,7 @@ impl Agent {
 
     /// Traffic statistics of this agent, over every transport it uses.
     pub fn stats(&self) -> Stats {
-        let mut s = self.inner.transport.stats(self.id());
+        let mut s = self.transport().stats(self.id());
         s.uptime = self.inner.started.elapsed();
         s.messages_dropped += self.inner.inbox.expired();
         s
@@ -601,8 +733,7 @@ impl Agent {
     pub fn health(&self) -> Health {
         let stats = self.stats();
         let connected = self
-            .inner
-            .transport
+            .transport()
             .peers()
             .iter()
             .filter(|p| &p.id != self.id() && p.state == PeerState::Connected)
@@ -657,7 +788,7 @@ impl Agent {
             return;
         }
         self.inner.shutdown.cancel();
-        if let Err(e) = self.inner.transport.detach(self.id()).await {
+        if let Err(e) = self.transport().detach(self.id()).await {
             tracing::debug!(agent = %self.id(), error = %e, "detach on shutdown");
         }
         let streams: Vec<_> = self.inner.streams.iter().map(|s| *s.key()).collect();
@@ -666,8 +797,21 @@ impl Agent {
                 let _ = sink.lock().await.close().await;
             }
         }
-        let tasks =
+        #[cfg(feature = "quic")]
+        if let Some((quic, chain)) = self.inner.quic.lock().await.take() {
+            let _ = aqe_core::Transport::detach(&*quic, self.id()).await;
+            aqe_core::Transport::shutdown(&*quic).await;
+            chain.close().await;
+        }
+        let mut tasks =
             std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        tasks.extend(
+            self.inner
+                .forwarder
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
         for task in tasks {
             if let Err(e) = task.await {
                 tracing::warn!(agent = %self.id(), error = %e, "agent task ended abnormally");

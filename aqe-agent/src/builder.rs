@@ -218,8 +218,11 @@ impl AgentBuilder {
             self.event_capacity,
         );
         // Subscribe before attaching so no membership change is missed.
-        let events = transport.subscribe();
-        transport.attach(reg, tx).await?;
+        agent.forward_from(&transport);
+        if let Err(e) = transport.attach(reg, tx).await {
+            agent.shutdown().await;
+            return Err(e);
+        }
         let limits = dispatch::Limits {
             requests: self.max_concurrent_handlers.max(1),
             streams: self.max_concurrent_streams.max(1),
@@ -229,10 +232,6 @@ impl AgentBuilder {
         agent.own_task(tokio::spawn(tracing::Instrument::instrument(
             dispatch::run(agent.clone(), inbox, self.handlers, limits),
             span,
-        )));
-        agent.own_task(tokio::spawn(dispatch::forward_events(
-            agent.clone(),
-            events,
         )));
         tracing::debug!(agent = %agent.id(), transport = %transport.kind(), "agent started");
         Ok(agent)

@@ -195,6 +195,19 @@ impl Fallback {
         })
     }
 
+    /// Takes on `agent`, attached to the chain's transports one by one rather than through
+    /// [`Transport::attach`] (an agent whose QUIC is enabled at run time): its ordered
+    /// channels then move between links in order.
+    pub(crate) fn adopt(&self, agent: &Registration) {
+        let ordered: HashSet<ChannelName> = agent
+            .channels
+            .iter()
+            .filter(|c| c.ordered && c.reliable)
+            .map(|c| c.name.clone())
+            .collect();
+        self.ordered.insert(agent.id.clone(), Arc::new(ordered));
+    }
+
     /// The transports of the chain, first first.
     pub fn transports(&self) -> impl Iterator<Item = &Arc<dyn Transport>> {
         self.links.iter().map(|l| &l.transport)

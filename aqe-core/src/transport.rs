@@ -111,6 +111,18 @@ pub enum Event {
         /// The error of the transport before it.
         reason: String,
     },
+    /// A transport was put in front of the agent's own at run time (QUIC enabled): the
+    /// agent's operations try it first from now on.
+    TransportEnabled {
+        /// The transport added.
+        kind: TransportKind,
+    },
+    /// A transport enabled at run time was taken away again, once what the agent had sent
+    /// over it was settled: operations go through the agent's own transport from now on.
+    TransportDisabled {
+        /// The transport removed.
+        kind: TransportKind,
+    },
     /// This subscriber was too slow and missed that many events.
     Lagged {
         /// How many.

@@ -117,6 +117,11 @@ impl QuicTransport {
         &self.shared
     }
 
+    /// The options this endpoint was started with.
+    pub fn config(&self) -> &crate::QuicConfig {
+        &self.shared.config
+    }
+
     /// Where this endpoint accepts connections.
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.listen
