@@ -253,6 +253,7 @@ async fn a_killed_endpoint_is_detected_and_everything_sent_to_it_accounted_for()
     let killed_at = tokio::time::Instant::now();
     let (outcome, _) = request.await.expect("join");
     let detected = killed_at.elapsed();
+    eprintln!("SIGKILLed endpoint detected after {detected:?} (liveness timeout 1 s)");
     assert!(
         matches!(outcome, Err(Error::ConnectionLost { .. })),
         "a request to a dead endpoint fails as unreachable, not after its timeout: {outcome:?}"
