@@ -70,8 +70,11 @@ pub(crate) struct Inner {
     /// The transport the agent was started on.
     #[cfg_attr(not(feature = "quic"), allow(dead_code))]
     base: Arc<dyn Transport>,
-    /// The task passing the current transport's events on.
+    /// The task passing the current transport's events on; started by the first subscriber
+    /// (an agent nobody watches has no task reading every membership event).
     forwarder: Mutex<Option<JoinHandle<()>>>,
+    /// The runtime the agent was started on, where its forwarder runs.
+    runtime: tokio::runtime::Handle,
     /// QUIC enabled at run time: the endpoint and the chain QUIC, then `base`.
     #[cfg(feature = "quic")]
     quic: tokio::sync::Mutex<Option<(Arc<aqe_quic::QuicTransport>, Arc<crate::Fallback>)>>,
@@ -120,6 +123,7 @@ impl Agent {
                 transport: std::sync::RwLock::new(transport.clone()),
                 base: transport,
                 forwarder: Mutex::new(None),
+                runtime: tokio::runtime::Handle::current(),
                 #[cfg(feature = "quic")]
                 quic: tokio::sync::Mutex::new(None),
                 thresholds,
@@ -257,9 +261,12 @@ impl Agent {
     }
 
     /// Passes `transport`'s events on to this agent's subscribers, instead of the previous
-    /// transport's.
+    /// transport's; nothing while nobody has subscribed.
     pub(crate) fn forward_from(&self, transport: &Arc<dyn Transport>) {
-        let task = tokio::spawn(crate::dispatch::forward_events(
+        if self.inner.events.get().is_none() || self.inner.shutdown.is_cancelled() {
+            return;
+        }
+        let task = self.inner.runtime.spawn(crate::dispatch::forward_events(
             self.clone(),
             transport.subscribe(),
         ));
@@ -767,11 +774,17 @@ impl Agent {
 
     /// Subscribes to this agent's events, from now on.
     pub fn events(&self) -> EventStream {
+        let first = self.inner.events.get().is_none();
         let tx = self
             .inner
             .events
             .get_or_init(|| broadcast::channel(self.inner.event_capacity).0);
-        EventStream::new(tx.subscribe(), self.inner.shutdown.clone())
+        let stream = EventStream::new(tx.subscribe(), self.inner.shutdown.clone());
+        if first {
+            // From now on, the transport's events reach this agent's subscribers too.
+            self.forward_from(&self.transport());
+        }
+        stream
     }
 
     /// Whether [`Agent::shutdown`] has been called.

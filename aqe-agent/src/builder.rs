@@ -217,8 +217,6 @@ impl AgentBuilder {
             tx.clone(),
             self.event_capacity,
         );
-        // Subscribe before attaching so no membership change is missed.
-        agent.forward_from(&transport);
         if let Err(e) = transport.attach(reg, tx).await {
             agent.shutdown().await;
             return Err(e);

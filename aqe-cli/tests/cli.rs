@@ -159,7 +159,7 @@ fn a_fleet_from_the_command_line() {
     assert!(stdout(&o).contains("worker\tHealthy"), "{}", stdout(&o));
 
     // A listener and a replier in their own processes, found through the node.
-    let mut listen_args = vec!["listen", "inbox", "--count", "4"];
+    let mut listen_args = vec!["listen", "inbox"];
     let joined = join_as("listener", &["--token", TOKEN]);
     listen_args.extend(joined.iter().map(String::as_str));
     let (_listener, _, mut heard) = spawn(d, &listen_args, "agent inbox listening");

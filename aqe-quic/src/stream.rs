@@ -184,11 +184,48 @@ impl StreamSink for QuicSink {
         Ok(())
     }
 
+    /// Ends the stream and waits (up to the send timeout) until the receiver's endpoint has
+    /// acknowledged everything written: a caller that closes and then exits loses nothing.
+    /// (A final `write` with `fin` does not wait.)
     async fn close(&mut self) -> Result<()> {
         if self.finished {
-            Ok(())
-        } else {
-            self.write(Bytes::new(), true).await
+            return Ok(());
+        }
+        let frame = self.codec.encode_to_bytes(&Chunk {
+            data: Bytes::new(),
+            fin: true,
+        })?;
+        let sent = tokio::time::timeout(self.send_timeout, async {
+            self.send.send(frame).await?;
+            self.send.close().await
+        })
+        .await;
+        self.finish();
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            // The receiver's endpoint said goodbye after the end was sent: it left normally,
+            // having had the chance to read it all; not a failure of this stream.
+            Ok(Err(s2n_quic::stream::Error::ConnectionError {
+                error: s2n_quic::connection::Error::Application { error, .. },
+                ..
+            })) if u64::from(error) == u64::from(crate::wire::close::NORMAL) => Ok(()),
+            Ok(Err(e)) => match crate::wire::stream_error(self.peer, self.send.id(), e) {
+                // Stopped with code 0: the reader dropped the stream after reading its end
+                // (an aqe reader that stops early says REFUSED).
+                Error::Stream {
+                    reason: StreamFailure::Reset(0),
+                    ..
+                } => Ok(()),
+                Error::Stream { reason, .. } => Err(Error::Stream {
+                    stream: self.id,
+                    reason,
+                }),
+                other => Err(other),
+            },
+            Err(_) => Err(Error::SendFailed {
+                to: self.to.clone(),
+                reason: SendFailure::QueueFull(self.send_timeout),
+            }),
         }
     }
 }
@@ -262,8 +299,12 @@ impl StreamSource for QuicSource {
 
 impl Drop for QuicSource {
     fn drop(&mut self) {
-        // Dropping the reader tells the writer (STOP_SENDING) so its next write fails.
-        self.reader.stop(reset::REFUSED);
+        // Dropping the reader before the end tells the writer (STOP_SENDING) so its next
+        // write fails; after the end there is nothing to refuse (the writer may be waiting
+        // for its close to be acknowledged).
+        if self.open {
+            self.reader.stop(reset::REFUSED);
+        }
         self.end();
     }
 }
