@@ -528,13 +528,7 @@ impl Transport for Fallback {
     }
 
     async fn attach(&self, agent: Registration, inbox: InboxSender) -> Result<()> {
-        let ordered: HashSet<ChannelName> = agent
-            .channels
-            .iter()
-            .filter(|c| c.ordered && c.reliable)
-            .map(|c| c.name.clone())
-            .collect();
-        self.ordered.insert(agent.id.clone(), Arc::new(ordered));
+        self.adopt(&agent);
         for (i, link) in self.links.iter().enumerate() {
             if let Err(e) = link.transport.attach(agent.clone(), inbox.clone()).await {
                 for earlier in &self.links[..i] {
