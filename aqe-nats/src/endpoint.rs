@@ -1671,7 +1671,15 @@ impl Shared {
     /// Opens the receiving side of a stream from `from`.
     fn open_incoming(self: &Arc<Self>, from: Ep, header: aqe_core::StreamHeader) {
         let stream = header.id;
-        let Some(local) = self.local(&header.to) else {
+        // Refused: no such agent here, not on that channel, a stream id in use, or too many
+        // streams from that endpoint.
+        let local = self.local(&header.to).filter(|local| {
+            let open_here = self.in_streams.iter().filter(|s| s.key().0 == from).count();
+            open_here < self.config.limits.streams_per_endpoint as usize
+                && !self.in_streams.contains_key(&(from, stream))
+                && local.listens(&header.options.channel).is_ok()
+        });
+        let Some(local) = local else {
             let _ = self.control.send(Control::To(
                 from,
                 Frame::StreamReset {
@@ -1681,20 +1689,6 @@ impl Shared {
             ));
             return;
         };
-        let open_here = self.in_streams.iter().filter(|s| s.key().0 == from).count();
-        if open_here >= self.config.limits.streams_per_endpoint as usize
-            || self.in_streams.contains_key(&(from, stream))
-            || local.listens(&header.options.channel).is_err()
-        {
-            let _ = self.control.send(Control::To(
-                from,
-                Frame::StreamReset {
-                    from: self.me,
-                    stream,
-                },
-            ));
-            return;
-        }
         let window = self.config.limits.stream_window as usize;
         let (state, source) =
             NatsSource::open(self.clone(), from, stream, window, local.stats.clone());
