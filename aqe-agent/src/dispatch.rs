@@ -108,9 +108,13 @@ pub(crate) async fn run(agent: Agent, mut inbox: Inbox, handlers: Handlers, limi
                 match done {
                     Ok(Done::Request) => {
                         running_requests -= 1;
-                        if let Some((envelope, responder)) = waiting_requests.pop_front() {
-                            running_requests += 1;
-                            start_request(&mut tasks, &agent, &handlers, &requests, envelope, responder);
+                        while running_requests < limits.requests {
+                            let Some((envelope, responder)) = waiting_requests.pop_front() else {
+                                break;
+                            };
+                            if start_request(&mut tasks, &agent, &handlers, &requests, envelope, responder).await {
+                                running_requests += 1;
+                            }
                         }
                     }
                     Ok(Done::Reply) => replying -= 1,
@@ -191,10 +195,13 @@ pub(crate) async fn run(agent: Agent, mut inbox: Inbox, handlers: Handlers, limi
                     // request was dropped (the responder is dropped unanswered).
                     Ok(_) => {}
                     Err(responder) if running_requests < limits.requests => {
-                        running_requests += 1;
-                        start_request(
+                        if start_request(
                             &mut tasks, &agent, &handlers, &requests, envelope, responder,
-                        );
+                        )
+                        .await
+                        {
+                            running_requests += 1;
+                        }
                     }
                     Err(responder) if waiting_requests.len() < Limits::backlog(limits.requests) => {
                         waiting_requests.push_back((envelope, responder));
@@ -241,14 +248,17 @@ pub(crate) async fn run(agent: Agent, mut inbox: Inbox, handlers: Handlers, limi
     inbox.close();
 }
 
-fn start_request(
+/// Starts the handler of a request. It is polled once here: a handler that answers at once
+/// (the common case) costs no task and no hand-off; one that waits goes on as a task owned
+/// by `tasks`. Returns whether it did (and so holds a running slot).
+async fn start_request(
     tasks: &mut JoinSet<Done>,
     agent: &Agent,
     handlers: &Handlers,
     requests: &Arc<Mutex<Requests>>,
     envelope: Envelope,
     responder: Responder,
-) {
+) -> bool {
     let key = (envelope.from.clone(), envelope.id);
     let (join, joined) = mpsc::unbounded_channel();
     requests
@@ -265,7 +275,7 @@ fn start_request(
         channel = %envelope.channel
     );
     tracing::debug!(parent: &span, "request received");
-    tasks.spawn(tracing::Instrument::instrument(
+    let mut work = Box::pin(tracing::Instrument::instrument(
         async move {
             let answer = answer(agent, handler, envelope, responder, joined).await;
             let mut table = requests.lock().unwrap_or_else(|p| p.into_inner());
@@ -277,6 +287,12 @@ fn start_request(
         },
         span,
     ));
+    if futures::poll!(work.as_mut()).is_ready() {
+        return false;
+    }
+    // Polled again at once by its task, which registers its own wake-ups.
+    tasks.spawn(work);
+    true
 }
 
 fn start_stream(

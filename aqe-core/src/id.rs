@@ -9,9 +9,15 @@ use serde::{Deserialize, Serialize};
 macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
         #[serde(transparent)]
         pub struct $name(Arc<str>);
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                d.deserialize_str(NameVisitor).map(Self)
+            }
+        }
 
         impl $name {
             /// Creates the name from any string.
@@ -61,6 +67,60 @@ macro_rules! name_type {
             }
         }
     };
+}
+
+/// Names decoded recently on this thread, shared rather than allocated again: every frame
+/// names its sender, recipient and channel, and they repeat. Bounded: short names only, and
+/// the table is emptied when full (a peer sending ever-new names gains nothing but misses).
+mod interned {
+    use std::cell::RefCell;
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    /// Longer names are allocated as they come.
+    const MAX_LEN: usize = 64;
+    /// Names kept per thread.
+    const MAX_NAMES: usize = 1024;
+
+    thread_local! {
+        static NAMES: RefCell<HashSet<Arc<str>, foldhash::fast::RandomState>> =
+            RefCell::new(HashSet::default());
+    }
+
+    pub(super) fn name(s: &str) -> Arc<str> {
+        if s.len() > MAX_LEN {
+            return Arc::from(s);
+        }
+        NAMES
+            .try_with(|names| {
+                let mut names = names.borrow_mut();
+                if let Some(n) = names.get(s) {
+                    return n.clone();
+                }
+                if names.len() >= MAX_NAMES {
+                    names.clear();
+                }
+                let n: Arc<str> = Arc::from(s);
+                names.insert(n.clone());
+                n
+            })
+            .unwrap_or_else(|_| Arc::from(s))
+    }
+}
+
+/// Decodes a name into a shared string, through [`interned`].
+struct NameVisitor;
+
+impl serde::de::Visitor<'_> for NameVisitor {
+    type Value = Arc<str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a name (a string)")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Arc<str>, E> {
+        Ok(interned::name(v))
+    }
 }
 
 name_type!(

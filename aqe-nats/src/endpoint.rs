@@ -9,13 +9,13 @@
 //! - the ticker: heartbeats, liveness, retransmission, delivery deadlines;
 //! - redeliveries handed to a fallback, at most [`REDELIVERIES`] at once.
 
-use std::collections::HashMap;
+use crate::Map;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::ConcurrentMap;
 use bytes::Bytes;
-use dashmap::DashMap;
 use futures::StreamExt;
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -52,12 +52,12 @@ const ACK_BATCH: usize = 256;
 /// Acknowledgements waiting to be written, by the endpoint they go to.
 #[derive(Default)]
 struct PendingAcks {
-    by_endpoint: HashMap<Ep, EndpointAcks>,
+    by_endpoint: Map<Ep, EndpointAcks>,
 }
 
 #[derive(Default)]
 struct EndpointAcks {
-    received: HashMap<(AgentId, AgentId, aqe_core::ChannelName, u64), u64>,
+    received: Map<(AgentId, AgentId, aqe_core::ChannelName, u64), u64>,
     taken: Vec<(AgentId, MessageId)>,
     abandoned: Vec<(AgentId, MessageId)>,
 }
@@ -127,8 +127,8 @@ impl Acker {
 /// Requests this endpoint's agents hold, by requesting endpoint.
 #[derive(Default)]
 struct Serving {
-    per_endpoint: HashMap<Ep, u32>,
-    cancels: HashMap<(Ep, MessageId), watch::Sender<bool>>,
+    per_endpoint: Map<Ep, u32>,
+    cancels: Map<(Ep, MessageId), watch::Sender<bool>>,
 }
 
 /// Messages whose receiver's endpoint went away: they wait for the agent to come back (on
@@ -145,8 +145,8 @@ pub(crate) struct Shared {
     pub(crate) subjects: Subjects,
     /// The server URLs, as events name the connection.
     pub(crate) server: Address,
-    pub(crate) locals: DashMap<AgentId, Arc<LocalAgent>>,
-    readers: Mutex<HashMap<AgentId, (CancellationToken, JoinHandle<()>)>>,
+    pub(crate) locals: ConcurrentMap<AgentId, Arc<LocalAgent>>,
+    readers: Mutex<Map<AgentId, (CancellationToken, JoinHandle<()>)>>,
     pub(crate) membership: Mutex<Membership>,
     /// The generation of this endpoint's agent set; the lock also orders announcements.
     generation: tokio::sync::Mutex<u64>,
@@ -156,17 +156,17 @@ pub(crate) struct Shared {
     pub(crate) room: Notify,
     inflow: Mutex<Inflow>,
     homeless: Mutex<Homeless>,
-    requests: DashMap<MessageId, Pending>,
+    requests: ConcurrentMap<MessageId, Pending>,
     serving: Mutex<Serving>,
     /// Streams opened from here, by the endpoint they go to.
-    pub(crate) out_streams: DashMap<(Ep, aqe_core::StreamId), Arc<OutStream>>,
-    pub(crate) in_streams: DashMap<(Ep, aqe_core::StreamId), InStream>,
+    pub(crate) out_streams: ConcurrentMap<(Ep, aqe_core::StreamId), Arc<OutStream>>,
+    pub(crate) in_streams: ConcurrentMap<(Ep, aqe_core::StreamId), InStream>,
     /// Unbounded on purpose: fed by receipts and drops, which cannot wait, and bounded by
     /// what they stand for (messages admitted under the senders' windows, requests in hand,
     /// streams open).
     pub(crate) control: mpsc::UnboundedSender<Control>,
     acker: Acker,
-    agent_subjects: DashMap<AgentId, async_nats::Subject>,
+    agent_subjects: ConcurrentMap<AgentId, async_nats::Subject>,
     pub(crate) events: broadcast::Sender<Event>,
     pub(crate) local_delivery: LocalDelivery,
     redelivery: RwLock<Option<Arc<dyn Redeliver>>>,
@@ -223,19 +223,19 @@ impl Shared {
             me,
             subjects,
             server: server.clone(),
-            locals: DashMap::new(),
-            readers: Mutex::new(HashMap::new()),
+            locals: ConcurrentMap::default(),
+            readers: Mutex::new(Map::default()),
             generation: tokio::sync::Mutex::new(0),
             current_generation: AtomicU64::new(0),
             room: Notify::new(),
             homeless: Mutex::new(Homeless::default()),
-            requests: DashMap::new(),
+            requests: ConcurrentMap::default(),
             serving: Mutex::new(Serving::default()),
-            out_streams: DashMap::new(),
-            in_streams: DashMap::new(),
+            out_streams: ConcurrentMap::default(),
+            in_streams: ConcurrentMap::default(),
             control,
             acker: Acker::default(),
-            agent_subjects: DashMap::new(),
+            agent_subjects: ConcurrentMap::default(),
             events,
             redelivery: RwLock::new(None),
             redeliveries: Arc::new(Semaphore::new(REDELIVERIES)),
@@ -487,30 +487,33 @@ impl Shared {
         } else {
             (None, None)
         };
-        let deadline = tokio::time::Instant::now() + self.config.send_timeout;
         let mut done = done;
-        let flow = loop {
-            let waiting = self.room.notified();
-            tokio::pin!(waiting);
-            waiting.as_mut().enable();
-            {
-                let mut outbox = lock(&self.outbox);
-                // `None`: the receiver moved while messages to its old endpoint are being
-                // handed on; wait for them to clear.
-                if outbox.has_room(&key)
-                    && let Some(flow) =
-                        outbox.admit(&key, ep, envelope.clone(), Instant::now(), done.take())
-                {
-                    break flow;
+        let admit = |done: &mut Option<_>| {
+            lock(&self.outbox).admit(&key, ep, &envelope, Instant::now(), done)
+        };
+        // Room at once is the common case: no waiting registered for it.
+        let flow = match admit(&mut done) {
+            Some(flow) => flow,
+            None => {
+                let deadline = tokio::time::Instant::now() + self.config.send_timeout;
+                loop {
+                    let waiting = self.room.notified();
+                    tokio::pin!(waiting);
+                    waiting.as_mut().enable();
+                    // `None`: a full window, or the receiver moved while messages to its old
+                    // endpoint are being handed on; wait for room.
+                    if let Some(flow) = admit(&mut done) {
+                        break flow;
+                    }
+                    if tokio::time::timeout_at(deadline, waiting).await.is_err() {
+                        return Err(Error::SendFailed {
+                            to,
+                            reason: aqe_core::SendFailure::QueueFull(self.config.send_timeout),
+                        });
+                    }
+                    self.live()?;
                 }
             }
-            if tokio::time::timeout_at(deadline, waiting).await.is_err() {
-                return Err(Error::SendFailed {
-                    to,
-                    reason: aqe_core::SendFailure::QueueFull(self.config.send_timeout),
-                });
-            }
-            self.live()?;
         };
         let frame = Frame::Message {
             to: ep,
@@ -672,7 +675,7 @@ impl Shared {
             };
             let mut copy = envelope.clone();
             copy.to = aqe_core::Recipient::Agent(agent.clone());
-            let admitted = lock(&self.outbox).admit(&key, ep, copy, now, None);
+            let admitted = lock(&self.outbox).admit(&key, ep, &copy, now, &mut None);
             match admitted {
                 Some(flow) => {
                     sender.stats.accepted();
@@ -1111,7 +1114,7 @@ impl Shared {
                 }
             }
         }
-        let mut failed: HashMap<FlowKey, Vec<MessageId>> = HashMap::new();
+        let mut failed: Map<FlowKey, Vec<MessageId>> = Map::default();
         for (to, id) in abandoned {
             if let Some((key, entry)) = outbox.remove(&to, id, from) {
                 freed = true;
@@ -1357,16 +1360,17 @@ impl Shared {
         let ep2 = ep;
         self.tasks.spawn(async move {
             let mut frames = Vec::new();
+            let mut refused = Vec::new();
             {
                 let mut outbox = lock(&s.outbox);
-                for (key, entry) in waiting {
+                for (key, mut entry) in waiting {
                     let waited = entry.confirm.is_some();
                     match outbox.admit(
                         &key,
                         ep2,
-                        entry.envelope.clone(),
+                        &entry.envelope,
                         entry.accepted_at,
-                        entry.confirm,
+                        &mut entry.confirm,
                     ) {
                         Some(flow) => frames.push((
                             key.to.clone(),
@@ -1378,12 +1382,15 @@ impl Shared {
                                 envelope: entry.envelope,
                             },
                         )),
-                        None => {
-                            // No room: it waits for its deadline like the others.
-                            tracing::debug!(to = %key.to, "no room to redeliver now");
-                        }
+                        None => refused.push((key, entry)),
                     }
                 }
+            }
+            if !refused.is_empty() {
+                // No room now: they stay homeless, and are reported at their deadline like
+                // the others if nothing takes them first.
+                tracing::debug!(messages = refused.len(), "no room to redeliver now");
+                lock(&s.homeless).entries.extend(refused);
             }
             for (to, frame) in frames {
                 if let Ok(bytes) = wire::encode(&frame) {
@@ -1587,7 +1594,7 @@ impl Shared {
             return;
         }
         self.room.notify_waiters();
-        let mut failed: HashMap<(FlowKey, DeliveryFailure), Vec<MessageId>> = HashMap::new();
+        let mut failed: Map<(FlowKey, DeliveryFailure), Vec<MessageId>> = Map::default();
         for (key, entry) in late {
             let reason = if entry.received || entry.envelope.redelivered {
                 DeliveryFailure::Unconfirmed
@@ -1648,7 +1655,7 @@ impl Shared {
             }
         }
         gone.extend(std::mem::take(&mut lock(&self.homeless).entries));
-        let mut failed: HashMap<FlowKey, Vec<MessageId>> = HashMap::new();
+        let mut failed: Map<FlowKey, Vec<MessageId>> = Map::default();
         for (key, entry) in gone {
             if let Some(c) = entry.confirm {
                 let _ = c.send(Err(Error::Shutdown));

@@ -9,7 +9,9 @@
 //! acknowledges cumulatively what it has received. NATS delivers a publisher's messages in
 //! order, so gaps come only from real loss (a slow consumer, a reconnect).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use crate::Map;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -67,9 +69,9 @@ impl Flow {
 #[derive(Debug)]
 pub(crate) struct Outbox {
     window: usize,
-    flows: HashMap<FlowKey, Flow>,
+    flows: Map<FlowKey, Flow>,
     /// By receiving agent and message id (the copies of a broadcast share the id).
-    by_id: HashMap<(AgentId, MessageId), FlowKey>,
+    by_id: Map<(AgentId, MessageId), FlowKey>,
 }
 
 /// Epochs are fresh per process and never reused.
@@ -90,29 +92,38 @@ impl Outbox {
     pub(crate) fn new(window: usize) -> Self {
         Self {
             window: window.max(1),
-            flows: HashMap::new(),
-            by_id: HashMap::new(),
+            flows: Map::default(),
+            by_id: Map::default(),
         }
     }
 
     /// Whether the flow has room for one more message.
+    #[cfg(test)]
     pub(crate) fn has_room(&self, key: &FlowKey) -> bool {
         self.flows
             .get(key)
             .is_none_or(|f| f.entries.len() < self.window)
     }
 
-    /// Takes `envelope` into the flow to `endpoint`; `None` when the window is full. A flow
-    /// whose receiver moved to another endpoint starts a new epoch (its entries were taken
-    /// out when the old endpoint went away).
+    /// Takes `envelope` into the flow to `endpoint`, with the confirmation its sender waits
+    /// for (taken from `confirm` only then); `None` when the window is full, or while
+    /// messages to the receiver's previous endpoint are still held. A flow whose receiver
+    /// moved to another endpoint starts a new epoch (its entries were taken out when the old
+    /// endpoint went away).
     pub(crate) fn admit(
         &mut self,
         key: &FlowKey,
         endpoint: Ep,
-        envelope: Envelope,
+        envelope: &Envelope,
         now: Instant,
-        confirm: Option<oneshot::Sender<Result<()>>>,
+        confirm: &mut Option<oneshot::Sender<Result<()>>>,
     ) -> Option<Sequenced> {
+        if let Some(flow) = self.flows.get(key)
+            && (flow.entries.len() >= self.window
+                || (flow.endpoint != endpoint && !flow.entries.is_empty()))
+        {
+            return None;
+        }
         let flow = self.flows.entry(key.clone()).or_insert_with(|| Flow {
             endpoint,
             epoch: next_epoch(),
@@ -124,21 +135,18 @@ impl Outbox {
             flow.epoch = next_epoch();
             flow.next_seq = 1;
         }
-        if flow.entries.len() >= self.window || flow.endpoint != endpoint {
-            return None;
-        }
         let seq = flow.next_seq;
         flow.next_seq += 1;
         self.by_id
             .insert((key.to.clone(), envelope.id), key.clone());
         flow.entries.push_back(Entry {
             seq,
-            envelope,
+            envelope: envelope.clone(),
             accepted_at: now,
             sent_at: now,
             retransmitted: false,
             received: false,
-            confirm,
+            confirm: confirm.take(),
         });
         Some(Sequenced {
             epoch: flow.epoch,
@@ -343,7 +351,16 @@ struct InFlow {
     /// What became of each delivered message the sender may still ask about (from its
     /// `oldest` on), so that a copy sent again because a confirmation was lost is answered
     /// with the confirmation, never delivered twice.
-    fates: BTreeMap<u64, (MessageId, Settled)>,
+    /// What became of the messages the sender still holds, by sequence number (increasing,
+    /// not always contiguous: a flow may jump ahead to the sender's base).
+    fates: VecDeque<(u64, MessageId, Settled)>,
+}
+
+impl InFlow {
+    fn fate(&mut self, seq: u64) -> Option<&mut (u64, MessageId, Settled)> {
+        let i = self.fates.binary_search_by_key(&seq, |f| f.0).ok()?;
+        self.fates.get_mut(i)
+    }
 }
 
 /// Most fates one flow remembers; beyond, the oldest are forgotten (their senders' deadlines
@@ -368,14 +385,14 @@ pub(crate) enum Verdict {
 #[derive(Debug)]
 pub(crate) struct Inflow {
     max_flows: usize,
-    flows: HashMap<InKey, InFlow>,
+    flows: Map<InKey, InFlow>,
 }
 
 impl Inflow {
     pub(crate) fn new(max_flows: usize) -> Self {
         Self {
             max_flows: max_flows.max(1),
-            flows: HashMap::new(),
+            flows: Map::default(),
         }
     }
 
@@ -394,7 +411,7 @@ impl Inflow {
             epoch: flow.epoch,
             next: flow.base.max(1),
             last_seen: now,
-            fates: BTreeMap::new(),
+            fates: VecDeque::new(),
         };
         let state = self.flows.entry(key).or_insert_with(fresh);
         if state.epoch != flow.epoch {
@@ -408,21 +425,19 @@ impl Inflow {
             state.next = flow.base;
         }
         // The sender no longer asks about anything before `oldest`.
-        let keep = state.fates.split_off(&flow.oldest);
-        state.fates = keep;
+        // What the sender no longer holds needs no answer again.
+        while state.fates.front().is_some_and(|f| f.0 < flow.oldest) {
+            state.fates.pop_front();
+        }
         if flow.seq == state.next {
             state.next += 1;
-            state.fates.insert(flow.seq, (id, Settled::Queued));
+            state.fates.push_back((flow.seq, id, Settled::Queued));
             while state.fates.len() > MAX_FATES {
-                state.fates.pop_first();
+                state.fates.pop_front();
             }
             Verdict::Deliver(flow.seq)
         } else if flow.seq < state.next {
-            let fate = state
-                .fates
-                .get(&flow.seq)
-                .filter(|(known, _)| *known == id)
-                .map(|(_, f)| *f);
+            let fate = state.fate(flow.seq).filter(|f| f.1 == id).map(|f| f.2);
             Verdict::Duplicate(state.next - 1, fate)
         } else {
             Verdict::Gap
@@ -433,9 +448,9 @@ impl Inflow {
     pub(crate) fn settle(&mut self, key: &InKey, epoch: u64, seq: u64, fate: Settled) {
         if let Some(state) = self.flows.get_mut(key)
             && state.epoch == epoch
-            && let Some((_, f)) = state.fates.get_mut(&seq)
+            && let Some(f) = state.fate(seq)
         {
-            *f = fate;
+            f.2 = fate;
         }
     }
 
@@ -507,9 +522,7 @@ mod tests {
                 let mut wire = Vec::new();
                 while out.has_room(&key()) {
                     let Some(e) = to_send.pop_front() else { break };
-                    let s = out
-                        .admit(&key(), Ep(9), e.clone(), now, None)
-                        .expect("room");
+                    let s = out.admit(&key(), Ep(9), &e, now, &mut None).expect("room");
                     wire.push((s, e));
                 }
                 for r in out.due(now, Duration::from_millis(50)) {
@@ -608,20 +621,28 @@ mod tests {
     fn windows_deadlines_and_departures_hand_back_every_entry() {
         let now = Instant::now();
         let mut out = Outbox::new(2);
-        assert!(out.admit(&key(), Ep(1), env(0), now, None).is_some());
-        assert!(out.admit(&key(), Ep(1), env(1), now, None).is_some());
+        assert!(out.admit(&key(), Ep(1), &env(0), now, &mut None).is_some());
+        assert!(out.admit(&key(), Ep(1), &env(1), now, &mut None).is_some());
+        // A refused message keeps the confirmation its sender waits for.
+        let (tx, _rx) = oneshot::channel();
+        let mut confirm = Some(tx);
         assert!(
-            out.admit(&key(), Ep(1), env(2), now, None).is_none(),
+            out.admit(&key(), Ep(1), &env(2), now, &mut confirm)
+                .is_none(),
             "window full"
         );
         assert!(
-            out.admit(&key(), Ep(2), env(2), now, None).is_none(),
+            out.admit(&key(), Ep(2), &env(2), now, &mut confirm)
+                .is_none(),
             "the receiver moved while messages to its old endpoint are in flight"
         );
+        assert!(confirm.is_some(), "a refusal takes nothing");
         let gone = out.take_endpoint(Ep(1));
         assert_eq!(gone.len(), 2);
         assert_eq!(out.len(), 0);
-        let s = out.admit(&key(), Ep(2), env(3), now, None).expect("room");
+        let s = out
+            .admit(&key(), Ep(2), &env(3), now, &mut None)
+            .expect("room");
         assert_eq!((s.seq, s.base), (1, 1));
         assert!(
             out.on_received(&key(), Ep(2), s.epoch + 1, 1, now)

@@ -7,7 +7,7 @@
 //! it leads to and is applied only on top of the one before it. Anything else (a missed
 //! announcement, a new endpoint, a restart) makes this side fetch a full snapshot.
 
-use std::collections::{HashMap, HashSet};
+use crate::{Map, Set};
 use std::time::{Duration, Instant};
 
 use aqe_core::{AgentId, Registration};
@@ -42,10 +42,10 @@ struct Remote {
     generation: u64,
     last_heard: Instant,
     /// Its agents that this side accepted.
-    agents: HashMap<AgentId, Registration>,
+    agents: Map<AgentId, Registration>,
     /// Its agents refused because another endpoint had the id first: promoted when that one
     /// leaves.
-    refused: HashMap<AgentId, Registration>,
+    refused: Map<AgentId, Registration>,
     /// When a snapshot was last asked for, while unanswered.
     fetching: Option<Instant>,
     /// Parts of a snapshot being assembled: its generation and the parts so far.
@@ -58,10 +58,10 @@ pub(crate) struct Membership {
     me: Ep,
     max_endpoints: usize,
     max_agents: usize,
-    remotes: HashMap<Ep, Remote>,
+    remotes: Map<Ep, Remote>,
     /// Which endpoint has each remote agent id.
-    owners: HashMap<AgentId, Ep>,
-    locals: HashSet<AgentId>,
+    owners: Map<AgentId, Ep>,
+    locals: Set<AgentId>,
 }
 
 impl Membership {
@@ -70,9 +70,9 @@ impl Membership {
             me,
             max_endpoints,
             max_agents,
-            remotes: HashMap::new(),
-            owners: HashMap::new(),
-            locals: HashSet::new(),
+            remotes: Map::default(),
+            owners: Map::default(),
+            locals: Set::default(),
         }
     }
 
@@ -214,7 +214,7 @@ impl Membership {
         };
         r.generation = generation;
         r.fetching = None;
-        let mut incoming: HashMap<AgentId, Registration> = HashMap::new();
+        let mut incoming: Map<AgentId, Registration> = Map::default();
         for reg in parts.into_iter().flatten().flatten() {
             if incoming.len() >= max_agents {
                 tracing::warn!(endpoint = %ep, max_agents, "endpoint announces too many agents; the rest are ignored");
@@ -291,8 +291,8 @@ impl Membership {
                 Remote {
                     generation: 0,
                     last_heard: now,
-                    agents: HashMap::new(),
-                    refused: HashMap::new(),
+                    agents: Map::default(),
+                    refused: Map::default(),
                     fetching: None,
                     assembly: None,
                 },

@@ -37,8 +37,9 @@ impl Net {
 /// The channel bulk transfers and large streams use.
 pub const BULK: &str = "bulk";
 
-fn channels() -> [Channel; 3] {
+fn channels() -> [Channel; 4] {
     [
+        Channel::new("dgram", aqe_core::ChannelKind::Unicast).with_reliable(false),
         Channel::coordination(),
         Channel::results(),
         Channel::new(BULK, aqe_core::ChannelKind::Unicast).with_max_message_size(1 << 20),
