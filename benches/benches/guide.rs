@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use aqe_benches::{
     Bench, BroadcastFloor, Fleet, MpscFloor, NatsFanout, NatsFloor, Net, Results, S2nFloor, Spec,
-    connections, idle_agents, setup,
+    UNRELIABLE, connections, idle_agents, setup,
 };
 use bytes::Bytes;
 use criterion::{Criterion, SamplingMode};
@@ -116,6 +116,11 @@ fn main() {
                 b.latency(Spec::new("direct", net.name(), size), || {
                     f.send(&p, "coordination", 1)
                 });
+                // At most once, nothing acknowledged: the contract of the raw floors.
+                b.latency(
+                    Spec::new("direct", net.name(), size).channel(UNRELIABLE),
+                    || f.send(&p, UNRELIABLE, 1),
+                );
             }
         }
         b.finish();

@@ -82,7 +82,7 @@ fn main() {
             for label in [
                 "raw publish",
                 "aqe send",
-                "aqe dgram",
+                "aqe unreliable",
                 "raw request",
                 "aqe request",
             ] {
@@ -92,7 +92,9 @@ fn main() {
                 let w = match label {
                     "raw publish" => measure(label, n, || floor.publish(&p, 1)).await,
                     "aqe send" => measure(label, n, || fleet.send(&p, "coordination", 1)).await,
-                    "aqe dgram" => measure(label, n, || fleet.send(&p, "dgram", 1)).await,
+                    "aqe unreliable" => {
+                        measure(label, n, || fleet.send(&p, aqe_benches::UNRELIABLE, 1)).await
+                    }
                     "raw request" => measure(label, n, || floor.request(&p)).await,
                     _ => measure(label, n, || fleet.request(&p)).await,
                 };

@@ -37,9 +37,13 @@ impl Net {
 /// The channel bulk transfers and large streams use.
 pub const BULK: &str = "bulk";
 
+/// An unreliable unicast channel: at most once, nothing acknowledged (raw NATS publish's
+/// contract).
+pub const UNRELIABLE: &str = "unreliable";
+
 fn channels() -> [Channel; 4] {
     [
-        Channel::new("dgram", aqe_core::ChannelKind::Unicast).with_reliable(false),
+        Channel::new(UNRELIABLE, aqe_core::ChannelKind::Unicast).with_reliable(false),
         Channel::coordination(),
         Channel::results(),
         Channel::new(BULK, aqe_core::ChannelKind::Unicast).with_max_message_size(1 << 20),

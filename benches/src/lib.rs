@@ -12,7 +12,7 @@ mod record;
 mod s2n_floor;
 mod tokio_floor;
 
-pub use fleet::{BULK, Endpoint, Fleet, Net, setup};
+pub use fleet::{BULK, Endpoint, Fleet, Net, UNRELIABLE, setup};
 pub use memory::{connections, idle_agents, resident_kib};
 pub use nats_floor::{NatsFanout, NatsFloor};
 pub use record::{Bench, Measured, Memory, Results, Spec};

@@ -280,7 +280,7 @@ impl Report {
             self.find(op, transport, payload, channel)
                 .and_then(|r| r.floor.as_ref().map(|(f, x)| (f.clone(), *x)))
         };
-        let ratios: [RatioTarget; 8] = [
+        let ratios: [RatioTarget; 9] = [
             (
                 "QUIC request/response 64 B vs raw one-stream",
                 "request_response",
@@ -327,7 +327,16 @@ impl Report {
                 true,
             ),
             (
-                "NATS one-way 64 B vs raw publish",
+                "NATS one-way 64 B, at most once (raw publish's contract) vs raw publish",
+                "direct",
+                "nats",
+                64,
+                Some("unreliable"),
+                1.2,
+                true,
+            ),
+            (
+                "NATS one-way 64 B, reliable (acknowledged, once, in order) vs raw publish",
                 "direct",
                 "nats",
                 64,
@@ -475,11 +484,14 @@ impl Report {
                 }
                 _ => String::new(),
             };
+            let transport = match &r.channel {
+                Some(c) => format!("{} ({c})", r.transport),
+                None => r.transport.clone(),
+            };
             let _ = writeln!(
                 s,
-                "| {op} | {} | {} | {} | {} | {ratio} | {floor} | {claim} |",
+                "| {op} | {} | {transport} | {} | {} | {ratio} | {floor} | {claim} |",
                 size(r.payload),
-                r.transport,
                 time(r.median_us),
                 time(r.p99_us)
             );
