@@ -28,14 +28,18 @@ const ANSWER_TTL: Duration = Duration::from_secs(60);
 /// A request, by who sent it and its id: the same key whatever transport carried it.
 type RequestKey = (AgentId, MessageId);
 
+/// The tables every request passes through: foldhash, seeded per process (the keys come
+/// from peers), cheaper than SipHash on agent names.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Requests being handled and answers recently given, so that a handler runs at most once
 /// per request id.
 #[derive(Default)]
 struct Requests {
     /// Handlers running, with the way to hand them another requester of the same request.
-    running: HashMap<RequestKey, mpsc::UnboundedSender<Responder>>,
+    running: Map<RequestKey, mpsc::UnboundedSender<Responder>>,
     /// Recent answers, oldest first.
-    answered: HashMap<RequestKey, (Envelope, Instant)>,
+    answered: Map<RequestKey, (Envelope, Instant)>,
     order: VecDeque<RequestKey>,
 }
 

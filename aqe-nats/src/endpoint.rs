@@ -533,7 +533,9 @@ impl Shared {
             confirm,
             envelope,
         };
-        let bytes = match self.encode_checked(&frame, len) {
+        let encoded = self.encode_checked(&frame, len);
+        drop(frame);
+        let bytes = match encoded {
             Ok(bytes) => bytes,
             Err(e) => {
                 // Refused before anything left: the place in the window is given back.
@@ -563,13 +565,16 @@ impl Shared {
             detail: "a unicast operation needs exactly one recipient",
         })?;
         let (id, len) = (envelope.id, envelope.payload.len());
-        let frame = Frame::Request {
-            to: ep,
-            from: self.me,
-            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-            envelope,
-        };
-        let bytes = self.encode_checked(&frame, len)?;
+        // Encoded and dropped here: nothing of the frame lives across the awaits below.
+        let bytes = self.encode_checked(
+            &Frame::Request {
+                to: ep,
+                from: self.me,
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                envelope,
+            },
+            len,
+        )?;
         let (tx, rx) = oneshot::channel();
         self.requests.insert(
             id,

@@ -69,12 +69,13 @@ impl NatsServer {
         ));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let port_arg = port.map_or_else(|| "-1".to_owned(), |p| p.to_string());
-        // The watchdog: runs the server, waits for its stdin to close, then stops it.
+        // The watchdog: runs the server, waits for its stdin to close, then stops it and
+        // removes its directory (also for the shared server, which is never dropped).
         let script = r#"server="$1"; shift
 log="$1"; shift
 "$server" "$@" >"$log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null' EXIT
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$(dirname "$log")"' EXIT
 read _unused
 kill $pid 2>/dev/null
 wait $pid"#;

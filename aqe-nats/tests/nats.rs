@@ -530,8 +530,8 @@ async fn credentials_are_checked_by_the_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_the_server_is_verified_against_the_configured_ca() {
-    let dir = std::env::temp_dir().join(format!("aqe-nats-tls-{}", aqe_core::MessageId::next()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let tmp = tempfile::tempdir().expect("dir");
+    let dir = tmp.path().to_path_buf();
     let ca_key = rcgen::KeyPair::generate().expect("key");
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
