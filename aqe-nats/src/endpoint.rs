@@ -127,6 +127,14 @@ impl Acker {
         }
     }
 
+    /// Something to acknowledge is noted elsewhere (what flows received, in the inflow):
+    /// makes sure a batch will go.
+    fn arm(&self) {
+        if !self.armed.swap(true, Ordering::AcqRel) {
+            self.wake.notify_one();
+        }
+    }
+
     /// Takes the batch to write.
     fn take(&self) -> PendingAcks {
         self.armed.store(false, Ordering::Release);
@@ -971,7 +979,7 @@ impl Shared {
             up_to,
         };
         match verdict {
-            Verdict::Deliver(up_to) => {
+            Verdict::Deliver(_) => {
                 let receipt = Receipt::once(TakeAck {
                     shared: Arc::downgrade(self),
                     key: key.clone(),
@@ -985,7 +993,8 @@ impl Shared {
                 if let Err((_, Inbound::Message { receipt, .. })) = delivered {
                     receipt.abandon();
                 }
-                self.ack_received(from, received(up_to));
+                // Acknowledged as received with the next batch (`Inflow::take_received`).
+                self.acker.arm();
             }
             // A copy of one delivered before, sent again because a confirmation was lost:
             // the confirmation goes again, the message does not.
@@ -1443,11 +1452,13 @@ impl Shared {
         lock(&self.inflow).settle(&key, epoch, seq, fate);
         self.acker.add(urgent || fate == Settled::Abandoned, |p| {
             let a = p.to(key.endpoint);
-            // A confirmation implies everything before it in the flow was received.
             let to = key.to.clone();
-            let flow = (key.from, key.to, key.channel, epoch);
-            if a.received.get(&flow).is_some_and(|up| *up <= seq) {
-                a.received.remove(&flow);
+            // A confirmation implies everything before it in the flow was received.
+            if !a.received.is_empty() {
+                let flow = (key.from, key.to, key.channel, epoch);
+                if a.received.get(&flow).is_some_and(|up| *up <= seq) {
+                    a.received.remove(&flow);
+                }
             }
             match fate {
                 Settled::Taken => a.taken.push((to, id)),
@@ -1511,6 +1522,14 @@ impl Shared {
     }
 
     async fn flush_acks(&self, acks: &mut PendingAcks) {
+        for (ep, r) in lock(&self.inflow).take_received() {
+            let up = acks
+                .to(ep)
+                .received
+                .entry((r.from, r.to, r.channel, r.epoch))
+                .or_insert(0);
+            *up = (*up).max(r.up_to);
+        }
         for (ep, a) in std::mem::take(&mut acks.by_endpoint) {
             let mut received: Vec<Received> = a
                 .received

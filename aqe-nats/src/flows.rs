@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use aqe_core::{AgentId, ChannelName, Envelope, MessageId, Result};
 
-use crate::wire::{Ep, Sequenced};
+use crate::wire::{Ep, Received, Sequenced};
 
 /// One flow, as its sender names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -350,10 +350,11 @@ struct InFlow {
     last_seen: Instant,
     /// What became of each delivered message the sender may still ask about (from its
     /// `oldest` on), so that a copy sent again because a confirmation was lost is answered
-    /// with the confirmation, never delivered twice.
-    /// What became of the messages the sender still holds, by sequence number (increasing,
-    /// not always contiguous: a flow may jump ahead to the sender's base).
+    /// with the confirmation, never delivered twice. By sequence number, increasing (not
+    /// always contiguous: a flow may jump ahead to the sender's base).
     fates: VecDeque<(u64, MessageId, Settled)>,
+    /// Received since the last "received" acknowledgement (the flow is in `Inflow::dirty`).
+    dirty: bool,
 }
 
 impl InFlow {
@@ -386,6 +387,8 @@ pub(crate) enum Verdict {
 pub(crate) struct Inflow {
     max_flows: usize,
     flows: Map<InKey, InFlow>,
+    /// Flows with something received and not yet acknowledged as received.
+    dirty: Vec<InKey>,
 }
 
 impl Inflow {
@@ -393,6 +396,7 @@ impl Inflow {
         Self {
             max_flows: max_flows.max(1),
             flows: Map::default(),
+            dirty: Vec::new(),
         }
     }
 
@@ -412,8 +416,12 @@ impl Inflow {
             next: flow.base.max(1),
             last_seen: now,
             fates: VecDeque::new(),
+            dirty: false,
         };
-        let state = self.flows.entry(key).or_insert_with(fresh);
+        let state = match self.flows.get_mut(&key) {
+            Some(state) => state,
+            None => self.flows.entry(key.clone()).or_insert_with(fresh),
+        };
         if state.epoch != flow.epoch {
             // A new life of the flow: what came before `base` was settled in the old one.
             *state = fresh();
@@ -425,7 +433,6 @@ impl Inflow {
             state.next = flow.base;
         }
         // The sender no longer asks about anything before `oldest`.
-        // What the sender no longer holds needs no answer again.
         while state.fates.front().is_some_and(|f| f.0 < flow.oldest) {
             state.fates.pop_front();
         }
@@ -434,6 +441,10 @@ impl Inflow {
             state.fates.push_back((flow.seq, id, Settled::Queued));
             while state.fates.len() > MAX_FATES {
                 state.fates.pop_front();
+            }
+            if !state.dirty {
+                state.dirty = true;
+                self.dirty.push(key);
             }
             Verdict::Deliver(flow.seq)
         } else if flow.seq < state.next {
@@ -463,6 +474,29 @@ impl Inflow {
     /// Forgets the flows from `endpoint`, which is gone.
     pub(crate) fn forget_endpoint(&mut self, endpoint: Ep) {
         self.flows.retain(|k, _| k.endpoint != endpoint);
+    }
+
+    /// What flows received since this was last asked, each up to where it is complete: the
+    /// "received" acknowledgements, gathered once per batch rather than noted per message.
+    pub(crate) fn take_received(&mut self) -> Vec<(Ep, Received)> {
+        let mut out = Vec::with_capacity(self.dirty.len());
+        for key in std::mem::take(&mut self.dirty) {
+            if let Some(state) = self.flows.get_mut(&key)
+                && std::mem::take(&mut state.dirty)
+            {
+                out.push((
+                    key.endpoint,
+                    Received {
+                        from: key.from,
+                        to: key.to,
+                        channel: key.channel,
+                        epoch: state.epoch,
+                        up_to: state.next - 1,
+                    },
+                ));
+            }
+        }
+        out
     }
 }
 
@@ -615,6 +649,34 @@ mod tests {
             inflow.on_message(inkey(), id(7), &s(2, 7, 8), now),
             Verdict::Duplicate(8, None)
         );
+    }
+
+    #[test]
+    fn received_is_gathered_once_per_batch_up_to_the_last_in_order() {
+        let now = Instant::now();
+        let mut inflow = Inflow::new(8);
+        let s = |seq| Sequenced {
+            epoch: 1,
+            seq,
+            base: 1,
+            oldest: 1,
+        };
+        for seq in 1..=3 {
+            let v = inflow.on_message(inkey(), MessageId(seq), &s(seq), now);
+            assert_eq!(v, Verdict::Deliver(seq));
+        }
+        let got = inflow.take_received();
+        assert_eq!(got.len(), 1, "one acknowledgement for the flow");
+        assert_eq!((got[0].0, got[0].1.epoch, got[0].1.up_to), (Ep(1), 1, 3));
+        assert!(inflow.take_received().is_empty(), "nothing new");
+        // A gap is not received; the next in order is.
+        assert_eq!(
+            inflow.on_message(inkey(), MessageId(5), &s(5), now),
+            Verdict::Gap
+        );
+        assert!(inflow.take_received().is_empty());
+        inflow.on_message(inkey(), MessageId(4), &s(4), now);
+        assert_eq!(inflow.take_received()[0].1.up_to, 4);
     }
 
     #[test]
