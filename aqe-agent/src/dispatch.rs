@@ -392,6 +392,9 @@ async fn answer(
                     Joined(Responder),
                 }
                 let next = tokio::select! {
+                    // The handler first: one that is done at once never sets up the watch
+                    // for cancellation (a timer and a waiter per request).
+                    biased;
                     r = &mut work => Next::Done(r),
                     () = all_cancelled(&mut responders) => Next::Cancelled,
                     Some(r) = joined.recv() => Next::Joined(r),

@@ -20,9 +20,10 @@ macro_rules! name_type {
         }
 
         impl $name {
-            /// Creates the name from any string.
+            /// Creates the name from any string (a short one seen recently on this thread
+            /// is shared, not allocated again).
             pub fn new(name: impl AsRef<str>) -> Self {
-                Self(Arc::from(name.as_ref()))
+                Self(interned::name(name.as_ref()))
             }
 
             /// The name as a string slice.
@@ -51,7 +52,7 @@ macro_rules! name_type {
 
         impl From<String> for $name {
             fn from(s: String) -> Self {
-                Self(Arc::from(s))
+                Self::new(s)
             }
         }
 
@@ -69,8 +70,8 @@ macro_rules! name_type {
     };
 }
 
-/// Names decoded recently on this thread, shared rather than allocated again: every frame
-/// names its sender, recipient and channel, and they repeat. Bounded: short names only, and
+/// Names made or decoded recently on this thread, shared rather than allocated again:
+/// every frame names its sender, recipient and channel, and they repeat. Bounded: short names only, and
 /// the table is emptied when full (a peer sending ever-new names gains nothing but misses).
 mod interned {
     use std::cell::RefCell;

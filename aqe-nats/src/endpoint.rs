@@ -754,8 +754,7 @@ impl Shared {
                 tracing::debug!(subject = %message.subject, "dropped a NATS message that is not an aqe frame");
                 continue;
             };
-            let reply = message.reply.map(|r| r.to_string());
-            self.handle(frame, agent.as_ref(), reply).await;
+            self.handle(frame, agent.as_ref(), message.reply).await;
         }
         let _ = sub.unsubscribe().await;
     }
@@ -765,7 +764,7 @@ impl Shared {
         self: &Arc<Self>,
         frame: Frame,
         agent: Option<&AgentId>,
-        reply: Option<String>,
+        reply: Option<async_nats::Subject>,
     ) {
         let now = Instant::now();
         match frame {
@@ -813,7 +812,7 @@ impl Shared {
                 let Some(agent) = agent.filter(|a| envelope.target() == Some(*a)) else {
                     return;
                 };
-                let reply = reply.unwrap_or_else(|| self.subjects.endpoint(from));
+                let reply = reply.unwrap_or_else(|| self.subjects.endpoint(from).into());
                 self.take_request(from, agent, reply, timeout_ms, envelope);
             }
             Frame::StreamOpen { to, from, header } if to == self.me => {
@@ -1021,7 +1020,7 @@ impl Shared {
         self: &Arc<Self>,
         from: Ep,
         agent: &AgentId,
-        reply: String,
+        reply: async_nats::Subject,
         timeout_ms: u64,
         envelope: Envelope,
     ) {
@@ -1832,7 +1831,7 @@ struct NatsResponder {
     shared: Arc<Shared>,
     requester: Ep,
     request: MessageId,
-    reply: String,
+    reply: async_nats::Subject,
     cancelled: watch::Receiver<bool>,
     stats: Arc<aqe_core::plumbing::StatsRecorder>,
     answered: bool,
