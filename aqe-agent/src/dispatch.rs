@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use std::panic::AssertUnwindSafe;
 
 use futures::FutureExt;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 
 use aqe_core::plumbing::Inbox;
@@ -36,8 +36,9 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// per request id.
 #[derive(Default)]
 struct Requests {
-    /// Handlers running, with the way to hand them another requester of the same request.
-    running: Map<RequestKey, mpsc::UnboundedSender<Responder>>,
+    /// Handlers running, with the requesters of the same request that arrived meanwhile
+    /// (they get the same answer).
+    running: Map<RequestKey, Vec<Responder>>,
     /// Recent answers, oldest first.
     answered: Map<RequestKey, (Envelope, Instant)>,
     order: VecDeque<RequestKey>,
@@ -173,13 +174,11 @@ pub(crate) async fn run(agent: Agent, mut inbox: Inbox, handlers: Handlers, limi
                 announce(&agent, &envelope);
                 let key = (envelope.from.clone(), envelope.id);
                 let fresh = {
-                    let table = requests.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(join) = table.running.get(&key) {
+                    let mut table = requests.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(joined) = table.running.get_mut(&key) {
                         // The same request is being handled: this requester waits for it too.
-                        match join.send(responder) {
-                            Ok(()) => continue,
-                            Err(mpsc::error::SendError(r)) => Err(r),
-                        }
+                        joined.push(responder);
+                        continue;
                     } else if let Some(answer) = table.answer(&key) {
                         Ok((answer, responder))
                     } else {
@@ -264,12 +263,11 @@ async fn start_request(
     responder: Responder,
 ) -> bool {
     let key = (envelope.from.clone(), envelope.id);
-    let (join, joined) = mpsc::unbounded_channel();
     requests
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .running
-        .insert(key.clone(), join);
+        .insert(key.clone(), Vec::new());
     let (agent, handler, requests) = (agent.clone(), handlers.request.clone(), requests.clone());
     // The same message id as the requester's span: one request followed through both sides.
     let span = tracing::info_span!(
@@ -281,12 +279,7 @@ async fn start_request(
     tracing::debug!(parent: &span, "request received");
     let mut work = Box::pin(tracing::Instrument::instrument(
         async move {
-            let answer = answer(agent, handler, envelope, responder, joined).await;
-            let mut table = requests.lock().unwrap_or_else(|p| p.into_inner());
-            table.running.remove(&key);
-            if let Some(answer) = answer {
-                table.remember(key, answer);
-            }
+            answer(agent, handler, envelope, responder, &requests, key).await;
             Done::Request
         },
         span,
@@ -367,15 +360,18 @@ async fn all_cancelled(responders: &mut [Responder]) {
 }
 
 /// Runs the request handler and sends its outcome to every requester of this request (the
-/// first, and any that sent the same request again meanwhile); gives up when all of them
-/// have. Returns the answer sent, to be kept for later repeats.
+/// first, and any that sent the same request again meanwhile: they wait in `requests`); gives
+/// up when all of them have. The answer is kept for later repeats, in the same step that
+/// ends the run, so that a repeat finds either the run or its answer.
 async fn answer(
     agent: Agent,
     handler: Option<RequestHandler>,
     request: Envelope,
     responder: Responder,
-    mut joined: mpsc::UnboundedReceiver<Responder>,
-) -> Option<Envelope> {
+    requests: &Mutex<Requests>,
+    key: RequestKey,
+) {
+    let lock = || requests.lock().unwrap_or_else(|p| p.into_inner());
     let me = agent.id().clone();
     let mut responders = vec![responder];
     let outcome = match handler {
@@ -386,22 +382,16 @@ async fn answer(
         Some(h) => {
             let mut work = AssertUnwindSafe(h(agent.clone(), request.clone())).catch_unwind();
             loop {
-                enum Next<T> {
-                    Done(T),
-                    Cancelled,
-                    Joined(Responder),
-                }
-                let next = tokio::select! {
+                let done = tokio::select! {
                     // The handler first: one that is done at once never sets up the watch
                     // for cancellation (a timer and a waiter per request).
                     biased;
-                    r = &mut work => Next::Done(r),
-                    () = all_cancelled(&mut responders) => Next::Cancelled,
-                    Some(r) = joined.recv() => Next::Joined(r),
+                    r = &mut work => Some(r),
+                    () = all_cancelled(&mut responders) => None,
                 };
-                match next {
-                    Next::Done(Ok(r)) => break r.map_err(|e| (e.kind(), e.message().to_owned())),
-                    Next::Done(Err(panic)) => {
+                match done {
+                    Some(Ok(r)) => break r.map_err(|e| (e.kind(), e.message().to_owned())),
+                    Some(Err(panic)) => {
                         let message = panic_message(&panic);
                         agent.handler_panicked("request", &message, &request.from);
                         break Err((
@@ -409,20 +399,25 @@ async fn answer(
                             format!("the request handler panicked: {message}"),
                         ));
                     }
-                    Next::Joined(r) => responders.push(r),
-                    Next::Cancelled => {
-                        tracing::debug!(agent = %me, from = %request.from, "requester gave up; handler cancelled");
-                        return None;
+                    None => {
+                        // Those waiting gave up; any that joined since still wait.
+                        let mut table = lock();
+                        let joined = table
+                            .running
+                            .get_mut(&key)
+                            .map(std::mem::take)
+                            .unwrap_or_default();
+                        if joined.is_empty() {
+                            table.running.remove(&key);
+                            tracing::debug!(agent = %me, from = %request.from, "requester gave up; handler cancelled");
+                            return;
+                        }
+                        responders.extend(joined);
                     }
                 }
             }
         }
     };
-    // Requesters that joined after the handler finished still get the answer.
-    joined.close();
-    while let Ok(r) = joined.try_recv() {
-        responders.push(r);
-    }
     let limit = agent
         .registration()
         .channel(&request.channel)
@@ -447,12 +442,16 @@ async fn answer(
             .with_payload(payload),
         Err((kind, message)) => error_reply(&agent, &request, kind, message),
     };
+    {
+        let mut table = lock();
+        responders.extend(table.running.remove(&key).unwrap_or_default());
+        table.remember(key, reply.clone());
+    }
     for r in responders {
         if let Err(e) = r.respond(reply.clone()).await {
             tracing::debug!(agent = %me, error = %e, "response discarded: the requester is gone");
         }
     }
-    Some(reply)
 }
 
 /// Passes the transport's events on to the agent's subscribers, leaving out the agent's own
