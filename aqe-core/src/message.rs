@@ -322,7 +322,9 @@ pub struct ErrorBody {
 /// # Errors
 /// [`Error::Encode`] when serde refuses the value (for example a sequence of unknown length).
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes> {
-    postcard::to_stdvec(value)
+    // Measured first, so the buffer is allocated once rather than grown by doubling.
+    postcard::experimental::serialized_size(value)
+        .and_then(|size| postcard::to_extend(value, Vec::with_capacity(size)))
         .map(Bytes::from)
         .map_err(|source| Error::Encode {
             what: "payload",

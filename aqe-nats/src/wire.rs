@@ -261,7 +261,11 @@ pub(crate) enum Frame {
 
 /// Encodes a frame.
 pub(crate) fn encode(frame: &Frame) -> Result<Bytes, postcard::Error> {
-    postcard::to_extend(frame, vec![NATS_WIRE_VERSION]).map(Bytes::from)
+    // Measured first, so the buffer is allocated once rather than grown by doubling.
+    let size = postcard::experimental::serialized_size(frame)?;
+    let mut out = Vec::with_capacity(size + 1);
+    out.push(NATS_WIRE_VERSION);
+    postcard::to_extend(frame, out).map(Bytes::from)
 }
 
 /// Decodes a frame; `None` for another version or bytes that are not a frame.
