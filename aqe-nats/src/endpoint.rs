@@ -601,14 +601,16 @@ impl Shared {
             answered: false,
         };
         let started = Instant::now();
-        // The answer comes on a reply inbox of the client's own request multiplexer (one hop
-        // fewer than a subscription of ours); refusals come on this endpoint's subject.
-        let call = self.client.send_request(
-            self.agent_subject(&to),
-            async_nats::Request::new().payload(bytes).timeout(None),
-        );
         sender.stats.sent(len);
         let outcome = tokio::time::timeout(timeout, async {
+            // The answer comes on a reply inbox of the client's own request multiplexer (one
+            // hop fewer than a subscription of ours); refusals come on this endpoint's
+            // subject. Made here, not before: a future moved into an awaited one keeps its
+            // own slot too, and this one is 1 KiB (the request future was 2.8 KiB).
+            let call = self.client.send_request(
+                self.agent_subject(&to),
+                async_nats::Request::new().payload(bytes).timeout(None),
+            );
             tokio::select! {
                 r = call => self.reply(ep, id, &to, r),
                 r = rx => r.unwrap_or(Err(Error::Shutdown)),
