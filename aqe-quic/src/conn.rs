@@ -320,7 +320,9 @@ impl Conn {
             .target()
             .cloned()
             .unwrap_or_else(|| AgentId::from("?"));
-        let exchange = async {
+        // The exchange is made in the call, not bound first: a future moved into an awaited
+        // one would keep its own slot too (twice the size, and a larger allocation).
+        match tokio::time::timeout(timeout, async {
             let lane = {
                 let mut slot = self.lane.lock().await;
                 match slot.as_ref() {
@@ -336,8 +338,9 @@ impl Conn {
                 .map_err(|_| self.lost("the connection closed before the answer"))?;
             pending.answered();
             Ok(down)
-        };
-        match tokio::time::timeout(timeout, exchange).await {
+        })
+        .await
+        {
             Err(_) => Err(Error::Timeout {
                 after: timeout,
                 attempts: 1,
