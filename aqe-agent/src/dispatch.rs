@@ -1,6 +1,6 @@
 //! The agent's tasks: the dispatcher that runs handlers, and the event forwarder.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,9 +28,8 @@ const ANSWER_TTL: Duration = Duration::from_secs(60);
 /// A request, by who sent it and its id: the same key whatever transport carried it.
 type RequestKey = (AgentId, MessageId);
 
-/// The tables every request passes through: foldhash, seeded per process (the keys come
-/// from peers), cheaper than SipHash on agent names.
-type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// The tables every request passes through.
+type Map<K, V> = aqe_core::plumbing::FastMap<K, V>;
 
 /// Requests being handled and answers recently given, so that a handler runs at most once
 /// per request id.

@@ -75,8 +75,9 @@ macro_rules! name_type {
 /// the table is emptied when full (a peer sending ever-new names gains nothing but misses).
 mod interned {
     use std::cell::RefCell;
-    use std::collections::HashSet;
     use std::sync::Arc;
+
+    use crate::plumbing::FastSet;
 
     /// Longer names are allocated as they come.
     const MAX_LEN: usize = 64;
@@ -84,8 +85,7 @@ mod interned {
     const MAX_NAMES: usize = 1024;
 
     thread_local! {
-        static NAMES: RefCell<HashSet<Arc<str>, foldhash::fast::RandomState>> =
-            RefCell::new(HashSet::default());
+        static NAMES: RefCell<FastSet<Arc<str>>> = RefCell::new(FastSet::default());
     }
 
     pub(super) fn name(s: &str) -> Arc<str> {

@@ -13,7 +13,8 @@
 //!   [`Responder`](crate::Responder)), [`StreamSource`] (behind an
 //!   [`IncomingStream`](crate::IncomingStream)), [`AckSink`] / [`AckOnce`] (behind a
 //!   [`Receipt`](crate::Receipt));
-//! - [`millis`]: durations as milliseconds in configuration files.
+//! - [`millis`]: durations as milliseconds in configuration files;
+//! - [`FastMap`], [`FastSet`], [`FastState`]: the hash tables of per-message paths.
 
 pub use crate::codec::{
     FRAME_HEADER_LEN, FrameCodec, MAX_FRAME_LEN, MAX_PAYLOAD_LEN, WIRE_VERSION,
@@ -28,6 +29,15 @@ pub use crate::local::{
 };
 pub use crate::receipt::{AckOnce, AckSink};
 pub use crate::transport::{Respond, StreamSource};
+
+/// The hasher of the tables every message passes through (flows, acknowledgements, requests,
+/// names decoded from the wire): foldhash, several times cheaper than std's SipHash on agent
+/// names, and randomly seeded per process, since the keys come from peers.
+pub type FastState = foldhash::fast::RandomState;
+/// A `HashMap` with [`FastState`].
+pub type FastMap<K, V> = std::collections::HashMap<K, V, FastState>;
+/// A `HashSet` with [`FastState`].
+pub type FastSet<K> = std::collections::HashSet<K, FastState>;
 
 /// Durations as whole milliseconds in configuration files:
 /// `#[serde(with = "aqe_core::plumbing::millis")]`.

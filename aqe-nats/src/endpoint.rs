@@ -9,12 +9,10 @@
 //! - the ticker: heartbeats, liveness, retransmission, delivery deadlines;
 //! - redeliveries handed to a fallback, at most [`REDELIVERIES`] at once.
 
-use crate::Map;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::ConcurrentMap;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc, oneshot, watch};
@@ -34,6 +32,7 @@ use crate::flows::{Entry, FlowKey, InKey, Inflow, Outbox, Settled, Verdict};
 use crate::membership::{Change, MAX_SNAPSHOT_PARTS, Membership};
 use crate::stream::{InStream, NatsSource, OutStream};
 use crate::wire::{self, BroadcastTarget, Ep, Frame, Received, Sequenced, Subjects};
+use crate::{ConcurrentMap, Map};
 
 /// Redeliveries through a fallback running at once.
 const REDELIVERIES: usize = 64;

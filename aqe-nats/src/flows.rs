@@ -10,8 +10,6 @@
 //! order, so gaps come only from real loss (a slow consumer, a reconnect).
 
 use std::collections::VecDeque;
-
-use crate::Map;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -19,6 +17,7 @@ use tokio::sync::oneshot;
 
 use aqe_core::{AgentId, ChannelName, Envelope, MessageId, Result};
 
+use crate::Map;
 use crate::wire::{Ep, Received, Sequenced};
 
 /// One flow, as its sender names it.

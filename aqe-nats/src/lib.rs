@@ -46,11 +46,10 @@ pub mod testing;
 mod transport;
 mod wire;
 
-/// The hash tables of the per-message paths: foldhash, seeded per process (keys come from
-/// peers, so it stays randomly seeded), several times faster than SipHash on agent names.
-type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-type Set<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
-type ConcurrentMap<K, V> = dashmap::DashMap<K, V, foldhash::fast::RandomState>;
+/// The hash tables of the per-message paths (see `aqe_core::plumbing::FastState`).
+type Map<K, V> = aqe_core::plumbing::FastMap<K, V>;
+type Set<K> = aqe_core::plumbing::FastSet<K>;
+type ConcurrentMap<K, V> = dashmap::DashMap<K, V, aqe_core::plumbing::FastState>;
 
 pub use config::{NatsConfig, NatsLimits, NatsTls};
 pub use transport::NatsTransport;

@@ -7,12 +7,12 @@
 //! it leads to and is applied only on top of the one before it. Anything else (a missed
 //! announcement, a new endpoint, a restart) makes this side fetch a full snapshot.
 
-use crate::{Map, Set};
 use std::time::{Duration, Instant};
 
 use aqe_core::{AgentId, Registration};
 
 use crate::wire::Ep;
+use crate::{Map, Set};
 
 /// A snapshot request unanswered for this long is made again.
 const FETCH_RETRY: Duration = Duration::from_secs(1);
