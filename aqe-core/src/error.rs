@@ -248,6 +248,11 @@ pub enum DeliveryFailure {
     /// delivery deadline. It may or may not have been processed.
     #[error("sent, but the receiver went away before confirming it (it may have been processed)")]
     Unconfirmed,
+    /// The receiving endpoint refused the message: its sender is not an agent the sending
+    /// endpoint announced, or the sending endpoint exceeded a limit the receiver set. It was
+    /// not processed.
+    #[error("refused by the receiving endpoint")]
+    Refused,
 }
 
 /// Why a stream operation failed.

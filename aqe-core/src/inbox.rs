@@ -420,6 +420,18 @@ impl Inbox {
         }
     }
 
+    /// The next item if one is waiting now, as [`Inbox::recv`] would return it; never waits.
+    pub fn try_recv(&mut self) -> Option<Inbound> {
+        while let Some(item) = self.shared.pop() {
+            if item.is_expired(Timestamp::now()) {
+                self.shared.expired.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            return Some(item);
+        }
+        None
+    }
+
     /// Closes the inbox: senders fail from now on; items already queued can still be taken.
     pub fn close(&self) {
         self.shared.close();

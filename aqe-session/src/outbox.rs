@@ -1,0 +1,659 @@
+//! The sending side of a session: every reliable message accepted for delivery, numbered,
+//! kept until the receiver settles it (taken or refused) or its deadline passes, within the
+//! window the receiver announced (messages per receiving agent, bytes per session).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use aqe_core::plumbing::FastMap;
+use aqe_core::{AgentId, ChannelName, DeliveryFailure, Envelope, MessageId};
+
+use crate::frame::{Lane, MessageHeader, Refusal, Transmit};
+use crate::ranges;
+
+/// What a reliable message is, besides its bytes: for reports and windows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageMeta {
+    /// Its id.
+    pub id: MessageId,
+    /// The sending agent.
+    pub from: AgentId,
+    /// The receiving agent.
+    pub to: AgentId,
+    /// Its channel.
+    pub channel: ChannelName,
+    /// Whether the channel is ordered.
+    pub ordered: bool,
+    /// Payload bytes.
+    pub len: usize,
+    /// Whether its sender waits for its confirmation.
+    pub confirm: bool,
+}
+
+/// A reliable message not yet settled, with what the transport keeps with it (`M`).
+#[derive(Debug)]
+pub struct Orphan<M> {
+    pub(crate) meta: MessageMeta,
+    /// The envelope's postcard encoding.
+    pub(crate) body: Bytes,
+    /// When it was accepted: its deadline is this plus the delivery deadline.
+    pub(crate) accepted: Instant,
+    /// It was transmitted at least once (here or over an earlier session): it may have been
+    /// taken.
+    pub(crate) in_doubt: bool,
+    /// `body` says `redelivered: true`.
+    pub(crate) flagged: bool,
+    /// Who the session it was accepted for reached: what may have been taken goes to the
+    /// same principal only. Set when its session gives it up.
+    pub(crate) origin: Option<(crate::EndpointId, crate::Trust)>,
+    pub(crate) ctx: M,
+}
+
+impl<M> Orphan<M> {
+    /// A message accepted now.
+    pub(crate) fn new(meta: MessageMeta, body: Bytes, now: Instant, ctx: M) -> Self {
+        Self {
+            meta,
+            body,
+            accepted: now,
+            in_doubt: false,
+            flagged: false,
+            origin: None,
+            ctx,
+        }
+    }
+
+    /// What it is.
+    pub fn meta(&self) -> &MessageMeta {
+        &self.meta
+    }
+
+    /// Whether it may have been taken already (it was transmitted before).
+    pub fn in_doubt(&self) -> bool {
+        self.in_doubt
+    }
+
+    /// Whether it may go to the session of `endpoint` with `trust`: anything never
+    /// transmitted may; what may have been taken goes only to the principal it was first
+    /// sent to (the same endpoint again, or the same proven key).
+    pub fn may_go_to(&self, endpoint: crate::EndpointId, trust: &crate::Trust) -> bool {
+        !self.in_doubt
+            || self
+                .origin
+                .is_some_and(|(e, o)| e == endpoint || o.same_principal(trust))
+    }
+
+    /// When it was accepted.
+    pub fn accepted(&self) -> Instant {
+        self.accepted
+    }
+
+    /// The envelope, marked `redelivered` when it may have been taken already: what a
+    /// fallback transport sends.
+    ///
+    /// # Errors
+    /// When the stored encoding does not decode (it always does: it was encoded here).
+    pub fn envelope(&self) -> aqe_core::Result<Envelope> {
+        let mut e: Envelope = aqe_core::decode(&self.body)?;
+        e.redelivered |= self.in_doubt;
+        Ok(e)
+    }
+
+    /// Settles it as taken (delivered another way).
+    pub fn taken(self) -> Settled<M> {
+        Settled {
+            meta: self.meta,
+            outcome: Outcome::Taken,
+            ctx: self.ctx,
+        }
+    }
+
+    /// Settles it as failed for `reason`.
+    pub fn failed(self, reason: DeliveryFailure) -> Settled<M> {
+        Settled {
+            meta: self.meta,
+            outcome: Outcome::Failed(reason),
+            ctx: self.ctx,
+        }
+    }
+
+    /// Settles it as failed at its deadline: `Unconfirmed` if it may have been taken,
+    /// `Unreachable` if it never left.
+    pub fn expired(self) -> Settled<M> {
+        let reason = if self.in_doubt {
+            DeliveryFailure::Unconfirmed
+        } else {
+            DeliveryFailure::Unreachable
+        };
+        self.failed(reason)
+    }
+
+    /// Marks the envelope `redelivered` if it is in doubt, for sending it again as a new
+    /// message.
+    pub(crate) fn flag(&mut self) {
+        if self.in_doubt
+            && !self.flagged
+            && let Ok(e) = self.envelope()
+            && let Ok(body) = aqe_core::encode(&e)
+        {
+            self.body = body;
+            self.flagged = true;
+        }
+    }
+}
+
+/// How a reliable message ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Its receiving agent took it.
+    Taken,
+    /// It will not be taken (or may have been, for `Unconfirmed`).
+    Failed(DeliveryFailure),
+}
+
+/// A reliable message settled: what it was, how it ended, what the transport kept with it.
+#[derive(Debug)]
+pub struct Settled<M> {
+    /// What it was.
+    pub meta: MessageMeta,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// What the transport kept with it.
+    pub ctx: M,
+}
+
+/// Why the receiver refused a message, as the sender reports it.
+pub(crate) fn refusal_failure(r: Refusal) -> DeliveryFailure {
+    match r {
+        Refusal::NotHere | Refusal::Stopped => DeliveryFailure::ReceiverStopped,
+        Refusal::NotRegistered | Refusal::Overflow => DeliveryFailure::Refused,
+    }
+}
+
+struct Sent<M> {
+    msg: Orphan<M>,
+    after: u64,
+    sent_at: Instant,
+    received: bool,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Flight {
+    count: u32,
+    bytes: u64,
+}
+
+/// The sender's messages in one session.
+pub(crate) struct Outbox<M> {
+    next_seq: u64,
+    sent: BTreeMap<u64, Sent<M>>,
+    /// Unsettled messages per receiving agent.
+    agents: FastMap<AgentId, Flight>,
+    bytes: u64,
+    /// The last number of each ordered flow (sender, receiver, channel).
+    last: FastMap<(AgentId, AgentId, ChannelName), u64>,
+    /// Messages waiting for room in their receiver's window, in order: redeliveries, which
+    /// go before anything newer to the same agent.
+    backlog: BTreeMap<AgentId, VecDeque<Orphan<M>>>,
+    window: u32,
+    session_bytes: u64,
+    /// No timer of this outbox is due before this (deadlines, retransmissions).
+    next_check: Option<Instant>,
+}
+
+impl<M> Outbox<M> {
+    /// An outbox respecting the receiver's `window` and `session_bytes`.
+    pub(crate) fn new(window: u32, session_bytes: u64) -> Self {
+        Self {
+            next_seq: 1,
+            sent: BTreeMap::new(),
+            agents: FastMap::default(),
+            bytes: 0,
+            last: FastMap::default(),
+            backlog: BTreeMap::new(),
+            window: window.max(1),
+            session_bytes: session_bytes.max(1),
+            next_check: None,
+        }
+    }
+
+    /// The oldest unsettled number (the next one when none).
+    pub(crate) fn low(&self) -> u64 {
+        self.sent.keys().next().copied().unwrap_or(self.next_seq)
+    }
+
+    fn has_room(&self, to: &AgentId, len: usize) -> bool {
+        let f = self.agents.get(to).copied().unwrap_or_default();
+        f.count < self.window && (self.bytes == 0 || self.bytes + len as u64 <= self.session_bytes)
+    }
+
+    /// Whether a new message to `to` would be admitted now.
+    pub(crate) fn can_admit(&self, to: &AgentId, len: usize) -> bool {
+        !self.backlog.contains_key(to) && self.has_room(to, len)
+    }
+
+    /// Numbers `msg` (room was checked with [`Outbox::can_admit`]) and keeps it; the
+    /// transmission to make when `linked`.
+    pub(crate) fn number(
+        &mut self,
+        mut msg: Orphan<M>,
+        generation: u64,
+        linked: bool,
+        now: Instant,
+        deadline: Duration,
+    ) -> Option<Transmit> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let after = if msg.meta.ordered {
+            let key = (
+                msg.meta.from.clone(),
+                msg.meta.to.clone(),
+                msg.meta.channel.clone(),
+            );
+            self.last.insert(key, seq).unwrap_or(0)
+        } else {
+            0
+        };
+        let f = self.agents.entry(msg.meta.to.clone()).or_default();
+        f.count += 1;
+        f.bytes += msg.meta.len as u64;
+        self.bytes += msg.meta.len as u64;
+        self.check_by(msg.accepted + deadline);
+        let transmit = linked.then(|| {
+            msg.in_doubt = true;
+            self.transmit_of(seq, after, &msg, generation)
+        });
+        self.sent.insert(
+            seq,
+            Sent {
+                msg,
+                after,
+                sent_at: now,
+                received: false,
+            },
+        );
+        transmit
+    }
+
+    fn transmit_of(&self, seq: u64, after: u64, msg: &Orphan<M>, generation: u64) -> Transmit {
+        Transmit::Message {
+            lane: if msg.meta.ordered {
+                Lane::Ordered(msg.meta.channel.clone())
+            } else {
+                Lane::Unordered
+            },
+            header: MessageHeader {
+                seq,
+                after,
+                low: self.low(),
+                generation,
+                confirm: msg.meta.confirm,
+            },
+            body: msg.body.clone(),
+        }
+    }
+
+    fn check_by(&mut self, at: Instant) {
+        self.next_check = Some(self.next_check.map_or(at, |c| c.min(at)));
+    }
+
+    /// Redeliveries from another session: they wait for room ahead of anything newer to
+    /// their agents.
+    pub(crate) fn push_back(&mut self, msgs: Vec<Orphan<M>>, deadline: Duration) {
+        for mut m in msgs {
+            m.flag();
+            self.check_by(m.accepted + deadline);
+            self.backlog
+                .entry(m.meta.to.clone())
+                .or_default()
+                .push_back(m);
+        }
+    }
+
+    /// Moves what waits in the backlog into the window, as room allows.
+    pub(crate) fn drain_backlog(
+        &mut self,
+        generation: u64,
+        linked: bool,
+        now: Instant,
+        deadline: Duration,
+        out: &mut VecDeque<Transmit>,
+    ) {
+        let agents: Vec<AgentId> = self.backlog.keys().cloned().collect();
+        for to in agents {
+            while let Some(len) = self
+                .backlog
+                .get(&to)
+                .and_then(|q| q.front())
+                .map(|m| m.meta.len)
+            {
+                if !self.has_room(&to, len) {
+                    break;
+                }
+                let Some(msg) = self.backlog.get_mut(&to).and_then(VecDeque::pop_front) else {
+                    break;
+                };
+                if self.backlog.get(&to).is_some_and(VecDeque::is_empty) {
+                    self.backlog.remove(&to);
+                }
+                out.extend(self.number(msg, generation, linked, now, deadline));
+            }
+        }
+    }
+
+    fn settle(&mut self, seq: u64) -> Option<Orphan<M>> {
+        let s = self.sent.remove(&seq)?;
+        let len = s.msg.meta.len as u64;
+        if let Some(f) = self.agents.get_mut(&s.msg.meta.to) {
+            f.count = f.count.saturating_sub(1);
+            f.bytes = f.bytes.saturating_sub(len);
+            if f.count == 0 {
+                self.agents.remove(&s.msg.meta.to);
+            }
+        }
+        self.bytes = self.bytes.saturating_sub(len);
+        Some(s.msg)
+    }
+
+    /// The receiver has these.
+    pub(crate) fn received(&mut self, ranges: &[(u64, u64)]) {
+        for &(first, last) in ranges {
+            for (_, s) in self.sent.range_mut(first..=last) {
+                s.received = true;
+            }
+        }
+    }
+
+    /// These were taken (or refused, with `Some(reason)`): settled.
+    pub(crate) fn settled(
+        &mut self,
+        ranges: &[(u64, u64)],
+        refused: Option<Refusal>,
+        out: &mut Vec<Settled<M>>,
+    ) {
+        for &(first, last) in ranges {
+            let seqs: Vec<u64> = self.sent.range(first..=last).map(|(k, _)| *k).collect();
+            for seq in seqs {
+                if let Some(m) = self.settle(seq) {
+                    out.push(match refused {
+                        None => m.taken(),
+                        Some(r) => m.failed(refusal_failure(r)),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Fails what passed its deadline; returns the retransmissions due (a wire that may lose
+    /// frames) and when to look again.
+    pub(crate) fn on_timeout(
+        &mut self,
+        now: Instant,
+        deadline: Duration,
+        retransmit: Option<(Duration, u64)>,
+        failed: &mut Vec<Settled<M>>,
+        out: &mut VecDeque<Transmit>,
+    ) {
+        let expired: Vec<u64> = self
+            .sent
+            .iter()
+            .filter(|(_, s)| s.msg.accepted + deadline <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for seq in expired {
+            if let Some(m) = self.settle(seq) {
+                failed.push(m.expired());
+            }
+        }
+        // Redeliveries keep their order, but came from sessions of different ages: each is
+        // looked at.
+        self.backlog.retain(|_, q| {
+            let (gone, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(q)
+                .into_iter()
+                .partition(|m| m.accepted + deadline <= now);
+            failed.extend(gone.into_iter().map(Orphan::expired));
+            *q = kept;
+            !q.is_empty()
+        });
+        let mut next: Option<Instant> = None;
+        let mut at = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        if let Some((rto, generation)) = retransmit {
+            let low = self.low();
+            for (&seq, s) in &mut self.sent {
+                let wait = if s.received { rto * 4 } else { rto };
+                if s.sent_at + wait <= now {
+                    s.sent_at = now;
+                    s.msg.in_doubt = true;
+                    out.push_back(Transmit::Message {
+                        lane: if s.msg.meta.ordered {
+                            Lane::Ordered(s.msg.meta.channel.clone())
+                        } else {
+                            Lane::Unordered
+                        },
+                        header: MessageHeader {
+                            seq,
+                            after: s.after,
+                            low,
+                            generation,
+                            confirm: s.msg.meta.confirm,
+                        },
+                        body: s.msg.body.clone(),
+                    });
+                }
+                at(s.sent_at + wait);
+            }
+        }
+        for s in self.sent.values() {
+            at(s.msg.accepted + deadline);
+        }
+        for m in self.backlog.values().flatten() {
+            at(m.accepted + deadline);
+        }
+        self.next_check = next;
+    }
+
+    /// When [`Outbox::on_timeout`] has something to do, at the earliest.
+    pub(crate) fn next_check(&self) -> Option<Instant> {
+        self.next_check
+    }
+
+    /// Everything unsettled, taken out in the order it was accepted (the link ended).
+    pub(crate) fn take_all(&mut self) -> Vec<Orphan<M>> {
+        let mut out: Vec<Orphan<M>> = std::mem::take(&mut self.sent)
+            .into_values()
+            .map(|s| s.msg)
+            .collect();
+        for (_, q) in std::mem::take(&mut self.backlog) {
+            out.extend(q);
+        }
+        self.agents.clear();
+        self.bytes = 0;
+        self.last.clear();
+        self.next_check = None;
+        out
+    }
+
+    /// Whether a message of the flow `from`, `to`, `channel` is unsettled here.
+    pub(crate) fn has_flow(&self, from: &AgentId, to: &AgentId, channel: &ChannelName) -> bool {
+        let is = |m: &MessageMeta| &m.from == from && &m.to == to && &m.channel == channel;
+        self.sent.values().any(|s| is(&s.msg.meta))
+            || self
+                .backlog
+                .get(to)
+                .is_some_and(|q| q.iter().any(|m| is(&m.meta)))
+    }
+
+    /// What is kept with every unsettled message (for diagnostics).
+    pub(crate) fn contexts(&self) -> impl Iterator<Item = &M> {
+        self.sent
+            .values()
+            .map(|s| &s.msg.ctx)
+            .chain(self.backlog.values().flatten().map(|m| &m.ctx))
+    }
+
+    /// Unsettled messages.
+    pub(crate) fn len(&self) -> usize {
+        self.sent.len() + self.backlog.values().map(VecDeque::len).sum::<usize>()
+    }
+}
+
+/// Checks that ranges are well formed: ascending, each `first <= last`, none wider than
+/// [`MAX_RANGE_SPAN`](crate::config::MAX_RANGE_SPAN).
+pub(crate) fn valid_ranges(r: &[(u64, u64)]) -> bool {
+    ranges::valid(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aqe_core::{MessageKind, Recipient};
+
+    fn msg(to: &str, len: usize, now: Instant) -> Orphan<u32> {
+        let e = Envelope::new(
+            "a".into(),
+            Recipient::Agent(to.into()),
+            "c".into(),
+            MessageKind::Direct,
+            Bytes::from(vec![0u8; len]),
+        );
+        let meta = MessageMeta {
+            id: e.id,
+            from: "a".into(),
+            to: to.into(),
+            channel: "c".into(),
+            ordered: true,
+            len,
+            confirm: false,
+        };
+        Orphan::new(meta, aqe_core::encode(&e).expect("encode"), now, 0)
+    }
+
+    const D: Duration = Duration::from_secs(10);
+
+    impl Outbox<u32> {
+        fn push(
+            &mut self,
+            m: Orphan<u32>,
+            generation: u64,
+            linked: bool,
+            now: Instant,
+            deadline: Duration,
+        ) -> Result<Option<Transmit>, ()> {
+            if self.can_admit(&m.meta.to, m.meta.len) {
+                Ok(self.number(m, generation, linked, now, deadline))
+            } else {
+                Err(())
+            }
+        }
+    }
+
+    #[test]
+    fn windows_count_messages_per_agent_and_bytes_per_session() {
+        let now = Instant::now();
+        let mut o: Outbox<u32> = Outbox::new(2, 100);
+        assert!(o.push(msg("b", 10, now), 0, true, now, D).is_ok());
+        assert!(o.push(msg("b", 10, now), 0, true, now, D).is_ok());
+        assert!(
+            o.push(msg("b", 10, now), 0, true, now, D).is_err(),
+            "b's window"
+        );
+        assert!(o.push(msg("c", 80, now), 0, true, now, D).is_ok());
+        assert!(
+            o.push(msg("d", 1, now), 0, true, now, D).is_err(),
+            "session bytes"
+        );
+        let mut settled = Vec::new();
+        o.settled(&[(1, 1)], None, &mut settled);
+        assert_eq!(settled.len(), 1);
+        assert!(o.push(msg("b", 10, now), 0, true, now, D).is_ok());
+        // A message larger than the session's bytes goes when nothing else is unsettled.
+        let mut all = Vec::new();
+        o.settled(&[(1, 100)], None, &mut all);
+        assert!(o.push(msg("e", 1000, now), 0, true, now, D).is_ok());
+        assert_eq!(o.low(), 5, "the oldest unsettled");
+    }
+
+    #[test]
+    fn ordered_flows_name_their_predecessor_and_deadlines_fail_by_doubt() {
+        let now = Instant::now();
+        let mut o: Outbox<u32> = Outbox::new(8, 1 << 20);
+        let afters: Vec<u64> = (0..3)
+            .map(|_| match o.push(msg("b", 1, now), 0, true, now, D) {
+                Ok(Some(Transmit::Message { header, .. })) => header.after,
+                _ => panic!("admitted"),
+            })
+            .collect();
+        assert_eq!(afters, [0, 1, 2]);
+        // Not linked: kept, not transmitted, and not in doubt.
+        assert!(matches!(
+            o.push(msg("c", 1, now), 0, false, now, D),
+            Ok(None)
+        ));
+        let mut failed = Vec::new();
+        let mut out = VecDeque::new();
+        o.on_timeout(now + D, D, None, &mut failed, &mut out);
+        let reasons: Vec<Outcome> = failed.iter().map(|s| s.outcome).collect();
+        assert_eq!(
+            reasons,
+            [
+                Outcome::Failed(DeliveryFailure::Unconfirmed),
+                Outcome::Failed(DeliveryFailure::Unconfirmed),
+                Outcome::Failed(DeliveryFailure::Unconfirmed),
+                Outcome::Failed(DeliveryFailure::Unreachable),
+            ]
+        );
+        assert_eq!(o.len(), 0);
+    }
+
+    #[test]
+    fn redeliveries_wait_for_room_ahead_of_newer_sends() {
+        let now = Instant::now();
+        let mut o: Outbox<u32> = Outbox::new(1, 1 << 20);
+        assert!(o.push(msg("b", 1, now), 0, true, now, D).is_ok());
+        let mut old = msg("b", 1, now);
+        old.in_doubt = true;
+        o.push_back(vec![old], D);
+        assert!(!o.can_admit(&"b".into(), 1), "redeliveries first");
+        let mut out = VecDeque::new();
+        o.drain_backlog(0, true, now, D, &mut out);
+        assert!(out.is_empty(), "no room yet");
+        o.settled(&[(1, 1)], None, &mut Vec::new());
+        o.drain_backlog(0, true, now, D, &mut out);
+        assert_eq!(out.len(), 1);
+        let Some(Transmit::Message { body, .. }) = out.pop_front() else {
+            panic!("a message");
+        };
+        let e: Envelope = aqe_core::decode(&body).expect("decode");
+        assert!(e.redelivered, "in doubt: flagged");
+    }
+
+    #[test]
+    fn a_lossy_wire_sends_again_what_was_not_received() {
+        let now = Instant::now();
+        let rto = Duration::from_millis(500);
+        let mut o: Outbox<u32> = Outbox::new(8, 1 << 20);
+        for _ in 0..3 {
+            let _ = o.push(msg("b", 1, now), 0, true, now, D);
+        }
+        o.received(&[(1, 2)]);
+        let mut out = VecDeque::new();
+        o.on_timeout(now + rto, D, Some((rto, 0)), &mut Vec::new(), &mut out);
+        let seqs: Vec<u64> = out
+            .iter()
+            .map(|t| match t {
+                Transmit::Message { header, .. } => header.seq,
+                Transmit::Frame(..) => 0,
+            })
+            .collect();
+        assert_eq!(seqs, [3], "only what was not received");
+        out.clear();
+        o.on_timeout(now + rto * 4, D, Some((rto, 0)), &mut Vec::new(), &mut out);
+        assert_eq!(
+            out.len(),
+            3,
+            "received but not taken for four times as long"
+        );
+    }
+}

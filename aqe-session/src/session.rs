@@ -1,0 +1,1192 @@
+//! A session: everything between this endpoint and one incarnation of another, over
+//! whatever link carries it (a QUIC connection, NATS subjects), sans-IO.
+//!
+//! Inputs are method calls (a frame arrived, a message to send, a receipt settled, the link
+//! came up or went down, time passed); outputs are pulled: frames to send from
+//! [`Session::poll_transmit`], what happened from [`Session::poll_event`], the next timer
+//! from [`Session::poll_timeout`]. Time is passed in; nothing here reads a clock, opens a
+//! socket or waits.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use aqe_core::plumbing::FastSet;
+use aqe_core::{AgentId, ChannelName, Envelope, MessageId};
+
+use crate::config::{Config, PROBE_MIN};
+use crate::frame::{Frame, Hello, Lane, Refusal, Transmit};
+use crate::inflow::{Budget, Fate, Inflow, Ready};
+use crate::node::NodeInput;
+use crate::outbox::{MessageMeta, Orphan, Outbox, Settled, valid_ranges};
+use crate::peer::{PeerMembership, Step};
+use crate::{EndpointId, SessionId, Trust};
+
+/// How a session is known to both sides: who initiated its handshake, and the nonce the
+/// initiator chose. Of two sessions between one pair of endpoints, the smaller rank is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Rank {
+    /// The endpoint that started the handshake.
+    pub initiator: EndpointId,
+    /// Its nonce.
+    pub nonce: u64,
+}
+
+/// What a transport keeps with what it hands to a session: with each reliable message (its
+/// sender's counters, a waiter for its confirmation) and each request awaiting an answer.
+pub trait Ctx: 'static {
+    /// Kept with each reliable message until it is settled.
+    type Msg: Send + 'static;
+    /// Kept with each request until it is answered.
+    type Req: Send + 'static;
+}
+
+/// What this endpoint hosts, as the session needs to know it when something arrives.
+pub trait Locals {
+    /// Whether agent `to` is hosted here and listens on `channel`.
+    fn admits(&self, to: &AgentId, channel: &ChannelName) -> bool;
+}
+
+/// Why a session (or its link) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The peer said goodbye (it shut down).
+    Goodbye,
+    /// Nothing was heard from the peer for the liveness timeout.
+    Unresponsive,
+    /// A newer incarnation of the peer's key appeared and this one did not answer a probe.
+    Replaced,
+    /// The peer broke the protocol.
+    Violation(&'static str),
+    /// This endpoint shuts down.
+    Shutdown,
+    /// The link carrying it went away.
+    LinkLost,
+    /// A newer session with the same peer replaced it.
+    Superseded,
+    /// The peer no longer knows it (it ended its side).
+    Reset,
+}
+
+/// The answer to a request, as the requester gets it.
+#[derive(Debug)]
+pub enum Answer {
+    /// The response envelope.
+    Response(Envelope),
+    /// It was not run, or not answered.
+    Refused(Refusal),
+    /// The link went away before an answer.
+    Lost,
+}
+
+/// What happened in a session, for the transport to act on.
+#[derive(Debug)]
+pub enum SessionEvent<C: Ctx> {
+    /// Put `envelope` in agent `to`'s inbox: a reliable message with a receipt that reports
+    /// to [`Session::taken`] / [`Session::abandoned`] under `seq`, or (`seq` none) an
+    /// unreliable one (dropped when the inbox is full).
+    Deliver {
+        /// The receiving agent.
+        to: AgentId,
+        /// The message's number, for its receipt.
+        seq: Option<u64>,
+        /// The message.
+        envelope: Envelope,
+    },
+    /// Put this request in agent `to`'s inbox, answered through [`Session::answer`].
+    Request {
+        /// The receiving agent.
+        to: AgentId,
+        /// The request.
+        envelope: Envelope,
+    },
+    /// The requester gave up on this request (or its link went away): cancel the work.
+    Cancelled {
+        /// The request's id.
+        id: MessageId,
+    },
+    /// A reliable message this side sent is settled.
+    Settled(Settled<C::Msg>),
+    /// A request this side sent is answered.
+    Answered {
+        /// The request's id.
+        id: MessageId,
+        /// What the transport kept with it.
+        req: C::Req,
+        /// The answer.
+        answer: Answer,
+    },
+    /// Room was freed in the windows: senders waiting may try again.
+    Room,
+    /// For the node.
+    Node(NodeInput<C::Msg>),
+    /// Close the link: the session is over for this reason.
+    Close(Ended),
+}
+
+/// What the node asks of a session.
+#[derive(Debug)]
+pub enum SessionInput<M> {
+    /// Send this frame (membership, peer exchange) on the control lane.
+    Send(Frame),
+    /// Deliver these messages, accepted for another session (redeliveries), before anything
+    /// newer to their agents.
+    Redeliver(Vec<Orphan<M>>),
+    /// A newer incarnation of the peer's key appeared: make sure this one still answers.
+    Probe,
+    /// End the session.
+    End(Ended),
+}
+
+/// Why [`Session::send`] did not take a message; it is handed back.
+#[derive(Debug)]
+pub enum NotSent<M> {
+    /// The receiver's window is full (or redeliveries to it wait): wait for
+    /// [`SessionEvent::Room`].
+    Full(M),
+    /// The session has no link now (or ended): route again.
+    Unlinked(M),
+}
+
+/// One session (see the module docs).
+pub struct Session<C: Ctx> {
+    id: SessionId,
+    rank: Rank,
+    peer: EndpointId,
+    trust: Trust,
+    listen: Option<std::net::SocketAddr>,
+    config: Arc<Config>,
+    /// How often this side must be heard from: its own heartbeat, or a third of the peer's
+    /// liveness timeout if that is shorter.
+    heartbeat: Duration,
+    ended: Option<Ended>,
+    /// This endpoint's membership generation, as the frames it sent here say.
+    generation: u64,
+    outbox: Outbox<C::Msg>,
+    inflow: Inflow,
+    members: PeerMembership,
+    /// Frames whose sender is not (yet) in the peer's membership, in arrival order.
+    parked: VecDeque<(Frame, Instant)>,
+    parked_bytes: u64,
+    asked: BTreeMap<MessageId, C::Req>,
+    serving: BTreeSet<MessageId>,
+    /// Requests taken lately (a copy of one is ignored), oldest first.
+    seen: VecDeque<MessageId>,
+    seen_set: FastSet<MessageId>,
+    last_heard: Instant,
+    next_ping: Instant,
+    nonce: u64,
+    pings: VecDeque<(u64, Instant)>,
+    srtt: Option<Duration>,
+    probe: Option<(u64, Instant)>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<SessionEvent<C>>,
+}
+
+impl<C: Ctx> std::fmt::Debug for Session<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("peer", &self.peer)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The parts of a reliable message a session needs: what it is, and its envelope encoded
+/// once (outside any lock, by whoever sends it).
+///
+/// # Errors
+/// When the envelope has no single recipient, or does not encode.
+pub fn outgoing(
+    envelope: &Envelope,
+    ordered: bool,
+    confirm: bool,
+) -> aqe_core::Result<(MessageMeta, Bytes)> {
+    let to = envelope
+        .target()
+        .cloned()
+        .ok_or(aqe_core::Error::Protocol {
+            detail: "a unicast operation needs exactly one recipient",
+        })?;
+    let meta = MessageMeta {
+        id: envelope.id,
+        from: envelope.from.clone(),
+        to,
+        channel: envelope.channel.clone(),
+        ordered,
+        len: envelope.payload.len(),
+        confirm,
+    };
+    Ok((meta, aqe_core::encode(envelope)?))
+}
+
+impl<C: Ctx> Session<C> {
+    /// A session with the peer whose hello is `hello` (its `listen` with the IP its link
+    /// comes from), trusted as `trust`, its link up now (the node hears of it from the first
+    /// event). `budget` bounds what all sessions of
+    /// this endpoint hold together.
+    pub fn new(
+        id: SessionId,
+        rank: Rank,
+        hello: &Hello,
+        trust: Trust,
+        config: Arc<Config>,
+        budget: Arc<Budget>,
+        now: Instant,
+    ) -> Self {
+        let peer_liveness = Duration::from_millis(u64::from(hello.liveness_ms.max(3)));
+        let heartbeat = config.heartbeat.min(peer_liveness / 3);
+        Self {
+            id,
+            rank,
+            peer: hello.endpoint,
+            trust,
+            listen: hello.listen,
+            heartbeat,
+            ended: None,
+            generation: 0,
+            outbox: Outbox::new(hello.window.min(config.window), hello.session_bytes),
+            inflow: Inflow::new(config.window, config.session_bytes, budget),
+            members: PeerMembership::new(
+                config.agents_per_peer as usize,
+                usize::try_from(config.registration_bytes).unwrap_or(usize::MAX),
+                config.heartbeat * 2,
+            ),
+            parked: VecDeque::new(),
+            parked_bytes: 0,
+            asked: BTreeMap::new(),
+            serving: BTreeSet::new(),
+            seen: VecDeque::new(),
+            seen_set: FastSet::default(),
+            last_heard: now,
+            next_ping: now,
+            nonce: 0,
+            pings: VecDeque::new(),
+            srtt: None,
+            probe: None,
+            transmits: VecDeque::new(),
+            events: VecDeque::from([SessionEvent::Node(NodeInput::Linked)]),
+            config,
+        }
+    }
+
+    /// Its handle.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// How both sides know it.
+    pub fn rank(&self) -> Rank {
+        self.rank
+    }
+
+    /// The peer.
+    pub fn peer(&self) -> EndpointId {
+        self.peer
+    }
+
+    /// What the peer proved.
+    pub fn trust(&self) -> Trust {
+        self.trust
+    }
+
+    /// Where the peer accepts links, if it said.
+    pub fn listen(&self) -> Option<std::net::SocketAddr> {
+        self.listen
+    }
+
+    /// Whether the session lives (its link is up and it did not end).
+    pub fn is_linked(&self) -> bool {
+        self.ended.is_none()
+    }
+
+    /// Why the session ended, once it did.
+    pub fn ended(&self) -> Option<Ended> {
+        self.ended
+    }
+
+    /// The round-trip time measured by heartbeats (smoothed), once there is a sample.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.srtt
+    }
+
+    /// Reliable messages sent and not settled.
+    pub fn unsettled(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Reliable messages received and held here (in inboxes, or waiting): count and bytes.
+    pub fn held(&self) -> (usize, u64) {
+        self.inflow.held()
+    }
+
+    /// Whether a message of the flow `from`, `to`, `channel` is unsettled here.
+    pub fn has_flow(&self, from: &AgentId, to: &AgentId, channel: &ChannelName) -> bool {
+        self.outbox.has_flow(from, to, channel)
+    }
+
+    /// Whether a new message to `to` of `len` bytes would be taken now.
+    pub fn has_room(&self, to: &AgentId, len: usize) -> bool {
+        self.outbox.can_admit(to, len)
+    }
+
+    /// Whether the peer announced `agent`.
+    pub fn hosts(&self, agent: &AgentId) -> bool {
+        self.members.registered(agent)
+    }
+
+    fn event(&mut self, e: SessionEvent<C>) {
+        self.events.push_back(e);
+    }
+
+    fn control(&mut self, frame: Frame) {
+        if self.is_linked() {
+            self.transmits
+                .push_back(Transmit::Frame(Lane::Control, frame));
+        }
+    }
+
+    // ----- the end -----
+
+    /// Everything unsettled, marked with who it was for.
+    fn orphans(&mut self) -> Vec<Orphan<C::Msg>> {
+        let origin = (self.peer, self.trust);
+        let mut orphans = self.outbox.take_all();
+        for o in &mut orphans {
+            o.origin.get_or_insert(origin);
+        }
+        orphans
+    }
+
+    fn fail_requests(&mut self) {
+        let asked: Vec<(MessageId, C::Req)> = std::mem::take(&mut self.asked).into_iter().collect();
+        for (id, req) in asked {
+            self.event(SessionEvent::Answered {
+                id,
+                req,
+                answer: Answer::Lost,
+            });
+        }
+        let serving: Vec<MessageId> = std::mem::take(&mut self.serving).into_iter().collect();
+        for id in serving {
+            self.event(SessionEvent::Cancelled { id });
+        }
+    }
+
+    /// Ends the session: everything unsettled goes to the node, waiting requests fail, and
+    /// (unless the link is gone or the peer said goodbye) the link is to be closed.
+    pub fn end(&mut self, why: Ended) {
+        if self.ended.is_some() {
+            return;
+        }
+        if !matches!(why, Ended::Goodbye | Ended::LinkLost | Ended::Reset) {
+            self.event(SessionEvent::Close(why));
+        }
+        self.ended = Some(why);
+        self.transmits.clear();
+        self.fail_requests();
+        self.inflow.close();
+        self.parked.clear();
+        self.parked_bytes = 0;
+        let orphans = self.orphans();
+        self.event(SessionEvent::Node(NodeInput::Ended { orphans, why }));
+        self.event(SessionEvent::Room);
+    }
+
+    /// Any sign of life from the peer (a wire with a shared heartbeat tells it here).
+    pub fn heard(&mut self, now: Instant) {
+        self.last_heard = self.last_heard.max(now);
+    }
+
+    /// The peer's shared heartbeat (a wire without per-session pings): it lives, and its
+    /// membership is at `generation` (a side behind asks for a snapshot).
+    pub fn alive(&mut self, generation: u64, now: Instant) {
+        if self.ended.is_some() {
+            return;
+        }
+        self.heard(now);
+        if self.members.on_generation(generation, now) == Step::Fetch {
+            self.control(Frame::SnapshotRequest);
+        }
+    }
+
+    // ----- sending -----
+
+    /// Takes a reliable message (from [`outgoing`]) for delivery. `Ok`: it is accepted and
+    /// will be settled exactly once ([`SessionEvent::Settled`]), by its deadline.
+    ///
+    /// # Errors
+    /// [`NotSent`], handing back `ctx`.
+    pub fn send(
+        &mut self,
+        meta: MessageMeta,
+        body: Bytes,
+        ctx: C::Msg,
+        now: Instant,
+    ) -> Result<(), NotSent<C::Msg>> {
+        if !self.is_linked() {
+            return Err(NotSent::Unlinked(ctx));
+        }
+        if !self.outbox.can_admit(&meta.to, meta.len) {
+            return Err(NotSent::Full(ctx));
+        }
+        let msg = Orphan::new(meta, body, now, ctx);
+        let t = self.outbox.number(
+            msg,
+            self.generation,
+            true,
+            now,
+            self.config.delivery_deadline,
+        );
+        self.transmits.extend(t);
+        Ok(())
+    }
+
+    /// Sends an unreliable message; `false` when there is no link.
+    pub fn send_datagram(&mut self, envelope: Envelope) -> bool {
+        if !self.is_linked() {
+            return false;
+        }
+        self.transmits.push_back(Transmit::Frame(
+            Lane::Datagram,
+            Frame::Datagram {
+                generation: self.generation,
+                envelope,
+            },
+        ));
+        true
+    }
+
+    /// Sends a request; its answer comes as [`SessionEvent::Answered`] with `req`.
+    ///
+    /// # Errors
+    /// Hands `req` back when there is no link.
+    pub fn request(&mut self, envelope: Envelope, req: C::Req) -> Result<(), C::Req> {
+        if !self.is_linked() {
+            return Err(req);
+        }
+        self.asked.insert(envelope.id, req);
+        self.transmits.push_back(Transmit::Frame(
+            Lane::Requests,
+            Frame::Request {
+                generation: self.generation,
+                envelope,
+            },
+        ));
+        Ok(())
+    }
+
+    /// Gives up on a request: the responder is told; what was kept with it comes back.
+    pub fn cancel(&mut self, id: MessageId) -> Option<C::Req> {
+        let req = self.asked.remove(&id)?;
+        if self.is_linked() {
+            self.transmits
+                .push_back(Transmit::Frame(Lane::Requests, Frame::Cancel { id }));
+        }
+        Some(req)
+    }
+
+    /// Answers a request a local agent had: `Ok` a response, `Err` a refusal (`Stopped`: it
+    /// dropped the request unanswered).
+    ///
+    /// # Errors
+    /// `Err(())` when the requester is gone (it cancelled, or the link went away): the
+    /// answer is discarded.
+    #[allow(clippy::result_unit_err)]
+    pub fn answer(&mut self, id: MessageId, answer: Result<Envelope, Refusal>) -> Result<(), ()> {
+        if !self.serving.remove(&id) || !self.is_linked() {
+            return Err(());
+        }
+        let frame = match answer {
+            Ok(envelope) => Frame::Response { envelope },
+            Err(reason) => Frame::NoAnswer { id, reason },
+        };
+        self.transmits
+            .push_back(Transmit::Frame(Lane::Answers, frame));
+        Ok(())
+    }
+
+    // ----- receipts -----
+
+    /// The agent took message `seq`.
+    pub fn taken(&mut self, seq: u64, now: Instant) {
+        self.inflow.settle(seq, None, now, &self.config.wire);
+    }
+
+    /// The agent will never take message `seq`: it stopped first.
+    pub fn abandoned(&mut self, seq: u64, now: Instant) {
+        self.inflow
+            .settle(seq, Some(Refusal::Stopped), now, &self.config.wire);
+    }
+
+    // ----- the node -----
+
+    /// Does what the node asks.
+    ///
+    /// # Errors
+    /// Redeliveries handed to a session that ended meanwhile (the node has not heard yet)
+    /// come back: give them to [`Node::requeue`](crate::Node::requeue).
+    pub fn handle(
+        &mut self,
+        input: SessionInput<C::Msg>,
+        now: Instant,
+    ) -> Result<(), Vec<Orphan<C::Msg>>> {
+        match input {
+            SessionInput::Send(frame) => {
+                if let Frame::Joined { generation, .. }
+                | Frame::Left { generation, .. }
+                | Frame::Snapshot { generation, .. } = &frame
+                {
+                    self.generation = self.generation.max(*generation);
+                }
+                self.control(frame);
+            }
+            SessionInput::Redeliver(msgs) if self.ended.is_some() => return Err(msgs),
+            SessionInput::Redeliver(msgs) => {
+                let config = self.config.clone();
+                self.outbox.push_back(msgs, config.delivery_deadline);
+                let linked = self.is_linked();
+                self.outbox.drain_backlog(
+                    self.generation,
+                    linked,
+                    now,
+                    config.delivery_deadline,
+                    &mut self.transmits,
+                );
+            }
+            SessionInput::Probe => {
+                if self.is_linked() && self.probe.is_none() {
+                    let rtt = self.srtt.unwrap_or(PROBE_MIN);
+                    let wait = (rtt * 4).max(PROBE_MIN).min(self.config.liveness);
+                    let nonce = self.ping(now);
+                    self.probe = Some((nonce, now + wait));
+                }
+            }
+            SessionInput::End(why) => self.end(why),
+        }
+        Ok(())
+    }
+
+    fn ping(&mut self, now: Instant) -> u64 {
+        self.nonce += 1;
+        let nonce = self.nonce;
+        if self.pings.len() >= 8 {
+            self.pings.pop_front();
+        }
+        self.pings.push_back((nonce, now));
+        let low = self.outbox.low();
+        self.control(Frame::Ping {
+            nonce,
+            generation: self.generation,
+            low,
+        });
+        self.next_ping = now + self.heartbeat;
+        nonce
+    }
+
+    // ----- receiving -----
+
+    /// A frame from the peer.
+    ///
+    /// # Errors
+    /// The rule it breaks, when it breaks one: the session is then over
+    /// ([`Ended::Violation`]) and the link must close.
+    pub fn on_frame(
+        &mut self,
+        frame: Frame,
+        now: Instant,
+        locals: &dyn Locals,
+    ) -> Result<(), &'static str> {
+        if self.ended.is_some() {
+            return Ok(());
+        }
+        self.heard(now);
+        if let Err(rule) = self.frame(frame, now, locals) {
+            tracing::debug!(peer = ?self.peer, rule, "protocol violation");
+            self.end(Ended::Violation(rule));
+            return Err(rule);
+        }
+        Ok(())
+    }
+
+    fn frame(
+        &mut self,
+        frame: Frame,
+        now: Instant,
+        locals: &dyn Locals,
+    ) -> Result<(), &'static str> {
+        match frame {
+            Frame::Snapshot {
+                generation,
+                part,
+                parts,
+                agents,
+            } => {
+                let step = self.members.on_snapshot(generation, part, parts, agents);
+                self.membership(step, now, locals);
+            }
+            Frame::Joined { generation, agent } => {
+                let step = self.members.on_joined(generation, agent, now);
+                self.membership(step, now, locals);
+            }
+            Frame::Left { generation, agent } => {
+                let step = self.members.on_left(generation, &agent, now);
+                self.membership(step, now, locals);
+            }
+            Frame::SnapshotRequest => self.event(SessionEvent::Node(NodeInput::SnapshotRequested)),
+            Frame::Relay(news) => self.event(SessionEvent::Node(NodeInput::Relay(news))),
+            Frame::Ping {
+                nonce,
+                generation,
+                low,
+            } => {
+                self.control(Frame::Pong { nonce });
+                let step = self.members.on_generation(generation, now);
+                self.membership(step, now, locals);
+                let mut ready = Vec::new();
+                self.inflow.advance(low, &mut ready);
+                self.hand_over(ready);
+            }
+            Frame::Pong { nonce } => self.pong(nonce, now),
+            Frame::Message {
+                seq,
+                after,
+                low,
+                generation,
+                confirm,
+                envelope,
+            } => {
+                if seq == 0 {
+                    return Err("message number 0");
+                }
+                let mut ready = Vec::new();
+                self.inflow.advance(low, &mut ready);
+                self.message(
+                    seq, after, generation, confirm, envelope, now, locals, &mut ready,
+                );
+                self.hand_over(ready);
+            }
+            Frame::Acks { received, taken } => {
+                if !valid_ranges(&received) || !valid_ranges(&taken) {
+                    return Err("malformed acknowledgement ranges");
+                }
+                self.outbox.received(&received);
+                self.settled(&taken, None, now);
+            }
+            Frame::Refused { seqs, reason } => {
+                if !valid_ranges(&seqs) {
+                    return Err("malformed refusal ranges");
+                }
+                self.settled(&seqs, Some(reason), now);
+            }
+            Frame::Datagram {
+                generation,
+                envelope,
+            } => {
+                let _ = generation;
+                let to = envelope.target().cloned();
+                if let Some(to) = to
+                    && self.members.registered(&envelope.from)
+                    && locals.admits(&to, &envelope.channel)
+                {
+                    self.event(SessionEvent::Deliver {
+                        to,
+                        seq: None,
+                        envelope,
+                    });
+                }
+            }
+            Frame::Request {
+                generation,
+                envelope,
+            } => self.request_in(generation, envelope, now, locals),
+            Frame::Cancel { id } => {
+                if self.serving.remove(&id) {
+                    self.event(SessionEvent::Cancelled { id });
+                }
+            }
+            Frame::Response { envelope } => {
+                let Some(id) = envelope.correlation_id else {
+                    return Err("a response without the request's id");
+                };
+                if let Some(req) = self.asked.remove(&id) {
+                    self.event(SessionEvent::Answered {
+                        id,
+                        req,
+                        answer: Answer::Response(envelope),
+                    });
+                }
+            }
+            Frame::NoAnswer { id, reason } => {
+                if let Some(req) = self.asked.remove(&id) {
+                    self.event(SessionEvent::Answered {
+                        id,
+                        req,
+                        answer: Answer::Refused(reason),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn settled(&mut self, ranges: &[(u64, u64)], refused: Option<Refusal>, now: Instant) {
+        let mut done = Vec::new();
+        self.outbox.settled(ranges, refused, &mut done);
+        if done.is_empty() {
+            return;
+        }
+        for s in done {
+            self.event(SessionEvent::Settled(s));
+        }
+        let config = self.config.clone();
+        let linked = self.is_linked();
+        self.outbox.drain_backlog(
+            self.generation,
+            linked,
+            now,
+            config.delivery_deadline,
+            &mut self.transmits,
+        );
+        self.event(SessionEvent::Room);
+    }
+
+    fn pong(&mut self, nonce: u64, now: Instant) {
+        if let Some(i) = self.pings.iter().position(|(n, _)| *n == nonce) {
+            let sent = self.pings[i].1;
+            self.pings.drain(..=i);
+            let sample = now.saturating_duration_since(sent);
+            self.srtt = Some(match self.srtt {
+                Some(s) => (s * 7 + sample) / 8,
+                None => sample,
+            });
+        }
+        if self.probe.is_some_and(|(n, _)| n <= nonce) {
+            self.probe = None;
+        }
+    }
+
+    fn membership(&mut self, step: Step, now: Instant, locals: &dyn Locals) {
+        match step {
+            Step::Applied(change) => {
+                if !change.is_empty() {
+                    self.event(SessionEvent::Node(NodeInput::Agents(change)));
+                }
+                self.unpark(now, locals);
+            }
+            Step::Fetch => self.control(Frame::SnapshotRequest),
+            Step::Nothing => {}
+        }
+    }
+
+    /// Whether `from` may send: `Some(true)` it is the peer's, `Some(false)` it is not,
+    /// `None` the announcement may still be on its way (the frame says a newer generation).
+    fn sender(&self, from: &AgentId, generation: u64) -> Option<bool> {
+        if self.members.registered(from) {
+            Some(true)
+        } else if generation > self.members.generation() {
+            None
+        } else {
+            Some(false)
+        }
+    }
+
+    fn park(&mut self, frame: Frame, len: u64, now: Instant) -> bool {
+        if self.parked.len() >= self.config.parked as usize
+            || (self.parked_bytes > 0 && self.parked_bytes + len > self.config.session_bytes)
+        {
+            return false;
+        }
+        self.parked_bytes += len;
+        self.parked.push_back((frame, now));
+        true
+    }
+
+    fn unpark(&mut self, now: Instant, locals: &dyn Locals) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let parked = std::mem::take(&mut self.parked);
+        self.parked_bytes = 0;
+        let mut ready = Vec::new();
+        for (frame, since) in parked {
+            match frame {
+                Frame::Message {
+                    seq,
+                    after,
+                    generation,
+                    confirm,
+                    envelope,
+                    ..
+                } => {
+                    if self.sender(&envelope.from, generation).is_none() {
+                        let len = envelope.payload.len() as u64;
+                        self.parked_bytes += len;
+                        self.parked.push_back((
+                            Frame::Message {
+                                seq,
+                                after,
+                                low: 0,
+                                generation,
+                                confirm,
+                                envelope,
+                            },
+                            since,
+                        ));
+                        continue;
+                    }
+                    self.inflow.unpark(seq);
+                    self.message(
+                        seq, after, generation, confirm, envelope, now, locals, &mut ready,
+                    );
+                }
+                Frame::Request {
+                    generation,
+                    envelope,
+                } => {
+                    if self.sender(&envelope.from, generation).is_none() {
+                        self.parked_bytes += envelope.payload.len() as u64;
+                        self.parked.push_back((
+                            Frame::Request {
+                                generation,
+                                envelope,
+                            },
+                            since,
+                        ));
+                        continue;
+                    }
+                    self.request_in(generation, envelope, now, locals);
+                }
+                _ => {}
+            }
+        }
+        self.hand_over(ready);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn message(
+        &mut self,
+        seq: u64,
+        after: u64,
+        generation: u64,
+        confirm: bool,
+        envelope: Envelope,
+        now: Instant,
+        locals: &dyn Locals,
+        ready: &mut Vec<Ready>,
+    ) {
+        let wire = self.config.wire;
+        if self.inflow.stale(seq) {
+            return;
+        }
+        if self.inflow.fate(seq).is_some() {
+            self.inflow.duplicate(seq, now, &wire);
+            return;
+        }
+        match self.sender(&envelope.from, generation) {
+            Some(true) => {}
+            Some(false) => {
+                return self
+                    .inflow
+                    .refuse(seq, after, Refusal::NotRegistered, now, &wire, ready);
+            }
+            None => {
+                let len = envelope.payload.len() as u64;
+                let frame = Frame::Message {
+                    seq,
+                    after,
+                    low: 0,
+                    generation,
+                    confirm,
+                    envelope,
+                };
+                if self.park(frame, len, now) {
+                    self.inflow.park(seq);
+                    // Received: a wire that may lose frames need not send it again.
+                    self.inflow.received(confirm, now, &wire);
+                } else {
+                    self.inflow
+                        .refuse(seq, after, Refusal::Overflow, now, &wire, ready);
+                }
+                return;
+            }
+        }
+        let Some(to) = envelope.target().cloned() else {
+            return self
+                .inflow
+                .refuse(seq, after, Refusal::NotHere, now, &wire, ready);
+        };
+        if !locals.admits(&to, &envelope.channel) {
+            return self
+                .inflow
+                .refuse(seq, after, Refusal::NotHere, now, &wire, ready);
+        }
+        let len = envelope.payload.len() as u64;
+        if !self.inflow.room(&to, len) {
+            return self
+                .inflow
+                .refuse(seq, after, Refusal::Overflow, now, &wire, ready);
+        }
+        let r = Ready {
+            seq,
+            to,
+            confirm,
+            envelope,
+        };
+        match self.inflow.blocked_by(after) {
+            None => self.inflow.deliver(r, len, ready),
+            Some(before) => self.inflow.wait(seq, before, r, len),
+        }
+        self.inflow.received(confirm, now, &wire);
+    }
+
+    fn hand_over(&mut self, ready: Vec<Ready>) {
+        for r in ready {
+            self.event(SessionEvent::Deliver {
+                to: r.to,
+                seq: Some(r.seq),
+                envelope: r.envelope,
+            });
+        }
+    }
+
+    fn request_in(
+        &mut self,
+        generation: u64,
+        envelope: Envelope,
+        now: Instant,
+        locals: &dyn Locals,
+    ) {
+        let id = envelope.id;
+        let refuse = |s: &mut Self, reason| {
+            if s.is_linked() {
+                s.transmits.push_back(Transmit::Frame(
+                    Lane::Answers,
+                    Frame::NoAnswer { id, reason },
+                ));
+            }
+        };
+        match self.sender(&envelope.from, generation) {
+            Some(true) => {}
+            Some(false) => return refuse(self, Refusal::NotRegistered),
+            None => {
+                let len = envelope.payload.len() as u64;
+                if !self.park(
+                    Frame::Request {
+                        generation,
+                        envelope,
+                    },
+                    len,
+                    now,
+                ) {
+                    refuse(self, Refusal::Overflow);
+                }
+                return;
+            }
+        }
+        let Some(to) = envelope.target().cloned() else {
+            return refuse(self, Refusal::NotHere);
+        };
+        if !locals.admits(&to, &envelope.channel) {
+            return refuse(self, Refusal::NotHere);
+        }
+        if self.seen_set.contains(&id) {
+            // A copy: the first was (or is being) answered.
+            return;
+        }
+        if self.serving.len() >= self.config.requests_in_hand as usize {
+            return refuse(self, Refusal::Overflow);
+        }
+        self.serving.insert(id);
+        if self.seen.len() >= self.config.requests_in_hand as usize
+            && let Some(old) = self.seen.pop_front()
+        {
+            self.seen_set.remove(&old);
+        }
+        self.seen.push_back(id);
+        self.seen_set.insert(id);
+        self.event(SessionEvent::Request { to, envelope });
+    }
+
+    // ----- time -----
+
+    /// When [`Session::handle_timeout`] has something to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.ended.is_some() {
+            return None;
+        }
+        let wire = &self.config.wire;
+        let mut at = self.last_heard + self.config.liveness;
+        let mut min = |t: Option<Instant>| {
+            if let Some(t) = t {
+                at = at.min(t);
+            }
+        };
+        min(self.outbox.next_check());
+        min(self.inflow.ack_at(wire));
+        min(self.members.retry_at());
+        min(self.probe.map(|(_, d)| d));
+        if self.is_linked() && wire.pings {
+            min(Some(self.next_ping));
+        }
+        min(self
+            .parked
+            .front()
+            .map(|(_, since)| *since + self.config.delivery_deadline));
+        Some(at)
+    }
+
+    /// Does what is due at `now`: heartbeats, acknowledgements, retransmissions, deadlines,
+    /// liveness, probes.
+    pub fn handle_timeout(&mut self, now: Instant, locals: &dyn Locals) {
+        if self.ended.is_some() {
+            return;
+        }
+        if now >= self.last_heard + self.config.liveness {
+            tracing::debug!(peer = ?self.peer, "nothing heard for the liveness timeout");
+            return self.end(Ended::Unresponsive);
+        }
+        if self.probe.is_some_and(|(_, deadline)| now >= deadline) {
+            tracing::info!(peer = ?self.peer, "an older incarnation did not answer its probe: replaced");
+            return self.end(Ended::Replaced);
+        }
+        let config = self.config.clone();
+        let wire = config.wire;
+        if self.is_linked() && wire.pings && now >= self.next_ping {
+            self.ping(now);
+        }
+        self.inflow.on_timeout(now, &wire);
+        if self.members.on_timeout(now) == Step::Fetch {
+            self.control(Frame::SnapshotRequest);
+        }
+        // Frames parked for the delivery deadline: the announcement is not coming (their
+        // senders gave up on them by now).
+        let mut ready = Vec::new();
+        while self
+            .parked
+            .front()
+            .is_some_and(|(_, since)| now >= *since + config.delivery_deadline)
+        {
+            if let Some((frame, _)) = self.parked.pop_front() {
+                match frame {
+                    Frame::Message {
+                        seq,
+                        after,
+                        envelope,
+                        ..
+                    } => {
+                        self.parked_bytes = self
+                            .parked_bytes
+                            .saturating_sub(envelope.payload.len() as u64);
+                        self.inflow.unpark(seq);
+                        self.inflow.refuse(
+                            seq,
+                            after,
+                            Refusal::NotRegistered,
+                            now,
+                            &wire,
+                            &mut ready,
+                        );
+                    }
+                    Frame::Request { envelope, .. } => {
+                        self.parked_bytes = self
+                            .parked_bytes
+                            .saturating_sub(envelope.payload.len() as u64);
+                        let id = envelope.id;
+                        if self.is_linked() {
+                            self.transmits.push_back(Transmit::Frame(
+                                Lane::Answers,
+                                Frame::NoAnswer {
+                                    id,
+                                    reason: Refusal::NotRegistered,
+                                },
+                            ));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.hand_over(ready);
+        let _ = locals;
+        if self.outbox.next_check().is_some_and(|c| now >= c) {
+            let linked = self.is_linked();
+            let retransmit = wire
+                .retransmit_after
+                .filter(|_| linked)
+                .map(|rto| (rto, self.generation));
+            let mut failed = Vec::new();
+            self.outbox.on_timeout(
+                now,
+                config.delivery_deadline,
+                retransmit,
+                &mut failed,
+                &mut self.transmits,
+            );
+            if !failed.is_empty() {
+                for s in failed {
+                    self.event(SessionEvent::Settled(s));
+                }
+                self.outbox.drain_backlog(
+                    self.generation,
+                    linked,
+                    now,
+                    config.delivery_deadline,
+                    &mut self.transmits,
+                );
+                self.event(SessionEvent::Room);
+            }
+        }
+    }
+
+    // ----- outputs -----
+
+    /// The next frame to send, if any. Acknowledgements that are due go first.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if self.is_linked() {
+            let wire = self.config.wire;
+            let mut acks = VecDeque::new();
+            self.inflow.acks(&wire, &mut acks);
+            while let Some(a) = acks.pop_back() {
+                self.transmits.push_front(a);
+            }
+        }
+        self.transmits.pop_front()
+    }
+
+    /// Whether frames wait to be sent (acknowledgements due included).
+    pub fn wants_transmit(&self) -> bool {
+        !self.transmits.is_empty() || (self.is_linked() && self.inflow.acks_due())
+    }
+
+    /// The next thing that happened, if any.
+    pub fn poll_event(&mut self) -> Option<SessionEvent<C>> {
+        self.events.pop_front()
+    }
+
+    /// What the peer has announced.
+    pub fn peer_agents(&self) -> Vec<Arc<aqe_core::Registration>> {
+        self.members.agents().cloned().collect()
+    }
+
+    /// The peer's membership generation this side applied.
+    pub fn peer_generation(&self) -> u64 {
+        self.members.generation()
+    }
+
+    /// What is kept with each unsettled message (diagnostics for tests).
+    #[doc(hidden)]
+    pub fn unsettled_contexts(&self) -> Vec<&C::Msg> {
+        self.outbox.contexts().collect()
+    }
+
+    /// Messages this side holds, waiting for room at the peer or for their predecessor:
+    /// whether `seq` arrived before (for tests).
+    #[doc(hidden)]
+    pub fn has_fate(&self, seq: u64) -> bool {
+        !matches!(self.inflow.fate(seq), None | Some(Fate::Parked))
+    }
+}
