@@ -2,7 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ChannelId, ChannelName, Error, Result, codec::MAX_PAYLOAD_LEN};
+use crate::{ChannelId, ChannelName, Error, Result};
+
+/// The largest message a channel may allow: 16 MiB less room for an envelope's other
+/// fields, so that any message fits the frames of every wire.
+pub const MAX_PAYLOAD_LEN: usize = 16 * 1024 * 1024 - 64 * 1024;
 
 /// Whether a channel carries fleet-wide broadcasts or only agent-to-agent messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -138,7 +138,7 @@ pub enum Error {
         what: &'static str,
         /// The decoder's complaint.
         #[source]
-        source: postcard::Error,
+        source: BoxError,
     },
     /// A payload that is not a value of the type asked for, in the encoding its envelope
     /// says it has.
@@ -305,10 +305,6 @@ pub enum SecurityFailure {
     /// another endpoint.
     #[error("the peer claimed an identity its certificate does not give")]
     IdentityMismatch,
-    /// The peer presents this endpoint's own certificate (same key): each endpoint needs a
-    /// key of its own, or endpoints cannot tell each other apart.
-    #[error("the peer uses this endpoint's own certificate; give each endpoint its own key")]
-    SharedCertificate,
 }
 
 /// The class of an error response sent back by a remote agent.

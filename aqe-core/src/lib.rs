@@ -12,7 +12,7 @@
 //!   ([`Address`]): adding a transport never touches this crate.
 //!
 //! What a transport is built from (an agent's inbox, delivery between agents of one process,
-//! counters, the frame codec) is in [`plumbing`], for transport authors.
+//! counters) is in [`plumbing`], for transport authors.
 //!
 //! This crate opens no socket and knows nothing of QUIC, NATS or any other transport: those
 //! live in their own crates, and so does their configuration.
@@ -25,7 +25,6 @@
 
 mod address;
 mod channel;
-mod codec;
 mod error;
 mod health;
 mod id;

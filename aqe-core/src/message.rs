@@ -341,11 +341,11 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
         Ok((value, [])) => Ok(value),
         Ok(_) => Err(Error::Malformed {
             what: "payload",
-            source: postcard::Error::DeserializeBadEncoding,
+            source: "bytes after the value".into(),
         }),
         Err(source) => Err(Error::Malformed {
             what: "payload",
-            source,
+            source: Box::new(source),
         }),
     }
 }

@@ -8,7 +8,6 @@
 //!   transport uses for agents it hosts side by side (the event bus is nothing else), so that
 //!   priorities, backpressure, receipts and failure reports behave the same everywhere;
 //! - [`StatsRecorder`]: the counters behind [`Stats`](crate::Stats);
-//! - [`FrameCodec`]: postcard in versioned, length-prefixed frames, for byte-stream wires;
 //! - the traits a transport implements behind the contract's types: [`Respond`] (behind a
 //!   [`Responder`](crate::Responder)), [`StreamSource`] (behind an
 //!   [`IncomingStream`](crate::IncomingStream)), [`AckSink`] / [`AckOnce`] (behind a
@@ -16,9 +15,7 @@
 //! - [`millis`]: durations as milliseconds in configuration files;
 //! - [`FastMap`], [`FastSet`], [`FastState`]: the hash tables of per-message paths.
 
-pub use crate::codec::{
-    FRAME_HEADER_LEN, FrameCodec, MAX_FRAME_LEN, MAX_PAYLOAD_LEN, WIRE_VERSION,
-};
+pub use crate::channel::MAX_PAYLOAD_LEN;
 pub use crate::health::StatsRecorder;
 pub use crate::inbox::{
     DEDUP_SENDERS, DEDUP_WINDOW, DEFAULT_INBOX_CAPACITY, Delivered, Delivery, Inbox, InboxPermit,

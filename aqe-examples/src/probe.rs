@@ -32,8 +32,9 @@ use tokio::io::AsyncWriteExt;
 
 /// The fleet CA's certificate, in a certificate directory.
 pub const CA_FILE: &str = "ca.pem";
-/// The fleet CA's key: every probe process issues itself a node certificate with it, so that
-/// each has a key (and an endpoint id) of its own.
+/// The fleet CA's key: a probe issues itself a node certificate with it the first time it
+/// runs under its name, and keeps it: a probe restarted under the same name holds the same
+/// key (a restart: a newer incarnation of that key), one of another name a key of its own.
 pub const CA_KEY_FILE: &str = "ca.key";
 
 /// Writes a fleet CA (certificate and key) into `dir`.
@@ -65,6 +66,9 @@ pub struct Options {
     pub deadline: Duration,
     /// A NATS server: the endpoint's transport is then the chain QUIC, NATS, bus.
     pub nats: Option<String>,
+    /// Its certificate's name in `certs` (`NAME.pem`, `NAME.key`): issued the first time,
+    /// kept since. By default its agent's id.
+    pub name: Option<String>,
 }
 
 impl Options {
@@ -80,12 +84,23 @@ impl Options {
             liveness: defaults.liveness_timeout,
             deadline: defaults.delivery_deadline,
             nats: None,
+            name: None,
         }
     }
 
-    /// The QUIC configuration these options describe, with the node certificate in `node`
-    /// (a directory holding `node.pem` and `node.key`).
-    pub fn quic_config(&self, node: &Path) -> QuicConfig {
+    /// These options, with the certificate name `name` unless one is set.
+    fn named(&self, name: &str) -> Options {
+        let mut o = self.clone();
+        o.name.get_or_insert_with(|| name.to_owned());
+        o
+    }
+
+    fn cert_name(&self) -> &str {
+        self.name.as_deref().unwrap_or("probe")
+    }
+
+    /// The QUIC configuration these options describe, with the node certificate of its name.
+    pub fn quic_config(&self) -> QuicConfig {
         QuicConfig {
             host: self.listen.ip().to_string(),
             port: self.listen.port(),
@@ -94,8 +109,8 @@ impl Options {
             delivery_deadline: self.deadline,
             bootstrap_peers: self.peer.iter().map(ToString::to_string).collect(),
             security: SecurityConfig {
-                cert_path: Some(node.join("node.pem")),
-                key_path: Some(node.join("node.key")),
+                cert_path: Some(self.certs.join(format!("{}.pem", self.cert_name()))),
+                key_path: Some(self.certs.join(format!("{}.key", self.cert_name()))),
                 ca_path: Some(self.certs.join(CA_FILE)),
                 verify_peer: true,
                 ..SecurityConfig::default()
@@ -104,25 +119,31 @@ impl Options {
         }
     }
 
-    /// Binds a QUIC endpoint as these options say, with a node certificate of its own issued
-    /// by the fleet CA (a busy port is retried for a few seconds: a restarted probe may find
-    /// its predecessor's socket not yet released).
+    /// Binds a QUIC endpoint as these options say, with the node certificate of its name
+    /// (issued by the fleet CA the first time; a busy port is retried for a few seconds: a
+    /// restarted probe may find its predecessor's socket not yet released).
     ///
     /// # Errors
     /// When the CA cannot be read or the endpoint bound.
     pub async fn bind(&self) -> anyhow::Result<QuicTransport> {
-        let ca = FleetCa::from_pem(
-            &std::fs::read_to_string(self.certs.join(CA_FILE))?,
-            &std::fs::read_to_string(self.certs.join(CA_KEY_FILE))?,
-        )?;
-        let node = tempfile::tempdir()?;
-        let cert = ca.issue("aqe probe", "localhost", &[self.listen.ip()], &[])?;
-        std::fs::write(node.path().join("node.pem"), &cert.cert_pem)?;
-        std::fs::write(node.path().join("node.key"), &cert.key_pem)?;
+        let cert = self.certs.join(format!("{}.pem", self.cert_name()));
+        if !cert.exists() {
+            let ca = FleetCa::from_pem(
+                &std::fs::read_to_string(self.certs.join(CA_FILE))?,
+                &std::fs::read_to_string(self.certs.join(CA_KEY_FILE))?,
+            )?;
+            let issued = ca.issue("aqe probe", "localhost", &[self.listen.ip()], &[])?;
+            // Key first, certificate last (renamed into place): a certificate that exists has
+            // its key.
+            let key = self.certs.join(format!("{}.key", self.cert_name()));
+            std::fs::write(&key, &issued.key_pem)?;
+            let tmp = self.certs.join(format!(".{}.pem.tmp", self.cert_name()));
+            std::fs::write(&tmp, &issued.cert_pem)?;
+            std::fs::rename(&tmp, &cert)?;
+        }
         let mut last = None;
         for _ in 0..100 {
-            // The endpoint reads its certificate files while it binds.
-            match QuicTransport::bind(self.quic_config(node.path())).await {
+            match QuicTransport::bind(self.quic_config()).await {
                 Ok(t) => return Ok(t),
                 Err(e) => last = Some(e),
             }
@@ -164,6 +185,7 @@ impl Options {
 /// # Errors
 /// When the endpoint cannot be bound or the agent started.
 pub async fn receive(options: &Options, agent: &str) -> anyhow::Result<()> {
+    let options = &options.named(agent);
     let quic = options.bind().await?;
     let addr = quic.local_addr();
     let transport = options.transport(&quic).await?;
@@ -389,6 +411,7 @@ pub async fn send(agent: &Agent, plan: &Plan, settle: Duration) -> anyhow::Resul
 /// # Errors
 /// When the endpoint cannot be bound or the agent started.
 pub async fn sender(options: &Options, id: &str) -> anyhow::Result<(QuicTransport, Agent)> {
+    let options = &options.named(id);
     let quic = options.bind().await?;
     let transport = options.transport(&quic).await?;
     let agent = Agent::builder()

@@ -7,8 +7,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use aqe_core::plumbing::{DEDUP_WINDOW, MAX_FRAME_LEN, millis};
+use aqe_core::plumbing::{DEDUP_WINDOW, millis};
 use aqe_core::{Error, Result, Token};
+use aqe_link::{HostConfig, Introspection};
+pub use aqe_session::PeerExchange;
+use aqe_session::{Config, WirePolicy};
+
+use crate::codec::MAX_FRAME_LEN;
 
 /// Security of QUIC links. TLS 1.3 is always on; these options choose certificates, peer
 /// verification and token authentication.
@@ -122,9 +127,21 @@ pub struct QuicLimits {
     pub endpoints_per_peer: u32,
     /// Connections being dialed at once. Default 16.
     pub concurrent_dials: u32,
-    /// Requests of one peer's request lane held in hand (queued or running); further ones are
-    /// answered "busy". Default 1024.
+    /// Requests of one peer held in hand (queued or running); further ones are answered
+    /// "busy". Default 1024.
     pub requests_in_hand: u32,
+    /// Unsettled reliable payload bytes one peer may have this endpoint hold (announced in
+    /// the hello; senders wait beyond it). Default 16 MiB.
+    pub session_bytes: u64,
+    /// Unsettled reliable payload bytes all peers together may have this endpoint hold;
+    /// beyond, messages are refused (their senders report them failed). Default 256 MiB.
+    pub endpoint_bytes: u64,
+    /// Encoded registration bytes one peer may announce, all its agents together. Default
+    /// 4 MiB.
+    pub registration_bytes: u64,
+    /// Frames held per peer while the announcement of their sending agent is on its way;
+    /// beyond, refused. Default 256.
+    pub parked: u32,
     /// Bytes of received datagrams each of the endpoint's two sockets (listening, dialing)
     /// buffers inside s2n-quic before the endpoint reads them. s2n-quic's default, 8 MiB per
     /// socket, is allocated and zeroed when the endpoint starts: most of an endpoint's start
@@ -144,6 +161,10 @@ impl Default for QuicLimits {
             endpoints_per_peer: 1024,
             concurrent_dials: 16,
             requests_in_hand: 1024,
+            session_bytes: 16 << 20,
+            endpoint_bytes: 256 << 20,
+            registration_bytes: 4 << 20,
+            parked: 256,
             socket_buffer: 1 << 20,
         }
     }
@@ -155,7 +176,7 @@ impl QuicLimits {
     /// # Errors
     /// [`Error::Configuration`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        let checks: [(&str, u32, u32); 9] = [
+        let checks: [(&str, u32, u32); 10] = [
             ("maxConnections", self.max_connections, 1),
             ("maxHandshakes", self.max_handshakes, 1),
             ("helloFrame", self.hello_frame, 1024),
@@ -165,8 +186,18 @@ impl QuicLimits {
             ("concurrentDials", self.concurrent_dials, 1),
             ("requestsInHand", self.requests_in_hand, 1),
             ("socketBuffer", self.socket_buffer, 64 * 1024),
+            ("parked", self.parked, 1),
         ];
         for (field, value, min) in checks {
+            if value < min {
+                return Err(Error::config(field, format!("must be at least {min}")));
+            }
+        }
+        for (field, value, min) in [
+            ("sessionBytes", self.session_bytes, 64 * 1024),
+            ("endpointBytes", self.endpoint_bytes, 64 * 1024),
+            ("registrationBytes", self.registration_bytes, 64 * 1024),
+        ] {
             if value < min {
                 return Err(Error::config(field, format!("must be at least {min}")));
             }
@@ -184,21 +215,6 @@ impl QuicLimits {
         }
         Ok(())
     }
-}
-
-/// Whose word an endpoint takes about other endpoints (their addresses and agents).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PeerExchange {
-    /// Only from peers that proved who they are: with a token, with a client certificate
-    /// (mutual TLS), or by the server certificate this endpoint verified when it dialed them.
-    #[default]
-    Authenticated,
-    /// From any peer, authenticated or not. A stranger could then point this endpoint at any
-    /// address (it still verifies the certificate of whatever it dials).
-    All,
-    /// From nobody: every connection is configured or dialed by hand.
-    Off,
 }
 
 /// Options of a QUIC endpoint: where it listens, whom it dials, how long it waits, what it
@@ -259,6 +275,67 @@ pub struct QuicConfig {
     pub limits: QuicLimits,
     /// Certificates, verification, tokens.
     pub security: SecurityConfig,
+    /// Who may read this endpoint's report (`aqe stats`, `aqe top`): `"verified"` (peers
+    /// whose certificate it verified: mutual TLS; the default), `"authenticated"` (token
+    /// holders too), `"nobody"`, or a list of endpoint keys (16 hex digits each).
+    pub introspection: IntrospectionConfig,
+}
+
+/// Who may read an endpoint's report, as a definition file says it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum IntrospectionConfig {
+    /// `"verified"`, `"authenticated"` or `"nobody"`.
+    Who(IntrospectionWho),
+    /// Keys (16 hex digits each, as `aqe peers` shows endpoint ids' first half).
+    Keys(Vec<String>),
+    /// The default: verified peers.
+    #[default]
+    #[serde(skip)]
+    Default,
+}
+
+/// A class of peers that may read an endpoint's report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IntrospectionWho {
+    /// Peers whose certificate this endpoint verified (mutual TLS).
+    Verified,
+    /// Peers that proved who they are in any way (a token included).
+    Authenticated,
+    /// Nobody.
+    Nobody,
+}
+
+impl IntrospectionConfig {
+    /// The policy it stands for.
+    ///
+    /// # Errors
+    /// [`Error::Configuration`] for a key that is not 16 hex digits.
+    pub fn policy(&self) -> Result<Introspection> {
+        Ok(match self {
+            IntrospectionConfig::Default | IntrospectionConfig::Who(IntrospectionWho::Verified) => {
+                Introspection::Verified
+            }
+            IntrospectionConfig::Who(IntrospectionWho::Authenticated) => {
+                Introspection::Authenticated
+            }
+            IntrospectionConfig::Who(IntrospectionWho::Nobody) => Introspection::Nobody,
+            IntrospectionConfig::Keys(keys) => Introspection::Keys(
+                keys.iter()
+                    .enumerate()
+                    .map(|(i, k)| {
+                        u64::from_str_radix(k, 16)
+                            .ok()
+                            .filter(|_| k.len() == 16)
+                            .ok_or_else(|| {
+                                Error::config(format!("[{i}]"), "an endpoint key is 16 hex digits")
+                            })
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+        })
+    }
 }
 
 impl Default for QuicConfig {
@@ -280,6 +357,7 @@ impl Default for QuicConfig {
             peer_exchange: PeerExchange::default(),
             limits: QuicLimits::default(),
             security: SecurityConfig::default(),
+            introspection: IntrospectionConfig::default(),
         }
     }
 }
@@ -326,8 +404,36 @@ impl QuicConfig {
         self.limits
             .validate()
             .map_err(|e| e.in_config(None, "limits."))?;
+        self.introspection
+            .policy()
+            .map_err(|e| e.in_config(None, "introspection"))?;
         self.security
             .validate()
             .map_err(|e| e.in_config(None, "security."))
+    }
+
+    /// What the session layer is told: these limits and timers over a wire that loses
+    /// nothing while a connection lives.
+    pub(crate) fn host(&self) -> Result<HostConfig> {
+        let l = &self.limits;
+        Ok(HostConfig {
+            session: Config {
+                window: self.window,
+                session_bytes: l.session_bytes,
+                agents_per_peer: l.agents_per_peer,
+                registration_bytes: l.registration_bytes,
+                endpoints_per_peer: l.endpoints_per_peer,
+                requests_in_hand: l.requests_in_hand,
+                parked: l.parked,
+                heartbeat: self.heartbeat_interval,
+                liveness: self.liveness_timeout,
+                delivery_deadline: self.delivery_deadline,
+                exchange: self.peer_exchange,
+                wire: WirePolicy::RELIABLE,
+            },
+            send_timeout: self.send_timeout,
+            endpoint_bytes: l.endpoint_bytes,
+            introspection: self.introspection.policy()?,
+        })
     }
 }

@@ -4,14 +4,18 @@
 //! [`QuicTransport`] implements [`aqe_core::Transport`], so everything the agent API offers
 //! over the event bus works the same over QUIC. The mapping, detailed in `PROTOCOL.md`:
 //!
-//! - one connection per pair of endpoints, carrying every agent on both sides; ALPN `aqe/1`;
-//!   a hello on the first bidirectional stream (version, token, agents, known peers);
-//! - ordered reliable channels: one long-lived unidirectional stream per connection and
-//!   channel; unordered reliable: one stream per message (no head-of-line blocking);
-//!   unreliable: DATAGRAM frames (RFC 9221);
-//! - requests: a long-lived bidirectional stream per connection and direction, correlated by
-//!   message id (requests above 16 KiB: a bidirectional stream each); agent streams: one
-//!   unidirectional stream each.
+//! - one session per pair of endpoint incarnations, over one connection carrying every
+//!   agent on both sides; ALPN `aqe/4`; hellos on the first bidirectional stream (the control
+//!   stream), then the session's frames (`aqe-session`): membership, heartbeats,
+//!   acknowledgements;
+//! - each lane a unidirectional stream: one per ordered reliable channel, a pool of four for
+//!   unordered ones, one for requests and one for answers each way, a stream of its own for
+//!   a payload above 64 KiB; unreliable messages in DATAGRAM frames (RFC 9221); agent
+//!   streams one stream each.
+//!
+//! Everything the sessions decide (windows, acknowledgements, deadlines, redelivery,
+//! requests, membership, routing) is `aqe-session`'s; `aqe-link` performs it. This crate is
+//! the link: sockets, TLS, hellos, streams.
 //!
 //! TLS is always on: certificates from PEM files, or generated for development (trusted only
 //! inside the process), with mutual TLS when `verifyPeer` is set, and token authentication.
@@ -24,20 +28,12 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod certs;
+mod codec;
 mod config;
 mod conn;
 mod endpoint;
-#[cfg(test)]
-mod hostile;
 mod identity;
-mod inflow;
-mod introspect;
-mod lane;
 mod link;
-mod outbox;
-#[cfg(test)]
-mod race;
-mod registry;
 mod stream;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
@@ -46,5 +42,7 @@ mod tls;
 mod transport;
 mod wire;
 
-pub use config::{PeerExchange, QuicConfig, QuicLimits, SecurityConfig};
+pub use config::{
+    IntrospectionConfig, IntrospectionWho, PeerExchange, QuicConfig, QuicLimits, SecurityConfig,
+};
 pub use transport::{LinkInfo, QuicTransport};

@@ -224,9 +224,6 @@ pub(crate) fn security_failure(error: &s2n_quic::connection::Error) -> Option<Se
             c if c == u64::from(close::IDENTITY_MISMATCH) => {
                 Some(SecurityFailure::IdentityMismatch)
             }
-            c if c == u64::from(close::SHARED_CERTIFICATE) => {
-                Some(SecurityFailure::SharedCertificate)
-            }
             _ => None,
         },
         _ => None,

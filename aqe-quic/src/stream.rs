@@ -1,4 +1,5 @@
-//! QUIC-backed halves of the transport's stream and request traits.
+//! Agent streams over QUIC: each one QUIC stream of [`Chunk`] frames, with QUIC's flow
+//! control.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,86 +8,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use s2n_quic::stream::SendStream;
 
-use aqe_core::plumbing::{FrameCodec, Respond, StreamSource};
+use aqe_core::plumbing::{StatsRecorder, StreamSource};
 use aqe_core::{
-    AgentId, Envelope, Error, Result, SendFailure, StreamChunk, StreamFailure, StreamId, StreamSink,
+    AgentId, Error, Result, SendFailure, StreamChunk, StreamFailure, StreamId, StreamSink,
 };
 
-use crate::wire::{Chunk, FrameReader, reset};
-use aqe_core::plumbing::LocalAgent as Local;
-
-/// Answers a request on the stream it came on.
-pub(crate) struct QuicResponder {
-    send: SendStream,
-    reader: FrameReader,
-    codec: FrameCodec,
-    local: Arc<Local>,
-    requester: AgentId,
-    /// The requester ended its side: it has given up.
-    gone: bool,
-    send_timeout: Duration,
-}
-
-impl QuicResponder {
-    pub(crate) fn new(
-        send: SendStream,
-        reader: FrameReader,
-        codec: FrameCodec,
-        local: Arc<Local>,
-        requester: AgentId,
-        send_timeout: Duration,
-    ) -> Self {
-        Self {
-            send,
-            reader,
-            codec,
-            local,
-            requester,
-            gone: false,
-            send_timeout,
-        }
-    }
-}
-
-#[async_trait]
-impl Respond for QuicResponder {
-    async fn respond(mut self: Box<Self>, response: Envelope) -> Result<()> {
-        let gone = Error::SendFailed {
-            to: self.requester.clone(),
-            reason: SendFailure::ReceiverClosed,
-        };
-        if self.gone {
-            return Err(gone);
-        }
-        let len = response.payload.len();
-        let frame = self.codec.encode_to_bytes(&response)?;
-        // A requester that stopped reading cannot hold the answer (and its handler's slot)
-        // forever.
-        match tokio::time::timeout(self.send_timeout, self.send.send(frame)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(gone),
-            Err(_) => {
-                let _ = self.send.reset(reset::CANCELLED.into());
-                return Err(Error::SendFailed {
-                    to: self.requester.clone(),
-                    reason: SendFailure::QueueFull(self.send_timeout),
-                });
-            }
-        }
-        let _ = self.send.finish();
-        self.local.stats.sent(len);
-        Ok(())
-    }
-
-    async fn cancelled(&mut self) {
-        // The requester keeps its side open until it has the answer; its end (or reset)
-        // before that means it gave up.
-        if !self.gone {
-            self.reader.closed().await;
-            self.gone = true;
-        }
-    }
-}
+use crate::wire::{Chunk, FrameCodec, FrameReader, reset};
 
 /// Writes an agent stream: one QUIC stream, [`Chunk`] frames, QUIC flow control.
 pub(crate) struct QuicSink {
@@ -95,7 +22,7 @@ pub(crate) struct QuicSink {
     codec: FrameCodec,
     max_chunk: usize,
     finished: bool,
-    local: Arc<Local>,
+    stats: Arc<StatsRecorder>,
     to: AgentId,
     send_timeout: Duration,
     peer: std::net::SocketAddr,
@@ -105,12 +32,11 @@ impl QuicSink {
     pub(crate) fn new(
         header: &aqe_core::StreamHeader,
         send: SendStream,
-        codec: FrameCodec,
         max_chunk: usize,
-        local: Arc<Local>,
+        stats: Arc<StatsRecorder>,
         send_timeout: Duration,
     ) -> Self {
-        local.stats.stream_delta(true);
+        stats.stream_delta(true);
         let peer = send
             .connection()
             .remote_addr()
@@ -119,10 +45,10 @@ impl QuicSink {
             peer,
             id: header.id,
             send,
-            codec,
+            codec: FrameCodec::default(),
             max_chunk,
             finished: false,
-            local,
+            stats,
             to: header.to.clone(),
             send_timeout,
         }
@@ -130,7 +56,7 @@ impl QuicSink {
 
     fn finish(&mut self) {
         if !std::mem::replace(&mut self.finished, true) {
-            self.local.stats.stream_delta(false);
+            self.stats.stream_delta(false);
         }
     }
 }
@@ -176,7 +102,7 @@ impl StreamSink for QuicSink {
                 },
             );
         }
-        self.local.stats.sent(len);
+        self.stats.sent(len);
         if fin {
             let _ = self.send.finish();
             self.finish();
@@ -244,23 +170,23 @@ impl Drop for QuicSink {
 pub(crate) struct QuicSource {
     id: StreamId,
     reader: FrameReader,
-    local: Arc<Local>,
+    stats: Arc<StatsRecorder>,
     open: bool,
 }
 
 impl QuicSource {
-    pub(crate) fn new(id: StreamId, reader: FrameReader, local: Arc<Local>) -> Self {
+    pub(crate) fn new(id: StreamId, reader: FrameReader, stats: Arc<StatsRecorder>) -> Self {
         Self {
             id,
             reader,
-            local,
+            stats,
             open: true,
         }
     }
 
     fn end(&mut self) {
         if std::mem::take(&mut self.open) {
-            self.local.stats.stream_delta(false);
+            self.stats.stream_delta(false);
         }
     }
 }
@@ -270,7 +196,7 @@ impl StreamSource for QuicSource {
     async fn next(&mut self) -> Option<Result<StreamChunk>> {
         match self.reader.next::<Chunk>().await {
             Ok(Some(c)) => {
-                self.local.stats.received(c.data.len());
+                self.stats.received(c.data.len());
                 if c.fin {
                     self.end();
                 }

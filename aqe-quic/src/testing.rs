@@ -6,13 +6,11 @@ use bytes::BytesMut;
 use serde::de::DeserializeOwned;
 
 use crate::SecurityConfig;
-use aqe_core::Envelope;
-use aqe_core::plumbing::FrameCodec;
+use aqe_session::{Frame, Hello};
 
-pub use crate::lane::{Down, LANE_MAX_PAYLOAD, Up};
 pub use crate::wire::{
-    ALPN, Chunk, Control, FrameReader, Hello, PROTOCOL_VERSION, Preamble, Relayed, Sequenced,
-    Unprocessed, close, frames, reset,
+    ALPN, Chunk, FrameCodec, FrameReader, LARGE, MAX_DATAGRAM, Preamble, WIRE_VERSION, close,
+    datagram, decode_datagram, frame_transmit, reset,
 };
 
 use crate::QuicTransport;
@@ -32,54 +30,39 @@ fn frames_of<T: DeserializeOwned>(codec: FrameCodec, data: &[u8]) -> usize {
 pub mod fuzz {
     use super::*;
 
-    /// Frames as any stream carries them (the length, version and body checks).
+    /// Session frames as any stream carries them (length, version and body checks).
     pub fn frame(data: &[u8]) {
-        let _ = frames_of::<Envelope>(FrameCodec::new(64 * 1024), data);
+        let _ = frames_of::<Frame>(FrameCodec::new(1024 * 1024), data);
     }
     /// Envelopes (payloads of every message).
     pub fn envelope(data: &[u8]) {
-        let _ = aqe_core::decode::<Envelope>(data);
+        let _ = aqe_core::decode::<aqe_core::Envelope>(data);
     }
     /// Hellos, before the peer is authenticated.
     pub fn hello(data: &[u8]) {
-        let _ = frames_of::<Hello>(FrameCodec::new(256 * 1024), data);
-    }
-    /// Control frames (membership, peer exchange, acknowledgements, heartbeats).
-    pub fn control(data: &[u8]) {
-        let _ = frames_of::<Control>(FrameCodec::new(256 * 1024), data);
+        let _ = frames_of::<Hello>(FrameCodec::new(16 * 1024), data);
     }
     /// Stream preambles.
     pub fn preamble(data: &[u8]) {
         let _ = frames_of::<Preamble>(FrameCodec::new(256 * 1024), data);
     }
-    /// Reliable messages on channel streams.
-    pub fn sequenced(data: &[u8]) {
-        let _ = frames_of::<Sequenced>(FrameCodec::new(1024 * 1024), data);
-    }
     /// Agent stream chunks.
     pub fn chunk(data: &[u8]) {
         let _ = frames_of::<Chunk>(FrameCodec::new(1024 * 1024), data);
     }
-    /// Requests on a lane.
-    pub fn lane_up(data: &[u8]) {
-        let _ = frames_of::<Up>(FrameCodec::new(LANE_MAX_PAYLOAD + 64 * 1024), data);
-    }
-    /// Answers on a lane.
-    pub fn lane_down(data: &[u8]) {
-        let _ = frames_of::<Down>(FrameCodec::new(1024 * 1024), data);
-    }
     /// Datagrams (one frame, exactly).
     pub fn datagram(data: &[u8]) {
-        let _ = FrameCodec::default().decode_exact::<Envelope>(data);
+        let _ = decode_datagram(data);
     }
-    /// Certificates (the endpoint id derived from a peer's certificate).
+    /// Certificates (the endpoint key derived from a peer's certificate).
     pub fn certificate(data: &[u8]) {
         let _ = crate::identity::of_certificate(data);
     }
 }
 
 /// TLS providers for a hand-driven peer: trusted by this process's endpoints that use the
-/// development CA (no certificate configured), with the aqe ALPN.
+/// development CA (no certificate configured), with the aqe ALPN; and the key of their
+/// certificate.
 ///
 /// # Panics
 /// If the development certificates cannot be made (a test set-up failure).
@@ -99,12 +82,12 @@ pub async fn dev_tls() -> (
     )
 }
 
-/// Tasks the endpoint runs now (connections, streams, writers...).
+/// Tasks the endpoint runs now (its host's and its wire's).
 pub fn task_count(t: &QuicTransport) -> usize {
-    t.shared().tasks.len()
+    t.host().tasks().len()
 }
 
-/// The endpoint's id (derived from its certificate).
-pub fn endpoint_id(t: &QuicTransport) -> u64 {
-    t.shared().id
+/// The endpoint's id (its certificate's key and its incarnation).
+pub fn endpoint_id(t: &QuicTransport) -> aqe_session::EndpointId {
+    t.endpoint()
 }

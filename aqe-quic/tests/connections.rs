@@ -57,15 +57,16 @@ async fn simultaneous_dials_end_with_exactly_one_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_third_agent_is_discovered_through_peer_exchange() {
-    let hub = endpoint(config()).await;
-    let b = endpoint(config()).await;
-    let c = endpoint(config()).await;
+    // Peer exchange goes between authenticated peers only: here, token holders.
+    let fleet = || with_token(config(), Some("fleet-token"));
+    let hub = endpoint(fleet()).await;
+    let b = endpoint(fleet()).await;
+    let c = endpoint(fleet()).await;
     let _ih = attach(&hub, "hub").await;
     let mut ib = attach(&b, "b").await;
     let _ic = attach(&c, "c").await;
     b.connect(hub.local_addr()).await.expect("b to hub");
-    // c knows only the hub; it learns of b from the hub (whose certificate it verified), and
-    // the hub tells b of c.
+    // c knows only the hub; it learns of b from the hub, and the hub tells b of c.
     c.connect(hub.local_addr()).await.expect("c to hub");
     await_peer(&c, "b").await;
     await_peer(&b, "c").await;
@@ -100,14 +101,15 @@ async fn a_third_agent_is_discovered_through_peer_exchange() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_endpoints_joining_one_hub_know_every_agent_in_seconds() {
     const N: usize = 100;
-    let hub = endpoint(config()).await;
+    let fleet = || with_token(config(), Some("fleet-token"));
+    let hub = endpoint(fleet()).await;
     let _ih = attach(&hub, "hub").await;
     let started = Instant::now();
     let mut nodes = Vec::with_capacity(N);
     for i in 0..N {
         let n = endpoint(QuicConfig {
             bootstrap_peers: vec![hub.local_addr().to_string()],
-            ..config()
+            ..fleet()
         })
         .await;
         let inbox = attach(&n, &format!("n{i}")).await;

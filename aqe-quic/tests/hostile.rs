@@ -1,21 +1,22 @@
-//! A hostile peer, driven by hand over real QUIC on loopback: it cannot steer an endpoint (its
-//! word about addresses and endpoints is not taken unless it is authenticated, its claimed
-//! identity is checked against its certificate), and it cannot make an endpoint grow or wait
-//! without bound (requests, frame lengths, a control stream it does not read, floods). Every
-//! test is bounded in count and time.
+//! A hostile peer, driven by hand over real QUIC on loopback. It cannot steer an endpoint
+//! (its word about other endpoints is not taken, nor spread, unless it is authenticated; its
+//! claimed key is checked against its certificate; claiming a live peer's address evicts
+//! nobody), it cannot send as agents it did not announce, it cannot make an endpoint hold
+//! more than its windows say or grow without bound, and not acknowledging does not keep its
+//! senders waiting past their deadline. Every test is bounded in count and time.
 
 mod support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use aqe_core::plumbing::FrameCodec;
 use aqe_core::{
-    AgentId, Channel, Envelope, Error, Event, MessageKind, Recipient, Registration, RequestOptions,
-    SecurityFailure, Transport,
+    AgentId, Channel, DeliveryFailure, Envelope, Error, Event, MessageKind, Recipient,
+    Registration, RequestOptions, SecurityFailure, Transport,
 };
 use aqe_quic::QuicConfig;
-use aqe_quic::testing::{self, Control, Down, FrameReader, Hello, Preamble, Relayed, Up, close};
+use aqe_quic::testing::{self, FrameCodec, FrameReader, Preamble, close};
+use aqe_session::{EndpointId, Frame, Hello, Lane, Refusal, SESSION_VERSION, Transmit};
 use bytes::{BufMut, Bytes, BytesMut};
 use s2n_quic::client::Connect;
 use support::*;
@@ -42,15 +43,23 @@ async fn raw_connect(client: &s2n_quic::Client, to: SocketAddr) -> s2n_quic::Con
         .expect("QUIC handshake")
 }
 
-fn raw_hello(endpoint: u64, listen: &str) -> Hello {
+fn raw_hello(key: u64, listen: &str) -> Hello {
     Hello {
-        version: testing::PROTOCOL_VERSION,
-        endpoint,
+        version: SESSION_VERSION,
+        endpoint: EndpointId::new(key, 1),
         nonce: 7,
-        listen: listen.parse().expect("addr"),
+        listen: Some(listen.parse().expect("addr")),
         token: None,
         window: 64,
+        session_bytes: 1 << 20,
+        heartbeat_ms: 500,
+        liveness_ms: 30_000,
     }
+}
+
+/// Frames the session frame `f` as a QUIC stream carries it.
+fn frame(f: Frame, buf: &mut BytesMut) {
+    testing::frame_transmit(&Transmit::Frame(Lane::Control, f), buf).expect("frame");
 }
 
 /// A connection driven by hand, past its hello exchange.
@@ -61,8 +70,45 @@ struct Raw {
     send: s2n_quic::stream::SendStream,
 }
 
+impl Raw {
+    /// The next session frame on the control stream that `pick` accepts (others skipped).
+    async fn expect<T>(&mut self, mut pick: impl FnMut(Frame) -> Option<T>) -> T {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let f: Frame = self
+                    .control
+                    .next()
+                    .await
+                    .expect("a frame")
+                    .expect("the stream lives");
+                if let Some(v) = pick(f) {
+                    return v;
+                }
+            }
+        })
+        .await
+        .expect("the frame in time")
+    }
+
+    /// Session frames on a new unidirectional stream of `preamble`.
+    async fn open(
+        &mut self,
+        preamble: &Preamble,
+        frames: Vec<Frame>,
+    ) -> s2n_quic::stream::SendStream {
+        let mut s = self.connection.open_send_stream().await.expect("stream");
+        let mut buf = BytesMut::new();
+        codec().encode(preamble, &mut buf).expect("preamble");
+        for f in frames {
+            frame(f, &mut buf);
+        }
+        s.send(buf.freeze()).await.expect("send");
+        s
+    }
+}
+
 /// Connects to `to`, sends `hello` then `after` on the control stream, reads the answer hello.
-async fn raw_join(to: SocketAddr, hello: &Hello, after: &[Control]) -> Raw {
+async fn raw_join(to: SocketAddr, hello: &Hello, after: Vec<Frame>) -> Raw {
     let client = raw_client().await;
     let mut connection = raw_connect(&client, to).await;
     let (recv, mut send) = connection
@@ -72,8 +118,8 @@ async fn raw_join(to: SocketAddr, hello: &Hello, after: &[Control]) -> Raw {
         .split();
     let mut first = BytesMut::new();
     codec().encode(hello, &mut first).expect("encode");
-    for c in after {
-        codec().encode(c, &mut first).expect("encode");
+    for f in after {
+        frame(f, &mut first);
     }
     send.send(first.freeze()).await.expect("send hello");
     let mut control = FrameReader::new(recv, codec());
@@ -92,6 +138,27 @@ async fn raw_join(to: SocketAddr, hello: &Hello, after: &[Control]) -> Raw {
 
 fn reg(id: &str) -> Registration {
     Registration::new(id, "test").with_channel(Channel::coordination())
+}
+
+fn snapshot(generation: u64, agents: Vec<Registration>) -> Frame {
+    Frame::Snapshot {
+        generation,
+        part: 0,
+        parts: 1,
+        agents,
+    }
+}
+
+fn direct(from: &str, to: &str) -> Envelope {
+    let mut e = Envelope::new(
+        from.into(),
+        Recipient::Agent(to.into()),
+        "coordination".into(),
+        MessageKind::Direct,
+        Bytes::from_static(b"x"),
+    );
+    e.priority = Channel::coordination().priority;
+    e
 }
 
 /// The application code a connection was closed with, once it is.
@@ -124,35 +191,55 @@ fn status_kib(field: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unauthenticated_peers_word_about_addresses_and_endpoints_is_not_taken() {
-    let e = endpoint(config()).await;
+async fn a_strangers_word_is_not_taken_not_spread_and_it_hears_of_nobody() {
+    // e and f are token holders (authenticated to each other); the stranger is not.
+    let fleet = || with_token(config(), Some("fleet"));
+    let e = endpoint(fleet()).await;
     let _ie = attach(&e, "e").await;
-    let f = endpoint(config()).await;
+    let f = endpoint(fleet()).await;
     let _if = attach(&f, "f").await;
-    // f dialed e: it verified e's certificate and takes e's word.
     f.connect(e.local_addr()).await.expect("f to e");
     await_peer(&f, "e").await;
-    // A stranger (no token, no client certificate) claims a made-up listen address, hosts
-    // an agent, and tells of an endpoint somewhere else.
-    let bait = Control::Relay(Relayed::Snapshot {
-        endpoint: 777,
+    // A stranger hosts an agent, claims a made-up listen address, and tells of an endpoint
+    // somewhere else.
+    let bait = Frame::Relay(aqe_session::Relayed::Endpoint {
+        endpoint: EndpointId::new(777, 1),
         listen: "10.1.2.3:5555".parse().expect("addr"),
         generation: 1,
         agents: vec![reg("bait")],
     });
-    let snapshot = Control::Snapshot {
-        generation: 1,
-        agents: vec![reg("stranger")],
-        last: true,
+    let mut hello = raw_hello(12345, "10.9.8.7:4444");
+    hello.token = Some("wrong".into());
+    let refused = {
+        let client = raw_client().await;
+        let mut c = raw_connect(&client, e.local_addr()).await;
+        let mut s = c.open_bidirectional_stream().await.expect("stream");
+        s.send(codec().encode_to_bytes(&hello).expect("encode"))
+            .await
+            .expect("send");
+        close_code(&mut c).await
     };
-    let _raw = raw_join(
-        e.local_addr(),
+    assert_eq!(
+        refused,
+        Some(u64::from(close::TOKEN_REJECTED)),
+        "a wrong token is refused"
+    );
+    // Without a token the endpoint's token authentication refuses it too: strangers talk to
+    // endpoints that do not ask for one.
+    let open = endpoint(config()).await;
+    let _io = attach(&open, "open").await;
+    let g = endpoint(config()).await;
+    let _ig = attach(&g, "g").await;
+    g.connect(open.local_addr()).await.expect("g to open");
+    await_peer(&g, "open").await;
+    let mut raw = raw_join(
+        open.local_addr(),
         &raw_hello(12345, "10.9.8.7:4444"),
-        &[snapshot, bait],
+        vec![snapshot(1, vec![reg("stranger")]), bait],
     )
     .await;
-    await_peer(&e, "stranger").await;
-    let stranger = e
+    await_peer(&open, "stranger").await;
+    let stranger = open
         .peers()
         .into_iter()
         .find(|p| p.id.as_str() == "stranger")
@@ -167,42 +254,41 @@ async fn an_unauthenticated_peers_word_about_addresses_and_endpoints_is_not_take
         ),
         "its address takes the IP its connection comes from"
     );
-    // e relays its direct peer's membership to f, with the observed address.
-    await_peer(&f, "stranger").await;
-    let seen_by_f = f
-        .peers()
-        .into_iter()
-        .find(|p| p.id.as_str() == "stranger")
-        .expect("listed");
-    assert_eq!(seen_by_f.address, stranger.address);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    for t in [&e, &f] {
+    // Nothing the stranger says goes further, and it hears nothing of the others.
+    let heard = tokio::time::timeout(Duration::from_millis(600), async {
+        loop {
+            match raw.control.next::<Frame>().await {
+                Ok(Some(Frame::Relay(r))) => return Some(r),
+                Ok(Some(_)) => {}
+                _ => return None,
+            }
+        }
+    })
+    .await;
+    assert!(
+        !matches!(heard, Ok(Some(_))),
+        "a stranger was told of other endpoints: {heard:?}"
+    );
+    for t in [&open, &g] {
         assert!(
             t.peers().iter().all(|p| p.id.as_str() != "bait"),
             "the stranger's word about another endpoint was taken"
         );
     }
-    assert_eq!(
-        (e.connections(), f.connections()),
-        (2, 1),
-        "nobody dialed anything"
+    assert!(
+        g.peers().iter().all(|p| p.id.as_str() != "stranger"),
+        "a stranger's agents were relayed"
     );
-    let err = f
-        .send(Envelope::new(
-            "f".into(),
-            Recipient::Agent("bait".into()),
-            "coordination".into(),
-            MessageKind::Direct,
-            Bytes::new(),
-        ))
-        .await
-        .expect_err("unknown");
-    assert!(matches!(err, Error::PeerNotFound { .. }), "{err}");
+    assert_eq!(
+        (open.connections(), g.connections()),
+        (2, 1),
+        "nobody dialed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_endpoint_id_the_certificate_does_not_give_is_refused() {
-    let (server_tls, _, real_id) = testing::dev_tls().await;
+async fn a_key_the_certificate_does_not_give_is_refused() {
+    let (server_tls, _, real_key) = testing::dev_tls().await;
     let mut server = s2n_quic::Server::builder()
         .with_tls(server_tls)
         .expect("tls")
@@ -221,9 +307,10 @@ async fn an_endpoint_id_the_certificate_does_not_give_is_refused() {
             .expect("stream")
             .split();
         let mut reader = FrameReader::new(recv, codec());
-        let _theirs: Option<Hello> = reader.next().await.expect("hello");
-        // Claims an id other than the one its certificate gives.
-        let claim = raw_hello(real_id ^ 0xdead, &addr.to_string());
+        let theirs: Hello = reader.next().await.expect("hello").expect("hello");
+        // Claims a key other than the one its certificate gives.
+        let mut claim = raw_hello(real_key ^ 0xdead, &addr.to_string());
+        claim.nonce = theirs.nonce;
         send.send(codec().encode_to_bytes(&claim).expect("encode"))
             .await
             .expect("send");
@@ -248,104 +335,243 @@ async fn an_endpoint_id_the_certificate_does_not_give_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_id_announced_by_a_second_endpoint_is_refused_and_reported() {
-    let a = endpoint(config()).await;
-    let _ia = attach(&a, "a").await;
-    let b = endpoint(config()).await;
-    let mut ib = attach(&b, "dup").await;
-    let c = endpoint(config()).await;
-    let _ic = attach(&c, "dup").await;
-    let mut events = a.subscribe();
-    a.connect(b.local_addr()).await.expect("a to b");
-    await_peer(&a, "dup").await;
-    a.connect(c.local_addr()).await.expect("a to c");
+async fn claiming_a_live_peers_address_and_agents_evicts_nobody_and_captures_nothing() {
+    let s = endpoint(config()).await;
+    let _is = attach(&s, "s").await;
+    let v = endpoint(config()).await;
+    let mut iv = attach(&v, "v").await;
+    s.connect(v.local_addr()).await.expect("s to v");
+    await_peer(&s, "v").await;
+    let mut events = s.subscribe();
+    // Another key announces v's listen port from the same IP, and v's agent.
+    let mut impostor = raw_join(
+        s.local_addr(),
+        &raw_hello(0xbad, &v.local_addr().to_string()),
+        vec![snapshot(1, vec![reg("v")])],
+    )
+    .await;
     let claimed_by = await_event(&mut events, |e| match e {
-        Event::AgentConflict { agent, claimed_by } if agent.as_str() == "dup" => {
+        Event::AgentConflict { agent, claimed_by } if agent.as_str() == "v" => {
             Some(claimed_by.clone())
         }
         _ => None,
     })
     .await;
+    assert_eq!(claimed_by, v.local_addr().into(), "the claim is reported");
     assert_eq!(
-        claimed_by,
-        c.local_addr().into(),
-        "the second claim is reported"
+        s.connections(),
+        2,
+        "v's session lives on beside the impostor's"
     );
-    let dup = a
-        .peers()
-        .into_iter()
-        .find(|p| p.id.as_str() == "dup")
-        .expect("listed");
-    assert_eq!(
-        dup.address,
-        Some(b.local_addr().into()),
-        "the first keeps the id"
-    );
-    let mut msg = Envelope::new(
-        "a".into(),
-        Recipient::Agent("dup".into()),
-        "coordination".into(),
-        MessageKind::Direct,
-        Bytes::from_static(b"to b"),
-    );
-    msg.priority = Channel::coordination().priority;
-    a.send(msg).await.expect("send");
-    assert_eq!(&next_message(&mut ib).await.payload[..], b"to b");
+    // What is sent to v goes to v, and the impostor receives nothing meant for it.
+    let taker = tokio::spawn(async move {
+        for _ in 0..20 {
+            let got = next_message(&mut iv).await;
+            assert_eq!(got.from.as_str(), "s");
+        }
+    });
+    for _ in 0..20 {
+        s.send_confirmed(direct("s", "v"))
+            .await
+            .expect("taken by v");
+    }
+    taker.await.expect("v took them all");
+    let stolen = tokio::time::timeout(Duration::from_millis(500), async {
+        let mut data = impostor.connection.accept_receive_stream().await.ok()??;
+        data.receive().await.ok()?
+    })
+    .await;
+    assert!(!matches!(stolen, Ok(Some(_))), "the impostor received data");
+    let _ = impostor.send.finish();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn twenty_thousand_lane_requests_to_a_full_inbox_stay_bounded_and_get_busy() {
-    const N: usize = 20_000;
+async fn a_peer_sends_only_as_agents_it_announced() {
+    let e = endpoint(config()).await;
+    let mut ie = attach(&e, "e").await;
+    let mut raw = raw_join(
+        e.local_addr(),
+        &raw_hello(4242, "127.0.0.1:9"),
+        vec![snapshot(1, vec![reg("mine")])],
+    )
+    .await;
+    let message = |seq, from: &str| Frame::Message {
+        seq,
+        after: 0,
+        low: 1,
+        generation: 1,
+        confirm: false,
+        envelope: direct(from, "e"),
+    };
+    let _s = raw
+        .open(
+            &Preamble::Channel("coordination".into()),
+            vec![message(1, "not-mine"), message(2, "mine")],
+        )
+        .await;
+    let refused = raw
+        .expect(|f| match f {
+            Frame::Refused { seqs, reason } => Some((seqs, reason)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(refused, (vec![(1, 1)], Refusal::NotRegistered));
+    let got = next_message(&mut ie).await;
+    assert_eq!(
+        got.from.as_str(),
+        "mine",
+        "only its own agent's message arrives"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exceeding_an_agents_window_refuses_those_messages_not_the_connection() {
+    let window = 8;
+    let e = endpoint(QuicConfig { window, ..config() }).await;
+    // An agent whose inbox nobody reads.
+    let (tx, _never_read) = aqe_core::plumbing::inbox(AgentId::from("sink"), 4);
+    e.attach(reg("sink"), tx).await.expect("attach");
+    let mut raw = raw_join(
+        e.local_addr(),
+        &raw_hello(4343, "127.0.0.1:9"),
+        vec![snapshot(1, vec![reg("flooder")])],
+    )
+    .await;
+    let frames = (1..=20)
+        .map(|seq| Frame::Message {
+            seq,
+            after: 0,
+            low: 1,
+            generation: 1,
+            confirm: false,
+            envelope: direct("flooder", "sink"),
+        })
+        .collect();
+    let _s = raw.open(&Preamble::Unordered, frames).await;
+    let refused = raw
+        .expect(|f| match f {
+            Frame::Refused {
+                seqs,
+                reason: Refusal::Overflow,
+            } => Some(seqs),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        refused,
+        vec![(u64::from(window) + 1, 20)],
+        "the excess is refused"
+    );
+    // The connection lives: a heartbeat is answered.
+    let mut ping = BytesMut::new();
+    frame(
+        Frame::Ping {
+            nonce: 99,
+            generation: 1,
+            low: 1,
+        },
+        &mut ping,
+    );
+    raw.send.send(ping.freeze()).await.expect("ping");
+    raw.expect(|f| matches!(f, Frame::Pong { nonce: 99 }).then_some(()))
+        .await;
+    assert_eq!(e.connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_acknowledges_fails_its_senders_at_the_deadline() {
+    let deadline = Duration::from_millis(800);
+    let e = endpoint(QuicConfig {
+        delivery_deadline: deadline,
+        ..config()
+    })
+    .await;
+    let _ie = attach(&e, "e").await;
+    let mut events = e.subscribe();
+    let _raw = raw_join(
+        e.local_addr(),
+        &raw_hello(4444, "127.0.0.1:9"),
+        vec![snapshot(1, vec![reg("silent")])],
+    )
+    .await;
+    await_peer(&e, "silent").await;
+    let started = Instant::now();
+    let err = e
+        .send_confirmed(direct("e", "silent"))
+        .await
+        .expect_err("never acknowledged");
+    let took = started.elapsed();
+    assert!(
+        matches!(
+            err,
+            Error::DeliveryFailed {
+                reason: DeliveryFailure::Unconfirmed,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        took >= deadline && took < deadline + Duration::from_millis(500),
+        "reported after {took:?}, the deadline being {deadline:?}"
+    );
+    let reported = await_event(&mut events, |e| match e {
+        Event::DeliveryFailed { to, reason, .. } if to.as_str() == "silent" => Some(*reason),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reported, DeliveryFailure::Unconfirmed);
+    assert_eq!(e.connections(), 1, "while its connection lives");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_thousand_requests_to_a_full_inbox_stay_bounded_and_get_busy() {
+    const N: u64 = 20_000;
     let e = endpoint(config()).await;
     // An agent whose inbox nobody reads.
     let (tx, _never_read) = aqe_core::plumbing::inbox(AgentId::from("sink"), 16);
     e.attach(reg("sink"), tx).await.expect("attach");
     let before = testing::task_count(&e);
-    let raw = raw_join(
+    let mut raw = raw_join(
         e.local_addr(),
         &raw_hello(54321, "127.0.0.1:9"),
-        &[Control::Snapshot {
-            generation: 1,
-            agents: vec![reg("flooder")],
-            last: true,
-        }],
+        vec![snapshot(1, vec![reg("flooder")])],
     )
     .await;
-    let mut connection = raw.connection;
-    let (recv, mut send) = connection
-        .open_bidirectional_stream()
-        .await
-        .expect("lane")
-        .split();
-    let mut flood = BytesMut::new();
-    codec().encode(&Preamble::Lane, &mut flood).expect("encode");
-    for _ in 0..N {
-        let mut request = Envelope::new(
-            "flooder".into(),
-            Recipient::Agent("sink".into()),
-            "coordination".into(),
-            MessageKind::Request,
-            Bytes::from_static(b"work"),
-        );
-        request.priority = Channel::coordination().priority;
-        codec()
-            .encode(&Up::Request(request), &mut flood)
-            .expect("encode");
-    }
+    let requests = (0..N)
+        .map(|_| {
+            let mut r = direct("flooder", "sink");
+            r.kind = MessageKind::Request;
+            Frame::Request {
+                generation: 1,
+                envelope: r,
+            }
+        })
+        .collect();
     let started = Instant::now();
-    send.send(flood.freeze()).await.expect("flood");
-    let mut answers = FrameReader::new(recv, codec());
-    let mut busy = 0;
+    let _s = raw.open(&Preamble::Requests, requests).await;
+    let answers = raw
+        .connection
+        .accept_receive_stream()
+        .await
+        .expect("answers")
+        .expect("answers");
+    let mut reader = FrameReader::new(answers, codec());
+    let preamble: Preamble = reader.next().await.expect("preamble").expect("preamble");
+    assert_eq!(preamble, Preamble::Answers);
+    let mut busy = 0u64;
     let mut peak_tasks = 0;
     // Everything beyond what the responder holds is answered busy at once.
-    let expected_busy = N - QuicConfig::default().limits.requests_in_hand as usize;
+    let expected_busy = N - u64::from(QuicConfig::default().limits.requests_in_hand);
     while busy < expected_busy {
-        match tokio::time::timeout(WAIT, answers.next::<Down>()).await {
-            Ok(Ok(Some(Down::Busy(_)))) => busy += 1,
-            Ok(Ok(Some(other))) => panic!("unexpected answer {other:?}"),
-            other => panic!("lane ended after {busy} busy answers: {other:?}"),
+        match tokio::time::timeout(WAIT, reader.next::<Frame>()).await {
+            Ok(Ok(Some(Frame::NoAnswer {
+                reason: Refusal::Overflow,
+                ..
+            }))) => busy += 1,
+            other => panic!("answers ended after {busy} busy: {other:?}"),
         }
-        if busy % 1000 == 0 {
+        if busy.is_multiple_of(1000) {
             peak_tasks = peak_tasks.max(testing::task_count(&e));
         }
     }
@@ -355,7 +581,7 @@ async fn twenty_thousand_lane_requests_to_a_full_inbox_stay_bounded_and_get_busy
         "tasks grew from {before} to {peak_tasks}"
     );
     eprintln!(
-        "{N} lane requests to an unread inbox: {busy} answered busy in {took:?}; tasks {before} -> at most {peak_tasks}"
+        "{N} requests to an unread inbox: {busy} answered busy in {took:?}; tasks {before} -> at most {peak_tasks}"
     );
     let t = Instant::now();
     e.shutdown().await;
@@ -381,7 +607,7 @@ async fn hellos_announcing_sixteen_mebibytes_cost_nothing_and_are_refused() {
         // A length prefix claiming 16 MiB (minus a little), then nothing more.
         let mut prefix = BytesMut::new();
         prefix.put_u32(16 * 1024 * 1024 - 16);
-        prefix.put_u8(aqe_core::plumbing::WIRE_VERSION);
+        prefix.put_u8(testing::WIRE_VERSION);
         s.send(prefix.freeze()).await.expect("send");
         connections.push((connection, s));
     }
@@ -408,7 +634,7 @@ async fn a_peer_that_stops_reading_cannot_hold_up_attach_detach_or_shutdown() {
         ..config()
     })
     .await;
-    let raw = raw_join(e.local_addr(), &raw_hello(999, "127.0.0.1:9"), &[]).await;
+    let raw = raw_join(e.local_addr(), &raw_hello(999, "127.0.0.1:9"), vec![]).await;
     let mut connection = raw.connection;
     // The peer never reads its control stream again. Agents come and go with large
     // registrations: far more than the stream's flow-control window.
@@ -475,14 +701,8 @@ async fn floods_of_garbage_and_handshakes_leave_a_legitimate_client_served() {
     l.connect(e.local_addr()).await.expect("legit connects");
     await_peer(&l, "echo").await;
     let request = || {
-        let mut r = Envelope::new(
-            "legit".into(),
-            Recipient::Agent("echo".into()),
-            "coordination".into(),
-            MessageKind::Request,
-            Bytes::from_static(b"ping"),
-        );
-        r.priority = Channel::coordination().priority;
+        let mut r = direct("legit", "echo");
+        r.kind = MessageKind::Request;
         r
     };
     let sample = |n: usize| {

@@ -238,6 +238,23 @@ pub struct MessageHeader {
     pub confirm: bool,
 }
 
+impl MessageHeader {
+    /// Appends what comes before the envelope in a [`Frame::Message`]'s postcard encoding:
+    /// the variant index, the numbers, the confirm flag. The envelope's encoding follows.
+    ///
+    /// # Errors
+    /// Never in practice (varints always fit); typed for the encoder's sake.
+    pub fn encode(&self, dst: &mut BytesMut) -> Result<(), postcard::Error> {
+        dst.extend_from_slice(&[MESSAGE_VARIANT]);
+        for n in [self.seq, self.after, self.low, self.generation] {
+            let mut buf = [0u8; 10];
+            dst.extend_from_slice(postcard::to_slice(&n, &mut buf)?);
+        }
+        dst.extend_from_slice(&[u8::from(self.confirm)]);
+        Ok(())
+    }
+}
+
 /// Something to send, and on which lane.
 #[derive(Debug, Clone)]
 pub enum Transmit {
@@ -283,12 +300,7 @@ impl Transmit {
         match self {
             Transmit::Frame(_, frame) => encode_into(frame, dst),
             Transmit::Message { header, body, .. } => {
-                dst.extend_from_slice(&[MESSAGE_VARIANT]);
-                for n in [header.seq, header.after, header.low, header.generation] {
-                    let mut buf = [0u8; 10];
-                    dst.extend_from_slice(postcard::to_slice(&n, &mut buf)?);
-                }
-                dst.extend_from_slice(&[u8::from(header.confirm)]);
+                header.encode(dst)?;
                 dst.extend_from_slice(body);
                 Ok(())
             }

@@ -137,6 +137,9 @@ struct Peer {
     listen: Option<SocketAddr>,
     address: Address,
     linked: bool,
+    /// Its membership is known (a snapshot was applied): what peers relayed about it gives
+    /// way to what it says.
+    synced: bool,
     generation: u64,
     agents: BTreeMap<AgentId, Arc<Registration>>,
 }
@@ -415,6 +418,7 @@ impl<M> Node<M> {
                 listen,
                 address,
                 linked: false,
+                synced: false,
                 generation: 0,
                 agents: BTreeMap::new(),
             },
@@ -549,7 +553,21 @@ impl<M> Node<M> {
         let Some(p) = self.peers.get_mut(&s) else {
             return;
         };
+        let first = !std::mem::replace(&mut p.synced, true);
         p.generation += 1;
+        // What peers relayed about its endpoint gives way now.
+        let endpoint = p.endpoint;
+        let mut relayed: Vec<AgentId> = Vec::new();
+        if first {
+            for h in self.heard.values() {
+                if let Some(e) = h.get(&endpoint) {
+                    relayed.extend(e.agents.keys().cloned());
+                }
+            }
+        }
+        let Some(p) = self.peers.get_mut(&s) else {
+            return;
+        };
         for id in &change.removed {
             p.agents.remove(id);
         }
@@ -559,7 +577,7 @@ impl<M> Node<M> {
         if !p.linked {
             return;
         }
-        for id in &change.removed {
+        for id in change.removed.iter().chain(relayed.iter()) {
             self.reconsider(id, actions);
         }
         for reg in &change.added {
@@ -683,10 +701,12 @@ impl<M> Node<M> {
         let mut heard: Vec<(EndpointId, SocketAddr)> = Vec::new();
         for h in self.heard.values() {
             for (e, entry) in h {
+                // Reached directly and its membership known: what it says counts.
                 if self
                     .by_endpoint
                     .get(e)
-                    .is_some_and(|s| self.peers[s].linked)
+                    .and_then(|s| self.peers.get(s))
+                    .is_some_and(|p| p.linked && p.synced)
                 {
                     continue;
                 }
@@ -754,6 +774,21 @@ impl<M> Node<M> {
             }
         };
         if let Some(owner) = owner {
+            // Known through peer exchange, now reached directly: the same endpoint, a route
+            // of its own.
+            if let Owner::Heard(e) = owner
+                && let Some((direct, _, _)) = claimants
+                    .iter()
+                    .find(|(o, x, _)| *x == e && matches!(o, Owner::Session(_)))
+                    .cloned()
+            {
+                self.owner.insert(id.clone(), direct);
+                if let Owner::Session(s) = direct {
+                    self.flush(id, s, actions);
+                }
+                actions.push(self.route_action(id));
+                return;
+            }
             for (o, e, addr) in &claimants {
                 if *o != owner {
                     report(self, *e, addr);
@@ -808,8 +843,28 @@ impl<M> Node<M> {
     /// another claimant); if it has no owner, one may be elected.
     fn reconsider(&mut self, id: &AgentId, actions: &mut Vec<Action<M>>) {
         if let Some(owner) = self.owner.get(id).copied() {
-            let still = self.claimants(id).iter().any(|(o, ..)| *o == owner);
+            let claimants = self.claimants(id);
+            let still = claimants.iter().any(|(o, ..)| *o == owner);
+            // The same endpoint, reached another way now (known through peer exchange, then
+            // linked): the route moves, the agent never left.
+            let endpoint = match owner {
+                Owner::Heard(e) => Some(e),
+                Owner::Session(s) => self.peers.get(&s).map(|p| p.endpoint),
+            };
+            let moved = claimants
+                .iter()
+                .find(|(o, e, _)| Some(*e) == endpoint && *o != owner)
+                .map(|(o, ..)| *o);
+            if let (false, Some(to)) = (still, moved) {
+                self.owner.insert(id.clone(), to);
+                if let Owner::Session(s) = to {
+                    self.flush(id, s, actions);
+                }
+                actions.push(self.route_action(id));
+                return;
+            }
             if !still {
+                tracing::debug!(agent = %id, ?owner, "its endpoint no longer announces the agent");
                 self.owner.remove(id);
                 actions.push(Action::Route {
                     agent: id.clone(),

@@ -201,6 +201,12 @@ pub(crate) struct Outbox<M> {
     session_bytes: u64,
     /// No timer of this outbox is due before this (deadlines, retransmissions).
     next_check: Option<Instant>,
+    /// Messages reported failed at their deadline that the receiver may still hold (it
+    /// never said): by number, their receiver and size. They keep their room in the window
+    /// until the receiver settles them, so that the window counts what the receiver holds:
+    /// a receiver that takes nothing stops new sends (they wait, then fail as queue full)
+    /// instead of being sent more than it accepts.
+    ghosts: BTreeMap<u64, (AgentId, u64)>,
 }
 
 impl<M> Outbox<M> {
@@ -216,6 +222,7 @@ impl<M> Outbox<M> {
             window: window.max(1),
             session_bytes: session_bytes.max(1),
             next_check: None,
+            ghosts: BTreeMap::new(),
         }
     }
 
@@ -287,7 +294,8 @@ impl<M> Outbox<M> {
             header: MessageHeader {
                 seq,
                 after,
-                low: self.low(),
+                // Not kept yet: the oldest unsettled is it, or an older one.
+                low: self.low().min(seq),
                 generation,
                 confirm: msg.meta.confirm,
             },
@@ -345,16 +353,31 @@ impl<M> Outbox<M> {
 
     fn settle(&mut self, seq: u64) -> Option<Orphan<M>> {
         let s = self.sent.remove(&seq)?;
-        let len = s.msg.meta.len as u64;
-        if let Some(f) = self.agents.get_mut(&s.msg.meta.to) {
+        self.free(&s.msg.meta.to, s.msg.meta.len as u64);
+        Some(s.msg)
+    }
+
+    fn free(&mut self, to: &AgentId, len: u64) {
+        if let Some(f) = self.agents.get_mut(to) {
             f.count = f.count.saturating_sub(1);
             f.bytes = f.bytes.saturating_sub(len);
             if f.count == 0 {
-                self.agents.remove(&s.msg.meta.to);
+                self.agents.remove(to);
             }
         }
         self.bytes = self.bytes.saturating_sub(len);
-        Some(s.msg)
+    }
+
+    /// The receiver settled these: the room of those reported failed already is free now;
+    /// whether any was.
+    fn lay_ghosts(&mut self, first: u64, last: u64) -> bool {
+        let seqs: Vec<u64> = self.ghosts.range(first..=last).map(|(k, _)| *k).collect();
+        for seq in &seqs {
+            if let Some((to, len)) = self.ghosts.remove(seq) {
+                self.free(&to, len);
+            }
+        }
+        !seqs.is_empty()
     }
 
     /// The receiver has these.
@@ -366,17 +389,20 @@ impl<M> Outbox<M> {
         }
     }
 
-    /// These were taken (or refused, with `Some(reason)`): settled.
+    /// These were taken (or refused, with `Some(reason)`): settled. Whether room was freed.
     pub(crate) fn settled(
         &mut self,
         ranges: &[(u64, u64)],
         refused: Option<Refusal>,
         out: &mut Vec<Settled<M>>,
-    ) {
+    ) -> bool {
+        let mut freed = false;
         for &(first, last) in ranges {
+            freed |= self.lay_ghosts(first, last);
             let seqs: Vec<u64> = self.sent.range(first..=last).map(|(k, _)| *k).collect();
             for seq in seqs {
                 if let Some(m) = self.settle(seq) {
+                    freed = true;
                     out.push(match refused {
                         None => m.taken(),
                         Some(r) => m.failed(refusal_failure(r)),
@@ -384,6 +410,7 @@ impl<M> Outbox<M> {
                 }
             }
         }
+        freed
     }
 
     /// Fails what passed its deadline; returns the retransmissions due (a wire that may lose
@@ -403,8 +430,15 @@ impl<M> Outbox<M> {
             .map(|(k, _)| *k)
             .collect();
         for seq in expired {
-            if let Some(m) = self.settle(seq) {
-                failed.push(m.expired());
+            if let Some(s) = self.sent.remove(&seq) {
+                if s.msg.in_doubt {
+                    // The receiver may hold it: its room stays taken until it says.
+                    self.ghosts
+                        .insert(seq, (s.msg.meta.to.clone(), s.msg.meta.len as u64));
+                } else {
+                    self.free(&s.msg.meta.to, s.msg.meta.len as u64);
+                }
+                failed.push(s.msg.expired());
             }
         }
         // Redeliveries keep their order, but came from sessions of different ages: each is
@@ -471,6 +505,7 @@ impl<M> Outbox<M> {
         self.agents.clear();
         self.bytes = 0;
         self.last.clear();
+        self.ghosts.clear();
         self.next_check = None;
         out
     }

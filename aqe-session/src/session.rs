@@ -625,8 +625,15 @@ impl<C: Ctx> Session<C> {
                 parts,
                 agents,
             } => {
-                let step = self.members.on_snapshot(generation, part, parts, agents);
-                self.membership(step, now, locals);
+                match self.members.on_snapshot(generation, part, parts, agents) {
+                    // Told even when nothing changed: the node learns the peer's membership
+                    // is known now.
+                    Step::Applied(change) => {
+                        self.event(SessionEvent::Node(NodeInput::Agents(change)));
+                        self.unpark(now, locals);
+                    }
+                    step => self.membership(step, now, locals),
+                }
             }
             Frame::Joined { generation, agent } => {
                 let step = self.members.on_joined(generation, agent, now);
@@ -685,20 +692,7 @@ impl<C: Ctx> Session<C> {
             Frame::Datagram {
                 generation,
                 envelope,
-            } => {
-                let _ = generation;
-                let to = envelope.target().cloned();
-                if let Some(to) = to
-                    && self.members.registered(&envelope.from)
-                    && locals.admits(&to, &envelope.channel)
-                {
-                    self.event(SessionEvent::Deliver {
-                        to,
-                        seq: None,
-                        envelope,
-                    });
-                }
-            }
+            } => self.datagram_in(generation, envelope, now, locals),
             Frame::Request {
                 generation,
                 envelope,
@@ -735,8 +729,7 @@ impl<C: Ctx> Session<C> {
 
     fn settled(&mut self, ranges: &[(u64, u64)], refused: Option<Refusal>, now: Instant) {
         let mut done = Vec::new();
-        self.outbox.settled(ranges, refused, &mut done);
-        if done.is_empty() {
+        if !self.outbox.settled(ranges, refused, &mut done) {
             return;
         }
         for s in done {
@@ -860,6 +853,23 @@ impl<C: Ctx> Session<C> {
                     }
                     self.request_in(generation, envelope, now, locals);
                 }
+                Frame::Datagram {
+                    generation,
+                    envelope,
+                } => {
+                    if self.sender(&envelope.from, generation).is_none() {
+                        self.parked_bytes += envelope.payload.len() as u64;
+                        self.parked.push_back((
+                            Frame::Datagram {
+                                generation,
+                                envelope,
+                            },
+                            since,
+                        ));
+                        continue;
+                    }
+                    self.datagram_in(generation, envelope, now, locals);
+                }
                 _ => {}
             }
         }
@@ -949,6 +959,42 @@ impl<C: Ctx> Session<C> {
                 to: r.to,
                 seq: Some(r.seq),
                 envelope: r.envelope,
+            });
+        }
+    }
+
+    /// An unreliable message: delivered if its sender and receiver check out, parked while
+    /// its sender's announcement is on its way, dropped otherwise (at most once).
+    fn datagram_in(
+        &mut self,
+        generation: u64,
+        envelope: Envelope,
+        now: Instant,
+        locals: &dyn Locals,
+    ) {
+        match self.sender(&envelope.from, generation) {
+            Some(true) => {}
+            Some(false) => return,
+            None => {
+                let len = envelope.payload.len() as u64;
+                let _ = self.park(
+                    Frame::Datagram {
+                        generation,
+                        envelope,
+                    },
+                    len,
+                    now,
+                );
+                return;
+            }
+        }
+        if let Some(to) = envelope.target().cloned()
+            && locals.admits(&to, &envelope.channel)
+        {
+            self.event(SessionEvent::Deliver {
+                to,
+                seq: None,
+                envelope,
             });
         }
     }
@@ -1106,6 +1152,11 @@ impl<C: Ctx> Session<C> {
                             ));
                         }
                     }
+                    Frame::Datagram { envelope, .. } => {
+                        self.parked_bytes = self
+                            .parked_bytes
+                            .saturating_sub(envelope.payload.len() as u64);
+                    }
                     _ => {}
                 }
             }
@@ -1170,6 +1221,12 @@ impl<C: Ctx> Session<C> {
     /// What the peer has announced.
     pub fn peer_agents(&self) -> Vec<Arc<aqe_core::Registration>> {
         self.members.agents().cloned().collect()
+    }
+
+    /// This endpoint's membership generation, as the frames sent here say (what a frame
+    /// from one of its agents carries).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The peer's membership generation this side applied.

@@ -1649,24 +1649,48 @@ impl World {
         let traffic_end = self.start + self.sc.traffic;
         let impostor_at = self.start + Duration::from_millis(400);
         let mut impostor = self.sc.impostor;
-        let heal_quiet = self.config.delivery_deadline + self.config.liveness * 4;
-        let end = traffic_end + heal_quiet;
+        let end = traffic_end + self.config.liveness * 2;
         // Once healed, membership must converge: checked after `end`, for up to this long
         // more (a session that just ended on a long run of lost heartbeats comes back).
         let converge_by = end + Duration::from_secs(3);
         let mut next_action = self.start;
+        // After the chaos and once healed: a calm spell (no loss, no crash), whose every
+        // message must be taken (or, to a peer that never takes anything, reported
+        // unconfirmed at its deadline); then everything must settle.
+        let mut calm: Option<(usize, Instant)> = None;
         loop {
-            if self.now >= end {
-                match self.converged() {
-                    None => break,
+            let chaos_on = self.now < traffic_end;
+            let mut sending = chaos_on;
+            match calm {
+                None if self.now >= end => match self.converged() {
+                    None => {
+                        self.sc.loss = 0;
+                        self.sc.dup = 0;
+                        calm = Some((
+                            self.ledger.sent.len(),
+                            self.now + Duration::from_millis(500),
+                        ));
+                    }
                     Some(why) if self.now >= converge_by => {
                         self.fail(&format!("membership did not converge: {why}"))
                     }
                     Some(_) => {}
+                },
+                Some((_, calm_end)) => {
+                    sending = self.now < calm_end;
+                    let settled = self
+                        .ledger
+                        .sent
+                        .iter()
+                        .all(|m| m.outcome.is_some() || m.orphaned);
+                    let limit = calm_end + self.config.delivery_deadline + Duration::from_secs(1);
+                    if !sending && (settled || self.now >= limit) {
+                        break;
+                    }
                 }
+                None => {}
             }
             self.step += 1;
-            let traffic_on = self.now < traffic_end;
             if impostor && self.now >= impostor_at {
                 impostor = false;
                 let victim = self.rng.below(self.sc.hosts as u64) as usize;
@@ -1683,12 +1707,14 @@ impl World {
             self.timers();
             if self.now >= next_action {
                 next_action = self.now + self.rng.ms(1, 8);
-                if !traffic_on {
+                if !chaos_on {
                     self.partition = None;
                 }
-                self.chaos(traffic_on);
+                if calm.is_none() {
+                    self.chaos(chaos_on);
+                }
                 self.connect();
-                if traffic_on {
+                if sending {
                     for h in 0..self.sc.hosts {
                         if self.rng.permille(350) {
                             self.traffic(h);
@@ -1709,6 +1735,29 @@ impl World {
             .min()
             .unwrap_or(end);
             self.now = next.max(self.now + Duration::from_micros(100));
+        }
+        if let Some((from, _)) = calm {
+            for (i, m) in self.ledger.sent.iter().enumerate().skip(from) {
+                // Who holds the agent: one host, or two where an impostor claims it.
+                let holds = |silent: bool| {
+                    self.hosts.iter().any(|h| {
+                        h.alive && h.silent == silent && h.agents.iter().any(|a| a.id == m.to)
+                    })
+                };
+                let silent = holds(true);
+                let ok = match m.outcome {
+                    Some((Outcome::Taken, _)) => holds(false),
+                    Some((Outcome::Failed(DeliveryFailure::Unconfirmed), _)) => silent,
+                    _ => false,
+                };
+                if !ok {
+                    self.fail(&format!(
+                        "message {i}, sent in calm, ended {:?} (its receiver {}silent)",
+                        m.outcome.map(|o| o.0),
+                        if silent { "" } else { "not " }
+                    ));
+                }
+            }
         }
         if let Some(i) = self
             .ledger

@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! aqe-probe certs DIR                          a fleet CA in DIR (each probe issues itself a
-//!                                              node certificate from it)
-//! aqe-probe receive --listen ADDR --certs DIR [--agent ID] [--peer ADDR] [timings]
+//!                                              node certificate from it, named by --name or
+//!                                              its agent's id, and keeps it for its restarts)
+//! aqe-probe receive --listen ADDR --certs DIR [--agent ID] [--name N] [--peer ADDR] [timings]
 //! aqe-probe send --listen ADDR --peer ADDR --certs DIR --to ID [--channel C] [--count N]
 //!                [--requests | --mix] [--pace N:MICROS] [--settle-ms MS] [timings]
 //! timings: --heartbeat-ms MS --liveness-ms MS --deadline-ms MS
@@ -73,6 +74,7 @@ impl Args {
         let mut o = Options::new(self.need("listen")?, self.need::<PathBuf>("certs")?);
         o.peer = self.get("peer")?;
         o.nats = self.get("nats")?;
+        o.name = self.get("name")?;
         let ms = |name: &str| -> anyhow::Result<Option<Duration>> {
             Ok(self.get::<u64>(name)?.map(Duration::from_millis))
         };

@@ -1,24 +1,24 @@
-//! The wire codec: postcard values in length-prefixed, versioned frames.
+//! The QUIC wire's framing: postcard values in length-prefixed, versioned frames.
 //!
 //! A frame is `length: u32 big-endian`, then `version: u8`, then the postcard encoding of the
 //! value; `length` counts the version byte and the body. The decoder checks the announced
 //! length against the maximum *before* buffering the body and never reserves room for what a
 //! header claims, so a hostile length costs nothing.
+// Public for the `testing` feature only; the module itself is private.
+#![allow(unreachable_pub)]
 
 use bytes::{Buf, BufMut, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::{Error, Result};
+use aqe_core::{Error, Result};
 
-/// The wire version this build speaks.
-pub const WIRE_VERSION: u8 = 3;
+/// The frame version this build speaks (PROTOCOL.md, section 2).
+pub const WIRE_VERSION: u8 = 4;
 /// Bytes before the body: the length (4) and the version (1).
 pub const FRAME_HEADER_LEN: usize = 5;
 /// The hard ceiling on a frame's length field: 16 MiB.
 pub const MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
-/// The largest payload a channel may allow, leaving room for the envelope's other fields.
-pub const MAX_PAYLOAD_LEN: usize = MAX_FRAME_LEN - 64 * 1024;
 
 /// Frames values with a maximum frame length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,11 +40,6 @@ impl FrameCodec {
         Self {
             max_frame_len: max_frame_len.clamp(1, MAX_FRAME_LEN),
         }
-    }
-
-    /// The largest frame length accepted.
-    pub fn max_frame_len(&self) -> usize {
-        self.max_frame_len
     }
 
     /// Appends one frame holding `value` to `dst`. On error `dst` is left as it was.
@@ -129,13 +124,13 @@ impl FrameCodec {
                 Ok(_) => {
                     return Err(Error::Malformed {
                         what: "frame",
-                        source: postcard::Error::DeserializeBadEncoding,
+                        source: "bytes after the value".into(),
                     });
                 }
                 Err(source) => {
                     return Err(Error::Malformed {
                         what: "frame",
-                        source,
+                        source: Box::new(source),
                     });
                 }
             }
@@ -144,11 +139,12 @@ impl FrameCodec {
         Ok(Some(value))
     }
 
-    /// Decodes a buffer that must hold exactly one frame (a datagram, say).
+    /// Decodes a buffer that must hold exactly one frame.
     ///
     /// # Errors
     /// As [`FrameCodec::decode`], plus [`Error::Truncated`] when the frame is incomplete and
     /// [`Error::Protocol`] when bytes follow it.
+    #[cfg(test)]
     pub fn decode_exact<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T> {
         let mut buf = BytesMut::from(bytes);
         match self.decode(&mut buf)? {
@@ -175,7 +171,7 @@ impl FrameCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Envelope, MessageKind, Recipient};
+    use aqe_core::{Envelope, MessageKind, Recipient};
     use bytes::Bytes;
     use proptest::prelude::*;
 
@@ -264,12 +260,12 @@ mod tests {
     #[test]
     fn the_protocol_documents_example_frame() {
         let mut e = envelope(b"hi".to_vec(), Recipient::Agent("b".into()), None);
-        e.id = crate::MessageId(300);
+        e.id = aqe_core::MessageId(300);
         e.from = "a".into();
-        e.timestamp = crate::Timestamp(1_764_000_000_000);
+        e.timestamp = aqe_core::Timestamp(1_764_000_000_000);
         let frame = FrameCodec::default().encode_to_bytes(&e).expect("encode");
         let expected: Vec<u8> = [
-            &[0x00, 0x00, 0x00, 0x24, 0x03][..],
+            &[0x00, 0x00, 0x00, 0x24, 0x04][..],
             &[0xac, 0x02],
             &[0x01, 0x61],
             &[0x00, 0x01, 0x62],

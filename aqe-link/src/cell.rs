@@ -1,0 +1,423 @@
+//! One session as the host runs it: its state behind its own lock, its link, the task that
+//! drives its timers, and the way anything that touches it performs what comes out.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use aqe_core::plumbing::{AckSink, FastMap, Respond, StatsRecorder};
+use aqe_core::{
+    AgentId, Envelope, Error, Event, Inbound, MessageId, Receipt, Responder, Result, SendFailure,
+};
+use aqe_session::{
+    Answer, Ended, EndpointId, NodeInput, Rank, Refusal, Session, SessionEvent, SessionId, Settled,
+    Trust,
+};
+
+use crate::Link;
+use crate::ctx::{HostCtx, MsgCtx, ReqCtx};
+use crate::locals::Locals;
+
+/// Locks a mutex, taking it over from a panicked holder (state stays consistent: every
+/// step of the session is a whole method call).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Node inputs a session may have waiting for the node task; beyond, the peer floods the
+/// session with membership and is cut off.
+const MAX_NODE_INPUTS: usize = 4096;
+
+/// What every session of a host shares.
+pub(crate) struct Shared {
+    pub(crate) locals: Locals,
+    pub(crate) events: broadcast::Sender<Event>,
+    /// Sessions with node inputs waiting, for the node task.
+    pub(crate) attention: Mutex<VecDeque<Arc<Cell>>>,
+    pub(crate) attention_wake: Notify,
+    /// Signalled whenever reliable messages settle.
+    pub(crate) progress: Notify,
+    /// Requests to this endpoint's introspection id, for the task that answers them.
+    pub(crate) introspect: mpsc::Sender<(Arc<Cell>, Envelope)>,
+}
+
+impl Shared {
+    /// Publishes an event (nobody listening is fine).
+    pub(crate) fn publish(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+}
+
+/// One session (see the module docs).
+pub(crate) struct Cell {
+    pub(crate) id: SessionId,
+    pub(crate) peer: EndpointId,
+    pub(crate) rank: Rank,
+    pub(crate) trust: Trust,
+    pub(crate) link: Arc<dyn Link>,
+    pub(crate) session: Mutex<Session<HostCtx>>,
+    /// Receipts settled by agents, told to the session at its next step.
+    acks: Mutex<Vec<(u64, bool)>>,
+    sink: Arc<dyn AckSink>,
+    /// What the session told the node, in order, until the node task takes it.
+    pub(crate) node_inputs: Mutex<VecDeque<NodeInput<MsgCtx>>>,
+    dirty: AtomicBool,
+    /// Wakes the driver: receipts to tell, timers changed.
+    pub(crate) wake: Notify,
+    /// Senders waiting for room in the windows.
+    pub(crate) room: Notify,
+    /// Waiters for the peer's membership to change.
+    pub(crate) members: Notify,
+    /// Requests this endpoint's agents hold, cancelled when the requester gives up.
+    serving: Mutex<FastMap<MessageId, CancellationToken>>,
+    shared: Weak<Shared>,
+}
+
+/// Receipts of messages delivered from one session: noted and told at its next step (never
+/// under its lock, whoever drops them).
+struct Receipts(Weak<Cell>);
+
+impl AckSink for Receipts {
+    fn acknowledged(&self, token: u64) {
+        if let Some(c) = self.0.upgrade() {
+            lock(&c.acks).push((token, true));
+            c.wake.notify_one();
+        }
+    }
+
+    fn abandoned(&self, token: u64) {
+        if let Some(c) = self.0.upgrade() {
+            lock(&c.acks).push((token, false));
+            c.wake.notify_one();
+        }
+    }
+}
+
+/// What a step produced that is done after the session's lock is released.
+#[derive(Default)]
+struct After {
+    settled: Vec<Settled<MsgCtx>>,
+    answers: Vec<(ReqCtx, Answer)>,
+    /// Inbox items that could not be delivered (their agent stopped): dropped after the
+    /// lock, since dropping one tells the session.
+    dropped: Vec<Inbound>,
+    introspect: Vec<Envelope>,
+    room: bool,
+    attention: bool,
+    members: bool,
+    close: Option<Ended>,
+}
+
+impl Cell {
+    pub(crate) fn new(
+        session: Session<HostCtx>,
+        trust: Trust,
+        link: Arc<dyn Link>,
+        shared: &Arc<Shared>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me: &Weak<Cell>| Cell {
+            id: session.id(),
+            peer: session.peer(),
+            rank: session.rank(),
+            trust,
+            link,
+            session: Mutex::new(session),
+            acks: Mutex::new(Vec::new()),
+            sink: Arc::new(Receipts(me.clone())),
+            node_inputs: Mutex::new(VecDeque::new()),
+            dirty: AtomicBool::new(false),
+            wake: Notify::new(),
+            room: Notify::new(),
+            members: Notify::new(),
+            serving: Mutex::new(FastMap::default()),
+            shared: Arc::downgrade(shared),
+        })
+    }
+
+    /// Whether the session lives.
+    pub(crate) fn is_live(&self) -> bool {
+        lock(&self.session).is_linked()
+    }
+
+    /// Takes what the session told the node (for the node task); clears the flag that made
+    /// it ask.
+    pub(crate) fn take_node_inputs(&self) -> Vec<NodeInput<MsgCtx>> {
+        self.dirty.store(false, Ordering::Release);
+        lock(&self.node_inputs).drain(..).collect()
+    }
+
+    /// Runs `f` on the session, then performs what came out: frames go to the link and
+    /// messages into inboxes under the lock (so each keeps its order), the rest after it.
+    pub(crate) fn pump<R>(
+        self: &Arc<Self>,
+        shared: &Shared,
+        f: impl FnOnce(&mut Session<HostCtx>, &Locals) -> R,
+    ) -> R {
+        let mut after = After::default();
+        let r = {
+            let mut s = lock(&self.session);
+            let acks = std::mem::take(&mut *lock(&self.acks));
+            if !acks.is_empty() {
+                let now = Instant::now();
+                for (seq, taken) in acks {
+                    if taken {
+                        s.taken(seq, now);
+                    } else {
+                        s.abandoned(seq, now);
+                    }
+                }
+            }
+            let r = f(&mut s, &shared.locals);
+            let mut batch = Vec::new();
+            while let Some(t) = s.poll_transmit() {
+                batch.push(t);
+            }
+            if !batch.is_empty() {
+                self.link.transmit(&mut batch);
+            }
+            while let Some(ev) = s.poll_event() {
+                self.event(ev, shared, &mut after);
+            }
+            r
+        };
+        self.finish(shared, after);
+        r
+    }
+
+    fn event(self: &Arc<Self>, ev: SessionEvent<HostCtx>, shared: &Shared, after: &mut After) {
+        match ev {
+            SessionEvent::Deliver { to, seq, envelope } => {
+                let Some(local) = shared.locals.get(&to) else {
+                    // Detached between the session's check and now.
+                    if let Some(seq) = seq {
+                        lock(&self.acks).push((seq, false));
+                        self.wake.notify_one();
+                    }
+                    return;
+                };
+                let len = envelope.payload.len();
+                match seq {
+                    Some(seq) => {
+                        let item = Inbound::Message {
+                            envelope,
+                            receipt: Receipt::shared(self.sink.clone(), seq),
+                        };
+                        if let Err((_, item)) =
+                            local.inbox.deliver_now(item, || local.stats.received(len))
+                        {
+                            after.dropped.push(item);
+                        }
+                    }
+                    None => match local.inbox.try_reserve() {
+                        Ok(Some(permit)) => {
+                            let _ = permit.send_counted(Inbound::message(envelope), || {
+                                local.stats.received(len)
+                            });
+                        }
+                        Ok(None) | Err(_) => local.stats.dropped(),
+                    },
+                }
+            }
+            SessionEvent::Request { to, envelope } => {
+                if to == shared.locals.introspection {
+                    after.introspect.push(envelope);
+                    return;
+                }
+                let id = envelope.id;
+                let Some(local) = shared.locals.get(&to) else {
+                    after.dropped.push(Inbound::Request {
+                        responder: self.responder(id, envelope.from.clone(), None),
+                        envelope,
+                    });
+                    return;
+                };
+                let len = envelope.payload.len();
+                let responder =
+                    self.responder(id, envelope.from.clone(), Some(local.stats.clone()));
+                let item = Inbound::Request {
+                    envelope,
+                    responder,
+                };
+                if let Err((_, item)) = local.inbox.deliver_now(item, || local.stats.received(len))
+                {
+                    after.dropped.push(item);
+                }
+            }
+            SessionEvent::Cancelled { id } => {
+                if let Some(token) = lock(&self.serving).remove(&id) {
+                    token.cancel();
+                }
+            }
+            SessionEvent::Settled(s) => after.settled.push(s),
+            SessionEvent::Answered { req, answer, .. } => after.answers.push((req, answer)),
+            SessionEvent::Room => after.room = true,
+            SessionEvent::Node(input) => {
+                if matches!(input, NodeInput::Agents(_)) {
+                    after.members = true;
+                }
+                let mut q = lock(&self.node_inputs);
+                if q.len() >= MAX_NODE_INPUTS {
+                    drop(q);
+                    tracing::warn!(peer = ?self.peer, "a peer floods its session with membership; cut off");
+                    after.close = Some(Ended::Violation("membership flood"));
+                    return;
+                }
+                q.push_back(input);
+                after.attention = true;
+            }
+            SessionEvent::Close(why) => after.close = Some(why),
+        }
+    }
+
+    fn responder(
+        self: &Arc<Self>,
+        id: MessageId,
+        requester: AgentId,
+        stats: Option<Arc<StatsRecorder>>,
+    ) -> Responder {
+        let token = CancellationToken::new();
+        lock(&self.serving).insert(id, token.clone());
+        Responder::new(HostResponder {
+            cell: Arc::downgrade(self),
+            id,
+            requester,
+            stats,
+            token,
+            answered: false,
+        })
+    }
+
+    fn finish(self: &Arc<Self>, shared: &Shared, after: After) {
+        if !after.settled.is_empty() {
+            crate::ctx::settle(&shared.events, after.settled);
+            shared.progress.notify_waiters();
+        }
+        for (req, answer) in after.answers {
+            let _ = req.answer.send(answer);
+        }
+        drop(after.dropped);
+        for envelope in after.introspect {
+            let id = envelope.id;
+            if shared
+                .introspect
+                .try_send((self.clone(), envelope))
+                .is_err()
+            {
+                let _ = self.pump(shared, |s, _| s.answer(id, Err(Refusal::Overflow)));
+            }
+        }
+        if after.room {
+            self.room.notify_waiters();
+            shared.progress.notify_waiters();
+        }
+        if after.members {
+            self.members.notify_waiters();
+        }
+        if let Some(why) = after.close {
+            if matches!(why, Ended::Violation("membership flood")) {
+                self.pump(shared, |s, _| s.end(why));
+            }
+            self.link.close(why);
+        }
+        if after.attention && !self.dirty.swap(true, Ordering::AcqRel) {
+            lock(&shared.attention).push_back(self.clone());
+            shared.attention_wake.notify_one();
+        }
+    }
+}
+
+/// Drives a session's timers until it ends: heartbeats, acknowledgements due, deadlines,
+/// liveness. Woken early when receipts wait to be told.
+pub(crate) async fn drive(cell: Arc<Cell>, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let Some(next) = lock(&cell.session).poll_timeout() else {
+            return;
+        };
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(next));
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            () = cell.wake.notified() => {}
+            () = sleep => {}
+        }
+        cell.pump(&shared, |s, locals| {
+            let now = Instant::now();
+            if s.poll_timeout().is_some_and(|t| t <= now) {
+                s.handle_timeout(now, locals);
+            }
+        });
+    }
+}
+
+/// Answers one request a local agent holds, over the session it came by.
+struct HostResponder {
+    cell: Weak<Cell>,
+    id: MessageId,
+    requester: AgentId,
+    stats: Option<Arc<StatsRecorder>>,
+    token: CancellationToken,
+    answered: bool,
+}
+
+impl HostResponder {
+    fn gone(&self) -> Error {
+        Error::SendFailed {
+            to: self.requester.clone(),
+            reason: SendFailure::ReceiverClosed,
+        }
+    }
+}
+
+#[async_trait]
+impl Respond for HostResponder {
+    async fn respond(mut self: Box<Self>, response: Envelope) -> Result<()> {
+        self.answered = true;
+        let Some(cell) = self.cell.upgrade() else {
+            return Err(self.gone());
+        };
+        lock(&cell.serving).remove(&self.id);
+        if self.token.is_cancelled() {
+            return Err(self.gone());
+        }
+        let Some(shared) = cell.shared.upgrade() else {
+            return Err(self.gone());
+        };
+        let len = response.payload.len();
+        let id = self.id;
+        cell.pump(&shared, |s, _| s.answer(id, Ok(response)))
+            .map_err(|()| self.gone())?;
+        if let Some(stats) = &self.stats {
+            stats.sent(len);
+        }
+        Ok(())
+    }
+
+    async fn cancelled(&mut self) {
+        self.token.cancelled().await;
+    }
+}
+
+impl Drop for HostResponder {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let Some(cell) = self.cell.upgrade() else {
+            return;
+        };
+        lock(&cell.serving).remove(&self.id);
+        if self.token.is_cancelled() {
+            return;
+        }
+        // Dropped unanswered: the requester hears it at once rather than at its timeout.
+        if let Some(shared) = cell.shared.upgrade() {
+            let id = self.id;
+            let _ = cell.pump(&shared, |s, _| s.answer(id, Err(Refusal::Stopped)));
+        }
+    }
+}

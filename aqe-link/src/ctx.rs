@@ -1,0 +1,81 @@
+//! What the host keeps with what it hands to sessions, and how settlements are told.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, oneshot};
+
+use aqe_core::plumbing::StatsRecorder;
+use aqe_core::{AgentId, ChannelName, DeliveryFailure, Error, Event, MessageId, Result};
+use aqe_session::{Answer, Outcome, Settled};
+
+/// Kept with each reliable message: its sender's counters, and the waiter of a confirmed
+/// send.
+#[derive(Debug)]
+pub(crate) struct MsgCtx {
+    pub(crate) stats: Arc<StatsRecorder>,
+    pub(crate) confirm: Option<oneshot::Sender<Result<()>>>,
+}
+
+/// Kept with each request: where its answer goes.
+#[derive(Debug)]
+pub(crate) struct ReqCtx {
+    pub(crate) answer: oneshot::Sender<Answer>,
+}
+
+/// The host's [`aqe_session::Ctx`].
+#[derive(Debug)]
+pub(crate) struct HostCtx;
+
+impl aqe_session::Ctx for HostCtx {
+    type Msg = MsgCtx;
+    type Req = ReqCtx;
+}
+
+/// Tells settled messages to their senders: counters, confirmed senders' waiters, and one
+/// `DeliveryFailed` event per sender, receiver, channel and reason (ids in send order).
+pub(crate) fn settle(events: &broadcast::Sender<Event>, settled: Vec<Settled<MsgCtx>>) {
+    type Group = (AgentId, AgentId, ChannelName, DeliveryFailure);
+    let mut order: Vec<Group> = Vec::new();
+    let mut groups: HashMap<Group, Vec<MessageId>> = HashMap::new();
+    for s in settled {
+        let meta = s.meta;
+        match s.outcome {
+            Outcome::Taken => {
+                s.ctx.stats.confirmed(1);
+                if let Some(c) = s.ctx.confirm {
+                    let _ = c.send(Ok(()));
+                }
+            }
+            Outcome::Failed(reason) => {
+                tracing::debug!(from = %meta.from, to = %meta.to, id = %meta.id, %reason, "delivery failed");
+                s.ctx.stats.failed(1);
+                if let Some(c) = s.ctx.confirm {
+                    let _ = c.send(Err(Error::DeliveryFailed {
+                        to: meta.to.clone(),
+                        reason,
+                    }));
+                }
+                let key = (meta.from, meta.to, meta.channel, reason);
+                groups
+                    .entry(key.clone())
+                    .or_insert_with(|| {
+                        order.push(key);
+                        Vec::new()
+                    })
+                    .push(meta.id);
+            }
+        }
+    }
+    for key in order {
+        let ids = groups.remove(&key).unwrap_or_default();
+        let (from, to, channel, reason) = key;
+        let _ = events.send(Event::DeliveryFailed {
+            from,
+            to,
+            channel,
+            ids,
+            reason,
+        });
+    }
+}

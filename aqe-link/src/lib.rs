@@ -1,0 +1,113 @@
+//! The async half of aqe's session layer: a [`Host`] runs the sans-IO state machines of
+//! `aqe-session` (one [`Session`](aqe_session::Session) per peer incarnation, one
+//! [`Node`](aqe_session::Node) per endpoint) over any link, and implements
+//! [`aqe_core::Transport`] for all of them at once.
+//!
+//! A transport crate is a *wire*: it makes links (a QUIC connection, NATS subjects), checks
+//! hellos with [`aqe_session::check_hello`], hands the host what arrives
+//! ([`Host::frames`]) and sends what the host gives its [`Link`]. Everything between
+//! (windows, acknowledgements, deadlines, redelivery, requests, membership, routing) is
+//! decided once, in `aqe-session`, and performed once, here.
+//!
+//! Ownership: the node lives in one task (its *node task*); each session's state is behind
+//! its own lock, driven by its own task for timers, and touched by whoever has an input for
+//! it (a sender, a reader, a receipt). No lock spans the endpoint on the per-message path:
+//! a send reads the route table and takes its session's lock; a frame that arrives takes its
+//! session's lock.
+#![warn(missing_docs, unreachable_pub)]
+
+mod cell;
+mod ctx;
+mod host;
+mod introspect;
+mod locals;
+mod node;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use aqe_core::{Address, Result, RttStats, StreamHeader, StreamSink, TransportKind};
+use aqe_session::{Ended, EndpointId, Transmit};
+
+pub use host::{
+    Host, HostConfig, Introspection, Opening, SessionHandle, WeakHost, fresh_incarnation,
+};
+pub use introspect::{ENDPOINT_AGENT_PREFIX, endpoint_agent};
+
+/// What a wire measures on a link, for statistics and reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkFigures {
+    /// Round-trip times measured (real samples only).
+    pub rtt: RttStats,
+    /// The smoothed round-trip time (zero before the first sample).
+    pub smoothed_rtt: Duration,
+    /// Congestion window, in bytes (zero when the wire has none).
+    pub congestion_window: u64,
+    /// Packets sent.
+    pub packets_sent: u64,
+    /// Packets lost.
+    pub packets_lost: u64,
+}
+
+/// One session's link, as its wire provides it.
+#[async_trait]
+pub trait Link: Send + Sync + 'static {
+    /// Sends these frames, in order, without waiting: each lane keeps its order (the wire
+    /// queues what it cannot write at once; what the session admitted bounds it).
+    fn transmit(&self, frames: &mut Vec<Transmit>);
+
+    /// The session ended for `why`: close the link (a wire tells the peer how, when it can).
+    fn close(&self, why: Ended);
+
+    /// Where the peer is, for events and reports.
+    fn address(&self) -> Address;
+
+    /// What the wire measures on the link, if anything.
+    fn figures(&self) -> Option<LinkFigures> {
+        None
+    }
+
+    /// Opens an agent stream over the link; the peer's reader gets it as an
+    /// [`IncomingStream`](aqe_core::IncomingStream). `max_chunk` is the channel's message
+    /// size; `stats` counts what is written.
+    async fn open_stream(
+        &self,
+        header: StreamHeader,
+        generation: u64,
+        max_chunk: usize,
+        stats: std::sync::Arc<aqe_core::plumbing::StatsRecorder>,
+    ) -> Result<Box<dyn StreamSink>>;
+}
+
+/// A wire: how links are made.
+#[async_trait]
+pub trait Wire: Send + Sync + 'static {
+    /// How the transport names itself.
+    fn kind(&self) -> TransportKind;
+
+    /// Makes a link to the endpoint listening at `addr` (peer exchange says `endpoint` is
+    /// there) in the background, as [`Host::open`] for any it makes.
+    fn dial(&self, addr: SocketAddr, endpoint: EndpointId);
+
+    /// The largest unreliable message the wire carries in one piece, if it has a limit
+    /// (QUIC datagrams): larger ones are refused with `MessageTooLarge`.
+    fn max_datagram(&self) -> Option<usize> {
+        None
+    }
+
+    /// The largest payload the wire carries, if it has a limit (a NATS server's
+    /// `max_payload`).
+    fn max_payload(&self) -> Option<usize> {
+        None
+    }
+
+    /// Where this endpoint accepts links, if it does.
+    fn listen(&self) -> Option<SocketAddr> {
+        None
+    }
+
+    /// Stops the wire's own tasks, after the host ended every session.
+    async fn shutdown(&self);
+}

@@ -1,4 +1,0 @@
-//! Fuzz target: answers on a lane.
-#![no_main]
-
-libfuzzer_sys::fuzz_target!(|data: &[u8]| aqe_quic::testing::fuzz::lane_down(data));
