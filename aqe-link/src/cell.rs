@@ -2,7 +2,7 @@
 //! drives its timers, and the way anything that touches it performs what comes out.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
@@ -67,6 +67,10 @@ pub(crate) struct Cell {
     /// What the session told the node, in order, until the node task takes it.
     pub(crate) node_inputs: Mutex<VecDeque<NodeInput<MsgCtx>>>,
     dirty: AtomicBool,
+    /// When the driver's sleep ends, in nanoseconds after `born` (`u64::MAX`: not asleep):
+    /// a step that makes a timer due earlier wakes it.
+    armed: AtomicU64,
+    born: Instant,
     /// Wakes the driver: receipts to tell, timers changed.
     pub(crate) wake: Notify,
     /// Senders waiting for room in the windows.
@@ -110,6 +114,8 @@ struct After {
     room: bool,
     attention: bool,
     members: bool,
+    /// A timer is due before the driver wakes.
+    rearm: bool,
     close: Option<Ended>,
 }
 
@@ -131,6 +137,8 @@ impl Cell {
             sink: Arc::new(Receipts(me.clone())),
             node_inputs: Mutex::new(VecDeque::new()),
             dirty: AtomicBool::new(false),
+            armed: AtomicU64::new(u64::MAX),
+            born: Instant::now(),
             wake: Notify::new(),
             room: Notify::new(),
             members: Notify::new(),
@@ -183,10 +191,17 @@ impl Cell {
             while let Some(ev) = s.poll_event() {
                 self.event(ev, shared, &mut after);
             }
+            after.rearm = s
+                .poll_timeout()
+                .is_some_and(|t| self.since_born(t) < self.armed.load(Ordering::Acquire));
             r
         };
         self.finish(shared, after);
         r
+    }
+
+    fn since_born(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.born).as_nanos()).unwrap_or(u64::MAX - 1)
     }
 
     fn event(self: &Arc<Self>, ev: SessionEvent<HostCtx>, shared: &Shared, after: &mut After) {
@@ -318,6 +333,9 @@ impl Cell {
         if after.members {
             self.members.notify_waiters();
         }
+        if after.rearm {
+            self.wake.notify_one();
+        }
         if let Some(why) = after.close {
             if matches!(why, Ended::Violation("membership flood")) {
                 self.pump(shared, |s, _| s.end(why));
@@ -335,7 +353,16 @@ impl Cell {
 /// liveness. Woken early when receipts wait to be told.
 pub(crate) async fn drive(cell: Arc<Cell>, shared: Arc<Shared>, stop: CancellationToken) {
     loop {
-        let Some(next) = lock(&cell.session).poll_timeout() else {
+        // Armed under the session's lock: a step after it sees when the driver wakes.
+        let next = {
+            let s = lock(&cell.session);
+            let next = s.poll_timeout();
+            if let Some(t) = next {
+                cell.armed.store(cell.since_born(t), Ordering::Release);
+            }
+            next
+        };
+        let Some(next) = next else {
             return;
         };
         let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(next));

@@ -342,14 +342,16 @@ impl Host {
         })
     }
 
-    /// `session`'s link went away (`goodbye`: the peer said it shuts down).
-    pub fn link_lost(&self, session: &SessionHandle, goodbye: bool) {
-        let why = if goodbye {
-            aqe_session::Ended::Goodbye
-        } else {
-            aqe_session::Ended::LinkLost
-        };
+    /// `session` is over for `why`, as its wire learned: its link went away
+    /// ([`Ended::LinkLost`](aqe_session::Ended::LinkLost)), the peer said goodbye or reset
+    /// it, or sent what does not decode (a violation, which closes the link).
+    pub fn end(&self, session: &SessionHandle, why: aqe_session::Ended) {
         session.0.pump(&self.inner.shared, |s, _| s.end(why));
+    }
+
+    /// The generation of this endpoint's membership, for a wire's shared heartbeat.
+    pub fn generation(&self) -> u64 {
+        self.inner.tables.generation.load(Ordering::Acquire)
     }
 
     /// The peer's shared heartbeat (wires without per-session pings): it lives, its

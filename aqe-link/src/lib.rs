@@ -111,3 +111,128 @@ pub trait Wire: Send + Sync + 'static {
     /// Stops the wire's own tasks, after the host ended every session.
     async fn shutdown(&self);
 }
+
+#[doc(hidden)]
+pub mod __private {
+    pub use aqe_core;
+    pub use async_trait::async_trait;
+    pub use tokio::sync::broadcast;
+}
+
+/// Implements [`aqe_core::Transport`] for a wire's public type by handing every call to the
+/// [`Host`] in its field `$field`: the transport is the host's, whatever the wire.
+#[macro_export]
+macro_rules! transport_via_host {
+    ($ty:ty, $field:ident) => {
+        #[$crate::__private::async_trait]
+        impl $crate::__private::aqe_core::Transport for $ty {
+            fn kind(&self) -> $crate::__private::aqe_core::TransportKind {
+                $crate::__private::aqe_core::Transport::kind(&self.$field)
+            }
+
+            async fn attach(
+                &self,
+                agent: $crate::__private::aqe_core::Registration,
+                inbox: $crate::__private::aqe_core::plumbing::InboxSender,
+            ) -> $crate::__private::aqe_core::Result<()> {
+                $crate::__private::aqe_core::Transport::attach(&self.$field, agent, inbox).await
+            }
+
+            async fn detach(
+                &self,
+                agent: &$crate::__private::aqe_core::AgentId,
+            ) -> $crate::__private::aqe_core::Result<()> {
+                $crate::__private::aqe_core::Transport::detach(&self.$field, agent).await
+            }
+
+            async fn send(
+                &self,
+                envelope: $crate::__private::aqe_core::Envelope,
+            ) -> $crate::__private::aqe_core::Result<()> {
+                $crate::__private::aqe_core::Transport::send(&self.$field, envelope).await
+            }
+
+            async fn send_confirmed(
+                &self,
+                envelope: $crate::__private::aqe_core::Envelope,
+            ) -> $crate::__private::aqe_core::Result<()> {
+                $crate::__private::aqe_core::Transport::send_confirmed(&self.$field, envelope).await
+            }
+
+            async fn request(
+                &self,
+                envelope: $crate::__private::aqe_core::Envelope,
+                timeout: ::std::time::Duration,
+            ) -> $crate::__private::aqe_core::Result<$crate::__private::aqe_core::Envelope> {
+                $crate::__private::aqe_core::Transport::request(&self.$field, envelope, timeout).await
+            }
+
+            async fn broadcast(
+                &self,
+                envelope: $crate::__private::aqe_core::Envelope,
+                targets: &[$crate::__private::aqe_core::AgentId],
+            ) -> $crate::__private::aqe_core::Result<$crate::__private::aqe_core::BroadcastReport>
+            {
+                $crate::__private::aqe_core::Transport::broadcast(&self.$field, envelope, targets).await
+            }
+
+            async fn open_stream(
+                &self,
+                header: $crate::__private::aqe_core::StreamHeader,
+            ) -> $crate::__private::aqe_core::Result<
+                Box<dyn $crate::__private::aqe_core::StreamSink>,
+            > {
+                $crate::__private::aqe_core::Transport::open_stream(&self.$field, header).await
+            }
+
+            fn registration(
+                &self,
+                agent: &$crate::__private::aqe_core::AgentId,
+            ) -> $crate::__private::aqe_core::Result<$crate::__private::aqe_core::Registration>
+            {
+                $crate::__private::aqe_core::Transport::registration(&self.$field, agent)
+            }
+
+            fn peers(&self) -> Vec<$crate::__private::aqe_core::PeerInfo> {
+                $crate::__private::aqe_core::Transport::peers(&self.$field)
+            }
+
+            fn stats(
+                &self,
+                agent: &$crate::__private::aqe_core::AgentId,
+            ) -> $crate::__private::aqe_core::Stats {
+                $crate::__private::aqe_core::Transport::stats(&self.$field, agent)
+            }
+
+            fn subscribe(
+                &self,
+            ) -> $crate::__private::broadcast::Receiver<$crate::__private::aqe_core::Event> {
+                $crate::__private::aqe_core::Transport::subscribe(&self.$field)
+            }
+
+            fn can_reach(&self, agent: &$crate::__private::aqe_core::AgentId) -> bool {
+                $crate::__private::aqe_core::Transport::can_reach(&self.$field, agent)
+            }
+
+            async fn flush(
+                &self,
+                from: &$crate::__private::aqe_core::AgentId,
+                to: &$crate::__private::aqe_core::AgentId,
+                channel: &$crate::__private::aqe_core::ChannelName,
+            ) -> $crate::__private::aqe_core::Result<()> {
+                $crate::__private::aqe_core::Transport::flush(&self.$field, from, to, channel).await
+            }
+
+            fn set_redelivery(
+                &self,
+                redeliver: ::std::sync::Arc<dyn $crate::__private::aqe_core::Redeliver>,
+            ) {
+                $crate::__private::aqe_core::Transport::set_redelivery(&self.$field, redeliver);
+            }
+
+            async fn shutdown(&self) {
+                $crate::__private::aqe_core::Transport::shutdown(&self.$field).await;
+            }
+        }
+    };
+}

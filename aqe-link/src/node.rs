@@ -2,7 +2,7 @@
 //! order it gives them.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -79,6 +79,8 @@ pub(crate) struct Tables {
     /// Signalled when a route or a handoff changes.
     pub(crate) changed: Notify,
     pub(crate) unreachable: AtomicUsize,
+    /// The generation of this endpoint's membership (for wires with a shared heartbeat).
+    pub(crate) generation: AtomicU64,
 }
 
 impl Tables {
@@ -161,6 +163,9 @@ impl NodeTask {
                 self.node.unreachable(Instant::now(), UNREACHABLE_MEMORY),
                 Ordering::Relaxed,
             );
+            self.tables
+                .generation
+                .store(self.node.generation(), Ordering::Release);
         }
     }
 
@@ -305,10 +310,6 @@ impl NodeTask {
                     }
                 }
                 Action::Route { agent, to } => {
-                    tracing::debug!(%agent, route = ?to.as_ref().map(|r| match r {
-                        Route::Session { session, .. } => format!("session {session}"),
-                        Route::Dial { addr, .. } => format!("dial {addr}"),
-                    }), "route");
                     let way = to.and_then(|r| self.way(r));
                     let mut routes = self
                         .tables

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -95,6 +96,10 @@ static PORT: AtomicU16 = AtomicU16::new(1000);
 static NONCE: AtomicU64 = AtomicU64::new(1);
 
 fn host() -> Host {
+    host_with(HostConfig::default())
+}
+
+fn host_with(config: HostConfig) -> Host {
     let port = PORT.fetch_add(1, Ordering::Relaxed);
     let listen = SocketAddr::from(([127, 0, 0, 1], port));
     let me = EndpointId::new(u64::from(port), 1);
@@ -102,7 +107,7 @@ fn host() -> Host {
         me,
         Address::from(listen),
         Arc::new(MemWire { listen }),
-        HostConfig::default(),
+        config,
     );
     h.start();
     h
@@ -185,3 +190,55 @@ impl Harness for Memory {
 }
 
 aqe_core::conformance_tests!(Memory);
+
+/// A timer a frame makes due earlier than the session's driver sleeps (an acknowledgement
+/// of receipt, batched for 20 ms on a lossy wire) fires on time: the driver is woken to
+/// re-arm, not left asleep until its earlier deadline (the liveness timeout, here 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_made_due_by_a_frame_fires_on_time() {
+    use aqe_core::plumbing::inbox;
+    use aqe_core::{AgentId, Channel, Envelope, MessageKind, Recipient, Registration};
+    let config = HostConfig {
+        session: aqe_session::Config {
+            liveness: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(20),
+            wire: aqe_session::WirePolicy::LOSSY,
+            ..aqe_session::Config::default()
+        },
+        ..HostConfig::default()
+    };
+    let (a, b) = (host_with(config.clone()), host_with(config));
+    join(&a, &b).await;
+    let channel = Channel::coordination();
+    let mut inboxes = Vec::new();
+    for (h, id) in [(&a, "a"), (&b, "b")] {
+        let (tx, rx) = inbox(AgentId::from(id), 64);
+        inboxes.push(rx);
+        h.attach(Registration::new(id, "t").with_channel(channel.clone()), tx)
+            .await
+            .expect("attach");
+    }
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !a.can_reach(&"b".into()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("b announced");
+    let e = Envelope::new(
+        "a".into(),
+        Recipient::Agent("b".into()),
+        channel.name.clone(),
+        MessageKind::Direct,
+        Bytes::from_static(b"x"),
+    );
+    a.send(e).await.expect("send");
+    // Resolves once b acknowledges receipt, which it batches for 20 ms.
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        a.flush(&"a".into(), &"b".into(), &channel.name),
+    )
+    .await
+    .expect("the acknowledgement of receipt comes within its batching delay, not at the next heartbeat or liveness check")
+    .expect("flush");
+}

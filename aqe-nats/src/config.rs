@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use aqe_core::plumbing::{DEDUP_WINDOW, millis};
 use aqe_core::{Error, Result, Token};
+use aqe_link::{HostConfig, Introspection};
+use aqe_session::{PeerExchange, WirePolicy};
 
 /// Options of a NATS endpoint.
 ///
@@ -64,7 +66,8 @@ pub struct NatsConfig {
     /// receiver before it is reported failed.
     #[serde(with = "millis")]
     pub delivery_deadline: Duration,
-    /// Reliable messages a sender may have unconfirmed per receiving agent and channel.
+    /// Unsettled reliable messages one endpoint may send each agent of this one (announced
+    /// in the hello; its senders wait beyond).
     pub window: u32,
     /// Bounds on what other endpoints can make this one hold.
     pub limits: NatsLimits,
@@ -112,19 +115,27 @@ pub struct NatsTls {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct NatsLimits {
-    /// Other endpoints tracked; announcements from more are ignored. Default 1024.
+    /// Other endpoints this one has sessions with or greets; hellos and heartbeats from
+    /// more are ignored. Default 1024.
     pub endpoints: u32,
     /// Agents one endpoint may announce. Default 4096.
     pub agents_per_endpoint: u32,
+    /// Encoded registration bytes one endpoint may announce, all its agents together.
+    /// Default 4 MiB.
+    pub registration_bytes: u64,
     /// Requests of one endpoint held in hand (queued or running); further ones are answered
     /// "busy". Default 1024.
     pub requests_in_hand: u32,
+    /// Unsettled reliable payload bytes one endpoint may have here (its senders wait
+    /// beyond). Default 16 MiB.
+    pub session_bytes: u64,
+    /// Unsettled reliable payload bytes all endpoints together may have here. Default
+    /// 256 MiB.
+    pub endpoint_bytes: u64,
     /// Streams one endpoint may have open to this one's agents. Default 256.
     pub streams_per_endpoint: u32,
     /// Chunks a stream buffers before its writer waits for credit. Default 64.
     pub stream_window: u32,
-    /// Incoming reliable flows (sender, receiver, channel) tracked at once. Default 65536.
-    pub flows: u32,
 }
 
 impl Default for NatsLimits {
@@ -132,10 +143,12 @@ impl Default for NatsLimits {
         Self {
             endpoints: 1024,
             agents_per_endpoint: 4096,
+            registration_bytes: 4 * 1024 * 1024,
             requests_in_hand: 1024,
+            session_bytes: 16 * 1024 * 1024,
+            endpoint_bytes: 256 * 1024 * 1024,
             streams_per_endpoint: 256,
             stream_window: 64,
-            flows: 65536,
         }
     }
 }
@@ -205,12 +218,49 @@ impl NatsConfig {
             ("limits.requestsInHand", l.requests_in_hand),
             ("limits.streamsPerEndpoint", l.streams_per_endpoint),
             ("limits.streamWindow", l.stream_window),
-            ("limits.flows", l.flows),
         ] {
             if v == 0 {
                 return Err(Error::config(field, "must be at least 1"));
             }
         }
+        for (field, v) in [
+            ("limits.registrationBytes", l.registration_bytes),
+            ("limits.sessionBytes", l.session_bytes),
+            ("limits.endpointBytes", l.endpoint_bytes),
+        ] {
+            if v < 64 * 1024 {
+                return Err(Error::config(field, "must be at least 64 KiB"));
+            }
+        }
         Ok(())
+    }
+
+    /// What the host of the endpoint is told: the session layer over a wire that delivers
+    /// at most once, with a shared heartbeat, and no peer exchange (every endpoint of the
+    /// fleet hears every other on the presence subject).
+    pub(crate) fn host(&self) -> HostConfig {
+        let l = &self.limits;
+        HostConfig {
+            session: aqe_session::Config {
+                window: self.window,
+                session_bytes: l.session_bytes,
+                agents_per_peer: l.agents_per_endpoint,
+                registration_bytes: l.registration_bytes,
+                endpoints_per_peer: 0,
+                requests_in_hand: l.requests_in_hand,
+                heartbeat: self.heartbeat_interval,
+                liveness: self.liveness_timeout,
+                delivery_deadline: self.delivery_deadline,
+                exchange: PeerExchange::Off,
+                wire: WirePolicy {
+                    retransmit_after: Some(self.retransmit_after),
+                    ..WirePolicy::LOSSY
+                },
+                ..aqe_session::Config::default()
+            },
+            send_timeout: self.send_timeout,
+            endpoint_bytes: l.endpoint_bytes,
+            introspection: Introspection::default(),
+        }
     }
 }

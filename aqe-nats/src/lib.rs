@@ -3,53 +3,43 @@
 //!
 //! It is meant as the cross-host fallback of a QUIC fleet (networks that block UDP are the
 //! common reason QUIC cannot connect) and as a transport of its own where a NATS server is
-//! the one thing every host reaches. The server is an existing, proven engine: this crate
-//! adds aqe's addressing, delivery accounting and membership on top of core NATS (no
-//! JetStream).
+//! the one thing every host reaches. The server is an existing, proven engine: this crate is
+//! a *wire* for aqe's session layer (`aqe-session`, run by `aqe-link`'s host), the same
+//! sessions as over QUIC, on core NATS (no JetStream).
 //!
-//! - **Subjects** (PROTOCOL.md, section "NATS"): `aqe.<fleet>.agent.<agent>` for what goes to
-//!   an agent, `aqe.<fleet>.ep.<endpoint>` for what goes to an endpoint (acknowledgements,
-//!   responses, credit, snapshots), `aqe.<fleet>.presence` for membership and
-//!   `aqe.<fleet>.bcast` for fleet broadcasts. Fleets sharing a server never see each other.
-//! - **Channels**: reliable ones are numbered per flow, acknowledged, retransmitted, delivered
-//!   once and in order (unordered channels too: ordering costs nothing here), confirmed when
-//!   the receiving agent takes the message, and reported failed otherwise. Unreliable ones are
-//!   published once: at most once, which is all NATS gives.
-//! - **Requests** travel to the agent's subject with the endpoint's subject as NATS reply
-//!   subject, correlated by message id; a requester that gives up cancels the handler.
-//! - **Streams**: numbered data with credit-based flow control; a lost frame breaks the
+//! - **Subjects** (PROTOCOL.md, section "NATS"): `aqe.<fleet>.ep.<endpoint>` for everything
+//!   addressed to an endpoint (an endpoint is a key and an incarnation, 32 hex digits), and
+//!   `aqe.<fleet>.presence` for heartbeats and departures. Fleets sharing a server never see
+//!   each other.
+//! - **Sessions**: endpoints that hear each other's heartbeats shake hands (hellos, settled
+//!   by rank when they cross) and keep one session per pair; its frames go in batches, as
+//!   few NATS messages as the server's `max_payload` allows. Reliable messages are numbered,
+//!   acknowledged, sent again when NATS loses them, delivered once and in order, and settled
+//!   by their deadline; unreliable ones are published once.
+//! - **Streams**: numbered data with credit-based flow control; a lost packet breaks the
 //!   stream rather than skipping data.
-//! - **Membership**: presence heartbeats with a generation, joins and departures, snapshots
-//!   on demand; an endpoint silent for the liveness timeout is gone.
 //! - **Security**: the NATS connection's own: TLS (with a CA, client certificates),
 //!   credentials files, tokens, user and password. Every endpoint on the same server and
 //!   account is trusted as a member of the fleet; separate fleets that must not trust each
 //!   other belong in separate NATS accounts.
 //!
 //! What NATS cannot give: messages larger than the server's `max_payload` (1 MiB unless
-//! raised) are refused with [`Error::MessageTooLarge`](aqe_core::Error::MessageTooLarge);
-//! round-trip times are measured by aqe (acknowledgements and requests), and there is no
-//! congestion window to report.
+//! raised) are refused with [`Error::MessageTooLarge`](aqe_core::Error::MessageTooLarge),
+//! and there is no congestion window to report.
 //!
 //! # Feature flags
 //! - `testing`: [`testing::NatsServer`], a `nats-server` child process on a free loopback
-//!   port, for tests here and in crates that test over NATS.
+//!   port, for tests here and in crates that test over NATS; packet encoding for forged
+//!   traffic and fuzzing.
 #![warn(missing_docs, unreachable_pub)]
 
 mod config;
 mod endpoint;
-mod flows;
-mod membership;
 mod stream;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod transport;
 mod wire;
-
-/// The hash tables of the per-message paths (see `aqe_core::plumbing::FastState`).
-type Map<K, V> = aqe_core::plumbing::FastMap<K, V>;
-type Set<K> = aqe_core::plumbing::FastSet<K>;
-type ConcurrentMap<K, V> = dashmap::DashMap<K, V, aqe_core::plumbing::FastState>;
 
 pub use config::{NatsConfig, NatsLimits, NatsTls};
 pub use transport::NatsTransport;

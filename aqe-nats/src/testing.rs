@@ -176,73 +176,38 @@ fn wait_for_port(dir: &Path) -> Option<u16> {
     None
 }
 
-/// Frames as another endpoint of the fleet would publish them, for tests of what an
-/// endpoint does with frames it did not expect (a misbehaving member of the account).
+/// Packets as another member of the fleet could publish them, for tests of what an endpoint
+/// does with traffic it did not expect (a misbehaving member of the account), and the
+/// decoder fuzz targets drive.
 pub mod forge {
-    use bytes::Bytes;
+    use bytes::{Bytes, BytesMut};
 
-    use aqe_core::{AgentId, MessageId, Registration};
+    pub use crate::wire::{NATS_WIRE_VERSION, Packet, PacketError, Subjects};
+    use aqe_session::{EndpointId, Frame, Lane, Transmit};
 
-    use crate::wire::{self, Ep, Frame};
-
-    fn encode(frame: &Frame) -> Bytes {
-        wire::encode(frame).unwrap_or_default()
+    /// `packet`, as published.
+    pub fn packet(packet: &Packet) -> Bytes {
+        crate::wire::encode(packet).unwrap_or_default()
     }
 
-    /// The subject of the endpoint named `endpoint` (its
-    /// [`endpoint_id`](crate::NatsTransport::endpoint_id)) in `fleet`.
-    pub fn endpoint_subject(fleet: &str, endpoint: &str) -> String {
-        format!("aqe.{fleet}.ep.{endpoint}")
+    /// A [`Packet::Frames`] from `from` to `to` for session `session`, carrying `frames`.
+    pub fn frames(from: EndpointId, to: EndpointId, session: u64, frames: &[Frame]) -> Bytes {
+        let mut buf = BytesMut::new();
+        let _ = crate::wire::encode_into(&Packet::Frames { from, to, session }, &mut buf);
+        for f in frames {
+            let _ = Transmit::Frame(Lane::Control, f.clone()).encode(&mut buf);
+        }
+        buf.freeze()
     }
 
-    /// The fleet's presence subject.
-    pub fn presence_subject(fleet: &str) -> String {
-        crate::wire::Subjects::new(fleet).presence()
-    }
-
-    /// The subject of agent `agent` in `fleet`.
-    pub fn agent_subject(fleet: &str, agent: &str) -> String {
-        crate::wire::Subjects::new(fleet).agent(&agent.into())
-    }
-
-    /// The fleet's broadcast subject.
-    pub fn broadcast_subject(fleet: &str) -> String {
-        crate::wire::Subjects::new(fleet).broadcast()
-    }
-
-    /// A heartbeat of endpoint `from` at `generation`.
-    pub fn alive(from: u64, generation: u64) -> Bytes {
-        encode(&Frame::Alive {
-            from: Ep(from),
-            generation,
-        })
-    }
-
-    /// Endpoint `from` announcing `agent` at `generation`.
-    pub fn joined(from: u64, generation: u64, agent: Registration) -> Bytes {
-        encode(&Frame::Joined {
-            from: Ep(from),
-            generation,
-            agent,
-        })
-    }
-
-    /// Endpoint `from` claiming that messages `ids` were taken by their receiving agents.
-    pub fn taken(from: u64, ids: Vec<(AgentId, MessageId)>) -> Bytes {
-        encode(&Frame::Acks {
-            from: Ep(from),
-            received: Vec::new(),
-            taken: ids,
-            abandoned: Vec::new(),
-        })
-    }
-
-    /// Endpoint `from` claiming to answer request `request`.
-    pub fn response(from: u64, request: MessageId, envelope: aqe_core::Envelope) -> Bytes {
-        encode(&Frame::Response {
-            from: Ep(from),
-            request,
-            envelope,
-        })
+    /// Decodes a packet and the frames after it, as an endpoint does with what it reads
+    /// (for fuzzing: it must never panic). The number of frames, if all decode.
+    ///
+    /// # Errors
+    /// What the endpoint would drop the packet for.
+    pub fn decode(bytes: &[u8]) -> Result<(Packet, usize), String> {
+        let (packet, rest) = crate::wire::decode(bytes).map_err(|e| e.to_string())?;
+        let n = crate::wire::frames(rest).map_err(|e| e.to_string())?.len();
+        Ok((packet, n))
     }
 }

@@ -15,6 +15,8 @@ use aqe_core::{
 };
 use aqe_nats::testing::{NatsServer, forge};
 use aqe_nats::{NatsConfig, NatsTls, NatsTransport};
+use aqe_session::{EndpointId, Frame, Hello, SESSION_VERSION};
+use futures::StreamExt as _;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -228,14 +230,8 @@ async fn a_killed_endpoint_is_detected_and_everything_sent_to_it_accounted_for()
         sent.push(e.id);
         a.send(e).await.expect("send");
     }
-    // Wait until the victim's endpoint has them all (received, never taken).
-    tokio::time::timeout(WAIT, async {
-        while a.stats(&"a".into()).rtt.samples == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("acknowledged as received");
+    // Let them reach the victim's endpoint (received, never taken).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let request = {
         let a = a.clone();
         tokio::spawn(async move {
@@ -299,6 +295,10 @@ async fn a_killed_endpoint_is_detected_and_everything_sent_to_it_accounted_for()
     a.shutdown().await;
 }
 
+/// Any member of the NATS account can publish on a fleet's subjects: garbage, heartbeats of
+/// endpoints that do not exist, a handshake of its own announcing too many agents and
+/// another endpoint's agent id, acknowledgements and answers for sessions it is not part of.
+/// None of it breaks, steers or grows the endpoint beyond its limits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_of_the_account_that_misbehave_cannot_break_or_steer_an_endpoint() {
     let server = server().await;
@@ -313,14 +313,10 @@ async fn members_of_the_account_that_misbehave_cannot_break_or_steer_an_endpoint
     let _ia = attach(&a, "a").await;
     let mut ib = attach(&b, "b").await;
     await_peer(&a, "b").await;
+    let subjects = forge::Subjects::new(&fleet);
     let raw = async_nats::connect(&url).await.expect("raw client");
     // Garbage on every subject of the fleet.
-    for subject in [
-        forge::presence_subject(&fleet),
-        forge::broadcast_subject(&fleet),
-        forge::agent_subject(&fleet, "a"),
-        forge::endpoint_subject(&fleet, &a.endpoint_id()),
-    ] {
+    for subject in [subjects.presence(), subjects.endpoint(a.endpoint())] {
         for i in 0..500u32 {
             let junk: Vec<u8> = (0..(i % 64)).map(|j| (i * 31 + j * 7) as u8).collect();
             raw.publish(subject.clone(), junk.into())
@@ -328,45 +324,99 @@ async fn members_of_the_account_that_misbehave_cannot_break_or_steer_an_endpoint
                 .expect("publish");
         }
     }
-    // A flood of made-up endpoints, one of them announcing more agents than allowed.
-    for ep in 0..2000u64 {
-        raw.publish(
-            forge::presence_subject(&fleet),
-            forge::alive(1_000_000 + ep, 0),
-        )
-        .await
-        .expect("publish");
+    // Heartbeats of 2000 made-up endpoints: a greets a bounded number of them.
+    for k in 0..2000u64 {
+        let alive = forge::Packet::Alive {
+            from: EndpointId::new(1_000_000 + k, 1),
+            generation: 0,
+        };
+        raw.publish(subjects.presence(), forge::packet(&alive))
+            .await
+            .expect("publish");
     }
-    for g in 1..=50u64 {
-        let reg = Registration::new(format!("fake-{g}"), "fake");
-        raw.publish(
-            forge::presence_subject(&fleet),
-            forge::joined(1_000_000, g, reg),
-        )
+    // A made-up endpoint shakes hands (any member of the account can), then announces more
+    // agents than allowed, one of them b's id.
+    let fake = EndpointId::new(42, 1);
+    let mut replies = raw
+        .subscribe(subjects.endpoint(fake))
         .await
-        .expect("publish");
-    }
-    // A claim on b's id by a made-up endpoint.
+        .expect("subscribe");
+    let hello = Hello {
+        version: SESSION_VERSION,
+        endpoint: fake,
+        nonce: 7,
+        listen: None,
+        token: None,
+        window: 64,
+        session_bytes: 1 << 20,
+        heartbeat_ms: 200,
+        liveness_ms: 60_000,
+    };
     raw.publish(
-        forge::presence_subject(&fleet),
-        forge::joined(1_000_001, 1, Registration::new("b", "impostor")),
+        subjects.endpoint(a.endpoint()),
+        forge::packet(&forge::Packet::Hello {
+            to: a.endpoint(),
+            reply: false,
+            hello,
+        }),
+    )
+    .await
+    .expect("publish");
+    tokio::time::timeout(WAIT, async {
+        while let Some(m) = replies.next().await {
+            if let Ok((
+                forge::Packet::Hello {
+                    reply: true, hello, ..
+                },
+                _,
+            )) = forge::decode(&m.payload)
+                && hello.nonce == 7
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a answers the handshake");
+    let mut announcements: Vec<Frame> = (1..=50u64)
+        .map(|g| Frame::Joined {
+            generation: g,
+            agent: Registration::new(format!("fake-{g}"), "fake"),
+        })
+        .collect();
+    announcements.insert(
+        0,
+        Frame::Joined {
+            generation: 1,
+            agent: Registration::new("b", "impostor"),
+        },
+    );
+    raw.publish(
+        subjects.endpoint(a.endpoint()),
+        forge::frames(fake, a.endpoint(), 7, &announcements),
     )
     .await
     .expect("publish");
     raw.flush().await.expect("flush");
-    // Forged confirmations for a real message, and a forged answer to a real request.
+    // Forged confirmations of a real message: from the made-up endpoint's session, and in
+    // b's name for a session that does not exist.
     let e = direct("a", "b", "coordination", Bytes::from_static(b"real"));
-    let id = e.id;
     let confirmed = {
         let a = a.clone();
         tokio::spawn(async move { a.send_confirmed(e).await })
     };
-    raw.publish(
-        forge::endpoint_subject(&fleet, &a.endpoint_id()),
-        forge::taken(1_000_000, vec![(AgentId::from("b"), id)]),
-    )
-    .await
-    .expect("publish");
+    let acks = [Frame::Acks {
+        received: vec![(1, 10)],
+        taken: vec![(1, 10)],
+    }];
+    for (from, session) in [(fake, 7), (b.endpoint(), 12345)] {
+        raw.publish(
+            subjects.endpoint(a.endpoint()),
+            forge::frames(from, a.endpoint(), session, &acks),
+        )
+        .await
+        .expect("publish");
+    }
     raw.flush().await.expect("flush");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
@@ -405,7 +455,6 @@ async fn members_of_the_account_that_misbehave_cannot_break_or_steer_an_endpoint
     );
     let mut r = direct("a", "b", "coordination", Bytes::from_static(b"ping"));
     r.kind = MessageKind::Request;
-    let rid = r.id;
     let answer = {
         let a = a.clone();
         tokio::spawn(async move { a.request(r, Duration::from_secs(5)).await })
@@ -424,12 +473,21 @@ async fn members_of_the_account_that_misbehave_cannot_break_or_steer_an_endpoint
         MessageKind::Response,
         Bytes::from_static(b"forged"),
     );
-    raw.publish(
-        forge::endpoint_subject(&fleet, &a.endpoint_id()),
-        forge::response(1_000_000, rid, forged),
-    )
-    .await
-    .expect("publish");
+    for (from, session) in [(fake, 7), (b.endpoint(), 12345)] {
+        raw.publish(
+            subjects.endpoint(a.endpoint()),
+            forge::frames(
+                from,
+                a.endpoint(),
+                session,
+                &[Frame::Response {
+                    envelope: forged.clone(),
+                }],
+            ),
+        )
+        .await
+        .expect("publish");
+    }
     raw.flush().await.expect("flush");
     tokio::time::sleep(Duration::from_millis(100)).await;
     responder

@@ -418,7 +418,14 @@ pub(crate) async fn serve(
     }
     let goodbye = peer_said_goodbye(&link.handle);
     link.close_with(close::NORMAL);
-    host.link_lost(&session, goodbye);
+    host.end(
+        &session,
+        if goodbye {
+            Ended::Goodbye
+        } else {
+            Ended::LinkLost
+        },
+    );
 }
 
 /// Whether the peer closed the connection itself with a goodbye code.

@@ -1,17 +1,10 @@
-//! [`QuicTransport`]: the [`Transport`] of a QUIC endpoint.
+//! [`QuicTransport`]: the [`Transport`](aqe_core::Transport) of a QUIC endpoint.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use tokio::sync::broadcast;
-
-use aqe_core::plumbing::InboxSender;
-use aqe_core::{
-    AgentId, BroadcastReport, ChannelName, Envelope, Event, PeerInfo, Redeliver, Registration,
-    Result, RttStats, Stats, StreamHeader, StreamSink, Transport, TransportKind,
-};
+use aqe_core::{AgentId, Result, RttStats, TransportKind};
 use aqe_link::Host;
 use aqe_session::EndpointId;
 
@@ -21,9 +14,9 @@ use crate::endpoint::Endpoint;
 /// dial from), one session per remote endpoint (over one connection) carrying the traffic
 /// of every agent on both sides. Cloning gives another handle to the same endpoint.
 ///
-/// Reliable messages are acknowledged end to end: `Ok` from [`Transport::send`] means the
+/// Reliable messages are acknowledged end to end: `Ok` from [`Transport::send`](aqe_core::Transport::send) means the
 /// message is accepted, and it then ends either taken by its receiving agent or reported in
-/// [`Event::DeliveryFailed`], by its delivery deadline.
+/// [`Event::DeliveryFailed`](aqe_core::Event::DeliveryFailed), by its delivery deadline.
 ///
 /// # Examples
 /// ```no_run
@@ -155,69 +148,4 @@ impl QuicTransport {
     }
 }
 
-#[async_trait]
-impl Transport for QuicTransport {
-    fn kind(&self) -> TransportKind {
-        Self::KIND
-    }
-
-    async fn attach(&self, agent: Registration, inbox: InboxSender) -> Result<()> {
-        self.host.attach(agent, inbox).await
-    }
-
-    async fn detach(&self, agent: &AgentId) -> Result<()> {
-        self.host.detach(agent).await
-    }
-
-    async fn send(&self, envelope: Envelope) -> Result<()> {
-        self.host.send(envelope).await
-    }
-
-    async fn send_confirmed(&self, envelope: Envelope) -> Result<()> {
-        self.host.send_confirmed(envelope).await
-    }
-
-    async fn request(&self, envelope: Envelope, timeout: Duration) -> Result<Envelope> {
-        self.host.request(envelope, timeout).await
-    }
-
-    async fn broadcast(&self, envelope: Envelope, targets: &[AgentId]) -> Result<BroadcastReport> {
-        self.host.broadcast(envelope, targets).await
-    }
-
-    async fn open_stream(&self, header: StreamHeader) -> Result<Box<dyn StreamSink>> {
-        self.host.open_stream(header).await
-    }
-
-    fn registration(&self, agent: &AgentId) -> Result<Registration> {
-        self.host.registration(agent)
-    }
-
-    fn peers(&self) -> Vec<PeerInfo> {
-        self.host.peers()
-    }
-
-    fn stats(&self, agent: &AgentId) -> Stats {
-        self.host.stats(agent)
-    }
-
-    fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.host.subscribe()
-    }
-
-    fn can_reach(&self, agent: &AgentId) -> bool {
-        self.host.can_reach(agent)
-    }
-
-    async fn flush(&self, from: &AgentId, to: &AgentId, channel: &ChannelName) -> Result<()> {
-        self.host.flush(from, to, channel).await
-    }
-
-    fn set_redelivery(&self, redeliver: Arc<dyn Redeliver>) {
-        self.host.set_redelivery(redeliver);
-    }
-
-    async fn shutdown(&self) {
-        self.host.shutdown().await;
-    }
-}
+aqe_link::transport_via_host!(QuicTransport, host);

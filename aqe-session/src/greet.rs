@@ -141,6 +141,11 @@ impl Greeter {
         vec![Greeting::Open { peer, rank }, answer]
     }
 
+    /// How many handshakes are under way (a wire bounds them).
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
     /// A handshake is no longer wanted (a session exists, or the peer is gone).
     pub fn forget(&mut self, peer: &EndpointId) {
         self.pending.remove(peer);

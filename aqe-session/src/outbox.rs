@@ -199,6 +199,9 @@ pub(crate) struct Outbox<M> {
     backlog: BTreeMap<AgentId, VecDeque<Orphan<M>>>,
     window: u32,
     session_bytes: u64,
+    /// How long a transmission waits for its acknowledgement before it goes again, on a
+    /// wire that may lose it.
+    rto: Option<Duration>,
     /// No timer of this outbox is due before this (deadlines, retransmissions).
     next_check: Option<Instant>,
     /// Messages reported failed at their deadline that the receiver may still hold (it
@@ -210,8 +213,9 @@ pub(crate) struct Outbox<M> {
 }
 
 impl<M> Outbox<M> {
-    /// An outbox respecting the receiver's `window` and `session_bytes`.
-    pub(crate) fn new(window: u32, session_bytes: u64) -> Self {
+    /// An outbox respecting the receiver's `window` and `session_bytes`, sending again after
+    /// `rto` what is not acknowledged (a wire that may lose frames).
+    pub(crate) fn new(window: u32, session_bytes: u64, rto: Option<Duration>) -> Self {
         Self {
             next_seq: 1,
             sent: BTreeMap::new(),
@@ -221,6 +225,7 @@ impl<M> Outbox<M> {
             backlog: BTreeMap::new(),
             window: window.max(1),
             session_bytes: session_bytes.max(1),
+            rto,
             next_check: None,
             ghosts: BTreeMap::new(),
         }
@@ -268,6 +273,9 @@ impl<M> Outbox<M> {
         f.bytes += msg.meta.len as u64;
         self.bytes += msg.meta.len as u64;
         self.check_by(msg.accepted + deadline);
+        if linked && let Some(rto) = self.rto {
+            self.check_by(now + rto);
+        }
         let transmit = linked.then(|| {
             msg.in_doubt = true;
             self.transmit_of(seq, after, &msg, generation)
@@ -414,12 +422,12 @@ impl<M> Outbox<M> {
     }
 
     /// Fails what passed its deadline; returns the retransmissions due (a wire that may lose
-    /// frames) and when to look again.
+    /// frames, while linked: `generation` is the membership's) and when to look again.
     pub(crate) fn on_timeout(
         &mut self,
         now: Instant,
         deadline: Duration,
-        retransmit: Option<(Duration, u64)>,
+        linked: Option<u64>,
         failed: &mut Vec<Settled<M>>,
         out: &mut VecDeque<Transmit>,
     ) {
@@ -453,7 +461,7 @@ impl<M> Outbox<M> {
         });
         let mut next: Option<Instant> = None;
         let mut at = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
-        if let Some((rto, generation)) = retransmit {
+        if let (Some(rto), Some(generation)) = (self.rto, linked) {
             let low = self.low();
             for (&seq, s) in &mut self.sent {
                 let wait = if s.received { rto * 4 } else { rto };
@@ -511,9 +519,19 @@ impl<M> Outbox<M> {
     }
 
     /// Whether a message of the flow `from`, `to`, `channel` is unsettled here.
-    pub(crate) fn has_flow(&self, from: &AgentId, to: &AgentId, channel: &ChannelName) -> bool {
+    /// `received`: the receiver acknowledges what it received, and a message it received
+    /// no longer counts (it is in the agent's inbox, in order).
+    pub(crate) fn has_flow(
+        &self,
+        from: &AgentId,
+        to: &AgentId,
+        channel: &ChannelName,
+        received: bool,
+    ) -> bool {
         let is = |m: &MessageMeta| &m.from == from && &m.to == to && &m.channel == channel;
-        self.sent.values().any(|s| is(&s.msg.meta))
+        self.sent
+            .values()
+            .any(|s| is(&s.msg.meta) && !(received && s.received))
             || self
                 .backlog
                 .get(to)
@@ -587,7 +605,7 @@ mod tests {
     #[test]
     fn windows_count_messages_per_agent_and_bytes_per_session() {
         let now = Instant::now();
-        let mut o: Outbox<u32> = Outbox::new(2, 100);
+        let mut o: Outbox<u32> = Outbox::new(2, 100, None);
         assert!(o.push(msg("b", 10, now), 0, true, now, D).is_ok());
         assert!(o.push(msg("b", 10, now), 0, true, now, D).is_ok());
         assert!(
@@ -613,7 +631,7 @@ mod tests {
     #[test]
     fn ordered_flows_name_their_predecessor_and_deadlines_fail_by_doubt() {
         let now = Instant::now();
-        let mut o: Outbox<u32> = Outbox::new(8, 1 << 20);
+        let mut o: Outbox<u32> = Outbox::new(8, 1 << 20, None);
         let afters: Vec<u64> = (0..3)
             .map(|_| match o.push(msg("b", 1, now), 0, true, now, D) {
                 Ok(Some(Transmit::Message { header, .. })) => header.after,
@@ -645,7 +663,7 @@ mod tests {
     #[test]
     fn redeliveries_wait_for_room_ahead_of_newer_sends() {
         let now = Instant::now();
-        let mut o: Outbox<u32> = Outbox::new(1, 1 << 20);
+        let mut o: Outbox<u32> = Outbox::new(1, 1 << 20, None);
         assert!(o.push(msg("b", 1, now), 0, true, now, D).is_ok());
         let mut old = msg("b", 1, now);
         old.in_doubt = true;
@@ -668,13 +686,18 @@ mod tests {
     fn a_lossy_wire_sends_again_what_was_not_received() {
         let now = Instant::now();
         let rto = Duration::from_millis(500);
-        let mut o: Outbox<u32> = Outbox::new(8, 1 << 20);
+        let mut o: Outbox<u32> = Outbox::new(8, 1 << 20, Some(rto));
         for _ in 0..3 {
             let _ = o.push(msg("b", 1, now), 0, true, now, D);
         }
+        assert_eq!(
+            o.next_check(),
+            Some(now + rto),
+            "the first retransmission is timed"
+        );
         o.received(&[(1, 2)]);
         let mut out = VecDeque::new();
-        o.on_timeout(now + rto, D, Some((rto, 0)), &mut Vec::new(), &mut out);
+        o.on_timeout(now + rto, D, Some(0), &mut Vec::new(), &mut out);
         let seqs: Vec<u64> = out
             .iter()
             .map(|t| match t {
@@ -684,7 +707,7 @@ mod tests {
             .collect();
         assert_eq!(seqs, [3], "only what was not received");
         out.clear();
-        o.on_timeout(now + rto * 4, D, Some((rto, 0)), &mut Vec::new(), &mut out);
+        o.on_timeout(now + rto * 4, D, Some(0), &mut Vec::new(), &mut out);
         assert_eq!(
             out.len(),
             3,

@@ -248,7 +248,11 @@ impl<C: Ctx> Session<C> {
             heartbeat,
             ended: None,
             generation: 0,
-            outbox: Outbox::new(hello.window.min(config.window), hello.session_bytes),
+            outbox: Outbox::new(
+                hello.window.min(config.window),
+                hello.session_bytes,
+                config.wire.retransmit_after,
+            ),
             inflow: Inflow::new(config.window, config.session_bytes, budget),
             members: PeerMembership::new(
                 config.agents_per_peer as usize,
@@ -323,9 +327,12 @@ impl<C: Ctx> Session<C> {
         self.inflow.held()
     }
 
-    /// Whether a message of the flow `from`, `to`, `channel` is unsettled here.
+    /// Whether a message of the flow `from`, `to`, `channel` is here and not yet in the
+    /// receiving agent's inbox as far as this side knows: not acknowledged as received (a
+    /// wire that acknowledges receipt), or not settled (one that does not).
     pub fn has_flow(&self, from: &AgentId, to: &AgentId, channel: &ChannelName) -> bool {
-        self.outbox.has_flow(from, to, channel)
+        self.outbox
+            .has_flow(from, to, channel, self.config.wire.ack_received)
     }
 
     /// Whether a new message to `to` of `len` bytes would be taken now.
@@ -1165,15 +1172,11 @@ impl<C: Ctx> Session<C> {
         let _ = locals;
         if self.outbox.next_check().is_some_and(|c| now >= c) {
             let linked = self.is_linked();
-            let retransmit = wire
-                .retransmit_after
-                .filter(|_| linked)
-                .map(|rto| (rto, self.generation));
             let mut failed = Vec::new();
             self.outbox.on_timeout(
                 now,
                 config.delivery_deadline,
-                retransmit,
+                linked.then_some(self.generation),
                 &mut failed,
                 &mut self.transmits,
             );

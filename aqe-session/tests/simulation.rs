@@ -1654,18 +1654,24 @@ impl World {
         // more (a session that just ended on a long run of lost heartbeats comes back).
         let converge_by = end + Duration::from_secs(3);
         let mut next_action = self.start;
-        // After the chaos and once healed: a calm spell (no loss, no crash), whose every
-        // message must be taken (or, to a peer that never takes anything, reported
-        // unconfirmed at its deadline); then everything must settle.
+        // After the chaos and once healed: a calm spell (no crash, no partition; the wire's
+        // loss for its first 250 ms, then none), whose every message must be taken (or, to
+        // a peer that never takes anything, reported unconfirmed at its deadline): what the
+        // wire lost is sent again in time. Then everything must settle.
         let mut calm: Option<(usize, Instant)> = None;
+        let mut lossless_at: Option<Instant> = None;
         loop {
             let chaos_on = self.now < traffic_end;
             let mut sending = chaos_on;
+            if lossless_at.is_some_and(|t| self.now >= t) {
+                lossless_at = None;
+                self.sc.loss = 0;
+                self.sc.dup = 0;
+            }
             match calm {
                 None if self.now >= end => match self.converged() {
                     None => {
-                        self.sc.loss = 0;
-                        self.sc.dup = 0;
+                        lossless_at = Some(self.now + Duration::from_millis(250));
                         calm = Some((
                             self.ledger.sent.len(),
                             self.now + Duration::from_millis(500),
