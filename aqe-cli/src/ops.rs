@@ -218,6 +218,7 @@ pub(crate) async fn stream(a: StreamArgs) -> Result<(), CliError> {
 
 pub(crate) async fn listen(a: ListenArgs) -> Result<(), CliError> {
     let transport = join::endpoint(&a.join).await?;
+    let at = transport.local_addr();
     let (tx, mut got) = tokio::sync::mpsc::channel::<String>(1024);
     let streamed = tx.clone();
     let me = Agent::builder()
@@ -248,7 +249,8 @@ pub(crate) async fn listen(a: ListenArgs) -> Result<(), CliError> {
         })
         .start()
         .await?;
-    println!("agent {} listening", me.id());
+    // Where others bootstrap from: the address this endpoint accepts on.
+    println!("agent {} listening at {at}", me.id());
     let mut n = 0u64;
     loop {
         tokio::select! {

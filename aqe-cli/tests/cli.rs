@@ -81,7 +81,7 @@ fn a_fleet_from_the_command_line() {
     // Certificates: a CA, a node, a command-line client.
     let o = aqe(d, &["certs", "init", "certs"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    // One certificate per process that runs at the same time: an endpoint's id is its key's.
+    // A certificate per role (processes may also share one: see the test below).
     for name in ["node", "cli", "listener", "replier"] {
         let o = aqe(d, &["certs", "issue", "certs", name, "--ip", "127.0.0.1"]);
         assert!(o.status.success(), "{}", stderr(&o));
@@ -342,4 +342,47 @@ fn a_fleet_from_the_command_line() {
 
     let o = aqe(d, &["request"]);
     assert_eq!(o.status.code(), Some(2), "usage");
+}
+
+/// Two processes with one certificate, as people run many commands with one credential: two
+/// endpoints (the same key, each process its own incarnation), one principal. `aqe listen` in
+/// one, `aqe send` in the other, both `--name cli-b`.
+#[test]
+fn two_processes_with_one_certificate_work_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let o = aqe(d, &["certs", "init", "certs"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = aqe(
+        d,
+        &["certs", "issue", "certs", "cli-b", "--ip", "127.0.0.1"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let one = ["--certs", "certs", "--name", "cli-b"];
+    let mut listen = vec!["listen", "L", "--listen", "127.0.0.1:0", "--count", "2"];
+    listen.extend(one);
+    let (mut listener, ready, mut heard) = spawn(d, &listen, "agent L listening at ");
+    let addr = ready.trim_start_matches("agent L listening at ").to_owned();
+    for payload in ["first", "second"] {
+        let mut send = vec!["send", "L", payload, "--raw", "--bootstrap", &addr];
+        send.extend(one);
+        let o = aqe(d, &send);
+        assert!(
+            o.status.success(),
+            "send {payload}: {} (exit {:?})",
+            stderr(&o),
+            o.status.code()
+        );
+        assert!(stdout(&o).contains("to L"), "{}", stdout(&o));
+        let line = next_line(&mut heard);
+        assert!(
+            line.ends_with(&format!("[coordination] {payload}")),
+            "{line}"
+        );
+    }
+    let status = listener
+        .0
+        .wait()
+        .expect("listener exits after two messages");
+    assert!(status.success(), "{status:?}");
 }

@@ -282,17 +282,19 @@ pub struct QuicConfig {
 }
 
 /// Who may read an endpoint's report, as a definition file says it.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum IntrospectionConfig {
-    /// `"verified"`, `"authenticated"` or `"nobody"`.
+    /// `"verified"` (the default), `"authenticated"` or `"nobody"`.
     Who(IntrospectionWho),
     /// Keys (16 hex digits each, as `aqe peers` shows endpoint ids' first half).
     Keys(Vec<String>),
-    /// The default: verified peers.
-    #[default]
-    #[serde(skip)]
-    Default,
+}
+
+impl Default for IntrospectionConfig {
+    fn default() -> Self {
+        Self::Who(IntrospectionWho::Verified)
+    }
 }
 
 /// A class of peers that may read an endpoint's report.
@@ -314,9 +316,7 @@ impl IntrospectionConfig {
     /// [`Error::Configuration`] for a key that is not 16 hex digits.
     pub fn policy(&self) -> Result<Introspection> {
         Ok(match self {
-            IntrospectionConfig::Default | IntrospectionConfig::Who(IntrospectionWho::Verified) => {
-                Introspection::Verified
-            }
+            IntrospectionConfig::Who(IntrospectionWho::Verified) => Introspection::Verified,
             IntrospectionConfig::Who(IntrospectionWho::Authenticated) => {
                 Introspection::Authenticated
             }

@@ -9,8 +9,8 @@ use crate::SecurityConfig;
 use aqe_session::{Frame, Hello};
 
 pub use crate::wire::{
-    ALPN, Chunk, FrameCodec, FrameReader, LARGE, MAX_DATAGRAM, Preamble, WIRE_VERSION, close,
-    datagram, decode_datagram, frame_transmit, reset,
+    ALPN, Chunk, FrameCodec, FrameReader, LARGE, MAX_DATAGRAM, MAX_FRAME_LEN, Preamble,
+    WIRE_VERSION, close, datagram, decode_datagram, frame_transmit, reset,
 };
 
 use crate::QuicTransport;
