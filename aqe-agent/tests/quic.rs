@@ -513,6 +513,10 @@ async fn json_payloads_reach_typed_handlers_over_quic() {
 /// switches are announced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_enabled_and_disabled_at_run_time_loses_nothing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let bus = Arc::new(EventBus::new());
     let (tx, mut got) = mpsc::channel::<u32>(4096);
     let b = Agent::builder()
@@ -565,7 +569,7 @@ async fn quic_enabled_and_disabled_at_run_time_loses_nothing() {
     while received.len() < 1000 {
         let n = tokio::time::timeout(WAIT, got.recv())
             .await
-            .expect("messages keep coming")
+            .unwrap_or_else(|_| panic!("messages keep coming after {}", received.len()))
             .expect("open");
         received.push(n);
         if received.len() == 300 {

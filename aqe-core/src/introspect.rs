@@ -1,15 +1,11 @@
-//! What an endpoint says about itself when asked: the answer of the introspection agent that
-//! a transport may attach (agent type [`ENDPOINT_AGENT_TYPE`]), read by tools such as
-//! `aqe stats` and `aqe top`. It travels as a JSON payload, so any tool can read it, and only
-//! over the transport's own (authenticated) links.
+//! What an endpoint says about itself when asked: the answer to a request addressed to its
+//! introspection id (`aqe.endpoint.<endpoint>`, PROTOCOL.md section 4.11), read by tools such
+//! as `aqe stats` and `aqe top`. It travels as a JSON payload, so any tool can read it, and
+//! only to the peers the endpoint's configuration allows.
 
 use serde::{Deserialize, Serialize};
 
 use crate::{AgentId, AgentType, Stats};
-
-/// The agent type of an endpoint's introspection agent. Agents of this type are left out of
-/// [`crate::DiscoveryOptions`]-based discovery by the agent runtime: they are infrastructure.
-pub const ENDPOINT_AGENT_TYPE: &str = "aqe.endpoint";
 
 /// An endpoint's report: its links and its agents.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,7 +20,7 @@ pub struct EndpointReport {
     pub uptime_ms: u64,
     /// Its links to other endpoints.
     pub links: Vec<LinkReport>,
-    /// The agents it hosts (its introspection agent left out).
+    /// The agents it hosts.
     pub agents: Vec<AgentReport>,
 }
 

@@ -50,7 +50,7 @@ pub use error::{
 };
 pub use health::{Health, HealthStatus, HealthThresholds, RecentError, RttStats, Stats};
 pub use id::{AgentId, AgentType, Capability, ChannelId, ChannelName, MessageId, StreamId};
-pub use introspect::{AgentReport, ENDPOINT_AGENT_TYPE, EndpointReport, LinkReport};
+pub use introspect::{AgentReport, EndpointReport, LinkReport};
 pub use message::{
     Encoding, Envelope, ErrorBody, MessageKind, Payload, Recipient, Timestamp, decode, decode_as,
     encode,

@@ -31,6 +31,84 @@ pub struct LocalAgent {
     pub stats: Arc<StatsRecorder>,
 }
 
+/// The agents a transport hosts, by id: read on every delivery, written on attach and
+/// detach. One table for every transport (the bus, and every wire's host).
+#[derive(Debug, Default)]
+pub struct LocalAgents {
+    agents: std::sync::RwLock<crate::plumbing::FastMap<AgentId, Arc<LocalAgent>>>,
+}
+
+impl LocalAgents {
+    fn read(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, crate::plumbing::FastMap<AgentId, Arc<LocalAgent>>> {
+        self.agents.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, crate::plumbing::FastMap<AgentId, Arc<LocalAgent>>> {
+        self.agents.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The agent `id`, if hosted.
+    pub fn get(&self, id: &AgentId) -> Option<Arc<LocalAgent>> {
+        self.read().get(id).cloned()
+    }
+
+    /// Whether `id` is hosted.
+    pub fn contains(&self, id: &AgentId) -> bool {
+        self.read().contains_key(id)
+    }
+
+    /// Whether `id` is hosted and listens on `channel`.
+    pub fn admits(&self, id: &AgentId, channel: &crate::ChannelName) -> bool {
+        self.read()
+            .get(id)
+            .is_some_and(|a| a.reg.has_channel(channel))
+    }
+
+    /// Hosts `agent` unless its id is taken; `false` when it is.
+    pub fn insert(&self, agent: Arc<LocalAgent>) -> bool {
+        match self.write().entry(agent.reg.id.clone()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(agent);
+                true
+            }
+        }
+    }
+
+    /// Stops hosting `id`.
+    pub fn remove(&self, id: &AgentId) -> Option<Arc<LocalAgent>> {
+        self.write().remove(id)
+    }
+
+    /// Every hosted agent, by id.
+    pub fn all(&self) -> Vec<Arc<LocalAgent>> {
+        let mut v: Vec<Arc<LocalAgent>> = self.read().values().cloned().collect();
+        v.sort_by(|a, b| a.reg.id.cmp(&b.reg.id));
+        v
+    }
+
+    /// Stops hosting every agent; their ids, by id.
+    pub fn clear(&self) -> Vec<AgentId> {
+        let mut ids: Vec<AgentId> = self.write().drain().map(|(k, _)| k).collect();
+        ids.sort();
+        ids
+    }
+
+    /// How many are hosted.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+}
+
 impl LocalAgent {
     /// A freshly attached agent with zeroed counters.
     pub fn new(reg: Registration, inbox: InboxSender) -> Self {

@@ -4,7 +4,8 @@
 //!
 //! - the agent [`Inbox`]: bounded, ordered by priority, suppressing duplicates; a transport
 //!   puts what arrives for an agent into its [`InboxSender`];
-//! - [`LocalAgent`] and [`LocalDelivery`]: delivery between agents of one process, which every
+//! - [`LocalAgent`], [`LocalAgents`] and [`LocalDelivery`]: the agents a transport hosts, and
+//!   delivery between agents of one process, which every
 //!   transport uses for agents it hosts side by side (the event bus is nothing else), so that
 //!   priorities, backpressure, receipts and failure reports behave the same everywhere;
 //! - [`StatsRecorder`]: the counters behind [`Stats`](crate::Stats);
@@ -22,7 +23,7 @@ pub use crate::inbox::{
     InboxSender, inbox,
 };
 pub use crate::local::{
-    LocalAgent, LocalDelivery, LocalSink, LocalStreamLimits, responder, stream,
+    LocalAgent, LocalAgents, LocalDelivery, LocalSink, LocalStreamLimits, responder, stream,
 };
 pub use crate::receipt::{AckOnce, AckSink};
 pub use crate::transport::{Respond, StreamSource};

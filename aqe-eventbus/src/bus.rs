@@ -3,10 +3,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dashmap::DashMap;
 use tokio::sync::broadcast;
 
-use aqe_core::plumbing::{InboxSender, LocalAgent, LocalDelivery};
+use aqe_core::plumbing::{InboxSender, LocalAgent, LocalAgents, LocalDelivery};
 use aqe_core::{
     AgentId, Envelope, Error, Event, PeerInfo, PeerState, Registration, Result, Stats,
     StreamHeader, StreamSink, Transport, TransportKind,
@@ -41,7 +40,7 @@ pub struct EventBus {
 }
 
 struct Inner {
-    members: DashMap<AgentId, Arc<LocalAgent>>,
+    members: LocalAgents,
     events: broadcast::Sender<Event>,
     delivery: LocalDelivery,
     closed: AtomicBool,
@@ -77,7 +76,7 @@ impl EventBus {
             LocalDelivery::new(events.clone(), config.send_timeout, config.stream_capacity);
         Self {
             inner: Arc::new(Inner {
-                members: DashMap::new(),
+                members: LocalAgents::default(),
                 events,
                 delivery,
                 closed: AtomicBool::new(false),
@@ -98,7 +97,6 @@ impl EventBus {
         self.inner
             .members
             .get(id)
-            .map(|m| m.value().clone())
             .ok_or_else(|| Error::PeerNotFound { peer: id.clone() })
     }
 
@@ -162,17 +160,17 @@ impl Transport for EventBus {
         self.live()?;
         agent.validate()?;
         let info = agent.peer_info(None, PeerState::Connected);
-        match self.inner.members.entry(agent.id.clone()) {
-            dashmap::Entry::Occupied(_) => {
-                return Err(Error::Configuration {
-                    file: None,
-                    field: "id".to_owned(),
-                    message: format!("agent {} is already attached to this bus", agent.id),
-                });
-            }
-            dashmap::Entry::Vacant(v) => {
-                v.insert(Arc::new(LocalAgent::new(agent, inbox)));
-            }
+        let id = agent.id.clone();
+        if !self
+            .inner
+            .members
+            .insert(Arc::new(LocalAgent::new(agent, inbox)))
+        {
+            return Err(Error::Configuration {
+                file: None,
+                field: "id".to_owned(),
+                message: format!("agent {id} is already attached to this bus"),
+            });
         }
         tracing::debug!(agent = %info.id, "agent joined the bus");
         self.publish(Event::PeerDiscovered(info));
@@ -219,7 +217,7 @@ impl Transport for EventBus {
     }
 
     fn can_reach(&self, agent: &AgentId) -> bool {
-        self.inner.members.contains_key(agent)
+        self.inner.members.contains(agent)
     }
 
     fn registration(&self, agent: &AgentId) -> Result<Registration> {
@@ -230,6 +228,7 @@ impl Transport for EventBus {
     fn peers(&self) -> Vec<PeerInfo> {
         self.inner
             .members
+            .all()
             .iter()
             .map(|m| {
                 let mut info = m.reg.peer_info(None, PeerState::Connected);
@@ -257,11 +256,8 @@ impl Transport for EventBus {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        let ids: Vec<AgentId> = self.inner.members.iter().map(|m| m.key().clone()).collect();
-        for id in ids {
-            if self.inner.members.remove(&id).is_some() {
-                self.publish(Event::PeerLeft(id));
-            }
+        for id in self.inner.members.clear() {
+            self.publish(Event::PeerLeft(id));
         }
     }
 }

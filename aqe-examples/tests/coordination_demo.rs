@@ -49,6 +49,11 @@ async fn the_demo_fleet_runs_every_pattern_on_the_bus() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_fleet_runs_every_pattern_over_quic() {
+    // `RUST_LOG=aqe_agent=info` says why anything fell back.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let bus = Arc::new(EventBus::new());
     let report = run(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("agents-quic"),

@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use aqe_core::plumbing::{AckSink, FastMap, Respond, StatsRecorder};
 use aqe_core::{
-    AgentId, Envelope, Error, Event, Inbound, MessageId, Receipt, Responder, Result, SendFailure,
+    AgentId, ChannelName, Envelope, Error, Event, Inbound, MessageId, Receipt, Responder, Result,
+    SendFailure,
 };
 use aqe_session::{
     Answer, Ended, EndpointId, NodeInput, Rank, Refusal, Session, SessionEvent, SessionId, Settled,
@@ -150,6 +151,22 @@ impl Cell {
     /// Whether the session lives.
     pub(crate) fn is_live(&self) -> bool {
         lock(&self.session).is_linked()
+    }
+
+    /// Whether a message of the flow `from`, `to`, `channel` is unsettled in the session, or
+    /// on its way from it to the node.
+    pub(crate) fn has_flow(&self, from: &AgentId, to: &AgentId, channel: &ChannelName) -> bool {
+        let session = lock(&self.session);
+        session.has_flow(from, to, channel)
+            || lock(&self.node_inputs).iter().any(|input| match input {
+                NodeInput::Ended { orphans, .. } | NodeInput::Displaced { orphans } => {
+                    orphans.iter().any(|o| {
+                        let m = o.meta();
+                        &m.from == from && &m.to == to && &m.channel == channel
+                    })
+                }
+                _ => false,
+            })
     }
 
     /// Takes what the session told the node (for the node task); clears the flag that made

@@ -16,7 +16,7 @@ use aqe_core::{
     StreamHeader, StreamSink, Transport, TransportKind,
 };
 use aqe_session::{
-    Answer, Budget, Config, EndpointId, Frame, Hello, NotSent, Rank, Refusal, SESSION_VERSION,
+    Answer, Budgets, Config, EndpointId, Frame, Hello, NotSent, Rank, Refusal, SESSION_VERSION,
     Trust, outgoing,
 };
 
@@ -48,8 +48,6 @@ pub struct HostConfig {
     pub session: Config,
     /// How long a send may wait for room (a full window) or for a link to be made.
     pub send_timeout: Duration,
-    /// Unsettled inbound payload bytes the endpoint holds for all its sessions together.
-    pub endpoint_bytes: u64,
     /// Who may read the endpoint's report.
     pub introspection: Introspection,
 }
@@ -59,7 +57,6 @@ impl Default for HostConfig {
         Self {
             session: Config::default(),
             send_timeout: Duration::from_secs(5),
-            endpoint_bytes: 256 * 1024 * 1024,
             introspection: Introspection::default(),
         }
     }
@@ -126,6 +123,7 @@ struct Inner {
     closed: std::sync::atomic::AtomicBool,
     node_task: Mutex<Option<NodeTask>>,
     node_rx: Mutex<Option<mpsc::Receiver<Command>>>,
+    budget: Arc<Budgets>,
 }
 
 /// The transport of a wire: it hosts agents, runs a session per peer incarnation, and
@@ -203,10 +201,11 @@ impl Host {
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let session = Arc::new(config.session.clone());
+        let budget = Arc::new(Budgets::new(&config.session));
         let node = NodeTask {
             node: aqe_session::Node::new(me, address.clone(), session.clone()),
             config: session,
-            budget: Arc::new(Budget::new(config.endpoint_bytes)),
+            budget: budget.clone(),
             shared: shared.clone(),
             tables: tables.clone(),
             wire: wire.clone(),
@@ -240,6 +239,7 @@ impl Host {
                 closed: std::sync::atomic::AtomicBool::new(false),
                 node_task: Mutex::new(Some(node)),
                 node_rx: Mutex::new(Some(rx)),
+                budget,
             }),
         }
     }
@@ -438,6 +438,12 @@ impl Host {
     /// A token cancelled when the host stops: wires end their tasks on it.
     pub fn stopping(&self) -> CancellationToken {
         self.inner.stop.clone()
+    }
+
+    /// The endpoint-wide budgets its sessions draw from; a wire that holds peers' bytes of
+    /// its own (partial frames) draws from them too.
+    pub fn budgets(&self) -> &Arc<Budgets> {
+        &self.inner.budget
     }
 
     /// The task tracker the host's tasks (and the wire's, if it likes) run under.
@@ -776,7 +782,7 @@ impl Host {
             .tables
             .cells()
             .iter()
-            .any(|c| lock(&c.session).has_flow(from, to, channel))
+            .any(|c| c.has_flow(from, to, channel))
     }
 }
 

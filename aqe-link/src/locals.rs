@@ -1,14 +1,15 @@
-//! The agents this endpoint hosts: their registrations, inboxes and counters.
+//! The agents this endpoint hosts (aqe-core's table, shared with every transport), and the
+//! endpoint's introspection id, which the session layer admits as a recipient too.
 
-use std::sync::{Arc, RwLock};
+use std::ops::Deref;
 
-use aqe_core::plumbing::{FastMap, LocalAgent};
+use aqe_core::plumbing::LocalAgents;
 use aqe_core::{AgentId, ChannelName};
 
-/// The local agents, read on every delivery, written on attach and detach.
+/// The local agents, and the id requests for this endpoint's report go to.
 #[derive(Debug)]
 pub(crate) struct Locals {
-    agents: RwLock<FastMap<AgentId, Arc<LocalAgent>>>,
+    agents: LocalAgents,
     /// This endpoint's introspection id: requests to it are answered by the host.
     pub(crate) introspection: AgentId,
 }
@@ -16,68 +17,22 @@ pub(crate) struct Locals {
 impl Locals {
     pub(crate) fn new(introspection: AgentId) -> Self {
         Self {
-            agents: RwLock::new(FastMap::default()),
+            agents: LocalAgents::default(),
             introspection,
         }
     }
+}
 
-    pub(crate) fn get(&self, id: &AgentId) -> Option<Arc<LocalAgent>> {
-        self.agents
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
-    }
+impl Deref for Locals {
+    type Target = LocalAgents;
 
-    pub(crate) fn contains(&self, id: &AgentId) -> bool {
-        self.agents
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(id)
-    }
-
-    pub(crate) fn insert(&self, agent: Arc<LocalAgent>) {
-        self.agents
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(agent.reg.id.clone(), agent);
-    }
-
-    pub(crate) fn remove(&self, id: &AgentId) -> Option<Arc<LocalAgent>> {
-        self.agents
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id)
-    }
-
-    pub(crate) fn all(&self) -> Vec<Arc<LocalAgent>> {
-        let mut v: Vec<Arc<LocalAgent>> = self
-            .agents
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        v.sort_by(|a, b| a.reg.id.cmp(&b.reg.id));
-        v
-    }
-
-    pub(crate) fn clear(&self) {
-        self.agents
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+    fn deref(&self) -> &LocalAgents {
+        &self.agents
     }
 }
 
 impl aqe_session::Locals for Locals {
     fn admits(&self, to: &AgentId, channel: &ChannelName) -> bool {
-        *to == self.introspection
-            || self
-                .agents
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(to)
-                .is_some_and(|a| a.reg.has_channel(channel))
+        *to == self.introspection || self.agents.admits(to, channel)
     }
 }

@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use aqe_core::plumbing::{FastMap, LocalAgent};
 use aqe_core::{AgentId, ChannelName, Redeliver, Registration};
 use aqe_session::{
-    Action, AttachError, Budget, Config, EndpointId, Hello, Node, Opened, Orphan, Rank, Route,
+    Action, AttachError, Budgets, Config, EndpointId, Hello, Node, Opened, Orphan, Rank, Route,
     Session, SessionId, SessionInput, Trust,
 };
 
@@ -123,7 +123,7 @@ impl Tables {
 pub(crate) struct NodeTask {
     pub(crate) node: Node<MsgCtx>,
     pub(crate) config: Arc<Config>,
-    pub(crate) budget: Arc<Budget>,
+    pub(crate) budget: Arc<Budgets>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) tables: Arc<Tables>,
     pub(crate) wire: Arc<dyn Wire>,
@@ -220,6 +220,8 @@ impl NodeTask {
                 self.apply(actions);
             }
             Command::HasFlow(from, to, channel, reply) => {
+                // What sessions handed over and the node has not taken yet counts too.
+                self.attend();
                 let _ = reply.send(self.node.has_flow(&from, &to, &channel));
             }
             Command::Redelivery(handler) => {

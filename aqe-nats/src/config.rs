@@ -123,6 +123,9 @@ pub struct NatsLimits {
     /// Encoded registration bytes one endpoint may announce, all its agents together.
     /// Default 4 MiB.
     pub registration_bytes: u64,
+    /// Encoded registration bytes of all endpoints together; beyond, announcements are
+    /// ignored. Default 64 MiB.
+    pub membership_bytes: u64,
     /// Requests of one endpoint held in hand (queued or running); further ones are answered
     /// "busy". Default 1024.
     pub requests_in_hand: u32,
@@ -144,6 +147,7 @@ impl Default for NatsLimits {
             endpoints: 1024,
             agents_per_endpoint: 4096,
             registration_bytes: 4 * 1024 * 1024,
+            membership_bytes: 64 * 1024 * 1024,
             requests_in_hand: 1024,
             session_bytes: 16 * 1024 * 1024,
             endpoint_bytes: 256 * 1024 * 1024,
@@ -225,6 +229,7 @@ impl NatsConfig {
         }
         for (field, v) in [
             ("limits.registrationBytes", l.registration_bytes),
+            ("limits.membershipBytes", l.membership_bytes),
             ("limits.sessionBytes", l.session_bytes),
             ("limits.endpointBytes", l.endpoint_bytes),
         ] {
@@ -246,6 +251,8 @@ impl NatsConfig {
                 session_bytes: l.session_bytes,
                 agents_per_peer: l.agents_per_endpoint,
                 registration_bytes: l.registration_bytes,
+                endpoint_bytes: l.endpoint_bytes,
+                membership_bytes: l.membership_bytes,
                 endpoints_per_peer: 0,
                 requests_in_hand: l.requests_in_hand,
                 heartbeat: self.heartbeat_interval,
@@ -259,7 +266,6 @@ impl NatsConfig {
                 ..aqe_session::Config::default()
             },
             send_timeout: self.send_timeout,
-            endpoint_bytes: l.endpoint_bytes,
             introspection: Introspection::default(),
         }
     }

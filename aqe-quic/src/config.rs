@@ -139,6 +139,9 @@ pub struct QuicLimits {
     /// Encoded registration bytes one peer may announce, all its agents together. Default
     /// 4 MiB.
     pub registration_bytes: u64,
+    /// Encoded registration bytes of all peers together; beyond, announcements are ignored.
+    /// Default 64 MiB.
+    pub membership_bytes: u64,
     /// Frames held per peer while the announcement of their sending agent is on its way;
     /// beyond, refused. Default 256.
     pub parked: u32,
@@ -148,6 +151,11 @@ pub struct QuicLimits {
     /// time and memory. Default 1 MiB (enough for loopback at full speed; raise it for
     /// long fat links).
     pub socket_buffer: u32,
+    /// Bytes a peer may send on one connection (and on each of its streams) ahead of what
+    /// the endpoint has read: QUIC's flow-control windows, which s2n-quic buffers. With
+    /// `maxConnections`, it bounds what connections can make s2n-quic hold. Default 2 MiB
+    /// (a full window at 100 MB/s and 20 ms; raise it for long fat links).
+    pub connection_window: u32,
 }
 
 impl Default for QuicLimits {
@@ -164,8 +172,10 @@ impl Default for QuicLimits {
             session_bytes: 16 << 20,
             endpoint_bytes: 256 << 20,
             registration_bytes: 4 << 20,
+            membership_bytes: 64 << 20,
             parked: 256,
             socket_buffer: 1 << 20,
+            connection_window: 2 << 20,
         }
     }
 }
@@ -176,7 +186,7 @@ impl QuicLimits {
     /// # Errors
     /// [`Error::Configuration`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        let checks: [(&str, u32, u32); 10] = [
+        let checks: [(&str, u32, u32); 11] = [
             ("maxConnections", self.max_connections, 1),
             ("maxHandshakes", self.max_handshakes, 1),
             ("helloFrame", self.hello_frame, 1024),
@@ -187,6 +197,7 @@ impl QuicLimits {
             ("requestsInHand", self.requests_in_hand, 1),
             ("socketBuffer", self.socket_buffer, 64 * 1024),
             ("parked", self.parked, 1),
+            ("connectionWindow", self.connection_window, 64 * 1024),
         ];
         for (field, value, min) in checks {
             if value < min {
@@ -197,6 +208,7 @@ impl QuicLimits {
             ("sessionBytes", self.session_bytes, 64 * 1024),
             ("endpointBytes", self.endpoint_bytes, 64 * 1024),
             ("registrationBytes", self.registration_bytes, 64 * 1024),
+            ("membershipBytes", self.membership_bytes, 64 * 1024),
         ] {
             if value < min {
                 return Err(Error::config(field, format!("must be at least {min}")));
@@ -422,6 +434,8 @@ impl QuicConfig {
                 session_bytes: l.session_bytes,
                 agents_per_peer: l.agents_per_peer,
                 registration_bytes: l.registration_bytes,
+                endpoint_bytes: l.endpoint_bytes,
+                membership_bytes: l.membership_bytes,
                 endpoints_per_peer: l.endpoints_per_peer,
                 requests_in_hand: l.requests_in_hand,
                 parked: l.parked,
@@ -432,7 +446,6 @@ impl QuicConfig {
                 wire: WirePolicy::RELIABLE,
             },
             send_timeout: self.send_timeout,
-            endpoint_bytes: l.endpoint_bytes,
             introspection: self.introspection.policy()?,
         })
     }

@@ -27,7 +27,9 @@ use aqe_session::{Ended, Frame, Lane, Transmit};
 
 use crate::link::LinkStats;
 use crate::stream::{QuicSink, QuicSource};
-use crate::wire::{self, FrameCodec, FrameReader, LARGE, Preamble, WIRE_VERSION, close, reset};
+use crate::wire::{
+    self, FrameCodec, FrameReader, LARGE, Preamble, Reassembly, WIRE_VERSION, close, reset,
+};
 
 /// Pooled streams per connection for unordered messages: a lost packet holds back only
 /// the messages of its stream.
@@ -46,6 +48,10 @@ pub(crate) struct Limits {
     pub(crate) data: usize,
     /// Frames of lanes whose large payloads go on streams of their own.
     pub(crate) small: usize,
+    /// Bytes of partial frames the connection's streams may hold together: what a peer
+    /// within the session's windows can need (its unsettled bytes, one message beyond, and
+    /// an agent stream's chunk), beyond which it is closed.
+    pub(crate) partial: u64,
 }
 
 type Writer = mpsc::UnboundedSender<Transmit>;
@@ -365,6 +371,10 @@ pub(crate) async fn serve(
     limits: Limits,
 ) {
     let stop = host.stopping();
+    let reassembly = Reassembly::new(limits.partial, host.budgets().clone());
+    // Agent streams are paced by their readers, not by the session's windows: only the
+    // endpoint's budget bounds them.
+    let streams = Reassembly::new(u64::MAX, host.budgets().clone());
     let mut frames: Vec<Frame> = Vec::new();
     loop {
         tokio::select! {
@@ -387,9 +397,10 @@ pub(crate) async fn serve(
             },
             stream = acceptor.accept() => match stream {
                 Ok(Some(PeerStream::Receive(recv))) => {
-                    let reader = FrameReader::new(recv, FrameCodec::new(limits.control));
+                    let mut reader = FrameReader::new(recv, FrameCodec::new(limits.control));
+                    reader.account(reassembly.clone());
                     host.tasks().spawn(
-                        read_stream(host.clone(), session.clone(), link.clone(), reader, limits)
+                        read_stream(host.clone(), session.clone(), link.clone(), reader, limits, streams.clone())
                             .instrument(link.span.clone()),
                     );
                 }
@@ -475,12 +486,14 @@ async fn read_stream(
     link: Arc<QuicLink>,
     mut reader: FrameReader,
     limits: Limits,
+    streams: Arc<Reassembly>,
 ) {
     let outcome = async {
         let Some(preamble) = reader.next::<Preamble>().await? else {
             return Ok(());
         };
         if let Preamble::Stream { header, generation } = preamble {
+            reader.account(streams);
             return agent_stream(&host, &session, reader, header, generation, limits).await;
         }
         let limit = match preamble {
@@ -506,7 +519,10 @@ async fn read_stream(
     .await;
     if let Err(e) = outcome {
         tracing::debug!(peer = %link.listen, error = %e, "incoming stream failed");
-        if matches!(
+        if matches!(e, Error::Busy { .. }) {
+            tracing::warn!(peer = %link.listen, "the endpoint holds all the bytes it may; closing the connection whose frame did not fit");
+            link.close_with(close::OVERLOADED);
+        } else if matches!(
             e,
             Error::Malformed { .. }
                 | Error::FrameTooLarge { .. }

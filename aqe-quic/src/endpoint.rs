@@ -148,6 +148,7 @@ impl Endpoint {
         let material = Material::new(&config.security).await?;
         let bind = resolve(&config.host, config.port).await?;
         let streams = u64::from(config.max_concurrent_streams);
+        let window = u64::from(config.limits.connection_window);
         let limits = || -> std::result::Result<S2nLimits, BoxError> {
             Ok(S2nLimits::new()
                 .with_max_idle_timeout(config.idle_timeout)?
@@ -158,7 +159,11 @@ impl Endpoint {
                 // default (100) would cap it below that.
                 .with_max_open_local_bidirectional_streams(streams)?
                 .with_max_open_local_unidirectional_streams(streams)?
-                .with_active_connection_migration(config.enable_migration)?)
+                .with_active_connection_migration(config.enable_migration)?
+                .with_data_window(window)?
+                .with_bidirectional_local_data_window(window)?
+                .with_bidirectional_remote_data_window(window)?
+                .with_unidirectional_data_window(window)?)
         };
         let dgrams = || -> std::result::Result<datagram::Endpoint, BoxError> {
             Ok(datagram::Endpoint::builder()
@@ -274,10 +279,12 @@ impl Endpoint {
             .max()
             .unwrap_or(aqe_core::DEFAULT_MAX_MESSAGE_SIZE)
             .max(aqe_core::DEFAULT_MAX_MESSAGE_SIZE);
+        let data = largest + ENVELOPE_OVERHEAD;
         Limits {
             control: self.config.limits.control_frame as usize,
-            data: largest + ENVELOPE_OVERHEAD,
+            data,
             small: LARGE + ENVELOPE_OVERHEAD,
+            partial: self.config.limits.session_bytes + 2 * data as u64,
         }
     }
 

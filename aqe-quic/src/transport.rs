@@ -142,6 +142,12 @@ impl QuicTransport {
         self.host.connections()
     }
 
+    /// Payload bytes the endpoint holds for its peers now, out of `limits.endpointBytes`:
+    /// unsettled messages, parked frames, requests in hand, partial frames.
+    pub fn held_bytes(&self) -> u64 {
+        self.host.budgets().held.used()
+    }
+
     #[cfg(feature = "testing")]
     pub(crate) fn host(&self) -> &Host {
         &self.host

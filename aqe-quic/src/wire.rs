@@ -7,13 +7,15 @@
 #![allow(unreachable_pub)]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use aqe_core::{ChannelName, Error, Result, StreamHeader};
-use aqe_session::{Ended, Frame, Transmit};
+use aqe_session::{Budgets, Ended, Frame, Transmit};
 
 pub use crate::codec::{FrameCodec, MAX_FRAME_LEN, WIRE_VERSION};
 
@@ -87,6 +89,9 @@ pub mod close {
     pub const REPLACED: u32 = 0x9;
     /// The hello's key is not the one the peer's certificate gives.
     pub const IDENTITY_MISMATCH: u32 = 0xa;
+    /// The endpoint holds all the partial frames it may (`endpointBytes`, shared with what
+    /// its sessions hold): a frame of this connection did not fit.
+    pub const OVERLOADED: u32 = 0xb;
 }
 
 /// Application codes for stream resets (RESET_STREAM, STOP_SENDING).
@@ -186,6 +191,60 @@ pub struct FrameReader {
     buf: BytesMut,
     codec: FrameCodec,
     peer: SocketAddr,
+    /// What this reader's buffer counts against, and how much it counts now.
+    account: Option<(Arc<Reassembly>, u64)>,
+}
+
+/// The room an idle reader keeps for the next frame.
+const RETAINED: usize = 64 * 1024;
+
+impl Drop for FrameReader {
+    fn drop(&mut self) {
+        if let Some((r, counted)) = &self.account {
+            r.shrink(*counted);
+        }
+    }
+}
+
+/// The bytes of partial frames one connection's streams hold: at most `cap` for the
+/// connection (a peer within its windows never needs more), all of them drawn from the
+/// endpoint's budget of held bytes.
+pub(crate) struct Reassembly {
+    held: AtomicU64,
+    cap: u64,
+    budgets: Arc<Budgets>,
+}
+
+impl Reassembly {
+    pub(crate) fn new(cap: u64, budgets: Arc<Budgets>) -> Arc<Self> {
+        Arc::new(Self {
+            held: AtomicU64::new(0),
+            cap,
+            budgets,
+        })
+    }
+
+    fn grow(&self, n: u64) -> Result<()> {
+        let held = self.held.fetch_add(n, Ordering::AcqRel) + n;
+        if held > self.cap {
+            self.held.fetch_sub(n, Ordering::AcqRel);
+            return Err(Error::Protocol {
+                detail: "partial frames beyond what the session's windows allow",
+            });
+        }
+        if !self.budgets.held.take(n) {
+            self.held.fetch_sub(n, Ordering::AcqRel);
+            return Err(Error::Busy {
+                peer: aqe_core::AgentId::from("the endpoint"),
+            });
+        }
+        Ok(())
+    }
+
+    fn shrink(&self, n: u64) {
+        self.held.fetch_sub(n, Ordering::AcqRel);
+        self.budgets.held.give(n);
+    }
 }
 
 impl FrameReader {
@@ -200,7 +259,37 @@ impl FrameReader {
             buf: BytesMut::new(),
             codec,
             peer,
+            account: None,
         }
+    }
+
+    /// Counts what this reader holds against `r` from now on.
+    pub(crate) fn account(&mut self, r: Arc<Reassembly>) {
+        if let Some((old, counted)) = self.account.take() {
+            old.shrink(counted);
+        }
+        self.account = Some((r, 0));
+        let _ = self.recount();
+    }
+
+    /// Brings the count in line with the buffer.
+    fn recount(&mut self) -> Result<()> {
+        if self.buf.is_empty() && self.buf.capacity() > RETAINED {
+            // A large frame passed: its room is not kept for nothing.
+            self.buf = BytesMut::new();
+        }
+        let Some((r, counted)) = &mut self.account else {
+            return Ok(());
+        };
+        // What is allocated, not only what is used: that is the memory held.
+        let now = self.buf.capacity() as u64;
+        if now > *counted {
+            r.grow(now - *counted)?;
+        } else if now < *counted {
+            r.shrink(*counted - now);
+        }
+        *counted = now;
+        Ok(())
     }
 
     /// The next frame; `Ok(None)` at a clean end of stream.
@@ -212,6 +301,7 @@ impl FrameReader {
     pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>> {
         loop {
             if let Some(v) = self.codec.decode(&mut self.buf)? {
+                self.recount()?;
                 return Ok(Some(v));
             }
             if !self.fill().await? {
@@ -230,6 +320,7 @@ impl FrameReader {
             while let Some(v) = self.codec.decode(&mut self.buf)? {
                 out.push(v);
             }
+            self.recount()?;
             if !out.is_empty() || !self.fill().await? {
                 return Ok(());
             }
@@ -241,6 +332,7 @@ impl FrameReader {
         match self.recv.receive().await {
             Ok(Some(chunk)) => {
                 self.buf.extend_from_slice(&chunk);
+                self.recount()?;
                 Ok(true)
             }
             Ok(None) if self.buf.is_empty() => Ok(false),

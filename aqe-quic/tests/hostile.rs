@@ -109,7 +109,16 @@ impl Raw {
 
 /// Connects to `to`, sends `hello` then `after` on the control stream, reads the answer hello.
 async fn raw_join(to: SocketAddr, hello: &Hello, after: Vec<Frame>) -> Raw {
-    let client = raw_client().await;
+    raw_join_on(raw_client().await, to, hello, after).await
+}
+
+/// As [`raw_join`], from `client` (one client may make many connections).
+async fn raw_join_on(
+    client: s2n_quic::Client,
+    to: SocketAddr,
+    hello: &Hello,
+    after: Vec<Frame>,
+) -> Raw {
     let mut connection = raw_connect(&client, to).await;
     let (recv, mut send) = connection
         .open_bidirectional_stream()
@@ -177,6 +186,10 @@ async fn close_code(connection: &mut s2n_quic::Connection) -> Option<u64> {
     .await
     .expect("closed in time")
 }
+
+/// Held by the tests that measure this process's memory or latency (or load it heavily),
+/// so that no two of them overlap.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A field of /proc/self/status, in KiB.
 fn status_kib(field: &str) -> u64 {
@@ -424,6 +437,166 @@ async fn a_peer_sends_only_as_agents_it_announced() {
     );
 }
 
+/// Waits until `e` holds nothing for its peers any more.
+async fn all_given_back(e: &aqe_quic::QuicTransport) {
+    tokio::time::timeout(WAIT, async {
+        while e.held_bytes() != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("every byte given back");
+}
+
+/// Opens `streams` `Large` streams on `raw`, each starting a frame that claims `claim`
+/// bytes and sending `part` of them, never the rest.
+async fn partial_frames(
+    raw: &mut Raw,
+    streams: usize,
+    claim: u32,
+    part: usize,
+) -> Vec<s2n_quic::stream::SendStream> {
+    let mut open = Vec::new();
+    for _ in 0..streams {
+        let Ok(mut s) = raw.connection.open_send_stream().await else {
+            break;
+        };
+        let mut buf = BytesMut::new();
+        codec()
+            .encode(&Preamble::Large, &mut buf)
+            .expect("preamble");
+        buf.put_u32(claim);
+        buf.put_u8(testing::WIRE_VERSION);
+        buf.put_bytes(0, part);
+        if s.send(buf.freeze()).await.is_err() {
+            break;
+        }
+        open.push(s);
+    }
+    open
+}
+
+/// Partial frames are bounded: one connection's lanes hold at most what the session's
+/// windows allow (beyond, 0x5), and all of them at most the endpoint's budget (beyond, the
+/// connection whose frame did not fit is closed with 0xb).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_frames_are_bounded_per_connection_and_per_endpoint() {
+    let _heavy = HEAVY.lock().await;
+    let claim = 1 << 20;
+    // Per connection: sessionBytes 256 KiB allows about 2.3 MiB of partial frames.
+    let mut small = config();
+    small.limits.session_bytes = 256 << 10;
+    let e = endpoint(small).await;
+    let mut raw = raw_join(e.local_addr(), &raw_hello(5151, "127.0.0.1:9"), vec![]).await;
+    let _held = partial_frames(&mut raw, 8, claim, 512 << 10).await;
+    assert_eq!(
+        close_code(&mut raw.connection).await,
+        Some(u64::from(close::PROTOCOL_VIOLATION)),
+        "4 MiB of partial frames on one connection close it"
+    );
+    // Within the connection's bound, but past the endpoint's budget of 1 MiB.
+    let mut tight = config();
+    tight.limits.endpoint_bytes = 1 << 20;
+    let e2 = endpoint(tight).await;
+    let mut raw = raw_join(e2.local_addr(), &raw_hello(5252, "127.0.0.1:9"), vec![]).await;
+    let _held = partial_frames(&mut raw, 4, claim, 512 << 10).await;
+    assert_eq!(
+        close_code(&mut raw.connection).await,
+        Some(u64::from(close::OVERLOADED)),
+        "2 MiB of partial frames past a 1 MiB endpoint budget"
+    );
+    // What the closed connection held was given back: a new peer is served.
+    let mut again = raw_join(e2.local_addr(), &raw_hello(5353, "127.0.0.1:9"), vec![]).await;
+    let mut ping = BytesMut::new();
+    frame(
+        Frame::Ping {
+            nonce: 5,
+            generation: 0,
+            low: 1,
+        },
+        &mut ping,
+    );
+    again.send.send(ping.freeze()).await.expect("ping");
+    again
+        .expect(|f| matches!(f, Frame::Pong { nonce: 5 }).then_some(()))
+        .await;
+    all_given_back(&e2).await;
+}
+
+/// Fifty connections each pushing 1 MiB of partial frames into an endpoint whose budget is
+/// 16 MiB: the endpoint holds no more than its budget, closes the connections whose frames
+/// did not fit with 0xb, and its memory grows by less than the README's bound (the budget
+/// plus, per connection, its QUIC window and state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_hostile_connections_stay_within_the_stated_memory() {
+    let _heavy = HEAVY.lock().await;
+    const CONNECTIONS: u64 = 50;
+    let mut c = config();
+    c.limits.endpoint_bytes = 16 << 20;
+    // The raw peers answer no heartbeat: they must not be dropped as silent meanwhile.
+    c.liveness_timeout = Duration::from_secs(60);
+    let window_mib = u64::from(c.limits.connection_window) >> 20;
+    let e = endpoint(c).await;
+    let rss_before = status_kib("VmRSS:");
+    let client = raw_client().await;
+    let attempts = (0..CONNECTIONS).map(|i| {
+        let (client, to) = (client.clone(), e.local_addr());
+        async move {
+            let mut raw =
+                raw_join_on(client, to, &raw_hello(6000 + i, "127.0.0.1:9"), vec![]).await;
+            let held = partial_frames(&mut raw, 1, 1 << 20, 1000 << 10).await;
+            (raw, held)
+        }
+    });
+    // A few handshakes at a time: a debug build on two cores is slow at TLS.
+    let mut raws: Vec<_> = futures::StreamExt::collect(futures::StreamExt::buffer_unordered(
+        futures::stream::iter(attempts),
+        8,
+    ))
+    .await;
+    // Until every byte sent was taken or its connection closed: held stops changing.
+    let mut last = u64::MAX;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = e.held_bytes();
+            if now == last {
+                return;
+            }
+            last = now;
+        }
+    })
+    .await
+    .expect("settles");
+    let held_mib = e.held_bytes() >> 20;
+    let rss_grew = status_kib("VmRSS:").saturating_sub(rss_before) / 1024;
+    let mut overloaded = 0;
+    for (raw, _) in &mut raws {
+        if tokio::time::timeout(Duration::from_millis(10), raw.connection.accept())
+            .await
+            .is_ok_and(|r| {
+                matches!(r, Err(s2n_quic::connection::Error::Application { error, .. })
+                    if u64::from(error) == u64::from(close::OVERLOADED))
+            })
+        {
+            overloaded += 1;
+        }
+    }
+    // Both sides run in this process: the hostile client's memory counts too.
+    let bound = 16 + CONNECTIONS * (window_mib + 1);
+    eprintln!(
+        "{CONNECTIONS} hostile connections pushing {CONNECTIONS} MiB of partial frames: the endpoint holds {held_mib} MiB of its 16 MiB budget, {overloaded} closed with 0xb; RSS grew {rss_grew} MiB (bound {bound} MiB)"
+    );
+    assert!(held_mib <= 16, "held {held_mib} MiB");
+    assert!(
+        overloaded >= 30,
+        "connections past the budget are closed: {overloaded}"
+    );
+    assert!(rss_grew < bound, "RSS grew {rss_grew} MiB, bound {bound}");
+    drop(raws);
+    all_given_back(&e).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exceeding_an_agents_window_refuses_those_messages_not_the_connection() {
     let window = 8;
@@ -526,6 +699,7 @@ async fn a_peer_that_never_acknowledges_fails_its_senders_at_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_thousand_requests_to_a_full_inbox_stay_bounded_and_get_busy() {
+    let _heavy = HEAVY.lock().await;
     const N: u64 = 20_000;
     let e = endpoint(config()).await;
     // An agent whose inbox nobody reads.
@@ -594,6 +768,7 @@ async fn twenty_thousand_requests_to_a_full_inbox_stay_bounded_and_get_busy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hellos_announcing_sixteen_mebibytes_cost_nothing_and_are_refused() {
+    let _heavy = HEAVY.lock().await;
     let e = endpoint(config()).await;
     let client = raw_client().await;
     let vm_before = status_kib("VmSize:");
@@ -673,6 +848,7 @@ async fn a_peer_that_stops_reading_cannot_hold_up_attach_detach_or_shutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floods_of_garbage_and_handshakes_leave_a_legitimate_client_served() {
+    let _heavy = HEAVY.lock().await;
     let e = endpoint(QuicConfig {
         connection_timeout: Duration::from_millis(1500),
         ..config()

@@ -81,6 +81,12 @@ pub struct Config {
     pub agents_per_peer: u32,
     /// Encoded registration bytes one peer may announce, all agents together.
     pub registration_bytes: u64,
+    /// Inbound payload bytes the endpoint holds for all its sessions together: unsettled
+    /// reliable messages, parked frames, requests in hand. Beyond, refused (`Overflow`).
+    pub endpoint_bytes: u64,
+    /// Encoded registration bytes of all peers' agents together; beyond, announcements are
+    /// ignored.
+    pub membership_bytes: u64,
     /// Endpoints one peer may tell of (peer exchange).
     pub endpoints_per_peer: u32,
     /// Requests one peer may have in hand here (queued or running); beyond, answered busy.
@@ -108,6 +114,8 @@ impl Default for Config {
             session_bytes: 64 * 1024 * 1024,
             agents_per_peer: 4096,
             registration_bytes: 4 * 1024 * 1024,
+            endpoint_bytes: 256 * 1024 * 1024,
+            membership_bytes: 64 * 1024 * 1024,
             endpoints_per_peer: 1024,
             requests_in_hand: 1024,
             parked: 256,

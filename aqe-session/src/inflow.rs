@@ -15,8 +15,8 @@ use crate::config::WirePolicy;
 use crate::frame::{Frame, Lane, Refusal, Transmit};
 use crate::ranges;
 
-/// Unsettled inbound payload bytes one endpoint holds for all its sessions together: a
-/// bound no number of peers can exceed. Shared by the sessions of a node.
+/// Bytes one endpoint holds for all its sessions together: a bound no number of peers can
+/// exceed. Shared by the sessions of a node.
 #[derive(Debug)]
 pub struct Budget {
     used: AtomicU64,
@@ -53,6 +53,27 @@ impl Budget {
     /// Bytes held now.
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Acquire)
+    }
+}
+
+/// The endpoint-wide budgets every session draws from.
+#[derive(Debug)]
+pub struct Budgets {
+    /// Inbound payload bytes held: unsettled reliable messages, parked frames, requests in
+    /// hand ([`Config::endpoint_bytes`](crate::Config::endpoint_bytes)).
+    pub held: Budget,
+    /// Encoded registration bytes of every peer's agents
+    /// ([`Config::membership_bytes`](crate::Config::membership_bytes)).
+    pub membership: Budget,
+}
+
+impl Budgets {
+    /// The budgets `config` sets.
+    pub fn new(config: &crate::Config) -> Self {
+        Self {
+            held: Budget::new(config.endpoint_bytes),
+            membership: Budget::new(config.membership_bytes),
+        }
     }
 }
 
@@ -111,7 +132,7 @@ pub(crate) struct Inflow {
     /// A waiting message, by the number it waits for.
     waiting_on: BTreeMap<u64, u64>,
     pending: Pending,
-    budget: Arc<Budget>,
+    budget: Arc<Budgets>,
     window: u32,
     session_bytes: u64,
 }
@@ -125,7 +146,7 @@ pub(crate) struct Ready {
 }
 
 impl Inflow {
-    pub(crate) fn new(window: u32, session_bytes: u64, budget: Arc<Budget>) -> Self {
+    pub(crate) fn new(window: u32, session_bytes: u64, budget: Arc<Budgets>) -> Self {
         Self {
             floor: 1,
             fates: BTreeMap::new(),
@@ -219,7 +240,7 @@ impl Inflow {
         let (count, _) = self.agents.get(to).copied().unwrap_or_default();
         let fits = count < self.window
             && (self.bytes == 0 || self.bytes + len <= self.session_bytes)
-            && self.budget.take(len);
+            && self.budget.held.take(len);
         if fits {
             let a = self.agents.entry(to.clone()).or_default();
             a.0 += 1;
@@ -238,7 +259,7 @@ impl Inflow {
             }
         }
         self.bytes = self.bytes.saturating_sub(len);
-        self.budget.give(len);
+        self.budget.held.give(len);
     }
 
     /// `seq` waits for the sender's membership.
@@ -460,6 +481,11 @@ impl Inflow {
     /// Messages held here (in inboxes or waiting): for bounds.
     pub(crate) fn held(&self) -> (usize, u64) {
         (self.agents.values().map(|a| a.0 as usize).sum(), self.bytes)
+    }
+
+    /// The endpoint's budgets.
+    pub(crate) fn budgets(&self) -> &Budgets {
+        &self.budget
     }
 
     /// Gives back everything still counted (the session ended).

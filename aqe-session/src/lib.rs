@@ -29,7 +29,10 @@
 //!    a message settled `Taken` was taken exactly once. Only `Unconfirmed` may hide a take
 //!    (the receiver went away before saying so).
 //! 3. **Order.** On an ordered channel, a receiver hands messages of one sender to its agent
-//!    in the order they were sent.
+//!    in the order they were sent. A message refused because its agent was not there (it
+//!    left, or stopped before taking it) is *displaced*: it looks for its agent again until
+//!    its deadline, unless a newer message of its flow went ahead of it, in which case it
+//!    fails: an ordered message never arrives after a newer one of its flow.
 //! 4. **Only to the addressee's holder.** A message goes to the agent it names, at the
 //!    endpoint the node routes that id to; what may have been taken by one principal is
 //!    never redelivered to another. A peer sends only as agents it announced.
@@ -37,8 +40,9 @@
 //!    address is a hint to dial, never a reason to end or replace a session. A newer
 //!    incarnation of a proven key only makes the older one prove it lives (a probe).
 //! 6. **Bounded.** What a peer can make this endpoint hold is bounded in count and bytes:
-//!    unsettled inbound messages (window per agent, bytes per session, a [`Budget`] per
-//!    endpoint), parked frames, requests in hand, announced agents and registration bytes,
+//!    unsettled inbound messages (window per agent, bytes per session), parked frames and
+//!    requests in hand (counts and bytes per session), all three within the endpoint's
+//!    [`Budgets`]; announced agents and registration bytes per peer and per endpoint;
 //!    endpoints relayed, snapshot parts.
 //! 7. **No panics on peer input.** Malformed input is a typed violation that ends the
 //!    session.
@@ -67,9 +71,9 @@ pub use frame::{
 pub use greet::{Greeter, Greeting};
 pub use hello::{HelloRefusal, check_hello};
 pub use ids::{EndpointId, Principal, SessionId, Trust};
-pub use inflow::Budget;
-pub use node::{Action, AttachError, Node, NodeInput, Opened, Route};
-pub use outbox::{MessageMeta, Orphan, Outcome, Settled};
+pub use inflow::{Budget, Budgets};
+pub use node::{Action, AttachError, DISPLACED_RECHECK, Node, NodeInput, Opened, Route};
+pub use outbox::{Flow, MessageMeta, Orphan, Outcome, Settled};
 pub use peer::AgentsChange;
 pub use session::{
     Answer, Ctx, Ended, Locals, NotSent, Rank, Session, SessionEvent, SessionInput, outgoing,

@@ -20,10 +20,23 @@ use crate::config::{
     Config, MAX_REGISTRATION, MAX_SNAPSHOT_PARTS, PeerExchange, SNAPSHOT_PART_BYTES,
 };
 use crate::frame::{Frame, Relayed};
-use crate::outbox::{Orphan, Settled};
+use crate::outbox::{Flow, Orphan, Settled};
 use crate::peer::AgentsChange;
 use crate::session::{Ended, Rank, SessionInput};
 use crate::{EndpointId, SessionId, Trust};
+
+/// How long messages an endpoint refused because their agent was not there wait before
+/// they are offered to it again, when its membership has not said where the agent went.
+pub const DISPLACED_RECHECK: Duration = Duration::from_millis(200);
+
+/// How messages came to wait at the node.
+#[derive(Clone, Copy)]
+enum Orphaned {
+    /// Their session ended (`replaced`: by a newer one with the same endpoint).
+    Lost { replaced: bool, now: Instant },
+    /// Session `by`'s peer refused them: their agent was not there.
+    Refused { by: SessionId, now: Instant },
+}
 
 /// What a session tells its node.
 #[derive(Debug)]
@@ -36,6 +49,14 @@ pub enum NodeInput<M> {
         orphans: Vec<Orphan<M>>,
         /// Why.
         why: Ended,
+        /// For each ordered flow it carried, when its newest message was accepted.
+        marks: Vec<(Flow, Instant)>,
+    },
+    /// The peer refused these because their agent is not there (it left, or stopped before
+    /// taking them): they wait for the agent to be reached another way, or to come back.
+    Displaced {
+        /// The messages, in the order they were accepted.
+        orphans: Vec<Orphan<M>>,
     },
     /// The peer's agents changed.
     Agents(AgentsChange),
@@ -190,6 +211,13 @@ pub struct Node<M> {
     conflicts: BTreeSet<(AgentId, EndpointId)>,
     heard: BTreeMap<SessionId, BTreeMap<EndpointId, Heard>>,
     waiting: BTreeMap<AgentId, VecDeque<Orphan<M>>>,
+    /// Agents whose messages their endpoint refused while it still announces them: when to
+    /// offer them there again (the agent may be back before its membership says so).
+    recheck: BTreeMap<AgentId, Instant>,
+    /// For each ordered flow to each peer endpoint, when its newest message went to the
+    /// endpoint over a session now ended: an older one sent there now would arrive out of
+    /// order, and fails instead. Kept for the delivery deadline.
+    marks: BTreeMap<(EndpointId, Flow), Instant>,
     handing_off: BTreeSet<AgentId>,
     /// Endpoints lost without a goodbye, since when.
     lost: BTreeMap<EndpointId, Instant>,
@@ -224,6 +252,8 @@ impl<M> Node<M> {
             conflicts: BTreeSet::new(),
             heard: BTreeMap::new(),
             waiting: BTreeMap::new(),
+            recheck: BTreeMap::new(),
+            marks: BTreeMap::new(),
             handing_off: BTreeSet::new(),
             lost: BTreeMap::new(),
             handler: false,
@@ -437,7 +467,20 @@ impl<M> Node<M> {
         let mut actions = Vec::new();
         match input {
             NodeInput::Linked => self.on_linked(s, &mut actions),
-            NodeInput::Ended { orphans, why } => {
+            NodeInput::Ended {
+                orphans,
+                why,
+                marks,
+            } => {
+                if let Some(p) = self.peers.get(&s) {
+                    let endpoint = p.endpoint;
+                    let deadline = self.config.delivery_deadline;
+                    self.marks.retain(|_, t| *t + deadline > now);
+                    for (flow, t) in marks {
+                        let m = self.marks.entry((endpoint, flow)).or_insert(t);
+                        *m = (*m).max(t);
+                    }
+                }
                 let reason = match why {
                     Ended::Goodbye => "it shut down",
                     Ended::Unresponsive => "nothing heard from it for the liveness timeout",
@@ -450,7 +493,14 @@ impl<M> Node<M> {
                 };
                 let clean = matches!(why, Ended::Goodbye | Ended::Shutdown | Ended::Superseded);
                 self.unlink(s, reason, &mut actions);
+                // Another session with the same endpoint lives (crossed or restarted
+                // handshakes): what this one leaves waits a moment for it.
+                let mut replaced = why == Ended::Superseded;
                 if let Some(p) = self.peers.remove(&s) {
+                    replaced |= self
+                        .by_endpoint
+                        .get(&p.endpoint)
+                        .is_some_and(|other| *other != s);
                     if !clean {
                         self.lost.insert(p.endpoint, now);
                     }
@@ -462,8 +512,11 @@ impl<M> Node<M> {
                         self.reconsider(id, &mut actions);
                     }
                 }
-                self.orphaned(orphans, &mut actions);
+                self.orphaned(orphans, Orphaned::Lost { replaced, now }, &mut actions);
                 actions.push(Action::Forget(s));
+            }
+            NodeInput::Displaced { orphans } => {
+                self.orphaned(orphans, Orphaned::Refused { by: s, now }, &mut actions);
             }
             NodeInput::Agents(change) => self.on_agents(s, change, &mut actions),
             NodeInput::Relay(news) => self.on_relay(s, news, &mut actions),
@@ -581,8 +634,10 @@ impl<M> Node<M> {
             self.reconsider(id, actions);
         }
         for reg in &change.added {
-            // A changed registration of the owner: its route changes too.
+            // A changed registration of the owner: its route changes too, and what its
+            // endpoint refused while the agent was away goes again.
             if self.owner.get(&reg.id) == Some(&Owner::Session(s)) {
+                self.flush(&reg.id, s, actions);
                 actions.push(self.route_action(&reg.id));
             }
             self.elect(&reg.id, actions);
@@ -750,12 +805,16 @@ impl<M> Node<M> {
     fn route_action(&self, id: &AgentId) -> Action<M> {
         Action::Route {
             agent: id.clone(),
-            to: self.route_of(id),
+            to: self.route(id),
         }
     }
 
-    /// Where `id` is reached now, if anywhere.
+    /// Where `id` is reached now, if anywhere (nowhere while messages its endpoint refused
+    /// wait to be offered again).
     pub fn route(&self, id: &AgentId) -> Option<Route> {
+        if self.recheck.contains_key(id) {
+            return None;
+        }
         self.route_of(id)
     }
 
@@ -855,6 +914,9 @@ impl<M> Node<M> {
                 .iter()
                 .find(|(o, e, _)| Some(*e) == endpoint && *o != owner)
                 .map(|(o, ..)| *o);
+            if !still {
+                self.recheck.remove(id);
+            }
             if let (false, Some(to)) = (still, moved) {
                 self.owner.insert(id.clone(), to);
                 if let Owner::Session(s) = to {
@@ -874,14 +936,22 @@ impl<M> Node<M> {
             }
         }
         self.elect(id, actions);
+        if !self.owner.contains_key(id) {
+            // Messages its endpoint refused while it still announced the agent.
+            self.hand_off(id, actions);
+        }
     }
 
     // ----- messages waiting for a way -----
 
-    /// Unsettled messages of session `s`, which lost its link: each goes to the session
-    /// that reaches its agent now (if it may: what may have been taken goes to the same
-    /// principal only), or waits.
-    fn orphaned(&mut self, orphans: Vec<Orphan<M>>, actions: &mut Vec<Action<M>>) {
+    /// Unsettled messages of a session that lost its link, or that its peer refused because
+    /// their agent is not there: each goes to the session that reaches its agent now (if it
+    /// may: what may have been taken goes to the same principal only), or waits. A refused
+    /// message goes back to its session when its membership says the agent came back, or
+    /// [`DISPLACED_RECHECK`] later; one of a session replaced by a newer one with the same
+    /// endpoint waits as long for the newer one to announce its agent before it goes to the
+    /// redelivery handler.
+    fn orphaned(&mut self, orphans: Vec<Orphan<M>>, how: Orphaned, actions: &mut Vec<Action<M>>) {
         if orphans.is_empty() {
             return;
         }
@@ -900,7 +970,29 @@ impl<M> Node<M> {
             self.waiting.entry(to).or_default().push_back(msg);
         }
         for to in touched {
-            self.place(&to, actions);
+            match how {
+                Orphaned::Lost {
+                    replaced: true,
+                    now,
+                } if !self.owner.contains_key(&to) => {
+                    self.recheck
+                        .entry(to.clone())
+                        .or_insert(now + DISPLACED_RECHECK);
+                }
+                Orphaned::Refused { by: s, now }
+                    if self.owner.get(&to) == Some(&Owner::Session(s)) =>
+                {
+                    // No route until then: newer messages must not pass these.
+                    self.recheck
+                        .entry(to.clone())
+                        .or_insert(now + DISPLACED_RECHECK);
+                    actions.push(Action::Route {
+                        agent: to,
+                        to: None,
+                    });
+                }
+                _ => self.place(&to, actions),
+            }
         }
     }
 
@@ -925,8 +1017,30 @@ impl<M> Node<M> {
     }
 
     fn hand_off(&mut self, to: &AgentId, actions: &mut Vec<Action<M>>) {
+        if !self.handler && !self.owner.contains_key(to) {
+            self.fail_displaced(to, actions);
+        }
         if self.handler && self.waiting.contains_key(to) && self.handing_off.insert(to.clone()) {
             actions.push(Action::HandOff(to.clone()));
+        }
+    }
+
+    /// Messages for `to` that an endpoint refused because the agent had left, and that
+    /// nothing else could deliver (no endpoint announces it, no redelivery handler): they
+    /// fail now (`ReceiverStopped`) rather than at their deadline.
+    fn fail_displaced(&mut self, to: &AgentId, actions: &mut Vec<Action<M>>) {
+        let Some(q) = self.waiting.remove(to) else {
+            return;
+        };
+        let (gone, kept): (VecDeque<_>, VecDeque<_>) =
+            q.into_iter().partition(|m| m.displaced && !m.in_doubt);
+        if !kept.is_empty() {
+            self.waiting.insert(to.clone(), kept);
+        }
+        if !gone.is_empty() {
+            actions.push(Action::Settled(
+                gone.into_iter().map(Orphan::expired).collect(),
+            ));
         }
     }
 
@@ -941,9 +1055,16 @@ impl<M> Node<M> {
         let Some(queue) = self.waiting.remove(to) else {
             return;
         };
-        let (mut go, mut stay) = (Vec::new(), VecDeque::new());
+        let (mut go, mut stay, mut late) = (Vec::new(), VecDeque::new(), Vec::new());
         for msg in queue {
-            if msg.may_go_to(peer.endpoint, &peer.trust) {
+            let overtaken = msg.meta.ordered
+                && self
+                    .marks
+                    .get(&(peer.endpoint, msg.flow()))
+                    .is_some_and(|t| *t > msg.accepted);
+            if overtaken {
+                late.push(msg.expired());
+            } else if msg.may_go_to(peer.endpoint, &peer.trust) {
                 go.push(msg);
             } else {
                 stay.push_back(msg);
@@ -953,8 +1074,16 @@ impl<M> Node<M> {
             tracing::debug!(agent = %to, n = stay.len(), "messages in doubt wait for their own principal");
             self.waiting.insert(to.clone(), stay);
         }
+        if !late.is_empty() {
+            tracing::debug!(agent = %to, n = late.len(), "ordered messages overtaken by newer ones of their flow fail");
+            actions.push(Action::Settled(late));
+        }
         if !go.is_empty() {
             actions.push(Action::Session(s, SessionInput::Redeliver(go)));
+        }
+        if self.recheck.remove(to).is_some() {
+            // They went first; newer messages may follow.
+            actions.push(self.route_action(to));
         }
     }
 
@@ -1031,12 +1160,27 @@ impl<M> Node<M> {
             .values()
             .flatten()
             .map(|m| m.accepted + deadline)
+            .chain(self.recheck.values().copied())
             .min()
     }
 
-    /// Fails what waited past its deadline.
+    /// Fails what waited past its deadline; offers refused messages to their agent's
+    /// endpoint again.
     pub fn handle_timeout(&mut self, now: Instant) -> Vec<Action<M>> {
         let deadline = self.config.delivery_deadline;
+        let mut actions = Vec::new();
+        let due: Vec<AgentId> = self
+            .recheck
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(a, _)| a.clone())
+            .collect();
+        for to in due {
+            self.place(&to, &mut actions);
+            if self.recheck.remove(&to).is_some() {
+                actions.push(self.route_action(&to));
+            }
+        }
         let mut failed = Vec::new();
         self.waiting.retain(|_, q| {
             // In order, but from sessions of different ages: each is looked at.
@@ -1047,12 +1191,11 @@ impl<M> Node<M> {
             *q = kept;
             !q.is_empty()
         });
-        if failed.is_empty() {
-            Vec::new()
-        } else {
+        if !failed.is_empty() {
             tracing::info!(n = failed.len(), "messages not delivered by their deadline");
-            vec![Action::Settled(failed)]
+            actions.push(Action::Settled(failed));
         }
+        actions
     }
 
     /// Peer endpoints lost without a goodbye within `memory` of `now` that did not come

@@ -48,6 +48,10 @@ pub struct Orphan<M> {
     /// Who the session it was accepted for reached: what may have been taken goes to the
     /// same principal only. Set when its session gives it up.
     pub(crate) origin: Option<(crate::EndpointId, crate::Trust)>,
+    /// An endpoint refused it because its agent was not there (left, or stopped before
+    /// taking it): it was not processed, and if it finds no other way by its deadline it
+    /// fails as `ReceiverStopped`.
+    pub(crate) displaced: bool,
     pub(crate) ctx: M,
 }
 
@@ -61,6 +65,7 @@ impl<M> Orphan<M> {
             in_doubt: false,
             flagged: false,
             origin: None,
+            displaced: false,
             ctx,
         }
     }
@@ -83,6 +88,11 @@ impl<M> Orphan<M> {
             || self
                 .origin
                 .is_some_and(|(e, o)| e == endpoint || o.same_principal(trust))
+    }
+
+    /// Its flow (sender, receiver, channel).
+    pub(crate) fn flow(&self) -> Flow {
+        flow_of(&self.meta)
     }
 
     /// When it was accepted.
@@ -119,11 +129,14 @@ impl<M> Orphan<M> {
         }
     }
 
-    /// Settles it as failed at its deadline: `Unconfirmed` if it may have been taken,
-    /// `Unreachable` if it never left.
+    /// Settles it as failed at its deadline (or when it can no longer arrive in order):
+    /// `Unconfirmed` if it may have been taken, `ReceiverStopped` if its agent was found
+    /// gone, `Unreachable` if it never left.
     pub fn expired(self) -> Settled<M> {
         let reason = if self.in_doubt {
             DeliveryFailure::Unconfirmed
+        } else if self.displaced {
+            DeliveryFailure::ReceiverStopped
         } else {
             DeliveryFailure::Unreachable
         };
@@ -164,11 +177,12 @@ pub struct Settled<M> {
     pub ctx: M,
 }
 
-/// Why the receiver refused a message, as the sender reports it.
-pub(crate) fn refusal_failure(r: Refusal) -> DeliveryFailure {
+/// How the sender takes a refusal: `None` when the message looks for its agent elsewhere
+/// (the agent is not there: it left or stopped; nothing was processed), else the failure.
+pub(crate) fn refusal_failure(r: Refusal) -> Option<DeliveryFailure> {
     match r {
-        Refusal::NotHere | Refusal::Stopped => DeliveryFailure::ReceiverStopped,
-        Refusal::NotRegistered | Refusal::Overflow => DeliveryFailure::Refused,
+        Refusal::NotHere | Refusal::Stopped => None,
+        Refusal::NotRegistered | Refusal::Overflow => Some(DeliveryFailure::Refused),
     }
 }
 
@@ -185,6 +199,13 @@ struct Flight {
     bytes: u64,
 }
 
+/// An ordered flow: sender, receiver, channel.
+pub type Flow = (AgentId, AgentId, ChannelName);
+
+fn flow_of(m: &MessageMeta) -> Flow {
+    (m.from.clone(), m.to.clone(), m.channel.clone())
+}
+
 /// The sender's messages in one session.
 pub(crate) struct Outbox<M> {
     next_seq: u64,
@@ -192,8 +213,8 @@ pub(crate) struct Outbox<M> {
     /// Unsettled messages per receiving agent.
     agents: FastMap<AgentId, Flight>,
     bytes: u64,
-    /// The last number of each ordered flow (sender, receiver, channel).
-    last: FastMap<(AgentId, AgentId, ChannelName), u64>,
+    /// The last number of each ordered flow, and when that message was accepted.
+    last: FastMap<Flow, (u64, Instant)>,
     /// Messages waiting for room in their receiver's window, in order: redeliveries, which
     /// go before anything newer to the same agent.
     backlog: BTreeMap<AgentId, VecDeque<Orphan<M>>>,
@@ -210,6 +231,10 @@ pub(crate) struct Outbox<M> {
     /// a receiver that takes nothing stops new sends (they wait, then fail as queue full)
     /// instead of being sent more than it accepts.
     ghosts: BTreeMap<u64, (AgentId, u64)>,
+    /// Ordered messages refused because their agent was not there, by number, held while
+    /// messages of their flow are unsettled here: they go on to find their agent only if
+    /// none of those is taken (else they would arrive after it), and fail otherwise.
+    held: BTreeMap<u64, Orphan<M>>,
 }
 
 impl<M> Outbox<M> {
@@ -228,6 +253,7 @@ impl<M> Outbox<M> {
             rto,
             next_check: None,
             ghosts: BTreeMap::new(),
+            held: BTreeMap::new(),
         }
     }
 
@@ -264,7 +290,9 @@ impl<M> Outbox<M> {
                 msg.meta.to.clone(),
                 msg.meta.channel.clone(),
             );
-            self.last.insert(key, seq).unwrap_or(0)
+            self.last
+                .insert(key, (seq, msg.accepted))
+                .map_or(0, |(seq, _)| seq)
         } else {
             0
         };
@@ -316,9 +344,24 @@ impl<M> Outbox<M> {
     }
 
     /// Redeliveries from another session: they wait for room ahead of anything newer to
-    /// their agents.
-    pub(crate) fn push_back(&mut self, msgs: Vec<Orphan<M>>, deadline: Duration) {
+    /// their agents. A message of an ordered flow that a newer message of the flow went
+    /// ahead of here cannot arrive in order any more: it fails instead (into `failed`).
+    pub(crate) fn push_back(
+        &mut self,
+        msgs: Vec<Orphan<M>>,
+        deadline: Duration,
+        failed: &mut Vec<Settled<M>>,
+    ) {
         for mut m in msgs {
+            if m.meta.ordered
+                && self
+                    .last
+                    .get(&flow_of(&m.meta))
+                    .is_some_and(|(_, accepted)| *accepted > m.accepted)
+            {
+                failed.push(m.expired());
+                continue;
+            }
             m.flag();
             self.check_by(m.accepted + deadline);
             self.backlog
@@ -397,28 +440,84 @@ impl<M> Outbox<M> {
         }
     }
 
-    /// These were taken (or refused, with `Some(reason)`): settled. Whether room was freed.
+    /// These were taken (or refused, with `Some(reason)`): settled into `out`, or, refused
+    /// because their agent is not there, into `displaced` (not processed: they may go
+    /// anywhere, in order). Whether room was freed.
     pub(crate) fn settled(
         &mut self,
         ranges: &[(u64, u64)],
         refused: Option<Refusal>,
         out: &mut Vec<Settled<M>>,
+        displaced: &mut Vec<Orphan<M>>,
     ) -> bool {
         let mut freed = false;
+        let mut flows: Vec<Flow> = Vec::new();
         for &(first, last) in ranges {
             freed |= self.lay_ghosts(first, last);
             let seqs: Vec<u64> = self.sent.range(first..=last).map(|(k, _)| *k).collect();
             for seq in seqs {
-                if let Some(m) = self.settle(seq) {
-                    freed = true;
-                    out.push(match refused {
-                        None => m.taken(),
-                        Some(r) => m.failed(refusal_failure(r)),
-                    });
+                let Some(mut m) = self.settle(seq) else {
+                    continue;
+                };
+                freed = true;
+                let flow = m.meta.ordered.then(|| flow_of(&m.meta));
+                match refused.map(refusal_failure) {
+                    // Sent again after an earlier session ended with it in doubt: this
+                    // refusal does not say what the earlier copy became.
+                    Some(_) if m.flagged => out.push(m.failed(DeliveryFailure::Unconfirmed)),
+                    None => {
+                        if let Some(flow) = &flow {
+                            // What was refused before it cannot follow it any more.
+                            self.fail_held(flow, seq, out);
+                        }
+                        out.push(m.taken());
+                    }
+                    Some(Some(reason)) => out.push(m.failed(reason)),
+                    Some(None) => {
+                        m.in_doubt = false;
+                        m.displaced = true;
+                        match flow {
+                            Some(flow) => {
+                                self.held.insert(seq, m);
+                                if !flows.contains(&flow) {
+                                    flows.push(flow);
+                                }
+                            }
+                            None => displaced.push(m),
+                        }
+                    }
                 }
             }
         }
+        // A flow with nothing unsettled here any more: what it held goes on, in order.
+        for flow in flows {
+            if self.sent.values().any(|s| flow_of(&s.msg.meta) == flow) {
+                continue;
+            }
+            let seqs: Vec<u64> = self
+                .held
+                .iter()
+                .filter(|(_, m)| flow_of(&m.meta) == flow)
+                .map(|(k, _)| *k)
+                .collect();
+            displaced.extend(seqs.iter().filter_map(|k| self.held.remove(k)));
+        }
         freed
+    }
+
+    /// Fails the messages of `flow` held from before `seq`, which was taken.
+    fn fail_held(&mut self, flow: &Flow, seq: u64, out: &mut Vec<Settled<M>>) {
+        let seqs: Vec<u64> = self
+            .held
+            .range(..seq)
+            .filter(|(_, m)| &flow_of(&m.meta) == flow)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in seqs {
+            if let Some(m) = self.held.remove(&k) {
+                out.push(m.failed(DeliveryFailure::ReceiverStopped));
+            }
+        }
     }
 
     /// Fails what passed its deadline; returns the retransmissions due (a wire that may lose
@@ -449,6 +548,18 @@ impl<M> Outbox<M> {
                 failed.push(s.msg.expired());
             }
         }
+        let expired: Vec<u64> = self
+            .held
+            .iter()
+            .filter(|(_, m)| m.accepted + deadline <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        failed.extend(
+            expired
+                .iter()
+                .filter_map(|k| self.held.remove(k))
+                .map(Orphan::expired),
+        );
         // Redeliveries keep their order, but came from sessions of different ages: each is
         // looked at.
         self.backlog.retain(|_, q| {
@@ -490,7 +601,7 @@ impl<M> Outbox<M> {
         for s in self.sent.values() {
             at(s.msg.accepted + deadline);
         }
-        for m in self.backlog.values().flatten() {
+        for m in self.backlog.values().flatten().chain(self.held.values()) {
             at(m.accepted + deadline);
         }
         self.next_check = next;
@@ -501,12 +612,24 @@ impl<M> Outbox<M> {
         self.next_check
     }
 
+    /// For each ordered flow, when its newest message numbered here was accepted: an older
+    /// message of the flow sent to the same receiver later would arrive out of order.
+    pub(crate) fn marks(&self) -> Vec<(Flow, Instant)> {
+        self.last
+            .iter()
+            .map(|(flow, (_, accepted))| (flow.clone(), *accepted))
+            .collect()
+    }
+
     /// Everything unsettled, taken out in the order it was accepted (the link ended).
     pub(crate) fn take_all(&mut self) -> Vec<Orphan<M>> {
-        let mut out: Vec<Orphan<M>> = std::mem::take(&mut self.sent)
-            .into_values()
-            .map(|s| s.msg)
-            .collect();
+        let mut all: BTreeMap<u64, Orphan<M>> = std::mem::take(&mut self.held);
+        all.extend(
+            std::mem::take(&mut self.sent)
+                .into_iter()
+                .map(|(k, s)| (k, s.msg)),
+        );
+        let mut out: Vec<Orphan<M>> = all.into_values().collect();
         for (_, q) in std::mem::take(&mut self.backlog) {
             out.extend(q);
         }
@@ -536,6 +659,7 @@ impl<M> Outbox<M> {
                 .backlog
                 .get(to)
                 .is_some_and(|q| q.iter().any(|m| is(&m.meta)))
+            || self.held.values().any(|m| is(&m.meta))
     }
 
     /// What is kept with every unsettled message (for diagnostics).
@@ -544,11 +668,12 @@ impl<M> Outbox<M> {
             .values()
             .map(|s| &s.msg.ctx)
             .chain(self.backlog.values().flatten().map(|m| &m.ctx))
+            .chain(self.held.values().map(|m| &m.ctx))
     }
 
     /// Unsettled messages.
     pub(crate) fn len(&self) -> usize {
-        self.sent.len() + self.backlog.values().map(VecDeque::len).sum::<usize>()
+        self.sent.len() + self.backlog.values().map(VecDeque::len).sum::<usize>() + self.held.len()
     }
 }
 
@@ -618,12 +743,12 @@ mod tests {
             "session bytes"
         );
         let mut settled = Vec::new();
-        o.settled(&[(1, 1)], None, &mut settled);
+        o.settled(&[(1, 1)], None, &mut settled, &mut Vec::new());
         assert_eq!(settled.len(), 1);
         assert!(o.push(msg("b", 10, now), 0, true, now, D).is_ok());
         // A message larger than the session's bytes goes when nothing else is unsettled.
         let mut all = Vec::new();
-        o.settled(&[(1, 100)], None, &mut all);
+        o.settled(&[(1, 100)], None, &mut all, &mut Vec::new());
         assert!(o.push(msg("e", 1000, now), 0, true, now, D).is_ok());
         assert_eq!(o.low(), 5, "the oldest unsettled");
     }
@@ -667,12 +792,12 @@ mod tests {
         assert!(o.push(msg("b", 1, now), 0, true, now, D).is_ok());
         let mut old = msg("b", 1, now);
         old.in_doubt = true;
-        o.push_back(vec![old], D);
+        o.push_back(vec![old], D, &mut Vec::new());
         assert!(!o.can_admit(&"b".into(), 1), "redeliveries first");
         let mut out = VecDeque::new();
         o.drain_backlog(0, true, now, D, &mut out);
         assert!(out.is_empty(), "no room yet");
-        o.settled(&[(1, 1)], None, &mut Vec::new());
+        o.settled(&[(1, 1)], None, &mut Vec::new(), &mut Vec::new());
         o.drain_backlog(0, true, now, D, &mut out);
         assert_eq!(out.len(), 1);
         let Some(Transmit::Message { body, .. }) = out.pop_front() else {

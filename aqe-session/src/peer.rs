@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use aqe_core::{AgentId, Registration};
 
 use crate::config::MAX_SNAPSHOT_PARTS;
+use crate::inflow::Budgets;
 
 /// Agents that came and went at a peer.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -59,6 +60,8 @@ pub(crate) struct PeerMembership {
     max_bytes: usize,
     /// A snapshot asked for and not received is asked for again after this long.
     retry: Duration,
+    /// The endpoint-wide budget of registration bytes every peer's agents draw from.
+    budget: Arc<Budgets>,
 }
 
 fn size(reg: &Registration) -> usize {
@@ -66,7 +69,12 @@ fn size(reg: &Registration) -> usize {
 }
 
 impl PeerMembership {
-    pub(crate) fn new(max_agents: usize, max_bytes: usize, retry: Duration) -> Self {
+    pub(crate) fn new(
+        max_agents: usize,
+        max_bytes: usize,
+        retry: Duration,
+        budget: Arc<Budgets>,
+    ) -> Self {
         Self {
             generation: 0,
             agents: BTreeMap::new(),
@@ -76,7 +84,21 @@ impl PeerMembership {
             max_agents,
             max_bytes,
             retry,
+            budget,
         }
+    }
+
+    /// Forgets every agent and gives their bytes back (the session ended).
+    pub(crate) fn release(&mut self) {
+        self.agents.clear();
+        self.budget.membership.give(self.bytes as u64);
+        self.bytes = 0;
+        self.assembly = None;
+    }
+
+    /// Encoded registration bytes held.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes as u64
     }
 
     /// The generation applied.
@@ -102,14 +124,20 @@ impl PeerMembership {
 
     fn insert(&mut self, reg: Registration, change: &mut AgentsChange) {
         let len = size(&reg);
-        if !self.fits(&reg, len) {
-            tracing::warn!(agent = %reg.id, "a peer announces more agents (or registration bytes) than allowed; ignored");
-            return;
-        }
         if let Some((old, _)) = self.agents.get(&reg.id)
             && **old == reg
         {
             return;
+        }
+        let replacing = self.agents.get(&reg.id).map_or(0, |(_, l)| *l);
+        if !self.fits(&reg, len)
+            || (len > replacing && !self.budget.membership.take((len - replacing) as u64))
+        {
+            tracing::warn!(agent = %reg.id, "a peer announces more agents (or registration bytes) than allowed, or the endpoint holds all the registrations it may; ignored");
+            return;
+        }
+        if replacing > len {
+            self.budget.membership.give((replacing - len) as u64);
         }
         let reg = Arc::new(reg);
         if let Some((_, old_len)) = self.agents.insert(reg.id.clone(), (reg.clone(), len)) {
@@ -122,6 +150,7 @@ impl PeerMembership {
     fn remove(&mut self, id: &AgentId, change: &mut AgentsChange) {
         if let Some((_, len)) = self.agents.remove(id) {
             self.bytes -= len;
+            self.budget.membership.give(len as u64);
             change.removed.push(id.clone());
         }
     }
@@ -237,11 +266,21 @@ impl PeerMembership {
     }
 }
 
+impl Drop for PeerMembership {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const RETRY: Duration = Duration::from_secs(1);
+
+    fn budget() -> Arc<Budgets> {
+        Arc::new(Budgets::new(&crate::Config::default()))
+    }
 
     fn reg(id: &str) -> Registration {
         Registration::new(id, "t")
@@ -257,7 +296,7 @@ mod tests {
     #[test]
     fn joins_and_departures_apply_in_generation_order_and_gaps_fetch_a_snapshot() {
         let now = Instant::now();
-        let mut m = PeerMembership::new(16, 1 << 20, RETRY);
+        let mut m = PeerMembership::new(16, 1 << 20, RETRY, budget());
         let Step::Applied(c) = m.on_joined(1, reg("a"), now) else {
             panic!("applied")
         };
@@ -287,12 +326,12 @@ mod tests {
     #[test]
     fn bounds_hold_in_agents_and_bytes() {
         let now = Instant::now();
-        let mut m = PeerMembership::new(2, 1 << 20, RETRY);
+        let mut m = PeerMembership::new(2, 1 << 20, RETRY, budget());
         let Step::Applied(c) = m.on_snapshot(1, 0, 1, vec![reg("a"), reg("b"), reg("c")]) else {
             panic!("applied")
         };
         assert_eq!(c.added.len(), 2, "two agents at most");
-        let mut small = PeerMembership::new(100, 2 * size(&reg("a")), RETRY);
+        let mut small = PeerMembership::new(100, 2 * size(&reg("a")), RETRY, budget());
         for (i, id) in ["a", "b", "c"].iter().enumerate() {
             let _ = small.on_joined(i as u64 + 1, reg(id), now);
         }

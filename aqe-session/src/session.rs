@@ -7,7 +7,7 @@
 //! from [`Session::poll_timeout`]. Time is passed in; nothing here reads a clock, opens a
 //! socket or waits.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use aqe_core::{AgentId, ChannelName, Envelope, MessageId};
 
 use crate::config::{Config, PROBE_MIN};
 use crate::frame::{Frame, Hello, Lane, Refusal, Transmit};
-use crate::inflow::{Budget, Fate, Inflow, Ready};
+use crate::inflow::{Budgets, Fate, Inflow, Ready};
 use crate::node::NodeInput;
 use crate::outbox::{MessageMeta, Orphan, Outbox, Settled, valid_ranges};
 use crate::peer::{PeerMembership, Step};
@@ -171,7 +171,9 @@ pub struct Session<C: Ctx> {
     parked: VecDeque<(Frame, Instant)>,
     parked_bytes: u64,
     asked: BTreeMap<MessageId, C::Req>,
-    serving: BTreeSet<MessageId>,
+    /// Requests of the peer in hand here, with their payload bytes.
+    serving: BTreeMap<MessageId, u64>,
+    serving_bytes: u64,
     /// Requests taken lately (a copy of one is ignored), oldest first.
     seen: VecDeque<MessageId>,
     seen_set: FastSet<MessageId>,
@@ -226,15 +228,14 @@ pub fn outgoing(
 impl<C: Ctx> Session<C> {
     /// A session with the peer whose hello is `hello` (its `listen` with the IP its link
     /// comes from), trusted as `trust`, its link up now (the node hears of it from the first
-    /// event). `budget` bounds what all sessions of
-    /// this endpoint hold together.
+    /// event). `budgets` bound what all sessions of this endpoint hold together.
     pub fn new(
         id: SessionId,
         rank: Rank,
         hello: &Hello,
         trust: Trust,
         config: Arc<Config>,
-        budget: Arc<Budget>,
+        budgets: Arc<Budgets>,
         now: Instant,
     ) -> Self {
         let peer_liveness = Duration::from_millis(u64::from(hello.liveness_ms.max(3)));
@@ -253,16 +254,18 @@ impl<C: Ctx> Session<C> {
                 hello.session_bytes,
                 config.wire.retransmit_after,
             ),
-            inflow: Inflow::new(config.window, config.session_bytes, budget),
+            inflow: Inflow::new(config.window, config.session_bytes, budgets.clone()),
             members: PeerMembership::new(
                 config.agents_per_peer as usize,
                 usize::try_from(config.registration_bytes).unwrap_or(usize::MAX),
                 config.heartbeat * 2,
+                budgets,
             ),
             parked: VecDeque::new(),
             parked_bytes: 0,
             asked: BTreeMap::new(),
-            serving: BTreeSet::new(),
+            serving: BTreeMap::new(),
+            serving_bytes: 0,
             seen: VecDeque::new(),
             seen_set: FastSet::default(),
             last_heard: now,
@@ -327,6 +330,15 @@ impl<C: Ctx> Session<C> {
         self.inflow.held()
     }
 
+    /// What this session counts against the endpoint's [`Budgets`]: inbound payload bytes
+    /// held (unsettled messages, parked frames, requests in hand) and registration bytes.
+    pub fn budgeted(&self) -> (u64, u64) {
+        (
+            self.inflow.held().1 + self.parked_bytes + self.serving_bytes,
+            self.members.bytes(),
+        )
+    }
+
     /// Whether a message of the flow `from`, `to`, `channel` is here and not yet in the
     /// receiving agent's inbox as far as this side knows: not acknowledged as received (a
     /// wire that acknowledges receipt), or not settled (one that does not).
@@ -377,7 +389,9 @@ impl<C: Ctx> Session<C> {
                 answer: Answer::Lost,
             });
         }
-        let serving: Vec<MessageId> = std::mem::take(&mut self.serving).into_iter().collect();
+        let serving: Vec<MessageId> = std::mem::take(&mut self.serving).into_keys().collect();
+        self.inflow.budgets().held.give(self.serving_bytes);
+        self.serving_bytes = 0;
         for id in serving {
             self.event(SessionEvent::Cancelled { id });
         }
@@ -397,9 +411,16 @@ impl<C: Ctx> Session<C> {
         self.fail_requests();
         self.inflow.close();
         self.parked.clear();
+        self.inflow.budgets().held.give(self.parked_bytes);
         self.parked_bytes = 0;
+        self.members.release();
+        let marks = self.outbox.marks();
         let orphans = self.orphans();
-        self.event(SessionEvent::Node(NodeInput::Ended { orphans, why }));
+        self.event(SessionEvent::Node(NodeInput::Ended {
+            orphans,
+            why,
+            marks,
+        }));
         self.event(SessionEvent::Room);
     }
 
@@ -504,7 +525,7 @@ impl<C: Ctx> Session<C> {
     /// answer is discarded.
     #[allow(clippy::result_unit_err)]
     pub fn answer(&mut self, id: MessageId, answer: Result<Envelope, Refusal>) -> Result<(), ()> {
-        if !self.serving.remove(&id) || !self.is_linked() {
+        if !self.release_request(id) || !self.is_linked() {
             return Err(());
         }
         let frame = match answer {
@@ -554,7 +575,12 @@ impl<C: Ctx> Session<C> {
             SessionInput::Redeliver(msgs) if self.ended.is_some() => return Err(msgs),
             SessionInput::Redeliver(msgs) => {
                 let config = self.config.clone();
-                self.outbox.push_back(msgs, config.delivery_deadline);
+                let mut failed = Vec::new();
+                self.outbox
+                    .push_back(msgs, config.delivery_deadline, &mut failed);
+                for s in failed {
+                    self.event(SessionEvent::Settled(s));
+                }
                 let linked = self.is_linked();
                 self.outbox.drain_backlog(
                     self.generation,
@@ -705,7 +731,7 @@ impl<C: Ctx> Session<C> {
                 envelope,
             } => self.request_in(generation, envelope, now, locals),
             Frame::Cancel { id } => {
-                if self.serving.remove(&id) {
+                if self.release_request(id) {
                     self.event(SessionEvent::Cancelled { id });
                 }
             }
@@ -735,12 +761,24 @@ impl<C: Ctx> Session<C> {
     }
 
     fn settled(&mut self, ranges: &[(u64, u64)], refused: Option<Refusal>, now: Instant) {
-        let mut done = Vec::new();
-        if !self.outbox.settled(ranges, refused, &mut done) {
+        let (mut done, mut displaced) = (Vec::new(), Vec::new());
+        if !self
+            .outbox
+            .settled(ranges, refused, &mut done, &mut displaced)
+        {
             return;
         }
         for s in done {
             self.event(SessionEvent::Settled(s));
+        }
+        if !displaced.is_empty() {
+            let origin = (self.peer, self.trust);
+            for o in &mut displaced {
+                o.origin.get_or_insert(origin);
+            }
+            self.event(SessionEvent::Node(NodeInput::Displaced {
+                orphans: displaced,
+            }));
         }
         let config = self.config.clone();
         let linked = self.is_linked();
@@ -797,6 +835,7 @@ impl<C: Ctx> Session<C> {
     fn park(&mut self, frame: Frame, len: u64, now: Instant) -> bool {
         if self.parked.len() >= self.config.parked as usize
             || (self.parked_bytes > 0 && self.parked_bytes + len > self.config.session_bytes)
+            || !self.inflow.budgets().held.take(len)
         {
             return false;
         }
@@ -805,12 +844,28 @@ impl<C: Ctx> Session<C> {
         true
     }
 
+    /// A parked frame of `len` payload bytes left parking.
+    fn unparked(&mut self, len: u64) {
+        self.parked_bytes = self.parked_bytes.saturating_sub(len);
+        self.inflow.budgets().held.give(len);
+    }
+
+    /// A request of the peer is no longer in hand; `false` if it was not.
+    fn release_request(&mut self, id: MessageId) -> bool {
+        let Some(len) = self.serving.remove(&id) else {
+            return false;
+        };
+        self.serving_bytes = self.serving_bytes.saturating_sub(len);
+        self.inflow.budgets().held.give(len);
+        true
+    }
+
     fn unpark(&mut self, now: Instant, locals: &dyn Locals) {
         if self.parked.is_empty() {
             return;
         }
+        // What stays parked stays counted; what leaves is given back.
         let parked = std::mem::take(&mut self.parked);
-        self.parked_bytes = 0;
         let mut ready = Vec::new();
         for (frame, since) in parked {
             match frame {
@@ -823,8 +878,6 @@ impl<C: Ctx> Session<C> {
                     ..
                 } => {
                     if self.sender(&envelope.from, generation).is_none() {
-                        let len = envelope.payload.len() as u64;
-                        self.parked_bytes += len;
                         self.parked.push_back((
                             Frame::Message {
                                 seq,
@@ -838,6 +891,7 @@ impl<C: Ctx> Session<C> {
                         ));
                         continue;
                     }
+                    self.unparked(envelope.payload.len() as u64);
                     self.inflow.unpark(seq);
                     self.message(
                         seq, after, generation, confirm, envelope, now, locals, &mut ready,
@@ -848,7 +902,6 @@ impl<C: Ctx> Session<C> {
                     envelope,
                 } => {
                     if self.sender(&envelope.from, generation).is_none() {
-                        self.parked_bytes += envelope.payload.len() as u64;
                         self.parked.push_back((
                             Frame::Request {
                                 generation,
@@ -858,6 +911,7 @@ impl<C: Ctx> Session<C> {
                         ));
                         continue;
                     }
+                    self.unparked(envelope.payload.len() as u64);
                     self.request_in(generation, envelope, now, locals);
                 }
                 Frame::Datagram {
@@ -865,7 +919,6 @@ impl<C: Ctx> Session<C> {
                     envelope,
                 } => {
                     if self.sender(&envelope.from, generation).is_none() {
-                        self.parked_bytes += envelope.payload.len() as u64;
                         self.parked.push_back((
                             Frame::Datagram {
                                 generation,
@@ -875,6 +928,7 @@ impl<C: Ctx> Session<C> {
                         ));
                         continue;
                     }
+                    self.unparked(envelope.payload.len() as u64);
                     self.datagram_in(generation, envelope, now, locals);
                 }
                 _ => {}
@@ -1050,10 +1104,15 @@ impl<C: Ctx> Session<C> {
             // A copy: the first was (or is being) answered.
             return;
         }
-        if self.serving.len() >= self.config.requests_in_hand as usize {
+        let len = envelope.payload.len() as u64;
+        if self.serving.len() >= self.config.requests_in_hand as usize
+            || (self.serving_bytes > 0 && self.serving_bytes + len > self.config.session_bytes)
+            || !self.inflow.budgets().held.take(len)
+        {
             return refuse(self, Refusal::Overflow);
         }
-        self.serving.insert(id);
+        self.serving.insert(id, len);
+        self.serving_bytes += len;
         if self.seen.len() >= self.config.requests_in_hand as usize
             && let Some(old) = self.seen.pop_front()
         {
@@ -1131,9 +1190,7 @@ impl<C: Ctx> Session<C> {
                         envelope,
                         ..
                     } => {
-                        self.parked_bytes = self
-                            .parked_bytes
-                            .saturating_sub(envelope.payload.len() as u64);
+                        self.unparked(envelope.payload.len() as u64);
                         self.inflow.unpark(seq);
                         self.inflow.refuse(
                             seq,
@@ -1145,9 +1202,7 @@ impl<C: Ctx> Session<C> {
                         );
                     }
                     Frame::Request { envelope, .. } => {
-                        self.parked_bytes = self
-                            .parked_bytes
-                            .saturating_sub(envelope.payload.len() as u64);
+                        self.unparked(envelope.payload.len() as u64);
                         let id = envelope.id;
                         if self.is_linked() {
                             self.transmits.push_back(Transmit::Frame(
@@ -1160,9 +1215,7 @@ impl<C: Ctx> Session<C> {
                         }
                     }
                     Frame::Datagram { envelope, .. } => {
-                        self.parked_bytes = self
-                            .parked_bytes
-                            .saturating_sub(envelope.payload.len() as u64);
+                        self.unparked(envelope.payload.len() as u64);
                     }
                     _ => {}
                 }

@@ -31,7 +31,7 @@ use aqe_core::{
     MessageKind, Receipt, Recipient, Registration,
 };
 use aqe_session::{
-    Action, Answer, Budget, Config, Ctx, Ended, EndpointId, Frame, Greeter, Greeting, Hello,
+    Action, Answer, Budgets, Config, Ctx, Ended, EndpointId, Frame, Greeter, Greeting, Hello,
     Locals, Node, NotSent, Opened, Outcome, PeerExchange, Principal, Rank, Route, SESSION_VERSION,
     Session, SessionEvent, SessionId, SessionInput, Trust, WirePolicy, check_hello, outgoing,
 };
@@ -86,6 +86,8 @@ struct Scenario {
     link_breaks: bool,
     impostor: bool,
     silent: bool,
+    /// Agents leave their endpoint and come back while messages are on their way.
+    churn: bool,
     traffic: Duration,
 }
 
@@ -118,6 +120,7 @@ impl Scenario {
             impostor: rng.permille(250),
             silent: rng.permille(200),
             traffic: Duration::from_millis(1500 + rng.below(2500)),
+            churn: rng.permille(300),
         }
     }
 }
@@ -126,6 +129,9 @@ fn config(wire: Wire) -> Config {
     Config {
         window: 8,
         session_bytes: 4096,
+        endpoint_bytes: 64 * 1024,
+        // A few registrations: a peer's announcement may be ignored when it is full.
+        membership_bytes: 16 * 1024,
         parked: 16,
         heartbeat: Duration::from_millis(100),
         liveness: Duration::from_millis(600),
@@ -166,7 +172,7 @@ struct Ledger {
     /// Per ordered flow (from, to): how many were sent.
     flows: HashMap<(AgentId, AgentId), u64>,
     /// Per ordered flow and receiving host and incarnation: the last index taken.
-    taken_order: HashMap<(AgentId, AgentId, usize, u64), u64>,
+    taken_order: HashMap<(AgentId, AgentId, usize, u64, u64), u64>,
     /// Messages before this one are all settled.
     open_from: usize,
     requests: Vec<SentReq>,
@@ -184,7 +190,8 @@ struct SentMsg {
     /// Keys of the endpoints it was delivered to.
     delivered: BTreeSet<u64>,
     /// Hosts and incarnations that took it.
-    taken_by: Vec<(usize, u64)>,
+    /// Who took it: host, incarnation, attachment of its agent.
+    taken_by: Vec<(usize, u64, u64)>,
 }
 
 struct SentReq {
@@ -309,13 +316,15 @@ struct Host {
     impostor_of: Option<usize>,
     listen: SocketAddr,
     node: Node<usize>,
-    budget: Arc<Budget>,
+    budget: Arc<Budgets>,
     sessions: BTreeMap<SessionId, SimSession>,
     agents: Vec<Agent>,
     hosted: Hosted,
     routes: HashMap<AgentId, Route>,
     next_alive: Instant,
     greeter: Greeter,
+    /// How many times its agent attached.
+    attachment: u64,
 }
 
 fn channels() -> Vec<Channel> {
@@ -428,7 +437,7 @@ impl World {
             impostor_of,
             listen,
             node,
-            budget: Arc::new(Budget::new(64 * 1024)),
+            budget: Arc::new(Budgets::new(&self.config)),
             sessions: BTreeMap::new(),
             agents: vec![Agent {
                 id: claimed,
@@ -440,6 +449,7 @@ impl World {
             routes: HashMap::new(),
             next_alive: self.now,
             greeter: Greeter::new(me, Duration::from_millis(100), Duration::from_millis(600)),
+            attachment: 0,
         };
         if i < self.hosts.len() {
             self.hosts[i] = host;
@@ -1034,6 +1044,13 @@ impl World {
                     Ok(f) => f,
                     Err(e) => self.fail(&format!("a frame does not decode: {e}")),
                 };
+                {
+                    eprintln!(
+                        "[{:?}] host {h} from {} session {session}: {frame:?}",
+                        now - self.start,
+                        p.from
+                    );
+                }
                 let current = self.hosts[h].node.session_of(&from);
                 let matches = current
                     .and_then(|sid| self.hosts[h].sessions.get(&sid))
@@ -1249,6 +1266,9 @@ impl World {
                 continue;
             }
             let inc = self.hosts[h].incarnation;
+            // An agent that left and came back is a new instance: what its earlier one
+            // took may come again, marked redelivered.
+            let attachment = self.hosts[h].attachment;
             let n = self.rng.below(4);
             for _ in 0..n {
                 let Some(item) = self.hosts[h].agents[0].rx.try_recv() else {
@@ -1259,15 +1279,15 @@ impl World {
                         self.note(i, &format!("taken at host {h} incarnation {inc}"));
                         let to = self.ledger.sent[i].to.clone();
                         let m = &mut self.ledger.sent[i];
-                        if m.taken_by.contains(&(h, inc)) {
+                        if m.taken_by.contains(&(h, inc, attachment)) {
                             self.fail(&format!("message {i} taken twice by one incarnation"));
                         }
-                        m.taken_by.push((h, inc));
+                        m.taken_by.push((h, inc, attachment));
                         if let Some(k) = m.ordered {
                             let last = self
                                 .ledger
                                 .taken_order
-                                .entry((envelope.from.clone(), to, h, inc))
+                                .entry((envelope.from.clone(), to, h, inc, attachment))
                                 .or_insert(0);
                             if k <= *last {
                                 let what = format!(
@@ -1304,6 +1324,14 @@ impl World {
 
     fn traffic(&mut self, h: usize) {
         if !self.hosts[h].alive || self.hosts[h].impostor_of.is_some() {
+            return;
+        }
+        if !self.hosts[h]
+            .hosted
+            .0
+            .contains_key(&self.hosts[h].agents[0].id)
+        {
+            // Its agent is away.
             return;
         }
         let n = self.sc.hosts;
@@ -1411,6 +1439,11 @@ impl World {
                 let side: BTreeSet<usize> = (0..n).filter(|_| self.rng.permille(500)).collect();
                 self.partition = Some(side);
             }
+        } else if traffic_on && self.sc.churn && r < 17 {
+            let h = self.rng.below(self.sc.hosts as u64) as usize;
+            if self.hosts[h].alive {
+                self.churn(h);
+            }
         } else if traffic_on && self.sc.link_breaks && r < 20 {
             let ups: Vec<u64> = self
                 .links
@@ -1423,12 +1456,66 @@ impl World {
                 self.close_link(l, None);
             }
         }
+        // Agents away come back.
+        for h in 0..self.sc.hosts {
+            let away = !self.hosts[h]
+                .hosted
+                .0
+                .contains_key(&self.hosts[h].agents[0].id);
+            if self.hosts[h].alive && away && self.rng.permille(if traffic_on { 30 } else { 200 }) {
+                self.churn(h);
+            }
+        }
         // Dead hosts come back.
         for h in 0..self.sc.hosts {
             if !self.hosts[h].alive && self.rng.permille(if traffic_on { 30 } else { 200 }) {
                 self.restart(h);
             }
         }
+    }
+
+    /// Host `h`'s agent leaves (what its inbox holds is given back unprocessed) or comes
+    /// back.
+    fn churn(&mut self, h: usize) {
+        let id = self.hosts[h].agents[0].id.clone();
+        let here = self.hosts[h].hosted.0.contains_key(&id);
+        if here {
+            let Some(actions) = self.hosts[h].node.detach(&id) else {
+                return;
+            };
+            self.hosts[h].hosted.0.remove(&id);
+            let (tx, rx) = inbox(id.clone(), 64);
+            let agent = &mut self.hosts[h].agents[0];
+            agent.tx = tx;
+            let mut old = std::mem::replace(&mut agent.rx, rx);
+            let key = self.hosts[h].key;
+            while let Some(item) = old.try_recv() {
+                if let Inbound::Message { envelope, .. } = &item
+                    && let Some(&i) = self.ledger.by_id.get(&envelope.id)
+                {
+                    self.note(i, &format!("given back unprocessed by host {h}"));
+                    self.ledger.sent[i].delivered.remove(&key);
+                }
+                // Refused (`Stopped`), as an agent that stops refuses what it holds.
+                item.abandon();
+            }
+            self.apply(h, actions);
+        } else {
+            let reg = channels().into_iter().fold(
+                Registration::new(id.clone(), "sim"),
+                Registration::with_channel,
+            );
+            self.hosts[h]
+                .hosted
+                .0
+                .insert(id, reg.channels.iter().map(|c| c.name.clone()).collect());
+            let Ok(actions) = self.hosts[h].node.attach(reg) else {
+                return;
+            };
+            self.hosts[h].attachment += 1;
+            self.apply(h, actions);
+        }
+        self.pump(h);
     }
 
     fn crash(&mut self, h: usize) {
@@ -1567,8 +1654,24 @@ impl World {
                     self.fail(&format!("a session holds {bytes} bytes"));
                 }
             }
-            if host.budget.used() > 64 * 1024 + 1024 {
+            if host.budget.held.used() > c.endpoint_bytes + 1024 {
                 self.fail("the endpoint budget is exceeded");
+            }
+            if host.budget.membership.used() > c.membership_bytes {
+                self.fail("the endpoint's registration budget is exceeded");
+            }
+            // Every byte counted is held by a session that counts it: nothing leaks.
+            let (held, members) = host
+                .sessions
+                .values()
+                .map(|s| s.session.budgeted())
+                .fold((0, 0), |(a, b), (x, y)| (a + x, b + y));
+            if (held, members) != (host.budget.held.used(), host.budget.membership.used()) {
+                self.fail(&format!(
+                    "budgets count ({}, {}), sessions hold ({held}, {members})",
+                    host.budget.held.used(),
+                    host.budget.membership.used()
+                ));
             }
         }
     }

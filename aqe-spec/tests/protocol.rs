@@ -113,6 +113,7 @@ fn close_and_reset_codes_are_the_wires() {
                 ("SELF_CONNECTION", close::SELF_CONNECTION),
                 ("UNRESPONSIVE", close::UNRESPONSIVE),
                 ("REPLACED", close::REPLACED),
+                ("OVERLOADED", close::OVERLOADED),
                 ("IDENTITY_MISMATCH", close::IDENTITY_MISMATCH),
             ]),
         ),
@@ -158,6 +159,10 @@ fn constants() -> BTreeMap<&'static str, String> {
         ("registration bytes", s::MAX_REGISTRATION.to_string()),
         ("probe minimum ms", s::PROBE_MIN.as_millis().to_string()),
         ("range span", s::MAX_RANGE_SPAN.to_string()),
+        (
+            "displaced recheck ms",
+            s::DISPLACED_RECHECK.as_millis().to_string(),
+        ),
         (
             "introspection prefix",
             aqe_link::ENDPOINT_AGENT_PREFIX.to_owned(),
