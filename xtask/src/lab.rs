@@ -536,6 +536,11 @@ pub(crate) fn lab(root: &Path, only_udp: bool) -> anyhow::Result<()> {
     }
     let probe = root.join("target/release/aqe-probe");
     let certs: PathBuf = root.join("target/aqe-lab/certs");
+    // A fresh CA and fresh node certificates each run: certificates of an earlier run are
+    // signed by another CA.
+    if certs.exists() {
+        std::fs::remove_dir_all(&certs).context("removing the last run's certificates")?;
+    }
     run(Command::new(&probe)
         .arg("certs")
         .arg(&certs)
