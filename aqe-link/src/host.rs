@@ -623,12 +623,17 @@ impl Host {
                 tokio::pin!(room);
                 room.as_mut().enable();
                 let now = Instant::now();
+                // Counted before the session has it: its settlement may be told on another
+                // thread before `pump` returns, and must find it counted.
+                sender.stats.accepted();
                 let sent = cell.pump(&self.inner.shared, |s, _| {
                     s.send(meta.clone(), body.clone(), ctx, now)
                 });
+                if sent.is_err() {
+                    sender.stats.unaccepted();
+                }
                 match sent {
                     Ok(()) => {
-                        sender.stats.accepted();
                         sender.stats.sent(len);
                         return match confirmed {
                             None => Ok(()),
