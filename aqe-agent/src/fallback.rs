@@ -565,6 +565,35 @@ impl Transport for Fallback {
         .await
     }
 
+    /// The batch goes along the chain whole; what a link accepted in part stays there, and
+    /// the rest goes on message by message, each as [`Transport::send`] would.
+    async fn send_many(&self, envelopes: Vec<Envelope>) -> Result<()> {
+        let Some(first) = envelopes.first() else {
+            return Ok(());
+        };
+        let (from, peer) = (first.from.clone(), first.target().cloned());
+        let flow = self.flow_of(&from, peer.as_ref(), &first.channel);
+        let accepted = match self
+            .along("send", &from, peer.as_ref(), flow, |t| {
+                t.send_many(envelopes.clone())
+            })
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(Error::PartlyAccepted { accepted, source }) => {
+                if !source.is_unreachable() {
+                    return Err(Error::PartlyAccepted { accepted, source });
+                }
+                accepted
+            }
+            Err(e) => return Err(e),
+        };
+        for (i, e) in envelopes.into_iter().enumerate().skip(accepted) {
+            self.send(e).await.map_err(|e| e.after_accepted(i))?;
+        }
+        Ok(())
+    }
+
     async fn send_confirmed(&self, envelope: Envelope) -> Result<()> {
         let (from, peer) = (envelope.from.clone(), envelope.target().cloned());
         let flow = self.flow_of(&from, peer.as_ref(), &envelope.channel);

@@ -44,6 +44,7 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $harness;
             unicast_ordered_reliable_is_exactly_once_in_order,
             unicast_unordered_reliable_delivers_each_once,
+            batches_arrive_whole_in_order_and_are_counted,
             every_accepted_message_is_confirmed_once_taken,
             confirmed_send_resolves_when_the_receiver_has_it,
             messages_left_unread_by_a_stopping_receiver_are_reported,
@@ -244,6 +245,51 @@ pub async fn unicast_unordered_reliable_delivers_each_once(h: &dyn Harness) {
     }
     sender.await.expect("sender task");
     assert_eq!(seen, (0..N).collect::<HashSet<_>>());
+}
+
+/// A batch (`send_many`) larger than a window arrives whole, once each, in order on an
+/// ordered channel, and is counted as that many sends; a batch mixing recipients is refused
+/// with nothing sent.
+pub async fn batches_arrive_whole_in_order_and_are_counted(h: &dyn Harness) {
+    let (ta, _a, _tb, mut b) = pair(h).await;
+    const N: u32 = 3000;
+    let batch = |from: u32, to: u32| -> Vec<Envelope> {
+        (from..to)
+            .map(|i| direct("a", "b", "coordination", counter(i)))
+            .collect()
+    };
+    let sender = {
+        let ta = ta.clone();
+        tokio::spawn(async move {
+            ta.send_many(batch(0, N / 2)).await.expect("first batch");
+            ta.send_many(batch(N / 2, N)).await.expect("second batch");
+        })
+    };
+    for i in 0..N {
+        let e = next_message(&mut b).await;
+        assert_eq!(read_counter(&e.payload), i, "a batch arrived out of order");
+    }
+    sender.await.expect("sender task");
+    let mut mixed = batch(0, 2);
+    mixed.push(direct("a", "nobody", "coordination", counter(2)));
+    let err = ta.send_many(mixed).await.expect_err("mixed recipients");
+    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    ta.send(direct(
+        "a",
+        "b",
+        "coordination",
+        Bytes::from_static(b"end!"),
+    ))
+    .await
+    .expect("send");
+    assert_eq!(
+        &next_message(&mut b).await.payload[..],
+        b"end!",
+        "the refused batch sent something"
+    );
+    let stats = ta.stats(&"a".into());
+    assert_eq!(stats.messages_sent, u64::from(N) + 1, "counted as sends");
+    await_stats(&ta, "a", |s| s.messages_unconfirmed == 0).await;
 }
 
 /// Waits until `t`'s counters for `agent` satisfy `done`.

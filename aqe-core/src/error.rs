@@ -82,6 +82,16 @@ pub enum Error {
         /// Why.
         reason: SendFailure,
     },
+    /// A batch of messages was accepted in part: the first `accepted` of them were (each
+    /// then ends taken or reported, as any accepted message), the rest were not, for the
+    /// reason `source` gives.
+    #[error("{accepted} messages of the batch accepted, the rest not: {source}")]
+    PartlyAccepted {
+        /// How many of the batch, from its start, were accepted.
+        accepted: usize,
+        /// Why the next one was not.
+        source: Box<Error>,
+    },
     /// A reliable message was accepted but did not reach its receiver (a confirmed send).
     #[error("message to {to} not delivered: {reason}")]
     DeliveryFailed {
@@ -347,6 +357,26 @@ impl Error {
                     ..
                 }
         )
+    }
+
+    /// The error of a batch whose first `accepted` messages were accepted before this one
+    /// stopped it: [`Error::PartlyAccepted`], unless none was.
+    #[must_use]
+    pub fn after_accepted(self, accepted: usize) -> Error {
+        match self {
+            e if accepted == 0 => e,
+            Error::PartlyAccepted {
+                accepted: more,
+                source,
+            } => Error::PartlyAccepted {
+                accepted: accepted + more,
+                source,
+            },
+            e => Error::PartlyAccepted {
+                accepted,
+                source: Box::new(e),
+            },
+        }
     }
 
     /// Places a configuration error: names the file it came from (unless it names one

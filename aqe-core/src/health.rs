@@ -301,8 +301,13 @@ impl Default for StatsRecorder {
 impl StatsRecorder {
     /// Counts one message of `bytes` sent.
     pub fn sent(&self, bytes: usize) {
-        self.messages_sent.fetch_add(1, Ordering::Relaxed);
-        self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.sent_many(1, bytes as u64);
+    }
+
+    /// Counts `n` messages of `bytes` in all sent.
+    pub fn sent_many(&self, n: u64, bytes: u64) {
+        self.messages_sent.fetch_add(n, Ordering::Relaxed);
+        self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
         self.touch();
     }
 
@@ -319,15 +324,15 @@ impl StatsRecorder {
         self.messages_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a reliable message accepted for delivery, now awaiting its receipt.
-    pub fn accepted(&self) {
-        self.messages_unconfirmed.fetch_add(1, Ordering::Relaxed);
+    /// Counts `n` reliable messages accepted for delivery, now awaiting their receipts.
+    pub fn accepted(&self, n: u64) {
+        self.messages_unconfirmed.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Takes back an [`accepted`](StatsRecorder::accepted) message that could not be handed
-    /// over after all (its connection ended first; the sender got an error instead).
-    pub fn unaccepted(&self) {
-        Self::sub(&self.messages_unconfirmed, 1);
+    /// Takes back `n` [`accepted`](StatsRecorder::accepted) messages that could not be
+    /// handed over after all (the sender got an error instead).
+    pub fn unaccepted(&self, n: u64) {
+        Self::sub(&self.messages_unconfirmed, n);
     }
 
     /// Counts `n` accepted messages taken by their receiver.

@@ -206,7 +206,7 @@ impl LocalDelivery {
             events: self.events.clone(),
             done,
         });
-        from.stats.accepted();
+        from.stats.accepted(1);
         let outcome = permit.send_counted(Inbound::Message { envelope, receipt }, || {
             to.stats.received(len)
         });

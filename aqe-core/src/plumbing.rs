@@ -26,7 +26,7 @@ pub use crate::local::{
     LocalAgent, LocalAgents, LocalDelivery, LocalSink, LocalStreamLimits, responder, stream,
 };
 pub use crate::receipt::{AckOnce, AckSink};
-pub use crate::transport::{Respond, StreamSource};
+pub use crate::transport::{Respond, StreamSource, check_batch};
 
 /// The hasher of the tables every message passes through (flows, acknowledgements, requests,
 /// names decoded from the wire): foldhash, several times cheaper than std's SipHash on agent

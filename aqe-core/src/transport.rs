@@ -130,6 +130,28 @@ pub enum Event {
     },
 }
 
+/// Checks that a batch for [`Transport::send_many`] has one sender, one recipient and one
+/// channel.
+///
+/// # Errors
+/// [`Error::Unsupported`] when it does not.
+pub fn check_batch(envelopes: &[Envelope]) -> Result<()> {
+    let Some(first) = envelopes.first() else {
+        return Ok(());
+    };
+    let to = first.target();
+    if to.is_none()
+        || envelopes
+            .iter()
+            .any(|e| e.from != first.from || e.channel != first.channel || e.target() != to)
+    {
+        return Err(Error::Unsupported {
+            operation: "a batch with more than one sender, recipient or channel",
+        });
+    }
+    Ok(())
+}
+
 /// What a fleet broadcast achieved, peer by peer.
 #[derive(Debug, Default)]
 pub struct BroadcastReport {
@@ -404,6 +426,24 @@ pub trait Transport: Send + Sync + 'static {
     /// [`Error::PeerNotFound`], [`Error::ChannelNotFound`] (sender or receiver lacks the
     /// channel), [`Error::MessageTooLarge`], [`Error::SendFailed`], connection errors.
     async fn send(&self, envelope: Envelope) -> Result<()>;
+
+    /// Sends `envelopes`, in order, as that many [`Transport::send`]s would, but handed over
+    /// together: a transport admits as many as its window has room for at once, encodes
+    /// them into one write and counts them once. Messages of a batch have one sender, one
+    /// recipient and one channel.
+    ///
+    /// # Errors
+    /// As [`Transport::send`] when none was accepted; [`Error::PartlyAccepted`] when some
+    /// were: the first ones, as many as it says.
+    async fn send_many(&self, envelopes: Vec<Envelope>) -> Result<()> {
+        check_batch(&envelopes)?;
+        for (accepted, envelope) in envelopes.into_iter().enumerate() {
+            self.send(envelope)
+                .await
+                .map_err(|e| e.after_accepted(accepted))?;
+        }
+        Ok(())
+    }
 
     /// Sends a one-way message as [`Transport::send`] does, and resolves once the receiving
     /// agent has taken it (its message handler returned).

@@ -1,10 +1,12 @@
 //! [`Host`]: the [`Transport`] of any wire, over sessions.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,7 +18,7 @@ use aqe_core::{
     StreamHeader, StreamSink, Transport, TransportKind,
 };
 use aqe_session::{
-    Answer, Budgets, Config, EndpointId, Frame, Hello, NotSent, Rank, Refusal, SESSION_VERSION,
+    Answer, Budgets, Config, EndpointId, Frame, Hello, MessageMeta, Rank, Refusal, SESSION_VERSION,
     Trust, outgoing,
 };
 
@@ -600,9 +602,6 @@ impl Host {
         envelope: Envelope,
         confirm: bool,
     ) -> Result<()> {
-        let send_timeout = self.inner.config.send_timeout;
-        let deadline = tokio::time::Instant::now() + send_timeout;
-        let len = envelope.payload.len();
         // Encoded once, outside any lock.
         let (meta, body) = outgoing(&envelope, channel.ordered, confirm)?;
         drop(envelope);
@@ -612,49 +611,71 @@ impl Host {
         } else {
             (None, None)
         };
-        let mut ctx = MsgCtx {
+        let ctx = MsgCtx {
             stats: sender.stats.clone(),
             confirm: done,
         };
+        let mut batch = VecDeque::with_capacity(1);
+        batch.push_back((meta, body, ctx));
+        self.admit(sender, channel, to, batch).await?;
+        match confirmed {
+            None => Ok(()),
+            Some(rx) => self.await_confirmation(rx).await,
+        }
+    }
+
+    /// Hands `batch` (to one agent, on one reliable channel) to
+    /// the session that reaches `to`, as much at a time as its window has room for: one
+    /// borrow of the session, one transmission and one count per admission. Waits for room
+    /// up to the send timeout, counted from the last progress.
+    async fn admit(
+        &self,
+        sender: &LocalAgent,
+        channel: &Channel,
+        to: &AgentId,
+        mut batch: VecDeque<(MessageMeta, Bytes, MsgCtx)>,
+    ) -> Result<()> {
+        let send_timeout = self.inner.config.send_timeout;
+        let total = batch.len();
+        let mut deadline = tokio::time::Instant::now() + send_timeout;
+        let fail = |batch: &VecDeque<_>, e: Error| e.after_accepted(total - batch.len());
         'route: loop {
-            let cell = self.reach(to, &channel.name, deadline).await?;
+            let cell = self
+                .reach(to, &channel.name, deadline)
+                .await
+                .map_err(|e| fail(&batch, e))?;
             loop {
                 let room = cell.room.notified();
                 tokio::pin!(room);
                 room.as_mut().enable();
                 let now = Instant::now();
-                // Counted before the session has it: its settlement may be told on another
-                // thread before `pump` returns, and must find it counted.
-                sender.stats.accepted();
-                let sent = cell.pump(&self.inner.shared, |s, _| {
-                    s.send(meta.clone(), body.clone(), ctx, now)
-                });
-                if sent.is_err() {
-                    sender.stats.unaccepted();
-                }
+                let bytes: usize = batch.iter().map(|(m, ..)| m.len).sum();
+                // Counted before the session has them: a settlement may be told on another
+                // thread before `pump` returns, and must find its message counted.
+                sender.stats.accepted(batch.len() as u64);
+                let sent = cell.pump(&self.inner.shared, |s, _| s.send_many(&mut batch, now));
+                sender.stats.unaccepted(batch.len() as u64);
                 match sent {
-                    Ok(()) => {
-                        sender.stats.sent(len);
-                        return match confirmed {
-                            None => Ok(()),
-                            Some(rx) => self.await_confirmation(rx).await,
-                        };
+                    Some(0) => {}
+                    Some(n) => {
+                        let left: usize = batch.iter().map(|(m, ..)| m.len).sum();
+                        sender.stats.sent_many(n as u64, (bytes - left) as u64);
+                        if batch.is_empty() {
+                            return Ok(());
+                        }
+                        deadline = tokio::time::Instant::now() + send_timeout;
                     }
-                    Err(NotSent::Unlinked(c)) => {
-                        ctx = c;
-                        continue 'route;
-                    }
-                    Err(NotSent::Full(c)) => ctx = c,
+                    None => continue 'route,
                 }
                 tokio::select! {
                     () = &mut room => {}
                     () = tokio::time::sleep_until(deadline) => {
-                        return Err(Error::SendFailed {
+                        return Err(fail(&batch, Error::SendFailed {
                             to: to.clone(),
                             reason: SendFailure::QueueFull(send_timeout),
-                        });
+                        }));
                     }
-                    () = self.inner.stop.cancelled() => return Err(Error::Shutdown),
+                    () = self.inner.stop.cancelled() => return Err(fail(&batch, Error::Shutdown)),
                 }
             }
         }
@@ -843,6 +864,61 @@ impl Transport for Host {
 
     async fn send_confirmed(&self, envelope: Envelope) -> Result<()> {
         self.send_as(envelope, true).await
+    }
+
+    /// A batch to a remote agent on a reliable channel is encoded outside any lock and
+    /// admitted a window's room at a time; anything else goes as single sends.
+    async fn send_many(&self, envelopes: Vec<Envelope>) -> Result<()> {
+        aqe_core::plumbing::check_batch(&envelopes)?;
+        let Some(first) = envelopes.first() else {
+            return Ok(());
+        };
+        let sender = self.sender(&first.from)?;
+        let channel = sender.reg.check_outgoing(&first.channel, 0)?.clone();
+        let to = first.target().cloned().ok_or(Error::Protocol {
+            detail: "a unicast operation needs exactly one recipient",
+        })?;
+        if !channel.reliable || self.inner.shared.locals.get(&to).is_some() {
+            for (accepted, e) in envelopes.into_iter().enumerate() {
+                self.send_as(e, false)
+                    .await
+                    .map_err(|e| e.after_accepted(accepted))?;
+            }
+            return Ok(());
+        }
+        let max = self.inner.wire.max_payload();
+        let mut batch = VecDeque::with_capacity(envelopes.len());
+        for (i, e) in envelopes.iter().enumerate() {
+            let len = e.payload.len();
+            let checked = sender
+                .reg
+                .check_outgoing(&e.channel, len)
+                .map(|_| ())
+                .and_then(|()| match max {
+                    Some(max) if len > max => Err(Error::MessageTooLarge { size: len, max }),
+                    _ => Ok(()),
+                })
+                .and_then(|()| outgoing(e, channel.ordered, false));
+            match checked {
+                Ok((meta, body)) => batch.push_back((
+                    meta,
+                    body,
+                    MsgCtx {
+                        stats: sender.stats.clone(),
+                        confirm: None,
+                    },
+                )),
+                Err(err) if i == 0 => return Err(err),
+                Err(err) => {
+                    // Those before it go; the error says where the batch stopped.
+                    drop(envelopes);
+                    self.admit(&sender, &channel, &to, batch).await?;
+                    return Err(err.after_accepted(i));
+                }
+            }
+        }
+        drop(envelopes);
+        self.admit(&sender, &channel, &to, batch).await
     }
 
     async fn request(&self, envelope: Envelope, timeout: Duration) -> Result<Envelope> {

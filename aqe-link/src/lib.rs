@@ -159,6 +159,13 @@ macro_rules! transport_via_host {
                 $crate::__private::aqe_core::Transport::send_confirmed(&self.$field, envelope).await
             }
 
+            async fn send_many(
+                &self,
+                envelopes: Vec<$crate::__private::aqe_core::Envelope>,
+            ) -> $crate::__private::aqe_core::Result<()> {
+                $crate::__private::aqe_core::Transport::send_many(&self.$field, envelopes).await
+            }
+
             async fn request(
                 &self,
                 envelope: $crate::__private::aqe_core::Envelope,

@@ -87,7 +87,9 @@ pub(crate) enum Fate {
         len: u64,
         after: u64,
         confirm: bool,
-        envelope: Envelope,
+        /// Boxed: a fate is kept per message in an ordered map, which moves its entries,
+        /// and few messages wait.
+        envelope: Box<Envelope>,
     },
     /// In its agent's inbox; `confirm`: its sender waits for the acknowledgement.
     Queued {
@@ -284,7 +286,7 @@ impl Inflow {
                 len,
                 after,
                 confirm: r.confirm,
-                envelope: r.envelope,
+                envelope: Box::new(r.envelope),
             },
         );
         self.pending.received = true;
@@ -334,7 +336,7 @@ impl Inflow {
                 seq,
                 to,
                 confirm,
-                envelope,
+                envelope: *envelope,
             });
             next = self.waiting_on.remove(&seq);
         }

@@ -58,6 +58,7 @@ mod node;
 mod outbox;
 mod peer;
 mod ranges;
+mod seqmap;
 mod session;
 
 pub use config::{

@@ -12,6 +12,7 @@ use aqe_core::{AgentId, ChannelName, DeliveryFailure, Envelope, MessageId};
 
 use crate::frame::{Lane, MessageHeader, Refusal, Transmit};
 use crate::ranges;
+use crate::seqmap::SeqMap;
 
 /// What a reliable message is, besides its bytes: for reports and windows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,7 +210,7 @@ fn flow_of(m: &MessageMeta) -> Flow {
 /// The sender's messages in one session.
 pub(crate) struct Outbox<M> {
     next_seq: u64,
-    sent: BTreeMap<u64, Sent<M>>,
+    sent: SeqMap<Sent<M>>,
     /// Unsettled messages per receiving agent.
     agents: FastMap<AgentId, Flight>,
     bytes: u64,
@@ -243,7 +244,7 @@ impl<M> Outbox<M> {
     pub(crate) fn new(window: u32, session_bytes: u64, rto: Option<Duration>) -> Self {
         Self {
             next_seq: 1,
-            sent: BTreeMap::new(),
+            sent: SeqMap::default(),
             agents: FastMap::default(),
             bytes: 0,
             last: FastMap::default(),
@@ -259,7 +260,7 @@ impl<M> Outbox<M> {
 
     /// The oldest unsettled number (the next one when none).
     pub(crate) fn low(&self) -> u64 {
-        self.sent.keys().next().copied().unwrap_or(self.next_seq)
+        self.sent.first_key().unwrap_or(self.next_seq)
     }
 
     fn has_room(&self, to: &AgentId, len: usize) -> bool {
@@ -434,9 +435,8 @@ impl<M> Outbox<M> {
     /// The receiver has these.
     pub(crate) fn received(&mut self, ranges: &[(u64, u64)]) {
         for &(first, last) in ranges {
-            for (_, s) in self.sent.range_mut(first..=last) {
-                s.received = true;
-            }
+            self.sent
+                .for_each_mut(first..=last, |_, s| s.received = true);
         }
     }
 
@@ -454,7 +454,7 @@ impl<M> Outbox<M> {
         let mut flows: Vec<Flow> = Vec::new();
         for &(first, last) in ranges {
             freed |= self.lay_ghosts(first, last);
-            let seqs: Vec<u64> = self.sent.range(first..=last).map(|(k, _)| *k).collect();
+            let seqs: Vec<u64> = self.sent.keys_in(first..=last).collect();
             for seq in seqs {
                 let Some(mut m) = self.settle(seq) else {
                     continue;
@@ -534,7 +534,7 @@ impl<M> Outbox<M> {
             .sent
             .iter()
             .filter(|(_, s)| s.msg.accepted + deadline <= now)
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k)
             .collect();
         for seq in expired {
             if let Some(s) = self.sent.remove(&seq) {
@@ -574,7 +574,7 @@ impl<M> Outbox<M> {
         let mut at = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
         if let (Some(rto), Some(generation)) = (self.rto, linked) {
             let low = self.low();
-            for (&seq, s) in &mut self.sent {
+            self.sent.for_each_mut(.., |seq, s| {
                 let wait = if s.received { rto * 4 } else { rto };
                 if s.sent_at + wait <= now {
                     s.sent_at = now;
@@ -596,7 +596,7 @@ impl<M> Outbox<M> {
                     });
                 }
                 at(s.sent_at + wait);
-            }
+            });
         }
         for s in self.sent.values() {
             at(s.msg.accepted + deadline);
@@ -624,11 +624,7 @@ impl<M> Outbox<M> {
     /// Everything unsettled, taken out in the order it was accepted (the link ended).
     pub(crate) fn take_all(&mut self) -> Vec<Orphan<M>> {
         let mut all: BTreeMap<u64, Orphan<M>> = std::mem::take(&mut self.held);
-        all.extend(
-            std::mem::take(&mut self.sent)
-                .into_iter()
-                .map(|(k, s)| (k, s.msg)),
-        );
+        all.extend(self.sent.take_all().into_iter().map(|(k, s)| (k, s.msg)));
         let mut out: Vec<Orphan<M>> = all.into_values().collect();
         for (_, q) in std::mem::take(&mut self.backlog) {
             out.extend(q);

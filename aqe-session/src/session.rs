@@ -461,6 +461,12 @@ impl<C: Ctx> Session<C> {
         if !self.outbox.can_admit(&meta.to, meta.len) {
             return Err(NotSent::Full(ctx));
         }
+        self.admit(meta, body, ctx, now);
+        Ok(())
+    }
+
+    /// Numbers a message the window has room for and transmits it.
+    fn admit(&mut self, meta: MessageMeta, body: Bytes, ctx: C::Msg, now: Instant) {
         let msg = Orphan::new(meta, body, now, ctx);
         let t = self.outbox.number(
             msg,
@@ -470,7 +476,31 @@ impl<C: Ctx> Session<C> {
             self.config.delivery_deadline,
         );
         self.transmits.extend(t);
-        Ok(())
+    }
+
+    /// Sends messages from the front of `batch` as [`Session::send`] does, as many as the
+    /// window has room for (the rest stay in `batch`); how many it took. `None` when the
+    /// session has no link (nothing taken): route again.
+    pub fn send_many(
+        &mut self,
+        batch: &mut VecDeque<(MessageMeta, Bytes, C::Msg)>,
+        now: Instant,
+    ) -> Option<usize> {
+        if !self.is_linked() {
+            return None;
+        }
+        let mut taken = 0;
+        while let Some((meta, ..)) = batch.front() {
+            if !self.outbox.can_admit(&meta.to, meta.len) {
+                break;
+            }
+            let Some((meta, body, ctx)) = batch.pop_front() else {
+                break;
+            };
+            self.admit(meta, body, ctx, now);
+            taken += 1;
+        }
+        Some(taken)
     }
 
     /// Sends an unreliable message; `false` when there is no link.

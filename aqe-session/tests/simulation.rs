@@ -1375,44 +1375,67 @@ impl World {
         } else {
             "results".into()
         };
-        let len = [1, 16, 300, 900][self.rng.below(4) as usize];
-        let envelope = Envelope::new(
-            from.clone(),
-            Recipient::Agent(to.clone()),
-            channel,
-            MessageKind::Direct,
-            Bytes::from(vec![7u8; len]),
-        );
-        let confirm = self.rng.permille(100);
-        let Ok((meta, body)) = outgoing(&envelope, ordered, confirm) else {
-            self.fail("outgoing");
+        // Now and then a batch (`send_many`): admitted as far as the window has room.
+        let count = if self.rng.permille(200) {
+            2 + self.rng.below(5) as usize
+        } else {
+            1
         };
-        let i = self.ledger.sent.len();
+        let confirm = self.rng.permille(100);
+        let first = self.ledger.sent.len();
+        let mut batch = VecDeque::new();
+        let mut ids = Vec::new();
+        for j in 0..count {
+            let len = [1, 16, 300, 900][self.rng.below(4) as usize];
+            let envelope = Envelope::new(
+                from.clone(),
+                Recipient::Agent(to.clone()),
+                channel.clone(),
+                MessageKind::Direct,
+                Bytes::from(vec![7u8; len]),
+            );
+            let Ok((meta, body)) = outgoing(&envelope, ordered, confirm && count == 1) else {
+                self.fail("outgoing");
+            };
+            ids.push(envelope.id);
+            batch.push_back((meta, body, first + j));
+        }
         let Some(s) = self.hosts[h].sessions.get_mut(&session) else {
             return;
         };
-        match s.session.send(meta, body, i, now) {
-            Ok(()) => {
-                self.note(i, "accepted");
-                let ordered = ordered.then(|| {
-                    let c = self.ledger.flows.entry((from, to.clone())).or_insert(0);
-                    *c += 1;
-                    *c
-                });
-                self.ledger.by_id.insert(envelope.id, i);
-                let inc = self.hosts[h].incarnation;
-                self.ledger.sent.push(SentMsg {
-                    from: (h, inc),
-                    orphaned: false,
-                    to,
-                    ordered,
-                    accepted: now,
-                    outcome: None,
-                    delivered: BTreeSet::new(),
-                    taken_by: Vec::new(),
-                });
+        let accepted = if count == 1 {
+            let (meta, body, i) = batch.pop_front().expect("one");
+            match s.session.send(meta, body, i, now) {
+                Ok(()) => 1,
+                Err(NotSent::Full(_) | NotSent::Unlinked(_)) => 0,
             }
-            Err(NotSent::Full(_) | NotSent::Unlinked(_)) => {}
+        } else {
+            s.session.send_many(&mut batch, now).unwrap_or(0)
+        };
+        for (j, id) in ids.into_iter().take(accepted).enumerate() {
+            let i = first + j;
+            self.note(i, "accepted");
+            let ordered = ordered.then(|| {
+                let c = self
+                    .ledger
+                    .flows
+                    .entry((from.clone(), to.clone()))
+                    .or_insert(0);
+                *c += 1;
+                *c
+            });
+            self.ledger.by_id.insert(id, i);
+            let inc = self.hosts[h].incarnation;
+            self.ledger.sent.push(SentMsg {
+                from: (h, inc),
+                orphaned: false,
+                to: to.clone(),
+                ordered,
+                accepted: now,
+                outcome: None,
+                delivered: BTreeSet::new(),
+                taken_by: Vec::new(),
+            });
         }
         self.pump(h);
     }

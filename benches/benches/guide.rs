@@ -27,6 +27,12 @@ const BROADCASTS: [(&str, usize); 3] =
 const FANOUT: usize = 10;
 const STREAM_ITEMS: usize = 1000;
 const BULK_TOTAL: usize = 16 * 1024 * 1024;
+/// Messages per `send_many` call in the batched throughput rows.
+const BATCH: usize = 256;
+/// The channel column of the batched throughput rows.
+const BATCHED_ORDERED: &str = "ordered, send_many";
+/// The same, unordered.
+const BATCHED_UNORDERED: &str = "unordered, send_many";
 const BULK_CHUNK: usize = 256 * 1024;
 
 fn runtime() -> Runtime {
@@ -295,6 +301,19 @@ fn main() {
                 msgs as u64,
                 bytes,
                 || f.send(&p, "results", msgs),
+            );
+            // The same handed over in batches (`send_many`).
+            b.volume(
+                Spec::new(op, net.name(), size).channel(BATCHED_ORDERED),
+                msgs as u64,
+                bytes,
+                || f.send_batched(&p, "coordination", msgs, BATCH),
+            );
+            b.volume(
+                Spec::new(op, net.name(), size).channel(BATCHED_UNORDERED),
+                msgs as u64,
+                bytes,
+                || f.send_batched(&p, "results", msgs, BATCH),
             );
         }
         b.finish();

@@ -217,6 +217,21 @@ impl Fleet {
         self.tally.wait(n).await;
     }
 
+    /// `n` messages to the first receiver on `channel`, handed over in batches of `batch`
+    /// (`send_many`), until its handler has them all.
+    pub async fn send_batched(&self, payload: &Bytes, channel: &str, n: usize, batch: usize) {
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(batch);
+            self.sender
+                .send_many(self.first(), std::iter::repeat_n(payload, k), channel)
+                .await
+                .expect("send_many");
+            left -= k;
+        }
+        self.tally.wait(n).await;
+    }
+
     /// One request/response with the first receiver.
     pub async fn request(&self, payload: &Bytes) {
         let r: Bytes = self

@@ -18,3 +18,8 @@ pub use nats_floor::{NatsFanout, NatsFloor};
 pub use record::{Bench, Measured, Memory, Results, Spec};
 pub use s2n_floor::S2nFloor;
 pub use tokio_floor::{BroadcastFloor, MpscFloor};
+
+/// Every allocation of a benchmark binary is counted, so that a volume benchmark can say
+/// how many allocations a message costs (both sides, every thread).
+#[global_allocator]
+static GLOBAL: &stats_alloc::StatsAlloc<std::alloc::System> = &stats_alloc::INSTRUMENTED_SYSTEM;

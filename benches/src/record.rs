@@ -86,6 +86,10 @@ pub struct Measured {
     pub mb_per_s: Option<f64>,
     /// Operations timed.
     pub samples: usize,
+    /// Allocations per message (volume benchmarks): one more run after criterion's,
+    /// counted by the binary's global allocator on every thread, sender and receiver alike.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocs_per_msg: Option<f64>,
 }
 
 /// Memory figures, measured outside criterion.
@@ -234,6 +238,8 @@ impl<'a, 'c> Bench<'a, 'c> {
         Fut: Future<Output = ()>,
     {
         self.group.throughput(criterion::Throughput::Bytes(bytes));
+        let op = &op;
+        let before = self.results.results.len();
         self.timed(spec, Some((msgs, bytes)), move || {
             let fut = op();
             async move {
@@ -242,6 +248,16 @@ impl<'a, 'c> Bench<'a, 'c> {
                 vec![t.elapsed()]
             }
         });
+        if self.results.results.len() == before {
+            return; // filtered out
+        }
+        let region = stats_alloc::Region::new(crate::GLOBAL);
+        self.rt.block_on(op());
+        let counted = region.change();
+        let Some(last) = self.results.results.last_mut() else {
+            return;
+        };
+        last.allocs_per_msg = Some(counted.allocations as f64 / msgs.max(1) as f64);
     }
 
     fn timed<F, Fut>(&mut self, spec: Spec, volume: Option<(u64, u64)>, op: F)
@@ -291,6 +307,7 @@ impl<'a, 'c> Bench<'a, 'c> {
             msgs_per_s,
             mb_per_s,
             samples: times.len(),
+            allocs_per_msg: None,
         });
     }
 

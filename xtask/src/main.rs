@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<()> {
         Some("fuzz") => fuzz::fuzz(&workspace_root(), &args[1..]),
         Some("test") => test::test(&workspace_root(), &args[1..]),
         _ => bail!(
-            "usage: cargo xtask test [cargo test arguments] | cargo xtask bench [--quick] [criterion arguments] | cargo xtask lab [udp] | cargo xtask fuzz [SECS]"
+            "usage: cargo xtask test [cargo test arguments] | cargo xtask bench [--quick] [--check] [--save-baseline] [criterion arguments] | cargo xtask lab [udp] | cargo xtask fuzz [SECS]"
         ),
     }
 }
