@@ -12,3 +12,9 @@
 pub mod coordination;
 pub mod probe;
 pub mod protocol;
+
+/// The README's Rust examples, compiled (and the bus one run) as doctests, so that they
+/// cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeExamples;

@@ -1,0 +1,93 @@
+//! Where endpoint start to first response goes (the `setup` benchmark, phase by phase):
+//! binding a QUIC endpoint (certificates included), connecting to a fleet endpoint (the
+//! handshake and the session's hello), starting an agent, learning of the remote agent,
+//! and the first request.
+//!
+//! `taskset -c 0 cargo run --release -p aqe-benches --example setup_phases [ROUNDS]`.
+//! Prints each phase's median over the rounds, microseconds.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aqe_agent::{Agent, HandlerError};
+use aqe_core::RequestOptions;
+use aqe_quic::{QuicConfig, QuicTransport};
+use bytes::Bytes;
+
+fn config() -> QuicConfig {
+    QuicConfig {
+        host: "127.0.0.1".into(),
+        ..QuicConfig::default()
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> f64 {
+    v.sort_unstable();
+    v[v.len() / 2].as_secs_f64() * 1e6
+}
+
+fn main() {
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let server = Arc::new(QuicTransport::bind(config()).await.expect("bind"));
+        let echo = Agent::builder()
+            .id("echo")
+            .agent_type("echo")
+            .transport(server.clone())
+            .on_request(|_a, req| async move { Ok::<_, HandlerError>(req.decode::<Bytes>()?) })
+            .start()
+            .await
+            .expect("echo");
+        let names = ["bind", "connect", "agent start", "discovered", "first request", "total"];
+        let mut phases: Vec<Vec<Duration>> = vec![Vec::new(); names.len()];
+        for _ in 0..rounds {
+            let t0 = Instant::now();
+            let q = Arc::new(QuicTransport::bind(config()).await.expect("bind"));
+            let t1 = Instant::now();
+            q.connect(server.local_addr()).await.expect("connect");
+            let t2 = Instant::now();
+            let agent = Agent::builder()
+                .agent_type("client")
+                .transport(q.clone())
+                .start()
+                .await
+                .expect("agent");
+            let t3 = Instant::now();
+            let mut events = agent.events();
+            while !agent
+                .discover_peers(&Default::default())
+                .iter()
+                .any(|p| p.id == *echo.id())
+            {
+                let _ = tokio::time::timeout(Duration::from_millis(5), events.recv()).await;
+            }
+            let t4 = Instant::now();
+            let _: Bytes = agent
+                .request_from_agent(echo.id(), &Bytes::from_static(b"x"), RequestOptions::default())
+                .await
+                .expect("request");
+            let t5 = Instant::now();
+            for (i, (a, b)) in [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5), (t0, t5)]
+                .into_iter()
+                .enumerate()
+            {
+                phases[i].push(b - a);
+            }
+            agent.shutdown().await;
+            aqe_core::Transport::shutdown(&*q).await;
+        }
+        for (name, v) in names.iter().zip(phases) {
+            println!("{name:<14} {:8.0} us", median(v));
+        }
+        echo.shutdown().await;
+        aqe_core::Transport::shutdown(&*server).await;
+    });
+}
