@@ -47,6 +47,16 @@ pub use handler::HandlerError;
 
 /// The core types, for users who depend on this crate alone.
 pub use aqe_core;
+
+/// The transports this build of aqe-agent has, in the order a fallback chain usually takes
+/// them (each but the bus is a cargo feature).
+pub const TRANSPORTS: &[&str] = &[
+    #[cfg(feature = "quic")]
+    "QUIC",
+    #[cfg(feature = "nats")]
+    "NATS",
+    "bus",
+];
 pub use aqe_eventbus::EventBus;
 /// The NATS transport crate.
 #[cfg(feature = "nats")]

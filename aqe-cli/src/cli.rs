@@ -174,7 +174,8 @@ pub(crate) struct Join {
 /// How to read a payload given on the command line.
 #[derive(Debug, Args, Clone)]
 pub(crate) struct PayloadArgs {
-    /// The payload: JSON, or text (sent as raw bytes when it is not JSON).
+    /// The payload: JSON, or text (sent as raw bytes when it is not JSON); `-` reads it
+    /// from stdin, `@PATH` from a file (text that starts with `@` goes through stdin).
     pub(crate) payload: String,
     /// Send it as raw bytes even if it is JSON.
     #[arg(long, conflicts_with = "json")]

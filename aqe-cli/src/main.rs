@@ -14,8 +14,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 mod bench;
 mod certs;
 mod cli;
@@ -30,7 +28,19 @@ use cli::{Cli, Command};
 use error::CliError;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `--version` says which transports this build has.
+    let version = format!(
+        "{} (transports: {})",
+        env!("CARGO_PKG_VERSION"),
+        aqe_agent::TRANSPORTS.join(", ")
+    );
+    let matches = <Cli as clap::CommandFactory>::command()
+        .version(version)
+        .get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let log_file = match &cli.command {
         Command::Node(n) => n.log_file.clone(),
         _ => None,
@@ -110,7 +120,12 @@ fn init_tracing(
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only for a person at a terminal, and never with NO_COLOR set.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_ansi(colour)
+        .with_writer(std::io::stderr);
     let file = match log_file {
         Some(path) => {
             let f = std::fs::OpenOptions::new()

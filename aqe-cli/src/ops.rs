@@ -33,7 +33,7 @@ async fn leave(me: &Agent) {
 }
 
 pub(crate) async fn send(a: SendArgs) -> Result<(), CliError> {
-    let payload = payload::from_args(&a.payload)?;
+    let payload = payload::from_args(&a.payload).await?;
     let me = agent(&a.join, None, "cli").await?;
     let to = AgentId::from(a.to.as_str());
     join::agent_known(&me, &to, a.join.wait).await?;
@@ -61,7 +61,7 @@ async fn wait_settled(me: &Agent) {
 }
 
 pub(crate) async fn request(a: RequestArgs) -> Result<(), CliError> {
-    let payload = payload::from_args(&a.payload)?;
+    let payload = payload::from_args(&a.payload).await?;
     let me = agent(&a.join, None, "cli").await?;
     let to = AgentId::from(a.to.as_str());
     join::agent_known(&me, &to, a.join.wait).await?;
@@ -78,7 +78,7 @@ pub(crate) async fn request(a: RequestArgs) -> Result<(), CliError> {
 }
 
 pub(crate) async fn broadcast(a: BroadcastArgs) -> Result<(), CliError> {
-    let payload = payload::from_args(&a.payload)?;
+    let payload = payload::from_args(&a.payload).await?;
     let me = agent(&a.join, None, "cli").await?;
     join::peers_known(&me, a.min_peers, a.join.wait).await;
     let options = BroadcastOptions {

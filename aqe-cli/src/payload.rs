@@ -6,18 +6,40 @@ use crate::cli::PayloadArgs;
 use crate::error::CliError;
 
 /// The payload the arguments give: JSON when the text is JSON (or `--json`), else raw bytes.
-pub(crate) fn from_args(p: &PayloadArgs) -> Result<Payload, CliError> {
+/// `-` reads it from stdin and `@PATH` from a file (for payloads too large for an argument).
+pub(crate) async fn from_args(p: &PayloadArgs) -> Result<Payload, CliError> {
+    use tokio::io::AsyncReadExt;
+    let bytes = if p.payload == "-" {
+        let mut buf = Vec::new();
+        tokio::io::stdin()
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|source| CliError::File {
+                path: "-".into(),
+                source,
+            })?;
+        buf
+    } else if let Some(path) = p.payload.strip_prefix('@') {
+        tokio::fs::read(path)
+            .await
+            .map_err(|source| CliError::File {
+                path: path.into(),
+                source,
+            })?
+    } else {
+        p.payload.clone().into_bytes()
+    };
     if p.raw {
-        return Ok(Payload::raw(p.payload.clone().into_bytes()));
+        return Ok(Payload::raw(bytes));
     }
-    match Payload::json_text(p.payload.clone().into_bytes()) {
+    match Payload::json_text(bytes.clone()) {
         Ok(json) => Ok(json),
         Err(e) if p.json => Err(CliError::Config(aqe_core::Error::Configuration {
             file: None,
             field: "PAYLOAD".into(),
             message: format!("not JSON ({e}); drop --json to send it as text"),
         })),
-        Err(_) => Ok(Payload::raw(p.payload.clone().into_bytes())),
+        Err(_) => Ok(Payload::raw(bytes)),
     }
 }
 

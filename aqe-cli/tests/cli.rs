@@ -359,7 +359,7 @@ fn two_processes_with_one_certificate_work_together() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let one = ["--certs", "certs", "--name", "cli-b"];
-    let mut listen = vec!["listen", "L", "--listen", "127.0.0.1:0", "--count", "2"];
+    let mut listen = vec!["listen", "L", "--listen", "127.0.0.1:0", "--count", "4"];
     listen.extend(one);
     let (mut listener, ready, mut heard) = spawn(d, &listen, "agent L listening at ");
     let addr = ready.trim_start_matches("agent L listening at ").to_owned();
@@ -380,9 +380,82 @@ fn two_processes_with_one_certificate_work_together() {
             "{line}"
         );
     }
+    // Payloads from a file (`@PATH`) and from stdin (`-`), for what an argument cannot hold.
+    std::fs::write(d.join("payload.txt"), "from a file").expect("payload file");
+    let mut send = vec!["send", "L", "@payload.txt", "--raw", "--bootstrap", &addr];
+    send.extend(one);
+    let o = aqe(d, &send);
+    assert!(o.status.success(), "send @file: {}", stderr(&o));
+    let line = next_line(&mut heard);
+    assert!(line.ends_with("[coordination] from a file"), "{line}");
+    let mut send = vec!["send", "L", "-", "--raw", "--bootstrap", &addr];
+    send.extend(one);
+    let mut child = Command::new(AQE)
+        .current_dir(d)
+        .args(&send)
+        .env_remove("AQE_TOKEN")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn aqe send -");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), b"from stdin")
+        .expect("write stdin");
+    let o = child.wait_with_output().expect("aqe send -");
+    assert!(o.status.success(), "send -: {}", stderr(&o));
+    let line = next_line(&mut heard);
+    assert!(line.ends_with("[coordination] from stdin"), "{line}");
+    let o = aqe(d, &["send", "L", "@missing.txt", "--bootstrap", &addr]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "a missing payload file: {}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("missing.txt"), "{}", stderr(&o));
     let status = listener
         .0
         .wait()
-        .expect("listener exits after two messages");
+        .expect("listener exits after four messages");
     assert!(status.success(), "{status:?}");
+}
+
+/// `--version` names the transports built in; logs piped to a file or a pipe carry no
+/// colour codes, even at full verbosity.
+#[test]
+fn version_names_the_transports_and_piped_logs_have_no_colour() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let o = aqe(d, &["--version"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("transports: QUIC, bus"),
+        "{}",
+        stdout(&o)
+    );
+    // A command that logs (debug) and fails at once: nobody listens at the bootstrap.
+    let o = aqe(
+        d,
+        &[
+            "-vv",
+            "send",
+            "nobody",
+            "x",
+            "--bootstrap",
+            "127.0.0.1:9",
+            "--wait",
+            "1",
+        ],
+    );
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("DEBUG") || err.contains("INFO"),
+        "it logged: {err}"
+    );
+    assert!(
+        !err.contains('\u{1b}'),
+        "no escape codes in piped stderr: {err:?}"
+    );
 }

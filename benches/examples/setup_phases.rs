@@ -46,7 +46,14 @@ fn main() {
             .start()
             .await
             .expect("echo");
-        let names = ["bind", "connect", "agent start", "discovered", "first request", "total"];
+        let names = [
+            "bind",
+            "connect",
+            "agent start",
+            "discovered",
+            "first request",
+            "total",
+        ];
         let mut phases: Vec<Vec<Duration>> = vec![Vec::new(); names.len()];
         for _ in 0..rounds {
             let t0 = Instant::now();
@@ -71,7 +78,11 @@ fn main() {
             }
             let t4 = Instant::now();
             let _: Bytes = agent
-                .request_from_agent(echo.id(), &Bytes::from_static(b"x"), RequestOptions::default())
+                .request_from_agent(
+                    echo.id(),
+                    &Bytes::from_static(b"x"),
+                    RequestOptions::default(),
+                )
                 .await
                 .expect("request");
             let t5 = Instant::now();
