@@ -77,7 +77,7 @@ pub(crate) async fn run(a: BenchArgs) -> Result<(), CliError> {
 }
 
 async fn measure(me: &Agent, to: &AgentId, a: &BenchArgs) -> Result<(), CliError> {
-    join::agent_known(me, to, a.join.wait).await?;
+    join::agent_known(me, to, &a.join).await?;
     let payload = Payload::raw(vec![0x61u8; a.size]);
     let options = RequestOptions {
         channel: a.channel.as_str().into(),

@@ -31,6 +31,16 @@ pub(crate) enum CliError {
     /// The operation reached its peer and failed there, or timed out.
     #[error(transparent)]
     Failed(Error),
+    /// The agent named is not in the fleet as far as it could be seen.
+    #[error("agent {agent} not found{}", unknown_hint(known, *bootstrapped))]
+    UnknownAgent {
+        /// The agent asked for.
+        agent: aqe_core::AgentId,
+        /// Agents that are known, the closest names first.
+        known: Vec<aqe_core::AgentId>,
+        /// Whether a bootstrap endpoint was given.
+        bootstrapped: bool,
+    },
     /// The arguments do not fit together.
     #[error("{0}")]
     Usage(&'static str),
@@ -44,10 +54,22 @@ impl CliError {
             CliError::Usage(_) => 2,
             CliError::File { .. } | CliError::Config(_) => 3,
             CliError::Security(_) => 4,
-            CliError::Unreachable(_) => 5,
+            CliError::Unreachable(_) | CliError::UnknownAgent { .. } => 5,
             CliError::Failed(_) => 1,
         })
     }
+}
+
+/// What follows "agent X not found": why, and what is there instead.
+fn unknown_hint(known: &[aqe_core::AgentId], bootstrapped: bool) -> String {
+    if !bootstrapped {
+        return ": no --bootstrap (or --definition) given, so there is no fleet to ask; add --bootstrap HOST:PORT".into();
+    }
+    if known.is_empty() {
+        return ": the fleet announced no agents".into();
+    }
+    let names: Vec<&str> = known.iter().map(aqe_core::AgentId::as_str).collect();
+    format!("; known agents, closest first: {}", names.join(", "))
 }
 
 impl From<Error> for CliError {

@@ -54,6 +54,16 @@ fn config(join: &Join) -> Result<QuicConfig, CliError> {
 pub(crate) async fn endpoint(join: &Join) -> Result<Arc<QuicTransport>, CliError> {
     let config = config(join)?;
     let transport = QuicTransport::bind(config).await?;
+    if let Err(e) = bootstrap(&transport, join).await {
+        // Whatever it reached hears a goodbye: nothing is left behind under this name.
+        aqe_core::Transport::shutdown(&transport).await;
+        return Err(e);
+    }
+    Ok(Arc::new(transport))
+}
+
+/// Connects `transport` to every bootstrap endpoint of `join`.
+async fn bootstrap(transport: &QuicTransport, join: &Join) -> Result<(), CliError> {
     for addr in &join.bootstrap {
         let resolved = tokio::net::lookup_host(addr.as_str())
             .await
@@ -83,30 +93,76 @@ pub(crate) async fn endpoint(join: &Join) -> Result<Arc<QuicTransport>, CliError
             }
         }
     }
-    Ok(Arc::new(transport))
+    Ok(())
 }
 
-/// Waits up to `wait` until `agent` knows `id`.
-pub(crate) async fn agent_known(
-    agent: &Agent,
-    id: &AgentId,
-    wait: Duration,
-) -> Result<(), CliError> {
-    let deadline = Instant::now() + wait;
+/// How long the fleet's membership must stay unchanged, once something is known, before an
+/// agent missing from it is reported missing: peers learnt from the bootstrap endpoints are
+/// dialed and announce their agents within a few round trips.
+const SETTLED: Duration = Duration::from_millis(1000);
+
+/// Waits until `agent` knows `id`: up to `join.wait`, or until the membership has been
+/// complete (unchanged for [`SETTLED`]) without it, and then names the agents it knows,
+/// closest first. Without a bootstrap endpoint there is nobody to ask, and it says so.
+pub(crate) async fn agent_known(agent: &Agent, id: &AgentId, join: &Join) -> Result<(), CliError> {
+    let started = Instant::now();
+    let deadline = started + join.wait;
+    let bootstrapped = !join.bootstrap.is_empty() || join.definition.is_some();
+    let mut seen: Vec<AgentId> = Vec::new();
+    let mut changed = started;
     loop {
-        let peers = agent.discover_peers(&Default::default());
-        if peers.iter().any(|p| &p.id == id) {
+        let mut peers: Vec<AgentId> = agent
+            .discover_peers(&Default::default())
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        if peers.iter().any(|p| p == id) {
             return Ok(());
         }
-        if Instant::now() >= deadline {
-            let known: Vec<String> = peers.iter().map(|p| p.id.to_string()).collect();
-            tracing::info!(known = ?known, "agents known");
-            return Err(CliError::Unreachable(Error::PeerNotFound {
-                peer: id.clone(),
-            }));
+        peers.sort();
+        let now = Instant::now();
+        if peers != seen {
+            seen = peers;
+            changed = now;
+        }
+        let settled = !seen.is_empty() && now.duration_since(changed) >= SETTLED;
+        if !bootstrapped || settled || now >= deadline {
+            return Err(CliError::UnknownAgent {
+                agent: id.clone(),
+                known: closest(id, &seen),
+                bootstrapped,
+            });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The known agents, the most alike to `id` first (edit distance), at most five.
+fn closest(id: &AgentId, known: &[AgentId]) -> Vec<AgentId> {
+    let mut v: Vec<(usize, &AgentId)> = known
+        .iter()
+        .map(|k| (distance(id.as_str(), k.as_str()), k))
+        .collect();
+    v.sort();
+    v.into_iter().take(5).map(|(_, k)| k.clone()).collect()
+}
+
+/// Levenshtein distance, by characters.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// Waits up to `wait` until `agent` knows at least `n` other agents.
@@ -114,5 +170,25 @@ pub(crate) async fn peers_known(agent: &Agent, n: usize, wait: Duration) {
     let deadline = Instant::now() + wait;
     while agent.discover_peers(&Default::default()).len() < n && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{closest, distance};
+    use aqe_core::AgentId;
+
+    #[test]
+    fn the_closest_names_come_first() {
+        assert_eq!(distance("worker", "worker"), 0);
+        assert_eq!(distance("worker", "wroker"), 2);
+        assert_eq!(distance("", "abc"), 3);
+        let known: Vec<AgentId> = ["monitor", "worker-2", "analyzer", "worker"]
+            .into_iter()
+            .map(AgentId::from)
+            .collect();
+        let got = closest(&AgentId::from("workr"), &known);
+        assert_eq!(got[0].as_str(), "worker");
+        assert_eq!(got[1].as_str(), "worker-2");
     }
 }

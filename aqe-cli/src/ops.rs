@@ -18,11 +18,19 @@ use crate::payload;
 /// An agent of the fleet, on a fresh endpoint joined as `j` says.
 async fn agent(j: &Join, id: Option<&str>, agent_type: &str) -> Result<Agent, CliError> {
     let transport = join::endpoint(j).await?;
-    let mut b = Agent::builder().agent_type(agent_type).transport(transport);
+    let mut b = Agent::builder()
+        .agent_type(agent_type)
+        .transport(transport.clone());
     if let Some(id) = id {
         b = b.id(id);
     }
-    Ok(b.start().await?)
+    match b.start().await {
+        Ok(agent) => Ok(agent),
+        Err(e) => {
+            aqe_core::Transport::shutdown(&*transport).await;
+            Err(e.into())
+        }
+    }
 }
 
 /// Shuts the agent down and closes its endpoint, telling its peers at once (a process that
@@ -36,16 +44,21 @@ pub(crate) async fn send(a: SendArgs) -> Result<(), CliError> {
     let payload = payload::from_args(&a.payload).await?;
     let me = agent(&a.join, None, "cli").await?;
     let to = AgentId::from(a.to.as_str());
-    join::agent_known(&me, &to, a.join.wait).await?;
-    // Returns once the receiving agent has taken it: a command line has nothing to come back
-    // to, so "accepted" would not say enough.
-    let env_id = me.send_payload(&to, payload, a.channel.as_str()).await?;
-    let confirmed = me.stats();
-    tracing::debug!(id = %env_id, ?confirmed, "sent");
-    wait_settled(&me).await;
-    println!("sent {env_id} to {to}");
+    let outcome = async {
+        join::agent_known(&me, &to, &a.join).await?;
+        // Returns once the receiving agent has taken it: a command line has nothing to come
+        // back to, so "accepted" would not say enough.
+        let env_id = me.send_payload(&to, payload, a.channel.as_str()).await?;
+        let confirmed = me.stats();
+        tracing::debug!(id = %env_id, ?confirmed, "sent");
+        wait_settled(&me).await;
+        println!("sent {env_id} to {to}");
+        Ok(())
+    }
+    .await;
+    // Whatever happened: the endpoint says goodbye, so its name is free at once.
     leave(&me).await;
-    Ok(())
+    outcome
 }
 
 /// Waits (briefly) until what this agent sent is settled, so that exiting loses nothing.
@@ -64,13 +77,16 @@ pub(crate) async fn request(a: RequestArgs) -> Result<(), CliError> {
     let payload = payload::from_args(&a.payload).await?;
     let me = agent(&a.join, None, "cli").await?;
     let to = AgentId::from(a.to.as_str());
-    join::agent_known(&me, &to, a.join.wait).await?;
     let options = RequestOptions {
         timeout: a.timeout,
         retries: a.retries,
         ..RequestOptions::default()
     };
-    let outcome = me.request_payload(&to, payload, options).await;
+    let outcome = async {
+        join::agent_known(&me, &to, &a.join).await?;
+        Ok::<_, CliError>(me.request_payload(&to, payload, options).await?)
+    }
+    .await;
     leave(&me).await;
     let response = outcome?;
     println!("{}", payload::show(&response));
@@ -85,9 +101,10 @@ pub(crate) async fn broadcast(a: BroadcastArgs) -> Result<(), CliError> {
         channel: a.channel.as_str().into(),
         ..BroadcastOptions::default()
     };
-    let report = me.broadcast_payload(payload, options).await?;
+    let report = me.broadcast_payload(payload, options).await;
     wait_settled(&me).await;
     leave(&me).await;
+    let report = report?;
     for id in &report.delivered {
         println!("sent to {id}");
     }
@@ -183,7 +200,10 @@ pub(crate) async fn stream(a: StreamArgs) -> Result<(), CliError> {
     use tokio::io::AsyncBufReadExt;
     let me = agent(&a.join, None, "cli").await?;
     let to = AgentId::from(a.to.as_str());
-    join::agent_known(&me, &to, a.join.wait).await?;
+    if let Err(e) = join::agent_known(&me, &to, &a.join).await {
+        leave(&me).await;
+        return Err(e);
+    }
     let options = aqe_core::StreamOptions {
         channel: a.channel.as_str().into(),
         ..aqe_core::StreamOptions::default()

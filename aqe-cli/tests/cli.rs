@@ -297,15 +297,39 @@ fn a_fleet_from_the_command_line() {
         stderr(&o)
     );
 
-    let o = run(
-        &["request", "nobody", "1"],
-        &["--token", TOKEN, "--wait", "1"],
-    );
+    // An unknown agent fails once the fleet's membership is complete, well before the
+    // 10 s wait, naming the agents that are there, the closest first.
+    let started = Instant::now();
+    let o = run(&["request", "workr", "1"], &["--token", TOKEN]);
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("peer nobody not found"),
+        started.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        stderr(&o).contains("agent workr not found; known agents, closest first: worker"),
         "{}",
         stderr(&o)
+    );
+    // The failed command said goodbye: the same name works again at once.
+    let started = Instant::now();
+    let o = run(&["request", "worker", "2"], &["--token", TOKEN]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        started.elapsed()
+    );
+    // Without a bootstrap there is nobody to ask, and it says so at once.
+    let started = Instant::now();
+    let o = aqe(d, &["request", "worker", "1"]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no --bootstrap"), "{}", stderr(&o));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
     );
 
     let o = aqe(
