@@ -383,7 +383,7 @@ fn two_processes_with_one_certificate_work_together() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let one = ["--certs", "certs", "--name", "cli-b"];
-    let mut listen = vec!["listen", "L", "--listen", "127.0.0.1:0", "--count", "4"];
+    let mut listen = vec!["listen", "L", "--listen", "127.0.0.1:0", "--count", "8"];
     listen.extend(one);
     let (mut listener, ready, mut heard) = spawn(d, &listen, "agent L listening at ");
     let addr = ready.trim_start_matches("agent L listening at ").to_owned();
@@ -430,6 +430,25 @@ fn two_processes_with_one_certificate_work_together() {
     assert!(o.status.success(), "send -: {}", stderr(&o));
     let line = next_line(&mut heard);
     assert!(line.ends_with("[coordination] from stdin"), "{line}");
+    // Unreliable messages leave before the command does: every one of these arrives.
+    for n in 0..4 {
+        let payload = format!("metric {n}");
+        let mut send = vec![
+            "send",
+            "L",
+            &payload,
+            "--raw",
+            "--channel",
+            "metrics",
+            "--bootstrap",
+            &addr,
+        ];
+        send.extend(one);
+        let o = aqe(d, &send);
+        assert!(o.status.success(), "send on metrics: {}", stderr(&o));
+        let line = next_line(&mut heard);
+        assert!(line.ends_with(&format!("[metrics] {payload}")), "{line}");
+    }
     let o = aqe(d, &["send", "L", "@missing.txt", "--bootstrap", &addr]);
     assert_eq!(
         o.status.code(),
@@ -441,7 +460,7 @@ fn two_processes_with_one_certificate_work_together() {
     let status = listener
         .0
         .wait()
-        .expect("listener exits after four messages");
+        .expect("listener exits after eight messages");
     assert!(status.success(), "{status:?}");
 }
 

@@ -29,6 +29,9 @@ use crate::locals::Locals;
 use crate::node::{Command, NodeTask, Open, Tables, Way};
 use crate::{Link, Wire};
 
+/// How long a shutting-down host waits for the unreliable messages its links still queue.
+const FLUSH_WAIT: Duration = Duration::from_millis(250);
+
 /// Who may read this endpoint's report ([`crate::endpoint_agent`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Introspection {
@@ -382,6 +385,24 @@ impl Host {
             .filter(|c| c.is_live())
             .map(SessionHandle)
             .collect()
+    }
+
+    /// Waits, at most [`FLUSH_WAIT`], until the live links have sent the unreliable
+    /// messages they queue.
+    async fn flush(&self) {
+        let links: Vec<Arc<dyn Link>> = self
+            .inner
+            .tables
+            .cells()
+            .into_iter()
+            .filter(|c| c.is_live())
+            .map(|c| c.link.clone())
+            .collect();
+        let _ = tokio::time::timeout(
+            FLUSH_WAIT,
+            futures::future::join_all(links.iter().map(|l| l.flush())),
+        )
+        .await;
     }
 
     /// What the link of `session` measures.
@@ -848,6 +869,9 @@ impl Transport for Host {
     }
 
     async fn detach(&self, agent: &AgentId) -> Result<()> {
+        // What the agent sent unreliably leaves before its departure is announced: a peer
+        // drops an unreliable message from an agent it knows has left.
+        self.flush().await;
         let id = agent.clone();
         if self.command(|tx| Command::Detach(id, tx)).await? {
             Ok(())
@@ -1096,6 +1120,9 @@ impl Transport for Host {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Unreliable messages queued on the links leave first (a command that sends one and
+        // exits would drop it otherwise).
+        self.flush().await;
         // Goodbye first (every session ends, telling its peer), then the tasks stop.
         let (tx, rx) = oneshot::channel();
         if self

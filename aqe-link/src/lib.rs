@@ -61,6 +61,10 @@ pub trait Link: Send + Sync + 'static {
     /// The session ended for `why`: close the link (a wire tells the peer how, when it can).
     fn close(&self, why: Ended);
 
+    /// Waits until what the link queued without acknowledgement (unreliable messages) has
+    /// left, so that closing it does not drop them; the host bounds the wait.
+    async fn flush(&self) {}
+
     /// Where the peer is, for events and reports.
     fn address(&self) -> Address;
 

@@ -77,6 +77,9 @@ pub(crate) struct QuicLink {
     stop: CancellationToken,
     send_timeout: Duration,
     closed: Mutex<bool>,
+    /// A datagram was sent since the last [`Link::flush`]: only then has a flush anything
+    /// to wait for.
+    unflushed: std::sync::atomic::AtomicBool,
     span: tracing::Span,
 }
 
@@ -102,6 +105,7 @@ impl QuicLink {
             stop: host.stopping(),
             send_timeout,
             closed: Mutex::new(false),
+            unflushed: std::sync::atomic::AtomicBool::new(false),
             span,
         });
         link.tasks
@@ -162,6 +166,8 @@ impl QuicLink {
         let Ok(bytes) = wire::datagram(t) else {
             return;
         };
+        self.unflushed
+            .store(true, std::sync::atomic::Ordering::Release);
         let _ = self
             .handle
             .datagram_mut(|s: &mut datagram::Sender| s.send_datagram(bytes));
@@ -187,6 +193,35 @@ impl Link for LinkRef {
 
     fn close(&self, why: Ended) {
         self.0.close_with(wire::close_code(why));
+    }
+
+    /// Until s2n-quic's datagram queue of the connection is empty and what was sent is
+    /// acknowledged (a datagram the peer's QUIC stack acknowledged is in its queue before
+    /// the goodbye that follows), or the connection is gone.
+    async fn flush(&self) {
+        if !self
+            .0
+            .unflushed
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        loop {
+            let queued = self.0.handle.datagram_mut(|s: &mut datagram::Sender| {
+                let mut n = 0usize;
+                s.retain_datagrams(|_| {
+                    n += 1;
+                    true
+                });
+                n
+            });
+            match queued {
+                Err(_) => return,
+                Ok(0) if self.0.stats.all_acknowledged() => return,
+                Ok(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     fn address(&self) -> Address {
@@ -382,6 +417,11 @@ pub(crate) async fn serve(
             read = control.batch(&mut frames) => match read {
                 Ok(()) if frames.is_empty() => break,
                 Ok(()) => {
+                    // Datagrams that came before these frames go first: an agent's departure
+                    // must not overtake what it sent just before.
+                    if drain_datagrams(&host, &session, &link).is_err() {
+                        break;
+                    }
                     if let Err(rule) = host.frames(&session, frames.drain(..)) {
                         tracing::debug!(peer = %link.listen, rule, "protocol violation; closing");
                         link.close_with(close::PROTOCOL_VIOLATION);
@@ -412,17 +452,11 @@ pub(crate) async fn serve(
                 Ok(None) | Err(_) => break,
             },
             dgram = recv_datagram(&link.handle) => match dgram {
-                Some(bytes) => match wire::decode_datagram(&bytes) {
-                    Ok(f @ Frame::Datagram { .. }) => {
-                        if host.frames(&session, [f]).is_err() {
-                            link.close_with(close::PROTOCOL_VIOLATION);
-                            break;
-                        }
+                Some(bytes) => {
+                    if datagram_in(&host, &session, &link, &bytes).is_err() {
+                        break;
                     }
-                    Ok(_) | Err(_) => {
-                        tracing::debug!(peer = %link.listen, "malformed datagram dropped");
-                    }
-                },
+                }
                 None => break,
             },
         }
@@ -437,6 +471,40 @@ pub(crate) async fn serve(
             Ended::LinkLost
         },
     );
+}
+
+/// Hands the session the datagrams already received; `Err` when the connection was closed
+/// for a violation.
+fn drain_datagrams(host: &Host, session: &SessionHandle, link: &QuicLink) -> Result<(), ()> {
+    while let Ok(Some(bytes)) = link
+        .handle
+        .datagram_mut(|r: &mut datagram::Receiver| r.recv_datagram())
+    {
+        datagram_in(host, session, link, &bytes)?;
+    }
+    Ok(())
+}
+
+/// One datagram for the session: malformed ones are dropped; `Err` when the session found
+/// a violation (the connection is closed).
+fn datagram_in(
+    host: &Host,
+    session: &SessionHandle,
+    link: &QuicLink,
+    bytes: &[u8],
+) -> Result<(), ()> {
+    match wire::decode_datagram(bytes) {
+        Ok(f @ Frame::Datagram { .. }) => {
+            if host.frames(session, [f]).is_err() {
+                link.close_with(close::PROTOCOL_VIOLATION);
+                return Err(());
+            }
+        }
+        Ok(_) | Err(_) => {
+            tracing::debug!(peer = %link.listen, "malformed datagram dropped");
+        }
+    }
+    Ok(())
 }
 
 /// Whether the peer closed the connection itself with a goodbye code.

@@ -27,6 +27,8 @@ pub(crate) struct LinkStats {
     rtt_sum_us: AtomicU64,
     acks_received: AtomicU64,
     cwnd: AtomicU64,
+    /// Bytes sent and not yet acknowledged, as the recovery state last said.
+    bytes_in_flight: AtomicU64,
     packets_sent: AtomicU64,
     packets_lost: AtomicU64,
     remote: Mutex<Option<SocketAddr>>,
@@ -51,6 +53,11 @@ pub(crate) struct LinkReading {
 }
 
 impl LinkStats {
+    /// Whether everything sent was acknowledged, as far as the recovery state says.
+    pub(crate) fn all_acknowledged(&self) -> bool {
+        self.bytes_in_flight.load(Ordering::Relaxed) == 0
+    }
+
     /// The peer's id from its verified certificate, if it presented one.
     pub(crate) fn peer_identity(&self) -> Option<u64> {
         *self.peer_identity.lock().unwrap_or_else(|p| p.into_inner())
@@ -125,6 +132,8 @@ impl Subscriber for StatsSubscriber {
         let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         ctx.cwnd
             .store(u64::from(e.congestion_window), Ordering::Relaxed);
+        ctx.bytes_in_flight
+            .store(u64::from(e.bytes_in_flight), Ordering::Relaxed);
         // Before any acknowledgement the estimator holds its initial guess, not a sample.
         if ctx.acks_received.load(Ordering::Relaxed) == 0 {
             return;
