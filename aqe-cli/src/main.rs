@@ -28,9 +28,9 @@ use cli::{Cli, Command};
 use error::CliError;
 
 fn main() -> ExitCode {
-    // `--version` says which transports this build has.
+    // `--version` says how the command joins a fleet, and which transports its build has.
     let version = format!(
-        "{} (transports: {})",
+        "{} (joins fleets over QUIC; transports built in: {})",
         env!("CARGO_PKG_VERSION"),
         aqe_agent::TRANSPORTS.join(", ")
     );
