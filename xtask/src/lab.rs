@@ -494,12 +494,36 @@ fn message_row(scenario: String, report: &Report, taken: &[(u32, bool)], ordered
         failed: failed.len(),
         refused: report.refused.len(),
         unaccounted: Some(unaccounted + report.unconfirmed as usize),
-        note: if in_doubt > 0 {
-            format!("{in_doubt} failed as unconfirmed were taken before the crash")
-        } else {
-            String::new()
+        note: {
+            let mut notes = Vec::new();
+            if !report.failed.is_empty() {
+                notes.push(format!("failed: {}", reasons(&report.failed)));
+            }
+            if in_doubt > 0 {
+                notes.push(format!(
+                    "{in_doubt} failed as unconfirmed were taken before the crash"
+                ));
+            }
+            notes.join("; ")
         },
     }
+}
+
+/// How many failed for each reason, most first: "1020 unconfirmed, 4 expired".
+fn reasons(failed: &[(u32, String)]) -> String {
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for (_, why) in failed {
+        match counts.iter_mut().find(|(w, _)| w == why) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((why.clone(), 1)),
+        }
+    }
+    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts
+        .iter()
+        .map(|(w, n)| format!("{n} {w}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Runs every scenario, or only the UDP-blocked one with `only_udp`.
