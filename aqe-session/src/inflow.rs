@@ -354,6 +354,15 @@ impl Inflow {
         wire: &WirePolicy,
         ready: &mut Vec<Ready>,
     ) {
+        if matches!(reason, Refusal::Overflow | Refusal::NotRegistered) {
+            tracing::debug!(
+                seq,
+                ?reason,
+                session_bytes = self.bytes,
+                endpoint_bytes = self.budget.held.used(),
+                "message refused"
+            );
+        }
         self.fates.insert(seq, Fate::Refused(reason, after));
         self.pending.refused.push((seq, reason));
         self.noted(now, true, wire);

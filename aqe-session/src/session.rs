@@ -990,6 +990,7 @@ impl<C: Ctx> Session<C> {
         match self.sender(&envelope.from, generation) {
             Some(true) => {}
             Some(false) => {
+                tracing::debug!(from = %envelope.from, generation, seq, "a message from an agent its endpoint does not announce");
                 return self
                     .inflow
                     .refuse(seq, after, Refusal::NotRegistered, now, &wire, ready);
@@ -1009,6 +1010,10 @@ impl<C: Ctx> Session<C> {
                     // Received: a wire that may lose frames need not send it again.
                     self.inflow.received(confirm, now, &wire);
                 } else {
+                    tracing::debug!(
+                        seq,
+                        "no room to park a message until its sender is announced"
+                    );
                     self.inflow
                         .refuse(seq, after, Refusal::Overflow, now, &wire, ready);
                 }
@@ -1027,6 +1032,7 @@ impl<C: Ctx> Session<C> {
         }
         let len = envelope.payload.len() as u64;
         if !self.inflow.room(&to, len) {
+            tracing::debug!(%to, seq, "no room in the receiving agent's window");
             return self
                 .inflow
                 .refuse(seq, after, Refusal::Overflow, now, &wire, ready);

@@ -43,6 +43,21 @@ const BLOCK_FOR: Duration = Duration::from_secs(6);
 /// Where broadcast numbers start in the mixed load (`aqe_examples::probe::BROADCAST_BASE`).
 const BROADCAST_BASE: u32 = 1_000_000;
 
+/// Where a probe's stderr goes: with `AQE_LAB_LOGS=DIR`, a file per process in DIR (set
+/// `RUST_LOG` too, e.g. `aqe_session=debug`), to see why a row looks as it does.
+fn probe_log(role: &str) -> Stdio {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let Some(dir) = std::env::var_os("AQE_LAB_LOGS") else {
+        return Stdio::null();
+    };
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = Path::new(&dir).join(format!("{n:03}-{role}.log"));
+    match std::fs::create_dir_all(&dir).and_then(|()| std::fs::File::create(&path)) {
+        Ok(f) => Stdio::from(f),
+        Err(_) => Stdio::null(),
+    }
+}
+
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
@@ -248,7 +263,7 @@ impl Receiver {
         cmd.args(extra);
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(probe_log("receiver"))
             .spawn()
             .context("starting the receiver")?;
         let stdout = child.stdout.take().context("receiver stdout")?;
@@ -348,7 +363,7 @@ fn sender(probe: &Path, certs: &Path, args: &[&str]) -> anyhow::Result<Child> {
         ])
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(probe_log("sender"))
         .spawn()
         .context("starting the sender")
 }
