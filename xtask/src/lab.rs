@@ -533,7 +533,7 @@ fn reasons(failed: &[(u32, String)]) -> String {
             None => counts.push((why.clone(), 1)),
         }
     }
-    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
     counts
         .iter()
         .map(|(w, n)| format!("{n} {w}"))
