@@ -143,7 +143,8 @@ pub struct QuicLimits {
     /// Default 64 MiB.
     pub membership_bytes: u64,
     /// Frames held per peer while the announcement of their sending agent is on its way;
-    /// beyond, refused. Default 256.
+    /// beyond, refused. Default 1024, the default window: a lost control packet can hold
+    /// an announcement back while a window's worth of the new agent's messages arrives.
     pub parked: u32,
     /// Bytes of received datagrams each of the endpoint's two sockets (listening, dialing)
     /// buffers inside s2n-quic before the endpoint reads them. s2n-quic's default, 8 MiB per
@@ -173,7 +174,7 @@ impl Default for QuicLimits {
             endpoint_bytes: 256 << 20,
             registration_bytes: 4 << 20,
             membership_bytes: 64 << 20,
-            parked: 256,
+            parked: 1024,
             socket_buffer: 1 << 20,
             connection_window: 2 << 20,
         }

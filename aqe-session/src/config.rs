@@ -118,7 +118,7 @@ impl Default for Config {
             membership_bytes: 64 * 1024 * 1024,
             endpoints_per_peer: 1024,
             requests_in_hand: 1024,
-            parked: 256,
+            parked: 1024,
             heartbeat: Duration::from_millis(500),
             liveness: Duration::from_secs(3),
             delivery_deadline: Duration::from_secs(10),
