@@ -21,6 +21,10 @@ struct Progress {
 impl Progress {
     fn start(what: &'static str, total: u64, done: Arc<AtomicU64>) -> Self {
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        // A line rewritten in place is for a person watching, not for a pipe or a file.
+        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            return Self { stop };
+        }
         tokio::spawn(async move {
             let started = Instant::now();
             loop {
@@ -62,6 +66,11 @@ fn us(d: Duration) -> String {
 pub(crate) async fn run(a: BenchArgs) -> Result<(), CliError> {
     if a.concurrency == 0 {
         return Err(CliError::Usage("--concurrency must be at least 1"));
+    }
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "aqe bench: this is a debug build, many times slower than a release one; build with --release for figures that mean something"
+        );
     }
     let transport = join::endpoint(&a.join).await?;
     let me = Agent::builder()

@@ -173,6 +173,7 @@ pub(crate) async fn health(a: InspectArgs) -> Result<(), CliError> {
     leave(&agent, &transport).await;
     let thresholds = HealthThresholds::default();
     let mut worst = HealthStatus::Healthy;
+    println!("agent\tstatus\treason");
     for (id, r) in &reports {
         match r {
             Err(e) => println!("{id}\tunknown\t{e}"),

@@ -293,6 +293,9 @@ pub(crate) async fn peers(a: PeersArgs) -> Result<(), CliError> {
     let me = agent(&a.join, None, "cli").await?;
     join::peers_known(&me, a.min_peers, a.join.wait).await;
     let peers = me.discover_peers(&Default::default());
+    if !peers.is_empty() {
+        println!("id\ttype\tstate\tchannels");
+    }
     for p in &peers {
         let channels: Vec<&str> = p.channels.iter().map(|c| c.as_str()).collect();
         println!(

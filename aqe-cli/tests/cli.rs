@@ -136,6 +136,11 @@ fn a_fleet_from_the_command_line() {
     let o = run(&["peers"], &["--token", TOKEN]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
+        stdout(&o).starts_with("id\ttype\tstate\tchannels\n"),
+        "a header first: {}",
+        stdout(&o)
+    );
+    assert!(
         stdout(&o).contains("worker\tqe-test-executor"),
         "{}",
         stdout(&o)
@@ -156,6 +161,11 @@ fn a_fleet_from_the_command_line() {
     );
     let o = run(&["health"], &["--token", TOKEN]);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("agent\tstatus\treason\n"),
+        "a header first: {}",
+        stdout(&o)
+    );
     assert!(stdout(&o).contains("worker\tHealthy"), "{}", stdout(&o));
 
     // A listener and a replier in their own processes, found through the node.
@@ -235,6 +245,10 @@ fn a_fleet_from_the_command_line() {
         text.contains("p99") && text.contains("one-way: 200 messages"),
         "{text}"
     );
+    // A debug build says so; no progress line rewritten in place goes to a pipe.
+    let err = stderr(&o);
+    assert!(err.contains("debug build"), "{err}");
+    assert!(!err.contains('\r'), "{err:?}");
 
     let o = run(&["request", "upper", "hello", "--raw"], &["--token", TOKEN]);
     assert!(o.status.success(), "{}", stderr(&o));
