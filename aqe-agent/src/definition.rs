@@ -171,6 +171,27 @@ mod jsonc {
     }
 }
 
+#[test]
+fn definitions_are_told_from_other_json_files() {
+    for yes in [
+        r#"{"type": "worker"}"#,
+        r#"{"agentType": "worker", "capabilitees": []}"#,
+        r#"// a comment
+               {"type": "worker", "capabilities": ["lint"],}"#,
+        r#"{"type": "w", "id": "w1", "extra": 1}"#,
+    ] {
+        assert!(AgentDefinition::looks_like(yes), "{yes}");
+    }
+    for no in [
+        r#"{"name": "web", "version": "1.0.0", "type": "module"}"#,
+        r#"{"compilerOptions": {"strict": true}}"#,
+        r#"[1, 2]"#,
+        "not json",
+    ] {
+        assert!(!AgentDefinition::looks_like(no), "{no}");
+    }
+}
+
 /// Reads `value` as a `T`, naming `file` and the field path under `prefix` in errors.
 fn section<T: serde::de::DeserializeOwned>(
     value: Value,
@@ -192,6 +213,28 @@ fn section<T: serde::de::DeserializeOwned>(
 }
 
 impl AgentDefinition {
+    /// Whether `text` looks like an agent definition rather than another JSON file of a
+    /// project (`package.json`, `tsconfig.json`): an object with `agentType`, or with `type`
+    /// and either only a definition's keys or a key only definitions have (`id`,
+    /// `capabilities`, `channels`, `enableQUIC`, `quicConfig`, `natsConfig`).
+    pub fn looks_like(text: &str) -> bool {
+        const ONLY_HERE: [&str; 6] = [
+            "id",
+            "capabilities",
+            "channels",
+            "enableQUIC",
+            "quicConfig",
+            "natsConfig",
+        ];
+        let Ok(Value::Object(doc)) = serde_json::from_str::<Value>(&jsonc::strip(text)) else {
+            return false;
+        };
+        let known = |k: &str| ONLY_HERE.contains(&k) || ["type", "health", "metadata"].contains(&k);
+        doc.contains_key("agentType")
+            || (doc.contains_key("type")
+                && (doc.keys().all(|k| known(k)) || ONLY_HERE.iter().any(|k| doc.contains_key(*k))))
+    }
+
     /// Parses and checks a definition: JSON with comments (`//`, `/* */`) and trailing commas
     /// allowed, `type` accepted for `agentType`. `file` names the file in errors, and relative
     /// paths in it (certificates, keys, credentials) are taken relative to its folder.

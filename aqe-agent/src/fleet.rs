@@ -241,9 +241,26 @@ impl Fleet {
     }
 }
 
+/// The definition files `dir` holds: its `.json`/`.jsonc` files that look like definitions
+/// ([`AgentDefinition::looks_like`]; the others are skipped, and a warning names them), or,
+/// when it has none, every one of `.claude/agents/` (the guide's layout) or `agents/`.
 async fn definition_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let files = definitions_in(dir).await?;
+    let mut files = Vec::new();
+    let mut skipped = Vec::new();
+    for path in definitions_in(dir).await? {
+        let looks = tokio::fs::read_to_string(&path)
+            .await
+            .is_ok_and(|text| AgentDefinition::looks_like(&text));
+        if looks {
+            files.push(path);
+        } else {
+            skipped.push(path);
+        }
+    }
     if !files.is_empty() {
+        if !skipped.is_empty() {
+            tracing::warn!(skipped = ?skipped, "JSON files that are no agent definitions skipped");
+        }
         return Ok(files);
     }
     // A project folder laid out as the guide's: definitions under `.claude/agents/`.
@@ -252,9 +269,15 @@ async fn definition_files(dir: &Path) -> Result<Vec<PathBuf>> {
         if tokio::fs::metadata(&nested).await.is_ok_and(|m| m.is_dir()) {
             let files = definitions_in(&nested).await?;
             if !files.is_empty() {
+                if !skipped.is_empty() {
+                    tracing::info!(dir = %nested.display(), skipped = ?skipped, "definitions read from the project's agents folder; the JSON files beside it skipped");
+                }
                 return Ok(files);
             }
         }
+    }
+    if !skipped.is_empty() {
+        tracing::warn!(skipped = ?skipped, "JSON files that are no agent definitions skipped");
     }
     Ok(files)
 }

@@ -517,3 +517,41 @@ fn version_names_the_transports_and_piped_logs_have_no_colour() {
         "no escape codes in piped stderr: {err:?}"
     );
 }
+
+/// `aqe node` in a project's root reads the agent definitions under `.claude/agents/` and
+/// leaves the project's other JSON files alone; a folder with none says so.
+#[test]
+fn a_node_in_a_project_root_reads_only_agent_definitions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let project = d.join("web");
+    std::fs::create_dir_all(project.join(".claude/agents")).expect("dirs");
+    std::fs::write(
+        project.join("package.json"),
+        r#"{"name": "web", "version": "1.0.0", "type": "module"}"#,
+    )
+    .expect("package.json");
+    std::fs::write(
+        project.join("tsconfig.json"),
+        r#"{"compilerOptions": {"strict": true}}"#,
+    )
+    .expect("tsconfig.json");
+    std::fs::write(
+        project.join(".claude/agents/reviewer.json"),
+        r#"{"id": "reviewer", "type": "code-reviewer"}"#,
+    )
+    .expect("definition");
+    let (_node, line, _) = spawn(d, &["node", "web"], "agent ");
+    assert_eq!(line, "agent reviewer (code-reviewer)");
+
+    let empty = d.join("plain");
+    std::fs::create_dir_all(&empty).expect("dir");
+    std::fs::write(empty.join("package.json"), r#"{"name": "plain"}"#).expect("package.json");
+    let o = aqe(d, &["node", "plain"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no agent definitions"),
+        "{}",
+        stderr(&o)
+    );
+}
