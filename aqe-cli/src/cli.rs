@@ -76,6 +76,9 @@ pub(crate) struct InspectArgs {
     /// Wait until this many other endpoints are known.
     #[arg(long, default_value = "1")]
     pub(crate) min_endpoints: usize,
+    /// How to print: a table, or JSON (one document; `top` prints one per frame, a line each).
+    #[arg(long, value_enum, default_value = "text")]
+    pub(crate) format: Format,
     #[command(flatten)]
     pub(crate) join: Join,
 }
@@ -301,8 +304,20 @@ pub(crate) struct PeersArgs {
     /// Wait until this many agents are known.
     #[arg(long, default_value = "1")]
     pub(crate) min_peers: usize,
+    /// How to print: a table, or one JSON document (an array of peers).
+    #[arg(long, value_enum, default_value = "text")]
+    pub(crate) format: Format,
     #[command(flatten)]
     pub(crate) join: Join,
+}
+
+/// How a command prints what it found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Format {
+    /// Tab-separated lines with a header, or a table.
+    Text,
+    /// JSON, for scripts.
+    Json,
 }
 
 fn seconds(s: &str) -> Result<Duration, String> {

@@ -11,7 +11,7 @@ use aqe_core::{
     AgentId, EndpointReport, Health, HealthStatus, HealthThresholds, Payload, RequestOptions,
 };
 
-use crate::cli::{InspectArgs, TopArgs};
+use crate::cli::{Format, InspectArgs, TopArgs};
 use crate::error::CliError;
 use crate::join;
 
@@ -163,8 +163,24 @@ pub(crate) async fn stats(a: InspectArgs) -> Result<(), CliError> {
     let (agent, transport) = inspector(&a).await?;
     let reports = reports(&agent, &transport).await;
     leave(&agent, &transport).await;
-    print!("{}", table(&reports, None));
+    match a.format {
+        Format::Json => println!("{}", crate::ops::json(&as_json(&reports))),
+        Format::Text => print!("{}", table(&reports, None)),
+    }
     Ok(())
+}
+
+/// The reports as JSON: one object per endpoint, its report or the error asking for it.
+fn as_json(reports: &[(AgentId, Result<EndpointReport, String>)]) -> serde_json::Value {
+    serde_json::Value::Array(
+        reports
+            .iter()
+            .map(|(id, r)| match r {
+                Ok(r) => serde_json::json!({ "endpoint": id, "report": r }),
+                Err(e) => serde_json::json!({ "endpoint": id, "error": e }),
+            })
+            .collect(),
+    )
 }
 
 pub(crate) async fn health(a: InspectArgs) -> Result<(), CliError> {
@@ -173,10 +189,11 @@ pub(crate) async fn health(a: InspectArgs) -> Result<(), CliError> {
     leave(&agent, &transport).await;
     let thresholds = HealthThresholds::default();
     let mut worst = HealthStatus::Healthy;
-    println!("agent\tstatus\treason");
+    // (agent, status, reason), in endpoint order.
+    let mut rows: Vec<(String, String, String)> = Vec::new();
     for (id, r) in &reports {
         match r {
-            Err(e) => println!("{id}\tunknown\t{e}"),
+            Err(e) => rows.push((id.to_string(), "unknown".into(), e.clone())),
             Ok(r) => {
                 for ag in &r.agents {
                     let h =
@@ -186,8 +203,25 @@ pub(crate) async fn health(a: InspectArgs) -> Result<(), CliError> {
                     {
                         worst = h.status;
                     }
-                    println!("{}\t{:?}\t{}", ag.id, h.status, h.message);
+                    rows.push((ag.id.to_string(), format!("{:?}", h.status), h.message));
                 }
+            }
+        }
+    }
+    match a.format {
+        Format::Json => {
+            let doc: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|(agent, status, reason)| {
+                    serde_json::json!({ "agent": agent, "status": status, "reason": reason })
+                })
+                .collect();
+            println!("{}", crate::ops::json(&doc));
+        }
+        Format::Text => {
+            println!("agent\tstatus\treason");
+            for (agent, status, reason) in &rows {
+                println!("{agent}\t{status}\t{reason}");
             }
         }
     }
@@ -206,13 +240,21 @@ pub(crate) async fn top(a: TopArgs) -> Result<(), CliError> {
     loop {
         let reports = reports(&agent, &transport).await;
         let now = Instant::now();
-        let frame = table(&reports, (!prev.is_empty()).then_some((&prev, now - last)));
-        if a.once {
-            print!("{frame}");
-            break;
+        if a.inspect.format == Format::Json {
+            // One document per frame, a line each.
+            println!("{}", as_json(&reports));
+            if a.once {
+                break;
+            }
+        } else {
+            let frame = table(&reports, (!prev.is_empty()).then_some((&prev, now - last)));
+            if a.once {
+                print!("{frame}");
+                break;
+            }
+            // Clear the screen and home the cursor, then the frame.
+            print!("\x1b[2J\x1b[H{frame}");
         }
-        // Clear the screen and home the cursor, then the frame.
-        print!("\x1b[2J\x1b[H{frame}");
         prev = reports
             .iter()
             .filter_map(|(_, r)| r.as_ref().ok())

@@ -293,10 +293,15 @@ pub(crate) async fn peers(a: PeersArgs) -> Result<(), CliError> {
     let me = agent(&a.join, None, "cli").await?;
     join::peers_known(&me, a.min_peers, a.join.wait).await;
     let peers = me.discover_peers(&Default::default());
-    if !peers.is_empty() {
+    if a.format == crate::cli::Format::Json {
+        println!("{}", json(&peers));
+    } else if !peers.is_empty() {
         println!("id\ttype\tstate\tchannels");
     }
-    for p in &peers {
+    for p in peers
+        .iter()
+        .filter(|_| a.format == crate::cli::Format::Text)
+    {
         let channels: Vec<&str> = p.channels.iter().map(|c| c.as_str()).collect();
         println!(
             "{}\t{}\t{:?}\t{}",
@@ -313,4 +318,9 @@ pub(crate) async fn peers(a: PeersArgs) -> Result<(), CliError> {
         }));
     }
     Ok(())
+}
+
+/// `value` as one JSON document.
+pub(crate) fn json(value: &impl serde::Serialize) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }

@@ -159,6 +159,39 @@ fn a_fleet_from_the_command_line() {
         text.contains("rtt ms") && text.contains("cwnd") && text.contains("worker"),
         "{text}"
     );
+    // The same for scripts: one JSON document each.
+    let doc = |args: &[&str]| -> serde_json::Value {
+        let o = run(args, &["--token", TOKEN]);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        serde_json::from_str(&stdout(&o))
+            .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {}", stdout(&o)))
+    };
+    let peers = doc(&["peers", "--format", "json"]);
+    assert!(
+        peers
+            .as_array()
+            .is_some_and(|a| a.iter().any(|p| p["id"] == "worker")),
+        "{peers}"
+    );
+    let stats = doc(&["stats", "--format", "json"]);
+    assert!(
+        stats
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["report"]["agents"]
+                .as_array()
+                .is_some_and(|ags| ags.iter().any(|ag| ag["id"] == "worker")))),
+        "{stats}"
+    );
+    let top = doc(&["top", "--once", "--format", "json"]);
+    assert!(top.is_array(), "{top}");
+    let health = doc(&["health", "--format", "json"]);
+    assert!(
+        health.as_array().is_some_and(|a| a
+            .iter()
+            .any(|h| h["agent"] == "worker" && h["status"] == "Healthy")),
+        "{health}"
+    );
+
     let o = run(&["health"], &["--token", TOKEN]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
