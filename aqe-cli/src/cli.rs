@@ -69,6 +69,12 @@ pub(crate) enum Command {
         after_help = "Examples:\n  aqe top --bootstrap 10.0.0.1:9000 --certs certs --name cli\n  aqe top --once --bootstrap 127.0.0.1:9000"
     )]
     Top(TopArgs),
+    /// Prints a shell completion script: `aqe completions bash > /etc/bash_completion.d/aqe`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Args)]

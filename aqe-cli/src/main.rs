@@ -83,6 +83,11 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Stats(a) => inspect::stats(a).await,
         Command::Health(a) => inspect::health(a).await,
         Command::Top(a) => inspect::top(a).await,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "aqe", &mut std::io::stdout());
+            Ok(())
+        }
     }
 }
 

@@ -525,6 +525,25 @@ fn version_names_the_transports_and_piped_logs_have_no_colour() {
         "{version}"
     );
     assert!(version.trim_end().ends_with("bus)"), "{version}");
+    // Completion scripts: bash's parses and knows the subcommands.
+    let o = aqe(d, &["completions", "bash"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let script = stdout(&o);
+    assert!(
+        script.contains("_aqe()") && script.contains("request"),
+        "{script}"
+    );
+    std::fs::write(d.join("aqe.bash"), &script).expect("script");
+    let check = Command::new("bash")
+        .arg("-n")
+        .arg(d.join("aqe.bash"))
+        .output()
+        .expect("bash -n");
+    assert!(check.status.success(), "{}", stderr(&check));
+    for shell in ["zsh", "fish"] {
+        let o = aqe(d, &["completions", shell]);
+        assert!(o.status.success() && !o.stdout.is_empty(), "{shell}");
+    }
     // A command that logs (debug) and fails at once: nobody listens at the bootstrap.
     let o = aqe(
         d,
