@@ -148,17 +148,18 @@ pub(crate) struct NodeArgs {
 /// How to join a fleet.
 #[derive(Debug, Args, Clone)]
 pub(crate) struct Join {
-    /// An endpoint of the fleet to connect to (host:port); repeatable.
-    #[arg(long, short = 'b')]
+    /// An endpoint of the fleet to connect to (host:port); repeatable, or several in
+    /// AQE_BOOTSTRAP separated by commas.
+    #[arg(long, short = 'b', env = "AQE_BOOTSTRAP", value_delimiter = ',')]
     pub(crate) bootstrap: Vec<String>,
     /// Join as a definition file describes (its quicConfig: certificates, token, port).
     #[arg(long, conflicts_with_all = ["certs", "cert", "key", "ca"])]
     pub(crate) definition: Option<PathBuf>,
     /// A folder made by `aqe certs`: uses ca.pem, NAME.pem and NAME.key (with --name).
-    #[arg(long, requires = "name")]
+    #[arg(long, requires = "name", env = "AQE_CERTS")]
     pub(crate) certs: Option<PathBuf>,
     /// The node certificate's name in --certs.
-    #[arg(long)]
+    #[arg(long, env = "AQE_NAME")]
     pub(crate) name: Option<String>,
     /// This endpoint's certificate (PEM).
     #[arg(long, requires_all = ["key", "ca"])]

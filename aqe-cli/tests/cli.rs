@@ -25,6 +25,9 @@ fn aqe(dir: &Path, args: &[&str]) -> Output {
         .current_dir(dir)
         .args(args)
         .env_remove("AQE_TOKEN")
+        .env_remove("AQE_BOOTSTRAP")
+        .env_remove("AQE_CERTS")
+        .env_remove("AQE_NAME")
         .env_remove("RUST_LOG")
         .output()
         .expect("run aqe")
@@ -48,6 +51,9 @@ fn spawn(
         .current_dir(dir)
         .args(args)
         .env_remove("RUST_LOG")
+        .env_remove("AQE_BOOTSTRAP")
+        .env_remove("AQE_CERTS")
+        .env_remove("AQE_NAME")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -430,7 +436,7 @@ fn two_processes_with_one_certificate_work_together() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let one = ["--certs", "certs", "--name", "cli-b"];
-    let mut listen = vec!["listen", "L", "--listen", "127.0.0.1:0", "--count", "8"];
+    let mut listen = vec!["listen", "L", "--listen", "127.0.0.1:0", "--count", "9"];
     listen.extend(one);
     let (mut listener, ready, mut heard) = spawn(d, &listen, "agent L listening at ");
     let addr = ready.trim_start_matches("agent L listening at ").to_owned();
@@ -465,6 +471,9 @@ fn two_processes_with_one_certificate_work_together() {
         .current_dir(d)
         .args(&send)
         .env_remove("AQE_TOKEN")
+        .env_remove("AQE_BOOTSTRAP")
+        .env_remove("AQE_CERTS")
+        .env_remove("AQE_NAME")
         .env_remove("RUST_LOG")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -477,6 +486,23 @@ fn two_processes_with_one_certificate_work_together() {
     assert!(o.status.success(), "send -: {}", stderr(&o));
     let line = next_line(&mut heard);
     assert!(line.ends_with("[coordination] from stdin"), "{line}");
+    // Joining from the environment alone.
+    let o = Command::new(AQE)
+        .current_dir(d)
+        .args(["send", "L", "from the environment", "--raw"])
+        .env("AQE_BOOTSTRAP", &addr)
+        .env("AQE_CERTS", "certs")
+        .env("AQE_NAME", "cli-b")
+        .env_remove("AQE_TOKEN")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("aqe send");
+    assert!(o.status.success(), "send from env: {}", stderr(&o));
+    let line = next_line(&mut heard);
+    assert!(
+        line.ends_with("[coordination] from the environment"),
+        "{line}"
+    );
     // Unreliable messages leave before the command does: every one of these arrives.
     for n in 0..4 {
         let payload = format!("metric {n}");
@@ -507,7 +533,7 @@ fn two_processes_with_one_certificate_work_together() {
     let status = listener
         .0
         .wait()
-        .expect("listener exits after eight messages");
+        .expect("listener exits after nine messages");
     assert!(status.success(), "{status:?}");
 }
 
