@@ -107,6 +107,21 @@ fn report(e: &CliError) -> ExitCode {
     e.exit_code()
 }
 
+/// The file log's span fields. Span fields are formatted once per formatter type and
+/// reused: with stderr's own type, a file got stderr's colour codes inside its spans.
+#[derive(Default)]
+struct PlainFields(tracing_subscriber::fmt::format::DefaultFields);
+
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for PlainFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        self.0.format_fields(writer, fields)
+    }
+}
+
 /// Logs to stderr (and to `log_file`), filtered by `RUST_LOG` or `-v`; a node logs what it
 /// does (info), a one-shot command only its warnings.
 fn init_tracing(
@@ -144,6 +159,7 @@ fn init_tracing(
             Some(
                 tracing_subscriber::fmt::layer()
                     .with_ansi(false)
+                    .fmt_fields(PlainFields::default())
                     .with_writer(std::sync::Mutex::new(f)),
             )
         }

@@ -633,3 +633,67 @@ fn a_node_in_a_project_root_reads_only_agent_definitions() {
         stderr(&o)
     );
 }
+
+/// With stderr on a terminal (coloured), the `--log-file` copy stays plain text, span fields
+/// included. `script` (util-linux) gives the node its terminal.
+#[test]
+fn a_log_file_has_no_colour_codes_even_when_stderr_has() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("agents")).expect("dir");
+    std::fs::write(
+        d.join("agents/w.json"),
+        r#"{"id": "w", "type": "worker", "enableQUIC": true, "quicConfig": {"host": "127.0.0.1", "port": 0}}"#,
+    )
+    .expect("definition");
+    let log = d.join("node.log");
+    let out = d.join("terminal.out");
+    let mut script = Command::new("script")
+        .current_dir(d)
+        .arg("-qfec")
+        .arg(format!("{AQE} node agents --log-file {}", log.display()))
+        .arg(&out)
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("script (util-linux) runs the node on a terminal");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if let Some(rest) = text.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().expect("address").to_owned();
+        }
+        assert!(Instant::now() < deadline, "the node never listened: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Refused (its certificate is a development one): the node logs a warning in its
+    // endpoint's span.
+    let o = aqe(
+        d,
+        &["request", "w", "x", "--bootstrap", &addr, "--wait", "2"],
+    );
+    assert!(!o.status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let logged = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("endpoint{") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no span in the log: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = script.kill();
+    let _ = script.wait();
+    assert!(
+        !logged.contains('\u{1b}'),
+        "colour codes in the log file: {logged:?}"
+    );
+    let terminal = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(
+        terminal.contains('\u{1b}'),
+        "the terminal is coloured: {terminal:?}"
+    );
+}

@@ -1,5 +1,6 @@
 //! `cargo xtask test [cargo test arguments]`: makes sure what the tests need is installed
-//! (`nats-server`, from Debian's packages), then runs the workspace tests with every feature:
+//! (`nats-server`, and `script` for a test that needs a terminal, from Debian's packages),
+//! then runs the workspace tests with every feature:
 //! `cargo test --locked --workspace --all-features`. The NATS tests never skip: without a
 //! server they fail, naming what to install.
 
@@ -10,6 +11,7 @@ use anyhow::{Context, bail};
 
 pub(crate) fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     ensure_nats_server()?;
+    ensure_script()?;
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
         .current_dir(root)
         .args(["test", "--locked", "--workspace", "--all-features"])
@@ -22,6 +24,26 @@ pub(crate) fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Installs `script` (util-linux, in Debian's bsdutils) when it is missing.
+fn ensure_script() -> anyhow::Result<()> {
+    let present = || {
+        Command::new("script")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if present() {
+        return Ok(());
+    }
+    println!("script is missing; installing it from Debian's packages (apt-get install bsdutils)");
+    apt_install("bsdutils")?;
+    if present() {
+        Ok(())
+    } else {
+        bail!("apt-get installed bsdutils, but no script command was found")
+    }
+}
+
 /// Installs `nats-server` with apt-get when it is missing.
 fn ensure_nats_server() -> anyhow::Result<()> {
     if let Some(path) = aqe_nats::testing::nats_server_binary() {
@@ -31,6 +53,18 @@ fn ensure_nats_server() -> anyhow::Result<()> {
     println!(
         "nats-server is missing; installing it from Debian's packages (apt-get install nats-server)"
     );
+    apt_install("nats-server")?;
+    match aqe_nats::testing::nats_server_binary() {
+        Some(path) => {
+            println!("nats-server installed: {}", path.display());
+            Ok(())
+        }
+        None => bail!("apt-get installed nats-server, but no nats-server binary was found"),
+    }
+}
+
+/// `apt-get install PACKAGE`, as root or with sudo, updating the package lists if need be.
+fn apt_install(package: &str) -> anyhow::Result<()> {
     let root = Command::new("id")
         .arg("-u")
         .output()
@@ -49,21 +83,15 @@ fn ensure_nats_server() -> anyhow::Result<()> {
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !apt(&["install", "-y", "-q", "nats-server"]) {
+    if !apt(&["install", "-y", "-q", package]) {
         // The package lists may be stale or absent on a fresh machine.
         let _ = apt(&["update", "-q"]);
-        if !apt(&["install", "-y", "-q", "nats-server"]) {
+        if !apt(&["install", "-y", "-q", package]) {
             bail!(
-                "could not install nats-server (apt-get install nats-server{}); install it and run again",
+                "could not install {package} (apt-get install {package}{}); install it and run again",
                 if root { "" } else { ", as root or with sudo" }
             );
         }
     }
-    match aqe_nats::testing::nats_server_binary() {
-        Some(path) => {
-            println!("nats-server installed: {}", path.display());
-            Ok(())
-        }
-        None => bail!("apt-get installed nats-server, but no nats-server binary was found"),
-    }
+    Ok(())
 }
