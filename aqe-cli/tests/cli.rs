@@ -20,17 +20,24 @@ impl Drop for Running {
     }
 }
 
+/// `aqe ARGS` in `dir`, with none of the environment's joining options or log settings.
+fn command(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(AQE);
+    c.current_dir(dir).args(args);
+    for var in [
+        "AQE_TOKEN",
+        "AQE_BOOTSTRAP",
+        "AQE_CERTS",
+        "AQE_NAME",
+        "RUST_LOG",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
+
 fn aqe(dir: &Path, args: &[&str]) -> Output {
-    Command::new(AQE)
-        .current_dir(dir)
-        .args(args)
-        .env_remove("AQE_TOKEN")
-        .env_remove("AQE_BOOTSTRAP")
-        .env_remove("AQE_CERTS")
-        .env_remove("AQE_NAME")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run aqe")
+    command(dir, args).output().expect("run aqe")
 }
 
 fn stdout(o: &Output) -> String {
@@ -47,13 +54,7 @@ fn spawn(
     args: &[&str],
     ready: &str,
 ) -> (Running, String, BufReader<std::process::ChildStdout>) {
-    let mut child = Command::new(AQE)
-        .current_dir(dir)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("AQE_BOOTSTRAP")
-        .env_remove("AQE_CERTS")
-        .env_remove("AQE_NAME")
+    let mut child = command(dir, args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -467,14 +468,7 @@ fn two_processes_with_one_certificate_work_together() {
     assert!(line.ends_with("[coordination] from a file"), "{line}");
     let mut send = vec!["send", "L", "-", "--raw", "--bootstrap", &addr];
     send.extend(one);
-    let mut child = Command::new(AQE)
-        .current_dir(d)
-        .args(&send)
-        .env_remove("AQE_TOKEN")
-        .env_remove("AQE_BOOTSTRAP")
-        .env_remove("AQE_CERTS")
-        .env_remove("AQE_NAME")
-        .env_remove("RUST_LOG")
+    let mut child = command(d, &send)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -487,14 +481,10 @@ fn two_processes_with_one_certificate_work_together() {
     let line = next_line(&mut heard);
     assert!(line.ends_with("[coordination] from stdin"), "{line}");
     // Joining from the environment alone.
-    let o = Command::new(AQE)
-        .current_dir(d)
-        .args(["send", "L", "from the environment", "--raw"])
+    let o = command(d, &["send", "L", "from the environment", "--raw"])
         .env("AQE_BOOTSTRAP", &addr)
         .env("AQE_CERTS", "certs")
         .env("AQE_NAME", "cli-b")
-        .env_remove("AQE_TOKEN")
-        .env_remove("RUST_LOG")
         .output()
         .expect("aqe send");
     assert!(o.status.success(), "send from env: {}", stderr(&o));

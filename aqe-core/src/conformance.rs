@@ -189,6 +189,20 @@ fn read_counter(b: &Bytes) -> u32 {
     u32::from_be_bytes(arr)
 }
 
+/// Sends a last message from a to b on `coordination`: it must be the next b gets, else
+/// `why`.
+async fn end_comes_next(ta: &Arc<dyn Transport>, b: &mut Inbox, why: &str) {
+    ta.send(direct(
+        "a",
+        "b",
+        "coordination",
+        Bytes::from_static(b"end!"),
+    ))
+    .await
+    .expect("send");
+    assert_eq!(&next_message(b).await.payload[..], b"end!", "{why}");
+}
+
 /// Reliable ordered channel: every message once, in send order.
 pub async fn unicast_ordered_reliable_is_exactly_once_in_order(h: &dyn Harness) {
     let (ta, _a, _tb, mut b) = pair(h).await;
@@ -212,19 +226,7 @@ pub async fn unicast_ordered_reliable_is_exactly_once_in_order(h: &dyn Harness) 
         assert_eq!(e.channel.as_str(), "coordination");
     }
     let ta = sender.await.expect("sender task");
-    ta.send(direct(
-        "a",
-        "b",
-        "coordination",
-        Bytes::from_static(b"end!"),
-    ))
-    .await
-    .expect("send");
-    assert_eq!(
-        &next_message(&mut b).await.payload[..],
-        b"end!",
-        "a message was duplicated"
-    );
+    end_comes_next(&ta, &mut b, "a message was duplicated").await;
 }
 
 /// Reliable unordered channel: every message exactly once, any order.
@@ -274,19 +276,7 @@ pub async fn batches_arrive_whole_in_order_and_are_counted(h: &dyn Harness) {
     mixed.push(direct("a", "nobody", "coordination", counter(2)));
     let err = ta.send_many(mixed).await.expect_err("mixed recipients");
     assert!(matches!(err, Error::Unsupported { .. }), "{err}");
-    ta.send(direct(
-        "a",
-        "b",
-        "coordination",
-        Bytes::from_static(b"end!"),
-    ))
-    .await
-    .expect("send");
-    assert_eq!(
-        &next_message(&mut b).await.payload[..],
-        b"end!",
-        "the refused batch sent something"
-    );
+    end_comes_next(&ta, &mut b, "the refused batch sent something").await;
     let stats = ta.stats(&"a".into());
     assert_eq!(stats.messages_sent, u64::from(N) + 1, "counted as sends");
     await_stats(&ta, "a", |s| s.messages_unconfirmed == 0).await;

@@ -1,6 +1,5 @@
 //! [`Host`]: the [`Transport`] of any wire, over sessions.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -391,12 +390,9 @@ impl Host {
     /// messages they queue.
     async fn flush(&self) {
         let links: Vec<Arc<dyn Link>> = self
-            .inner
-            .tables
-            .cells()
+            .sessions()
             .into_iter()
-            .filter(|c| c.is_live())
-            .map(|c| c.link.clone())
+            .map(|s| s.0.link.clone())
             .collect();
         let _ = tokio::time::timeout(
             FLUSH_WAIT,
@@ -636,52 +632,54 @@ impl Host {
             stats: sender.stats.clone(),
             confirm: done,
         };
-        let mut batch = VecDeque::with_capacity(1);
-        batch.push_back((meta, body, ctx));
-        self.admit(sender, channel, to, batch).await?;
+        // A batch of one: no allocation for it.
+        self.admit(sender, channel, to, std::iter::once((meta, body, ctx)))
+            .await?;
         match confirmed {
             None => Ok(()),
             Some(rx) => self.await_confirmation(rx).await,
         }
     }
 
-    /// Hands `batch` (to one agent, on one reliable channel) to
-    /// the session that reaches `to`, as much at a time as its window has room for: one
-    /// borrow of the session, one transmission and one count per admission. Waits for room
-    /// up to the send timeout, counted from the last progress.
-    async fn admit(
+    /// Hands `batch` (to one agent, on one reliable channel) to the session that reaches
+    /// `to`, as much at a time as its window has room for: one borrow of the session, one
+    /// transmission and one count per admission. Waits for room up to the send timeout,
+    /// counted from the last progress.
+    async fn admit<I>(
         &self,
         sender: &LocalAgent,
         channel: &Channel,
         to: &AgentId,
-        mut batch: VecDeque<(MessageMeta, Bytes, MsgCtx)>,
-    ) -> Result<()> {
+        batch: I,
+    ) -> Result<()>
+    where
+        I: ExactSizeIterator<Item = (MessageMeta, Bytes, MsgCtx)> + Send,
+    {
         let send_timeout = self.inner.config.send_timeout;
         let total = batch.len();
+        let mut batch = batch.peekable();
         let mut deadline = tokio::time::Instant::now() + send_timeout;
-        let fail = |batch: &VecDeque<_>, e: Error| e.after_accepted(total - batch.len());
+        let fail = |left: usize, e: Error| e.after_accepted(total - left);
         'route: loop {
             let cell = self
                 .reach(to, &channel.name, deadline)
                 .await
-                .map_err(|e| fail(&batch, e))?;
+                .map_err(|e| fail(batch.len(), e))?;
             loop {
                 let room = cell.room.notified();
                 tokio::pin!(room);
                 room.as_mut().enable();
                 let now = Instant::now();
-                let bytes: usize = batch.iter().map(|(m, ..)| m.len).sum();
                 // Counted before the session has them: a settlement may be told on another
                 // thread before `pump` returns, and must find its message counted.
                 sender.stats.accepted(batch.len() as u64);
                 let sent = cell.pump(&self.inner.shared, |s, _| s.send_many(&mut batch, now));
                 sender.stats.unaccepted(batch.len() as u64);
                 match sent {
-                    Some(0) => {}
-                    Some(n) => {
-                        let left: usize = batch.iter().map(|(m, ..)| m.len).sum();
-                        sender.stats.sent_many(n as u64, (bytes - left) as u64);
-                        if batch.is_empty() {
+                    Some((0, _)) => {}
+                    Some((n, bytes)) => {
+                        sender.stats.sent_many(n as u64, bytes as u64);
+                        if batch.len() == 0 {
                             return Ok(());
                         }
                         deadline = tokio::time::Instant::now() + send_timeout;
@@ -691,12 +689,14 @@ impl Host {
                 tokio::select! {
                     () = &mut room => {}
                     () = tokio::time::sleep_until(deadline) => {
-                        return Err(fail(&batch, Error::SendFailed {
+                        return Err(fail(batch.len(), Error::SendFailed {
                             to: to.clone(),
                             reason: SendFailure::QueueFull(send_timeout),
                         }));
                     }
-                    () = self.inner.stop.cancelled() => return Err(fail(&batch, Error::Shutdown)),
+                    () = self.inner.stop.cancelled() => {
+                        return Err(fail(batch.len(), Error::Shutdown));
+                    }
                 }
             }
         }
@@ -911,7 +911,7 @@ impl Transport for Host {
             return Ok(());
         }
         let max = self.inner.wire.max_payload();
-        let mut batch = VecDeque::with_capacity(envelopes.len());
+        let mut batch = Vec::with_capacity(envelopes.len());
         for (i, e) in envelopes.iter().enumerate() {
             let len = e.payload.len();
             let checked = sender
@@ -924,7 +924,7 @@ impl Transport for Host {
                 })
                 .and_then(|()| outgoing(e, channel.ordered, false));
             match checked {
-                Ok((meta, body)) => batch.push_back((
+                Ok((meta, body)) => batch.push((
                     meta,
                     body,
                     MsgCtx {
@@ -936,13 +936,14 @@ impl Transport for Host {
                 Err(err) => {
                     // Those before it go; the error says where the batch stopped.
                     drop(envelopes);
-                    self.admit(&sender, &channel, &to, batch).await?;
+                    self.admit(&sender, &channel, &to, batch.into_iter())
+                        .await?;
                     return Err(err.after_accepted(i));
                 }
             }
         }
         drop(envelopes);
-        self.admit(&sender, &channel, &to, batch).await
+        self.admit(&sender, &channel, &to, batch.into_iter()).await
     }
 
     async fn request(&self, envelope: Envelope, timeout: Duration) -> Result<Envelope> {

@@ -34,6 +34,8 @@ use crate::wire::{
 /// Pooled streams per connection for unordered messages: a lost packet holds back only
 /// the messages of its stream.
 const UNORDERED_POOL: usize = 4;
+/// Datagrams s2n-quic queues per connection, each way.
+pub(crate) const DATAGRAM_QUEUE: usize = 1024;
 /// Frames a writer takes in one wake-up, at most.
 const WRITE_BATCH: usize = 256;
 /// Room in a frame limit for an envelope's fields other than its payload.
@@ -476,11 +478,15 @@ pub(crate) async fn serve(
 /// Hands the session the datagrams already received; `Err` when the connection was closed
 /// for a violation.
 fn drain_datagrams(host: &Host, session: &SessionHandle, link: &QuicLink) -> Result<(), ()> {
-    while let Ok(Some(bytes)) = link
-        .handle
-        .datagram_mut(|r: &mut datagram::Receiver| r.recv_datagram())
-    {
-        datagram_in(host, session, link, &bytes)?;
+    // At most a receive queue's worth: a peer that keeps sending cannot hold the reader here.
+    for _ in 0..DATAGRAM_QUEUE {
+        match link
+            .handle
+            .datagram_mut(|r: &mut datagram::Receiver| r.recv_datagram())
+        {
+            Ok(Some(bytes)) => datagram_in(host, session, link, &bytes)?,
+            _ => break,
+        }
     }
     Ok(())
 }

@@ -167,8 +167,8 @@ impl Endpoint {
         };
         let dgrams = || -> std::result::Result<datagram::Endpoint, BoxError> {
             Ok(datagram::Endpoint::builder()
-                .with_send_capacity(1024)?
-                .with_recv_capacity(1024)?
+                .with_send_capacity(crate::conn::DATAGRAM_QUEUE)?
+                .with_recv_capacity(crate::conn::DATAGRAM_QUEUE)?
                 .build()?)
         };
         let io = |addr: SocketAddr| -> std::result::Result<s2n_quic::provider::io::tokio::Provider, BoxError> {

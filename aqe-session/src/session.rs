@@ -8,6 +8,7 @@
 //! socket or waits.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::iter::Peekable;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -479,28 +480,24 @@ impl<C: Ctx> Session<C> {
     }
 
     /// Sends messages from the front of `batch` as [`Session::send`] does, as many as the
-    /// window has room for (the rest stay in `batch`); how many it took. `None` when the
-    /// session has no link (nothing taken): route again.
-    pub fn send_many(
-        &mut self,
-        batch: &mut VecDeque<(MessageMeta, Bytes, C::Msg)>,
-        now: Instant,
-    ) -> Option<usize> {
+    /// window has room for (the rest stay in `batch`): how many it took, and their payload
+    /// bytes. `None` when the session has no link (nothing taken): route again.
+    pub fn send_many<I>(&mut self, batch: &mut Peekable<I>, now: Instant) -> Option<(usize, usize)>
+    where
+        I: Iterator<Item = (MessageMeta, Bytes, C::Msg)>,
+    {
         if !self.is_linked() {
             return None;
         }
-        let mut taken = 0;
-        while let Some((meta, ..)) = batch.front() {
-            if !self.outbox.can_admit(&meta.to, meta.len) {
-                break;
-            }
-            let Some((meta, body, ctx)) = batch.pop_front() else {
-                break;
-            };
+        let (mut taken, mut bytes) = (0, 0);
+        while let Some((meta, body, ctx)) =
+            batch.next_if(|(meta, ..)| self.outbox.can_admit(&meta.to, meta.len))
+        {
+            bytes += meta.len;
             self.admit(meta, body, ctx, now);
             taken += 1;
         }
-        Some(taken)
+        Some((taken, bytes))
     }
 
     /// Sends an unreliable message; `false` when there is no link.

@@ -1383,7 +1383,7 @@ impl World {
         };
         let confirm = self.rng.permille(100);
         let first = self.ledger.sent.len();
-        let mut batch = VecDeque::new();
+        let mut batch = Vec::new();
         let mut ids = Vec::new();
         for j in 0..count {
             let len = [1, 16, 300, 900][self.rng.below(4) as usize];
@@ -1398,19 +1398,22 @@ impl World {
                 self.fail("outgoing");
             };
             ids.push(envelope.id);
-            batch.push_back((meta, body, first + j));
+            batch.push((meta, body, first + j));
         }
         let Some(s) = self.hosts[h].sessions.get_mut(&session) else {
             return;
         };
         let accepted = if count == 1 {
-            let (meta, body, i) = batch.pop_front().expect("one");
+            let (meta, body, i) = batch.pop().expect("one");
             match s.session.send(meta, body, i, now) {
                 Ok(()) => 1,
                 Err(NotSent::Full(_) | NotSent::Unlinked(_)) => 0,
             }
         } else {
-            s.session.send_many(&mut batch, now).unwrap_or(0)
+            let mut batch = batch.into_iter().peekable();
+            s.session
+                .send_many(&mut batch, now)
+                .map_or(0, |(taken, _)| taken)
         };
         for (j, id) in ids.into_iter().take(accepted).enumerate() {
             let i = first + j;

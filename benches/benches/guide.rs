@@ -17,7 +17,6 @@ use aqe_benches::{
 };
 use bytes::Bytes;
 use criterion::{Criterion, SamplingMode};
-use tokio::runtime::Runtime;
 
 /// Payloads of the guide's operations.
 const SIZES: [usize; 2] = [64, 16 * 1024];
@@ -34,14 +33,6 @@ const BATCHED_ORDERED: &str = "ordered, send_many";
 /// The same, unordered.
 const BATCHED_UNORDERED: &str = "unordered, send_many";
 const BULK_CHUNK: usize = 256 * 1024;
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 fn payload(n: usize) -> Bytes {
     Bytes::from(vec![7u8; n])
@@ -67,7 +58,7 @@ fn slow(b: &mut Bench<'_, '_>) {
 
 fn main() {
     let mut c = Criterion::default().configure_from_args();
-    let rt = runtime();
+    let rt = aqe_benches::runtime();
     let mut results = Results::default();
 
     // Memory first, while the process is small and its allocator fresh.

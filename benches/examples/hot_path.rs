@@ -23,11 +23,7 @@ fn main() {
         _ => "coordination",
     };
     let per_call: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = aqe_benches::runtime();
     rt.block_on(async {
         let fleet = Fleet::start(&net, 1, 1).await;
         let p = Bytes::from(vec![7u8; 64]);

@@ -64,11 +64,7 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(20_000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = aqe_benches::runtime();
     rt.block_on(async {
         let floor = NatsFloor::start().await.expect("nats-server installed");
         let fleet = Fleet::start(&Net::Nats(floor.server.url()), 1, 1).await;

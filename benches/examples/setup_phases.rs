@@ -31,11 +31,7 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(50);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = aqe_benches::runtime();
     rt.block_on(async {
         let server = Arc::new(QuicTransport::bind(config()).await.expect("bind"));
         let echo = Agent::builder()
@@ -68,14 +64,7 @@ fn main() {
                 .await
                 .expect("agent");
             let t3 = Instant::now();
-            let mut events = agent.events();
-            while !agent
-                .discover_peers(&Default::default())
-                .iter()
-                .any(|p| p.id == *echo.id())
-            {
-                let _ = tokio::time::timeout(Duration::from_millis(5), events.recv()).await;
-            }
+            aqe_benches::discovered(&agent, 1, Some(echo.id())).await;
             let t4 = Instant::now();
             let _: Bytes = agent
                 .request_from_agent(

@@ -104,7 +104,7 @@ impl Endpoint {
 }
 
 /// Waits until `agent` knows `n` peers (or the one named `target`).
-async fn discovered(agent: &Agent, n: usize, target: Option<&aqe_core::AgentId>) {
+pub async fn discovered(agent: &Agent, n: usize, target: Option<&aqe_core::AgentId>) {
     let mut events = agent.events();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -12,7 +12,17 @@ mod record;
 mod s2n_floor;
 mod tokio_floor;
 
-pub use fleet::{BULK, Endpoint, Fleet, Net, UNRELIABLE, setup};
+pub use fleet::{BULK, Endpoint, Fleet, Net, UNRELIABLE, discovered, setup};
+
+/// The runtime every benchmark runs on, floors included: two workers (pinned to one CPU by
+/// `cargo xtask bench`).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
 pub use memory::{connections, idle_agents, resident_kib};
 pub use nats_floor::{NatsFanout, NatsFloor};
 pub use record::{Bench, Measured, Memory, Results, Spec};
