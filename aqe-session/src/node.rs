@@ -1122,12 +1122,16 @@ impl<M> Node<M> {
             .push_front(msg);
     }
 
-    /// The handoff for `to` ended: what still waits goes where it can.
+    /// The handoff for `to` ended: what still waits goes where it can. If no endpoint
+    /// announces `to` either, what an endpoint refused because `to` had left fails now
+    /// (`ReceiverStopped`), as it would without a handler, rather than at its deadline.
     pub fn hand_off_ended(&mut self, to: &AgentId) -> Vec<Action<M>> {
         let mut actions = Vec::new();
         self.handing_off.remove(to);
-        if let Some(Owner::Session(s)) = self.owner.get(to).copied() {
-            self.flush(to, s, &mut actions);
+        match self.owner.get(to).copied() {
+            Some(Owner::Session(s)) => self.flush(to, s, &mut actions),
+            Some(Owner::Heard(_)) => {}
+            None => self.fail_displaced(to, &mut actions),
         }
         actions
     }
