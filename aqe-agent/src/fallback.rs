@@ -453,7 +453,7 @@ impl Redeliver for ViaNext {
         let (from, to) = (envelope.from.clone(), envelope.target().cloned());
         let mut failures = Vec::new();
         for t in &self.next {
-            match t.send_confirmed(envelope.clone()).await {
+            match t.send_handed_over(envelope.clone()).await {
                 Ok(()) => {
                     let reason = format!(
                         "{} lost its connection before the message was acknowledged",

@@ -454,6 +454,18 @@ pub trait Transport: Send + Sync + 'static {
     /// acknowledged.
     async fn send_confirmed(&self, envelope: Envelope) -> Result<()>;
 
+    /// As [`Transport::send_confirmed`], for a message another transport accepted and could
+    /// not deliver (see [`Redeliver`]): a failure is returned but neither announced nor
+    /// counted here, since the transport that hands the message over reports it, once. The
+    /// provided implementation calls `send_confirmed`, which announces: transports that
+    /// take messages handed over override it.
+    ///
+    /// # Errors
+    /// As [`Transport::send_confirmed`].
+    async fn send_handed_over(&self, envelope: Envelope) -> Result<()> {
+        self.send_confirmed(envelope).await
+    }
+
     /// Sends a request and waits up to `timeout` for its response. Dropping the future or
     /// timing out abandons the request: a late answer is discarded.
     ///

@@ -15,6 +15,26 @@ use aqe_session::{Answer, Outcome, Settled};
 pub(crate) struct MsgCtx {
     pub(crate) stats: Arc<StatsRecorder>,
     pub(crate) confirm: Option<oneshot::Sender<Result<()>>>,
+    /// A failure is told as an event and counted (not for a message another transport
+    /// handed over: that one reports it).
+    pub(crate) announce: bool,
+}
+
+/// What the sender of a reliable message hears of its outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Confirm {
+    /// A failure is announced as an event.
+    No,
+    /// The send waits for the outcome too.
+    Wait,
+    /// It waits, and a failure is only returned (a message handed over).
+    WaitQuietly,
+}
+
+impl Confirm {
+    pub(crate) fn waits(self) -> bool {
+        self != Confirm::No
+    }
 }
 
 /// Kept with each request: where its answer goes.
@@ -49,13 +69,18 @@ pub(crate) fn settle(events: &broadcast::Sender<Event>, settled: Vec<Settled<Msg
             }
             Outcome::Failed(reason) => {
                 tracing::debug!(from = %meta.from, to = %meta.to, id = %meta.id, %reason, "delivery failed");
-                s.ctx.stats.failed(1);
                 if let Some(c) = s.ctx.confirm {
                     let _ = c.send(Err(Error::DeliveryFailed {
                         to: meta.to.clone(),
                         reason,
                     }));
                 }
+                if !s.ctx.announce {
+                    // Not this transport's failure to count: it is no longer awaited here.
+                    s.ctx.stats.unaccepted(1);
+                    continue;
+                }
+                s.ctx.stats.failed(1);
                 let key = (meta.from, meta.to, meta.channel, reason);
                 groups
                     .entry(key.clone())

@@ -22,7 +22,7 @@ use aqe_session::{
 };
 
 use crate::cell::{Cell, Shared, lock};
-use crate::ctx::{MsgCtx, ReqCtx};
+use crate::ctx::{Confirm, MsgCtx, ReqCtx};
 use crate::introspect::{Reporter, endpoint_agent, endpoint_of};
 use crate::locals::Locals;
 use crate::node::{Command, NodeTask, Open, Tables, Way};
@@ -552,7 +552,7 @@ impl Host {
         }
     }
 
-    async fn send_as(&self, envelope: Envelope, confirm: bool) -> Result<()> {
+    async fn send_as(&self, envelope: Envelope, confirm: Confirm) -> Result<()> {
         let sender = self.sender(&envelope.from)?;
         let len = envelope.payload.len();
         let channel = sender.reg.check_outgoing(&envelope.channel, len)?.clone();
@@ -564,7 +564,7 @@ impl Host {
             return self
                 .inner
                 .local
-                .send(&sender, &local, envelope, &channel, confirm)
+                .send(&sender, &local, envelope, &channel, confirm.waits())
                 .await;
         }
         if let Some(max) = self.inner.wire.max_payload()
@@ -574,7 +574,7 @@ impl Host {
         }
         if !channel.reliable {
             return self
-                .send_datagram(&sender, &channel, &to, envelope, confirm)
+                .send_datagram(&sender, &channel, &to, envelope, confirm.waits())
                 .await;
         }
         self.send_reliable(&sender, &channel, &to, envelope, confirm)
@@ -617,12 +617,12 @@ impl Host {
         channel: &Channel,
         to: &AgentId,
         envelope: Envelope,
-        confirm: bool,
+        confirm: Confirm,
     ) -> Result<()> {
         // Encoded once, outside any lock.
-        let (meta, body) = outgoing(&envelope, channel.ordered, confirm)?;
+        let (meta, body) = outgoing(&envelope, channel.ordered, confirm.waits())?;
         drop(envelope);
-        let (done, confirmed) = if confirm {
+        let (done, confirmed) = if confirm.waits() {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
         } else {
@@ -631,6 +631,7 @@ impl Host {
         let ctx = MsgCtx {
             stats: sender.stats.clone(),
             confirm: done,
+            announce: confirm != Confirm::WaitQuietly,
         };
         // A batch of one: no allocation for it.
         self.admit(sender, channel, to, std::iter::once((meta, body, ctx)))
@@ -883,11 +884,15 @@ impl Transport for Host {
     }
 
     async fn send(&self, envelope: Envelope) -> Result<()> {
-        self.send_as(envelope, false).await
+        self.send_as(envelope, Confirm::No).await
     }
 
     async fn send_confirmed(&self, envelope: Envelope) -> Result<()> {
-        self.send_as(envelope, true).await
+        self.send_as(envelope, Confirm::Wait).await
+    }
+
+    async fn send_handed_over(&self, envelope: Envelope) -> Result<()> {
+        self.send_as(envelope, Confirm::WaitQuietly).await
     }
 
     /// A batch to a remote agent on a reliable channel is encoded outside any lock and
@@ -904,7 +909,7 @@ impl Transport for Host {
         })?;
         if !channel.reliable || self.inner.shared.locals.get(&to).is_some() {
             for (accepted, e) in envelopes.into_iter().enumerate() {
-                self.send_as(e, false)
+                self.send_as(e, Confirm::No)
                     .await
                     .map_err(|e| e.after_accepted(accepted))?;
             }
@@ -930,6 +935,7 @@ impl Transport for Host {
                     MsgCtx {
                         stats: sender.stats.clone(),
                         confirm: None,
+                        announce: true,
                     },
                 )),
                 Err(err) if i == 0 => return Err(err),

@@ -163,6 +163,14 @@ macro_rules! transport_via_host {
                 $crate::__private::aqe_core::Transport::send_confirmed(&self.$field, envelope).await
             }
 
+            async fn send_handed_over(
+                &self,
+                envelope: $crate::__private::aqe_core::Envelope,
+            ) -> $crate::__private::aqe_core::Result<()> {
+                $crate::__private::aqe_core::Transport::send_handed_over(&self.$field, envelope)
+                    .await
+            }
+
             async fn send_many(
                 &self,
                 envelopes: Vec<$crate::__private::aqe_core::Envelope>,

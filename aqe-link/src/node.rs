@@ -59,6 +59,7 @@ pub(crate) enum Command {
     ),
     Detach(AgentId, oneshot::Sender<bool>),
     Open(Box<Open>, oneshot::Sender<Option<Arc<Cell>>>),
+    /// The next message for the redelivery handler, and what failed on the way.
     TakeOrphan(AgentId, oneshot::Sender<Option<Orphan<MsgCtx>>>),
     GiveBack(Orphan<MsgCtx>),
     HandOffEnded(AgentId),
@@ -206,7 +207,11 @@ impl NodeTask {
                 let _ = reply.send(self.open(*open));
             }
             Command::TakeOrphan(to, reply) => {
-                let _ = reply.send(self.node.take_orphan(&to));
+                let mut late = Vec::new();
+                let _ = reply.send(self.node.take_orphan(&to, &mut late));
+                if !late.is_empty() {
+                    crate::ctx::settle(&self.shared.events, late);
+                }
             }
             Command::GiveBack(orphan) => self.node.give_back(orphan),
             Command::HandOffEnded(to) => {
@@ -387,6 +392,7 @@ impl NodeTask {
         let commands = self.commands.clone();
         let shared = self.shared.clone();
         let stop = self.stop.clone();
+        let deadline = self.node.config().delivery_deadline;
         self.tasks.spawn(async move {
             loop {
                 let (tx, rx) = oneshot::channel();
@@ -409,8 +415,18 @@ impl NodeTask {
                         continue;
                     }
                 };
+                // The handler may not take longer than the message's own deadline: past it
+                // the message fails as unconfirmed (the handler's transport may have it).
+                let due = tokio::time::Instant::from_std(orphan.accepted() + deadline);
                 let attempt = tokio::select! {
                     () = stop.cancelled() => Err(aqe_core::Error::Shutdown),
+                    () = tokio::time::sleep_until(due) => {
+                        crate::ctx::settle(
+                            &shared.events,
+                            vec![orphan.failed(aqe_core::DeliveryFailure::Unconfirmed)],
+                        );
+                        continue;
+                    }
                     r = handler.redeliver(envelope) => r,
                 };
                 match attempt {

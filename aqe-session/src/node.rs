@@ -218,6 +218,10 @@ pub struct Node<M> {
     /// endpoint over a session now ended: an older one sent there now would arrive out of
     /// order, and fails instead. Kept for the delivery deadline.
     marks: BTreeMap<(EndpointId, Flow), Instant>,
+    /// For each ordered flow, when the newest message given to the redelivery handler was
+    /// accepted: the handler reaches the agent by another way, so an older message of the
+    /// flow sent after it, by any way, could arrive out of order.
+    handed: BTreeMap<Flow, Instant>,
     handing_off: BTreeSet<AgentId>,
     /// Endpoints lost without a goodbye, since when.
     lost: BTreeMap<EndpointId, Instant>,
@@ -254,6 +258,7 @@ impl<M> Node<M> {
             waiting: BTreeMap::new(),
             recheck: BTreeMap::new(),
             marks: BTreeMap::new(),
+            handed: BTreeMap::new(),
             handing_off: BTreeSet::new(),
             lost: BTreeMap::new(),
             handler: false,
@@ -476,6 +481,7 @@ impl<M> Node<M> {
                     let endpoint = p.endpoint;
                     let deadline = self.config.delivery_deadline;
                     self.marks.retain(|_, t| *t + deadline > now);
+                    self.handed.retain(|_, t| *t + deadline > now);
                     for (flow, t) in marks {
                         let m = self.marks.entry((endpoint, flow)).or_insert(t);
                         *m = (*m).max(t);
@@ -1057,12 +1063,7 @@ impl<M> Node<M> {
         };
         let (mut go, mut stay, mut late) = (Vec::new(), VecDeque::new(), Vec::new());
         for msg in queue {
-            let overtaken = msg.meta.ordered
-                && self
-                    .marks
-                    .get(&(peer.endpoint, msg.flow()))
-                    .is_some_and(|t| *t > msg.accepted);
-            if overtaken {
+            if self.overtaken(&msg, Some(peer.endpoint)) {
                 late.push(msg.expired());
             } else if msg.may_go_to(peer.endpoint, &peer.trust) {
                 go.push(msg);
@@ -1087,31 +1088,66 @@ impl<M> Node<M> {
         }
     }
 
+    /// Whether an ordered `msg` would arrive after a newer message of its flow: one given to
+    /// the redelivery handler, or one a session carried to `to` (any endpoint but the one
+    /// `msg` itself went to, when the way is the handler's: it may reach any of them).
+    fn overtaken(&self, msg: &Orphan<M>, to: Option<EndpointId>) -> bool {
+        if !msg.meta.ordered {
+            return false;
+        }
+        let flow = msg.flow();
+        let newer = |t: &Instant| *t > msg.accepted;
+        if self.handed.get(&flow).is_some_and(newer) {
+            return true;
+        }
+        match to {
+            Some(e) => self.marks.get(&(e, flow)).is_some_and(newer),
+            None => {
+                let origin = msg.origin.as_ref().map(|(e, _)| *e);
+                self.marks
+                    .iter()
+                    .any(|((e, f), t)| *f == flow && Some(*e) != origin && newer(t))
+            }
+        }
+    }
+
     /// Messages a session could not take (it ended before this node heard): they wait, and
-    /// go where they can once the node hears of its end.
+    /// go where they can once the node hears of its end, in the order they were accepted
+    /// among what already waits.
     pub fn requeue(&mut self, orphans: Vec<Orphan<M>>) {
         for msg in orphans {
-            self.waiting
-                .entry(msg.meta.to.clone())
-                .or_default()
-                .push_back(msg);
+            let q = self.waiting.entry(msg.meta.to.clone()).or_default();
+            let at = q.partition_point(|m| m.accepted <= msg.accepted);
+            q.insert(at, msg);
         }
     }
 
     /// The oldest message waiting for `to`, for the redelivery handler; `None` when there
     /// is none, or when a session reaches `to` again (what waits then goes there: see the
-    /// actions of [`Node::hand_off_ended`]).
-    pub fn take_orphan(&mut self, to: &AgentId) -> Option<Orphan<M>> {
+    /// actions of [`Node::hand_off_ended`]). Ordered messages a newer one of their flow
+    /// went before fail on the way (into `late`), as they would in a session.
+    pub fn take_orphan(&mut self, to: &AgentId, late: &mut Vec<Settled<M>>) -> Option<Orphan<M>> {
         if matches!(self.owner.get(to), Some(Owner::Session(s)) if self.peers.get(s).is_some_and(|p| p.linked))
         {
             return None;
         }
-        let q = self.waiting.get_mut(to)?;
-        let msg = q.pop_front();
-        if q.is_empty() {
-            self.waiting.remove(to);
+        loop {
+            let q = self.waiting.get_mut(to)?;
+            let msg = q.pop_front();
+            if q.is_empty() {
+                self.waiting.remove(to);
+            }
+            let msg = msg?;
+            if self.overtaken(&msg, None) {
+                late.push(msg.expired());
+                continue;
+            }
+            if msg.meta.ordered {
+                let t = self.handed.entry(msg.flow()).or_insert(msg.accepted);
+                *t = (*t).max(msg.accepted);
+            }
+            return Some(msg);
         }
-        msg
     }
 
     /// The redelivery handler could not deliver `msg`: it waits again, first in line.
@@ -1185,9 +1221,11 @@ impl<M> Node<M> {
                 actions.push(self.route_action(&to));
             }
         }
+        // A mark older than the deadline outlived every message it could order.
+        self.handed.retain(|_, t| *t + deadline > now);
         let mut failed = Vec::new();
         self.waiting.retain(|_, q| {
-            // In order, but from sessions of different ages: each is looked at.
+            // In order (see `requeue`); every one is looked at all the same.
             let (gone, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(q)
                 .into_iter()
                 .partition(|m| m.accepted + deadline <= now);

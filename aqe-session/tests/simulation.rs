@@ -4,7 +4,9 @@
 //! a shared heartbeat) or links (QUIC-like: ordered lanes, no loss while a link lives, links
 //! that break and come back); with or without crashes and restarts (same key, new
 //! incarnation), clean shutdowns, partitions, an impostor (another key announcing a live
-//! peer's agents at its address), and a peer whose agents never take anything. Agents send
+//! peer's agents at its address), and a peer whose agents never take anything; with or
+//! without a redelivery handler (another transport reaching the addressee's host directly
+//! while the two can reach each other, as a fallback chain registers). Agents send
 //! reliable messages (ordered and unordered) and requests at random; the real aqe-core
 //! inbox and receipts carry them into agents that take them at random.
 //!
@@ -14,7 +16,7 @@
 //! delivered to another; held state stays within its bounds; timers move forward. After the
 //! network heals, membership converges.
 //!
-//! `AQE_SIM_SEEDS=N` runs N seeds (default 2000), `AQE_SIM_SEED=S` one seed, which a
+//! `AQE_SIM_SEEDS=N` runs N seeds (default 5000), `AQE_SIM_SEED=S` one seed, which a
 //! failure prints as a one-line reproduction.
 
 use std::cmp::Reverse;
@@ -32,8 +34,9 @@ use aqe_core::{
 };
 use aqe_session::{
     Action, Answer, Budgets, Config, Ctx, Ended, EndpointId, Frame, Greeter, Greeting, Hello,
-    Locals, Node, NotSent, Opened, Outcome, PeerExchange, Principal, Rank, Route, SESSION_VERSION,
-    Session, SessionEvent, SessionId, SessionInput, Trust, WirePolicy, check_hello, outgoing,
+    Locals, Node, NotSent, Opened, Orphan, Outcome, PeerExchange, Principal, Rank, Route,
+    SESSION_VERSION, Session, SessionEvent, SessionId, SessionInput, Trust, WirePolicy,
+    check_hello, outgoing,
 };
 
 // ----- randomness -----
@@ -88,6 +91,8 @@ struct Scenario {
     silent: bool,
     /// Agents leave their endpoint and come back while messages are on their way.
     churn: bool,
+    /// Nodes have a redelivery handler (see [`Handing`]).
+    handler: bool,
     traffic: Duration,
 }
 
@@ -121,6 +126,7 @@ impl Scenario {
             silent: rng.permille(200),
             traffic: Duration::from_millis(1500 + rng.below(2500)),
             churn: rng.permille(300),
+            handler: rng.permille(300),
         }
     }
 }
@@ -298,6 +304,17 @@ struct Agent {
     requests: VecDeque<(SessionId, MessageId, usize)>,
 }
 
+/// A hand-off to the simulated redelivery handler, which stands for another transport: one
+/// message at a time, oldest first, as aqe-link hands them, delivered into the addressee's
+/// inbox on the host that really holds it (when that host is reachable and the other
+/// transport up) and confirmed when taken; a refusal ends the hand-off, and the message's
+/// deadline bounds the handler.
+struct Handing {
+    to: AgentId,
+    /// The message with the handler, and the token its receipt acknowledges.
+    current: Option<(Orphan<usize>, u64)>,
+}
+
 struct Hosted(HashMap<AgentId, Vec<ChannelName>>);
 
 impl Locals for Hosted {
@@ -325,6 +342,9 @@ struct Host {
     greeter: Greeter,
     /// How many times its agent attached.
     attachment: u64,
+    handing: Vec<Handing>,
+    /// Receipts of what the redelivery handler delivered.
+    handler_acks: Arc<Acks>,
 }
 
 fn channels() -> Vec<Channel> {
@@ -355,6 +375,9 @@ struct World {
     partition: Option<BTreeSet<usize>>,
     ledger: Ledger,
     step: u64,
+    /// Messages given to a redelivery handler, and the last receipt token it used.
+    handed: usize,
+    next_token: u64,
 }
 
 fn agent_id(i: usize) -> AgentId {
@@ -379,6 +402,8 @@ impl World {
             now: start,
             hosts: Vec::new(),
             net: BinaryHeap::new(),
+            handed: 0,
+            next_token: 0,
             order: 0,
             links: BTreeMap::new(),
             next_link: 1,
@@ -417,6 +442,7 @@ impl World {
             SocketAddr::from(([10, 0, 0, 1], 9000 + impostor_of.unwrap_or(i) as u16));
         let me = EndpointId::new(key, incarnation);
         let mut node = Node::new(me, Address::from(listen), self.config.clone());
+        node.set_redelivery(self.sc.handler);
         let claimed = agent_id(impostor_of.unwrap_or(i));
         let reg = channels().into_iter().fold(
             Registration::new(claimed.clone(), "sim"),
@@ -450,6 +476,8 @@ impl World {
             next_alive: self.now,
             greeter: Greeter::new(me, Duration::from_millis(100), Duration::from_millis(600)),
             attachment: 0,
+            handing: Vec::new(),
+            handler_acks: Arc::default(),
         };
         if i < self.hosts.len() {
             self.hosts[i] = host;
@@ -786,7 +814,15 @@ impl World {
                         self.dial(h, b);
                     }
                 }
-                Action::HandOff(_) => self.fail("a hand-off without a redelivery handler"),
+                Action::HandOff(to) => {
+                    if !self.sc.handler {
+                        self.fail("a hand-off without a redelivery handler");
+                    }
+                    if self.hosts[h].handing.iter().any(|x| x.to == to) {
+                        self.fail(&format!("two hand-offs for {to} at once"));
+                    }
+                    self.hosts[h].handing.push(Handing { to, current: None });
+                }
                 Action::Settled(list) => {
                     for s in list {
                         self.settled(s.ctx, s.outcome);
@@ -1044,7 +1080,7 @@ impl World {
                     Ok(f) => f,
                     Err(e) => self.fail(&format!("a frame does not decode: {e}")),
                 };
-                {
+                if std::env::var("AQE_SIM_FRAMES").is_ok() {
                     eprintln!(
                         "[{:?}] host {h} from {} session {session}: {frame:?}",
                         now - self.start,
@@ -1254,8 +1290,93 @@ impl World {
                     .filter_map(|s| s.session.poll_timeout())
                     .chain(h.node.poll_timeout())
                     .chain(h.greeter.poll_timeout())
+                    .chain(h.handing.iter().filter_map(|x| {
+                        let (o, _) = x.current.as_ref()?;
+                        Some(o.accepted() + self.config.delivery_deadline)
+                    }))
             })
             .min()
+    }
+
+    /// Moves the hand-offs on (see [`Handing`]).
+    fn hand_offs(&mut self) {
+        let deadline = self.config.delivery_deadline;
+        for h in 0..self.hosts.len() {
+            if !self.hosts[h].alive || self.hosts[h].handing.is_empty() {
+                continue;
+            }
+            let acks: Vec<(u64, bool)> =
+                std::mem::take(&mut *self.hosts[h].handler_acks.0.lock().expect("lock"));
+            let mut handing = std::mem::take(&mut self.hosts[h].handing);
+            let mut ended = Vec::new();
+            for x in &mut handing {
+                if let Some((orphan, token)) = x.current.take() {
+                    match acks.iter().find(|(t, _)| *t == token) {
+                        Some((_, true)) => {
+                            let s = orphan.taken();
+                            self.settled(s.ctx, s.outcome);
+                        }
+                        Some((_, false)) => {
+                            self.hosts[h].node.give_back(orphan);
+                            ended.push(x.to.clone());
+                            continue;
+                        }
+                        None if self.now >= orphan.accepted() + deadline => {
+                            let s = orphan.failed(DeliveryFailure::Unconfirmed);
+                            self.settled(s.ctx, s.outcome);
+                        }
+                        None => {
+                            x.current = Some((orphan, token));
+                            continue;
+                        }
+                    }
+                }
+                let mut late = Vec::new();
+                let orphan = self.hosts[h].node.take_orphan(&x.to, &mut late);
+                for s in late {
+                    self.settled(s.ctx, s.outcome);
+                }
+                let Some(orphan) = orphan else {
+                    ended.push(x.to.clone());
+                    continue;
+                };
+                let holder = (0..self.hosts.len()).find(|&b| {
+                    self.hosts[b].impostor_of.is_none()
+                        && self.hosts[b].hosted.0.contains_key(&x.to)
+                        && self.reachable(h, b)
+                });
+                let Some(b) = holder.filter(|_| self.rng.permille(800)) else {
+                    self.hosts[h].node.give_back(orphan);
+                    ended.push(x.to.clone());
+                    continue;
+                };
+                self.handed += 1;
+                self.next_token += 1;
+                let token = self.next_token;
+                let envelope = orphan.envelope().expect("an orphan decodes");
+                if let Some(&i) = self.ledger.by_id.get(&envelope.id) {
+                    self.note(i, &format!("handed to the handler for host {b}"));
+                }
+                let receipt = Receipt::shared(self.hosts[h].handler_acks.clone(), token);
+                let agent = self.hosts[b].agents.iter().find(|a| a.id == x.to);
+                if let Some(agent) = agent
+                    && let Err((_, item)) = agent
+                        .tx
+                        .deliver_now(Inbound::Message { envelope, receipt }, || {})
+                {
+                    item.abandon();
+                }
+                x.current = Some((orphan, token));
+            }
+            handing.retain(|x| !ended.contains(&x.to));
+            handing.append(&mut self.hosts[h].handing);
+            self.hosts[h].handing = handing;
+            for to in ended {
+                let actions = self.hosts[h].node.hand_off_ended(&to);
+                self.apply(h, actions);
+            }
+            self.pump(h);
+        }
     }
 
     // ----- agents and chaos -----
@@ -1858,6 +1979,7 @@ impl World {
                 }
                 self.take();
             }
+            self.hand_offs();
             self.check_deadlines();
             self.check_bounds();
             let next = [
@@ -1912,6 +2034,7 @@ impl World {
             }
         }
         st.sent = self.ledger.sent.len();
+        st.handed = self.handed;
         st.requests = self.ledger.requests.len();
         st
     }
@@ -1957,6 +2080,7 @@ struct Stats {
     unconfirmed: usize,
     failed: usize,
     requests: usize,
+    handed: usize,
 }
 
 trait Correlated {
@@ -1977,7 +2101,7 @@ fn seeds() -> Vec<u64> {
     let n: u64 = std::env::var("AQE_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2000);
+        .unwrap_or(5000);
     (1..=n).collect()
 }
 
@@ -2004,6 +2128,7 @@ fn every_seed_keeps_every_invariant() {
                         total.unconfirmed += st.unconfirmed;
                         total.failed += st.failed;
                         total.requests += st.requests;
+                        total.handed += st.handed;
                     }
                     total
                 })
@@ -2021,15 +2146,17 @@ fn every_seed_keeps_every_invariant() {
         t.unconfirmed += s.unconfirmed;
         t.failed += s.failed;
         t.requests += s.requests;
+        t.handed += s.handed;
     }
     eprintln!(
-        "{} seeds in {:?}: {} reliable messages ({} taken, {} unconfirmed, {} failed otherwise), {} requests",
+        "{} seeds in {:?}: {} reliable messages ({} taken, {} unconfirmed, {} failed otherwise, {} handed to a redelivery handler), {} requests",
         seeds.len(),
         started.elapsed(),
         t.sent,
         t.taken,
         t.unconfirmed,
         t.failed,
+        t.handed,
         t.requests
     );
     assert!(t.taken > 0, "the simulation moved nothing");
