@@ -17,8 +17,9 @@ use aqe_core::plumbing::InboxSender;
 use aqe_core::{
     AgentId, BroadcastOptions, BroadcastReport, ChannelName, DiscoveryOptions, Envelope, Error,
     ErrorBody, Event, Health, HealthThresholds, MessageId, MessageKind, Payload, PeerInfo,
-    PeerState, RecentError, Recipient, Registration, RequestOptions, Result, Stats, StreamFailure,
-    StreamHeader, StreamId, StreamOptions, StreamSink, Timestamp, Transport,
+    PeerState, RecentError, Recipient, Registration, RequestOptions, Result, Started, Stats,
+    StreamFailure, StreamHeader, StreamId, StreamOptions, StreamSink, Timestamp, Transport,
+    TransportConfig, TransportKind,
 };
 
 use crate::builder::AgentBuilder;
@@ -62,22 +63,28 @@ pub struct Agent {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// Transports enabled at run time ([`Agent::enable`]): kind, transport and delivery
+/// deadline, newest first; and the chain over them and the agent's own transport.
+#[derive(Default)]
+struct Enabled {
+    list: Vec<(TransportKind, Started, std::time::Duration)>,
+    chain: Option<Arc<crate::Fallback>>,
+}
+
 pub(crate) struct Inner {
     pub(crate) reg: Registration,
-    /// What the agent's operations go through: `base`, or a chain in front of it while QUIC
-    /// is enabled at run time ([`Agent::enable_quic`]).
+    /// What the agent's operations go through: `base`, or a chain in front of it while
+    /// transports are enabled at run time ([`Agent::enable`]).
     transport: std::sync::RwLock<Arc<dyn Transport>>,
     /// The transport the agent was started on.
-    #[cfg_attr(not(feature = "quic"), allow(dead_code))]
     base: Arc<dyn Transport>,
     /// The task passing the current transport's events on; started by the first subscriber
     /// (an agent nobody watches has no task reading every membership event).
     forwarder: Mutex<Option<JoinHandle<()>>>,
     /// The runtime the agent was started on, where its forwarder runs.
     runtime: tokio::runtime::Handle,
-    /// QUIC enabled at run time: the endpoint and the chain QUIC, then `base`.
-    #[cfg(feature = "quic")]
-    quic: tokio::sync::Mutex<Option<(Arc<aqe_quic::QuicTransport>, Arc<crate::Fallback>)>>,
+    /// Transports enabled at run time, newest first, and the chain of them then `base`.
+    enabled: tokio::sync::Mutex<Enabled>,
     pub(crate) thresholds: HealthThresholds,
     pub(crate) started: Instant,
     pub(crate) shutdown: CancellationToken,
@@ -124,8 +131,7 @@ impl Agent {
                 base: transport,
                 forwarder: Mutex::new(None),
                 runtime: tokio::runtime::Handle::current(),
-                #[cfg(feature = "quic")]
-                quic: tokio::sync::Mutex::new(None),
+                enabled: tokio::sync::Mutex::new(Enabled::default()),
                 thresholds,
                 started: Instant::now(),
                 shutdown: CancellationToken::new(),
@@ -164,100 +170,118 @@ impl Agent {
             .clone()
     }
 
-    /// Puts a QUIC endpoint configured by `config` in front of this agent's own transport, at
-    /// run time (the guide's `enableQUIC()`): operations try QUIC first and fall back to the
-    /// agent's transport as [`crate::FallbackPolicy::default`] says. Emits
-    /// [`Event::TransportEnabled`].
+    /// Starts the transport `config` describes and puts it in front of this agent's
+    /// transports, at run time (the guide's `enableQUIC()`: `agent.enable(quic_config)`):
+    /// operations try it first and fall back to the others as
+    /// [`crate::FallbackPolicy::default`] says. Emits [`Event::TransportEnabled`].
     ///
     /// # Errors
-    /// [`Error::Unsupported`] when QUIC is enabled already; the errors of
-    /// [`aqe_quic::QuicTransport::bind`] (configuration, certificates, the port).
-    #[cfg(feature = "quic")]
-    pub async fn enable_quic(&self, config: aqe_quic::QuicConfig) -> Result<()> {
-        let mut slot = self.inner.quic.lock().await;
-        if slot.is_some() {
+    /// [`Error::Unsupported`] when a transport of that kind is enabled already; what
+    /// starting it meets (configuration, certificates, the port).
+    pub async fn enable(&self, config: impl TransportConfig) -> Result<()> {
+        let mut enabled = self.inner.enabled.lock().await;
+        let kind = config.kind();
+        if enabled.list.iter().any(|(k, _, _)| *k == kind) {
             return Err(Error::Unsupported {
-                operation: "enabling QUIC twice (disable it first)",
+                operation: "enabling a transport twice (disable it first)",
             });
         }
         if self.inner.shutdown.is_cancelled() {
             return Err(Error::Shutdown);
         }
-        let quic = Arc::new(aqe_quic::QuicTransport::bind(config).await?);
-        let as_transport: Arc<dyn Transport> = quic.clone();
-        let chain = crate::Fallback::new(
-            as_transport.clone(),
-            self.inner.base.clone(),
-            crate::FallbackPolicy::default(),
-        );
-        chain.adopt(&self.inner.reg);
-        // Attached to QUIC (it is attached to its own transport already).
-        if let Err(e) = as_transport
+        let started = config.start().await?;
+        // Attached to it (the agent is attached to the others already).
+        if let Err(e) = started
+            .transport
             .attach(self.inner.reg.clone(), self.inner.inbox.clone())
             .await
         {
-            as_transport.shutdown().await;
-            chain.close().await;
+            started.transport.shutdown().await;
             return Err(e);
         }
-        let chain_transport: Arc<dyn Transport> = chain.clone();
-        self.forward_from(&chain_transport);
-        *self
-            .inner
-            .transport
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = chain_transport;
-        *slot = Some((quic, chain));
-        self.emit(Event::TransportEnabled {
-            kind: aqe_quic::QuicTransport::KIND,
-        });
-        tracing::info!(agent = %self.id(), "QUIC enabled");
+        enabled
+            .list
+            .insert(0, (kind, started, config.delivery_deadline()));
+        self.rechain(&mut enabled).await;
+        self.emit(Event::TransportEnabled { kind });
+        tracing::info!(agent = %self.id(), transport = %kind, "transport enabled");
         Ok(())
     }
 
-    /// Takes QUIC away again (the guide's `disableQUIC()`): new operations go through the
-    /// agent's own transport at once; what the agent sent over QUIC is given up to its
-    /// delivery deadline to be confirmed (unconfirmed messages are redelivered over the
-    /// agent's transport, never dropped silently); then the QUIC endpoint closes. Emits
-    /// [`Event::TransportDisabled`]. Does nothing when QUIC is not enabled.
-    #[cfg(feature = "quic")]
-    pub async fn disable_quic(&self) {
-        let Some((quic, chain)) = self.inner.quic.lock().await.take() else {
+    /// Takes the transport of `kind` enabled at run time away again (the guide's
+    /// `disableQUIC()`): new operations go through the others at once; what the agent sent
+    /// over it is given up to its delivery deadline to be confirmed (unconfirmed messages
+    /// are redelivered over the others, never dropped silently); then it closes. Emits
+    /// [`Event::TransportDisabled`]. Does nothing when no such transport is enabled.
+    pub async fn disable(&self, kind: TransportKind) {
+        let mut enabled = self.inner.enabled.lock().await;
+        let Some(i) = enabled.list.iter().position(|(k, _, _)| *k == kind) else {
             return;
         };
-        let base = self.inner.base.clone();
-        *self
-            .inner
-            .transport
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = base.clone();
-        self.forward_from(&base);
-        // What went out over QUIC settles first: confirmed, or handed to the next link.
-        let deadline = Instant::now() + quic.config().delivery_deadline;
-        while aqe_core::Transport::stats(&*quic, self.id()).messages_unconfirmed > 0
-            && Instant::now() < deadline
+        let (_, gone, deadline) = enabled.list.remove(i);
+        let old_chain = enabled.chain.take();
+        self.rechain(&mut enabled).await;
+        drop(enabled);
+        // What went out over it settles first: confirmed, or handed to the next link.
+        let until = Instant::now() + deadline;
+        while gone.transport.stats(self.id()).messages_unconfirmed > 0
+            && Instant::now() < until
             && !self.inner.shutdown.is_cancelled()
         {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        let _ = aqe_core::Transport::detach(&*quic, self.id()).await;
-        aqe_core::Transport::shutdown(&*quic).await;
-        chain.close().await;
-        self.emit(Event::TransportDisabled {
-            kind: aqe_quic::QuicTransport::KIND,
-        });
-        tracing::info!(agent = %self.id(), "QUIC disabled");
+        let _ = gone.transport.detach(self.id()).await;
+        gone.transport.shutdown().await;
+        if let Some(chain) = old_chain {
+            chain.close().await;
+        }
+        self.emit(Event::TransportDisabled { kind });
+        tracing::info!(agent = %self.id(), transport = %kind, "transport disabled");
     }
 
-    /// The QUIC endpoint enabled at run time, if QUIC is enabled.
-    #[cfg(feature = "quic")]
-    pub async fn quic(&self) -> Option<Arc<aqe_quic::QuicTransport>> {
+    /// The transport of type `T` (`aqe_quic::QuicTransport`) enabled at run time, if one is.
+    pub async fn enabled<T: Clone + 'static>(&self) -> Option<T> {
         self.inner
-            .quic
+            .enabled
             .lock()
             .await
-            .as_ref()
-            .map(|(q, _)| q.clone())
+            .list
+            .iter()
+            .find_map(|(_, s, _)| s.as_type::<T>().cloned())
+    }
+
+    /// Makes the agent's transport the chain of what is enabled, then `base` (or `base`
+    /// alone), and closes the chain it replaces (unless the caller took it).
+    async fn rechain(&self, enabled: &mut Enabled) {
+        let next: Arc<dyn Transport> = match enabled.list.split_first() {
+            None => self.inner.base.clone(),
+            Some(((_, first, _), rest)) => {
+                let mut b = crate::Fallback::chain(first.transport.clone());
+                for (_, s, _) in rest {
+                    b = b.then(s.transport.clone(), crate::FallbackPolicy::default());
+                }
+                let chain = b
+                    .then(self.inner.base.clone(), crate::FallbackPolicy::default())
+                    .build();
+                chain.adopt(&self.inner.reg);
+                let old = enabled.chain.replace(chain.clone());
+                if let Some(old) = old {
+                    old.close().await;
+                }
+                chain
+            }
+        };
+        if enabled.list.is_empty()
+            && let Some(old) = enabled.chain.take()
+        {
+            old.close().await;
+        }
+        self.forward_from(&next);
+        *self
+            .inner
+            .transport
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = next;
     }
 
     /// Passes `transport`'s events on to this agent's subscribers, instead of the previous
@@ -852,10 +876,12 @@ impl Agent {
                 let _ = sink.lock().await.close().await;
             }
         }
-        #[cfg(feature = "quic")]
-        if let Some((quic, chain)) = self.inner.quic.lock().await.take() {
-            let _ = aqe_core::Transport::detach(&*quic, self.id()).await;
-            aqe_core::Transport::shutdown(&*quic).await;
+        let enabled = std::mem::take(&mut *self.inner.enabled.lock().await);
+        for (_, started, _) in enabled.list {
+            let _ = started.transport.detach(self.id()).await;
+            started.transport.shutdown().await;
+        }
+        if let Some(chain) = enabled.chain {
             chain.close().await;
         }
         let mut tasks =

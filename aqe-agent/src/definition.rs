@@ -2,23 +2,24 @@
 //!
 //! The file layout is the guide's: `agentType`, `capabilities`, `enableQUIC` and a
 //! `quicConfig` object whose `channels` are the agent's channels and whose other fields are
-//! the QUIC endpoint's options (`aqe_quic::QuicConfig`). Channels may also be given at the
-//! top level as `channels`. A `natsConfig` object (`aqe_nats::NatsConfig`: servers, fleet,
-//! credentials, TLS) adds the NATS fallback. Each transport section is read by the crate of that transport,
-//! so a build without that transport's feature cannot check it: it is then ignored, with a
-//! warning when the definition asks for the transport.
+//! the QUIC endpoint's options. Channels may also be given at the top level as `channels`.
+//! Every transport built in has its section (`quicConfig`, `natsConfig`), read by that
+//! transport's crate through its [`Provider`]; `chain` orders the transports the agent uses
+//! (by default, the order of [`crate::providers`]). A section no transport of this build reads
+//! is ignored with a warning.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
 use aqe_core::{
-    AgentId, AgentType, Capability, Channel, Error, HealthThresholds, Registration, Result,
-    default_channels,
+    AgentId, AgentType, Capability, Channel, Error, HealthThresholds, Provider, Registration,
+    Result, TransportConfig, TransportKind, default_channels,
 };
 
 /// An agent as described by a definition file.
@@ -29,11 +30,10 @@ use aqe_core::{
 ///     "enableQUIC": true,
 ///     "quicConfig": { "host": "localhost", "port": 9000, "channels": ["coordination", "results"] }
 /// }"#, None)?;
-/// assert!(def.enable_quic);
 /// assert_eq!(def.channels.len(), 2);
 /// # Ok::<(), aqe_core::Error>(())
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct AgentDefinition {
     /// The agent's id; generated from its type when absent.
@@ -48,20 +48,17 @@ pub struct AgentDefinition {
     pub health: HealthThresholds,
     /// Free-form labels, visible to peers.
     pub metadata: BTreeMap<String, String>,
-    /// Whether the agent asks for QUIC (`enableQUIC`, or `quicConfig.enabled`).
-    pub enable_quic: bool,
-    /// The QUIC endpoint's options (`quicConfig` without its `channels`).
-    #[cfg(feature = "quic")]
-    pub quic_config: aqe_quic::QuicConfig,
-    /// The NATS connection (`natsConfig`): when present, the agent also joins its fleet on
-    /// that server, as the fallback after QUIC.
-    #[cfg(feature = "nats")]
-    pub nats_config: Option<aqe_nats::NatsConfig>,
+    /// The transports the agent uses, in chain order; the transport it is started on comes
+    /// after them.
+    pub transports: Vec<Arc<dyn TransportConfig>>,
+    /// Every transport section the file configures, asked for or not (QUIC options without
+    /// `enableQUIC` still tell a command how to join).
+    configured: Vec<Arc<dyn TransportConfig>>,
 }
 
 /// The file as written, before each transport's section is handed to its crate.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct File {
     #[serde(default)]
     id: Option<AgentId>,
@@ -69,28 +66,109 @@ struct File {
     agent_type: AgentType,
     #[serde(default)]
     capabilities: Vec<Capability>,
-    #[serde(default, rename = "enableQUIC")]
-    enable_quic: bool,
     #[serde(default, deserialize_with = "deserialize_channels")]
     channels: Option<Vec<Channel>>,
+    /// The transports used, in order, by kind (`["QUIC", "NATS"]`).
     #[serde(default)]
-    quic_config: Option<Map<String, Value>>,
-    #[serde(default)]
-    nats_config: Option<Value>,
+    chain: Option<Vec<String>>,
     #[serde(default)]
     health: HealthThresholds,
     #[serde(default)]
     metadata: BTreeMap<String, String>,
+    /// Transport sections and flags, and anything else (refused unless it looks like a
+    /// transport's).
+    #[serde(flatten)]
+    rest: Map<String, Value>,
 }
 
-/// A relative path in a definition file is relative to the file's folder.
-#[cfg(any(feature = "quic", feature = "nats"))]
-fn relative_to(base: &Path, path: &mut Option<std::path::PathBuf>) {
-    if let Some(p) = path.as_mut()
-        && p.is_relative()
-    {
-        *p = base.join(&*p);
+/// Whether `key` is a transport's section or flag (`xyzConfig`, `enableXyz`), perhaps of a
+/// transport this build lacks.
+fn transport_like(key: &str) -> bool {
+    (key.ends_with("Config") && key.len() > "Config".len())
+        || key
+            .strip_prefix("enable")
+            .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_uppercase()))
+}
+
+/// Takes the agent's channels out of the transport section `name`, if it has them; they may
+/// be given once in the whole file.
+fn take_channels(
+    channels: &mut Option<(String, Vec<Channel>)>,
+    name: &str,
+    body: &mut Map<String, Value>,
+    file: Option<&Path>,
+) -> Result<()> {
+    let Some(v) = body.remove("channels") else {
+        return Ok(());
+    };
+    let field = format!("{name}.channels");
+    if let Some((at, _)) = channels {
+        let (field, other) = if at.is_empty() {
+            ("channels".to_owned(), name)
+        } else {
+            (field, at.trim_end_matches(".channels"))
+        };
+        return Err(Error::Configuration {
+            file: file.map(Path::to_path_buf),
+            field,
+            message: format!("channels are given both here and in {other}; keep one"),
+        });
     }
+    let list: ChannelList = section(v, file, &field)?;
+    *channels = Some((field, list.0.into_iter().map(|s| s.0).collect()));
+    Ok(())
+}
+
+/// The provider whose section or flag `key` is.
+fn owner_of(key: &str) -> Option<&'static dyn Provider> {
+    crate::providers()
+        .iter()
+        .copied()
+        .find(|p| p.section() == key || p.flag() == Some(key))
+}
+
+/// The transports the agent uses, in order: `chain` (by kind, any case; those this build
+/// lacks are left out with a warning; one named without a section gets its defaults), or
+/// those asked for, in the providers' order.
+fn chain(
+    chain: Option<Vec<String>>,
+    configured: &[(&'static dyn Provider, bool, Arc<dyn TransportConfig>)],
+    file: Option<&Path>,
+) -> Result<Vec<Arc<dyn TransportConfig>>> {
+    let Some(names) = chain else {
+        return Ok(configured
+            .iter()
+            .filter(|(_, asked, _)| *asked)
+            .map(|(_, _, c)| c.clone())
+            .collect());
+    };
+    let mut out: Vec<Arc<dyn TransportConfig>> = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let field = format!("chain[{i}]");
+        let Some(p) = crate::providers()
+            .iter()
+            .find(|p| p.kind().name().eq_ignore_ascii_case(name))
+        else {
+            tracing::warn!(file = ?file, field = %field, transport = %name, built_in = ?crate::transports(),
+                "the chain names a transport this build lacks; it is left out");
+            continue;
+        };
+        if out.iter().any(|c| c.kind() == p.kind()) {
+            return Err(Error::Configuration {
+                file: file.map(Path::to_path_buf),
+                field,
+                message: format!("{name} is in the chain twice"),
+            });
+        }
+        let config = match configured.iter().find(|(q, _, _)| q.kind() == p.kind()) {
+            Some((_, _, c)) => c.clone(),
+            None => p
+                .parse(Value::Object(Map::new()), file.and_then(Path::parent))
+                .map_err(|e| placed(e, file, p.section()))?,
+        };
+        out.push(config);
+    }
+    Ok(out)
 }
 
 /// JSON with comments, as people write definition files.
@@ -192,47 +270,51 @@ fn definitions_are_told_from_other_json_files() {
     }
 }
 
-/// Reads `value` as a `T`, naming `file` and the field path under `prefix` in errors.
+/// Reads `value` as a `T`, naming `file` and the field path under `field` in errors.
 fn section<T: serde::de::DeserializeOwned>(
     value: Value,
     file: Option<&Path>,
-    prefix: &str,
+    field: &str,
 ) -> Result<T> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
+    aqe_core::provider::read_section(value).map_err(|e| placed(e, file, field))
+}
+
+/// A configuration error of the section at `field` (`quicConfig`), placed in `file`.
+fn placed(e: Error, file: Option<&Path>, field: &str) -> Error {
+    match e.in_config(file, "") {
         Error::Configuration {
-            file: file.map(Path::to_path_buf),
-            field: if path == "." {
-                prefix.trim_end_matches('.').to_owned()
-            } else {
-                format!("{prefix}{path}")
+            file,
+            field: inner,
+            message,
+        } => Error::Configuration {
+            file,
+            field: match inner.chars().next() {
+                None => field.to_owned(),
+                Some('[') => format!("{field}{inner}"),
+                Some(_) => format!("{field}.{inner}"),
             },
-            message: e.into_inner().to_string(),
-        }
-    })
+            message,
+        },
+        other => other,
+    }
 }
 
 impl AgentDefinition {
     /// Whether `text` looks like an agent definition rather than another JSON file of a
     /// project (`package.json`, `tsconfig.json`): an object with `agentType`, or with `type`
     /// and either only a definition's keys or a key only definitions have (`id`,
-    /// `capabilities`, `channels`, `enableQUIC`, `quicConfig`, `natsConfig`).
+    /// `capabilities`, `channels`, `chain`, a transport's section or flag).
     pub fn looks_like(text: &str) -> bool {
-        const ONLY_HERE: [&str; 6] = [
-            "id",
-            "capabilities",
-            "channels",
-            "enableQUIC",
-            "quicConfig",
-            "natsConfig",
-        ];
+        const ONLY_HERE: [&str; 4] = ["id", "capabilities", "channels", "chain"];
         let Ok(Value::Object(doc)) = serde_json::from_str::<Value>(&jsonc::strip(text)) else {
             return false;
         };
-        let known = |k: &str| ONLY_HERE.contains(&k) || ["type", "health", "metadata"].contains(&k);
+        let transport_key = |k: &str| transport_like(k) || owner_of(k).is_some();
+        let only_here = |k: &str| ONLY_HERE.contains(&k) || transport_key(k);
+        let known = |k: &str| only_here(k) || ["type", "health", "metadata"].contains(&k);
         doc.contains_key("agentType")
             || (doc.contains_key("type")
-                && (doc.keys().all(|k| known(k)) || ONLY_HERE.iter().any(|k| doc.contains_key(*k))))
+                && (doc.keys().all(|k| known(k)) || doc.keys().any(|k| only_here(k))))
     }
 
     /// Parses and checks a definition: JSON with comments (`//`, `/* */`) and trailing commas
@@ -244,7 +326,7 @@ impl AgentDefinition {
     pub fn from_json(text: &str, file: Option<&Path>) -> Result<Self> {
         let text = jsonc::strip(text);
         let de = &mut serde_json::Deserializer::from_str(&text);
-        let doc: File = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut doc: File = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             Error::Configuration {
                 file: file.map(Path::to_path_buf),
@@ -256,74 +338,68 @@ impl AgentDefinition {
                 message: e.into_inner().to_string(),
             }
         })?;
-        let mut quic = doc.quic_config.unwrap_or_default();
-        let mut enable_quic = doc.enable_quic;
-        if let Some(enabled) = quic.remove("enabled") {
-            // The flag outside and the one inside quicConfig mean the same thing.
-            enable_quic |= section::<bool>(enabled, file, "quicConfig.enabled")?;
+        let base = file.and_then(Path::parent);
+        // Each transport's section: its channels and `enabled` are the definition's; the
+        // rest goes to the transport's crate.
+        let mut channels = doc.channels.take().map(|c| (String::new(), c));
+        let mut configured: Vec<(&'static dyn Provider, bool, Arc<dyn TransportConfig>)> =
+            Vec::new();
+        for p in crate::providers() {
+            let name = p.section();
+            let flagged = match p.flag().and_then(|f| doc.rest.remove(f)) {
+                Some(v) => section::<bool>(v, file, p.flag().unwrap_or(name))?,
+                None => false,
+            };
+            let mut body = match doc.rest.remove(name) {
+                Some(Value::Object(m)) => Some(m),
+                Some(_) => {
+                    return Err(Error::Configuration {
+                        file: file.map(Path::to_path_buf),
+                        field: name.to_owned(),
+                        message: "expected an object".to_owned(),
+                    });
+                }
+                None => None,
+            };
+            let present = body.is_some();
+            let mut section_body = body.take().unwrap_or_default();
+            let enabled = match section_body.remove("enabled") {
+                Some(v) => Some(section::<bool>(v, file, &format!("{name}.enabled"))?),
+                None => None,
+            };
+            take_channels(&mut channels, name, &mut section_body, file)?;
+            let asked = match p.flag() {
+                Some(_) => flagged || enabled == Some(true),
+                None => present && enabled != Some(false),
+            };
+            if present || asked {
+                let config = p
+                    .parse(Value::Object(section_body), base)
+                    .map_err(|e| placed(e, file, name))?;
+                configured.push((*p, asked, config));
+            }
         }
-        // Where the channels came from, to name them in errors.
-        let mut channels_at = "quicConfig.";
-        let channels = match (quic.remove("channels"), doc.channels) {
-            (Some(_), Some(_)) => {
+        for (key, mut value) in std::mem::take(&mut doc.rest) {
+            if transport_like(&key) {
+                // The guide's channels are in `quicConfig`, read with or without QUIC.
+                if let Value::Object(m) = &mut value {
+                    take_channels(&mut channels, &key, m, file)?;
+                }
+                tracing::warn!(file = ?file, field = %key, built_in = ?crate::transports(),
+                    "no transport of this build reads this field; it is ignored");
+            } else {
                 return Err(Error::Configuration {
                     file: file.map(Path::to_path_buf),
-                    field: "channels".to_owned(),
-                    message: "channels are given both here and in quicConfig; keep one".to_owned(),
+                    field: key,
+                    message: "unknown field".to_owned(),
                 });
             }
-            (Some(v), None) => section::<ChannelList>(v, file, "quicConfig.channels")?
-                .0
-                .into_iter()
-                .map(|s| s.0)
-                .collect(),
-            (None, Some(c)) => {
-                channels_at = "";
-                c
-            }
-            (None, None) => default_channels(),
-        };
-        let base = file.and_then(Path::parent);
-        #[cfg(feature = "quic")]
-        let quic_config: aqe_quic::QuicConfig = {
-            let mut c: aqe_quic::QuicConfig = section(Value::Object(quic), file, "quicConfig.")?;
-            if let Some(base) = base {
-                let s = &mut c.security;
-                for p in [&mut s.cert_path, &mut s.key_path, &mut s.ca_path] {
-                    relative_to(base, p);
-                }
-            }
-            c.validate().map_err(|e| e.in_config(file, "quicConfig."))?;
-            c
-        };
-        #[cfg(not(feature = "quic"))]
-        drop(quic);
-        #[cfg(feature = "nats")]
-        let nats_config = match doc.nats_config {
-            None => None,
-            Some(v) => {
-                let mut c: aqe_nats::NatsConfig = section(v, file, "natsConfig.")?;
-                if let Some(base) = base {
-                    let t = &mut c.tls;
-                    for p in [
-                        &mut c.credentials,
-                        &mut t.ca_path,
-                        &mut t.cert_path,
-                        &mut t.key_path,
-                    ] {
-                        relative_to(base, p);
-                    }
-                }
-                c.validate().map_err(|e| e.in_config(file, "natsConfig."))?;
-                Some(c)
-            }
-        };
-        #[cfg(not(any(feature = "quic", feature = "nats")))]
-        let _ = base;
-        #[cfg(not(feature = "nats"))]
-        if doc.nats_config.is_some() {
-            tracing::warn!(file = ?file, "the definition configures NATS, but aqe-agent was built without the `nats` feature; natsConfig is ignored");
         }
+        let transports = chain(doc.chain, &configured, file)?;
+        let (channels_at, channels) = match channels {
+            Some((at, c)) => (at, c),
+            None => (String::new(), default_channels()),
+        };
         let def = AgentDefinition {
             id: doc.id,
             agent_type: doc.agent_type,
@@ -331,16 +407,30 @@ impl AgentDefinition {
             channels,
             health: doc.health,
             metadata: doc.metadata,
-            enable_quic,
-            #[cfg(feature = "quic")]
-            quic_config,
-            #[cfg(feature = "nats")]
-            nats_config,
+            transports,
+            configured: configured.into_iter().map(|(_, _, c)| c).collect(),
         };
         let mut reg = def.registration();
         reg.id = AgentId::new("check");
-        reg.validate().map_err(|e| e.in_config(file, channels_at))?;
+        let prefix = channels_at
+            .strip_suffix("channels")
+            .unwrap_or_default()
+            .to_owned();
+        reg.validate().map_err(|e| e.in_config(file, &prefix))?;
         Ok(def)
+    }
+
+    /// The configuration the file gives a transport of type `T` (`aqe_quic::QuicConfig`),
+    /// whether the agent uses that transport or not.
+    pub fn config<T: 'static>(&self) -> Option<&T> {
+        self.configured
+            .iter()
+            .find_map(|c| c.as_any().downcast_ref::<T>())
+    }
+
+    /// Whether the agent uses a transport of this kind.
+    pub fn uses(&self, kind: TransportKind) -> bool {
+        self.transports.iter().any(|t| t.kind() == kind)
     }
 
     /// Reads a definition file. This is blocking I/O, meant for start-up; async code reads the
@@ -447,9 +537,14 @@ mod tests {
             None,
         )
         .expect("valid");
-        assert!(def.enable_quic);
         #[cfg(feature = "quic")]
-        assert_eq!(def.quic_config.port, 9000);
+        {
+            assert!(def.uses(aqe_quic::QuicTransport::KIND));
+            assert_eq!(
+                def.config::<aqe_quic::QuicConfig>().map(|c| c.port),
+                Some(9000)
+            );
+        }
         assert_eq!(def.channels, default_channels());
         assert!(
             def.registration()
@@ -482,15 +577,16 @@ mod tests {
         );
         #[cfg(feature = "quic")]
         assert_eq!(
-            def.quic_config.connection_timeout,
-            Duration::from_millis(2500)
+            def.config::<aqe_quic::QuicConfig>()
+                .map(|c| c.connection_timeout),
+            Some(Duration::from_millis(2500))
         );
         assert_eq!(def.health.degraded_rtt, Duration::from_millis(50));
         assert!(
             !format!("{def:?}").contains("s3cret"),
             "tokens are never printed"
         );
-        assert!(!def.enable_quic);
+        assert!(def.transports.is_empty(), "QUIC configured, not asked for");
     }
 
     #[test]
@@ -548,9 +644,65 @@ mod tests {
             .expect("valid");
         assert_eq!(def.channels.len(), 3);
         #[cfg(feature = "quic")]
-        assert_eq!(def.quic_config.send_timeout, Duration::from_secs(5));
+        assert_eq!(
+            def.config::<aqe_quic::QuicConfig>().map(|c| c.send_timeout),
+            Some(Duration::from_secs(5))
+        );
         #[cfg(feature = "nats")]
-        assert_eq!(def.nats_config.map(|n| n.fleet).as_deref(), Some("qe"));
+        assert_eq!(
+            def.config::<aqe_nats::NatsConfig>()
+                .map(|n| n.fleet.as_str()),
+            Some("qe")
+        );
+    }
+
+    #[test]
+    fn the_chain_orders_the_transports_and_unknown_fields_are_told_apart() {
+        let kinds = |json: &str| -> Vec<&'static str> {
+            AgentDefinition::from_json(json, None)
+                .expect("valid")
+                .transports
+                .iter()
+                .map(|t| t.kind().name())
+                .collect()
+        };
+        // A section of a transport this build lacks, or of none, is ignored; a typo is not.
+        assert!(
+            kinds(r#"{"type":"w","carrierPigeonConfig":{},"enableCarrierPigeon":true}"#).is_empty()
+        );
+        assert_eq!(err_of(r#"{"type":"w","capabilites":[]}"#).0, "capabilites");
+        assert!(kinds(r#"{"type":"w","chain":["carrier pigeon"]}"#).is_empty());
+        #[cfg(all(feature = "quic", feature = "nats"))]
+        {
+            let both = r#""enableQUIC":true,"natsConfig":{"servers":["nats://127.0.0.1:4222"]}"#;
+            assert_eq!(
+                kinds(&format!(r#"{{"type":"w",{both}}}"#)),
+                ["QUIC", "NATS"]
+            );
+            assert_eq!(
+                kinds(&format!(r#"{{"type":"w",{both},"chain":["nats","QUIC"]}}"#)),
+                ["NATS", "QUIC"]
+            );
+            // Named in the chain without a section: its defaults.
+            assert_eq!(kinds(r#"{"type":"w","chain":["NATS"]}"#), ["NATS"]);
+            assert_eq!(
+                err_of(r#"{"type":"w","chain":["QUIC","quic"]}"#).0,
+                "chain[1]"
+            );
+            assert_eq!(
+                err_of(r#"{"type":"w","natsConfig":{"enabled":"yes"}}"#).0,
+                "natsConfig.enabled"
+            );
+            assert!(kinds(r#"{"type":"w","natsConfig":{"enabled":false}}"#).is_empty());
+            assert_eq!(
+                kinds(r#"{"type":"w","quicConfig":{"enabled":true}}"#),
+                ["QUIC"]
+            );
+            assert_eq!(
+                err_of(r#"{"type":"w","natsConfig":{"channels":["metrics"]},"quicConfig":{"channels":["metrics"]}}"#).0,
+                "natsConfig.channels"
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use aqe_core::{AgentId, Error, Result, Transport};
+use aqe_core::{AgentId, Error, Result, Started, Transport, TransportConfig};
 
 use crate::{Agent, AgentBuilder, AgentDefinition};
 
@@ -13,23 +13,18 @@ use crate::{Agent, AgentBuilder, AgentDefinition};
 #[derive(Default)]
 pub struct Fleet {
     agents: Vec<Agent>,
-    /// QUIC endpoints started for the fleet, by the host and port definitions asked for.
-    #[cfg(feature = "quic")]
-    quic: Vec<(String, u16, aqe_quic::QuicTransport)>,
-    /// NATS connections started for the fleet, by their configuration.
-    #[cfg(feature = "nats")]
-    nats: Vec<(aqe_nats::NatsConfig, aqe_nats::NatsTransport)>,
-    /// Fallback chains, by the QUIC endpoint and NATS connection they start with.
-    chains: Vec<(ChainKey, Arc<crate::Fallback>)>,
+    /// Transports started for the fleet, with the configuration that started them.
+    started: Vec<(Arc<dyn TransportConfig>, Started)>,
+    /// Fallback chains, by the started transports they go through (indices into
+    /// `started`, in order).
+    chains: Vec<(Vec<usize>, Arc<crate::Fallback>)>,
 }
-
-/// Which QUIC endpoint and NATS connection of the fleet's (by index) a chain starts with.
-type ChainKey = (Option<usize>, Option<usize>);
 
 impl std::fmt::Debug for Fleet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fleet")
             .field("agents", &self.agents)
+            .field("transports", &self.started.len())
             .field("chains", &self.chains.len())
             .finish()
     }
@@ -41,17 +36,16 @@ impl Fleet {
     /// `.claude/agents/` (the guide's layout) or `agents/` is read from there.
     /// `customize` gets each definition and its builder, to add handlers by agent type.
     ///
-    /// A definition asking for QUIC (`enableQUIC`, with the `quic` feature) runs on a QUIC
-    /// endpoint at its `host:port`; one with a `natsConfig` (with the `nats` feature) also on
-    /// a NATS connection; the agent's transport is then the [`Fallback`](crate::Fallback)
-    /// chain QUIC, NATS, `transport`. Definitions naming the same host and port share one QUIC
-    /// endpoint (port 0 included), whose options come from the first of them; the same
-    /// `natsConfig` shares one connection. Without a feature, the part it would add is left
-    /// out and a warning says so.
+    /// A definition's transports ([`AgentDefinition::transports`]: `enableQUIC` with its
+    /// `quicConfig`, a `natsConfig`, in `chain` order) are started for it, and the agent's
+    /// transport is then the [`Fallback`](crate::Fallback) chain of them, then `transport`.
+    /// Definitions whose configurations share a transport (QUIC: the same host and port,
+    /// port 0 included, with the first one's options; NATS: the same configuration) share
+    /// it. A transport of `transport`'s own kind is not started again.
     ///
     /// # Errors
     /// [`Error::Configuration`] naming the file (and the field) that is wrong, or the
-    /// directory that cannot be read; connection errors of a NATS server. Agents already
+    /// directory that cannot be read; what starting a transport meets. Agents already
     /// started are shut down first.
     pub async fn from_dir<F>(
         dir: impl AsRef<Path>,
@@ -86,6 +80,16 @@ impl Fleet {
         self.agents.iter().find(|a| a.id() == id)
     }
 
+    /// The transports started for the fleet, in the order they were started.
+    pub fn transports(&self) -> impl Iterator<Item = &Started> {
+        self.started.iter().map(|(_, s)| s)
+    }
+
+    /// The transports started for the fleet that are of type `T` (`aqe_quic::QuicTransport`).
+    pub fn endpoints<T: 'static>(&self) -> impl Iterator<Item = &T> {
+        self.transports().filter_map(Started::as_type)
+    }
+
     /// Shuts every agent down, then the transports the fleet started. The transport given
     /// to [`Fleet::from_dir`] is the caller's and keeps running.
     pub async fn shutdown(&self) {
@@ -93,114 +97,46 @@ impl Fleet {
         for (_, chain) in &self.chains {
             chain.close().await;
         }
-        #[cfg(feature = "quic")]
-        for (_, _, q) in &self.quic {
-            q.shutdown().await;
-        }
-        #[cfg(feature = "nats")]
-        for (_, n) in &self.nats {
-            n.shutdown().await;
-        }
+        futures::future::join_all(self.started.iter().map(|(_, s)| s.transport.shutdown())).await;
     }
 
-    /// The QUIC endpoints started for the fleet.
-    #[cfg(feature = "quic")]
-    pub fn quic_endpoints(&self) -> impl Iterator<Item = &aqe_quic::QuicTransport> {
-        self.quic.iter().map(|(_, _, q)| q)
-    }
-
-    /// The NATS connections started for the fleet.
-    #[cfg(feature = "nats")]
-    pub fn nats_endpoints(&self) -> impl Iterator<Item = &aqe_nats::NatsTransport> {
-        self.nats.iter().map(|(_, n)| n)
-    }
-
-    /// The QUIC endpoint for a definition, started if need be; `None` when it asks for none.
-    #[cfg_attr(not(feature = "quic"), allow(clippy::unused_async))]
-    async fn quic_for(
-        &mut self,
-        def: &AgentDefinition,
-        file: &Path,
-        fleet_kind: aqe_core::TransportKind,
-    ) -> Result<Option<(usize, Arc<dyn Transport>)>> {
-        if !def.enable_quic {
-            return Ok(None);
-        }
-        #[cfg(feature = "quic")]
+    /// The started transport for `config`: one that serves it already, or a new one.
+    async fn start(&mut self, config: &Arc<dyn TransportConfig>, file: &Path) -> Result<usize> {
+        if let Some(i) = self
+            .started
+            .iter()
+            .position(|(c, _)| config.shares_with(&**c))
         {
-            if fleet_kind == aqe_quic::QuicTransport::KIND {
-                return Ok(None);
-            }
-            let (host, port) = (&def.quic_config.host, def.quic_config.port);
-            if let Some(i) = self
-                .quic
-                .iter()
-                .position(|(h, p, _)| h == host && *p == port)
-            {
-                return Ok(Some((i, Arc::new(self.quic[i].2.clone()))));
-            }
-            let quic = aqe_quic::QuicTransport::bind(def.quic_config.clone())
-                .await
-                .map_err(|e| e.in_config(Some(file), "quicConfig."))?;
-            tracing::info!(file = %file.display(), listen = %quic.local_addr(), "QUIC endpoint started");
-            self.quic.push((host.clone(), port, quic.clone()));
-            Ok(Some((self.quic.len() - 1, Arc::new(quic))))
+            return Ok(i);
         }
-        #[cfg(not(feature = "quic"))]
-        {
-            tracing::warn!(file = %file.display(), transport = %fleet_kind,
-                "definition enables QUIC, but aqe-agent was built without the `quic` feature; QUIC is left out");
-            Ok(None)
-        }
+        let started = config
+            .start()
+            .await
+            .map_err(|e| e.in_config(Some(file), ""))?;
+        tracing::info!(file = %file.display(), transport = %config.kind(), "transport started");
+        self.started.push((config.clone(), started));
+        Ok(self.started.len() - 1)
     }
 
-    /// The NATS connection for a definition, made if need be; `None` when it asks for none.
-    #[cfg_attr(not(feature = "nats"), allow(clippy::unused_async, unused_variables))]
-    async fn nats_for(
-        &mut self,
-        def: &AgentDefinition,
-        file: &Path,
-        fleet_kind: aqe_core::TransportKind,
-    ) -> Result<Option<(usize, Arc<dyn Transport>)>> {
-        #[cfg(feature = "nats")]
-        {
-            let Some(config) = &def.nats_config else {
-                return Ok(None);
-            };
-            if fleet_kind == aqe_nats::NatsTransport::KIND {
-                return Ok(None);
-            }
-            if let Some(i) = self.nats.iter().position(|(c, _)| c == config) {
-                return Ok(Some((i, Arc::new(self.nats[i].1.clone()))));
-            }
-            let nats = aqe_nats::NatsTransport::connect(config.clone())
-                .await
-                .map_err(|e| e.in_config(Some(file), "natsConfig."))?;
-            tracing::info!(file = %file.display(), server = %nats.server(), fleet = %config.fleet, "NATS connection started");
-            self.nats.push((config.clone(), nats.clone()));
-            Ok(Some((self.nats.len() - 1, Arc::new(nats))))
-        }
-        #[cfg(not(feature = "nats"))]
-        Ok(None)
-    }
-
-    /// The transport for a definition: the fleet's, or the chain QUIC, NATS, the fleet's.
+    /// The transport for a definition: the fleet's, or the chain of its transports, then
+    /// the fleet's.
     async fn transport_for(
         &mut self,
         def: &AgentDefinition,
         file: &Path,
         fleet: &Arc<dyn Transport>,
     ) -> Result<Arc<dyn Transport>> {
-        let quic = self.quic_for(def, file, fleet.kind()).await?;
-        let nats = self.nats_for(def, file, fleet.kind()).await?;
-        let key = (quic.as_ref().map(|q| q.0), nats.as_ref().map(|n| n.0));
-        if key == (None, None) {
+        let mut key = Vec::new();
+        for config in def.transports.iter().filter(|c| c.kind() != fleet.kind()) {
+            key.push(self.start(config, file).await?);
+        }
+        if key.is_empty() {
             return Ok(fleet.clone());
         }
         if let Some((_, chain)) = self.chains.iter().find(|(k, _)| *k == key) {
             return Ok(chain.clone());
         }
-        let mut links = quic.into_iter().chain(nats).map(|(_, t)| t);
+        let mut links = key.iter().map(|&i| self.started[i].1.transport.clone());
         let Some(first) = links.next() else {
             return Ok(fleet.clone());
         };

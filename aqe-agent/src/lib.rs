@@ -48,15 +48,27 @@ pub use handler::HandlerError;
 /// The core types, for users who depend on this crate alone.
 pub use aqe_core;
 
-/// The transports this build of aqe-agent has, in the order a fallback chain usually takes
-/// them (each but the bus is a cargo feature).
-pub const TRANSPORTS: &[&str] = &[
-    #[cfg(feature = "quic")]
-    "QUIC",
-    #[cfg(feature = "nats")]
-    "NATS",
-    "bus",
-];
+/// The transports this build has, as providers (see [`aqe_core::Provider`]), in the order a
+/// definition's chain takes them by default: one line per transport crate, and the only place
+/// the runtime names them.
+pub fn providers() -> &'static [&'static dyn aqe_core::Provider] {
+    &[
+        #[cfg(feature = "quic")]
+        &aqe_quic::Quic,
+        #[cfg(feature = "nats")]
+        &aqe_nats::Nats,
+    ]
+}
+
+/// The names of the transports this build has: the providers', then the in-process bus.
+pub fn transports() -> Vec<&'static str> {
+    providers()
+        .iter()
+        .map(|p| p.kind().name())
+        .chain([EventBus::KIND.name()])
+        .collect()
+}
+
 pub use aqe_eventbus::EventBus;
 /// The NATS transport crate.
 #[cfg(feature = "nats")]

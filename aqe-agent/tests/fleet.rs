@@ -155,7 +155,10 @@ fn relative_paths_are_relative_to_the_definition_file() {
         Some(&file),
     )
     .expect("definition");
-    let s = &def.quic_config.security;
+    let s = &def
+        .config::<aqe_agent::aqe_quic::QuicConfig>()
+        .expect("QUIC options")
+        .security;
     assert_eq!(
         s.cert_path.as_deref(),
         Some(dir.path().join("certs/node.pem").as_path())

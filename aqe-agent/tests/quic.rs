@@ -231,7 +231,7 @@ async fn a_fleet_with_quic_definitions_shares_one_endpoint_per_address() {
     .await
     .expect("fleet");
     assert_eq!(
-        fleet.quic_endpoints().count(),
+        fleet.endpoints::<QuicTransport>().count(),
         1,
         "a and b share one QUIC endpoint"
     );
@@ -544,10 +544,10 @@ async fn quic_enabled_and_disabled_at_run_time_loses_nothing() {
         host: "127.0.0.1".into(),
         ..QuicConfig::default()
     };
-    a.enable_quic(config()).await.expect("enable on a");
-    assert!(a.enable_quic(config()).await.is_err(), "enabled once");
-    let a_quic = a.quic().await.expect("a's endpoint");
-    b.enable_quic(QuicConfig {
+    a.enable(config()).await.expect("enable on a");
+    assert!(a.enable(config()).await.is_err(), "enabled once");
+    let a_quic = a.enabled::<QuicTransport>().await.expect("a's endpoint");
+    b.enable(QuicConfig {
         bootstrap_peers: vec![a_quic.local_addr().to_string()],
         ..config()
     })
@@ -574,8 +574,11 @@ async fn quic_enabled_and_disabled_at_run_time_loses_nothing() {
         received.push(n);
         if received.len() == 300 {
             // b takes QUIC away in the middle of the flow (its inbox keeps filling meanwhile).
-            b.disable_quic().await;
-            assert!(b.quic().await.is_none(), "b's QUIC is gone");
+            b.disable(QuicTransport::KIND).await;
+            assert!(
+                b.enabled::<QuicTransport>().await.is_none(),
+                "b's QUIC is gone"
+            );
         }
     }
     sender.await.expect("sender");
@@ -585,7 +588,7 @@ async fn quic_enabled_and_disabled_at_run_time_loses_nothing() {
         "once each, in order"
     );
     assert!(
-        aqe_core::Transport::stats(&*a_quic, a.id()).messages_sent > 0,
+        aqe_core::Transport::stats(&a_quic, a.id()).messages_sent > 0,
         "part of it went over QUIC"
     );
     let mut seen = (false, false);
@@ -600,7 +603,7 @@ async fn quic_enabled_and_disabled_at_run_time_loses_nothing() {
     assert_eq!(seen, (true, true), "both switches announced");
     let stats = a.stats();
     assert_eq!(stats.messages_failed, 0, "nothing reported lost");
-    a.disable_quic().await;
+    a.disable(QuicTransport::KIND).await;
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -14,7 +14,10 @@ use crate::error::CliError;
 /// The endpoint's configuration the options describe.
 fn config(join: &Join) -> Result<QuicConfig, CliError> {
     let mut c = match &join.definition {
-        Some(path) => AgentDefinition::from_file(path)?.quic_config,
+        Some(path) => AgentDefinition::from_file(path)?
+            .config::<QuicConfig>()
+            .cloned()
+            .unwrap_or_default(),
         None => QuicConfig::default(),
     };
     let (host, port) = join

@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     let version = format!(
         "{} (joins fleets over QUIC; transports built in: {})",
         env!("CARGO_PKG_VERSION"),
-        aqe_agent::TRANSPORTS.join(", ")
+        aqe_agent::transports().join(", ")
     );
     let matches = <Cli as clap::CommandFactory>::command()
         .version(version)

@@ -33,7 +33,7 @@ pub(crate) async fn run(args: NodeArgs) -> Result<(), CliError> {
             message: "no agent definitions (*.json, *.jsonc) here or in .claude/agents/".into(),
         }));
     }
-    for q in fleet.quic_endpoints() {
+    for q in fleet.endpoints::<aqe_agent::QuicTransport>() {
         println!("listening on {}", q.local_addr());
     }
     for a in fleet.agents() {

@@ -35,6 +35,7 @@ mod message;
 mod options;
 mod peer;
 pub mod plumbing;
+pub mod provider;
 mod receipt;
 mod token;
 mod transport;
@@ -57,6 +58,7 @@ pub use message::{
 };
 pub use options::{BroadcastOptions, DiscoveryOptions, PeerFilter, RequestOptions, StreamOptions};
 pub use peer::{PeerInfo, PeerState, Registration};
+pub use provider::{Provider, Started, TransportConfig};
 pub use receipt::Receipt;
 pub use token::Token;
 pub use transport::{

@@ -189,7 +189,7 @@ async fn await_mesh(fleet: &Fleet) -> anyhow::Result<()> {
             a.id()
         );
     }
-    let quic: Vec<_> = fleet.quic_endpoints().collect();
+    let quic: Vec<_> = fleet.endpoints::<aqe_agent::QuicTransport>().collect();
     let on_quic =
         |q: &aqe_agent::QuicTransport| q.peers().into_iter().map(|p| p.id).collect::<HashSet<_>>();
     let all: HashSet<AgentId> = quic.iter().flat_map(|q| on_quic(q)).collect();
@@ -337,7 +337,7 @@ async fn patterns(
         .map(|a| (a.id().to_string(), a.health(), a.stats()))
         .collect();
     let endpoints = fleet
-        .quic_endpoints()
+        .endpoints::<aqe_agent::QuicTransport>()
         .map(|q| (q.local_addr().to_string(), q.connections()))
         .collect();
     Ok(Report {

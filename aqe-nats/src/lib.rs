@@ -35,6 +35,7 @@
 
 mod config;
 mod endpoint;
+mod provider;
 mod stream;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -42,4 +43,5 @@ mod transport;
 mod wire;
 
 pub use config::{NatsConfig, NatsLimits, NatsTls};
+pub use provider::Nats;
 pub use transport::NatsTransport;

@@ -34,6 +34,7 @@ mod conn;
 mod endpoint;
 mod identity;
 mod link;
+mod provider;
 mod stream;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
@@ -45,4 +46,5 @@ mod wire;
 pub use config::{
     IntrospectionConfig, IntrospectionWho, PeerExchange, QuicConfig, QuicLimits, SecurityConfig,
 };
+pub use provider::Quic;
 pub use transport::{LinkInfo, QuicTransport};
