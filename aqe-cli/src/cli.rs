@@ -152,9 +152,17 @@ pub(crate) struct Join {
     /// AQE_BOOTSTRAP separated by commas.
     #[arg(long, short = 'b', env = "AQE_BOOTSTRAP", value_delimiter = ',')]
     pub(crate) bootstrap: Vec<String>,
-    /// Join as a definition file describes (its quicConfig: certificates, token, port).
+    /// Join as a definition file describes (its quicConfig: certificates, token, port; its
+    /// natsConfig; its chain).
     #[arg(long, conflicts_with_all = ["certs", "cert", "key", "ca"])]
     pub(crate) definition: Option<PathBuf>,
+    /// Join over NATS too, through this server (nats://host:port); repeatable, or several
+    /// in AQE_NATS separated by commas. With --bootstrap too: QUIC first, then NATS.
+    #[arg(long, env = "AQE_NATS", value_delimiter = ',')]
+    pub(crate) nats: Vec<String>,
+    /// The fleet's name on the NATS server (natsConfig.fleet).
+    #[arg(long, env = "AQE_FLEET", default_value = "default")]
+    pub(crate) fleet: String,
     /// A folder made by `aqe certs`: uses ca.pem, NAME.pem and NAME.key (with --name).
     #[arg(long, requires = "name", env = "AQE_CERTS")]
     pub(crate) certs: Option<PathBuf>,

@@ -1,11 +1,13 @@
 //! Joining a fleet from the command line: a QUIC endpoint configured from the options (or a
-//! definition file), connected to the bootstrap endpoints, and waiting for agents.
+//! definition file), connected to the bootstrap endpoints; a NATS connection (`--nats`, or
+//! the definition's natsConfig); or the chain of both; then waiting for agents.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aqe_agent::{Agent, AgentDefinition, QuicTransport};
-use aqe_core::{AgentId, Error, Token};
+use aqe_agent::{Agent, AgentDefinition, Fallback, FallbackPolicy, NatsTransport, QuicTransport};
+use aqe_core::{AgentId, Error, Token, Transport};
+use aqe_nats::NatsConfig;
 use aqe_quic::QuicConfig;
 
 use crate::cli::Join;
@@ -51,6 +53,102 @@ fn config(join: &Join) -> Result<QuicConfig, CliError> {
         .connection_timeout
         .min(join.wait.max(Duration::from_secs(1)));
     Ok(c)
+}
+
+/// The NATS connection the options ask for: `--nats`, or the definition's natsConfig when
+/// its chain has NATS.
+fn nats_config(join: &Join, def: Option<&AgentDefinition>) -> Option<NatsConfig> {
+    if !join.nats.is_empty() {
+        let mut c = def
+            .and_then(AgentDefinition::config::<NatsConfig>)
+            .cloned()
+            .unwrap_or_default();
+        c.servers.clone_from(&join.nats);
+        c.fleet.clone_from(&join.fleet);
+        return Some(c);
+    }
+    let def = def?;
+    def.uses(NatsTransport::KIND)
+        .then(|| def.config::<NatsConfig>().cloned())
+        .flatten()
+}
+
+/// What a command joined with: the transport its agent uses, and the QUIC endpoint in it.
+pub(crate) struct Joined {
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) quic: Option<Arc<QuicTransport>>,
+}
+
+impl Joined {
+    /// Where it can be reached, as `listen` and `reply` print it.
+    pub(crate) fn at(&self) -> String {
+        match &self.quic {
+            Some(q) => q.local_addr().to_string(),
+            None => "NATS".to_owned(),
+        }
+    }
+}
+
+/// The transport a command's agent joins with: the QUIC endpoint (unless only NATS is asked
+/// for), the NATS connection (if asked for), or the chain of both, in the definition's order
+/// (QUIC first otherwise).
+pub(crate) async fn transport(join: &Join) -> Result<Joined, CliError> {
+    let def = match &join.definition {
+        Some(path) => Some(AgentDefinition::from_file(path)?),
+        None => None,
+    };
+    let nats = nats_config(join, def.as_ref());
+    let quic_asked = !join.bootstrap.is_empty()
+        || def.as_ref().is_some_and(|d| d.uses(QuicTransport::KIND))
+        || nats.is_none();
+    let nats_first = def
+        .as_ref()
+        .is_some_and(|d| d.transports.first().map(|t| t.kind()) == Some(NatsTransport::KIND));
+    let nats = match nats {
+        Some(config) => {
+            let servers = config.servers.join(",");
+            let connect = NatsTransport::connect(config);
+            match tokio::time::timeout(join.wait, connect).await {
+                Ok(Ok(n)) => Some(Arc::new(n) as Arc<dyn Transport>),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {
+                    return Err(CliError::Unreachable(Error::ConnectionTimeout {
+                        addr: aqe_core::Address::named(servers),
+                        after: join.wait,
+                    }));
+                }
+            }
+        }
+        None => None,
+    };
+    let endpoint = if quic_asked {
+        match endpoint(join).await {
+            Ok(q) => Some(q),
+            Err(e) => {
+                if let Some(n) = &nats {
+                    n.shutdown().await;
+                }
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
+    let quic = endpoint.clone().map(|q| q as Arc<dyn Transport>);
+    let transport = match (quic, nats) {
+        (Some(q), Some(n)) => {
+            let (first, second) = if nats_first { (n, q) } else { (q, n) };
+            Fallback::chain(first)
+                .then(second, FallbackPolicy::default())
+                .build()
+        }
+        (Some(t), None) | (None, Some(t)) => t,
+        (None, None) => return Err(CliError::Usage("nothing to join with")),
+    };
+    Ok(Joined {
+        transport,
+        quic: endpoint,
+    })
 }
 
 /// A QUIC endpoint joined to the fleet at `join.bootstrap`.
@@ -110,7 +208,8 @@ const SETTLED: Duration = Duration::from_millis(1000);
 pub(crate) async fn agent_known(agent: &Agent, id: &AgentId, join: &Join) -> Result<(), CliError> {
     let started = Instant::now();
     let deadline = started + join.wait;
-    let bootstrapped = !join.bootstrap.is_empty() || join.definition.is_some();
+    let bootstrapped =
+        !join.bootstrap.is_empty() || join.definition.is_some() || !join.nats.is_empty();
     let mut seen: Vec<AgentId> = Vec::new();
     let mut changed = started;
     loop {

@@ -30,7 +30,7 @@ use error::CliError;
 fn main() -> ExitCode {
     // `--version` says how the command joins a fleet, and which transports its build has.
     let version = format!(
-        "{} (joins fleets over QUIC; transports built in: {})",
+        "{} (joins fleets over QUIC and NATS; transports built in: {})",
         env!("CARGO_PKG_VERSION"),
         aqe_agent::transports().join(", ")
     );

@@ -17,7 +17,7 @@ use crate::payload;
 
 /// An agent of the fleet, on a fresh endpoint joined as `j` says.
 async fn agent(j: &Join, id: Option<&str>, agent_type: &str) -> Result<Agent, CliError> {
-    let transport = join::endpoint(j).await?;
+    let transport = join::transport(j).await?.transport;
     let mut b = Agent::builder()
         .agent_type(agent_type)
         .transport(transport.clone());
@@ -27,7 +27,7 @@ async fn agent(j: &Join, id: Option<&str>, agent_type: &str) -> Result<Agent, Cl
     match b.start().await {
         Ok(agent) => Ok(agent),
         Err(e) => {
-            aqe_core::Transport::shutdown(&*transport).await;
+            transport.shutdown().await;
             Err(e.into())
         }
     }
@@ -123,7 +123,7 @@ pub(crate) async fn reply(a: ReplyArgs) -> Result<(), CliError> {
     if !a.echo && a.command.is_none() {
         return Err(CliError::Usage("give --echo or --command CMD"));
     }
-    let transport = join::endpoint(&a.join).await?;
+    let transport = join::transport(&a.join).await?.transport;
     let (served_tx, mut served) = tokio::sync::mpsc::channel::<()>(64);
     let command = a.command.clone().map(Arc::new);
     let me = Agent::builder()
@@ -237,8 +237,8 @@ pub(crate) async fn stream(a: StreamArgs) -> Result<(), CliError> {
 }
 
 pub(crate) async fn listen(a: ListenArgs) -> Result<(), CliError> {
-    let transport = join::endpoint(&a.join).await?;
-    let at = transport.local_addr();
+    let joined = join::transport(&a.join).await?;
+    let (transport, at) = (joined.transport.clone(), joined.at());
     let (tx, mut got) = tokio::sync::mpsc::channel::<String>(1024);
     let streamed = tx.clone();
     let me = Agent::builder()

@@ -29,6 +29,8 @@ fn command(dir: &Path, args: &[&str]) -> Command {
         "AQE_BOOTSTRAP",
         "AQE_CERTS",
         "AQE_NAME",
+        "AQE_NATS",
+        "AQE_FLEET",
         "RUST_LOG",
     ] {
         c.env_remove(var);
@@ -537,7 +539,7 @@ fn version_names_the_transports_and_piped_logs_have_no_colour() {
     assert!(o.status.success(), "{}", stderr(&o));
     let version = stdout(&o);
     assert!(
-        version.contains("joins fleets over QUIC; transports built in: QUIC"),
+        version.contains("joins fleets over QUIC and NATS; transports built in: QUIC, NATS"),
         "{version}"
     );
     assert!(version.trim_end().ends_with("bus)"), "{version}");
@@ -622,6 +624,82 @@ fn a_node_in_a_project_root_reads_only_agent_definitions() {
         "{}",
         stderr(&o)
     );
+}
+
+/// A fleet over NATS alone, from the command line: a node whose definition has only a
+/// natsConfig, and commands joining with `--nats` (or AQE_NATS) and `--fleet`: requests,
+/// confirmed sends to a listener, an unknown agent named quickly, all as separate processes
+/// through a real nats-server.
+#[test]
+fn a_fleet_over_nats_from_the_command_line() {
+    let url = aqe_nats::testing::NatsServer::shared().url();
+    let fleet = format!("cli{}", std::process::id());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir(d.join("fleet")).expect("mkdir");
+    std::fs::write(
+        d.join("fleet/worker.json"),
+        format!(
+            r#"{{"id": "worker", "type": "executor",
+                 "natsConfig": {{"servers": ["{url}"], "fleet": "{fleet}"}}}}"#
+        ),
+    )
+    .expect("definition");
+    let (_node, line, _) = spawn(d, &["node", "fleet"], "agent ");
+    assert_eq!(line, "agent worker (executor)");
+    let over_nats = |args: &[&str]| -> Output {
+        let mut c = command(d, args);
+        c.args(["--fleet", &fleet]).env("AQE_NATS", &url);
+        c.output().expect("run aqe")
+    };
+
+    let o = over_nats(&["request", "worker", r#"{"over":"nats"}"#]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), r#"{"over":"nats"}"#);
+
+    // A listener and a sender, both joined over NATS with one name each.
+    let mut listener = command(d, &["listen", "inbox", "--fleet", &fleet, "--nats", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn listen");
+    let mut out = BufReader::new(listener.stdout.take().expect("stdout"));
+    let _listener = Running(listener);
+    assert_eq!(next_line(&mut out), "agent inbox listening at NATS");
+    let o = over_nats(&["send", "inbox", "first"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("sent "), "{}", stdout(&o));
+    assert!(next_line(&mut out).contains("first"));
+
+    // An unknown agent: named as soon as the fleet's membership is complete.
+    let started = Instant::now();
+    let o = over_nats(&["request", "wroker", "x"]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(stderr(&o).contains("worker"), "{}", stderr(&o));
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Nothing over NATS to a fleet that does not exist there.
+    let o = command(
+        d,
+        &[
+            "request",
+            "worker",
+            "x",
+            "--nats",
+            &url,
+            "--fleet",
+            "elsewhere",
+            "--wait",
+            "2",
+        ],
+    )
+    .output()
+    .expect("run aqe");
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
 }
 
 /// With stderr on a terminal (coloured), the `--log-file` copy stays plain text, span fields
