@@ -45,7 +45,8 @@ impl Fleet {
     ///
     /// # Errors
     /// [`Error::Configuration`] naming the file (and the field) that is wrong, or the
-    /// directory that cannot be read; what starting a transport meets. Agents already
+    /// directory that cannot be read; what starting a transport meets (a NATS server that
+    /// does not answer is not an error: the connection is made when it does). Agents already
     /// started are shut down first.
     pub async fn from_dir<F>(
         dir: impl AsRef<Path>,
@@ -109,8 +110,9 @@ impl Fleet {
         {
             return Ok(i);
         }
+        // A fleet runs until stopped: a transport whose server is away connects later.
         let started = config
-            .start()
+            .start_persistent()
             .await
             .map_err(|e| e.in_config(Some(file), ""))?;
         tracing::info!(file = %file.display(), transport = %config.kind(), "transport started");

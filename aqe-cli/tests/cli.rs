@@ -702,6 +702,101 @@ fn a_fleet_over_nats_from_the_command_line() {
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
 }
 
+/// A node whose NATS server is down at start serves QUIC at once and joins NATS when the
+/// server comes; Ctrl-C after the server died again ends it within the stated bound.
+#[test]
+fn a_node_starts_without_its_nats_server_and_stops_without_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    for args in [
+        &["certs", "init", "certs"][..],
+        &["certs", "issue", "certs", "node", "--ip", "127.0.0.1"],
+        &["certs", "issue", "certs", "cli"],
+    ] {
+        let o = aqe(d, args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    // A port no server listens on yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let fleet = format!("late{}", std::process::id());
+    std::fs::create_dir(d.join("fleet")).expect("mkdir");
+    std::fs::write(
+        d.join("fleet/worker.json"),
+        format!(
+            r#"{{"id": "worker", "type": "executor", "enableQUIC": true,
+                 "quicConfig": {{"host": "127.0.0.1", "port": 0,
+                   "security": {{"certPath": "../certs/node.pem", "keyPath": "../certs/node.key",
+                                "caPath": "../certs/ca.pem", "verifyPeer": true}}}},
+                 "natsConfig": {{"servers": ["{url}"], "fleet": "{fleet}"}}}}"#
+        ),
+    )
+    .expect("definition");
+    let started = Instant::now();
+    let (node, listening, _out) = spawn(d, &["node", "fleet"], "listening on ");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let addr = listening.trim_start_matches("listening on ").to_owned();
+    let quic = ["--bootstrap", &addr, "--certs", "certs", "--name", "cli"];
+    let o = aqe(
+        d,
+        &[&["request", "worker", "over QUIC"][..], &quic[..]].concat(),
+    );
+    assert!(
+        o.status.success(),
+        "QUIC while NATS is down: {}",
+        stderr(&o)
+    );
+
+    // The server comes: the node joins the fleet there without being told.
+    let server = aqe_nats::testing::NatsServer::start_on(port).expect("nats-server");
+    let o = aqe(
+        d,
+        &[
+            "request",
+            "worker",
+            "over NATS",
+            "--nats",
+            &url,
+            "--fleet",
+            &fleet,
+            "--wait",
+            "20",
+        ],
+    );
+    assert!(o.status.success(), "NATS once it is up: {}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "over NATS");
+
+    // The server goes; Ctrl-C still ends the node promptly.
+    drop(server);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut node = node;
+    let child = &mut node.0;
+    let stopping = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(
+            stopping.elapsed() < Duration::from_secs(5),
+            "the node did not stop within 5 s of Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// With stderr on a terminal (coloured), the `--log-file` copy stays plain text, span fields
 /// included. `script` (util-linux) gives the node its terminal.
 #[test]

@@ -63,6 +63,16 @@ pub trait TransportConfig: std::fmt::Debug + Send + Sync + 'static {
     /// refuses.
     async fn start(&self) -> Result<Started>;
 
+    /// Starts the transport for a long-running process (a node): one whose server is away
+    /// starts anyway and connects when it can, saying so. The provided implementation is
+    /// [`TransportConfig::start`].
+    ///
+    /// # Errors
+    /// As [`TransportConfig::start`], less what waiting for a server would meet.
+    async fn start_persistent(&self) -> Result<Started> {
+        self.start().await
+    }
+
     /// The configuration itself, for callers that know its type.
     fn as_any(&self) -> &dyn Any;
 }

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -79,16 +79,23 @@ pub(crate) struct NatsWire {
     out_wake: Notify,
     pub(crate) streams: Streams,
     pub(crate) stop: CancellationToken,
+    /// Cancelled when the server did not take the last packets in time at shutdown: a
+    /// publish still waiting for room in the client gives up.
+    abandon: CancellationToken,
     pub(crate) tasks: TaskTracker,
 }
 
 impl NatsWire {
-    /// Connects to one of `config.servers`, joins the fleet, and starts the host.
-    pub(crate) async fn connect(config: NatsConfig) -> Result<(Arc<Self>, Host)> {
+    /// Connects to one of `config.servers`, joins the fleet, and starts the host; with
+    /// `background`, it returns at once and the client connects when a server answers.
+    pub(crate) async fn connect(config: NatsConfig, background: bool) -> Result<(Arc<Self>, Host)> {
         config.validate()?;
         let server = Address::named(config.servers.join(","));
         let host_cell: Arc<OnceLock<WeakHost>> = Arc::default();
-        let options = connect_options(&config, host_cell.clone(), server.clone()).await?;
+        let mut options = connect_options(&config, host_cell.clone(), server.clone()).await?;
+        if background {
+            options = options.retry_on_initial_connect();
+        }
         let addrs: Vec<async_nats::ServerAddr> = config
             .servers
             .iter()
@@ -125,6 +132,7 @@ impl NatsWire {
             out_wake: Notify::new(),
             streams: Streams::default(),
             stop: CancellationToken::new(),
+            abandon: CancellationToken::new(),
             tasks: TaskTracker::new(),
             config,
         });
@@ -152,7 +160,12 @@ impl NatsWire {
         // Heard at once: every endpoint of the fleet greets this one.
         wire.heartbeat(&host);
         wire.tasks.spawn(wire.clone().tick());
-        host.publish(Event::ConnectionEstablished { addr: server });
+        if background && wire.client.connection_state() != async_nats::connection::State::Connected
+        {
+            tracing::warn!(server = %server, "NATS server not reachable yet; connecting in the background");
+        } else {
+            host.publish(Event::ConnectionEstablished { addr: server });
+        }
         tracing::info!(endpoint = %me, fleet = %wire.config.fleet, "NATS endpoint started");
         Ok((wire, host))
     }
@@ -220,8 +233,11 @@ impl NatsWire {
     /// Publishes; a failure (the client is closed for good) is logged: retransmissions and
     /// liveness deal with what it loses.
     async fn publish(&self, subject: impl async_nats::subject::ToSubject, bytes: Bytes) {
-        if let Err(e) = self.client.publish(subject, bytes).await {
-            tracing::debug!(error = %e, "NATS publish failed");
+        tokio::select! {
+            r = self.client.publish(subject, bytes) => if let Err(e) = r {
+                tracing::debug!(error = %e, "NATS publish failed");
+            },
+            () = self.abandon.cancelled() => tracing::debug!("NATS publish given up at shutdown"),
         }
     }
 
@@ -331,7 +347,10 @@ impl NatsWire {
             let Some(host) = self.host() else { break };
             self.on_packet(&host, &msg.payload).await;
         }
-        let _ = sub.unsubscribe().await;
+        tokio::select! {
+            _ = sub.unsubscribe() => {}
+            () = self.abandon.cancelled() => {}
+        }
     }
 
     async fn on_packet(self: &Arc<Self>, host: &Host, bytes: &[u8]) {
@@ -556,15 +575,23 @@ impl Wire for NatsWire {
     }
 
     async fn shutdown(&self) {
-        // What the sessions sent last (acknowledgements above all), then the goodbye.
+        // What the sessions sent last (acknowledgements above all), then the goodbye; within
+        // CLOSE_WAIT, whatever the server does: past it, what still waits gives up.
         self.stop.cancel();
         self.tasks.close();
-        self.tasks.wait().await;
-        self.publish_pending().await;
-        if let Ok(bytes) = wire::encode(&Packet::Gone { from: self.me }) {
-            self.publish(self.subjects.presence(), bytes).await;
+        let orderly = async {
+            self.tasks.wait().await;
+            self.publish_pending().await;
+            if let Ok(bytes) = wire::encode(&Packet::Gone { from: self.me }) {
+                self.publish(self.subjects.presence(), bytes).await;
+            }
+            let _ = self.client.flush().await;
+        };
+        if tokio::time::timeout(CLOSE_WAIT, orderly).await.is_err() {
+            tracing::warn!(server = %self.server, "the NATS server did not take this endpoint's last packets within {CLOSE_WAIT:?}; closing without them");
+            self.abandon.cancel();
+            let _ = tokio::time::timeout(CLOSE_WAIT, self.tasks.wait()).await;
         }
-        let _ = self.client.flush().await;
         tracing::info!(endpoint = %self.me, "NATS endpoint stopped");
     }
 }
@@ -666,6 +693,10 @@ impl Link for LinkRef {
         Ok(Box::new(sink))
     }
 }
+
+/// How long shutdown waits for the server to take the last packets, and then for the tasks
+/// to give up: shutdown takes at most twice this.
+pub(crate) const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// The connection options `config` asks for; connection events go to the host's
 /// subscribers once it exists.

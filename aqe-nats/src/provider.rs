@@ -66,6 +66,11 @@ impl TransportConfig for NatsConfig {
         Ok(Started::new(nats))
     }
 
+    async fn start_persistent(&self) -> Result<Started> {
+        let nats = NatsTransport::connect_in_background(self.clone()).await?;
+        Ok(Started::new(nats))
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }

@@ -122,6 +122,15 @@ wait $pid"#;
         self.port
     }
 
+    /// Starts a server on 127.0.0.1 and `port` (one a client was told of before any server
+    /// listened there).
+    ///
+    /// # Errors
+    /// As [`NatsServer::start_with`].
+    pub fn start_on(port: u16) -> Result<Self, String> {
+        Self::spawn(&[], Some(port))
+    }
+
     /// Stops the server and starts a new one on the same port (clients reconnect).
     ///
     /// # Errors

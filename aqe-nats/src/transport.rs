@@ -60,7 +60,19 @@ impl NatsTransport {
     /// file; [`aqe_core::Error::ConnectionFailed`] when no server can be reached (or refuses
     /// the credentials), naming the servers.
     pub async fn connect(config: NatsConfig) -> Result<Self> {
-        let (wire, host) = NatsWire::connect(config).await?;
+        let (wire, host) = NatsWire::connect(config, false).await?;
+        Ok(Self { host, wire })
+    }
+
+    /// As [`NatsTransport::connect`], for a long-running process: returns at once even when
+    /// no server answers yet (a warning says so), and connects when one does, as it
+    /// reconnects after losing one.
+    ///
+    /// # Errors
+    /// [`aqe_core::Error::Configuration`] for invalid options or an unreadable credentials
+    /// file.
+    pub async fn connect_in_background(config: NatsConfig) -> Result<Self> {
+        let (wire, host) = NatsWire::connect(config, true).await?;
         Ok(Self { host, wire })
     }
 
