@@ -13,8 +13,9 @@ use aqe_quic::QuicConfig;
 use crate::cli::Join;
 use crate::error::CliError;
 
-/// The endpoint's configuration the options describe.
-fn config(join: &Join) -> Result<QuicConfig, CliError> {
+/// The endpoint's configuration the options describe; a long-running command's (`stay`)
+/// re-dials its bootstrap endpoints whenever their connection ends, with backoff.
+fn config(join: &Join, stay: bool) -> Result<QuicConfig, CliError> {
     let mut c = match &join.definition {
         Some(path) => AgentDefinition::from_file(path)?
             .config::<QuicConfig>()
@@ -47,6 +48,9 @@ fn config(join: &Join) -> Result<QuicConfig, CliError> {
     if let Some(t) = &join.token {
         s.enable_token_auth = true;
         s.token = Some(Token::new(t.clone()));
+    }
+    if stay {
+        c.bootstrap_peers.clone_from(&join.bootstrap);
     }
     // A command-line endpoint dials; it also learns the fleet from its bootstrap peers.
     c.connection_timeout = c
@@ -91,8 +95,9 @@ impl Joined {
 
 /// The transport a command's agent joins with: the QUIC endpoint (unless only NATS is asked
 /// for), the NATS connection (if asked for), or the chain of both, in the definition's order
-/// (QUIC first otherwise).
-pub(crate) async fn transport(join: &Join) -> Result<Joined, CliError> {
+/// (QUIC first otherwise). A long-running command (`stay`) keeps re-dialing its bootstrap
+/// endpoints.
+pub(crate) async fn transport(join: &Join, stay: bool) -> Result<Joined, CliError> {
     let def = match &join.definition {
         Some(path) => Some(AgentDefinition::from_file(path)?),
         None => None,
@@ -122,7 +127,7 @@ pub(crate) async fn transport(join: &Join) -> Result<Joined, CliError> {
         None => None,
     };
     let endpoint = if quic_asked {
-        match endpoint(join).await {
+        match endpoint_as(join, stay).await {
             Ok(q) => Some(q),
             Err(e) => {
                 if let Some(n) = &nats {
@@ -153,7 +158,11 @@ pub(crate) async fn transport(join: &Join) -> Result<Joined, CliError> {
 
 /// A QUIC endpoint joined to the fleet at `join.bootstrap`.
 pub(crate) async fn endpoint(join: &Join) -> Result<Arc<QuicTransport>, CliError> {
-    let config = config(join)?;
+    endpoint_as(join, false).await
+}
+
+async fn endpoint_as(join: &Join, stay: bool) -> Result<Arc<QuicTransport>, CliError> {
+    let config = config(join, stay)?;
     let transport = QuicTransport::bind(config).await?;
     if let Err(e) = bootstrap(&transport, join).await {
         // Whatever it reached hears a goodbye: nothing is left behind under this name.

@@ -17,7 +17,7 @@ use crate::payload;
 
 /// An agent of the fleet, on a fresh endpoint joined as `j` says.
 async fn agent(j: &Join, id: Option<&str>, agent_type: &str) -> Result<Agent, CliError> {
-    let transport = join::transport(j).await?.transport;
+    let transport = join::transport(j, false).await?.transport;
     let mut b = Agent::builder()
         .agent_type(agent_type)
         .transport(transport.clone());
@@ -30,6 +30,41 @@ async fn agent(j: &Join, id: Option<&str>, agent_type: &str) -> Result<Agent, Cl
             transport.shutdown().await;
             Err(e.into())
         }
+    }
+}
+
+/// Says on stderr, at any verbosity, when a long-running command loses the connection to a
+/// bootstrap endpoint (its endpoint re-dials it, with backoff) and when it is back; ends when
+/// dropped.
+struct ConnectionReports(tokio::task::JoinHandle<()>);
+
+impl ConnectionReports {
+    fn start(me: &Agent, bootstrap: &[String]) -> Self {
+        let mut events = me.events();
+        let bootstrap = bootstrap.to_vec();
+        Self(tokio::spawn(async move {
+            let mut lost = std::collections::HashSet::new();
+            while let Some(e) = events.recv().await {
+                match e {
+                    aqe_core::Event::ConnectionLost { addr, reason }
+                        if bootstrap.contains(&addr.to_string()) =>
+                    {
+                        eprintln!("aqe: lost the connection to {addr} ({reason}); reconnecting");
+                        lost.insert(addr);
+                    }
+                    aqe_core::Event::ConnectionEstablished { addr } if lost.remove(&addr) => {
+                        eprintln!("aqe: connected to {addr} again");
+                    }
+                    _ => {}
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for ConnectionReports {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -123,7 +158,7 @@ pub(crate) async fn reply(a: ReplyArgs) -> Result<(), CliError> {
     if !a.echo && a.command.is_none() {
         return Err(CliError::Usage("give --echo or --command CMD"));
     }
-    let transport = join::transport(&a.join).await?.transport;
+    let transport = join::transport(&a.join, true).await?.transport;
     let (served_tx, mut served) = tokio::sync::mpsc::channel::<()>(64);
     let command = a.command.clone().map(Arc::new);
     let me = Agent::builder()
@@ -149,6 +184,7 @@ pub(crate) async fn reply(a: ReplyArgs) -> Result<(), CliError> {
         .start()
         .await?;
     println!("agent {} answering", me.id());
+    let _watch = ConnectionReports::start(&me, &a.join.bootstrap);
     let mut n = 0u64;
     loop {
         tokio::select! {
@@ -237,7 +273,7 @@ pub(crate) async fn stream(a: StreamArgs) -> Result<(), CliError> {
 }
 
 pub(crate) async fn listen(a: ListenArgs) -> Result<(), CliError> {
-    let joined = join::transport(&a.join).await?;
+    let joined = join::transport(&a.join, true).await?;
     let (transport, at) = (joined.transport.clone(), joined.at());
     let (tx, mut got) = tokio::sync::mpsc::channel::<String>(1024);
     let streamed = tx.clone();
@@ -271,6 +307,7 @@ pub(crate) async fn listen(a: ListenArgs) -> Result<(), CliError> {
         .await?;
     // Where others bootstrap from: the address this endpoint accepts on.
     println!("agent {} listening at {at}", me.id());
+    let _watch = ConnectionReports::start(&me, &a.join.bootstrap);
     let mut n = 0u64;
     loop {
         tokio::select! {

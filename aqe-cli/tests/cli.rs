@@ -797,6 +797,92 @@ fn a_node_starts_without_its_nats_server_and_stops_without_it() {
     }
 }
 
+/// `aqe listen` outlives its node: the node is killed and started again on the same address,
+/// the listener says it lost the connection and that it is back, and a message sent through
+/// the new node reaches it.
+#[test]
+fn a_listener_comes_back_after_its_node_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    for args in [
+        &["certs", "init", "certs"][..],
+        &["certs", "issue", "certs", "node", "--ip", "127.0.0.1"],
+        &["certs", "issue", "certs", "cli"],
+    ] {
+        let o = aqe(d, args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("free port")
+        .port();
+    std::fs::create_dir(d.join("fleet")).expect("mkdir");
+    std::fs::write(
+        d.join("fleet/worker.json"),
+        format!(
+            r#"{{"id": "worker", "type": "executor", "enableQUIC": true,
+                 "quicConfig": {{"host": "127.0.0.1", "port": {port},
+                   "security": {{"certPath": "../certs/node.pem", "keyPath": "../certs/node.key",
+                                "caPath": "../certs/ca.pem", "verifyPeer": true}}}}}}"#
+        ),
+    )
+    .expect("definition");
+    let addr = format!("127.0.0.1:{port}");
+    let join = [
+        "--bootstrap",
+        addr.as_str(),
+        "--certs",
+        "certs",
+        "--name",
+        "cli",
+    ];
+    let node = spawn(d, &["node", "fleet"], "listening on ");
+    let log = d.join("listen.err");
+    let mut listener = command(d, &[&["listen", "inbox"][..], &join[..]].concat())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn listen");
+    let mut out = BufReader::new(listener.stdout.take().expect("stdout"));
+    let _listener = Running(listener);
+    assert!(next_line(&mut out).starts_with("agent inbox listening at "));
+    let o = aqe(d, &[&["send", "inbox", "before"][..], &join[..]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(next_line(&mut out).ends_with("before"));
+
+    // The node dies without a word, and comes back on the same address.
+    drop(node);
+    let said = |what: &str, within: Duration| {
+        let deadline = Instant::now() + within;
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains(what) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "listen never said {what:?}: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    said(
+        &format!("lost the connection to {addr}"),
+        Duration::from_secs(10),
+    );
+    let restarted = Instant::now();
+    let _node = spawn(d, &["node", "fleet"], "listening on ");
+    said(
+        &format!("connected to {addr} again"),
+        Duration::from_secs(10),
+    );
+    let back = restarted.elapsed();
+    let o = aqe(d, &[&["send", "inbox", "after"][..], &join[..]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(next_line(&mut out).ends_with("after"));
+    assert!(back < Duration::from_secs(8), "back after {back:?}");
+}
+
 /// With stderr on a terminal (coloured), the `--log-file` copy stays plain text, span fields
 /// included. `script` (util-linux) gives the node its terminal.
 #[test]
