@@ -24,6 +24,29 @@ pub(crate) async fn run(args: NodeArgs) -> Result<(), CliError> {
             .on_message(|agent, env| async move {
                 tracing::info!(agent = %agent.id(), from = %env.from, channel = %env.channel, payload = %payload::show(&env), "message");
             })
+            // Streams are taken and logged line by line, so `aqe stream` loses nothing.
+            .on_stream(|agent, mut stream| async move {
+                let from = stream.header().from.clone();
+                let mut lines = 0u64;
+                while let Some(chunk) = stream.next().await {
+                    match chunk {
+                        Ok(chunk) => {
+                            for line in String::from_utf8_lossy(&chunk.data).lines() {
+                                lines += 1;
+                                tracing::info!(agent = %agent.id(), %from, line, "stream");
+                            }
+                            if chunk.fin {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(agent = %agent.id(), %from, error = %e, "stream failed");
+                            return;
+                        }
+                    }
+                }
+                tracing::info!(agent = %agent.id(), %from, lines, "stream ended");
+            })
     })
     .await?;
     if fleet.agents().is_empty() {

@@ -645,7 +645,7 @@ fn a_fleet_over_nats_from_the_command_line() {
         ),
     )
     .expect("definition");
-    let (_node, line, _) = spawn(d, &["node", "fleet"], "agent ");
+    let (_node, line, _) = spawn(d, &["node", "fleet", "--log-file", "node.log"], "agent ");
     assert_eq!(line, "agent worker (executor)");
     let over_nats = |args: &[&str]| -> Output {
         let mut c = command(d, args);
@@ -670,6 +670,32 @@ fn a_fleet_over_nats_from_the_command_line() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).starts_with("sent "), "{}", stdout(&o));
     assert!(next_line(&mut out).contains("first"));
+
+    // A stream to a node's agent: every line arrives (the node logs them).
+    let mut streamer = command(d, &["stream", "worker", "--fleet", &fleet, "--nats", &url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn stream");
+    std::io::Write::write_all(
+        streamer.stdin.as_mut().expect("stdin"),
+        b"line one\nline two\n",
+    )
+    .expect("write");
+    drop(streamer.stdin.take());
+    let o = streamer.wait_with_output().expect("stream");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("streamed 2 lines"), "{}", stderr(&o));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(d.join("node.log")).unwrap_or_default();
+        if log.contains("line one") && log.contains("line two") && log.contains("stream ended") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node logged: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // An unknown agent: named as soon as the fleet's membership is complete.
     let started = Instant::now();
