@@ -59,10 +59,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn us(d: Duration) -> String {
-    format!("{:.1} us", d.as_secs_f64() * 1e6)
-}
-
 pub(crate) async fn run(a: BenchArgs) -> Result<(), CliError> {
     if a.concurrency == 0 {
         return Err(CliError::Usage("--concurrency must be at least 1"));
@@ -72,7 +68,7 @@ pub(crate) async fn run(a: BenchArgs) -> Result<(), CliError> {
             "aqe bench: this is a debug build, many times slower than a release one; build with --release for figures that mean something"
         );
     }
-    let transport = join::endpoint(&a.join).await?;
+    let transport = join::transport(&a.join, false).await?.transport;
     let me = Agent::builder()
         .agent_type("cli")
         .transport(transport)
@@ -82,10 +78,87 @@ pub(crate) async fn run(a: BenchArgs) -> Result<(), CliError> {
     let outcome = measure(&me, &to, &a).await;
     me.shutdown().await;
     me.transport().shutdown().await;
-    outcome
+    let figures = outcome?;
+    match a.format {
+        crate::cli::Format::Text => figures.print(),
+        crate::cli::Format::Json => println!("{}", crate::ops::json(&figures)),
+    }
+    Ok(())
 }
 
-async fn measure(me: &Agent, to: &AgentId, a: &BenchArgs) -> Result<(), CliError> {
+/// What a run measured.
+#[derive(serde::Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Figures {
+    size: usize,
+    concurrency: usize,
+    requests: Option<RequestFigures>,
+    one_way: Option<OneWayFigures>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestFigures {
+    count: usize,
+    seconds: f64,
+    per_second: f64,
+    min_us: f64,
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    max_us: f64,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OneWayFigures {
+    count: u64,
+    seconds: f64,
+    per_second: f64,
+    megabytes_per_second: f64,
+    failed: u64,
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+impl Figures {
+    fn print(&self) {
+        if let Some(r) = &self.requests {
+            println!(
+                "request/response: {} requests of {} B, {} at once, in {:.2} s ({:.0} req/s)",
+                r.count, self.size, self.concurrency, r.seconds, r.per_second
+            );
+            println!(
+                "  latency min {:.1} us  p50 {:.1} us  p90 {:.1} us  p99 {:.1} us  max {:.1} us",
+                r.min_us, r.p50_us, r.p90_us, r.p99_us, r.max_us
+            );
+        }
+        if let Some(m) = &self.one_way {
+            println!(
+                "one-way: {} messages of {} B taken in {:.2} s: {:.0} msgs/s, {:.1} MB/s{}",
+                m.count,
+                self.size,
+                m.seconds,
+                m.per_second,
+                m.megabytes_per_second,
+                if m.failed > 0 {
+                    format!(", {} failed", m.failed)
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+}
+
+async fn measure(me: &Agent, to: &AgentId, a: &BenchArgs) -> Result<Figures, CliError> {
+    let mut figures = Figures {
+        size: a.size,
+        concurrency: a.concurrency,
+        ..Figures::default()
+    };
     join::agent_known(me, to, &a.join).await?;
     let payload = Payload::raw(vec![0x61u8; a.size]);
     let options = RequestOptions {
@@ -125,22 +198,16 @@ async fn measure(me: &Agent, to: &AgentId, a: &BenchArgs) -> Result<(), CliError
             times.extend(r?);
         }
         times.sort_unstable();
-        println!(
-            "request/response: {} requests of {} B, {} at once, in {:.2} s ({:.0} req/s)",
-            times.len(),
-            a.size,
-            a.concurrency,
-            elapsed.as_secs_f64(),
-            times.len() as f64 / elapsed.as_secs_f64()
-        );
-        println!(
-            "  latency min {}  p50 {}  p90 {}  p99 {}  max {}",
-            us(percentile(&times, 0.0)),
-            us(percentile(&times, 0.5)),
-            us(percentile(&times, 0.9)),
-            us(percentile(&times, 0.99)),
-            us(percentile(&times, 1.0))
-        );
+        figures.requests = Some(RequestFigures {
+            count: times.len(),
+            seconds: elapsed.as_secs_f64(),
+            per_second: times.len() as f64 / elapsed.as_secs_f64(),
+            min_us: micros(percentile(&times, 0.0)),
+            p50_us: micros(percentile(&times, 0.5)),
+            p90_us: micros(percentile(&times, 0.9)),
+            p99_us: micros(percentile(&times, 0.99)),
+            max_us: micros(percentile(&times, 1.0)),
+        });
     }
     if a.messages > 0 {
         let done = Arc::new(AtomicU64::new(0));
@@ -158,20 +225,13 @@ async fn measure(me: &Agent, to: &AgentId, a: &BenchArgs) -> Result<(), CliError
         }
         let elapsed = started.elapsed();
         drop(progress);
-        let failed = me.stats().messages_failed;
-        println!(
-            "one-way: {} messages of {} B taken in {:.2} s: {:.0} msgs/s, {:.1} MB/s{}",
-            a.messages,
-            a.size,
-            elapsed.as_secs_f64(),
-            a.messages as f64 / elapsed.as_secs_f64(),
-            (a.messages * a.size as u64) as f64 / elapsed.as_secs_f64() / 1e6,
-            if failed > 0 {
-                format!(", {failed} failed")
-            } else {
-                String::new()
-            }
-        );
+        figures.one_way = Some(OneWayFigures {
+            count: a.messages,
+            seconds: elapsed.as_secs_f64(),
+            per_second: a.messages as f64 / elapsed.as_secs_f64(),
+            megabytes_per_second: (a.messages * a.size as u64) as f64 / elapsed.as_secs_f64() / 1e6,
+            failed: me.stats().messages_failed,
+        });
     }
-    Ok(())
+    Ok(figures)
 }

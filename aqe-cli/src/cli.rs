@@ -228,6 +228,10 @@ pub(crate) struct RequestArgs {
     /// Attempts after a timeout or an unreachable peer.
     #[arg(long, default_value = "0")]
     pub(crate) retries: u32,
+    /// `text`: the response's payload; `json`: a document with the responder, the
+    /// encoding, the payload and the round trip.
+    #[arg(long, value_enum, default_value = "text")]
+    pub(crate) format: Format,
     #[command(flatten)]
     pub(crate) join: Join,
 }
@@ -310,6 +314,9 @@ pub(crate) struct BenchArgs {
     /// The channel.
     #[arg(long, default_value = "coordination")]
     pub(crate) channel: String,
+    /// `text`: two summary lines; `json`: one document with every figure.
+    #[arg(long, value_enum, default_value = "text")]
+    pub(crate) format: Format,
     #[command(flatten)]
     pub(crate) join: Join,
 }

@@ -119,12 +119,17 @@ pub(crate) async fn request(a: RequestArgs) -> Result<(), CliError> {
     };
     let outcome = async {
         join::agent_known(&me, &to, &a.join).await?;
-        Ok::<_, CliError>(me.request_payload(&to, payload, options).await?)
+        let started = std::time::Instant::now();
+        let response = me.request_payload(&to, payload, options).await?;
+        Ok::<_, CliError>((response, started.elapsed()))
     }
     .await;
     leave(&me).await;
-    let response = outcome?;
-    println!("{}", payload::show(&response));
+    let (response, elapsed) = outcome?;
+    match a.format {
+        crate::cli::Format::Text => println!("{}", payload::show(&response)),
+        crate::cli::Format::Json => println!("{}", payload::document(&response, elapsed)),
+    }
     Ok(())
 }
 

@@ -43,6 +43,24 @@ pub(crate) async fn from_args(p: &PayloadArgs) -> Result<Payload, CliError> {
     }
 }
 
+/// The response as a JSON document: who answered, its encoding, its payload (JSON as JSON,
+/// other payloads as `show` prints them) and the round trip.
+pub(crate) fn document(env: &Envelope, elapsed: std::time::Duration) -> serde_json::Value {
+    let payload = match env.encoding {
+        Encoding::Json => env
+            .decode::<serde_json::Value>()
+            .unwrap_or_else(|_| serde_json::Value::String(show(env))),
+        _ => serde_json::Value::String(show(env)),
+    };
+    serde_json::json!({
+        "from": env.from.as_str(),
+        "id": env.id.to_string(),
+        "encoding": env.encoding.to_string().to_lowercase(),
+        "payload": payload,
+        "elapsedMs": elapsed.as_secs_f64() * 1000.0,
+    })
+}
+
 /// The payload as a line of text: JSON as it is (compact), raw bytes as text when UTF-8
 /// (else hex), postcard as its size (a typed Rust value: only its type can read it).
 pub(crate) fn show(env: &Envelope) -> String {

@@ -656,6 +656,35 @@ fn a_fleet_over_nats_from_the_command_line() {
     let o = over_nats(&["request", "worker", r#"{"over":"nats"}"#]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o).trim(), r#"{"over":"nats"}"#);
+    let o = over_nats(&["request", "worker", r#"{"n":1}"#, "--format", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("one JSON document");
+    assert_eq!(doc["from"], "worker");
+    assert_eq!(doc["encoding"], "json");
+    assert_eq!(doc["payload"], serde_json::json!({"n": 1}));
+    assert!(
+        doc["elapsedMs"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{doc}"
+    );
+    let o = over_nats(&[
+        "bench",
+        "worker",
+        "--requests",
+        "20",
+        "--messages",
+        "50",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("one JSON document");
+    assert_eq!(doc["requests"]["count"], 20, "{doc}");
+    assert_eq!(doc["oneWay"]["count"], 50, "{doc}");
+    assert_eq!(doc["oneWay"]["failed"], 0, "{doc}");
+    assert!(
+        doc["requests"]["p50Us"].as_f64().is_some_and(|us| us > 0.0),
+        "{doc}"
+    );
 
     // A listener and a sender, both joined over NATS with one name each.
     let mut listener = command(d, &["listen", "inbox", "--fleet", &fleet, "--nats", &url])
