@@ -13,7 +13,12 @@ pub(crate) async fn run(args: NodeArgs) -> Result<(), CliError> {
     let bus = Arc::new(EventBus::new());
     // Agents of a node answer requests with what they were sent and log their messages:
     // a node is where a fleet lives; its behaviour comes from the programs built on aqe.
-    let fleet = Fleet::from_dir(&args.dir, bus, |_def, builder| {
+    // Definitions without an id (as the guide writes them): their agents get a random one.
+    let mut unnamed = Vec::new();
+    let fleet = Fleet::from_dir(&args.dir, bus, |def, builder| {
+        if def.id.is_none() {
+            unnamed.push(def.agent_type.clone());
+        }
         builder
             .on_request_payload(|_agent, req| async move {
                 Ok::<_, HandlerError>(Payload {
@@ -58,9 +63,18 @@ pub(crate) async fn run(args: NodeArgs) -> Result<(), CliError> {
     }
     for q in fleet.endpoints::<aqe_agent::QuicTransport>() {
         println!("listening on {}", q.local_addr());
+        if q.config().security.cert_path.is_none() {
+            tracing::warn!(listen = %q.local_addr(),
+                "this QUIC endpoint has a development certificate that only this process trusts: no other process or aqe command can join it. Make a fleet's certificates with `aqe certs init certs` and `aqe certs issue certs NAME --ip ADDR`, and name them in quicConfig.security (certPath, keyPath, caPath)");
+        }
     }
     for a in fleet.agents() {
         println!("agent {} ({})", a.id(), a.registration().agent_type);
+        let agent_type = &a.registration().agent_type;
+        if unnamed.contains(agent_type) && a.id().as_str().starts_with(agent_type.as_str()) {
+            tracing::warn!(agent = %a.id(),
+                "its definition has no \"id\", so it got a random one that changes at every start; give it one (\"id\": \"{agent_type}\") for commands to reach it by name");
+        }
     }
     tracing::info!(
         agents = fleet.agents().len(),

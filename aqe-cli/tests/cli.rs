@@ -938,6 +938,41 @@ fn a_listener_comes_back_after_its_node_restarts() {
     assert!(back < Duration::from_secs(8), "back after {back:?}");
 }
 
+/// The guide's definition, exactly (but a free port): the node runs it, and says how to make
+/// it reachable (its development certificate) and nameable (its random id).
+#[test]
+fn the_guides_definition_runs_with_hints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join(".claude/agents")).expect("dirs");
+    std::fs::write(
+        d.join(".claude/agents/qe-test-executor.json"),
+        r#"{
+  "agentType": "qe-test-executor",
+  "enableQUIC": true,
+  "quicConfig": {
+    "host": "localhost",
+    "port": 0,
+    "channels": ["coordination", "results", "metrics"]
+  }
+}"#,
+    )
+    .expect("definition");
+    let (_node, _listening, mut out) =
+        spawn(d, &["node", ".", "--log-file", "node.log"], "listening on ");
+    assert!(next_line(&mut out).starts_with("agent qe-test-executor-"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(d.join("node.log")).unwrap_or_default();
+        if log.contains("development certificate") && log.contains(r#"has no "id""#) {
+            assert!(log.contains("aqe certs init"), "{log}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no hints in: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// With stderr on a terminal (coloured), the `--log-file` copy stays plain text, span fields
 /// included. `script` (util-linux) gives the node its terminal.
 #[test]
