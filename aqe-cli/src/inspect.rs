@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aqe_agent::{Agent, QuicTransport};
+use aqe_agent::Agent;
 use aqe_core::{
     AgentId, EndpointReport, Health, HealthStatus, HealthThresholds, Payload, RequestOptions,
 };
@@ -15,28 +15,44 @@ use crate::cli::{Format, InspectArgs, TopArgs};
 use crate::error::CliError;
 use crate::join;
 
-/// An agent on a fresh endpoint, and the endpoint (to list the fleet's endpoints).
-async fn inspector(a: &InspectArgs) -> Result<(Agent, Arc<QuicTransport>), CliError> {
-    let transport = join::endpoint(&a.join).await?;
-    let agent = Agent::builder()
+/// An agent joined as the options say (QUIC, NATS or both), and what it joined with (to
+/// list the fleet's endpoints).
+async fn inspector(a: &InspectArgs) -> Result<(Agent, Arc<join::Joined>), CliError> {
+    let joined = Arc::new(join::transport(&a.join, false).await?);
+    let agent = match Agent::builder()
         .agent_type("cli")
-        .transport(transport.clone())
+        .transport(joined.transport.clone())
         .start()
-        .await?;
+        .await
+    {
+        Ok(agent) => agent,
+        Err(e) => {
+            joined.transport.shutdown().await;
+            return Err(e.into());
+        }
+    };
     // Until the fleet's other endpoints are known.
     let deadline = Instant::now() + a.join.wait;
-    while transport.endpoint_agents().len() < a.min_endpoints && Instant::now() < deadline {
+    while endpoints(&joined).len() < a.min_endpoints && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok((agent, transport))
+    Ok((agent, joined))
+}
+
+/// The introspection ids of the endpoints reached, over QUIC and over NATS (an endpoint
+/// on both is asked on each: its reports name the transport).
+fn endpoints(joined: &join::Joined) -> Vec<AgentId> {
+    let quic = joined.quic.iter().flat_map(|q| q.endpoint_agents());
+    let nats = joined.nats.iter().flat_map(|n| n.endpoint_agents());
+    quic.chain(nats).collect()
 }
 
 /// Every other endpoint's report, in endpoint order.
 async fn reports(
     agent: &Agent,
-    transport: &QuicTransport,
+    joined: &join::Joined,
 ) -> Vec<(AgentId, Result<EndpointReport, String>)> {
-    let mine = transport.endpoint_agents();
+    let mine = endpoints(joined);
     let options = RequestOptions {
         timeout: Duration::from_secs(3),
         ..RequestOptions::default()
@@ -56,9 +72,9 @@ async fn reports(
     out
 }
 
-async fn leave(agent: &Agent, transport: &QuicTransport) {
+async fn leave(agent: &Agent, joined: &join::Joined) {
     agent.shutdown().await;
-    aqe_core::Transport::shutdown(transport).await;
+    joined.transport.shutdown().await;
 }
 
 /// Each agent's (messages sent, messages received) in the previous frame.

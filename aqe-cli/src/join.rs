@@ -77,10 +77,12 @@ fn nats_config(join: &Join, def: Option<&AgentDefinition>) -> Option<NatsConfig>
         .flatten()
 }
 
-/// What a command joined with: the transport its agent uses, and the QUIC endpoint in it.
+/// What a command joined with: the transport its agent uses, and the QUIC endpoint and NATS
+/// connection in it.
 pub(crate) struct Joined {
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) quic: Option<Arc<QuicTransport>>,
+    pub(crate) nats: Option<Arc<NatsTransport>>,
 }
 
 impl Joined {
@@ -114,7 +116,7 @@ pub(crate) async fn transport(join: &Join, stay: bool) -> Result<Joined, CliErro
             let servers = config.servers.join(",");
             let connect = NatsTransport::connect(config);
             match tokio::time::timeout(join.wait, connect).await {
-                Ok(Ok(n)) => Some(Arc::new(n) as Arc<dyn Transport>),
+                Ok(Ok(n)) => Some(Arc::new(n)),
                 Ok(Err(e)) => return Err(e.into()),
                 Err(_) => {
                     return Err(CliError::Unreachable(Error::ConnectionTimeout {
@@ -140,6 +142,8 @@ pub(crate) async fn transport(join: &Join, stay: bool) -> Result<Joined, CliErro
         None
     };
     let quic = endpoint.clone().map(|q| q as Arc<dyn Transport>);
+    let nats_endpoint = nats.clone();
+    let nats = nats.map(|n| n as Arc<dyn Transport>);
     let transport = match (quic, nats) {
         (Some(q), Some(n)) => {
             let (first, second) = if nats_first { (n, q) } else { (q, n) };
@@ -153,14 +157,11 @@ pub(crate) async fn transport(join: &Join, stay: bool) -> Result<Joined, CliErro
     Ok(Joined {
         transport,
         quic: endpoint,
+        nats: nats_endpoint,
     })
 }
 
 /// A QUIC endpoint joined to the fleet at `join.bootstrap`.
-pub(crate) async fn endpoint(join: &Join) -> Result<Arc<QuicTransport>, CliError> {
-    endpoint_as(join, false).await
-}
-
 async fn endpoint_as(join: &Join, stay: bool) -> Result<Arc<QuicTransport>, CliError> {
     let config = config(join, stay)?;
     let transport = QuicTransport::bind(config).await?;

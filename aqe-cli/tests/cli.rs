@@ -686,6 +686,35 @@ fn a_fleet_over_nats_from_the_command_line() {
         "{doc}"
     );
 
+    // What the fleet's endpoints say of themselves, asked over NATS.
+    let o = over_nats(&["stats", "--format", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stats: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("one JSON document");
+    let node = stats
+        .as_array()
+        .and_then(|a| {
+            a.iter().find(|e| {
+                e["report"]["agents"]
+                    .as_array()
+                    .is_some_and(|ags| ags.iter().any(|ag| ag["id"] == "worker"))
+            })
+        })
+        .unwrap_or_else(|| panic!("no report names the worker: {stats}"));
+    assert_eq!(node["report"]["transport"], "NATS", "{node}");
+    assert!(
+        node["report"]["links"]
+            .as_array()
+            .is_some_and(|l| !l.is_empty()),
+        "{node}"
+    );
+    let o = over_nats(&["top", "--once"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("worker") && text.contains(" NATS listen "),
+        "{text}"
+    );
+
     // A listener and a sender, both joined over NATS with one name each.
     let mut listener = command(d, &["listen", "inbox", "--fleet", &fleet, "--nats", &url])
         .stdout(Stdio::piped())

@@ -266,7 +266,9 @@ impl NatsConfig {
                 ..aqe_session::Config::default()
             },
             send_timeout: self.send_timeout,
-            introspection: Introspection::default(),
+            // Every member of a fleet was admitted by the server with the fleet's
+            // credentials: its report is theirs to read, as its membership is.
+            introspection: Introspection::Authenticated,
         }
     }
 }

@@ -95,6 +95,12 @@ impl NatsTransport {
     pub fn endpoints(&self) -> usize {
         self.host.connections()
     }
+
+    /// The introspection ids (`aqe.endpoint.<id>`) of the endpoints this one has a session
+    /// with: what `aqe stats`, `health` and `top` ask.
+    pub fn endpoint_agents(&self) -> Vec<aqe_core::AgentId> {
+        self.host.endpoint_agents()
+    }
 }
 
 aqe_link::transport_via_host!(NatsTransport, host);
