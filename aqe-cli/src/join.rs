@@ -131,6 +131,11 @@ pub(crate) async fn transport(join: &Join, stay: bool) -> Result<Joined, CliErro
     let endpoint = if quic_asked {
         match endpoint_as(join, stay).await {
             Ok(q) => Some(q),
+            // Where UDP cannot pass, NATS carries everything.
+            Err(e @ CliError::Unreachable(_)) if nats.is_some() => {
+                tracing::warn!(error = %e, "the fleet is not reachable over QUIC; going on over NATS");
+                None
+            }
             Err(e) => {
                 if let Some(n) = &nats {
                     n.shutdown().await;

@@ -686,6 +686,19 @@ fn a_fleet_over_nats_from_the_command_line() {
         "{doc}"
     );
 
+    // A QUIC bootstrap endpoint that does not answer: NATS carries the request.
+    let o = over_nats(&[
+        "request",
+        "worker",
+        "via NATS",
+        "--bootstrap",
+        "127.0.0.1:9",
+        "--wait",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "via NATS");
+
     // What the fleet's endpoints say of themselves, asked over NATS.
     let o = over_nats(&["stats", "--format", "json"]);
     assert!(o.status.success(), "{}", stderr(&o));
