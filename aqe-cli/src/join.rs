@@ -129,13 +129,8 @@ pub(crate) async fn transport(join: &Join, stay: bool) -> Result<Joined, CliErro
         None => None,
     };
     let endpoint = if quic_asked {
-        match endpoint_as(join, stay).await {
+        match endpoint_as(join, stay, nats.is_some()).await {
             Ok(q) => Some(q),
-            // Where UDP cannot pass, NATS carries everything.
-            Err(e @ CliError::Unreachable(_)) if nats.is_some() => {
-                tracing::warn!(error = %e, "the fleet is not reachable over QUIC; going on over NATS");
-                None
-            }
             Err(e) => {
                 if let Some(n) = &nats {
                     n.shutdown().await;
@@ -167,9 +162,18 @@ pub(crate) async fn transport(join: &Join, stay: bool) -> Result<Joined, CliErro
 }
 
 /// A QUIC endpoint joined to the fleet at `join.bootstrap`.
-async fn endpoint_as(join: &Join, stay: bool) -> Result<Arc<QuicTransport>, CliError> {
-    let config = config(join, stay)?;
+/// With NATS beside it (`beside_nats`), the endpoint dials its bootstrap endpoints in the
+/// background instead: where UDP cannot pass, NATS carries on at once.
+async fn endpoint_as(
+    join: &Join,
+    stay: bool,
+    beside_nats: bool,
+) -> Result<Arc<QuicTransport>, CliError> {
+    let config = config(join, stay || beside_nats)?;
     let transport = QuicTransport::bind(config).await?;
+    if beside_nats {
+        return Ok(Arc::new(transport));
+    }
     if let Err(e) = bootstrap(&transport, join).await {
         // Whatever it reached hears a goodbye: nothing is left behind under this name.
         aqe_core::Transport::shutdown(&transport).await;

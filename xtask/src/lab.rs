@@ -12,7 +12,9 @@
 //! The last scenario runs both probes on the chain QUIC, NATS, bus, with a `nats-server` on h1:
 //! a mixed load (messages, requests, broadcasts) starts over QUIC, then UDP between the hosts
 //! is dropped (TCP to the NATS server is not), then allowed again; every operation must be
-//! accounted for, carried by NATS while UDP is blocked, and by QUIC again afterwards.
+//! accounted for, carried by NATS while UDP is blocked, and by QUIC again afterwards. Then the
+//! same with nothing but the `aqe` command and definition files: `aqe node` on h1, UDP
+//! blocked, `aqe request` from h2 answered over NATS.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -568,10 +570,14 @@ pub(crate) fn lab(root: &Path, only_udp: bool) -> anyhow::Result<()> {
             "aqe-examples",
             "--bin",
             "aqe-probe",
+            "-p",
+            "aqe-cli",
+            "--bin",
+            "aqe",
         ])
         .status()?;
     if !status.success() {
-        bail!("building aqe-probe failed");
+        bail!("building aqe-probe and aqe failed");
     }
     let probe = root.join("target/release/aqe-probe");
     let certs: PathBuf = root.join("target/aqe-lab/certs");
@@ -771,6 +777,7 @@ pub(crate) fn lab(root: &Path, only_udp: bool) -> anyhow::Result<()> {
     }
     lab.set_loss(0)?;
     udp_blocked(&lab, &probe, &certs, &mut problems)?;
+    command_over_nats(&lab, root, &mut problems)?;
     drop(lab);
     println!(
         "\nsent = accepted sends; refused = sends that returned an error (nothing else is reported about them);\n\
@@ -941,6 +948,217 @@ fn udp_blocked(
     if row.duplicated > 0 || row.failed > 0 {
         problems.push(format!(
             "{}: a handler ran twice, or requests failed",
+            row.scenario
+        ));
+    }
+    check_row(&row, problems);
+    Ok(())
+}
+
+/// The second quickstart, across the lab's hosts: `aqe node` on h1 with a definition that
+/// has QUIC and NATS, UDP blocked between the hosts, and `aqe request` from h2 joining with
+/// the same kind of definition file: answered over NATS.
+fn command_over_nats(lab: &Lab, root: &Path, problems: &mut Vec<String>) -> anyhow::Result<()> {
+    let Some(_server) = NatsServer::start()? else {
+        println!("aqe over NATS: skipped: nats-server is missing (apt-get install nats-server)");
+        return Ok(());
+    };
+    let aqe = root.join("target/release/aqe");
+    let dir = root.join("target/aqe-lab/cli");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).context("removing the last run's files")?;
+    }
+    std::fs::create_dir_all(dir.join("fleet")).context("creating the definition folder")?;
+    let certs = dir.join("certs");
+    let certs_arg = certs.to_string_lossy().into_owned();
+    run(Command::new(&aqe).args(["certs", "init", &certs_arg]))?;
+    run(Command::new(&aqe).args(["certs", "issue", &certs_arg, "node-a", "--ip", IP1]))?;
+    run(Command::new(&aqe).args(["certs", "issue", &certs_arg, "cli-b"]))?;
+    let url = NatsServer::url();
+    std::fs::write(
+        dir.join("fleet/worker.json"),
+        format!(
+            r#"{{"id": "worker", "type": "qe-test-executor", "enableQUIC": true,
+  "quicConfig": {{"host": "{IP1}", "port": 9000,
+    "security": {{"certPath": "../certs/node-a.pem", "keyPath": "../certs/node-a.key",
+                 "caPath": "../certs/ca.pem", "verifyPeer": true}}}},
+  "natsConfig": {{"servers": ["{url}"], "fleet": "qe"}}}}"#
+        ),
+    )?;
+    // Host B's definition: how to join (its certificate, the node's address, the server).
+    std::fs::write(
+        dir.join("cli-b.json"),
+        format!(
+            r#"{{"type": "cli", "enableQUIC": true,
+  "quicConfig": {{"security": {{"certPath": "certs/cli-b.pem", "keyPath": "certs/cli-b.key",
+                              "caPath": "certs/ca.pem", "verifyPeer": true}}}},
+  "natsConfig": {{"servers": ["{url}"], "fleet": "qe"}}}}"#
+        ),
+    )?;
+    let start_node = || -> anyhow::Result<Child> {
+        let mut node = Command::new("ip")
+            .args(["netns", "exec", H1])
+            .arg(&aqe)
+            .args(["node"])
+            .arg(dir.join("fleet"))
+            .stdout(Stdio::piped())
+            .stderr(probe_log("aqe-node"))
+            .spawn()
+            .context("starting aqe node on h1")?;
+        let mut out = BufReader::new(node.stdout.take().context("node stdout")?);
+        let mut line = String::new();
+        while !line.starts_with("agent ") {
+            line.clear();
+            if out.read_line(&mut line)? == 0 {
+                let _ = node.kill();
+                bail!("aqe node on h1 ended before starting its agent");
+            }
+        }
+        Ok(node)
+    };
+    let mut node = start_node()?;
+    lab.block_udp(true)?;
+    let started = Instant::now();
+    let definition = dir.join("cli-b.json");
+    let asked = Command::new("ip")
+        .args(["netns", "exec", H2])
+        .arg(&aqe)
+        .args(["request", "worker", r#"{"task":"lint"}"#, "--bootstrap"])
+        .arg(format!("{IP1}:9000"))
+        .arg("--definition")
+        .arg(&definition)
+        .args(["--wait", "5"])
+        .output()
+        .context("running aqe request on h2")?;
+    let took = started.elapsed();
+    lab.block_udp(false)?;
+    let answered = asked.status.success()
+        && String::from_utf8_lossy(&asked.stdout).trim() == r#"{"task":"lint"}"#;
+    let row = Row {
+        scenario: "aqe request, UDP blocked, NATS up".to_owned(),
+        sent: 1,
+        received: usize::from(answered),
+        duplicated: 0,
+        reordered: None,
+        failed: usize::from(!answered),
+        refused: 0,
+        unaccounted: Some(0),
+        note: if answered {
+            format!(
+                "answered in {:.2} s over NATS (the QUIC bootstrap dials in the background)",
+                took.as_secs_f64()
+            )
+        } else {
+            format!(
+                "exit {:?}: {}",
+                asked.status.code(),
+                String::from_utf8_lossy(&asked.stderr).trim()
+            )
+        },
+    };
+    if !answered {
+        problems.push(format!("{}: not answered", row.scenario));
+    }
+    check_row(&row, problems);
+
+    // `aqe listen` on h2 outlives the node: SIGKILL, a new node on the same address, and the
+    // listener is back and takes the next message.
+    let join = |cmd: &mut Command| {
+        cmd.arg("--bootstrap")
+            .arg(format!("{IP1}:9000"))
+            .arg("--certs")
+            .arg(&certs)
+            .args(["--name", "cli-b"]);
+    };
+    let mut listen = Command::new("ip");
+    listen
+        .args(["netns", "exec", H2])
+        .arg(&aqe)
+        .args(["listen", "inbox"]);
+    join(&mut listen);
+    let mut listener = listen
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting aqe listen on h2")?;
+    let (said, heard) = mpsc::channel::<String>();
+    for pipe in [
+        listener
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        listener
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let said = said.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = said.send(line);
+            }
+        });
+    }
+    let wait_for = |what: &str, within: Duration| -> bool {
+        let deadline = Instant::now() + within;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match heard.recv_timeout(left) {
+                Ok(line) if line.contains(what) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        false
+    };
+    let send = |text: &str| -> bool {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", H2])
+            .arg(&aqe)
+            .args(["send", "inbox", text]);
+        join(&mut c);
+        c.output().is_ok_and(|o| o.status.success())
+    };
+    let mut steps = Vec::new();
+    let ready = wait_for("listening at", Duration::from_secs(10));
+    let first = ready && send("before") && wait_for("before", Duration::from_secs(5));
+    let _ = node.kill();
+    let _ = node.wait();
+    let killed = Instant::now();
+    let lost = first && wait_for("lost the connection", Duration::from_secs(10));
+    steps.push(format!(
+        "lost after {:.1} s",
+        killed.elapsed().as_secs_f64()
+    ));
+    node = start_node()?;
+    let restarted = Instant::now();
+    let back = lost && wait_for("again", Duration::from_secs(15));
+    let back_after = restarted.elapsed();
+    steps.push(format!(
+        "back {:.1} s after the restart",
+        back_after.as_secs_f64()
+    ));
+    let after = back && send("after") && wait_for("after", Duration::from_secs(5));
+    let _ = listener.kill();
+    let _ = listener.wait();
+    let _ = node.kill();
+    let _ = node.wait();
+    let row = Row {
+        scenario: "aqe listen, node SIGKILLed + restarted".to_owned(),
+        sent: 2,
+        received: usize::from(first) + usize::from(after),
+        duplicated: 0,
+        reordered: None,
+        failed: 2 - usize::from(first) - usize::from(after),
+        refused: 0,
+        unaccounted: Some(0),
+        note: steps.join("; "),
+    };
+    if !after {
+        problems.push(format!(
+            "{}: the listener did not come back (ready {ready}, first {first}, lost {lost}, back {back})",
             row.scenario
         ));
     }
