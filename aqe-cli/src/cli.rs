@@ -69,11 +69,47 @@ pub(crate) enum Command {
         after_help = "Examples:\n  aqe top --bootstrap 10.0.0.1:9000 --certs certs --name cli\n  aqe top --once --bootstrap 127.0.0.1:9000"
     )]
     Top(TopArgs),
+    /// Named sets of joining options, as `nats context`: `add`, `select`, `ls`, `show`, `rm`.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  aqe context add lab --bootstrap 10.0.0.1:9000 --certs certs --name cli-b --token s3cret\n  aqe context select lab\n  aqe request worker '{\"task\":\"lint\"}'   # joins as the context says"
+    )]
+    Context(ContextCmd),
     /// Prints a shell completion script: `aqe completions bash > /etc/bash_completion.d/aqe`.
     Completions {
         /// The shell.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ContextCmd {
+    /// Saves the joining options given as context NAME (its token too: the file is
+    /// readable by its owner only).
+    Add {
+        /// The context's name.
+        #[arg(value_name = "NAME")]
+        label: String,
+        #[command(flatten)]
+        join: Box<Join>,
+    },
+    /// Makes NAME the context commands join with when they name none.
+    Select {
+        /// The context's name.
+        name: String,
+    },
+    /// Lists the contexts; the selected one is marked `*`.
+    Ls,
+    /// Prints a context (the selected one by default), its token hidden.
+    Show {
+        /// The context's name.
+        name: Option<String>,
+    },
+    /// Removes a context.
+    Rm {
+        /// The context's name.
+        name: String,
     },
 }
 
@@ -160,9 +196,13 @@ pub(crate) struct Join {
     /// in AQE_NATS separated by commas. With --bootstrap too: QUIC first, then NATS.
     #[arg(long, env = "AQE_NATS", value_delimiter = ',')]
     pub(crate) nats: Vec<String>,
-    /// The fleet's name on the NATS server (natsConfig.fleet).
-    #[arg(long, env = "AQE_FLEET", default_value = "default")]
-    pub(crate) fleet: String,
+    /// The fleet's name on the NATS server (natsConfig.fleet; default `default`).
+    #[arg(long, env = "AQE_FLEET")]
+    pub(crate) fleet: Option<String>,
+    /// Join with the options of this saved context (see `aqe context`); options given here
+    /// or in the environment win. Without it, the selected context, if any.
+    #[arg(long, env = "AQE_CONTEXT")]
+    pub(crate) context: Option<String>,
     /// A folder made by `aqe certs`: uses ca.pem, NAME.pem and NAME.key (with --name).
     #[arg(long, requires = "name", env = "AQE_CERTS")]
     pub(crate) certs: Option<PathBuf>,

@@ -68,7 +68,7 @@ fn nats_config(join: &Join, def: Option<&AgentDefinition>) -> Option<NatsConfig>
             .cloned()
             .unwrap_or_default();
         c.servers.clone_from(&join.nats);
-        c.fleet.clone_from(&join.fleet);
+        c.fleet = join.fleet.clone().unwrap_or_else(|| "default".to_owned());
         return Some(c);
     }
     let def = def?;

@@ -17,6 +17,7 @@ use std::process::ExitCode;
 mod bench;
 mod certs;
 mod cli;
+mod context;
 mod error;
 mod inspect;
 mod join;
@@ -68,7 +69,10 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> Result<(), CliError> {
+async fn run(mut command: Command) -> Result<(), CliError> {
+    if let Some(join) = joining(&mut command) {
+        context::apply(join)?;
+    }
     match command {
         Command::Certs(c) => certs::run(c),
         Command::Node(n) => node::run(n).await,
@@ -83,12 +87,35 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Stats(a) => inspect::stats(a).await,
         Command::Health(a) => inspect::health(a).await,
         Command::Top(a) => inspect::top(a).await,
+        Command::Context(c) => context::run(c),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "aqe", &mut std::io::stdout());
             Ok(())
         }
     }
+}
+
+/// The joining options of a command that joins a fleet.
+fn joining(command: &mut Command) -> Option<&mut cli::Join> {
+    Some(match command {
+        Command::Send(a) => &mut a.join,
+        Command::Request(a) => &mut a.join,
+        Command::Broadcast(a) => &mut a.join,
+        Command::Reply(a) => &mut a.join,
+        Command::Listen(a) => &mut a.join,
+        Command::Peers(a) => &mut a.join,
+        Command::Stream(a) => &mut a.join,
+        Command::Bench(a) => &mut a.join,
+        Command::Stats(a) | Command::Health(a) => &mut a.join,
+        Command::Top(a) => &mut a.inspect.join,
+        Command::Certs(_)
+        | Command::Node(_)
+        | Command::Context(_)
+        | Command::Completions { .. } => {
+            return None;
+        }
+    })
 }
 
 /// One line on stderr: what failed and why, down to the first cause.

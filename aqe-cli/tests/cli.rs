@@ -23,7 +23,10 @@ impl Drop for Running {
 /// `aqe ARGS` in `dir`, with none of the environment's joining options or log settings.
 fn command(dir: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(AQE);
-    c.current_dir(dir).args(args);
+    // Contexts live in the test's folder, never in the user's.
+    c.current_dir(dir)
+        .args(args)
+        .env("AQE_CONTEXT_DIR", dir.join(".aqe-contexts"));
     for var in [
         "AQE_TOKEN",
         "AQE_BOOTSTRAP",
@@ -31,6 +34,8 @@ fn command(dir: &Path, args: &[&str]) -> Command {
         "AQE_NAME",
         "AQE_NATS",
         "AQE_FLEET",
+        "AQE_CONTEXT",
+        "XDG_CONFIG_HOME",
         "RUST_LOG",
     ] {
         c.env_remove(var);
@@ -209,6 +214,33 @@ fn a_fleet_from_the_command_line() {
         stdout(&o)
     );
     assert!(stdout(&o).contains("worker\tHealthy"), "{}", stdout(&o));
+
+    // The joining options saved once as a context, then no option on the line at all.
+    let mut add = vec!["context", "add", "lab"];
+    let options = join(&["--token", TOKEN]);
+    add.extend(options.iter().map(String::as_str));
+    let o = aqe(d, &add);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = aqe(d, &["context", "select", "lab"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = aqe(d, &["context", "ls"]);
+    assert_eq!(stdout(&o), "* lab\n");
+    let o = aqe(d, &["context", "show"]);
+    assert!(
+        stdout(&o).contains("(hidden)") && !stdout(&o).contains(TOKEN),
+        "{}",
+        stdout(&o)
+    );
+    let o = aqe(d, &["request", "worker", r#"{"from":"context"}"#]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), r#"{"from":"context"}"#);
+    // What the line says wins: a wrong token is refused.
+    let o = aqe(d, &["request", "worker", "x", "--token", "wrong"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let o = aqe(d, &["context", "rm", "lab"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = aqe(d, &["request", "worker", "x", "--context", "lab"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
 
     // A listener and a replier in their own processes, found through the node.
     let mut listen_args = vec!["listen", "inbox"];
