@@ -715,6 +715,20 @@ impl Agent {
         self.guarded(async {
             self.inner.reg.check_outgoing(&options.channel, 0)?;
             let id = StreamId::next();
+            // Refused here, at once, when the receiver is known to take no streams.
+            let takes_none = self.transport().peers().into_iter().any(|p| {
+                &p.id == to
+                    && !p
+                        .capabilities
+                        .iter()
+                        .any(|c| c.as_str() == aqe_core::STREAM_CAPABILITY)
+            });
+            if takes_none {
+                return Err(Error::Stream {
+                    stream: id,
+                    reason: StreamFailure::NotTaken,
+                });
+            }
             let header = StreamHeader {
                 id,
                 from: self.id().clone(),

@@ -171,8 +171,9 @@ impl AgentBuilder {
         self
     }
 
-    /// Runs `f` for each stream a peer opens, concurrently. Without one, incoming streams are
-    /// refused (dropped: the writer's next write fails).
+    /// Runs `f` for each stream a peer opens, concurrently. With one, the agent announces
+    /// [`aqe_core::STREAM_CAPABILITY`]; without, openers refuse at once
+    /// ([`aqe_core::StreamFailure::NotTaken`]), and a stream that comes anyway is dropped.
     pub fn on_stream<F, Fut>(mut self, f: F) -> Self
     where
         F: Fn(Agent, IncomingStream) -> Fut + Send + Sync + 'static,
@@ -201,10 +202,18 @@ impl AgentBuilder {
         } else {
             self.channels
         };
+        let mut capabilities = self.capabilities;
+        if self.handlers.stream.is_some()
+            && !capabilities
+                .iter()
+                .any(|c| c.as_str() == aqe_core::STREAM_CAPABILITY)
+        {
+            capabilities.push(aqe_core::Capability::from(aqe_core::STREAM_CAPABILITY));
+        }
         let reg = Registration {
             id: id.clone(),
             agent_type,
-            capabilities: self.capabilities,
+            capabilities,
             channels,
             metadata: self.metadata,
         };

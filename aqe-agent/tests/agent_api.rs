@@ -533,30 +533,41 @@ async fn streams_to_an_agent_without_stream_handler_fail() {
     let bus = bus();
     let deaf = plain(&bus, "deaf", "t").await;
     let me = plain(&bus, "me", "t").await;
-    let s = me
+    // Refused at open: the agent announces no stream capability.
+    let err = me
         .open_stream(deaf.id(), StreamOptions::default())
         .await
-        .expect("open");
-    let err = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Err(e) = me.write_stream(s, vec![0u8; 8], false).await {
-                return e;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("a write fails");
+        .expect_err("refused at open");
     assert!(
         matches!(
             err,
             Error::Stream {
-                reason: StreamFailure::ClosedByPeer,
+                reason: StreamFailure::NotTaken,
                 ..
             }
         ),
         "{err}"
     );
+    assert!(err.to_string().contains("takes no streams"), "{err}");
+    // An agent with a stream handler announces it, and takes the stream.
+    let reader = Agent::builder()
+        .id("reader")
+        .agent_type("t")
+        .transport(bus.clone())
+        .on_stream(|_a, _s| async {})
+        .start()
+        .await
+        .expect("start");
+    assert!(
+        reader
+            .registration()
+            .capabilities
+            .iter()
+            .any(|c| c.as_str() == aqe_core::STREAM_CAPABILITY)
+    );
+    me.open_stream(reader.id(), StreamOptions::default())
+        .await
+        .expect("open");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -800,6 +800,25 @@ fn a_fleet_over_nats_from_the_command_line() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // A stream to an agent without a stream handler (`aqe reply`): refused at open.
+    let mut replier = command(
+        d,
+        &["reply", "deaf", "--echo", "--fleet", &fleet, "--nats", &url],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn reply");
+    let mut replier_out = BufReader::new(replier.stdout.take().expect("stdout"));
+    let _replier = Running(replier);
+    assert_eq!(next_line(&mut replier_out), "agent deaf answering");
+    let o = command(d, &["stream", "deaf", "--fleet", &fleet, "--nats", &url])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run aqe");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("takes no streams"), "{}", stderr(&o));
+
     // An unknown agent: named as soon as the fleet's membership is complete.
     let started = Instant::now();
     let o = over_nats(&["request", "wroker", "x"]);

@@ -282,6 +282,10 @@ pub enum StreamFailure {
     /// or its agent stopped): what arrived is all there will be.
     #[error("cancelled by the writer")]
     Cancelled,
+    /// The receiving agent takes no streams (it announces no
+    /// [`STREAM_CAPABILITY`](crate::STREAM_CAPABILITY): it has no stream handler).
+    #[error("the receiving agent takes no streams")]
+    NotTaken,
     /// The stream was reset with an application code.
     #[error("reset with code {0}")]
     Reset(u64),

@@ -57,7 +57,7 @@ pub use message::{
     encode,
 };
 pub use options::{BroadcastOptions, DiscoveryOptions, PeerFilter, RequestOptions, StreamOptions};
-pub use peer::{PeerInfo, PeerState, Registration};
+pub use peer::{PeerInfo, PeerState, Registration, STREAM_CAPABILITY};
 pub use provider::{Provider, Started, TransportConfig};
 pub use receipt::Receipt;
 pub use token::Token;
