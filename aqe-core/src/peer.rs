@@ -164,6 +164,11 @@ impl Registration {
     }
 }
 
+/// The capability an agent's runtime announces when the agent takes streams (it has a stream
+/// handler): an opener refuses at once to open a stream to an agent without it, rather than
+/// sending data nobody reads.
+pub const STREAM_CAPABILITY: &str = "aqe.streams";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,8 +193,3 @@ mod tests {
         assert!(matches!(err, Error::ChannelNotFound { ref agent, .. } if agent.as_str() == "a"));
     }
 }
-
-/// The capability an agent's runtime announces when the agent takes streams (it has a stream
-/// handler): an opener refuses at once to open a stream to an agent without it, rather than
-/// sending data nobody reads.
-pub const STREAM_CAPABILITY: &str = "aqe.streams";
