@@ -218,6 +218,10 @@ pub(crate) struct Join {
     /// The fleet's CA certificate (PEM).
     #[arg(long)]
     pub(crate) ca: Option<PathBuf>,
+    /// Check that the certificate of the endpoint dialed names the IP address dialed
+    /// (`aqe certs issue --ip`), not only the fleet's server name.
+    #[arg(long)]
+    pub(crate) check_address: bool,
     /// The fleet's shared token (or AQE_TOKEN).
     #[arg(long, env = "AQE_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,

@@ -45,6 +45,7 @@ fn config(join: &Join, stay: bool) -> Result<QuicConfig, CliError> {
         s.ca_path = Some(ca.clone());
         s.verify_peer = true;
     }
+    s.check_address |= join.check_address;
     if let Some(t) = &join.token {
         s.enable_token_auth = true;
         s.token = Some(Token::new(t.clone()));

@@ -215,6 +215,13 @@ fn a_fleet_from_the_command_line() {
     );
     assert!(stdout(&o).contains("worker\tHealthy"), "{}", stdout(&o));
 
+    // The node's certificate names 127.0.0.1 (`--ip`): a dialer may check the address too.
+    let o = run(
+        &["request", "worker", "checked"],
+        &["--token", TOKEN, "--check-address"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+
     // The joining options saved once as a context, then no option on the line at all.
     let mut add = vec!["context", "add", "lab"];
     let options = join(&["--token", TOKEN]);

@@ -142,6 +142,18 @@ impl Streams {
                 drop(incoming);
                 if !ok {
                     wire.post(Some(from), reset(wire, from, stream));
+                } else if fin {
+                    // The whole stream is here, queued for its reader: credit through the
+                    // last chunk tells the writer, whose close waits for it.
+                    wire.post(
+                        Some(from),
+                        Packet::StreamCredit {
+                            from: wire.me,
+                            to: from,
+                            stream,
+                            up_to: seq,
+                        },
+                    );
                 }
             }
             Packet::StreamCredit { stream, up_to, .. } => {
@@ -286,6 +298,8 @@ pub(crate) struct NatsSink {
     seq: u64,
     finished: bool,
     state: watch::Receiver<OutState>,
+    /// The reader's window: its credit is what it took plus this.
+    window: u64,
     max_chunk: usize,
     stats: Arc<StatsRecorder>,
 }
@@ -342,6 +356,7 @@ impl NatsSink {
             seq: 0,
             finished: false,
             state: rx,
+            window,
             max_chunk,
             stats,
         })
@@ -420,7 +435,30 @@ impl StreamSink for NatsSink {
         self.seq = seq;
         self.stats.sent(len);
         if fin {
+            // Finished when the reader's endpoint has the last chunk (it grants credit through
+            // it): a writer that exits at once loses nothing still on its way.
+            let window = self.window;
+            let failed = match tokio::time::timeout(
+                wait,
+                self.state
+                    .wait_for(|s| s.failed.is_some() || s.credit >= seq.saturating_add(window)),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s.failed.clone().map(Ok),
+                Ok(Err(_)) => Some(Ok(Failure::Stream(StreamFailure::Unknown))),
+                Err(_) => Some(Err(Error::Timeout {
+                    after: wait,
+                    attempts: 1,
+                })),
+            };
+            let outcome = match failed {
+                None => Ok(()),
+                Some(Ok(f)) => Err(self.failure(&f)),
+                Some(Err(e)) => Err(e),
+            };
             self.finish();
+            return outcome;
         }
         Ok(())
     }

@@ -38,6 +38,10 @@ pub struct SecurityConfig {
     pub token: Option<Token>,
     /// The name every endpoint's certificate must carry; dialers check it. Default `localhost`.
     pub server_name: String,
+    /// Dialers check that the listener's certificate names the IP address they dial (as
+    /// `aqe certs issue --ip` puts it) instead of `server_name`: a certificate stolen from
+    /// one host does not serve on another. Default off.
+    pub check_address: bool,
 }
 
 impl Default for SecurityConfig {
@@ -51,6 +55,7 @@ impl Default for SecurityConfig {
             enable_token_auth: false,
             token: None,
             server_name: "localhost".to_owned(),
+            check_address: false,
         }
     }
 }

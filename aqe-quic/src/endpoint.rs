@@ -357,8 +357,13 @@ impl Endpoint {
             .clone()
             .ok_or(Error::Shutdown)?;
         let timeout = self.config.connection_timeout;
-        let connect =
-            Connect::new(addr).with_server_name(self.config.security.server_name.as_str());
+        // The name the listener's certificate must carry: the address dialed, or serverName.
+        let name = if self.config.security.check_address {
+            addr.ip().to_string()
+        } else {
+            self.config.security.server_name.clone()
+        };
+        let connect = Connect::new(addr).with_server_name(name.as_str());
         let mut connection = match tokio::time::timeout(timeout, client.connect(connect)).await {
             Err(_) => {
                 return Err(Error::ConnectionTimeout {

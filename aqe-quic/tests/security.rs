@@ -172,3 +172,66 @@ async fn a_wrong_or_missing_token_closes_the_connection_with_a_typed_error() {
     );
     assert_eq!(guarded.connections(), 0);
 }
+
+/// With `checkAddress`, a dialer accepts only a certificate that names the IP address it
+/// dials (`aqe certs issue --ip`): the same CA's certificate without it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_address_wants_the_dialed_ip_in_the_certificate() {
+    use aqe_quic::certs::FleetCa;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = FleetCa::generate("fleet").expect("CA");
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca.cert_pem()).expect("write CA");
+    let loopback: std::net::IpAddr = [127, 0, 0, 1].into();
+    let security = |name: &str, ips: &[std::net::IpAddr]| {
+        let node = ca.issue(name, "localhost", ips, &[]).expect("issue");
+        let (cert, key) = (
+            dir.path().join(format!("{name}.pem")),
+            dir.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&cert, &node.cert_pem).expect("write");
+        std::fs::write(&key, &node.key_pem).expect("write");
+        aqe_quic::SecurityConfig {
+            cert_path: Some(cert),
+            key_path: Some(key),
+            ca_path: Some(ca_path.clone()),
+            verify_peer: true,
+            check_address: true,
+            ..aqe_quic::SecurityConfig::default()
+        }
+    };
+    let named = endpoint(aqe_quic::QuicConfig {
+        security: security("named", &[loopback]),
+        ..config()
+    })
+    .await;
+    let unnamed = endpoint(aqe_quic::QuicConfig {
+        security: security("unnamed", &[]),
+        ..config()
+    })
+    .await;
+    // The dialer's own certificate names no address: listeners do not check dialers' names.
+    let dialer = endpoint(aqe_quic::QuicConfig {
+        security: security("dialer", &[]),
+        ..config()
+    })
+    .await;
+    dialer
+        .connect(named.local_addr())
+        .await
+        .expect("the certificate names 127.0.0.1");
+    let err = dialer
+        .connect(unnamed.local_addr())
+        .await
+        .expect_err("the certificate names no address");
+    assert!(
+        matches!(
+            err,
+            Error::Security {
+                kind: SecurityFailure::UntrustedCertificate,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
