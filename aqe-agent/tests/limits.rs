@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use aqe_agent::{Agent, EventBus, HandlerError};
-use aqe_core::{Error, HealthStatus, RemoteErrorKind, RequestOptions, StreamOptions, Transport};
+use aqe_core::{Error, HealthStatus, RemoteErrorKind, RequestOptions};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -146,6 +146,7 @@ async fn requests_beyond_the_limit_and_its_backlog_are_answered_busy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hundred_idle_streams_never_keep_a_request_waiting() {
     use aqe_agent::QuicTransport;
+    use aqe_core::{StreamOptions, Transport};
     let quic = || {
         QuicTransport::bind(aqe_quic::QuicConfig {
             host: "127.0.0.1".into(),
