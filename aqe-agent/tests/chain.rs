@@ -261,3 +261,87 @@ async fn messages_in_flight_when_quic_goes_away_arrive_over_nats_once_each_in_or
     a.chain.shutdown().await;
     b.chain.shutdown().await;
 }
+
+/// `Agent::enable` takes any transport's configuration: two agents on buses of their own
+/// (two "processes") reach each other once each enables NATS, and not after one disables it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enabling_nats_at_run_time_joins_the_fleet_and_disabling_leaves_it() {
+    let (url, fleet) = (nats_url().await, fleet());
+    let config = || NatsConfig {
+        servers: vec![url.clone()],
+        fleet: fleet.clone(),
+        ..NatsConfig::default()
+    };
+    let (tx, mut got) = mpsc::unbounded_channel();
+    let worker = Agent::builder()
+        .id("worker")
+        .agent_type("executor")
+        .transport(Arc::new(EventBus::new()))
+        .on_message(move |_a, env| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(env.decode::<u32>().expect("u32"));
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    let commander = Agent::builder()
+        .id("commander")
+        .agent_type("commander")
+        .transport(Arc::new(EventBus::new()))
+        .start()
+        .await
+        .expect("start");
+    let mut events = commander.events();
+    assert!(
+        commander
+            .send_to_agent(worker.id(), &0u32, "coordination")
+            .await
+            .is_err(),
+        "separate buses: nothing reaches the worker yet"
+    );
+    worker.enable(config()).await.expect("enable on the worker");
+    commander
+        .enable(config())
+        .await
+        .expect("enable on the commander");
+    assert!(
+        commander.enable(config()).await.is_err(),
+        "one NATS transport at a time"
+    );
+    assert!(commander.enabled::<NatsTransport>().await.is_some());
+    until("the worker known over NATS", || {
+        commander
+            .transport()
+            .peers()
+            .iter()
+            .any(|p| p.id.as_str() == "worker")
+    })
+    .await;
+    for i in 1..=10u32 {
+        commander
+            .send_confirmed(worker.id(), &i, "coordination")
+            .await
+            .expect("over NATS");
+    }
+    for i in 1..=10u32 {
+        assert_eq!(got.recv().await, Some(i));
+    }
+    let mut enabled = false;
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(200), events.recv()).await {
+        enabled |= matches!(e, Event::TransportEnabled { kind } if kind == NatsTransport::KIND);
+    }
+    assert!(enabled, "TransportEnabled(NATS) was announced");
+    commander.disable(NatsTransport::KIND).await;
+    assert!(commander.enabled::<NatsTransport>().await.is_none());
+    assert!(
+        commander
+            .send_to_agent(worker.id(), &99u32, "coordination")
+            .await
+            .is_err(),
+        "back on its own bus alone"
+    );
+    commander.shutdown().await;
+    worker.shutdown().await;
+}
