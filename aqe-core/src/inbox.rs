@@ -297,6 +297,16 @@ impl InboxSender {
     /// # Cancel safety
     /// Cancel safe: no room is held unless this returns.
     pub async fn reserve(&self, wait: Duration) -> Result<InboxPermit> {
+        // Room now: no timer, no clock read, no await (the common case).
+        if let Some(permit) = self.try_reserve()? {
+            return Ok(permit);
+        }
+        // The timed wait lives on the heap: a caller's future stays small (glibc consolidates
+        // its free lists on every allocation above 1 KiB, which a boxed send future was).
+        Box::pin(self.reserve_waiting(wait)).await
+    }
+
+    async fn reserve_waiting(&self, wait: Duration) -> Result<InboxPermit> {
         match tokio::time::timeout(wait, self.shared.room.acquire()).await {
             Ok(Ok(permit)) => {
                 permit.forget();
