@@ -234,6 +234,9 @@ impl NatsWire {
     /// liveness deal with what it loses.
     async fn publish(&self, subject: impl async_nats::subject::ToSubject, bytes: Bytes) {
         tokio::select! {
+            // The publish first: while it is ready at once (the usual case) the shutdown
+            // token is never polled, so nothing registers with it.
+            biased;
             r = self.client.publish(subject, bytes) => if let Err(e) = r {
                 tracing::debug!(error = %e, "NATS publish failed");
             },
@@ -348,6 +351,7 @@ impl NatsWire {
             self.on_packet(&host, &msg.payload).await;
         }
         tokio::select! {
+            biased;
             _ = sub.unsubscribe() => {}
             () = self.abandon.cancelled() => {}
         }
