@@ -934,8 +934,9 @@ fn a_node_starts_without_its_nats_server_and_stops_without_it() {
     let mut node = node;
     let child = &mut node.0;
     let stopping = Instant::now();
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+    // The shell's own kill: no procps needed.
+    let kill = Command::new("sh")
+        .args(["-c", &format!("kill -INT {}", child.id())])
         .status()
         .expect("kill");
     assert!(kill.success());
