@@ -73,6 +73,25 @@ impl Harness for Chain {
 
 aqe_core::conformance_tests!(Chain);
 
+/// An executor `id` on `transport` that passes the `u32` of every message it takes on.
+fn collecting(
+    id: &str,
+    transport: Arc<dyn Transport>,
+) -> (aqe_agent::AgentBuilder, mpsc::UnboundedReceiver<u32>) {
+    let (tx, got) = mpsc::unbounded_channel();
+    let builder = Agent::builder()
+        .id(id)
+        .agent_type("executor")
+        .transport(transport)
+        .on_message(move |_a, env| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(env.decode::<u32>().expect("u32"));
+            }
+        });
+    (builder, got)
+}
+
 async fn until<F: Fn() -> bool>(what: &str, done: F) {
     tokio::time::timeout(WAIT, async {
         while !done() {
@@ -92,17 +111,8 @@ async fn when_quic_cannot_reach_a_peer_nats_carries_everything() {
     let (url, fleet) = (nats_url().await, fleet());
     let a = host(None, &url, &fleet).await;
     let b = host(Some(a.quic.local_addr()), &url, &fleet).await;
-    let (tx, mut got) = mpsc::unbounded_channel();
-    let worker = Agent::builder()
-        .id("worker")
-        .agent_type("executor")
-        .transport(b.chain.clone())
-        .on_message(move |_a, env| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(env.decode::<u32>().expect("u32"));
-            }
-        })
+    let (worker, mut got) = collecting("worker", b.chain.clone());
+    let worker = worker
         .on_request(|_a, req| async move {
             let n: u32 = req.decode()?;
             Ok::<_, aqe_agent::HandlerError>(n * 2)
@@ -272,20 +282,8 @@ async fn enabling_nats_at_run_time_joins_the_fleet_and_disabling_leaves_it() {
         fleet: fleet.clone(),
         ..NatsConfig::default()
     };
-    let (tx, mut got) = mpsc::unbounded_channel();
-    let worker = Agent::builder()
-        .id("worker")
-        .agent_type("executor")
-        .transport(Arc::new(EventBus::new()))
-        .on_message(move |_a, env| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(env.decode::<u32>().expect("u32"));
-            }
-        })
-        .start()
-        .await
-        .expect("start");
+    let (worker, mut got) = collecting("worker", Arc::new(EventBus::new()));
+    let worker = worker.start().await.expect("start");
     let commander = Agent::builder()
         .id("commander")
         .agent_type("commander")

@@ -82,6 +82,18 @@ fn spawn(
     }
 }
 
+/// `certs/` in `d`: a CA, a node certificate for 127.0.0.1 (`node`), and `cli`.
+fn node_and_cli_certificates(d: &Path) {
+    for args in [
+        &["certs", "init", "certs"][..],
+        &["certs", "issue", "certs", "node", "--ip", "127.0.0.1"],
+        &["certs", "issue", "certs", "cli"],
+    ] {
+        let o = aqe(d, args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+}
+
 fn next_line(out: &mut BufReader<std::process::ChildStdout>) -> String {
     let mut line = String::new();
     out.read_line(&mut line).expect("read");
@@ -863,14 +875,7 @@ fn a_fleet_over_nats_from_the_command_line() {
 fn a_node_starts_without_its_nats_server_and_stops_without_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    for args in [
-        &["certs", "init", "certs"][..],
-        &["certs", "issue", "certs", "node", "--ip", "127.0.0.1"],
-        &["certs", "issue", "certs", "cli"],
-    ] {
-        let o = aqe(d, args);
-        assert!(o.status.success(), "{}", stderr(&o));
-    }
+    node_and_cli_certificates(d);
     // A port no server listens on yet.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -960,14 +965,7 @@ fn a_node_starts_without_its_nats_server_and_stops_without_it() {
 fn a_listener_comes_back_after_its_node_restarts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    for args in [
-        &["certs", "init", "certs"][..],
-        &["certs", "issue", "certs", "node", "--ip", "127.0.0.1"],
-        &["certs", "issue", "certs", "cli"],
-    ] {
-        let o = aqe(d, args);
-        assert!(o.status.success(), "{}", stderr(&o));
-    }
+    node_and_cli_certificates(d);
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
         .expect("free port")
