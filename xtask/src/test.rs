@@ -14,6 +14,11 @@ pub(crate) fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     ensure_script()?;
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
         .current_dir(root)
+        // Incremental caches would double a clean build's disk use, for a build run once.
+        .env(
+            "CARGO_INCREMENTAL",
+            std::env::var("CARGO_INCREMENTAL").unwrap_or_else(|_| "0".to_owned()),
+        )
         .args(["test", "--locked", "--workspace", "--all-features"])
         .args(args)
         .status()
