@@ -477,9 +477,21 @@ impl Agent {
         self.guarded(async {
             let mut envelopes = Vec::new();
             // Every message is built before any is sent: a bad one stops the batch before it
-            // starts.
+            // starts. The channel is looked up and the clock read once per batch.
+            let template = self.envelope(
+                Recipient::Agent(to.clone()),
+                &channel,
+                MessageKind::Direct,
+                Bytes::new(),
+            )?;
+            let ch = self.inner.reg.check_outgoing(&channel, 0)?;
             for p in payloads {
-                envelopes.push(self.direct(to, &p, &channel)?);
+                let payload = aqe_core::encode(&p)?;
+                ch.check_size(payload.len())?;
+                let mut e = template.clone();
+                e.id = MessageId::next();
+                e.payload = payload;
+                envelopes.push(e);
             }
             let ids = envelopes.iter().map(|e| e.id).collect();
             self.transport().send_many(envelopes).await.map(|()| ids)

@@ -105,7 +105,19 @@ pub(crate) async fn run(agent: Agent, mut inbox: Inbox, handlers: Handlers, limi
     let mut waiting_requests: VecDeque<(Envelope, Responder)> = VecDeque::new();
     let mut waiting_streams: VecDeque<IncomingStream> = VecDeque::new();
     loop {
-        let item = tokio::select! {
+        // An item already waiting, with nothing else to attend to, is taken without a select
+        // (which registers a waiter on the shutdown token every time); the task's budget
+        // still makes it yield now and then.
+        let waiting = if tasks.is_empty() && !shutdown.is_cancelled() {
+            inbox.try_recv()
+        } else {
+            None
+        };
+        let item = if let Some(item) = waiting {
+            tokio::task::coop::consume_budget().await;
+            item
+        } else {
+            tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
@@ -139,6 +151,7 @@ pub(crate) async fn run(agent: Agent, mut inbox: Inbox, handlers: Handlers, limi
                 Some(item) => item,
                 None => break,
             },
+            }
         };
         match item {
             Inbound::Message { envelope, receipt } => {

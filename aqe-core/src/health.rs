@@ -313,15 +313,24 @@ impl StatsRecorder {
 
     /// Counts one message of `bytes` received.
     pub fn received(&self, bytes: usize) {
-        self.messages_received.fetch_add(1, Ordering::Relaxed);
-        self.bytes_received
-            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.received_many(1, bytes as u64);
+    }
+
+    /// Counts `n` messages of `bytes` in all received.
+    pub fn received_many(&self, n: u64, bytes: u64) {
+        self.messages_received.fetch_add(n, Ordering::Relaxed);
+        self.bytes_received.fetch_add(bytes, Ordering::Relaxed);
         self.touch();
     }
 
     /// Counts one message dropped.
     pub fn dropped(&self) {
-        self.messages_dropped.fetch_add(1, Ordering::Relaxed);
+        self.dropped_many(1);
+    }
+
+    /// Counts `n` messages dropped.
+    pub fn dropped_many(&self, n: u64) {
+        self.messages_dropped.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Counts `n` reliable messages accepted for delivery, now awaiting their receipts.

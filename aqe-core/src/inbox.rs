@@ -12,13 +12,14 @@
 //! arrives again, say redelivered after a connection failure or through a fallback
 //! transport, is not delivered twice. Its receipt is settled with the first copy's.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
 
+use crate::plumbing::{FastMap, FastSet};
 use crate::transport::Inbound;
 use crate::{AgentId, Error, MessageId, Priority, Result, SendFailure, Timestamp};
 
@@ -54,17 +55,19 @@ pub const DEDUP_WINDOW: usize = 2048;
 pub const DEDUP_SENDERS: usize = 256;
 
 const LANES: usize = 10;
+/// Room freed by taken items is given back to senders this many at a time.
+const ROOM_BATCH: usize = 16;
 
 /// Recent reliable message ids, by sender.
 #[derive(Default)]
 struct Dedup {
-    senders: HashMap<AgentId, SenderIds>,
+    senders: FastMap<AgentId, SenderIds>,
     clock: u64,
 }
 
 #[derive(Default)]
 struct SenderIds {
-    set: HashSet<u64>,
+    set: FastSet<u64>,
     ring: VecDeque<u64>,
     last_heard: u64,
 }
@@ -84,7 +87,10 @@ impl Dedup {
                 self.senders.remove(&oldest);
             }
         }
-        let ids = self.senders.entry(from.clone()).or_default();
+        let ids = match self.senders.get_mut(from) {
+            Some(ids) => ids,
+            None => self.senders.entry(from.clone()).or_default(),
+        };
         ids.last_heard = self.clock;
         if !ids.set.insert(id.0) {
             return false;
@@ -103,6 +109,8 @@ struct State {
     lanes: [VecDeque<Inbound>; LANES],
     /// Items queued above capacity by [`InboxSender::deliver_now`]: popping them frees no room.
     excess: usize,
+    /// Room taken items freed, not yet given back to senders (fewer than [`ROOM_BATCH`]).
+    freed: usize,
     dedup: Dedup,
 }
 
@@ -150,6 +158,7 @@ pub fn inbox(owner: AgentId, capacity: usize) -> (InboxSender, Inbox) {
         state: Mutex::new(State {
             lanes: Default::default(),
             excess: 0,
+            freed: 0,
             dedup: Dedup::default(),
         }),
         room: Semaphore::new(capacity),
@@ -193,6 +202,48 @@ impl Shared {
         Delivered::Queued
     }
 
+    /// Queues `items` in order under one lock and wakes the agent once; duplicates are
+    /// settled as [`Shared::push`] does. `extra` of them hold no room (queued above
+    /// capacity). `on_queued(count, bytes)` runs under the lock for what was queued.
+    /// Returns how many were duplicates, and how much room they leave unused (to give
+    /// back).
+    fn push_many(
+        &self,
+        items: Vec<Inbound>,
+        extra: usize,
+        on_queued: impl FnOnce(u64, u64),
+    ) -> (usize, usize) {
+        let mut duplicates = Vec::new();
+        let (mut count, mut bytes) = (0u64, 0u64);
+        {
+            let mut state = self.lock();
+            for item in items {
+                if let Inbound::Message { envelope, receipt } = &item
+                    && receipt.is_tracked()
+                    && !state.dedup.insert(&envelope.from, envelope.id)
+                {
+                    duplicates.push(item);
+                    continue;
+                }
+                count += 1;
+                bytes += item.payload_len() as u64;
+                let lane = item.priority().get() as usize;
+                state.lanes[lane].push_back(item);
+            }
+            // Duplicates take nothing: first from what was above capacity, then room.
+            state.excess += extra.saturating_sub(duplicates.len());
+            on_queued(count, bytes);
+        }
+        if count > 0 {
+            self.notify.notify_one();
+        }
+        let (n, unused) = (duplicates.len(), duplicates.len().saturating_sub(extra));
+        for item in duplicates {
+            self.duplicate(item);
+        }
+        (n, unused)
+    }
+
     /// A copy of a message delivered before: if the first copy is still queued, settle this
     /// one's receipt with it; otherwise the agent has taken it, and this copy is acknowledged.
     fn duplicate(&self, item: Inbound) {
@@ -222,13 +273,30 @@ impl Shared {
 
     fn pop(&self) -> Option<Inbound> {
         let mut state = self.lock();
-        let item = state.lanes.iter_mut().rev().find_map(VecDeque::pop_front)?;
-        if state.excess > 0 {
-            state.excess -= 1;
-        } else {
-            self.room.add_permits(1);
+        let item = state.lanes.iter_mut().rev().find_map(VecDeque::pop_front);
+        if item.is_some() {
+            if state.excess > 0 {
+                state.excess -= 1;
+            } else {
+                state.freed += 1;
+            }
         }
-        Some(item)
+        // Room goes back to senders a few items at a time (each give-back takes the
+        // semaphore's lock) while they have plenty, and at once when room runs low (so that
+        // a full inbox frees room item by item, as its capacity promises).
+        let give_back = if state.freed >= ROOM_BATCH
+            || item.is_none()
+            || self.room.available_permits() < ROOM_BATCH
+        {
+            std::mem::take(&mut state.freed)
+        } else {
+            0
+        };
+        drop(state);
+        if give_back > 0 {
+            self.room.add_permits(give_back);
+        }
+        item
     }
 
     fn close(&self) {
@@ -288,6 +356,37 @@ impl InboxSender {
         Ok(outcome)
     }
 
+    /// Puts `items` in the inbox at once and in order, as that many
+    /// [`InboxSender::deliver_now`]s would, under one lock and with one wake-up;
+    /// `on_queued(count, bytes)` runs just before they become visible. Returns how many were
+    /// queued (the rest were duplicates).
+    ///
+    /// # Errors
+    /// [`Error::SendFailed`] with [`SendFailure::ReceiverClosed`] once the inbox is closed;
+    /// the items are handed back so that their receipts can be abandoned.
+    #[allow(clippy::result_large_err)]
+    pub fn deliver_now_many(
+        &self,
+        items: Vec<Inbound>,
+        on_queued: impl FnOnce(u64, u64),
+    ) -> std::result::Result<usize, (Error, Vec<Inbound>)> {
+        if self.is_closed() {
+            return Err((self.fail(SendFailure::ReceiverClosed), items));
+        }
+        let n = items.len();
+        let room = &self.shared.room;
+        let mut held = n.min(room.available_permits()).min(u32::MAX as usize);
+        match room.try_acquire_many(held as u32) {
+            Ok(permit) => permit.forget(),
+            Err(_) => held = 0,
+        }
+        let (duplicates, unused) = self.shared.push_many(items, n - held, on_queued);
+        if unused > 0 {
+            room.add_permits(unused);
+        }
+        Ok(n - duplicates)
+    }
+
     /// Waits up to `wait` for room for one item, and holds it: the item is handed over only
     /// once there is room, so a caller that gives up keeps it.
     ///
@@ -334,6 +433,27 @@ impl InboxSender {
             Err(TryAcquireError::NoPermits) => Ok(None),
             Err(TryAcquireError::Closed) => Err(self.fail(SendFailure::ReceiverClosed)),
         }
+    }
+
+    /// Takes room for as many of `n` items as there is room for now (at least one);
+    /// `None` when the inbox is full.
+    ///
+    /// # Errors
+    /// As [`InboxSender::try_reserve`].
+    pub fn try_reserve_many(&self, n: usize) -> Result<Option<InboxPermits>> {
+        let room = &self.shared.room;
+        let want = n.min(room.available_permits()).min(u32::MAX as usize);
+        if want > 1
+            && let Ok(permit) = room.try_acquire_many(want as u32)
+        {
+            permit.forget();
+            return Ok(Some(InboxPermits {
+                shared: self.shared.clone(),
+                n: want,
+            }));
+        }
+        // One, or the room went to another sender meanwhile.
+        Ok(self.try_reserve()?.map(InboxPermits::from))
     }
 
     /// Room for one item, as `delivery` says: waits (reliable) or not (unreliable; `None`
@@ -401,6 +521,60 @@ impl Drop for InboxPermit {
     }
 }
 
+/// Room for several items in an inbox, reserved by [`InboxSender::try_reserve_many`] (or
+/// made of one [`InboxPermit`]); dropping it gives back what was not used.
+#[must_use]
+pub struct InboxPermits {
+    shared: Arc<Shared>,
+    n: usize,
+}
+
+impl InboxPermits {
+    /// How many items it holds room for.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether it holds no room (never, as made here).
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Puts `items` (at most [`InboxPermits::len`] of them) in the reserved room in order,
+    /// under one lock and with one wake-up, running `on_queued(count, bytes)` just before
+    /// they become visible; duplicates give their room back and are not counted. Returns
+    /// how many were queued.
+    pub fn send_many(mut self, items: Vec<Inbound>, on_queued: impl FnOnce(u64, u64)) -> usize {
+        assert!(items.len() <= self.n, "more items than reserved room");
+        let items_len = items.len();
+        let (duplicates, _) = self.shared.push_many(items, 0, on_queued);
+        // What was not used goes back when `self` drops.
+        self.n = self.n - items_len + duplicates;
+        items_len - duplicates
+    }
+}
+
+impl From<InboxPermit> for InboxPermits {
+    fn from(mut one: InboxPermit) -> Self {
+        let shared = one.shared.take().expect("an unused permit holds its inbox");
+        Self { shared, n: 1 }
+    }
+}
+
+impl Drop for InboxPermits {
+    fn drop(&mut self) {
+        if self.n > 0 {
+            self.shared.room.add_permits(self.n);
+        }
+    }
+}
+
+impl std::fmt::Debug for InboxPermits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InboxPermits({})", self.n)
+    }
+}
+
 impl std::fmt::Debug for InboxPermit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("InboxPermit")
@@ -417,7 +591,7 @@ impl Inbox {
     pub async fn recv(&mut self) -> Option<Inbound> {
         loop {
             if let Some(item) = self.shared.pop() {
-                if item.is_expired(Timestamp::now()) {
+                if item.is_expired() {
                     self.shared.expired.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
@@ -433,7 +607,7 @@ impl Inbox {
     /// The next item if one is waiting now, as [`Inbox::recv`] would return it; never waits.
     pub fn try_recv(&mut self) -> Option<Inbound> {
         while let Some(item) = self.shared.pop() {
-            if item.is_expired(Timestamp::now()) {
+            if item.is_expired() {
                 self.shared.expired.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -477,12 +651,22 @@ impl Inbound {
         }
     }
 
-    fn is_expired(&self, now: Timestamp) -> bool {
+    /// Whether its TTL ran out; the clock is read only for an item with a TTL.
+    fn is_expired(&self) -> bool {
         match self {
             Inbound::Message { envelope: e, .. } | Inbound::Request { envelope: e, .. } => {
-                e.is_expired(now)
+                e.ttl.is_some() && e.is_expired(Timestamp::now())
             }
             Inbound::Stream(_) => false,
+        }
+    }
+
+    fn payload_len(&self) -> usize {
+        match self {
+            Inbound::Message { envelope: e, .. } | Inbound::Request { envelope: e, .. } => {
+                e.payload.len()
+            }
+            Inbound::Stream(_) => 0,
         }
     }
 
@@ -741,6 +925,68 @@ mod tests {
         let one = tx.try_reserve().expect("open").expect("room");
         assert!(tx.try_reserve().expect("open").is_none());
         drop(one);
+    }
+
+    #[tokio::test]
+    async fn a_batch_goes_in_whole_in_order_and_frees_no_room_twice() {
+        let (tx, mut rx) = inbox("r".into(), 2);
+        let log = Arc::new(Log::default());
+        let envs: Vec<Envelope> = (0..3)
+            .map(|t| match msg(5, t) {
+                Inbound::Message { envelope, .. } => envelope,
+                _ => unreachable!(),
+            })
+            .collect();
+        let mut counted = (0, 0);
+        // Three messages and a copy of the first, into an inbox with room for two.
+        let batch = vec![
+            tracked(&envs[0], &log, 10),
+            tracked(&envs[1], &log, 11),
+            tracked(&envs[0], &log, 12),
+            tracked(&envs[2], &log, 13),
+        ];
+        let queued = tx
+            .deliver_now_many(batch, |n, bytes| counted = (n, bytes))
+            .map_err(|(e, _)| e)
+            .expect("open");
+        assert_eq!(queued, 3, "the copy is not queued");
+        assert_eq!(counted, (3, 3), "three messages of one byte");
+        assert!(tx.try_reserve().expect("open").is_none(), "full");
+        for t in 0..3 {
+            drop(rx.recv().await.expect("item"));
+            if t == 0 {
+                assert_eq!(
+                    log.take(),
+                    [(10, true), (12, true)],
+                    "the copy settles with it"
+                );
+            }
+        }
+        // Only the two slots of capacity are free again.
+        let room = tx.try_reserve_many(5).expect("open").expect("room");
+        assert_eq!(room.len(), 2);
+        assert!(tx.try_reserve().expect("open").is_none());
+        drop(room);
+        rx.close();
+        assert!(tx.deliver_now_many(vec![msg(5, 9)], |_, _| {}).is_err());
+    }
+
+    #[tokio::test]
+    async fn room_reserved_for_a_batch_gives_back_what_it_did_not_use() {
+        let (tx, mut rx) = inbox("r".into(), 3);
+        let room = tx.try_reserve_many(5).expect("open").expect("room");
+        assert_eq!(room.len(), 3, "as much as there is");
+        assert_eq!(room.send_many(vec![msg(5, 0), msg(9, 1)], |_, _| {}), 2);
+        let rest = tx.try_reserve_many(5).expect("open").expect("room");
+        assert_eq!(rest.len(), 1, "the unused third went back");
+        drop(rest);
+        // Higher priority first, as ever.
+        assert_eq!(tag(rx.recv().await.expect("item")), 1);
+        assert_eq!(tag(rx.recv().await.expect("item")), 0);
+        assert_eq!(
+            tx.try_reserve_many(5).expect("open").expect("room").len(),
+            3
+        );
     }
 
     #[tokio::test]

@@ -11,7 +11,8 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::plumbing::{
-    AckOnce, Delivered, Delivery, InboxSender, Respond, StatsRecorder, StreamSource,
+    AckOnce, AckSink, Delivered, Delivery, InboxPermits, InboxSender, Respond, StatsRecorder,
+    StreamSource,
 };
 use crate::{
     AgentId, Channel, ChannelName, DeliveryFailure, Envelope, Error, Event, Inbound,
@@ -191,21 +192,18 @@ impl LocalDelivery {
             return Ok(());
         }
         let permit = to.inbox.reserve(self.send_timeout).await?;
-        let (done, confirmed) = if confirm {
+        let acks = self.acks(from, to, &envelope.channel);
+        let (receipt, confirmed) = if confirm {
             let (tx, rx) = oneshot::channel();
-            (Some(tx), Some(rx))
+            let ack = LocalAck {
+                acks,
+                id: envelope.id,
+                done: tx,
+            };
+            (Receipt::once(ack), Some(rx))
         } else {
-            (None, None)
+            (Receipt::shared(acks, envelope.id.0), None)
         };
-        let receipt = Receipt::once(LocalAck {
-            from: envelope.from.clone(),
-            to: to.reg.id.clone(),
-            channel: envelope.channel.clone(),
-            id: envelope.id,
-            stats: from.stats.clone(),
-            events: self.events.clone(),
-            done,
-        });
         from.stats.accepted(1);
         let outcome = permit.send_counted(Inbound::Message { envelope, receipt }, || {
             to.stats.received(len)
@@ -220,6 +218,91 @@ impl LocalDelivery {
                 reason: DeliveryFailure::ReceiverStopped,
             })),
         }
+    }
+
+    /// Puts one-way messages from `from` to `to` on `channel` in `to`'s inbox, in order, as
+    /// that many [`LocalDelivery::send`]s would, but a batch at a time: room for as many as
+    /// there is room for is taken at once, they go in under one lock with one wake-up of the
+    /// agent, share one receipt sink and are counted once. Only when the inbox is full does
+    /// a reliable batch wait (up to the send timeout) for room for the next one.
+    ///
+    /// # Errors
+    /// As [`LocalDelivery::send`] when none was accepted; [`Error::PartlyAccepted`] when
+    /// some were.
+    pub async fn send_many(
+        &self,
+        from: &LocalAgent,
+        to: &LocalAgent,
+        envelopes: Vec<Envelope>,
+        channel: &Channel,
+    ) -> Result<()> {
+        let Some(channel_name) = envelopes.first().map(|e| e.channel.clone()) else {
+            return Ok(());
+        };
+        let total = envelopes.len();
+        let mut rest = envelopes.into_iter();
+        if !channel.reliable {
+            let queued = match to.inbox.try_reserve_many(total)? {
+                Some(permits) => {
+                    let batch: Vec<Inbound> = rest
+                        .by_ref()
+                        .take(permits.len())
+                        .map(Inbound::message)
+                        .collect();
+                    let mut sent = (0, 0);
+                    permits.send_many(batch, |n, bytes| {
+                        to.stats.received_many(n, bytes);
+                        sent = (n, bytes);
+                    });
+                    from.stats.sent_many(sent.0, sent.1);
+                    sent.0 as usize
+                }
+                None => 0,
+            };
+            from.stats.dropped_many((total - queued) as u64);
+            return Ok(());
+        }
+        let acks = self.acks(from, to, &channel_name);
+        let mut accepted = 0;
+        while accepted < total {
+            let permits = match to.inbox.try_reserve_many(total - accepted) {
+                Ok(Some(permits)) => permits,
+                Ok(None) => match to.inbox.reserve(self.send_timeout).await {
+                    Ok(one) => InboxPermits::from(one),
+                    Err(e) => return Err(e.after_accepted(accepted)),
+                },
+                Err(e) => return Err(e.after_accepted(accepted)),
+            };
+            let k = permits.len();
+            let batch: Vec<Inbound> = rest
+                .by_ref()
+                .take(k)
+                .map(|envelope| Inbound::Message {
+                    receipt: Receipt::shared(acks.clone(), envelope.id.0),
+                    envelope,
+                })
+                .collect();
+            from.stats.accepted(k as u64);
+            let mut sent = (0, 0);
+            permits.send_many(batch, |n, bytes| {
+                to.stats.received_many(n, bytes);
+                sent = (n, bytes);
+            });
+            from.stats.sent_many(sent.0, sent.1);
+            accepted += k;
+        }
+        Ok(())
+    }
+
+    /// The receipt sink of messages from `from` to `to` on `channel`.
+    fn acks(&self, from: &LocalAgent, to: &LocalAgent, channel: &ChannelName) -> Arc<LocalAcks> {
+        Arc::new(LocalAcks {
+            from: from.reg.id.clone(),
+            to: to.reg.id.clone(),
+            channel: channel.clone(),
+            stats: from.stats.clone(),
+            events: self.events.clone(),
+        })
     }
 
     /// Puts a request in `to`'s inbox and waits for the answer, all within `timeout`.
@@ -305,42 +388,62 @@ fn unconfirmable() -> Error {
     }
 }
 
-/// The receipt of one reliable in-process message.
-struct LocalAck {
+/// Where the receipts of reliable in-process messages from one sender to one receiver on
+/// one channel go (tokens are message ids): one allocation per send or batch.
+struct LocalAcks {
     from: AgentId,
     to: AgentId,
     channel: ChannelName,
-    id: MessageId,
     stats: Arc<StatsRecorder>,
     events: broadcast::Sender<Event>,
-    done: Option<oneshot::Sender<Result<()>>>,
+}
+
+impl LocalAcks {
+    /// Counts message `id` failed and says so on the events.
+    fn fail(&self, id: MessageId) -> DeliveryFailure {
+        let reason = DeliveryFailure::ReceiverStopped;
+        self.stats.failed(1);
+        tracing::debug!(from = %self.from, to = %self.to, %id, "message abandoned by its receiver");
+        let _ = self.events.send(Event::DeliveryFailed {
+            from: self.from.clone(),
+            to: self.to.clone(),
+            channel: self.channel.clone(),
+            ids: vec![id],
+            reason,
+        });
+        reason
+    }
+}
+
+impl AckSink for LocalAcks {
+    fn acknowledged(&self, _id: u64) {
+        self.stats.confirmed(1);
+    }
+
+    fn abandoned(&self, id: u64) {
+        self.fail(MessageId(id));
+    }
+}
+
+/// The receipt of one confirmed in-process message: its sender waits on `done`.
+struct LocalAck {
+    acks: Arc<LocalAcks>,
+    id: MessageId,
+    done: oneshot::Sender<Result<()>>,
 }
 
 impl AckOnce for LocalAck {
     fn acknowledged(self: Box<Self>) {
-        self.stats.confirmed(1);
-        if let Some(done) = self.done {
-            let _ = done.send(Ok(()));
-        }
+        self.acks.acknowledged(self.id.0);
+        let _ = self.done.send(Ok(()));
     }
 
     fn abandoned(self: Box<Self>) {
-        let reason = DeliveryFailure::ReceiverStopped;
-        self.stats.failed(1);
-        tracing::debug!(from = %self.from, to = %self.to, id = %self.id, "message abandoned by its receiver");
-        let _ = self.events.send(Event::DeliveryFailed {
-            from: self.from,
-            to: self.to.clone(),
-            channel: self.channel,
-            ids: vec![self.id],
+        let reason = self.acks.fail(self.id);
+        let _ = self.done.send(Err(Error::DeliveryFailed {
+            to: self.acks.to.clone(),
             reason,
-        });
-        if let Some(done) = self.done {
-            let _ = done.send(Err(Error::DeliveryFailed {
-                to: self.to,
-                reason,
-            }));
-        }
+        }));
     }
 }
 

@@ -20,7 +20,7 @@ pub use crate::channel::MAX_PAYLOAD_LEN;
 pub use crate::health::StatsRecorder;
 pub use crate::inbox::{
     DEDUP_SENDERS, DEDUP_WINDOW, DEFAULT_INBOX_CAPACITY, Delivered, Delivery, Inbox, InboxPermit,
-    InboxSender, inbox,
+    InboxPermits, InboxSender, inbox,
 };
 pub use crate::local::{
     LocalAgent, LocalAgents, LocalDelivery, LocalSink, LocalStreamLimits, responder, stream,

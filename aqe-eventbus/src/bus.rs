@@ -197,6 +197,35 @@ impl Transport for EventBus {
         self.send_as(envelope, true).await
     }
 
+    async fn send_many(&self, mut envelopes: Vec<Envelope>) -> Result<()> {
+        aqe_core::plumbing::check_batch(&envelopes)?;
+        let Some(first) = envelopes.first() else {
+            return Ok(());
+        };
+        let (sender, channel, receiver) =
+            self.route(&first.from, &Self::target_of(first)?, &first.channel, 0)?;
+        // Everything before the first message too large goes; that one fails as its `send`
+        // would.
+        let refusal = envelopes.iter().enumerate().find_map(|(at, e)| {
+            channel
+                .check_size(e.payload.len())
+                .err()
+                .map(|err| (at, err))
+        });
+        if let Some((at, _)) = &refusal {
+            envelopes.truncate(*at);
+        }
+        let accepted = envelopes.len();
+        self.inner
+            .delivery
+            .send_many(&sender, &receiver, envelopes, &channel)
+            .await?;
+        match refusal {
+            Some((_, err)) => Err(err.after_accepted(accepted)),
+            None => Ok(()),
+        }
+    }
+
     async fn request(&self, envelope: Envelope, timeout: Duration) -> Result<Envelope> {
         let (sender, _channel, receiver) = self.route_envelope(&envelope)?;
         self.inner

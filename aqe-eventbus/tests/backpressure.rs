@@ -125,3 +125,66 @@ async fn lifecycle_events_announce_agents_starting_and_stopping() {
         Event::PeerLeft("a".into())
     );
 }
+
+#[tokio::test]
+async fn a_batch_takes_the_room_there_is_and_says_how_many_went() {
+    let bus = EventBus::with_config(BusConfig {
+        send_timeout: Duration::from_millis(50),
+        ..BusConfig::default()
+    });
+    let (tx, _a) = inbox("a".into(), 8);
+    bus.attach(reg("a"), tx).await.expect("attach");
+    let (tx, mut b) = inbox("b".into(), 3);
+    bus.attach(reg("b"), tx).await.expect("attach");
+    // Reliable: three fit, the fourth waits the send timeout, then the batch stops there.
+    let batch: Vec<Envelope> = (0..5).map(|_| msg("coordination")).collect();
+    let ids: Vec<_> = batch.iter().map(|e| e.id).collect();
+    match bus
+        .send_many(batch)
+        .await
+        .expect_err("no room for the rest")
+    {
+        Error::PartlyAccepted { accepted, source } => {
+            assert_eq!(accepted, 3);
+            assert!(
+                matches!(
+                    *source,
+                    Error::SendFailed {
+                        reason: SendFailure::QueueFull(_),
+                        ..
+                    }
+                ),
+                "{source}"
+            );
+        }
+        other => panic!("expected PartlyAccepted, got {other}"),
+    }
+    for id in &ids[..3] {
+        match b.recv().await {
+            Some(Inbound::Message { envelope, .. }) => assert_eq!(envelope.id, *id, "in order"),
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+    let stats = bus.stats(&"a".into());
+    assert_eq!((stats.messages_sent, stats.messages_unconfirmed), (3, 0));
+    // Unreliable: what fits goes, the rest is dropped and counted.
+    let batch: Vec<Envelope> = (0..5).map(|_| msg("metrics")).collect();
+    bus.send_many(batch)
+        .await
+        .expect("never fails for lack of room");
+    let stats = bus.stats(&"a".into());
+    assert_eq!((stats.messages_sent, stats.messages_dropped), (6, 2));
+    // A message too large stops the batch where it stands, as its own send would fail.
+    while b.try_recv().is_some() {}
+    let mut batch: Vec<Envelope> = (0..3).map(|_| msg("coordination")).collect();
+    batch[1].payload = Bytes::from(vec![0u8; Channel::coordination().max_message_size + 1]);
+    match bus.send_many(batch).await.expect_err("too large") {
+        Error::PartlyAccepted { accepted, source } => {
+            assert_eq!(accepted, 1);
+            assert!(matches!(*source, Error::MessageTooLarge { .. }), "{source}");
+        }
+        other => panic!("expected PartlyAccepted, got {other}"),
+    }
+    assert!(b.try_recv().is_some());
+    assert!(b.try_recv().is_none(), "nothing after the refused one went");
+}

@@ -103,6 +103,14 @@ impl AckSink for Receipts {
     }
 }
 
+/// Reliable messages for one agent, gathered from a step's events to go into its inbox at
+/// once.
+#[derive(Default)]
+struct Inflow {
+    agent: Option<Arc<aqe_core::plumbing::LocalAgent>>,
+    items: Vec<Inbound>,
+}
+
 /// What a step produced that is done after the session's lock is released.
 #[derive(Default)]
 struct After {
@@ -205,9 +213,11 @@ impl Cell {
             if !batch.is_empty() {
                 self.link.transmit(&mut batch);
             }
+            let mut inflow = Inflow::default();
             while let Some(ev) = s.poll_event() {
-                self.event(ev, shared, &mut after);
+                self.event(ev, shared, &mut after, &mut inflow);
             }
+            self.deliver(&mut inflow, &mut after);
             after.rearm = s
                 .poll_timeout()
                 .is_some_and(|t| self.since_born(t) < self.armed.load(Ordering::Acquire));
@@ -221,7 +231,44 @@ impl Cell {
         u64::try_from(t.saturating_duration_since(self.born).as_nanos()).unwrap_or(u64::MAX - 1)
     }
 
-    fn event(self: &Arc<Self>, ev: SessionEvent<HostCtx>, shared: &Shared, after: &mut After) {
+    /// Puts the reliable messages gathered for one agent in its inbox, at once.
+    fn deliver(&self, inflow: &mut Inflow, after: &mut After) {
+        let Some(local) = inflow.agent.take() else {
+            return;
+        };
+        let items = std::mem::take(&mut inflow.items);
+        if let Err((_, items)) = local
+            .inbox
+            .deliver_now_many(items, |n, bytes| local.stats.received_many(n, bytes))
+        {
+            after.dropped.extend(items);
+        }
+    }
+
+    fn event(
+        self: &Arc<Self>,
+        ev: SessionEvent<HostCtx>,
+        shared: &Shared,
+        after: &mut After,
+        inflow: &mut Inflow,
+    ) {
+        // Consecutive reliable messages to one agent go into its inbox together; anything
+        // else first delivers what was gathered, so that nothing overtakes it.
+        if let SessionEvent::Deliver {
+            to, seq: Some(seq), ..
+        } = &ev
+            && inflow.agent.as_ref().is_some_and(|a| a.reg.id == *to)
+        {
+            let seq = *seq;
+            if let SessionEvent::Deliver { envelope, .. } = ev {
+                inflow.items.push(Inbound::Message {
+                    envelope,
+                    receipt: Receipt::shared(self.sink.clone(), seq),
+                });
+            }
+            return;
+        }
+        self.deliver(inflow, after);
         match ev {
             SessionEvent::Deliver { to, seq, envelope } => {
                 let Some(local) = shared.locals.get(&to) else {
@@ -235,15 +282,11 @@ impl Cell {
                 let len = envelope.payload.len();
                 match seq {
                     Some(seq) => {
-                        let item = Inbound::Message {
+                        inflow.items.push(Inbound::Message {
                             envelope,
                             receipt: Receipt::shared(self.sink.clone(), seq),
-                        };
-                        if let Err((_, item)) =
-                            local.inbox.deliver_now(item, || local.stats.received(len))
-                        {
-                            after.dropped.push(item);
-                        }
+                        });
+                        inflow.agent = Some(local);
                     }
                     None => match local.inbox.try_reserve() {
                         Ok(Some(permit)) => {
