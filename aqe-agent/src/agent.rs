@@ -17,8 +17,8 @@ use aqe_core::plumbing::InboxSender;
 use aqe_core::{
     AgentId, BroadcastOptions, BroadcastReport, ChannelName, DiscoveryOptions, Envelope, Error,
     ErrorBody, Event, Health, HealthThresholds, MessageId, MessageKind, Payload, PeerInfo,
-    PeerState, RecentError, Recipient, Registration, RequestOptions, Result, Started, Stats,
-    StreamFailure, StreamHeader, StreamId, StreamOptions, StreamSink, Timestamp, Transport,
+    PeerState, RecentError, Recipient, Registration, RequestOptions, Result, SendOptions, Started,
+    Stats, StreamFailure, StreamHeader, StreamId, StreamOptions, StreamSink, Timestamp, Transport,
     TransportConfig, TransportKind,
 };
 
@@ -441,6 +441,45 @@ impl Agent {
             let env = self.direct(to, payload, &channel)?;
             let id = env.id;
             self.transport().send(env).await.map(|()| id)
+        })
+        .await
+    }
+
+    /// Sends `payload` to one agent as `options` say: on their channel, with a time-to-live,
+    /// and waiting for the receipt when `confirm` is set. Returns the message's id.
+    ///
+    /// # Errors
+    /// As [`Agent::send_to_agent`], or [`Agent::send_confirmed`] when `confirm` is set.
+    ///
+    /// # Examples
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> aqe_core::Result<()> {
+    /// # use std::{sync::Arc, time::Duration};
+    /// # use aqe_agent::prelude::*;
+    /// # let bus = Arc::new(aqe_agent::EventBus::new());
+    /// let worker = Agent::builder().id("worker").agent_type("w").transport(bus.clone())
+    ///     .on_message(|_, _| async {}).start().await?;
+    /// let boss = Agent::builder().agent_type("boss").transport(bus).start().await?;
+    /// // Worth doing within a second, or not at all.
+    /// let opts = SendOptions::on("coordination").ttl(Duration::from_secs(1));
+    /// boss.send_with(worker.id(), &"tick", opts).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_with<T: Serialize + ?Sized>(
+        &self,
+        to: &AgentId,
+        payload: &T,
+        options: SendOptions,
+    ) -> Result<MessageId> {
+        self.guarded(async {
+            let mut env = self.direct(to, payload, &options.channel)?;
+            env.ttl = options.ttl;
+            let id = env.id;
+            if options.confirm {
+                self.transport().send_confirmed(env).await.map(|()| id)
+            } else {
+                self.transport().send(env).await.map(|()| id)
+            }
         })
         .await
     }

@@ -17,8 +17,8 @@ pub use aqe_core::{
     AgentId, AgentType, BroadcastOptions, BroadcastReport, Capability, Channel, ChannelKind,
     ChannelName, DiscoveryOptions, Encoding, Envelope, Error, Event, Health, HealthStatus,
     IncomingStream, MessageId, MessageKind, Payload, PeerFilter, PeerInfo, PeerState, Priority,
-    RequestOptions, Result, Stats, StreamChunk, StreamId, StreamOptions, Token, Transport, decode,
-    encode,
+    RequestOptions, Result, SendOptions, Stats, StreamChunk, StreamId, StreamOptions, Token,
+    Transport, decode, encode,
 };
 
 #[cfg(feature = "quic")]

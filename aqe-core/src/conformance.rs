@@ -48,6 +48,7 @@ macro_rules! conformance_tests {
             every_accepted_message_is_confirmed_once_taken,
             confirmed_send_resolves_when_the_receiver_has_it,
             messages_left_unread_by_a_stopping_receiver_are_reported,
+            messages_whose_ttl_ran_out_unread_are_reported_expired,
             unreliable_channel_never_duplicates,
             request_response_is_correlated,
             concurrent_requests_are_correlated,
@@ -439,6 +440,86 @@ pub async fn messages_left_unread_by_a_stopping_receiver_are_reported(h: &dyn Ha
     );
     let s = await_stats(&ta, "a", |s| s.messages_unconfirmed == 0).await;
     assert_eq!(s.messages_failed, 5);
+}
+
+/// A reliable message whose time-to-live runs out before its agent takes it is never handed
+/// out: its sender hears `DeliveryFailed(Expired)` (a confirmed send returns it), and what
+/// follows it on an ordered channel still arrives.
+pub async fn messages_whose_ttl_ran_out_unread_are_reported_expired(h: &dyn Harness) {
+    let (ta, _a, tb, mut b) = pair(h).await;
+    let mut events = ta.subscribe();
+    let ttl = Duration::from_millis(150);
+    let mut stale = Vec::new();
+    for i in 0..2u32 {
+        let e = direct("a", "b", "coordination", counter(i)).with_ttl(ttl);
+        stale.push(e.id);
+        ta.send(e).await.expect("send");
+    }
+    let confirmed = direct("a", "b", "coordination", counter(2)).with_ttl(ttl);
+    stale.push(confirmed.id);
+    let confirmed = {
+        let ta = ta.clone();
+        tokio::spawn(async move { ta.send_confirmed(confirmed).await })
+    };
+    end_after_ttl(&ta, &tb, ttl, &mut b).await;
+    let mut failed = Vec::new();
+    soon("the expiry reports", async {
+        while failed.len() < 3 {
+            match events.recv().await {
+                Ok(Event::DeliveryFailed {
+                    from,
+                    to,
+                    ids,
+                    reason,
+                    ..
+                }) => {
+                    assert_eq!((from.as_str(), to.as_str()), ("a", "b"));
+                    assert_eq!(reason, crate::DeliveryFailure::Expired);
+                    failed.extend(ids);
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("event stream: {e}"),
+            }
+        }
+    })
+    .await;
+    failed.sort();
+    stale.sort();
+    assert_eq!(failed, stale, "exactly the expired messages are reported");
+    let err = within("the confirmed send", confirmed)
+        .await
+        .expect("join")
+        .expect_err("expired");
+    assert!(
+        matches!(
+            err,
+            Error::DeliveryFailed {
+                reason: crate::DeliveryFailure::Expired,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let s = await_stats(&ta, "a", |s| s.messages_unconfirmed == 0).await;
+    assert_eq!(s.messages_failed, 3);
+}
+
+/// Sends a message without a TTL once everything b received has outlived `ttl`: it is the
+/// first thing b reads.
+async fn end_after_ttl(
+    ta: &Arc<dyn Transport>,
+    tb: &Arc<dyn Transport>,
+    ttl: Duration,
+    b: &mut Inbox,
+) {
+    within("the messages to arrive", async {
+        while tb.stats(&"b".into()).messages_received < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(ttl * 2).await;
+    end_comes_next(ta, b, "expired messages are never handed out").await;
 }
 
 /// Unreliable channel: what arrives arrives once, and a send never fails for lack of room.

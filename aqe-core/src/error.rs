@@ -263,6 +263,10 @@ pub enum DeliveryFailure {
     /// not processed.
     #[error("refused by the receiving endpoint")]
     Refused,
+    /// The message's time-to-live ran out before its receiving agent took it: it was dropped
+    /// where it waited, never handed to a handler late. It was not processed.
+    #[error("its time-to-live ran out before the receiver took it")]
+    Expired,
 }
 
 /// Why a stream operation failed.

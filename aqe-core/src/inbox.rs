@@ -583,7 +583,8 @@ impl std::fmt::Debug for InboxPermit {
 
 impl Inbox {
     /// The next item: the oldest of the highest priority waiting. Expired messages are
-    /// skipped and counted (their receipts acknowledged: the receiver applied their TTL).
+    /// skipped and counted, never handed out late: their receipts say they expired, and their
+    /// senders report them failed (`Expired`).
     /// `None` once the inbox is closed and empty.
     ///
     /// # Cancel safety
@@ -593,6 +594,7 @@ impl Inbox {
             if let Some(item) = self.shared.pop() {
                 if item.is_expired() {
                     self.shared.expired.fetch_add(1, Ordering::Relaxed);
+                    item.expire();
                     continue;
                 }
                 return Some(item);
@@ -609,6 +611,7 @@ impl Inbox {
         while let Some(item) = self.shared.pop() {
             if item.is_expired() {
                 self.shared.expired.fetch_add(1, Ordering::Relaxed);
+                item.expire();
                 continue;
             }
             return Some(item);
@@ -670,6 +673,14 @@ impl Inbound {
         }
     }
 
+    /// Drops the item unread because its time-to-live ran out: a message's receipt says so
+    /// (its sender reports it expired), a request's responder is dropped.
+    fn expire(self) {
+        if let Inbound::Message { receipt, .. } = self {
+            receipt.expire();
+        }
+    }
+
     /// Gives up on the item without its agent taking it: a message's receipt is abandoned,
     /// a request's responder dropped (the requester hears it was dropped), a stream refused.
     pub fn abandon(self) {
@@ -707,7 +718,10 @@ mod tests {
 
     /// Records what happens to receipts.
     #[derive(Default)]
-    struct Log(std::sync::Mutex<Vec<(u64, bool)>>);
+    struct Log(
+        std::sync::Mutex<Vec<(u64, bool)>>,
+        std::sync::Mutex<Vec<u64>>,
+    );
 
     impl crate::plumbing::AckSink for Log {
         fn acknowledged(&self, token: u64) {
@@ -716,11 +730,17 @@ mod tests {
         fn abandoned(&self, token: u64) {
             self.0.lock().expect("lock").push((token, false));
         }
+        fn expired(&self, token: u64) {
+            self.1.lock().expect("lock").push(token);
+        }
     }
 
     impl Log {
         fn take(&self) -> Vec<(u64, bool)> {
             std::mem::take(&mut *self.0.lock().expect("lock"))
+        }
+        fn expired(&self) -> Vec<u64> {
+            std::mem::take(&mut *self.1.lock().expect("lock"))
         }
     }
 
@@ -852,15 +872,28 @@ mod tests {
         .with_ttl(Duration::from_millis(10));
         old.timestamp = Timestamp(Timestamp::now().0 - 1_000);
         let _ = tx
-            .deliver(Inbound::message(old), Delivery::Unreliable)
+            .deliver(Inbound::message(old.clone()), Delivery::Unreliable)
             .await
             .expect("open");
         let _ = tx
             .deliver(msg(5, 42), Delivery::Unreliable)
             .await
             .expect("open");
+        let log = Arc::new(Log::default());
+        let mut stale = old.clone();
+        stale.id = MessageId(7);
+        let _ = tx
+            .deliver(tracked(&stale, &log, 7), Delivery::Unreliable)
+            .await
+            .expect("open");
         assert_eq!(tag(rx.recv().await.expect("fresh")), 42);
-        assert_eq!(rx.expired(), 1);
+        assert!(rx.try_recv().is_none(), "the stale one is never handed out");
+        assert_eq!(rx.expired(), 2);
+        assert!(
+            log.take().is_empty(),
+            "its receipt is not an acknowledgement"
+        );
+        assert_eq!(log.expired(), [7]);
     }
 
     #[tokio::test]

@@ -56,7 +56,9 @@ pub use message::{
     Encoding, Envelope, ErrorBody, MessageKind, Payload, Recipient, Timestamp, decode, decode_as,
     encode,
 };
-pub use options::{BroadcastOptions, DiscoveryOptions, PeerFilter, RequestOptions, StreamOptions};
+pub use options::{
+    BroadcastOptions, DiscoveryOptions, PeerFilter, RequestOptions, SendOptions, StreamOptions,
+};
 pub use peer::{PeerInfo, PeerState, Registration, STREAM_CAPABILITY};
 pub use provider::{Provider, Started, TransportConfig};
 pub use receipt::Receipt;

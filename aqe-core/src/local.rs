@@ -399,11 +399,10 @@ struct LocalAcks {
 }
 
 impl LocalAcks {
-    /// Counts message `id` failed and says so on the events.
-    fn fail(&self, id: MessageId) -> DeliveryFailure {
-        let reason = DeliveryFailure::ReceiverStopped;
+    /// Counts message `id` failed for `reason` and says so on the events.
+    fn fail(&self, id: MessageId, reason: DeliveryFailure) -> DeliveryFailure {
         self.stats.failed(1);
-        tracing::debug!(from = %self.from, to = %self.to, %id, "message abandoned by its receiver");
+        tracing::debug!(from = %self.from, to = %self.to, %id, %reason, "message not taken");
         let _ = self.events.send(Event::DeliveryFailed {
             from: self.from.clone(),
             to: self.to.clone(),
@@ -421,7 +420,11 @@ impl AckSink for LocalAcks {
     }
 
     fn abandoned(&self, id: u64) {
-        self.fail(MessageId(id));
+        self.fail(MessageId(id), DeliveryFailure::ReceiverStopped);
+    }
+
+    fn expired(&self, id: u64) {
+        self.fail(MessageId(id), DeliveryFailure::Expired);
     }
 }
 
@@ -439,7 +442,17 @@ impl AckOnce for LocalAck {
     }
 
     fn abandoned(self: Box<Self>) {
-        let reason = self.acks.fail(self.id);
+        (*self).failed(DeliveryFailure::ReceiverStopped);
+    }
+
+    fn expired(self: Box<Self>) {
+        (*self).failed(DeliveryFailure::Expired);
+    }
+}
+
+impl LocalAck {
+    fn failed(self, reason: DeliveryFailure) {
+        let reason = self.acks.fail(self.id, reason);
         let _ = self.done.send(Err(Error::DeliveryFailed {
             to: self.acks.to.clone(),
             reason,

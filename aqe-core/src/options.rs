@@ -56,6 +56,52 @@ impl RequestOptions {
     }
 }
 
+/// How one direct message is sent ([`SendOptions::on`] a channel, then the rest).
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    /// The channel. Default `coordination`.
+    pub channel: ChannelName,
+    /// How long the message may wait to be taken, from when it is sent: a message its
+    /// receiving agent has not taken by then is dropped wherever it waits (never handed to
+    /// a handler late), and on a reliable channel its sender hears
+    /// `DeliveryFailed(Expired)`. Default none.
+    pub ttl: Option<Duration>,
+    /// Wait until the receiving agent has taken it (reliable channels only). Default no.
+    pub confirm: bool,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        Self {
+            channel: ChannelName::from("coordination"),
+            ttl: None,
+            confirm: false,
+        }
+    }
+}
+
+impl SendOptions {
+    /// Send on `channel`.
+    pub fn on(channel: impl Into<ChannelName>) -> Self {
+        Self {
+            channel: channel.into(),
+            ..Self::default()
+        }
+    }
+
+    /// With a time-to-live.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Waiting until the receiving agent has taken it.
+    pub fn confirmed(mut self) -> Self {
+        self.confirm = true;
+        self
+    }
+}
+
 /// Who a fleet broadcast reaches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BroadcastOptions {

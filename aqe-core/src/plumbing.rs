@@ -25,7 +25,7 @@ pub use crate::inbox::{
 pub use crate::local::{
     LocalAgent, LocalAgents, LocalDelivery, LocalSink, LocalStreamLimits, responder, stream,
 };
-pub use crate::receipt::{AckOnce, AckSink};
+pub use crate::receipt::{AckOnce, AckSink, Fate};
 pub use crate::transport::{Respond, StreamSource, check_batch};
 
 /// The hasher of the tables every message passes through (flows, acknowledgements, requests,

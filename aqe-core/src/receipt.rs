@@ -22,6 +22,8 @@ pub trait AckSink: Send + Sync + 'static {
     fn acknowledged(&self, token: u64);
     /// The agent will never take the message: it stopped first.
     fn abandoned(&self, token: u64);
+    /// The message's time-to-live ran out before its agent took it: it was dropped unread.
+    fn expired(&self, token: u64);
 }
 
 /// What a one-off receipt does, for transports without a shared sink.
@@ -30,6 +32,19 @@ pub trait AckOnce: Send + 'static {
     fn acknowledged(self: Box<Self>);
     /// The agent will never take the message.
     fn abandoned(self: Box<Self>);
+    /// The message's time-to-live ran out before its agent took it.
+    fn expired(self: Box<Self>);
+}
+
+/// How a reliable message ended at its receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Its agent took it (the handler returned).
+    Taken,
+    /// Its agent stopped before taking it.
+    Abandoned,
+    /// Its time-to-live ran out before its agent took it.
+    Expired,
 }
 
 enum Inner {
@@ -85,26 +100,33 @@ impl Receipt {
 
     /// Marks the message as never taken: its agent stopped first.
     pub fn abandon(mut self) {
-        self.settle(false);
+        self.settle(Fate::Abandoned);
     }
 
-    fn settle(&mut self, taken: bool) {
-        match std::mem::replace(&mut self.inner, Inner::None) {
-            Inner::None => {}
-            Inner::Shared(sink, token) if taken => sink.acknowledged(token),
-            Inner::Shared(sink, token) => sink.abandoned(token),
-            Inner::Once(h) if taken => h.acknowledged(),
-            Inner::Once(h) => h.abandoned(),
+    /// Marks the message as dropped unread: its time-to-live ran out first.
+    pub fn expire(mut self) {
+        self.settle(Fate::Expired);
+    }
+
+    fn settle(&mut self, fate: Fate) {
+        match (std::mem::replace(&mut self.inner, Inner::None), fate) {
+            (Inner::None, _) => {}
+            (Inner::Shared(sink, token), Fate::Taken) => sink.acknowledged(token),
+            (Inner::Shared(sink, token), Fate::Abandoned) => sink.abandoned(token),
+            (Inner::Shared(sink, token), Fate::Expired) => sink.expired(token),
+            (Inner::Once(h), Fate::Taken) => h.acknowledged(),
+            (Inner::Once(h), Fate::Abandoned) => h.abandoned(),
+            (Inner::Once(h), Fate::Expired) => h.expired(),
         }
         for mut r in std::mem::take(&mut self.also) {
-            r.settle(taken);
+            r.settle(fate);
         }
     }
 }
 
 impl Drop for Receipt {
     fn drop(&mut self) {
-        self.settle(true);
+        self.settle(Fate::Taken);
     }
 }
 
@@ -137,6 +159,9 @@ mod tests {
         fn abandoned(&self, token: u64) {
             self.0.lock().expect("lock").push((token, false));
         }
+        fn expired(&self, token: u64) {
+            self.0.lock().expect("lock").push((token + 1000, false));
+        }
     }
 
     #[test]
@@ -149,10 +174,21 @@ mod tests {
         let mut r = Receipt::shared(log.clone(), 4);
         r.join(Receipt::shared(log.clone(), 5));
         drop(r);
+        let mut r = Receipt::shared(log.clone(), 6);
+        r.join(Receipt::shared(log.clone(), 7));
+        r.expire();
         assert!(!Receipt::none().is_tracked());
         assert_eq!(
             *log.0.lock().expect("lock"),
-            [(1, true), (2, false), (3, false), (4, true), (5, true)]
+            [
+                (1, true),
+                (2, false),
+                (3, false),
+                (4, true),
+                (5, true),
+                (1006, false),
+                (1007, false)
+            ]
         );
     }
 }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use aqe_core::plumbing::{AckSink, FastMap, Respond, StatsRecorder};
+use aqe_core::plumbing::{AckSink, FastMap, Fate, Respond, StatsRecorder};
 use aqe_core::{
     AgentId, ChannelName, Envelope, Error, Event, Inbound, MessageId, Receipt, Responder, Result,
     SendFailure,
@@ -63,7 +63,7 @@ pub(crate) struct Cell {
     pub(crate) link: Arc<dyn Link>,
     pub(crate) session: Mutex<Session<HostCtx>>,
     /// Receipts settled by agents, told to the session at its next step.
-    acks: Mutex<Vec<(u64, bool)>>,
+    acks: Mutex<Vec<(u64, Fate)>>,
     sink: Arc<dyn AckSink>,
     /// What the session told the node, in order, until the node task takes it.
     pub(crate) node_inputs: Mutex<VecDeque<NodeInput<MsgCtx>>>,
@@ -89,15 +89,22 @@ struct Receipts(Weak<Cell>);
 
 impl AckSink for Receipts {
     fn acknowledged(&self, token: u64) {
-        if let Some(c) = self.0.upgrade() {
-            lock(&c.acks).push((token, true));
-            c.wake.notify_one();
-        }
+        self.tell(token, Fate::Taken);
     }
 
     fn abandoned(&self, token: u64) {
+        self.tell(token, Fate::Abandoned);
+    }
+
+    fn expired(&self, token: u64) {
+        self.tell(token, Fate::Expired);
+    }
+}
+
+impl Receipts {
+    fn tell(&self, token: u64, fate: Fate) {
         if let Some(c) = self.0.upgrade() {
-            lock(&c.acks).push((token, false));
+            lock(&c.acks).push((token, fate));
             c.wake.notify_one();
         }
     }
@@ -197,11 +204,11 @@ impl Cell {
             let acks = std::mem::take(&mut *lock(&self.acks));
             if !acks.is_empty() {
                 let now = Instant::now();
-                for (seq, taken) in acks {
-                    if taken {
-                        s.taken(seq, now);
-                    } else {
-                        s.abandoned(seq, now);
+                for (seq, fate) in acks {
+                    match fate {
+                        Fate::Taken => s.taken(seq, now),
+                        Fate::Abandoned => s.abandoned(seq, now),
+                        Fate::Expired => s.expired(seq, now),
                     }
                 }
             }
@@ -274,7 +281,7 @@ impl Cell {
                 let Some(local) = shared.locals.get(&to) else {
                     // Detached between the session's check and now.
                     if let Some(seq) = seq {
-                        lock(&self.acks).push((seq, false));
+                        lock(&self.acks).push((seq, Fate::Abandoned));
                         self.wake.notify_one();
                     }
                     return;

@@ -789,7 +789,8 @@ impl Host {
                 Err(Error::PeerNotFound { peer: to })
             }
             Answer::Refused(Refusal::Overflow) => Err(Error::Busy { peer: to }),
-            Answer::Refused(Refusal::Stopped) => Err(Error::Remote {
+            // Requests are not refused `Expired` (section 4.9); a peer that does so dropped it.
+            Answer::Refused(Refusal::Stopped | Refusal::Expired) => Err(Error::Remote {
                 agent: to,
                 kind: RemoteErrorKind::Dropped,
                 message: "the request was dropped without an answer".to_owned(),

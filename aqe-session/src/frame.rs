@@ -59,6 +59,8 @@ pub enum Refusal {
     /// The sender ignored a limit the receiver announced (the window, the session's bytes),
     /// or the receiver holds all it may; for a request, too many requests are in hand.
     Overflow,
+    /// Its time-to-live ran out before the receiving agent took it: dropped unread.
+    Expired,
 }
 
 /// What an endpoint knows first-hand about another endpoint it has a session with (peer

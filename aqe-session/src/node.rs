@@ -977,10 +977,12 @@ impl<M> Node<M> {
         }
         for to in touched {
             match how {
+                // Its agent is known only by hearsay (or not at all) while the newer session
+                // with the same endpoint has not announced it yet: give that one time first.
                 Orphaned::Lost {
                     replaced: true,
                     now,
-                } if !self.owner.contains_key(&to) => {
+                } if !self.reached_directly(&to) => {
                     self.recheck
                         .entry(to.clone())
                         .or_insert(now + DISPLACED_RECHECK);
@@ -1000,6 +1002,11 @@ impl<M> Node<M> {
                 _ => self.place(&to, actions),
             }
         }
+    }
+
+    /// Whether a linked session of this node announces `to`.
+    fn reached_directly(&self, to: &AgentId) -> bool {
+        matches!(self.owner.get(to), Some(Owner::Session(s)) if self.peers.get(s).is_some_and(|p| p.linked))
     }
 
     /// Sends what waits for `to` where it can go now: into the session that owns it, or to
@@ -1199,7 +1206,7 @@ impl<M> Node<M> {
         self.waiting
             .values()
             .flatten()
-            .map(|m| m.accepted + deadline)
+            .map(|m| m.due(deadline))
             .chain(self.recheck.values().copied())
             .min()
     }
@@ -1228,8 +1235,8 @@ impl<M> Node<M> {
             // In order (see `requeue`); every one is looked at all the same.
             let (gone, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(q)
                 .into_iter()
-                .partition(|m| m.accepted + deadline <= now);
-            failed.extend(gone.into_iter().map(Orphan::expired));
+                .partition(|m| m.due(deadline) <= now);
+            failed.extend(gone.into_iter().map(|m| m.timed_out(now)));
             *q = kept;
             !q.is_empty()
         });

@@ -31,6 +31,8 @@ pub struct MessageMeta {
     pub len: usize,
     /// Whether its sender waits for its confirmation.
     pub confirm: bool,
+    /// Its time-to-live: what has not left by then is never sent, and fails `Expired`.
+    pub ttl: Option<Duration>,
 }
 
 /// A reliable message not yet settled, with what the transport keeps with it (`M`).
@@ -101,6 +103,17 @@ impl<M> Orphan<M> {
         self.accepted
     }
 
+    /// When it fails if not settled before: its deadline, or earlier its time-to-live
+    /// (counted from its acceptance) while it has never left; once it may be held by the
+    /// receiver, only the receiver applies the TTL (it may have been taken).
+    pub(crate) fn due(&self, deadline: Duration) -> Instant {
+        let by = self.accepted + deadline;
+        match self.meta.ttl {
+            Some(ttl) if !self.in_doubt => by.min(self.accepted + ttl),
+            _ => by,
+        }
+    }
+
     /// The envelope, marked `redelivered` when it may have been taken already: what a
     /// fallback transport sends.
     ///
@@ -127,6 +140,16 @@ impl<M> Orphan<M> {
             meta: self.meta,
             outcome: Outcome::Failed(reason),
             ctx: self.ctx,
+        }
+    }
+
+    /// Settles it as failed when it fell [`due`](Orphan::due) at `now`: `Expired` if its
+    /// time-to-live ran out before it left, else as [`Orphan::expired`].
+    pub(crate) fn timed_out(self, now: Instant) -> Settled<M> {
+        if !self.in_doubt && self.meta.ttl.is_some_and(|ttl| self.accepted + ttl <= now) {
+            self.failed(DeliveryFailure::Expired)
+        } else {
+            self.expired()
         }
     }
 
@@ -184,6 +207,7 @@ pub(crate) fn refusal_failure(r: Refusal) -> Option<DeliveryFailure> {
     match r {
         Refusal::NotHere | Refusal::Stopped => None,
         Refusal::NotRegistered | Refusal::Overflow => Some(DeliveryFailure::Refused),
+        Refusal::Expired => Some(DeliveryFailure::Expired),
     }
 }
 
@@ -236,6 +260,10 @@ pub(crate) struct Outbox<M> {
     /// messages of their flow are unsettled here: they go on to find their agent only if
     /// none of those is taken (else they would arrive after it), and fail otherwise.
     held: BTreeMap<u64, Orphan<M>>,
+    /// The highest number of each ordered flow taken here: a refusal of an older one that
+    /// arrives after it (a wire that reorders or loses frames) fails it, since it could no
+    /// longer arrive in order.
+    taken: FastMap<Flow, u64>,
 }
 
 impl<M> Outbox<M> {
@@ -255,6 +283,7 @@ impl<M> Outbox<M> {
             next_check: None,
             ghosts: BTreeMap::new(),
             held: BTreeMap::new(),
+            taken: FastMap::default(),
         }
     }
 
@@ -301,11 +330,16 @@ impl<M> Outbox<M> {
         f.count += 1;
         f.bytes += msg.meta.len as u64;
         self.bytes += msg.meta.len as u64;
-        self.check_by(msg.accepted + deadline);
+        self.check_by(msg.due(deadline));
         if linked && let Some(rto) = self.rto {
             self.check_by(now + rto);
         }
         let transmit = linked.then(|| {
+            if !msg.in_doubt {
+                // It may be taken here now, by this session's peer: that is its origin (set
+                // when this session gives it up), whoever it went to before.
+                msg.origin = None;
+            }
             msg.in_doubt = true;
             self.transmit_of(seq, after, &msg, generation)
         });
@@ -364,7 +398,7 @@ impl<M> Outbox<M> {
                 continue;
             }
             m.flag();
-            self.check_by(m.accepted + deadline);
+            self.check_by(m.due(deadline));
             self.backlog
                 .entry(m.meta.to.clone())
                 .or_default()
@@ -469,10 +503,21 @@ impl<M> Outbox<M> {
                         if let Some(flow) = &flow {
                             // What was refused before it cannot follow it any more.
                             self.fail_held(flow, seq, out);
+                            let t = self.taken.entry(flow.clone()).or_insert(seq);
+                            *t = (*t).max(seq);
                         }
                         out.push(m.taken());
                     }
                     Some(Some(reason)) => out.push(m.failed(reason)),
+                    // A newer one of its flow was taken here first.
+                    Some(None)
+                        if flow
+                            .as_ref()
+                            .and_then(|f| self.taken.get(f))
+                            .is_some_and(|t| *t > seq) =>
+                    {
+                        out.push(m.failed(DeliveryFailure::ReceiverStopped));
+                    }
                     Some(None) => {
                         m.in_doubt = false;
                         m.displaced = true;
@@ -533,7 +578,7 @@ impl<M> Outbox<M> {
         let expired: Vec<u64> = self
             .sent
             .iter()
-            .filter(|(_, s)| s.msg.accepted + deadline <= now)
+            .filter(|(_, s)| s.msg.due(deadline) <= now)
             .map(|(k, _)| k)
             .collect();
         for seq in expired {
@@ -545,28 +590,28 @@ impl<M> Outbox<M> {
                 } else {
                     self.free(&s.msg.meta.to, s.msg.meta.len as u64);
                 }
-                failed.push(s.msg.expired());
+                failed.push(s.msg.timed_out(now));
             }
         }
         let expired: Vec<u64> = self
             .held
             .iter()
-            .filter(|(_, m)| m.accepted + deadline <= now)
+            .filter(|(_, m)| m.due(deadline) <= now)
             .map(|(k, _)| *k)
             .collect();
         failed.extend(
             expired
                 .iter()
                 .filter_map(|k| self.held.remove(k))
-                .map(Orphan::expired),
+                .map(|m| m.timed_out(now)),
         );
         // Redeliveries keep their order, but came from sessions of different ages: each is
         // looked at.
         self.backlog.retain(|_, q| {
             let (gone, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(q)
                 .into_iter()
-                .partition(|m| m.accepted + deadline <= now);
-            failed.extend(gone.into_iter().map(Orphan::expired));
+                .partition(|m| m.due(deadline) <= now);
+            failed.extend(gone.into_iter().map(|m| m.timed_out(now)));
             *q = kept;
             !q.is_empty()
         });
@@ -599,10 +644,10 @@ impl<M> Outbox<M> {
             });
         }
         for s in self.sent.values() {
-            at(s.msg.accepted + deadline);
+            at(s.msg.due(deadline));
         }
         for m in self.backlog.values().flatten().chain(self.held.values()) {
-            at(m.accepted + deadline);
+            at(m.due(deadline));
         }
         self.next_check = next;
     }
@@ -700,6 +745,7 @@ mod tests {
             ordered: true,
             len,
             confirm: false,
+            ttl: None,
         };
         Orphan::new(meta, aqe_core::encode(&e).expect("encode"), now, 0)
     }
@@ -747,6 +793,64 @@ mod tests {
         o.settled(&[(1, 100)], None, &mut all, &mut Vec::new());
         assert!(o.push(msg("e", 1000, now), 0, true, now, D).is_ok());
         assert_eq!(o.low(), 5, "the oldest unsettled");
+    }
+
+    #[test]
+    fn a_refusal_arriving_after_a_newer_one_of_its_flow_was_taken_fails_it() {
+        let now = Instant::now();
+        let mut o: Outbox<u32> = Outbox::new(8, 1000, None);
+        for _ in 0..3 {
+            assert!(o.push(msg("b", 1, now), 0, true, now, D).is_ok());
+        }
+        let (mut settled, mut displaced) = (Vec::new(), Vec::new());
+        // 3 is taken; the refusals of 1 and 2 (their agent had stopped) come after it.
+        o.settled(&[(3, 3)], None, &mut settled, &mut displaced);
+        o.settled(
+            &[(1, 2)],
+            Some(Refusal::Stopped),
+            &mut settled,
+            &mut displaced,
+        );
+        let outcomes: Vec<Outcome> = settled.iter().map(|s| s.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [
+                Outcome::Taken,
+                Outcome::Failed(DeliveryFailure::ReceiverStopped),
+                Outcome::Failed(DeliveryFailure::ReceiverStopped)
+            ],
+            "they could only arrive after 3 now"
+        );
+        assert!(displaced.is_empty() && o.held.is_empty());
+    }
+
+    #[test]
+    fn a_ttl_fails_what_never_left_and_leaves_what_went_to_the_receiver() {
+        let now = Instant::now();
+        let ttl = Duration::from_secs(1);
+        let mut o: Outbox<u32> = Outbox::new(8, 1000, None);
+        let with_ttl = |o: &mut Outbox<u32>, linked| {
+            let mut m = msg("b", 1, now);
+            m.meta.ttl = Some(ttl);
+            assert!(o.push(m, 0, linked, now, D).is_ok());
+        };
+        with_ttl(&mut o, false); // 1: never transmitted
+        with_ttl(&mut o, true); // 2: transmitted: the receiver decides
+        assert_eq!(o.next_check(), Some(now + ttl));
+        let (mut failed, mut out) = (Vec::new(), VecDeque::new());
+        o.on_timeout(now + ttl, D, None, &mut failed, &mut out);
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].outcome, Outcome::Failed(DeliveryFailure::Expired));
+        assert_eq!(
+            o.next_check(),
+            Some(now + D),
+            "the other waits for its deadline"
+        );
+        o.on_timeout(now + D, D, None, &mut failed, &mut out);
+        assert_eq!(
+            failed[1].outcome,
+            Outcome::Failed(DeliveryFailure::Unconfirmed)
+        );
     }
 
     #[test]

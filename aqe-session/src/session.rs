@@ -222,6 +222,7 @@ pub fn outgoing(
         ordered,
         len: envelope.payload.len(),
         confirm,
+        ttl: envelope.ttl,
     };
     Ok((meta, aqe_core::encode(envelope)?))
 }
@@ -575,6 +576,12 @@ impl<C: Ctx> Session<C> {
     pub fn abandoned(&mut self, seq: u64, now: Instant) {
         self.inflow
             .settle(seq, Some(Refusal::Stopped), now, &self.config.wire);
+    }
+
+    /// Message `seq` was dropped unread: its time-to-live ran out before its agent took it.
+    pub fn expired(&mut self, seq: u64, now: Instant) {
+        self.inflow
+            .settle(seq, Some(Refusal::Expired), now, &self.config.wire);
     }
 
     // ----- the node -----

@@ -192,6 +192,8 @@ struct SentMsg {
     to: AgentId,
     ordered: Option<u64>,
     accepted: Instant,
+    /// Its time-to-live, counted by the sender's session from acceptance.
+    ttl: Option<Duration>,
     outcome: Option<(Outcome, Instant)>,
     /// Keys of the endpoints it was delivered to.
     delivered: BTreeSet<u64>,
@@ -286,6 +288,9 @@ impl AckSink for Acks {
     }
     fn abandoned(&self, token: u64) {
         self.0.lock().expect("lock").push((token, false));
+    }
+    fn expired(&self, _token: u64) {
+        unreachable!("the simulation sends no message with a time-to-live");
     }
 }
 
@@ -892,9 +897,16 @@ impl World {
             Outcome::Failed(
                 DeliveryFailure::Unreachable
                 | DeliveryFailure::ReceiverStopped
-                | DeliveryFailure::Refused,
+                | DeliveryFailure::Refused
+                | DeliveryFailure::Expired,
             ) if !m.taken_by.is_empty() => {
                 let what = format!("message {i} taken but reported {outcome:?}");
+                self.fail(&what);
+            }
+            Outcome::Failed(DeliveryFailure::Expired)
+                if m.ttl.is_none_or(|ttl| now < m.accepted + ttl) =>
+            {
+                let what = format!("message {i} reported expired before its TTL ({:?})", m.ttl);
                 self.fail(&what);
             }
             _ => {}
@@ -1503,18 +1515,29 @@ impl World {
             1
         };
         let confirm = self.rng.permille(100);
+        // Now and then a time-to-live, within the delivery deadline or beyond it.
+        let ttl = self
+            .rng
+            .permille(150)
+            .then(|| Duration::from_millis(20 + self.rng.below(3_000)));
         let first = self.ledger.sent.len();
         let mut batch = Vec::new();
         let mut ids = Vec::new();
         for j in 0..count {
             let len = [1, 16, 300, 900][self.rng.below(4) as usize];
-            let envelope = Envelope::new(
+            let mut envelope = Envelope::new(
                 from.clone(),
                 Recipient::Agent(to.clone()),
                 channel.clone(),
                 MessageKind::Direct,
                 Bytes::from(vec![7u8; len]),
             );
+            if let Some(ttl) = ttl {
+                envelope.ttl = Some(ttl);
+                // Inboxes judge a TTL by the wall clock from `timestamp`: dated far ahead, no
+                // inbox ever expires it, and only the session's simulated time does.
+                envelope.timestamp = aqe_core::Timestamp(u64::MAX / 2);
+            }
             let Ok((meta, body)) = outgoing(&envelope, ordered, confirm && count == 1) else {
                 self.fail("outgoing");
             };
@@ -1538,7 +1561,7 @@ impl World {
         };
         for (j, id) in ids.into_iter().take(accepted).enumerate() {
             let i = first + j;
-            self.note(i, "accepted");
+            self.note(i, &format!("accepted, ttl {ttl:?}"));
             let ordered = ordered.then(|| {
                 let c = self
                     .ledger
@@ -1556,6 +1579,7 @@ impl World {
                 to: to.clone(),
                 ordered,
                 accepted: now,
+                ttl,
                 outcome: None,
                 delivered: BTreeSet::new(),
                 taken_by: Vec::new(),
@@ -2029,6 +2053,7 @@ impl World {
             match m.outcome {
                 Some((Outcome::Taken, _)) => st.taken += 1,
                 Some((Outcome::Failed(DeliveryFailure::Unconfirmed), _)) => st.unconfirmed += 1,
+                Some((Outcome::Failed(DeliveryFailure::Expired), _)) => st.expired += 1,
                 Some((Outcome::Failed(_), _)) => st.failed += 1,
                 None => {}
             }
@@ -2078,9 +2103,22 @@ struct Stats {
     sent: usize,
     taken: usize,
     unconfirmed: usize,
+    expired: usize,
     failed: usize,
     requests: usize,
     handed: usize,
+}
+
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.sent += o.sent;
+        self.taken += o.taken;
+        self.unconfirmed += o.unconfirmed;
+        self.expired += o.expired;
+        self.failed += o.failed;
+        self.requests += o.requests;
+        self.handed += o.handed;
+    }
 }
 
 trait Correlated {
@@ -2122,13 +2160,7 @@ fn every_seed_keeps_every_invariant() {
                 scope.spawn(move || {
                     let mut total = Stats::default();
                     for seed in chunk {
-                        let st = World::new(seed).run();
-                        total.sent += st.sent;
-                        total.taken += st.taken;
-                        total.unconfirmed += st.unconfirmed;
-                        total.failed += st.failed;
-                        total.requests += st.requests;
-                        total.handed += st.handed;
+                        total.add(&World::new(seed).run());
                     }
                     total
                 })
@@ -2140,26 +2172,26 @@ fn every_seed_keeps_every_invariant() {
             .collect()
     });
     let mut t = Stats::default();
-    for s in totals {
-        t.sent += s.sent;
-        t.taken += s.taken;
-        t.unconfirmed += s.unconfirmed;
-        t.failed += s.failed;
-        t.requests += s.requests;
-        t.handed += s.handed;
+    for s in &totals {
+        t.add(s);
     }
     eprintln!(
-        "{} seeds in {:?}: {} reliable messages ({} taken, {} unconfirmed, {} failed otherwise, {} handed to a redelivery handler), {} requests",
+        "{} seeds in {:?}: {} reliable messages ({} taken, {} unconfirmed, {} expired before they left, {} failed otherwise, {} handed to a redelivery handler), {} requests",
         seeds.len(),
         started.elapsed(),
         t.sent,
         t.taken,
         t.unconfirmed,
+        t.expired,
         t.failed,
         t.handed,
         t.requests
     );
     assert!(t.taken > 0, "the simulation moved nothing");
+    assert!(
+        seeds.len() < 1000 || t.expired > 0,
+        "no message expired: the time-to-live went untested"
+    );
 }
 
 #[test]
