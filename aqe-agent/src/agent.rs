@@ -751,7 +751,11 @@ impl Agent {
                     }
                 }
             }
-            self.transport().broadcast(env, &targets).await
+            if options.confirm {
+                self.transport().broadcast_confirmed(env, &targets).await
+            } else {
+                self.transport().broadcast(env, &targets).await
+            }
         })
         .await
     }

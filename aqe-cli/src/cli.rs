@@ -290,6 +290,9 @@ pub(crate) struct BroadcastArgs {
     /// Wait until this many agents are known before sending.
     #[arg(long, default_value = "1")]
     pub(crate) min_peers: usize,
+    /// Wait until each recipient has taken it (or it failed for them), and say which.
+    #[arg(long)]
+    pub(crate) confirm: bool,
     #[command(flatten)]
     pub(crate) join: Join,
 }

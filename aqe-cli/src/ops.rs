@@ -139,14 +139,16 @@ pub(crate) async fn broadcast(a: BroadcastArgs) -> Result<(), CliError> {
     join::peers_known(&me, a.min_peers, a.join.wait).await;
     let options = BroadcastOptions {
         channel: a.channel.as_str().into(),
+        confirm: a.confirm,
         ..BroadcastOptions::default()
     };
     let report = me.broadcast_payload(payload, options).await;
     wait_settled(&me).await;
     leave(&me).await;
     let report = report?;
+    let verb = if a.confirm { "taken by" } else { "sent to" };
     for id in &report.delivered {
-        println!("sent to {id}");
+        println!("{verb} {id}");
     }
     for (id, e) in &report.failed {
         println!("failed {id}: {e}");

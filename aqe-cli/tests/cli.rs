@@ -285,6 +285,23 @@ fn a_fleet_from_the_command_line() {
     assert!(stdout(&o).contains("sent to inbox"), "{}", stdout(&o));
     let line = next_line(&mut heard);
     assert!(line.ends_with("[coordination] everyone"), "{line}");
+    // Confirmed: said once each recipient's handler has it.
+    let o = run(
+        &[
+            "broadcast",
+            "all-taken",
+            "--raw",
+            "--min-peers",
+            "3",
+            "--confirm",
+        ],
+        &["--token", TOKEN],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("taken by worker"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("taken by inbox"), "{}", stdout(&o));
+    let line = next_line(&mut heard);
+    assert!(line.ends_with("[coordination] all-taken"), "{line}");
 
     // Standard input as a stream, line by line.
     let mut args: Vec<String> = ["stream", "inbox"].iter().map(|s| s.to_string()).collect();

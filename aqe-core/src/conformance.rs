@@ -58,6 +58,7 @@ macro_rules! conformance_tests {
             unknown_channel_is_a_typed_error,
             oversize_payload_is_refused_and_nothing_is_lost,
             broadcast_reports_each_peer,
+            confirmed_broadcast_reports_each_recipients_outcome,
             stream_delivers_open_data_and_end_in_order,
             stream_close_without_final_ends_the_stream,
             stream_to_a_dropped_receiver_fails,
@@ -796,6 +797,84 @@ pub async fn broadcast_reports_each_peer(h: &dyn Harness) {
         .await
         .expect_err("unknown channel");
     assert!(matches!(err, Error::ChannelNotFound { .. }), "{err}");
+}
+
+/// A confirmed broadcast resolves to each recipient's outcome: taken, or failed with the
+/// reason (its agent stopped before taking it; unknown).
+pub async fn confirmed_broadcast_reports_each_recipients_outcome(h: &dyn Harness) {
+    let eps = h.endpoints(3).await;
+    let _a = attach(&eps[0], "a", all_channels()).await;
+    let mut b = attach(&eps[1], "b", all_channels()).await;
+    let c = attach(&eps[2], "c", all_channels()).await;
+    await_peers(&eps[0], &["b", "c"]).await;
+    await_peers(&eps[1], &["a"]).await;
+    await_peers(&eps[2], &["a"]).await;
+    let mut e = Envelope::new(
+        "a".into(),
+        Recipient::Fleet,
+        "coordination".into(),
+        MessageKind::Broadcast,
+        Bytes::from_static(b"hi"),
+    );
+    e.priority = Channel::coordination().priority;
+    let report = {
+        let (t, e) = (eps[0].clone(), e.clone());
+        tokio::spawn(async move {
+            t.broadcast_confirmed(e, &["b".into(), "c".into(), "ghost".into()])
+                .await
+        })
+    };
+    // b takes it; c's agent stops with it unread.
+    let got = next_message(&mut b).await;
+    assert_eq!(&got.payload[..], b"hi");
+    within("c to have it", async {
+        while eps[2].stats(&"c".into()).messages_received < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    eps[2].detach(&"c".into()).await.expect("detach");
+    drop(c);
+    let report = soon("the confirmed broadcast", report)
+        .await
+        .expect("join")
+        .expect("broadcast");
+    let delivered: Vec<_> = report.delivered.iter().map(|p| p.to_string()).collect();
+    assert_eq!(delivered, ["b"], "taken by b only");
+    let mut failed: Vec<(String, String)> = report
+        .failed
+        .iter()
+        .map(|(p, e)| (p.to_string(), format!("{e:?}")))
+        .collect();
+    failed.sort();
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(
+        matches!(
+            report.failed.iter().find(|(p, _)| p.as_str() == "c"),
+            Some((
+                _,
+                Error::DeliveryFailed {
+                    reason: crate::DeliveryFailure::ReceiverStopped,
+                    ..
+                }
+            ))
+        ),
+        "{failed:?}"
+    );
+    assert!(
+        matches!(
+            report.failed.iter().find(|(p, _)| p.as_str() == "ghost"),
+            Some((_, Error::PeerNotFound { .. }))
+        ),
+        "{failed:?}"
+    );
+    let mut unreliable = e;
+    unreliable.channel = "metrics".into();
+    let err = eps[0]
+        .broadcast_confirmed(unreliable, &["b".into()])
+        .await
+        .expect_err("nothing is acknowledged on an unreliable channel");
+    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
 }
 
 async fn open(t: &Arc<dyn Transport>, to: &str) -> (StreamId, Box<dyn crate::StreamSink>) {

@@ -111,6 +111,10 @@ pub struct BroadcastOptions {
     pub include: Option<Vec<AgentId>>,
     /// Peers left out.
     pub exclude: Vec<AgentId>,
+    /// Resolve once every target has taken the message or it failed for them (reliable
+    /// channels only): the report then says, target by target, taken or why not. Default
+    /// no (the report says which targets accepted it for delivery).
+    pub confirm: bool,
 }
 
 impl Default for BroadcastOptions {
@@ -119,6 +123,7 @@ impl Default for BroadcastOptions {
             channel: ChannelName::from("coordination"),
             include: None,
             exclude: Vec::new(),
+            confirm: false,
         }
     }
 }
@@ -135,6 +140,12 @@ impl BroadcastOptions {
     /// Restricts the broadcast to these peers.
     pub fn including(mut self, peers: impl IntoIterator<Item = AgentId>) -> Self {
         self.include = Some(peers.into_iter().collect());
+        self
+    }
+
+    /// Waits for every target's outcome (taken, or failed with the reason).
+    pub fn confirmed(mut self) -> Self {
+        self.confirm = true;
         self
     }
 

@@ -498,6 +498,38 @@ pub trait Transport: Send + Sync + 'static {
         ))
     }
 
+    /// Broadcasts as [`Transport::broadcast`] does, on a reliable channel, and resolves once
+    /// every target's copy is settled: the report's `delivered` are the targets whose agent
+    /// took it, `failed` the others with the reason (a [`Error::DeliveryFailed`] says
+    /// whether it may have been processed). Each copy is a confirmed send of its own, so
+    /// one slow or gone target never holds up what the others report, and the whole
+    /// resolves by the delivery deadline.
+    ///
+    /// # Errors
+    /// As [`Transport::broadcast`]; [`Error::Unsupported`] on an unreliable channel, where
+    /// nothing is acknowledged.
+    async fn broadcast_confirmed(
+        &self,
+        envelope: Envelope,
+        targets: &[AgentId],
+    ) -> Result<BroadcastReport> {
+        let reg = self.registration(&envelope.from)?;
+        let channel = reg.check_broadcast(&envelope.channel, envelope.payload.len())?;
+        if !channel.reliable {
+            return Err(Error::Unsupported {
+                operation: "a confirmed broadcast on an unreliable channel (nothing is acknowledged there)",
+            });
+        }
+        let sends = targets.iter().map(|to| {
+            let mut copy = envelope.clone();
+            copy.to = crate::Recipient::Agent(to.clone());
+            async move { (to.clone(), self.send_confirmed(copy).await) }
+        });
+        Ok(BroadcastReport::from_outcomes(
+            futures::future::join_all(sends).await,
+        ))
+    }
+
     /// Opens a stream to `header.to`; the receiver gets an [`IncomingStream`] in its inbox.
     ///
     /// # Errors
