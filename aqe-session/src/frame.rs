@@ -12,7 +12,7 @@ use aqe_core::{AgentId, ChannelName, Envelope, MessageId, Registration};
 use crate::EndpointId;
 
 /// The version of the session protocol, carried in every hello.
-pub const SESSION_VERSION: u8 = 4;
+pub const SESSION_VERSION: u8 = 5;
 
 /// Inclusive ranges of sequence numbers, `(first, last)`, ascending.
 pub type Ranges = Vec<(u64, u64)>;
