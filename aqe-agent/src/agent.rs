@@ -397,9 +397,10 @@ impl Agent {
             .inner
             .reg
             .check_outgoing(channel, payload.bytes.len())?;
-        let env = Envelope::new(self.id().clone(), to, channel.clone(), kind, Bytes::new())
+        let mut env = Envelope::new(self.id().clone(), to, channel.clone(), kind, Bytes::new())
             .with_payload(payload)
             .with_priority(ch.priority);
+        env.ttl = ch.ttl_ms.map(std::time::Duration::from_millis);
         Ok(env)
     }
 
@@ -473,7 +474,9 @@ impl Agent {
     ) -> Result<MessageId> {
         self.guarded(async {
             let mut env = self.direct(to, payload, &options.channel)?;
-            env.ttl = options.ttl;
+            if options.ttl.is_some() {
+                env.ttl = options.ttl;
+            }
             let id = env.id;
             if options.confirm {
                 self.transport().send_confirmed(env).await.map(|()| id)

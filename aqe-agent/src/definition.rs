@@ -558,7 +558,7 @@ mod tests {
     fn full_channels_and_options_load() {
         let def = AgentDefinition::from_json(
             r#"{"id":"w1","agentType":"worker","capabilities":["lint"],
-                "quicConfig":{"channels":["metrics",{"name":"alerts","type":"unicast","priority":9,"ordered":false}],
+                "quicConfig":{"channels":["metrics",{"name":"alerts","type":"unicast","priority":9,"ordered":false,"ttlMs":500}],
                 "connectionTimeout":2500,"enable0RTT":false,"maxConcurrentStreams":8,
                 "security":{"enableTokenAuth":true,"token":"s3cret"}},
                 "health":{"unhealthyLoss":0.2,"degradedRttMs":50}}"#,
@@ -571,9 +571,10 @@ mod tests {
                 alerts.kind,
                 alerts.priority.get(),
                 alerts.ordered,
-                alerts.reliable
+                alerts.reliable,
+                alerts.ttl_ms
             ),
-            (ChannelKind::Unicast, 9, false, true)
+            (ChannelKind::Unicast, 9, false, true, Some(500))
         );
         #[cfg(feature = "quic")]
         assert_eq!(

@@ -729,6 +729,97 @@ async fn higher_priority_messages_overtake_waiting_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttls_from_the_channel_or_the_send_drop_what_waits_too_long() {
+    let bus = bus();
+    let ttl = Duration::from_millis(100);
+    let (gate_tx, gate_rx) = oneshot::channel::<()>();
+    let gate = Arc::new(tokio::sync::Mutex::new(Some(gate_rx)));
+    let (tx, mut got) = mpsc::unbounded_channel();
+    let (started_tx, started_rx) = oneshot::channel::<()>();
+    let started_tx = Arc::new(std::sync::Mutex::new(Some(started_tx)));
+    let channels = || [lane("plain", 5), lane("fresh", 5).with_ttl(ttl)];
+    let mut b = Agent::builder()
+        .id("slow")
+        .agent_type("t")
+        .transport(bus.clone());
+    for c in channels() {
+        b = b.channel(c);
+    }
+    let slow = b
+        .on_message(move |_a, env| {
+            let (gate, tx, started) = (gate.clone(), tx.clone(), started_tx.clone());
+            async move {
+                if let Some(rx) = gate.lock().await.take() {
+                    if let Some(s) = started.lock().expect("lock").take() {
+                        let _ = s.send(());
+                    }
+                    let _ = rx.await;
+                }
+                let _ = tx.send(env.decode::<String>().expect("string"));
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    let mut b = Agent::builder()
+        .id("me")
+        .agent_type("t")
+        .transport(bus.clone());
+    for c in channels() {
+        b = b.channel(c);
+    }
+    let me = b.start().await.expect("start");
+    let mut events = me.events();
+    me.send_to_agent(slow.id(), &"first", "plain")
+        .await
+        .expect("send");
+    tokio::time::timeout(WAIT, started_rx)
+        .await
+        .expect("in time")
+        .expect("first is being handled");
+    // Behind the first: one expiring by its channel's TTL, one by its own, one without.
+    let by_channel = me
+        .send_to_agent(slow.id(), &"stale (channel)", "fresh")
+        .await
+        .expect("send");
+    let by_send = me
+        .send_with(
+            slow.id(),
+            &"stale (send)",
+            aqe_core::SendOptions::on("plain").ttl(ttl),
+        )
+        .await
+        .expect("send");
+    me.send_to_agent(slow.id(), &"kept", "plain")
+        .await
+        .expect("send");
+    tokio::time::sleep(ttl * 3).await;
+    gate_tx.send(()).expect("gate");
+    assert_eq!(recv(&mut got).await, "first");
+    assert_eq!(
+        recv(&mut got).await,
+        "kept",
+        "the stale ones are never handed out"
+    );
+    let mut expired = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while expired.len() < 2 {
+            if let Some(Event::DeliveryFailed { ids, reason, .. }) = events.recv().await {
+                assert_eq!(reason, aqe_core::DeliveryFailure::Expired);
+                expired.extend(ids);
+            }
+        }
+    })
+    .await
+    .expect("both reported expired");
+    expired.sort();
+    let mut want = vec![by_channel, by_send];
+    want.sort();
+    assert_eq!(expired, want);
+    assert_eq!(me.stats().messages_failed, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builder_refuses_incomplete_or_invalid_agents() {
     let bus = bus();
     let err = Agent::builder()

@@ -101,6 +101,10 @@ pub struct Channel {
     /// Largest payload accepted, in bytes.
     #[serde(default = "default_max_message_size")]
     pub max_message_size: usize,
+    /// The time-to-live of its messages unless a send says otherwise, in milliseconds:
+    /// what is not taken by then is dropped and reported `Expired` (none: no limit).
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -135,6 +139,7 @@ impl Channel {
             ordered: true,
             reliable: true,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            ttl_ms: None,
         }
     }
 
@@ -171,6 +176,12 @@ impl Channel {
     /// Sets the priority.
     pub fn with_priority(mut self, priority: Priority) -> Self {
         self.priority = priority;
+        self
+    }
+
+    /// Gives its messages a time-to-live unless a send says otherwise.
+    pub fn with_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.ttl_ms = Some(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         self
     }
 

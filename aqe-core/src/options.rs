@@ -64,7 +64,7 @@ pub struct SendOptions {
     /// How long the message may wait to be taken, from when it is sent: a message its
     /// receiving agent has not taken by then is dropped wherever it waits (never handed to
     /// a handler late), and on a reliable channel its sender hears
-    /// `DeliveryFailed(Expired)`. Default none.
+    /// `DeliveryFailed(Expired)`. Default: the channel's (`ttlMs`), if any.
     pub ttl: Option<Duration>,
     /// Wait until the receiving agent has taken it (reliable channels only). Default no.
     pub confirm: bool,
