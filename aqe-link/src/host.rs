@@ -620,7 +620,12 @@ impl Host {
         confirm: Confirm,
     ) -> Result<()> {
         // Encoded once, outside any lock.
-        let (meta, body) = outgoing(&envelope, channel.ordered, confirm.waits())?;
+        let (meta, body) = outgoing(
+            &envelope,
+            channel.ordered,
+            confirm.waits(),
+            aqe_core::Timestamp::now(),
+        )?;
         drop(envelope);
         let (done, confirmed) = if confirm.waits() {
             let (tx, rx) = oneshot::channel();
@@ -918,6 +923,7 @@ impl Transport for Host {
         }
         let max = self.inner.wire.max_payload();
         let mut batch = Vec::with_capacity(envelopes.len());
+        let now = aqe_core::Timestamp::now();
         for (i, e) in envelopes.iter().enumerate() {
             let len = e.payload.len();
             let checked = sender
@@ -928,7 +934,7 @@ impl Transport for Host {
                     Some(max) if len > max => Err(Error::MessageTooLarge { size: len, max }),
                     _ => Ok(()),
                 })
-                .and_then(|()| outgoing(e, channel.ordered, false));
+                .and_then(|()| outgoing(e, channel.ordered, false, now));
             match checked {
                 Ok((meta, body)) => batch.push((
                     meta,

@@ -463,16 +463,9 @@ pub(crate) async fn serve(
             },
         }
     }
-    let goodbye = peer_said_goodbye(&link.handle);
+    let why = peer_closed(&link.handle).unwrap_or(Ended::LinkLost);
     link.close_with(close::NORMAL);
-    host.end(
-        &session,
-        if goodbye {
-            Ended::Goodbye
-        } else {
-            Ended::LinkLost
-        },
-    );
+    host.end(&session, why);
 }
 
 /// Hands the session the datagrams already received; `Err` when the connection was closed
@@ -513,17 +506,20 @@ fn datagram_in(
     Ok(())
 }
 
-/// Whether the peer closed the connection itself with a goodbye code.
-fn peer_said_goodbye(handle: &Handle) -> bool {
+/// How the session ended when the peer closed the connection itself with a clean code: a
+/// goodbye (`NORMAL`), or another session between the two endpoints is kept (`DUPLICATE`:
+/// what this one leaves waits for that one to announce its agents).
+fn peer_closed(handle: &Handle) -> Option<Ended> {
     let mut handle = handle.clone();
     match futures::FutureExt::now_or_never(handle.open_send_stream()) {
         Some(Err(s2n_quic::connection::Error::Application { error, .. })) => {
-            let code = u64::from(error);
-            [close::NORMAL, close::DUPLICATE]
-                .iter()
-                .any(|c| u64::from(*c) == code)
+            match u64::from(error) {
+                c if c == u64::from(close::NORMAL) => Some(Ended::Goodbye),
+                c if c == u64::from(close::DUPLICATE) => Some(Ended::Superseded),
+                _ => None,
+            }
         }
-        _ => false,
+        _ => None,
     }
 }
 

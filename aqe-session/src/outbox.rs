@@ -31,7 +31,9 @@ pub struct MessageMeta {
     pub len: usize,
     /// Whether its sender waits for its confirmation.
     pub confirm: bool,
-    /// Its time-to-live: what has not left by then is never sent, and fails `Expired`.
+    /// What was left of its time-to-live when it was accepted ([`outgoing`](crate::outgoing)
+    /// counts it from the envelope's timestamp): what has not left by then is never sent,
+    /// and fails `Expired`.
     pub ttl: Option<Duration>,
 }
 
@@ -103,8 +105,8 @@ impl<M> Orphan<M> {
         self.accepted
     }
 
-    /// When it fails if not settled before: its deadline, or earlier its time-to-live
-    /// (counted from its acceptance) while it has never left; once it may be held by the
+    /// When it fails if not settled before: its deadline, or earlier the end of its
+    /// time-to-live while it has never left; once it may be held by the
     /// receiver, only the receiver applies the TTL (it may have been taken).
     pub(crate) fn due(&self, deadline: Duration) -> Instant {
         let by = self.accepted + deadline;
@@ -822,6 +824,32 @@ mod tests {
             "they could only arrive after 3 now"
         );
         assert!(displaced.is_empty() && o.held.is_empty());
+    }
+
+    #[test]
+    fn a_ttl_counts_from_the_envelopes_timestamp() {
+        let mut e = Envelope::new(
+            "a".into(),
+            Recipient::Agent("b".into()),
+            "c".into(),
+            MessageKind::Direct,
+            Bytes::new(),
+        )
+        .with_ttl(Duration::from_millis(1000));
+        e.timestamp = aqe_core::Timestamp(10_000);
+        let at = |now| {
+            crate::session::outgoing(&e, true, false, aqe_core::Timestamp(now))
+                .expect("outgoing")
+                .0
+                .ttl
+        };
+        assert_eq!(at(10_400), Some(Duration::from_millis(600)), "400 ms old");
+        assert_eq!(at(12_000), Some(Duration::ZERO), "outlived");
+        assert_eq!(
+            at(9_000),
+            Some(Duration::from_millis(1000)),
+            "a clock behind"
+        );
     }
 
     #[test]

@@ -1538,7 +1538,13 @@ impl World {
                 // inbox ever expires it, and only the session's simulated time does.
                 envelope.timestamp = aqe_core::Timestamp(u64::MAX / 2);
             }
-            let Ok((meta, body)) = outgoing(&envelope, ordered, confirm && count == 1) else {
+            // The wall clock only shortens a TTL by the envelope's age: none here (see above).
+            let Ok((meta, body)) = outgoing(
+                &envelope,
+                ordered,
+                confirm && count == 1,
+                aqe_core::Timestamp(0),
+            ) else {
                 self.fail("outgoing");
             };
             ids.push(envelope.id);
