@@ -26,7 +26,7 @@ use aqe_agent::{
 };
 use aqe_core::{
     AgentId, BroadcastOptions, ChannelName, DeliveryFailure, Event, MessageId, RequestOptions,
-    Transport,
+    SendOptions, Transport,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -69,6 +69,8 @@ pub struct Options {
     /// Its certificate's name in `certs` (`NAME.pem`, `NAME.key`): issued the first time,
     /// kept since. By default its agent's id.
     pub name: Option<String>,
+    /// A receiver's message handler takes this long per message (a slow consumer).
+    pub handler_delay: Duration,
 }
 
 impl Options {
@@ -85,6 +87,7 @@ impl Options {
             deadline: defaults.delivery_deadline,
             nats: None,
             name: None,
+            handler_delay: Duration::ZERO,
         }
     }
 
@@ -192,6 +195,7 @@ pub async fn receive(options: &Options, agent: &str) -> anyhow::Result<()> {
     let out = Arc::new(tokio::sync::Mutex::new(tokio::io::stdout()));
     let msg_out = out.clone();
     let req_out = out.clone();
+    let delay = options.handler_delay;
     let _agent = Agent::builder()
         .id(agent)
         .agent_type("probe-receiver")
@@ -203,9 +207,14 @@ pub async fn receive(options: &Options, agent: &str) -> anyhow::Result<()> {
                 let n: u32 = env.decode().unwrap_or(u32::MAX);
                 let line = format!("M {} {n} {}\n", env.channel, u8::from(env.redelivered));
                 // Printed before the handler returns, so before the acknowledgement.
-                let mut out = out.lock().await;
-                let _ = out.write_all(line.as_bytes()).await;
-                let _ = out.flush().await;
+                {
+                    let mut out = out.lock().await;
+                    let _ = out.write_all(line.as_bytes()).await;
+                    let _ = out.flush().await;
+                }
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
             }
         })
         .on_request(move |_, req| {
@@ -247,6 +256,8 @@ pub struct Plan {
     /// A mixed load: besides message `n` (on `channel`), every tenth `n` also a request and
     /// a fleet broadcast numbered [`BROADCAST_BASE`] + `n`; a progress line every 500 ms.
     pub mix: bool,
+    /// Each one-way message's time-to-live.
+    pub ttl: Option<Duration>,
 }
 
 /// Where the numbers of broadcasts in a mixed load start.
@@ -348,10 +359,9 @@ pub async fn send(agent: &Agent, plan: &Plan, settle: Duration) -> anyhow::Resul
                 Err(e) => report.refused.push((n, e.to_string())),
             }
         } else {
-            match agent
-                .send_to_agent(&plan.to, &n, plan.channel.clone())
-                .await
-            {
+            let mut send = SendOptions::on(plan.channel.clone());
+            send.ttl = plan.ttl;
+            match agent.send_with(&plan.to, &n, send).await {
                 Ok(id) => {
                     ids.insert(id, n);
                     report.accepted.push(n);

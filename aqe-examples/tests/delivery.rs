@@ -158,6 +158,7 @@ fn plan() -> Plan {
         pace: Some((50, Duration::from_millis(5))),
         mix: false,
         request_timeout: Duration::from_secs(2),
+        ttl: None,
     }
 }
 

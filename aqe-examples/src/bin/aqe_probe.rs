@@ -4,9 +4,10 @@
 //! aqe-probe certs DIR                          a fleet CA in DIR (each probe issues itself a
 //!                                              node certificate from it, named by --name or
 //!                                              its agent's id, and keeps it for its restarts)
-//! aqe-probe receive --listen ADDR --certs DIR [--agent ID] [--name N] [--peer ADDR] [timings]
+//! aqe-probe receive --listen ADDR --certs DIR [--agent ID] [--name N] [--peer ADDR]
+//!                   [--handler-us MICROS (a slow consumer)] [timings]
 //! aqe-probe send --listen ADDR --peer ADDR --certs DIR --to ID [--channel C] [--count N]
-//!                [--requests | --mix] [--pace N:MICROS] [--settle-ms MS] [timings]
+//!                [--requests | --mix] [--pace N:MICROS] [--settle-ms MS] [--ttl-ms MS] [timings]
 //! timings: --heartbeat-ms MS --liveness-ms MS --deadline-ms MS
 //! --nats URL (receive and send): the chain QUIC, NATS (fleet `probe`), bus
 //! ```
@@ -87,6 +88,9 @@ impl Args {
         if let Some(d) = ms("deadline-ms")? {
             o.deadline = d;
         }
+        if let Some(us) = self.get::<u64>("handler-us")? {
+            o.handler_delay = Duration::from_micros(us);
+        }
         Ok(o)
     }
 }
@@ -137,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
                 request_timeout: Duration::from_millis(
                     args.get("request-timeout-ms")?.unwrap_or(2000),
                 ),
+                ttl: args.get::<u64>("ttl-ms")?.map(Duration::from_millis),
             };
             let (quic, agent) = probe::sender(&options, "source").await?;
             quic.connect(peer).await?;
