@@ -198,6 +198,17 @@ impl Cell {
         shared: &Shared,
         f: impl FnOnce(&mut Session<HostCtx>, &Locals) -> R,
     ) -> R {
+        self.pump_counted(shared, f).0
+    }
+
+    /// As [`Cell::pump`], and how many unreliable frames of this step the link refused (its
+    /// datagram queue was full): a step carries only the datagrams `f` produced.
+    pub(crate) fn pump_counted<R>(
+        self: &Arc<Self>,
+        shared: &Shared,
+        f: impl FnOnce(&mut Session<HostCtx>, &Locals) -> R,
+    ) -> (R, usize) {
+        let mut refused = 0;
         let mut after = After::default();
         let r = {
             let mut s = lock(&self.session);
@@ -218,7 +229,7 @@ impl Cell {
                 batch.push(t);
             }
             if !batch.is_empty() {
-                self.link.transmit(&mut batch);
+                refused = self.link.transmit(&mut batch);
             }
             let mut inflow = Inflow::default();
             while let Some(ev) = s.poll_event() {
@@ -231,7 +242,7 @@ impl Cell {
             r
         };
         self.finish(shared, after);
-        r
+        (r, refused)
     }
 
     fn since_born(&self, t: Instant) -> u64 {

@@ -603,10 +603,10 @@ impl Host {
         let deadline = tokio::time::Instant::now() + self.inner.config.send_timeout;
         let cell = self.reach(to, &channel.name, deadline).await?;
         let len = envelope.payload.len();
-        if cell.pump(&self.inner.shared, |s, _| s.send_datagram(envelope)) {
-            sender.stats.sent(len);
-        } else {
-            sender.stats.dropped();
+        // Dropped and counted when there is no link, or the wire's datagram queue is full.
+        match cell.pump_counted(&self.inner.shared, |s, _| s.send_datagram(envelope)) {
+            (true, 0) => sender.stats.sent(len),
+            _ => sender.stats.dropped(),
         }
         Ok(())
     }

@@ -55,8 +55,10 @@ pub struct LinkFigures {
 #[async_trait]
 pub trait Link: Send + Sync + 'static {
     /// Sends these frames, in order, without waiting: each lane keeps its order (the wire
-    /// queues what it cannot write at once; what the session admitted bounds it).
-    fn transmit(&self, frames: &mut Vec<Transmit>);
+    /// queues what it cannot write at once; what the session admitted bounds it). Returns
+    /// how many unreliable frames it could not take (its datagram queue was full): the
+    /// host counts them dropped for their sender.
+    fn transmit(&self, frames: &mut Vec<Transmit>) -> usize;
 
     /// The session ended for `why`: close the link (a wire tells the peer how, when it can).
     fn close(&self, why: Ended);

@@ -49,12 +49,13 @@ struct MemLink {
 
 #[async_trait]
 impl Link for MemLink {
-    fn transmit(&self, frames: &mut Vec<Transmit>) {
+    fn transmit(&self, frames: &mut Vec<Transmit>) -> usize {
         for t in frames.drain(..) {
             let mut buf = BytesMut::new();
             t.encode(&mut buf).expect("encode");
             let _ = self.to.send(buf.freeze());
         }
+        0
     }
 
     fn close(&self, _why: Ended) {

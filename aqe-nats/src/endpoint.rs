@@ -648,9 +648,10 @@ struct LinkRef(Arc<NatsLink>);
 
 #[async_trait]
 impl Link for LinkRef {
-    fn transmit(&self, frames: &mut Vec<Transmit>) {
+    fn transmit(&self, frames: &mut Vec<Transmit>) -> usize {
         lock(&self.0.pending).append(frames);
         self.0.queue();
+        0
     }
 
     fn close(&self, why: Ended) {

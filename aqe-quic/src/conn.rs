@@ -164,15 +164,19 @@ impl QuicLink {
         })
     }
 
-    fn send_datagram(&self, t: &Transmit) {
+    /// Queues a datagram; `false` when s2n-quic's queue refused it (full, or the
+    /// connection is gone).
+    fn send_datagram(&self, t: &Transmit) -> bool {
         let Ok(bytes) = wire::datagram(t) else {
-            return;
+            return false;
         };
         self.unflushed
             .store(true, std::sync::atomic::Ordering::Release);
-        let _ = self
-            .handle
-            .datagram_mut(|s: &mut datagram::Sender| s.send_datagram(bytes));
+        matches!(
+            self.handle
+                .datagram_mut(|s: &mut datagram::Sender| s.send_datagram(bytes)),
+            Ok(Ok(()))
+        )
     }
 }
 
@@ -181,16 +185,18 @@ pub(crate) struct LinkRef(pub(crate) Arc<QuicLink>);
 
 #[async_trait]
 impl Link for LinkRef {
-    fn transmit(&self, frames: &mut Vec<Transmit>) {
+    fn transmit(&self, frames: &mut Vec<Transmit>) -> usize {
+        let mut refused = 0;
         for t in frames.drain(..) {
             match self.0.lane(&t) {
                 Some(w) => {
                     // A writer ends only with its connection: the session hears of it.
                     let _ = w.send(t);
                 }
-                None => self.0.send_datagram(&t),
+                None => refused += usize::from(!self.0.send_datagram(&t)),
             }
         }
+        refused
     }
 
     fn close(&self, why: Ended) {
