@@ -540,16 +540,19 @@ impl InboxPermits {
         self.n == 0
     }
 
-    /// Puts `items` (at most [`InboxPermits::len`] of them) in the reserved room in order,
+    /// Puts `items` (up to [`InboxPermits::len`] of them; more go above capacity) in the
+    /// reserved room in order,
     /// under one lock and with one wake-up, running `on_queued(count, bytes)` just before
     /// they become visible; duplicates give their room back and are not counted. Returns
     /// how many were queued.
     pub fn send_many(mut self, items: Vec<Inbound>, on_queued: impl FnOnce(u64, u64)) -> usize {
-        assert!(items.len() <= self.n, "more items than reserved room");
+        // More items than room (a caller's mistake) go in above capacity, as `deliver_now`
+        // does, rather than being lost.
         let items_len = items.len();
-        let (duplicates, _) = self.shared.push_many(items, 0, on_queued);
+        let extra = items_len.saturating_sub(self.n);
+        let (duplicates, unused) = self.shared.push_many(items, extra, on_queued);
         // What was not used goes back when `self` drops.
-        self.n = self.n - items_len + duplicates;
+        self.n = self.n - items_len.min(self.n) + unused;
         items_len - duplicates
     }
 }
@@ -1016,6 +1019,20 @@ mod tests {
         // Higher priority first, as ever.
         assert_eq!(tag(rx.recv().await.expect("item")), 1);
         assert_eq!(tag(rx.recv().await.expect("item")), 0);
+        assert_eq!(
+            tx.try_reserve_many(5).expect("open").expect("room").len(),
+            3
+        );
+        // More items than the room held: the rest go above capacity, none is lost, and the
+        // capacity comes back exactly once they are taken.
+        let one = tx.try_reserve_many(1).expect("open").expect("room");
+        assert_eq!(
+            one.send_many(vec![msg(5, 2), msg(5, 3), msg(5, 4)], |_, _| {}),
+            3
+        );
+        for t in 2..5 {
+            assert_eq!(tag(rx.recv().await.expect("item")), t);
+        }
         assert_eq!(
             tx.try_reserve_many(5).expect("open").expect("room").len(),
             3
