@@ -298,7 +298,13 @@ async fn shutdown_interrupts_a_dial_and_ends_promptly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_bootstrap_peer_is_dialed_again() {
-    let first = endpoint(config()).await;
+    // The address is taken again once freed: a port below Linux's ephemeral range, so that
+    // no other test's endpoint (bound to port 0) can be handed it meanwhile.
+    let first = endpoint(QuicConfig {
+        port: unclaimed_port(),
+        ..config()
+    })
+    .await;
     let addr = first.local_addr();
     let _i1 = attach(&first, "first").await;
     let b = endpoint(QuicConfig {
@@ -333,6 +339,15 @@ async fn a_lost_bootstrap_peer_is_dialed_again() {
     let _i2 = attach(&second, "second").await;
     await_peer(&b, "second").await;
     assert_eq!(b.connections(), 1);
+}
+
+/// A UDP port on 127.0.0.1 that is free now, from 20000..32000 (below the ephemeral range).
+fn unclaimed_port() -> u16 {
+    let start = 20_000 + (std::process::id() % 6_000) as u16;
+    (0..12_000u16)
+        .map(|i| 20_000 + (start - 20_000 + i) % 12_000)
+        .find(|p| std::net::UdpSocket::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free UDP port below 32000")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
