@@ -665,22 +665,34 @@ fn lane(name: &str, priority: u8) -> Channel {
     Channel::new(name, ChannelKind::Unicast).with_priority(Priority::new(priority).expect("valid"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn higher_priority_messages_overtake_waiting_ones() {
-    let bus = bus();
-    let (gate_tx, gate_rx) = oneshot::channel::<()>();
-    let gate = Arc::new(tokio::sync::Mutex::new(Some(gate_rx)));
-    let (tx, mut got) = mpsc::unbounded_channel();
+/// A receiving agent `slow` busy with a first message until `gate` opens (so that what is
+/// sent next waits in its inbox), the sender `me`, both on `channels`; `got` has what `slow`
+/// took, in order, as strings.
+struct Held {
+    slow: Agent,
+    me: Agent,
+    gate: oneshot::Sender<()>,
+    got: mpsc::UnboundedReceiver<String>,
+}
+
+async fn held_behind_first(bus: &Arc<EventBus>, channels: &[Channel], first_on: &str) -> Held {
+    let (gate, gate_rx) = oneshot::channel::<()>();
+    let gate_rx = Arc::new(tokio::sync::Mutex::new(Some(gate_rx)));
+    let (tx, got) = mpsc::unbounded_channel();
     let (started_tx, started_rx) = oneshot::channel::<()>();
     let started_tx = Arc::new(std::sync::Mutex::new(Some(started_tx)));
-    let slow = Agent::builder()
-        .id("slow")
-        .agent_type("t")
-        .transport(bus.clone())
-        .channel(lane("low", 1))
-        .channel(lane("high", 9))
+    let builder = |id: &str| {
+        channels.iter().cloned().fold(
+            Agent::builder()
+                .id(id)
+                .agent_type("t")
+                .transport(bus.clone()),
+            |b, c| b.channel(c),
+        )
+    };
+    let slow = builder("slow")
         .on_message(move |_a, env| {
-            let (gate, tx, started) = (gate.clone(), tx.clone(), started_tx.clone());
+            let (gate, tx, started) = (gate_rx.clone(), tx.clone(), started_tx.clone());
             async move {
                 // The first message holds the agent until the test opens the gate.
                 if let Some(rx) = gate.lock().await.take() {
@@ -695,16 +707,8 @@ async fn higher_priority_messages_overtake_waiting_ones() {
         .start()
         .await
         .expect("start");
-    let me = Agent::builder()
-        .id("me")
-        .agent_type("t")
-        .transport(bus.clone())
-        .channel(lane("low", 1))
-        .channel(lane("high", 9))
-        .start()
-        .await
-        .expect("start");
-    me.send_to_agent(slow.id(), &"first", "low")
+    let me = builder("me").start().await.expect("start");
+    me.send_to_agent(slow.id(), &"first", first_on)
         .await
         .expect("send");
     // Wait until the first message is being handled, so the next ones queue behind it.
@@ -712,6 +716,22 @@ async fn higher_priority_messages_overtake_waiting_ones() {
         .await
         .expect("in time")
         .expect("first is being handled");
+    Held {
+        slow,
+        me,
+        gate,
+        got,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn higher_priority_messages_overtake_waiting_ones() {
+    let Held {
+        slow,
+        me,
+        gate,
+        mut got,
+    } = held_behind_first(&bus(), &[lane("low", 1), lane("high", 9)], "low").await;
     for (msg, ch) in [
         ("low-1", "low"),
         ("high-1", "high"),
@@ -720,7 +740,7 @@ async fn higher_priority_messages_overtake_waiting_ones() {
     ] {
         me.send_to_agent(slow.id(), &msg, ch).await.expect("send");
     }
-    gate_tx.send(()).expect("gate");
+    gate.send(()).expect("gate");
     let mut order = Vec::new();
     for _ in 0..5 {
         order.push(recv(&mut got).await);
@@ -730,53 +750,15 @@ async fn higher_priority_messages_overtake_waiting_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttls_from_the_channel_or_the_send_drop_what_waits_too_long() {
-    let bus = bus();
     let ttl = Duration::from_millis(100);
-    let (gate_tx, gate_rx) = oneshot::channel::<()>();
-    let gate = Arc::new(tokio::sync::Mutex::new(Some(gate_rx)));
-    let (tx, mut got) = mpsc::unbounded_channel();
-    let (started_tx, started_rx) = oneshot::channel::<()>();
-    let started_tx = Arc::new(std::sync::Mutex::new(Some(started_tx)));
-    let channels = || [lane("plain", 5), lane("fresh", 5).with_ttl(ttl)];
-    let mut b = Agent::builder()
-        .id("slow")
-        .agent_type("t")
-        .transport(bus.clone());
-    for c in channels() {
-        b = b.channel(c);
-    }
-    let slow = b
-        .on_message(move |_a, env| {
-            let (gate, tx, started) = (gate.clone(), tx.clone(), started_tx.clone());
-            async move {
-                if let Some(rx) = gate.lock().await.take() {
-                    if let Some(s) = started.lock().expect("lock").take() {
-                        let _ = s.send(());
-                    }
-                    let _ = rx.await;
-                }
-                let _ = tx.send(env.decode::<String>().expect("string"));
-            }
-        })
-        .start()
-        .await
-        .expect("start");
-    let mut b = Agent::builder()
-        .id("me")
-        .agent_type("t")
-        .transport(bus.clone());
-    for c in channels() {
-        b = b.channel(c);
-    }
-    let me = b.start().await.expect("start");
+    let channels = [lane("plain", 5), lane("fresh", 5).with_ttl(ttl)];
+    let Held {
+        slow,
+        me,
+        gate,
+        mut got,
+    } = held_behind_first(&bus(), &channels, "plain").await;
     let mut events = me.events();
-    me.send_to_agent(slow.id(), &"first", "plain")
-        .await
-        .expect("send");
-    tokio::time::timeout(WAIT, started_rx)
-        .await
-        .expect("in time")
-        .expect("first is being handled");
     // Behind the first: one expiring by its channel's TTL, one by its own, one without.
     let by_channel = me
         .send_to_agent(slow.id(), &"stale (channel)", "fresh")
@@ -794,7 +776,7 @@ async fn ttls_from_the_channel_or_the_send_drop_what_waits_too_long() {
         .await
         .expect("send");
     tokio::time::sleep(ttl * 3).await;
-    gate_tx.send(()).expect("gate");
+    gate.send(()).expect("gate");
     assert_eq!(recv(&mut got).await, "first");
     assert_eq!(
         recv(&mut got).await,

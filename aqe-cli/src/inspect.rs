@@ -47,8 +47,28 @@ fn endpoints(joined: &join::Joined) -> Vec<AgentId> {
     quic.chain(nats).collect()
 }
 
-/// Every other endpoint's report, in endpoint order.
+/// Every other endpoint's report, in endpoint order, once at least `a.min_endpoints` answer
+/// (or the join wait passed): an endpoint that left between being listed and being asked
+/// (a command of the fleet that just exited) is not reported, and does not count.
 async fn reports(
+    agent: &Agent,
+    joined: &join::Joined,
+    a: &InspectArgs,
+) -> Vec<(AgentId, Result<EndpointReport, String>)> {
+    let deadline = Instant::now() + a.join.wait;
+    loop {
+        let out = reports_now(agent, joined).await;
+        if out.iter().filter(|(_, r)| r.is_ok()).count() >= a.min_endpoints
+            || Instant::now() >= deadline
+        {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The reports of the endpoints listed now.
+async fn reports_now(
     agent: &Agent,
     joined: &join::Joined,
 ) -> Vec<(AgentId, Result<EndpointReport, String>)> {
@@ -64,9 +84,11 @@ async fn reports(
             Ok(p) => agent.request_payload(&id, p, options.clone()).await,
             Err(e) => Err(e),
         };
-        let report = outcome
-            .and_then(|env| env.decode::<EndpointReport>())
-            .map_err(|e| e.to_string());
+        let report = match outcome.and_then(|env| env.decode::<EndpointReport>()) {
+            // It left since it was listed.
+            Err(aqe_core::Error::PeerNotFound { .. }) => continue,
+            r => r.map_err(|e| e.to_string()),
+        };
         out.push((id, report));
     }
     out
@@ -177,7 +199,7 @@ fn table(
 
 pub(crate) async fn stats(a: InspectArgs) -> Result<(), CliError> {
     let (agent, transport) = inspector(&a).await?;
-    let reports = reports(&agent, &transport).await;
+    let reports = reports(&agent, &transport, &a).await;
     leave(&agent, &transport).await;
     match a.format {
         Format::Json => println!("{}", crate::ops::json(&as_json(&reports))),
@@ -201,7 +223,7 @@ fn as_json(reports: &[(AgentId, Result<EndpointReport, String>)]) -> serde_json:
 
 pub(crate) async fn health(a: InspectArgs) -> Result<(), CliError> {
     let (agent, transport) = inspector(&a).await?;
-    let reports = reports(&agent, &transport).await;
+    let reports = reports(&agent, &transport, &a).await;
     leave(&agent, &transport).await;
     let thresholds = HealthThresholds::default();
     let mut worst = HealthStatus::Healthy;
@@ -254,7 +276,7 @@ pub(crate) async fn top(a: TopArgs) -> Result<(), CliError> {
     let mut prev: Counters = HashMap::new();
     let mut last = Instant::now();
     loop {
-        let reports = reports(&agent, &transport).await;
+        let reports = reports(&agent, &transport, &a.inspect).await;
         let now = Instant::now();
         if a.inspect.format == Format::Json {
             // One document per frame, a line each.

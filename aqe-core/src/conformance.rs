@@ -399,20 +399,39 @@ pub async fn messages_left_unread_by_a_stopping_receiver_are_reported(h: &dyn Ha
     .await;
     tb.detach(&"b".into()).await.expect("detach");
     drop(b);
-    let mut failed = Vec::new();
     // The receiver said it stopped: well before the delivery deadline.
+    reported_failed(
+        &ta,
+        &mut events,
+        sent[1..].to_vec(),
+        crate::DeliveryFailure::ReceiverStopped,
+        confirmed,
+    )
+    .await;
+}
+
+/// Waits until exactly `ids` (sent from a to b) are reported failed for `reason`, soon, and
+/// the confirmed send among them returned that failure; then a's counters agree.
+async fn reported_failed(
+    ta: &Arc<dyn Transport>,
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    mut ids: Vec<crate::MessageId>,
+    reason: crate::DeliveryFailure,
+    confirmed: tokio::task::JoinHandle<crate::Result<()>>,
+) {
+    let mut failed = Vec::new();
     soon("the failure reports", async {
-        while failed.len() < 5 {
+        while failed.len() < ids.len() {
             match events.recv().await {
                 Ok(Event::DeliveryFailed {
                     from,
                     to,
                     ids,
-                    reason,
+                    reason: why,
                     ..
                 }) => {
                     assert_eq!((from.as_str(), to.as_str()), ("a", "b"));
-                    assert_eq!(reason, crate::DeliveryFailure::ReceiverStopped);
+                    assert_eq!(why, reason);
                     failed.extend(ids);
                 }
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
@@ -422,25 +441,18 @@ pub async fn messages_left_unread_by_a_stopping_receiver_are_reported(h: &dyn Ha
     })
     .await;
     failed.sort();
-    let mut expected = sent[1..].to_vec();
-    expected.sort();
-    assert_eq!(failed, expected, "exactly the unread messages are reported");
+    ids.sort();
+    assert_eq!(failed, ids, "exactly these messages are reported, once");
     let err = within("the confirmed send", confirmed)
         .await
         .expect("join")
         .expect_err("not delivered");
     assert!(
-        matches!(
-            err,
-            Error::DeliveryFailed {
-                reason: crate::DeliveryFailure::ReceiverStopped,
-                ..
-            }
-        ),
+        matches!(err, Error::DeliveryFailed { reason: r, .. } if r == reason),
         "{err}"
     );
-    let s = await_stats(&ta, "a", |s| s.messages_unconfirmed == 0).await;
-    assert_eq!(s.messages_failed, 5);
+    let s = await_stats(ta, "a", |s| s.messages_unconfirmed == 0).await;
+    assert_eq!(s.messages_failed, ids.len() as u64);
 }
 
 /// A reliable message whose time-to-live runs out before its agent takes it is never handed
@@ -463,46 +475,14 @@ pub async fn messages_whose_ttl_ran_out_unread_are_reported_expired(h: &dyn Harn
         tokio::spawn(async move { ta.send_confirmed(confirmed).await })
     };
     end_after_ttl(&ta, &tb, ttl, &mut b).await;
-    let mut failed = Vec::new();
-    soon("the expiry reports", async {
-        while failed.len() < 3 {
-            match events.recv().await {
-                Ok(Event::DeliveryFailed {
-                    from,
-                    to,
-                    ids,
-                    reason,
-                    ..
-                }) => {
-                    assert_eq!((from.as_str(), to.as_str()), ("a", "b"));
-                    assert_eq!(reason, crate::DeliveryFailure::Expired);
-                    failed.extend(ids);
-                }
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("event stream: {e}"),
-            }
-        }
-    })
+    reported_failed(
+        &ta,
+        &mut events,
+        stale,
+        crate::DeliveryFailure::Expired,
+        confirmed,
+    )
     .await;
-    failed.sort();
-    stale.sort();
-    assert_eq!(failed, stale, "exactly the expired messages are reported");
-    let err = within("the confirmed send", confirmed)
-        .await
-        .expect("join")
-        .expect_err("expired");
-    assert!(
-        matches!(
-            err,
-            Error::DeliveryFailed {
-                reason: crate::DeliveryFailure::Expired,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    let s = await_stats(&ta, "a", |s| s.messages_unconfirmed == 0).await;
-    assert_eq!(s.messages_failed, 3);
 }
 
 /// Sends a message without a TTL once everything b received has outlived `ttl`: it is the

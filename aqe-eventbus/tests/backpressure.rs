@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use aqe_core::plumbing::inbox;
+use aqe_core::plumbing::{Inbox, inbox};
 use aqe_core::{
     Channel, Envelope, Error, Event, Inbound, MessageKind, Recipient, Registration, SendFailure,
     StreamHeader, StreamId, StreamOptions, Transport,
@@ -27,16 +27,22 @@ fn msg(channel: &str) -> Envelope {
     )
 }
 
-#[tokio::test]
-async fn a_full_inbox_makes_reliable_senders_wait_then_fail() {
+/// A bus with this send timeout, agent `a` and agent `b` whose inbox holds `capacity`.
+async fn a_to_b(send_timeout: Duration, capacity: usize) -> (EventBus, Inbox, Inbox) {
     let bus = EventBus::with_config(BusConfig {
-        send_timeout: Duration::from_millis(50),
+        send_timeout,
         ..BusConfig::default()
     });
-    let (tx, _a) = inbox("a".into(), 8);
+    let (tx, a) = inbox("a".into(), 8);
     bus.attach(reg("a"), tx).await.expect("attach");
-    let (tx, mut b) = inbox("b".into(), 2);
+    let (tx, b) = inbox("b".into(), capacity);
     bus.attach(reg("b"), tx).await.expect("attach");
+    (bus, a, b)
+}
+
+#[tokio::test]
+async fn a_full_inbox_makes_reliable_senders_wait_then_fail() {
+    let (bus, _a, mut b) = a_to_b(Duration::from_millis(50), 2).await;
     bus.send(msg("coordination")).await.expect("room");
     bus.send(msg("coordination")).await.expect("room");
     let started = tokio::time::Instant::now();
@@ -128,14 +134,7 @@ async fn lifecycle_events_announce_agents_starting_and_stopping() {
 
 #[tokio::test]
 async fn a_batch_takes_the_room_there_is_and_says_how_many_went() {
-    let bus = EventBus::with_config(BusConfig {
-        send_timeout: Duration::from_millis(50),
-        ..BusConfig::default()
-    });
-    let (tx, _a) = inbox("a".into(), 8);
-    bus.attach(reg("a"), tx).await.expect("attach");
-    let (tx, mut b) = inbox("b".into(), 3);
-    bus.attach(reg("b"), tx).await.expect("attach");
+    let (bus, _a, mut b) = a_to_b(Duration::from_millis(50), 3).await;
     // Reliable: three fit, the fourth waits the send timeout, then the batch stops there.
     let batch: Vec<Envelope> = (0..5).map(|_| msg("coordination")).collect();
     let ids: Vec<_> = batch.iter().map(|e| e.id).collect();

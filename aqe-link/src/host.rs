@@ -624,7 +624,7 @@ impl Host {
             &envelope,
             channel.ordered,
             confirm.waits(),
-            aqe_core::Timestamp::now(),
+            aqe_core::Timestamp::now,
         )?;
         drop(envelope);
         let (done, confirmed) = if confirm.waits() {
@@ -923,7 +923,6 @@ impl Transport for Host {
         }
         let max = self.inner.wire.max_payload();
         let mut batch = Vec::with_capacity(envelopes.len());
-        let now = aqe_core::Timestamp::now();
         for (i, e) in envelopes.iter().enumerate() {
             let len = e.payload.len();
             let checked = sender
@@ -934,7 +933,7 @@ impl Transport for Host {
                     Some(max) if len > max => Err(Error::MessageTooLarge { size: len, max }),
                     _ => Ok(()),
                 })
-                .and_then(|()| outgoing(e, channel.ordered, false, now));
+                .and_then(|()| outgoing(e, channel.ordered, false, aqe_core::Timestamp::now));
             match checked {
                 Ok((meta, body)) => batch.push((
                     meta,

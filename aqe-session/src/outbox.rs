@@ -838,7 +838,7 @@ mod tests {
         .with_ttl(Duration::from_millis(1000));
         e.timestamp = aqe_core::Timestamp(10_000);
         let at = |now| {
-            crate::session::outgoing(&e, true, false, aqe_core::Timestamp(now))
+            crate::session::outgoing(&e, true, false, || aqe_core::Timestamp(now))
                 .expect("outgoing")
                 .0
                 .ttl

@@ -199,9 +199,10 @@ impl<C: Ctx> std::fmt::Debug for Session<C> {
 }
 
 /// The parts of a reliable message a session needs: what it is, and its envelope encoded
-/// once (outside any lock, by whoever sends it). `now` is the wall clock: a time-to-live
-/// counts from the envelope's `timestamp`, so what is left of it is what the session keeps
-/// (a message handed from one transport to another does not start its TTL again).
+/// once (outside any lock, by whoever sends it). `now` reads the wall clock (only for a
+/// message with a time-to-live): a TTL counts from the envelope's `timestamp`, so what is
+/// left of it is what the session keeps (a message handed from one transport to another
+/// does not start its TTL again).
 ///
 /// # Errors
 /// When the envelope has no single recipient, or does not encode.
@@ -209,7 +210,7 @@ pub fn outgoing(
     envelope: &Envelope,
     ordered: bool,
     confirm: bool,
-    now: aqe_core::Timestamp,
+    now: impl FnOnce() -> aqe_core::Timestamp,
 ) -> aqe_core::Result<(MessageMeta, Bytes)> {
     let to = envelope
         .target()
@@ -227,7 +228,7 @@ pub fn outgoing(
         confirm,
         ttl: envelope.ttl.map(|ttl| {
             ttl.saturating_sub(std::time::Duration::from_millis(
-                now.0.saturating_sub(envelope.timestamp.0),
+                now().0.saturating_sub(envelope.timestamp.0),
             ))
         }),
     };

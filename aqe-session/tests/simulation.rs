@@ -1539,12 +1539,9 @@ impl World {
                 envelope.timestamp = aqe_core::Timestamp(u64::MAX / 2);
             }
             // The wall clock only shortens a TTL by the envelope's age: none here (see above).
-            let Ok((meta, body)) = outgoing(
-                &envelope,
-                ordered,
-                confirm && count == 1,
-                aqe_core::Timestamp(0),
-            ) else {
+            let Ok((meta, body)) = outgoing(&envelope, ordered, confirm && count == 1, || {
+                aqe_core::Timestamp(0)
+            }) else {
                 self.fail("outgoing");
             };
             ids.push(envelope.id);
