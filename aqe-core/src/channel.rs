@@ -48,7 +48,7 @@ impl Priority {
     }
 
     /// The priority as a number.
-    pub fn get(self) -> u8 {
+    pub const fn get(self) -> u8 {
         self.0
     }
 }

@@ -162,6 +162,12 @@ pub struct QuicLimits {
     /// `maxConnections`, it bounds what connections can make s2n-quic hold. Default 2 MiB
     /// (a full window at 100 MB/s and 20 ms; raise it for long fat links).
     pub connection_window: u32,
+    /// Bytes s2n-quic holds per stream that this endpoint wrote, unsent or unacknowledged.
+    /// A higher-priority frame overtakes lower-priority data still waiting in aqe, but
+    /// shares the connection with what s2n-quic already holds (it sends its streams
+    /// round-robin): this bounds that share. Default 1 MiB (one stream then moves at most
+    /// 1 MiB per round trip: about 100 MB/s at 10 ms; raise it for long fat links).
+    pub stream_send_buffer: u32,
 }
 
 impl Default for QuicLimits {
@@ -182,6 +188,7 @@ impl Default for QuicLimits {
             parked: 1024,
             socket_buffer: 1 << 20,
             connection_window: 2 << 20,
+            stream_send_buffer: 1 << 20,
         }
     }
 }
@@ -192,7 +199,7 @@ impl QuicLimits {
     /// # Errors
     /// [`Error::Configuration`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        let checks: [(&str, u32, u32); 11] = [
+        let checks: [(&str, u32, u32); 12] = [
             ("maxConnections", self.max_connections, 1),
             ("maxHandshakes", self.max_handshakes, 1),
             ("helloFrame", self.hello_frame, 1024),
@@ -204,6 +211,7 @@ impl QuicLimits {
             ("socketBuffer", self.socket_buffer, 64 * 1024),
             ("parked", self.parked, 1),
             ("connectionWindow", self.connection_window, 64 * 1024),
+            ("streamSendBuffer", self.stream_send_buffer, 64 * 1024),
         ];
         for (field, value, min) in checks {
             if value < min {

@@ -26,13 +26,15 @@ use aqe_link::{Host, Link, LinkFigures, SessionHandle};
 use aqe_session::{Ended, Frame, Lane, Transmit};
 
 use crate::link::LinkStats;
+use crate::sched::{CHUNK, Gate, Tally};
 use crate::stream::{QuicSink, QuicSource};
 use crate::wire::{
     self, FrameCodec, FrameReader, LARGE, Preamble, Reassembly, WIRE_VERSION, close, reset,
 };
 
-/// Pooled streams per connection for unordered messages: a lost packet holds back only
-/// the messages of its stream.
+/// Pooled streams per connection and priority for unordered messages: a lost packet holds
+/// back only the messages of its stream, and a message never waits behind one of a lower
+/// priority in its stream.
 const UNORDERED_POOL: usize = 4;
 /// Datagrams s2n-quic queues per connection, each way.
 pub(crate) const DATAGRAM_QUEUE: usize = 1024;
@@ -46,23 +48,48 @@ pub(crate) const ENVELOPE_OVERHEAD: usize = 64 * 1024;
 pub(crate) struct Limits {
     /// Before a stream says what it carries (a preamble), and the control stream.
     pub(crate) control: usize,
-    /// Frames that may hold the largest message of any local agent's channels.
-    pub(crate) data: usize,
     /// Frames of lanes whose large payloads go on streams of their own.
     pub(crate) small: usize,
-    /// Bytes of partial frames the connection's streams may hold together: what a peer
-    /// within the session's windows can need (its unsettled bytes, one message beyond, and
-    /// an agent stream's chunk), beyond which it is closed.
-    pub(crate) partial: u64,
+    /// Unsettled reliable bytes one peer may have this endpoint hold.
+    pub(crate) session_bytes: u64,
+}
+
+impl Limits {
+    /// Frames that may hold the largest message of any local agent's channels, now. Agents
+    /// come and go while a connection lives, so this is read when a stream says what it
+    /// carries and again before a frame is refused as too large, never fixed at the
+    /// handshake.
+    pub(crate) fn data(host: &Host) -> usize {
+        let largest = host
+            .locals()
+            .iter()
+            .flat_map(|l| l.reg.channels.iter().map(|c| c.max_message_size))
+            .max()
+            .unwrap_or(aqe_core::DEFAULT_MAX_MESSAGE_SIZE)
+            .max(aqe_core::DEFAULT_MAX_MESSAGE_SIZE);
+        largest + ENVELOPE_OVERHEAD
+    }
+
+    /// Bytes of partial frames the connection's streams may hold together, now: what a
+    /// peer within the session's windows can need (its unsettled bytes, one message beyond,
+    /// and an agent stream's chunk), beyond which it is closed.
+    fn partial(&self, host: &Host) -> u64 {
+        self.session_bytes + 2 * Self::data(host) as u64
+    }
 }
 
 type Writer = mpsc::UnboundedSender<Transmit>;
 
 #[derive(Default)]
+struct Pool {
+    writers: Vec<Writer>,
+    next: usize,
+}
+
+#[derive(Default)]
 struct Lanes {
     ordered: FastMap<ChannelName, Writer>,
-    pool: Vec<Writer>,
-    next: usize,
+    pools: FastMap<aqe_core::Priority, Pool>,
     requests: Option<Writer>,
     answers: Option<Writer>,
 }
@@ -75,6 +102,8 @@ pub(crate) struct QuicLink {
     stats: Arc<LinkStats>,
     control: Writer,
     lanes: Mutex<Lanes>,
+    /// Lanes' writers take turns by priority.
+    gate: Gate,
     tasks: TaskTracker,
     stop: CancellationToken,
     send_timeout: Duration,
@@ -103,6 +132,7 @@ impl QuicLink {
             listen,
             control: tx,
             lanes: Mutex::default(),
+            gate: Gate::default(),
             tasks: host.tasks().clone(),
             stop: host.stopping(),
             send_timeout,
@@ -121,6 +151,7 @@ impl QuicLink {
         if !*c {
             *c = true;
             self.handle.close(code.into());
+            self.gate.close();
         }
     }
 
@@ -146,12 +177,13 @@ impl QuicLink {
                 self.writer(Preamble::Large)
             }
             Lane::Unordered => {
-                if lanes.pool.len() < UNORDERED_POOL {
+                let pool = lanes.pools.entry(t.priority()).or_default();
+                if pool.writers.len() < UNORDERED_POOL {
                     let w = self.writer(Preamble::Unordered);
-                    lanes.pool.push(w);
+                    pool.writers.push(w);
                 }
-                lanes.next = (lanes.next + 1) % lanes.pool.len();
-                lanes.pool[lanes.next].clone()
+                pool.next = (pool.next + 1) % pool.writers.len();
+                pool.writers[pool.next].clone()
             }
             Lane::Requests => lanes
                 .requests
@@ -186,12 +218,26 @@ pub(crate) struct LinkRef(pub(crate) Arc<QuicLink>);
 #[async_trait]
 impl Link for LinkRef {
     fn transmit(&self, frames: &mut Vec<Transmit>) -> usize {
+        // Counted before any writer can see them, so that no writer of a lower priority
+        // starts a chunk while they wait.
+        let mut queued = Tally::default();
+        for t in frames.iter().filter(|t| gated(t)) {
+            queued.add(t.priority());
+        }
+        self.0.gate.queued(&queued);
         let mut refused = 0;
         for t in frames.drain(..) {
             match self.0.lane(&t) {
                 Some(w) => {
+                    let p = gated(&t).then(|| t.priority());
                     // A writer ends only with its connection: the session hears of it.
-                    let _ = w.send(t);
+                    if w.send(t).is_err()
+                        && let Some(p) = p
+                    {
+                        let mut lost = Tally::default();
+                        lost.add(p);
+                        self.0.gate.done(&mut lost);
+                    }
                 }
                 None => refused += usize::from(!self.0.send_datagram(&t)),
             }
@@ -289,6 +335,48 @@ fn lost(addr: SocketAddr, e: impl Into<aqe_core::BoxError>) -> Error {
     }
 }
 
+/// Whether `t` waits for its turn: everything but the control lane (small, and what keeps
+/// the session alive) and datagrams (s2n-quic's datagram queue).
+fn gated(t: &Transmit) -> bool {
+    !matches!(t.lane(), Lane::Control | Lane::Datagram)
+}
+
+/// Writes `chunks` at priority `p`, at most [`CHUNK`] bytes a turn (a large envelope is
+/// split, never copied), so that a higher priority waits for one chunk at most.
+async fn write_turns(
+    gate: &Gate,
+    stream: &mut SendStream,
+    chunks: &mut Vec<Bytes>,
+    group: &mut Vec<Bytes>,
+    p: aqe_core::Priority,
+) -> std::result::Result<(), s2n_quic::stream::Error> {
+    let total: usize = chunks.iter().map(Bytes::len).sum();
+    if total <= CHUNK {
+        gate.turn(p).await;
+        return stream.send_vectored(chunks).await;
+    }
+    let mut room = CHUNK;
+    for mut c in chunks.drain(..) {
+        while !c.is_empty() {
+            let piece = c.split_to(c.len().min(room));
+            room -= piece.len();
+            group.push(piece);
+            if room == 0 {
+                gate.turn(p).await;
+                stream.send_vectored(group).await?;
+                group.clear();
+                room = CHUNK;
+            }
+        }
+    }
+    if !group.is_empty() {
+        gate.turn(p).await;
+        stream.send_vectored(group).await?;
+        group.clear();
+    }
+    Ok(())
+}
+
 /// Appends the frame of `t` to `chunks`, the envelope's bytes as a chunk of their own (never
 /// copied).
 fn frame_into(t: &Transmit, head: &mut BytesMut, chunks: &mut Vec<Bytes>) -> Result<()> {
@@ -339,6 +427,8 @@ async fn write_stream(
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     let mut head = BytesMut::new();
     let mut chunks: Vec<Bytes> = Vec::with_capacity(2 * WRITE_BATCH + 1);
+    let mut group: Vec<Bytes> = Vec::new();
+    let mut tally = Tally::default();
     loop {
         let n = tokio::select! {
             () = link.stop.cancelled() => return,
@@ -351,11 +441,21 @@ async fn write_stream(
         chunks.clear();
         chunks.extend(pending.take());
         for t in batch.drain(..) {
+            tally.add(t.priority());
             if let Err(e) = frame_into(&t, &mut head, &mut chunks) {
                 tracing::error!(error = %e, "cannot frame what a session sends");
             }
         }
-        if let Err(e) = stream.send_vectored(&mut chunks).await {
+        let written = write_turns(
+            &link.gate,
+            &mut stream,
+            &mut chunks,
+            &mut group,
+            tally.top(),
+        )
+        .await;
+        link.gate.done(&mut tally);
+        if let Err(e) = written {
             tracing::debug!(error = %e, "a lane's stream failed");
             // The peer refused a lane: it does not speak this protocol.
             link.close_with(close::PROTOCOL_VIOLATION);
@@ -414,10 +514,13 @@ pub(crate) async fn serve(
     limits: Limits,
 ) {
     let stop = host.stopping();
-    let reassembly = Reassembly::new(limits.partial, host.budgets().clone());
+    let reassembly = {
+        let (cap, budgets, host) = (limits.partial(&host), host.budgets().clone(), host.clone());
+        Reassembly::new(cap, Box::new(move || limits.partial(&host)), budgets)
+    };
     // Agent streams are paced by their readers, not by the session's windows: only the
     // endpoint's budget bounds them.
-    let streams = Reassembly::new(u64::MAX, host.budgets().clone());
+    let streams = Reassembly::new(u64::MAX, Box::new(|| u64::MAX), host.budgets().clone());
     let mut frames: Vec<Frame> = Vec::new();
     loop {
         tokio::select! {
@@ -570,16 +673,31 @@ async fn read_stream(
         };
         if let Preamble::Stream { header, generation } = preamble {
             reader.account(streams);
-            return agent_stream(&host, &session, reader, header, generation, limits).await;
+            return agent_stream(&host, &session, reader, header, generation).await;
         }
-        let limit = match preamble {
-            Preamble::Channel(_) | Preamble::Large => limits.data,
-            _ => limits.small,
+        let data = matches!(preamble, Preamble::Channel(_) | Preamble::Large);
+        let mut limit = if data {
+            Limits::data(&host)
+        } else {
+            limits.small
         };
         reader.set_limit(FrameCodec::new(limit));
         let mut frames: Vec<Frame> = Vec::new();
         loop {
-            reader.batch(&mut frames).await?;
+            match reader.batch(&mut frames).await {
+                // An agent with a larger channel may have come since the limit was read:
+                // the frame's bytes are still unread, so it is read again under the new one.
+                Err(Error::FrameTooLarge { size, .. }) if data && size > limit => {
+                    let now = Limits::data(&host);
+                    if size > now || now == limit {
+                        return Err(Error::FrameTooLarge { size, max: now });
+                    }
+                    limit = now;
+                    reader.set_limit(FrameCodec::new(limit));
+                    continue;
+                }
+                r => r?,
+            }
             if frames.is_empty() {
                 return Ok(());
             }
@@ -619,7 +737,6 @@ async fn agent_stream(
     mut reader: FrameReader,
     header: StreamHeader,
     generation: u64,
-    limits: Limits,
 ) -> Result<()> {
     let local = host
         .local(&header.to)
@@ -632,7 +749,7 @@ async fn agent_stream(
         reader.stop(reset::REFUSED);
         return Ok(());
     };
-    reader.set_limit(FrameCodec::new(limits.data));
+    reader.set_limit(FrameCodec::new(Limits::data(host)));
     local.stats.stream_delta(true);
     let source = QuicSource::new(header.id, reader, local.stats.clone());
     let item = Inbound::Stream(IncomingStream::new(header, source));

@@ -163,7 +163,8 @@ impl Endpoint {
                 .with_data_window(window)?
                 .with_bidirectional_local_data_window(window)?
                 .with_bidirectional_remote_data_window(window)?
-                .with_unidirectional_data_window(window)?)
+                .with_unidirectional_data_window(window)?
+                .with_max_send_buffer_size(config.limits.stream_send_buffer)?)
         };
         let dgrams = || -> std::result::Result<datagram::Endpoint, BoxError> {
             Ok(datagram::Endpoint::builder()
@@ -270,21 +271,12 @@ impl Endpoint {
             .flatten()
     }
 
-    /// How large the frames a connection accepts may be, now.
-    fn limits(&self, host: &Host) -> Limits {
-        let largest = host
-            .locals()
-            .iter()
-            .flat_map(|l| l.reg.channels.iter().map(|c| c.max_message_size))
-            .max()
-            .unwrap_or(aqe_core::DEFAULT_MAX_MESSAGE_SIZE)
-            .max(aqe_core::DEFAULT_MAX_MESSAGE_SIZE);
-        let data = largest + ENVELOPE_OVERHEAD;
+    /// How large the frames a connection accepts may be.
+    fn limits(&self) -> Limits {
         Limits {
             control: self.config.limits.control_frame as usize,
-            data,
             small: LARGE + ENVELOPE_OVERHEAD,
-            partial: self.config.limits.session_bytes + 2 * data as u64,
+            session_bytes: self.config.limits.session_bytes,
         }
     }
 
@@ -467,7 +459,7 @@ impl Endpoint {
             (None, None) => SocketAddr::from(([0, 0, 0, 0], 0)),
         };
         hello.listen = Some(listen);
-        let limits = self.limits(host);
+        let limits = self.limits();
         control.set_limit(FrameCodec::new(limits.control));
         let (handle, acceptor) = connection.split();
         let link = QuicLink::new(

@@ -35,6 +35,7 @@ mod endpoint;
 mod identity;
 mod link;
 mod provider;
+mod sched;
 mod stream;
 #[cfg(feature = "testing")]
 #[doc(hidden)]

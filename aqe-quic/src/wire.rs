@@ -206,27 +206,40 @@ impl Drop for FrameReader {
     }
 }
 
-/// The bytes of partial frames one connection's streams hold: at most `cap` for the
+/// What a connection's cap on partial frames is now (it follows the local agents' largest
+/// channel).
+pub(crate) type Cap = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// The bytes of partial frames one connection's streams hold: at most a cap for the
 /// connection (a peer within its windows never needs more), all of them drawn from the
 /// endpoint's budget of held bytes.
 pub(crate) struct Reassembly {
     held: AtomicU64,
-    cap: u64,
+    /// The cap as last read: read again only when something would pass it.
+    cap: AtomicU64,
+    now: Cap,
     budgets: Arc<Budgets>,
 }
 
 impl Reassembly {
-    pub(crate) fn new(cap: u64, budgets: Arc<Budgets>) -> Arc<Self> {
+    pub(crate) fn new(cap: u64, now: Cap, budgets: Arc<Budgets>) -> Arc<Self> {
         Arc::new(Self {
             held: AtomicU64::new(0),
-            cap,
+            cap: AtomicU64::new(cap),
+            now,
             budgets,
         })
     }
 
     fn grow(&self, n: u64) -> Result<()> {
         let held = self.held.fetch_add(n, Ordering::AcqRel) + n;
-        if held > self.cap {
+        if held > self.cap.load(Ordering::Acquire)
+            && held > {
+                let cap = (self.now)();
+                self.cap.store(cap, Ordering::Release);
+                cap
+            }
+        {
             self.held.fetch_sub(n, Ordering::AcqRel);
             return Err(Error::Protocol {
                 detail: "partial frames beyond what the session's windows allow",

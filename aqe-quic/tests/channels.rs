@@ -138,3 +138,100 @@ async fn twenty_thousand_unordered_sends_are_all_delivered_without_a_false_error
     let s = a.stats(&"a".into());
     assert_eq!((s.messages_failed, s.messages_sent), (0, u64::from(N)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_joins_an_open_connection_with_a_larger_channel_gets_its_large_messages() {
+    let big = 3 * 1024 * 1024;
+    let channels = || {
+        vec![
+            Channel::new("bulk", ChannelKind::Unicast).with_max_message_size(4 * big / 3),
+            Channel::new("bulk-u", ChannelKind::Unicast)
+                .with_ordered(false)
+                .with_max_message_size(4 * big / 3),
+        ]
+    };
+    let a = endpoint(config()).await;
+    let b = endpoint(config()).await;
+    let _ia = attach_with(&a, "a", channels()).await;
+    // Before the large channel exists on b: its lanes open under the default limit.
+    let mut early = attach_with(
+        &b,
+        "early",
+        vec![Channel::new("bulk", ChannelKind::Unicast)],
+    )
+    .await;
+    a.connect(b.local_addr()).await.expect("connect");
+    await_peer(&a, "early").await;
+    let to = |id: &str, channel: &str, len: usize| {
+        Envelope::new(
+            "a".into(),
+            Recipient::Agent(id.into()),
+            channel.into(),
+            MessageKind::Direct,
+            Bytes::from(vec![3; len]),
+        )
+    };
+    a.send(to("early", "bulk", 16)).await.expect("small");
+    assert_eq!(next_message(&mut early).await.payload.len(), 16);
+    // Then an agent with 4 MiB channels joins: the ordered lane already open and a new
+    // stream for the unordered message both take its large messages.
+    let mut ib = attach_with(&b, "b", channels()).await;
+    await_peer(&a, "b").await;
+    a.send(to("b", "bulk", big)).await.expect("ordered");
+    a.send(to("b", "bulk-u", big)).await.expect("unordered");
+    for _ in 0..2 {
+        assert_eq!(next_message(&mut ib).await.payload.len(), big);
+    }
+    assert_eq!(a.links().len(), 1, "the connection lives");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_higher_priority_message_overtakes_lower_priority_data_queued_before_it() {
+    let big = 8 * 1024 * 1024;
+    let channels = || {
+        [("low", 0), ("high", 9)]
+            .into_iter()
+            .map(|(name, p)| {
+                Channel::new(name, ChannelKind::Unicast)
+                    .with_ordered(false)
+                    .with_priority(aqe_core::Priority::new(p).expect("priority"))
+                    .with_max_message_size(big + 1024)
+            })
+            .collect::<Vec<_>>()
+    };
+    let a = endpoint(config()).await;
+    let b = endpoint(config()).await;
+    let _ia = attach_with(&a, "a", channels()).await;
+    let mut ib = attach_with(&b, "b", channels()).await;
+    a.connect(b.local_addr()).await.expect("connect");
+    await_peer(&a, "b").await;
+    let send = |channel: &'static str, p: u8| {
+        let a = a.clone();
+        async move {
+            a.send(msg(channel, vec![p; big]).with_priority(aqe_core::Priority::new(p).expect("priority")))
+                .await
+        }
+    };
+    let low = tokio::spawn(send("low", 0));
+    // The low-priority message is well under way before the high-priority one is sent: with
+    // equal shares of the connection it would arrive first.
+    let packets =
+        |a: &aqe_quic::QuicTransport| a.links().iter().map(|l| l.packets_sent).sum::<u64>();
+    let before = packets(&a);
+    tokio::time::timeout(WAIT, async {
+        while packets(&a) < before + 300 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the low-priority message is under way");
+    send("high", 9).await.expect("high");
+    let first = next_message(&mut ib).await;
+    let second = next_message(&mut ib).await;
+    low.await.expect("join").expect("low");
+    assert_eq!(
+        [first.channel.as_ref(), second.channel.as_ref()],
+        ["high", "low"],
+        "priority 9 is written before the rest of priority 0"
+    );
+}

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-use aqe_core::{AgentId, ChannelName, Envelope, MessageId, Registration};
+use aqe_core::{AgentId, ChannelName, Envelope, MessageId, Priority, Registration};
 
 use crate::EndpointId;
 
@@ -269,6 +269,8 @@ pub enum Transmit {
         lane: Lane,
         /// Its numbers.
         header: MessageHeader,
+        /// Its envelope's priority (not on the wire in the header: the envelope holds it).
+        priority: Priority,
         /// The envelope's postcard encoding.
         body: Bytes,
     },
@@ -279,6 +281,21 @@ impl Transmit {
     pub fn lane(&self) -> &Lane {
         match self {
             Transmit::Frame(lane, _) | Transmit::Message { lane, .. } => lane,
+        }
+    }
+
+    /// Its priority: a message's (a request's, an answer's, a datagram's) envelope's; other
+    /// frames (cancellations, and everything of the control lane) the highest.
+    pub fn priority(&self) -> Priority {
+        match self {
+            Transmit::Message { priority, .. } => *priority,
+            Transmit::Frame(
+                _,
+                Frame::Datagram { envelope, .. }
+                | Frame::Request { envelope, .. }
+                | Frame::Response { envelope },
+            ) => envelope.priority,
+            Transmit::Frame(..) => Priority::MAX,
         }
     }
 
@@ -358,6 +375,7 @@ mod tests {
             Transmit::Message {
                 lane: Lane::Unordered,
                 header,
+                priority: Priority::DEFAULT,
                 body: body.clone(),
             }
             .encode(&mut ours)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use aqe_core::plumbing::FastMap;
-use aqe_core::{AgentId, ChannelName, DeliveryFailure, Envelope, MessageId};
+use aqe_core::{AgentId, ChannelName, DeliveryFailure, Envelope, MessageId, Priority};
 
 use crate::frame::{Lane, MessageHeader, Refusal, Transmit};
 use crate::ranges;
@@ -27,6 +27,8 @@ pub struct MessageMeta {
     pub channel: ChannelName,
     /// Whether the channel is ordered.
     pub ordered: bool,
+    /// Its priority: the wire writes higher ones first.
+    pub priority: Priority,
     /// Payload bytes.
     pub len: usize,
     /// Whether its sender waits for its confirmation.
@@ -372,6 +374,7 @@ impl<M> Outbox<M> {
                 generation,
                 confirm: msg.meta.confirm,
             },
+            priority: msg.meta.priority,
             body: msg.body.clone(),
         }
     }
@@ -639,6 +642,7 @@ impl<M> Outbox<M> {
                             generation,
                             confirm: s.msg.meta.confirm,
                         },
+                        priority: s.msg.meta.priority,
                         body: s.msg.body.clone(),
                     });
                 }
@@ -745,6 +749,7 @@ mod tests {
             to: to.into(),
             channel: "c".into(),
             ordered: true,
+            priority: Priority::DEFAULT,
             len,
             confirm: false,
             ttl: None,

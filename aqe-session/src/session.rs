@@ -224,6 +224,7 @@ pub fn outgoing(
         to,
         channel: envelope.channel.clone(),
         ordered,
+        priority: envelope.priority,
         len: envelope.payload.len(),
         confirm,
         ttl: envelope.ttl.map(|ttl| {

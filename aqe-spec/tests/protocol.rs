@@ -334,6 +334,7 @@ fn check_example(name: &str, bytes: &[u8]) {
                     generation: 2,
                     confirm: false,
                 },
+                priority: aqe_core::Priority::DEFAULT,
                 body: aqe_core::encode(&envelope()).expect("encode"),
             };
             aqe_quic::testing::frame_transmit(&t, &mut framed).expect("frame");

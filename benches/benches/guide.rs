@@ -12,9 +12,10 @@
 use std::time::Duration;
 
 use aqe_benches::{
-    Bench, BroadcastFloor, Fleet, MpscFloor, NatsFanout, NatsFloor, Net, Results, S2nFloor, Spec,
-    UNRELIABLE, connections, idle_agents, setup,
+    Bench, BroadcastFloor, Fleet, MpscFloor, NatsFanout, NatsFloor, Net, PriorityPair, Results,
+    S2nFloor, Spec, UNRELIABLE, connections, idle_agents, setup,
 };
+use aqe_core::Priority;
 use bytes::Bytes;
 use criterion::{Criterion, SamplingMode};
 
@@ -33,6 +34,8 @@ const BATCHED_ORDERED: &str = "ordered, send_many";
 /// The same, unordered.
 const BATCHED_UNORDERED: &str = "unordered, send_many";
 const BULK_CHUNK: usize = 256 * 1024;
+/// Requests per timed run of the priority rows.
+const PRIORITY_REQUESTS: usize = 20;
 
 fn payload(n: usize) -> Bytes {
     Bytes::from(vec![7u8; n])
@@ -331,6 +334,39 @@ fn main() {
             );
         }
         b.finish();
+    }
+
+    // Priority under load: 64 B requests on a priority-9 channel, one at a time, while
+    // priority-0 channels saturate the same connection (16 MiB messages one after another,
+    // and 64 B messages in batches); next to the same requests unloaded (the floor) and the
+    // same load with the requests at priority 0 (without priorities).
+    {
+        let mut b = Bench::new(c.benchmark_group("priority"), &rt, &mut results);
+        slow(&mut b);
+        let (high, flat) = rt.block_on(async {
+            (
+                PriorityPair::start(Priority::MAX).await,
+                PriorityPair::start(Priority::MIN).await,
+            )
+        });
+        let gap = Duration::from_millis(1);
+        let op = "priority_request";
+        b.each(
+            Spec::new(op, "floor_unloaded", 64).channel("priority 9"),
+            || high.requests(PRIORITY_REQUESTS, gap),
+        );
+        for (pair, channel) in [(&high, "priority 9"), (&flat, "priority 0")] {
+            let load = rt.block_on(async { pair.load(true, true) });
+            b.each(Spec::new(op, "quic", 64).channel(channel), || {
+                pair.requests(PRIORITY_REQUESTS, gap)
+            });
+            rt.block_on(load.stop());
+        }
+        b.finish();
+        rt.block_on(async {
+            high.shutdown().await;
+            flat.shutdown().await;
+        });
     }
 
     // Endpoint start to first response.

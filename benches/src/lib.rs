@@ -8,6 +8,7 @@
 mod fleet;
 mod memory;
 mod nats_floor;
+mod priority;
 mod record;
 mod s2n_floor;
 mod tokio_floor;
@@ -25,6 +26,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 }
 pub use memory::{connections, idle_agents, resident_kib};
 pub use nats_floor::{NatsFanout, NatsFloor};
+pub use priority::{HEAVY_SIZE, Load, PriorityPair, quantile};
 pub use record::{Bench, Measured, Memory, Results, Spec};
 pub use s2n_floor::S2nFloor;
 pub use tokio_floor::{BroadcastFloor, MpscFloor};

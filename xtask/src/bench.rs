@@ -36,6 +36,7 @@ fn floor_of(op: &str, transport: &str, concurrency: Option<u64>) -> Option<&'sta
         ("request_response", "nats") => "floor_nats_request",
         (_, "nats") if op.starts_with("broadcast") => "floor_nats_fanout",
         ("setup", "nats") => "floor_nats_connect",
+        ("priority_request", "quic") => "floor_unloaded",
         _ => return None,
     })
 }
@@ -430,6 +431,30 @@ impl Report {
                 met: r.map(|(_, x)| if max { x <= bound } else { x >= bound }),
             });
         }
+        // The priority issue's goal: a priority-9 request's p99 while priority-0 traffic
+        // saturates its connection, against its unloaded p99.
+        let p99 = |transport: &str, channel: &str| {
+            self.find("priority_request", transport, 64, Some(channel))
+                .map(|r| r.p99_us)
+        };
+        let unloaded = p99("floor_unloaded", "priority 9");
+        let high = p99("quic", "priority 9");
+        let flat = p99("quic", "priority 0");
+        let loaded = unloaded.zip(high).map(|(u, h)| h / u.max(1e-9));
+        t.push(Target {
+            what: "QUIC p99 of a priority-9 request under priority-0 load vs unloaded".into(),
+            goal: "<= 2x".into(),
+            measured: match (loaded, unloaded.zip(flat)) {
+                (Some(x), Some((u, f))) => format!(
+                    "{x:.1}x ({} vs {}; without priorities {})",
+                    time(high.unwrap_or(0.0)),
+                    time(u),
+                    time(f)
+                ),
+                _ => "not measured".into(),
+            },
+            met: loaded.map(|x| x <= 2.0),
+        });
         let rate = |transport: &str, channel: Option<&str>| {
             self.find("throughput", transport, 64, channel)
                 .and_then(|r| r.msgs_per_s)
