@@ -105,6 +105,32 @@ pub struct Channel {
     /// what is not taken by then is dropped and reported `Expired` (none: no limit).
     #[serde(default)]
     pub ttl_ms: Option<u64>,
+    /// What the receiving agent's inbox does with a reliable message that arrives when it
+    /// is full (and what a sender whose window to it is full does). Default `block`.
+    #[serde(default)]
+    pub slow_consumer: SlowConsumer,
+}
+
+/// What happens when a receiver does not keep up: its inbox is full (it holds `capacity`
+/// items) or the sender's window to it is (its unsettled messages).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum SlowConsumer {
+    /// The message waits: a sender waits for room up to its send timeout, then fails with
+    /// a typed error; a network receiver's inbox takes what the sender's window lets
+    /// through, above its capacity.
+    #[default]
+    Block,
+    /// The inbox drops the oldest message of the channel waiting in it to make room; that
+    /// message's sender hears `DeliveryFailed(Dropped)`. A sender does not wait for room
+    /// in its window: the send fails at once.
+    DropOldest,
+    /// The inbox drops the message that arrives; its sender hears
+    /// `DeliveryFailed(Dropped)`. A sender does not wait for room in its window.
+    DropNewest,
+    /// As `dropNewest`, and said of the sender's side: nothing ever waits, a full window
+    /// fails the send at once.
+    Fail,
 }
 
 fn yes() -> bool {
@@ -140,6 +166,7 @@ impl Channel {
             reliable: true,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             ttl_ms: None,
+            slow_consumer: SlowConsumer::Block,
         }
     }
 
@@ -182,6 +209,12 @@ impl Channel {
     /// Gives its messages a time-to-live unless a send says otherwise.
     pub fn with_ttl(mut self, ttl: std::time::Duration) -> Self {
         self.ttl_ms = Some(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// Sets what a full receiver does with its messages.
+    pub fn with_slow_consumer(mut self, policy: SlowConsumer) -> Self {
+        self.slow_consumer = policy;
         self
     }
 

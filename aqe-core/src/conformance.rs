@@ -49,6 +49,7 @@ macro_rules! conformance_tests {
             confirmed_send_resolves_when_the_receiver_has_it,
             messages_left_unread_by_a_stopping_receiver_are_reported,
             messages_whose_ttl_ran_out_unread_are_reported_expired,
+            a_full_inbox_drops_by_its_channels_policy_and_reports_the_drops,
             unreliable_channel_never_duplicates,
             request_response_is_correlated,
             concurrent_requests_are_correlated,
@@ -113,7 +114,17 @@ fn all_channels() -> Vec<Channel> {
 
 /// Attaches `id` with the given channels and returns its inbox.
 async fn attach(t: &Arc<dyn Transport>, id: &str, channels: Vec<Channel>) -> Inbox {
-    let (tx, rx) = inbox(AgentId::from(id), 4096);
+    attach_holding(t, id, channels, 4096).await
+}
+
+/// Attaches `id` with the given channels and an inbox of `capacity` items.
+async fn attach_holding(
+    t: &Arc<dyn Transport>,
+    id: &str,
+    channels: Vec<Channel>,
+    capacity: usize,
+) -> Inbox {
+    let (tx, rx) = inbox(AgentId::from(id), capacity);
     t.attach(registration(id, channels), tx)
         .await
         .expect("attach");
@@ -483,6 +494,140 @@ pub async fn messages_whose_ttl_ran_out_unread_are_reported_expired(h: &dyn Harn
         confirmed,
     )
     .await;
+}
+
+/// A receiver whose inbox is full (its agent reads nothing) treats what comes on as its
+/// channel's slow-consumer policy says: `dropNewest` drops what arrives, `dropOldest` the
+/// oldest waiting; each dropped message's sender hears `DeliveryFailed(Dropped)` (a
+/// confirmed send returns it), the inbox never holds more than its capacity, and what it
+/// kept is handed out.
+pub async fn a_full_inbox_drops_by_its_channels_policy_and_reports_the_drops(h: &dyn Harness) {
+    let channels = || {
+        vec![
+            Channel::new("newest", ChannelKind::Unicast)
+                .with_slow_consumer(crate::SlowConsumer::DropNewest),
+            Channel::new("oldest", ChannelKind::Unicast)
+                .with_slow_consumer(crate::SlowConsumer::DropOldest),
+        ]
+    };
+    let eps = h.endpoints(2).await;
+    let (ta, tb) = (eps[0].clone(), eps[1].clone());
+    let _a = attach(&ta, "a", channels()).await;
+    let mut b = attach_holding(&tb, "b", channels(), 2).await;
+    await_peers(&ta, &["a", "b"]).await;
+    await_peers(&tb, &["a", "b"]).await;
+    let mut events = ta.subscribe();
+    let mut slow = tb.subscribe();
+    // dropNewest: two fill the inbox, the next two are dropped.
+    let mut dropped = Vec::new();
+    for i in 0..3u32 {
+        let e = direct("a", "b", "newest", counter(i));
+        if i == 2 {
+            dropped.push(e.id);
+        }
+        ta.send(e).await.expect("send");
+    }
+    let last = direct("a", "b", "newest", counter(3));
+    dropped.push(last.id);
+    let confirmed = {
+        let ta = ta.clone();
+        tokio::spawn(async move { ta.send_confirmed(last).await })
+    };
+    reported_dropped(&mut events, dropped).await;
+    // The receiving side names the slow agent and its channel, with the counts.
+    let mut told = 0;
+    soon("the slow-consumer events", async {
+        while told < 2 {
+            if let Ok(Event::SlowConsumer {
+                agent,
+                channel,
+                dropped,
+                total,
+                waiting,
+            }) = slow.recv().await
+            {
+                assert_eq!((agent.as_str(), channel.as_ref()), ("b", "newest"));
+                assert_eq!(waiting, 2, "never more than the capacity");
+                told += dropped;
+                assert_eq!(total, told);
+            }
+        }
+    })
+    .await;
+    for i in 0..2 {
+        assert_eq!(read_counter(&next_message(&mut b).await.payload), i);
+    }
+    let err = within("the confirmed send", confirmed)
+        .await
+        .expect("join")
+        .expect_err("dropped");
+    assert!(
+        matches!(
+            err,
+            Error::DeliveryFailed {
+                reason: crate::DeliveryFailure::Dropped,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // dropOldest: the two waiting make room for the two newest.
+    let mut oldest = Vec::new();
+    for i in 4..7u32 {
+        let e = direct("a", "b", "oldest", counter(i));
+        if i < 6 {
+            oldest.push(e.id);
+        }
+        ta.send(e).await.expect("send");
+    }
+    let last = direct("a", "b", "oldest", counter(7));
+    let confirmed = {
+        let ta = ta.clone();
+        tokio::spawn(async move { ta.send_confirmed(last).await })
+    };
+    reported_dropped(&mut events, oldest).await;
+    for i in 6..8 {
+        assert_eq!(read_counter(&next_message(&mut b).await.payload), i);
+    }
+    within("the confirmed newest", confirmed)
+        .await
+        .expect("join")
+        .expect("the newest is taken");
+    let s = await_stats(&ta, "a", |s| s.messages_unconfirmed == 0).await;
+    assert_eq!(s.messages_failed, 4);
+    assert!(b.try_recv().is_none(), "never more than the capacity");
+    assert_eq!(b.dropped(), 4);
+}
+
+/// Waits until exactly the messages `ids` from a to b are reported `Dropped`, once each.
+async fn reported_dropped(
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    mut ids: Vec<crate::MessageId>,
+) {
+    let mut failed = Vec::new();
+    soon("the reports of what a full inbox dropped", async {
+        while failed.len() < ids.len() {
+            match events.recv().await {
+                Ok(Event::DeliveryFailed {
+                    from,
+                    to,
+                    ids,
+                    reason,
+                    ..
+                }) => {
+                    assert_eq!((from.as_str(), to.as_str()), ("a", "b"));
+                    assert_eq!(reason, crate::DeliveryFailure::Dropped);
+                    failed.extend(ids);
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("event stream: {e}"),
+            }
+        }
+    })
+    .await;
+    failed.sort();
+    ids.sort();
+    assert_eq!(failed, ids, "exactly these are reported dropped, once each");
 }
 
 /// Sends a message without a TTL once everything b received has outlived `ttl`: it is the

@@ -267,6 +267,11 @@ pub enum DeliveryFailure {
     /// where it waited, never handed to a handler late. It was not processed.
     #[error("its time-to-live ran out before the receiver took it")]
     Expired,
+    /// The receiving agent's inbox was full and its channel's slow-consumer policy
+    /// (`dropOldest`, `dropNewest`, `fail`) dropped the message unread. It was not
+    /// processed.
+    #[error("the receiver's inbox was full and its channel drops")]
+    Dropped,
 }
 
 /// Why a stream operation failed.

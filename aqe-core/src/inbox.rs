@@ -21,7 +21,10 @@ use tokio::sync::{Notify, Semaphore, TryAcquireError};
 
 use crate::plumbing::{FastMap, FastSet};
 use crate::transport::Inbound;
-use crate::{AgentId, Error, MessageId, Priority, Result, SendFailure, Timestamp};
+use crate::{
+    AgentId, Channel, ChannelName, Error, MessageId, Priority, Result, SendFailure, SlowConsumer,
+    Timestamp,
+};
 
 /// What a sender does when the inbox is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +115,44 @@ struct State {
     /// Room taken items freed, not yet given back to senders (fewer than [`ROOM_BATCH`]).
     freed: usize,
     dedup: Dedup,
+    /// The agent's channels whose slow-consumer policy is not `block`.
+    policies: FastMap<ChannelName, SlowConsumer>,
+}
+
+/// What a full inbox does with a reliable message that comes above its capacity.
+enum Full {
+    /// Queue it above capacity (`block`: the sender's window bounds it).
+    Queue,
+    /// Queue it in the place of this older one of its channel, dropped unread.
+    Replace(Inbound),
+    /// Drop it unread.
+    Drop,
+}
+
+impl State {
+    fn when_full(&mut self, item: &Inbound) -> Full {
+        let Inbound::Message { envelope, receipt } = item else {
+            return Full::Queue;
+        };
+        if self.policies.is_empty() || !receipt.is_tracked() {
+            return Full::Queue;
+        }
+        match self.policies.get(&envelope.channel) {
+            None | Some(SlowConsumer::Block) => Full::Queue,
+            Some(SlowConsumer::DropNewest | SlowConsumer::Fail) => Full::Drop,
+            Some(SlowConsumer::DropOldest) => {
+                let lane = &mut self.lanes[item.priority().get() as usize];
+                let oldest = lane.iter().position(|q| {
+                    matches!(q, Inbound::Message { envelope: e, receipt: r }
+                        if e.channel == envelope.channel && r.is_tracked())
+                });
+                match oldest.and_then(|i| lane.remove(i)) {
+                    Some(old) => Full::Replace(old),
+                    None => Full::Drop,
+                }
+            }
+        }
+    }
 }
 
 struct Shared {
@@ -121,6 +162,12 @@ struct Shared {
     notify: Notify,
     closed: AtomicBool,
     expired: AtomicU64,
+    /// Messages dropped by a slow-consumer policy.
+    dropped: AtomicU64,
+    /// Some channel's policy is not `block` (read without the lock on every send).
+    policied: AtomicBool,
+    /// Where drops are told (the transport's events), once a transport said.
+    drops_to: std::sync::OnceLock<tokio::sync::broadcast::Sender<crate::Event>>,
 }
 
 /// The receiving half, owned by the agent.
@@ -160,11 +207,15 @@ pub fn inbox(owner: AgentId, capacity: usize) -> (InboxSender, Inbox) {
             excess: 0,
             freed: 0,
             dedup: Dedup::default(),
+            policies: FastMap::default(),
         }),
         room: Semaphore::new(capacity),
         notify: Notify::new(),
         closed: AtomicBool::new(false),
         expired: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
+        policied: AtomicBool::new(false),
+        drops_to: std::sync::OnceLock::new(),
     });
     (
         InboxSender {
@@ -179,6 +230,40 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Settles what a full inbox dropped, counts it, and tells it (one event per channel).
+    fn dropped_unread(&self, unread: Vec<Inbound>) {
+        if unread.is_empty() {
+            return;
+        }
+        let total = self
+            .dropped
+            .fetch_add(unread.len() as u64, Ordering::Relaxed)
+            + unread.len() as u64;
+        let mut by_channel: Vec<(ChannelName, u64)> = Vec::new();
+        for item in unread {
+            if let Inbound::Message { envelope, receipt } = item {
+                match by_channel.iter_mut().find(|(c, _)| *c == envelope.channel) {
+                    Some((_, n)) => *n += 1,
+                    None => by_channel.push((envelope.channel, 1)),
+                }
+                receipt.drop_unread();
+            }
+        }
+        if let Some(events) = self.drops_to.get() {
+            let waiting = self.lock().lanes.iter().map(VecDeque::len).sum();
+            for (channel, dropped) in by_channel {
+                tracing::debug!(agent = %self.owner, %channel, dropped, total, "slow consumer: messages dropped");
+                let _ = events.send(crate::Event::SlowConsumer {
+                    agent: self.owner.clone(),
+                    channel,
+                    dropped,
+                    total,
+                    waiting,
+                });
+            }
+        }
+    }
+
     /// Queues `item` unless it duplicates a message already delivered; runs `on_queued`
     /// under the lock first, so that nobody sees the item before it is counted.
     fn push(&self, item: Inbound, excess: bool, on_queued: impl FnOnce()) -> Delivered {
@@ -191,6 +276,20 @@ impl Shared {
             self.duplicate(item);
             return Delivered::Duplicate;
         }
+        let mut replaced = None;
+        let excess = excess
+            && match state.when_full(&item) {
+                Full::Queue => true,
+                Full::Replace(old) => {
+                    replaced = Some(old);
+                    false
+                }
+                Full::Drop => {
+                    drop(state);
+                    self.dropped_unread(vec![item]);
+                    return Delivered::Dropped;
+                }
+            };
         on_queued();
         let lane = item.priority().get() as usize;
         state.lanes[lane].push_back(item);
@@ -199,14 +298,18 @@ impl Shared {
         }
         drop(state);
         self.notify.notify_one();
+        if let Some(old) = replaced {
+            self.dropped_unread(vec![old]);
+        }
         Delivered::Queued
     }
 
     /// Queues `items` in order under one lock and wakes the agent once; duplicates are
-    /// settled as [`Shared::push`] does. `extra` of them hold no room (queued above
-    /// capacity). `on_queued(count, bytes)` runs under the lock for what was queued.
-    /// Returns how many were duplicates, and how much room they leave unused (to give
-    /// back).
+    /// settled as [`Shared::push`] does. The last `extra` of them have no room: they go
+    /// above capacity or as their channel's slow-consumer policy says (the room a
+    /// duplicate leaves goes to them first). `on_queued(count, bytes)` runs under the lock
+    /// for what was queued. Returns how many were not queued (duplicates, and dropped), and
+    /// how much room is left unused (to give back).
     fn push_many(
         &self,
         items: Vec<Inbound>,
@@ -214,34 +317,54 @@ impl Shared {
         on_queued: impl FnOnce(u64, u64),
     ) -> (usize, usize) {
         let mut duplicates = Vec::new();
+        let mut unread = Vec::new();
         let (mut count, mut bytes) = (0u64, 0u64);
+        let roomy = items.len() - extra.min(items.len());
+        // Room a duplicate left, for an item that has none.
+        let mut spare = 0;
+        let mut dropped_new = 0;
         {
             let mut state = self.lock();
-            for item in items {
+            for (i, item) in items.into_iter().enumerate() {
                 if let Inbound::Message { envelope, receipt } = &item
                     && receipt.is_tracked()
                     && !state.dedup.insert(&envelope.from, envelope.id)
                 {
                     duplicates.push(item);
+                    spare += usize::from(i < roomy);
                     continue;
+                }
+                if i >= roomy {
+                    if spare > 0 {
+                        spare -= 1;
+                    } else {
+                        match state.when_full(&item) {
+                            Full::Queue => state.excess += 1,
+                            Full::Replace(old) => unread.push(old),
+                            Full::Drop => {
+                                unread.push(item);
+                                dropped_new += 1;
+                                continue;
+                            }
+                        }
+                    }
                 }
                 count += 1;
                 bytes += item.payload_len() as u64;
                 let lane = item.priority().get() as usize;
                 state.lanes[lane].push_back(item);
             }
-            // Duplicates take nothing: first from what was above capacity, then room.
-            state.excess += extra.saturating_sub(duplicates.len());
             on_queued(count, bytes);
         }
         if count > 0 {
             self.notify.notify_one();
         }
-        let (n, unused) = (duplicates.len(), duplicates.len().saturating_sub(extra));
+        self.dropped_unread(unread);
+        let not_queued = duplicates.len() + dropped_new;
         for item in duplicates {
             self.duplicate(item);
         }
-        (n, unused)
+        (not_queued, spare)
     }
 
     /// A copy of a message delivered before: if the first copy is still queued, settle this
@@ -359,7 +482,7 @@ impl InboxSender {
     /// Puts `items` in the inbox at once and in order, as that many
     /// [`InboxSender::deliver_now`]s would, under one lock and with one wake-up;
     /// `on_queued(count, bytes)` runs just before they become visible. Returns how many were
-    /// queued (the rest were duplicates).
+    /// queued (the rest were duplicates, or dropped by their channel's slow-consumer policy).
     ///
     /// # Errors
     /// [`Error::SendFailed`] with [`SendFailure::ReceiverClosed`] once the inbox is closed;
@@ -478,6 +601,43 @@ impl InboxSender {
     /// Messages dropped because their TTL ran out while queued.
     pub fn expired(&self) -> u64 {
         self.shared.expired.load(Ordering::Relaxed)
+    }
+
+    /// Messages a full inbox dropped by its channel's slow-consumer policy.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Applies the slow-consumer policies of the agent's `channels` from now on.
+    pub fn set_slow_consumers(&self, channels: &[Channel]) {
+        let mut state = self.shared.lock();
+        state.policies = channels
+            .iter()
+            .filter(|c| c.slow_consumer != SlowConsumer::Block)
+            .map(|c| (c.name.clone(), c.slow_consumer))
+            .collect();
+        self.shared
+            .policied
+            .store(!state.policies.is_empty(), Ordering::Release);
+    }
+
+    /// Tells what the inbox drops by policy on `events` ([`Event::SlowConsumer`](crate::Event)),
+    /// from now on; the first transport to say wins (a fallback chain shares one inbox).
+    pub fn tell_drops(&self, events: tokio::sync::broadcast::Sender<crate::Event>) {
+        let _ = self.shared.drops_to.set(events);
+    }
+
+    /// What this inbox does, when full, with reliable messages on `channel`.
+    pub fn slow_consumer(&self, channel: &ChannelName) -> SlowConsumer {
+        if !self.shared.policied.load(Ordering::Acquire) {
+            return SlowConsumer::Block;
+        }
+        self.shared
+            .lock()
+            .policies
+            .get(channel)
+            .copied()
+            .unwrap_or(SlowConsumer::Block)
     }
 
     /// Whether the inbox has been closed.
@@ -631,6 +791,11 @@ impl Inbox {
     pub fn expired(&self) -> u64 {
         self.shared.expired.load(Ordering::Relaxed)
     }
+
+    /// Messages dropped by their channel's slow-consumer policy while the inbox was full.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for Inbox {
@@ -724,6 +889,7 @@ mod tests {
     struct Log(
         std::sync::Mutex<Vec<(u64, bool)>>,
         std::sync::Mutex<Vec<u64>>,
+        std::sync::Mutex<Vec<u64>>,
     );
 
     impl crate::plumbing::AckSink for Log {
@@ -736,6 +902,9 @@ mod tests {
         fn expired(&self, token: u64) {
             self.1.lock().expect("lock").push(token);
         }
+        fn dropped(&self, token: u64) {
+            self.2.lock().expect("lock").push(token);
+        }
     }
 
     impl Log {
@@ -744,6 +913,9 @@ mod tests {
         }
         fn expired(&self) -> Vec<u64> {
             std::mem::take(&mut *self.1.lock().expect("lock"))
+        }
+        fn dropped(&self) -> Vec<u64> {
+            std::mem::take(&mut *self.2.lock().expect("lock"))
         }
     }
 
@@ -897,6 +1069,84 @@ mod tests {
             "its receipt is not an acknowledgement"
         );
         assert_eq!(log.expired(), [7]);
+    }
+
+    /// A reliable message on channel `c` tagged (and numbered) `t`.
+    fn on_c(log: &Arc<Log>, t: u8) -> Inbound {
+        let Inbound::Message { mut envelope, .. } = msg(5, t) else {
+            unreachable!()
+        };
+        envelope.id = MessageId(u64::from(t));
+        tracked(&envelope, log, u64::from(t))
+    }
+
+    fn with_policy(capacity: usize, policy: SlowConsumer) -> (InboxSender, Inbox) {
+        let (tx, rx) = inbox("r".into(), capacity);
+        tx.set_slow_consumers(&[
+            Channel::new("c", crate::ChannelKind::Unicast).with_slow_consumer(policy)
+        ]);
+        (tx, rx)
+    }
+
+    #[tokio::test]
+    async fn a_full_inbox_drops_by_its_channels_policy_and_reports_each_drop() {
+        for (policy, kept, dropped) in [
+            (SlowConsumer::DropNewest, [1, 2], vec![3, 4, 5, 6]),
+            (SlowConsumer::Fail, [1, 2], vec![3, 4, 5, 6]),
+            (SlowConsumer::DropOldest, [5, 6], vec![1, 2, 3, 4]),
+        ] {
+            let (tx, mut rx) = with_policy(2, policy);
+            let log = Arc::new(Log::default());
+            // One at a time, then a batch: both ways in apply the policy.
+            for t in 1..=3 {
+                let _ = tx.deliver_now(on_c(&log, t), || {}).expect("open");
+            }
+            let batch = (4..=6).map(|t| on_c(&log, t)).collect();
+            let queued = tx.deliver_now_many(batch, |_, _| {}).expect("open");
+            assert_eq!(
+                queued,
+                if policy == SlowConsumer::DropOldest {
+                    3
+                } else {
+                    0
+                },
+                "{policy:?}"
+            );
+            let mut got = [0; 2];
+            for g in &mut got {
+                *g = tag(rx.try_recv().expect("kept"));
+            }
+            assert!(rx.try_recv().is_none(), "{policy:?}: never above capacity");
+            assert_eq!(got, kept, "{policy:?}");
+            let mut reported = log.dropped();
+            reported.sort_unstable();
+            assert_eq!(reported, dropped, "{policy:?}");
+            assert_eq!(rx.dropped(), 4);
+            assert_eq!(
+                log.take(),
+                kept.map(|t| (u64::from(t), true)),
+                "{policy:?}: the kept ones are taken, nothing dropped is"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_blocking_channel_still_goes_above_capacity_and_unreliable_items_are_not_policed() {
+        let (tx, mut rx) = with_policy(1, SlowConsumer::Block);
+        let log = Arc::new(Log::default());
+        for t in 1..=3 {
+            let _ = tx.deliver_now(on_c(&log, t), || {}).expect("open");
+        }
+        let (tx2, mut rx2) = with_policy(1, SlowConsumer::DropNewest);
+        for t in 1..=3 {
+            let _ = tx2.deliver_now(msg(5, t), || {}).expect("open");
+        }
+        for rx in [&mut rx, &mut rx2] {
+            for t in 1..=3 {
+                assert_eq!(tag(rx.try_recv().expect("queued")), t);
+            }
+        }
+        assert!(log.dropped().is_empty());
     }
 
     #[tokio::test]

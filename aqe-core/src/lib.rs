@@ -44,7 +44,9 @@ mod transport;
 pub mod conformance;
 
 pub use address::{Address, TransportKind};
-pub use channel::{Channel, ChannelKind, DEFAULT_MAX_MESSAGE_SIZE, Priority, default_channels};
+pub use channel::{
+    Channel, ChannelKind, DEFAULT_MAX_MESSAGE_SIZE, Priority, SlowConsumer, default_channels,
+};
 pub use error::{
     BoxError, DeliveryFailure, Error, RemoteErrorKind, Result, SecurityFailure, SendFailure,
     StreamFailure,

@@ -17,8 +17,16 @@ use crate::plumbing::{
 use crate::{
     AgentId, Channel, ChannelName, DeliveryFailure, Envelope, Error, Event, Inbound,
     IncomingStream, MessageId, Receipt, Registration, RemoteErrorKind, Responder, Result,
-    SendFailure, StreamChunk, StreamFailure, StreamHeader, StreamId, StreamSink,
+    SendFailure, SlowConsumer, StreamChunk, StreamFailure, StreamHeader, StreamId, StreamSink,
 };
+
+/// A full inbox that a sender does not wait for.
+fn full(to: &LocalAgent) -> Error {
+    Error::SendFailed {
+        to: to.reg.id.clone(),
+        reason: SendFailure::QueueFull(Duration::ZERO),
+    }
+}
 
 /// An agent hosted by a transport in this process: what it declared, where its messages go,
 /// and its counters.
@@ -111,8 +119,10 @@ impl LocalAgents {
 }
 
 impl LocalAgent {
-    /// A freshly attached agent with zeroed counters.
+    /// A freshly attached agent with zeroed counters; its inbox applies its channels'
+    /// slow-consumer policies.
     pub fn new(reg: Registration, inbox: InboxSender) -> Self {
+        inbox.set_slow_consumers(&reg.channels);
         Self {
             reg,
             inbox,
@@ -191,7 +201,16 @@ impl LocalDelivery {
             }
             return Ok(());
         }
-        let permit = to.inbox.reserve(self.send_timeout).await?;
+        let policy = Self::slow_consumer(channel, to);
+        let permit = match policy {
+            // A full inbox decides by its policy; a sender that does not wait fails at once.
+            Some(receiver) => match to.inbox.try_reserve()? {
+                Some(permit) => Some(permit),
+                None if receiver != SlowConsumer::Block => None,
+                None => return Err(full(to)),
+            },
+            None => Some(to.inbox.reserve(self.send_timeout).await?),
+        };
         let acks = self.acks(from, to, &envelope.channel);
         let (receipt, confirmed) = if confirm {
             let (tx, rx) = oneshot::channel();
@@ -205,9 +224,20 @@ impl LocalDelivery {
             (Receipt::shared(acks, envelope.id.0), None)
         };
         from.stats.accepted(1);
-        let outcome = permit.send_counted(Inbound::Message { envelope, receipt }, || {
-            to.stats.received(len)
-        });
+        let item = Inbound::Message { envelope, receipt };
+        let count = || to.stats.received(len);
+        let outcome = match permit {
+            Some(permit) => permit.send_counted(item, count),
+            None => match to.inbox.deliver_now(item, count) {
+                Ok(outcome) => outcome,
+                Err((e, item)) => {
+                    if let Inbound::Message { receipt, .. } = item {
+                        receipt.abandon();
+                    }
+                    return Err(e);
+                }
+            },
+        };
         if outcome == Delivered::Queued {
             from.stats.sent(len);
         }
@@ -263,10 +293,40 @@ impl LocalDelivery {
             return Ok(());
         }
         let acks = self.acks(from, to, &channel_name);
+        let policy = Self::slow_consumer(channel, to);
         let mut accepted = 0;
         while accepted < total {
             let permits = match to.inbox.try_reserve_many(total - accepted) {
                 Ok(Some(permits)) => permits,
+                // A full inbox that drops takes the rest at once, by its policy.
+                Ok(None) if policy.is_some_and(|r| r != SlowConsumer::Block) => {
+                    let batch: Vec<Inbound> = rest
+                        .map(|envelope| Inbound::Message {
+                            receipt: Receipt::shared(acks.clone(), envelope.id.0),
+                            envelope,
+                        })
+                        .collect();
+                    from.stats.accepted(batch.len() as u64);
+                    let mut sent = (0, 0);
+                    return match to.inbox.deliver_now_many(batch, |n, bytes| {
+                        to.stats.received_many(n, bytes);
+                        sent = (n, bytes);
+                    }) {
+                        Ok(_) => {
+                            from.stats.sent_many(sent.0, sent.1);
+                            Ok(())
+                        }
+                        Err((e, items)) => {
+                            for item in items {
+                                if let Inbound::Message { receipt, .. } = item {
+                                    receipt.abandon();
+                                }
+                            }
+                            Err(e.after_accepted(accepted))
+                        }
+                    };
+                }
+                Ok(None) if policy.is_some() => return Err(full(to).after_accepted(accepted)),
                 Ok(None) => match to.inbox.reserve(self.send_timeout).await {
                     Ok(one) => InboxPermits::from(one),
                     Err(e) => return Err(e.after_accepted(accepted)),
@@ -292,6 +352,16 @@ impl LocalDelivery {
             accepted += k;
         }
         Ok(())
+    }
+
+    /// Whether a reliable send to `to` on `channel` must not wait for room: `None` when
+    /// both sides block (it waits up to the send timeout); else the receiving inbox's
+    /// policy (`block` there: the send fails at once, for the sender's channel does not
+    /// wait).
+    fn slow_consumer(channel: &Channel, to: &LocalAgent) -> Option<SlowConsumer> {
+        let receiver = to.inbox.slow_consumer(&channel.name);
+        (channel.slow_consumer != SlowConsumer::Block || receiver != SlowConsumer::Block)
+            .then_some(receiver)
     }
 
     /// The receipt sink of messages from `from` to `to` on `channel`.
@@ -426,6 +496,10 @@ impl AckSink for LocalAcks {
     fn expired(&self, id: u64) {
         self.fail(MessageId(id), DeliveryFailure::Expired);
     }
+
+    fn dropped(&self, id: u64) {
+        self.fail(MessageId(id), DeliveryFailure::Dropped);
+    }
 }
 
 /// The receipt of one confirmed in-process message: its sender waits on `done`.
@@ -447,6 +521,10 @@ impl AckOnce for LocalAck {
 
     fn expired(self: Box<Self>) {
         (*self).failed(DeliveryFailure::Expired);
+    }
+
+    fn dropped(self: Box<Self>) {
+        (*self).failed(DeliveryFailure::Dropped);
     }
 }
 

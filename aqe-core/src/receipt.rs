@@ -24,6 +24,8 @@ pub trait AckSink: Send + Sync + 'static {
     fn abandoned(&self, token: u64);
     /// The message's time-to-live ran out before its agent took it: it was dropped unread.
     fn expired(&self, token: u64);
+    /// The agent's inbox was full and the channel's slow-consumer policy dropped it unread.
+    fn dropped(&self, token: u64);
 }
 
 /// What a one-off receipt does, for transports without a shared sink.
@@ -34,6 +36,8 @@ pub trait AckOnce: Send + 'static {
     fn abandoned(self: Box<Self>);
     /// The message's time-to-live ran out before its agent took it.
     fn expired(self: Box<Self>);
+    /// The agent's full inbox dropped it unread.
+    fn dropped(self: Box<Self>);
 }
 
 /// How a reliable message ended at its receiver.
@@ -45,6 +49,8 @@ pub enum Fate {
     Abandoned,
     /// Its time-to-live ran out before its agent took it.
     Expired,
+    /// Its agent's inbox was full and its channel drops ([`SlowConsumer`](crate::SlowConsumer)).
+    Dropped,
 }
 
 enum Inner {
@@ -108,15 +114,22 @@ impl Receipt {
         self.settle(Fate::Expired);
     }
 
+    /// Marks the message as dropped unread by a full inbox.
+    pub fn drop_unread(mut self) {
+        self.settle(Fate::Dropped);
+    }
+
     fn settle(&mut self, fate: Fate) {
         match (std::mem::replace(&mut self.inner, Inner::None), fate) {
             (Inner::None, _) => {}
             (Inner::Shared(sink, token), Fate::Taken) => sink.acknowledged(token),
             (Inner::Shared(sink, token), Fate::Abandoned) => sink.abandoned(token),
             (Inner::Shared(sink, token), Fate::Expired) => sink.expired(token),
+            (Inner::Shared(sink, token), Fate::Dropped) => sink.dropped(token),
             (Inner::Once(h), Fate::Taken) => h.acknowledged(),
             (Inner::Once(h), Fate::Abandoned) => h.abandoned(),
             (Inner::Once(h), Fate::Expired) => h.expired(),
+            (Inner::Once(h), Fate::Dropped) => h.dropped(),
         }
         for mut r in std::mem::take(&mut self.also) {
             r.settle(fate);
@@ -162,6 +175,9 @@ mod tests {
         fn expired(&self, token: u64) {
             self.0.lock().expect("lock").push((token + 1000, false));
         }
+        fn dropped(&self, token: u64) {
+            self.0.lock().expect("lock").push((token + 2000, false));
+        }
     }
 
     #[test]
@@ -177,6 +193,7 @@ mod tests {
         let mut r = Receipt::shared(log.clone(), 6);
         r.join(Receipt::shared(log.clone(), 7));
         r.expire();
+        Receipt::shared(log.clone(), 8).drop_unread();
         assert!(!Receipt::none().is_tracked());
         assert_eq!(
             *log.0.lock().expect("lock"),
@@ -187,7 +204,8 @@ mod tests {
                 (4, true),
                 (5, true),
                 (1006, false),
-                (1007, false)
+                (1007, false),
+                (2008, false)
             ]
         );
     }

@@ -123,6 +123,20 @@ pub enum Event {
         /// The transport removed.
         kind: TransportKind,
     },
+    /// A hosted agent does not keep up: its inbox was full and its channel's slow-consumer
+    /// policy dropped messages unread (their senders hear `DeliveryFailed(Dropped)`).
+    SlowConsumer {
+        /// The agent.
+        agent: AgentId,
+        /// The channel whose messages were dropped.
+        channel: ChannelName,
+        /// How many were dropped just now.
+        dropped: u64,
+        /// How many its inbox has dropped in all.
+        total: u64,
+        /// Items waiting in its inbox.
+        waiting: usize,
+    },
     /// This subscriber was too slow and missed that many events.
     Lagged {
         /// How many.

@@ -161,11 +161,10 @@ impl Transport for EventBus {
         agent.validate()?;
         let info = agent.peer_info(None, PeerState::Connected);
         let id = agent.id.clone();
-        if !self
-            .inner
-            .members
-            .insert(Arc::new(LocalAgent::new(agent, inbox)))
-        {
+        if !self.inner.members.insert(Arc::new(LocalAgent::new(agent, {
+            inbox.tell_drops(self.inner.events.clone());
+            inbox
+        }))) {
             return Err(Error::Configuration {
                 file: None,
                 field: "id".to_owned(),

@@ -99,6 +99,10 @@ impl AckSink for Receipts {
     fn expired(&self, token: u64) {
         self.tell(token, Fate::Expired);
     }
+
+    fn dropped(&self, token: u64) {
+        self.tell(token, Fate::Dropped);
+    }
 }
 
 impl Receipts {
@@ -220,6 +224,7 @@ impl Cell {
                         Fate::Taken => s.taken(seq, now),
                         Fate::Abandoned => s.abandoned(seq, now),
                         Fate::Expired => s.expired(seq, now),
+                        Fate::Dropped => s.dropped(seq, now),
                     }
                 }
             }

@@ -650,7 +650,8 @@ impl Host {
     /// Hands `batch` (to one agent, on one reliable channel) to the session that reaches
     /// `to`, as much at a time as its window has room for: one borrow of the session, one
     /// transmission and one count per admission. Waits for room up to the send timeout,
-    /// counted from the last progress.
+    /// counted from the last progress (not at all on a channel whose slow-consumer policy is
+    /// not `block`).
     async fn admit<I>(
         &self,
         sender: &LocalAgent,
@@ -691,6 +692,16 @@ impl Host {
                         deadline = tokio::time::Instant::now() + send_timeout;
                     }
                     None => continue 'route,
+                }
+                // A channel that does not block fails what the window has no room for, at once.
+                if channel.slow_consumer != aqe_core::SlowConsumer::Block {
+                    return Err(fail(
+                        batch.len(),
+                        Error::SendFailed {
+                            to: to.clone(),
+                            reason: SendFailure::QueueFull(Duration::ZERO),
+                        },
+                    ));
                 }
                 tokio::select! {
                     () = &mut room => {}
@@ -795,11 +806,13 @@ impl Host {
             }
             Answer::Refused(Refusal::Overflow) => Err(Error::Busy { peer: to }),
             // Requests are not refused `Expired` (section 4.9); a peer that does so dropped it.
-            Answer::Refused(Refusal::Stopped | Refusal::Expired) => Err(Error::Remote {
-                agent: to,
-                kind: RemoteErrorKind::Dropped,
-                message: "the request was dropped without an answer".to_owned(),
-            }),
+            Answer::Refused(Refusal::Stopped | Refusal::Expired | Refusal::Dropped) => {
+                Err(Error::Remote {
+                    agent: to,
+                    kind: RemoteErrorKind::Dropped,
+                    message: "the request was dropped without an answer".to_owned(),
+                })
+            }
             Answer::Lost => Err(Error::ConnectionLost {
                 addr: cell.link.address(),
                 source: "the session ended before the answer".into(),
@@ -866,6 +879,7 @@ impl Transport for Host {
     async fn attach(&self, agent: Registration, inbox: InboxSender) -> Result<()> {
         self.live()?;
         agent.validate()?;
+        inbox.tell_drops(self.inner.shared.events.clone());
         let local = Arc::new(LocalAgent::new(agent.clone(), inbox));
         match self.command(|tx| Command::Attach(agent, local, tx)).await? {
             Ok(()) => Ok(()),

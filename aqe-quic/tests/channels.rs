@@ -208,8 +208,11 @@ async fn a_higher_priority_message_overtakes_lower_priority_data_queued_before_i
     let send = |channel: &'static str, p: u8| {
         let a = a.clone();
         async move {
-            a.send(msg(channel, vec![p; big]).with_priority(aqe_core::Priority::new(p).expect("priority")))
-                .await
+            a.send(
+                msg(channel, vec![p; big])
+                    .with_priority(aqe_core::Priority::new(p).expect("priority")),
+            )
+            .await
         }
     };
     let low = tokio::spawn(send("low", 0));
@@ -234,4 +237,63 @@ async fn a_higher_priority_message_overtakes_lower_priority_data_queued_before_i
         ["high", "low"],
         "priority 9 is written before the rest of priority 0"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_on_a_channel_that_does_not_block_fails_at_once_when_the_window_is_full() {
+    let channels = || {
+        vec![
+            Channel::new("fast", ChannelKind::Unicast)
+                .with_slow_consumer(aqe_core::SlowConsumer::Fail),
+            Channel::new("patient", ChannelKind::Unicast),
+        ]
+    };
+    let mut c = config();
+    c.window = 4;
+    c.send_timeout = std::time::Duration::from_millis(600);
+    let a = endpoint(c.clone()).await;
+    let b = endpoint(c).await;
+    let _ia = attach_with(&a, "a", channels()).await;
+    // b reads nothing: the window fills.
+    let _ib = attach_with(&b, "b", channels()).await;
+    a.connect(b.local_addr()).await.expect("connect");
+    await_peer(&a, "b").await;
+    for i in 0..4u8 {
+        a.send(msg("fast", vec![i]))
+            .await
+            .expect("within the window");
+    }
+    let started = std::time::Instant::now();
+    let err = a.send(msg("fast", vec![9])).await.expect_err("window full");
+    assert!(
+        matches!(
+            err,
+            Error::SendFailed {
+                reason: aqe_core::SendFailure::QueueFull(d),
+                ..
+            } if d.is_zero()
+        ),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(300),
+        "at once"
+    );
+    // A blocking channel to the same agent waits out its send timeout instead.
+    let started = std::time::Instant::now();
+    let err = a
+        .send(msg("patient", vec![9]))
+        .await
+        .expect_err("window full");
+    assert!(
+        matches!(
+            err,
+            Error::SendFailed {
+                reason: aqe_core::SendFailure::QueueFull(d),
+                ..
+            } if !d.is_zero()
+        ),
+        "{err}"
+    );
+    assert!(started.elapsed() >= std::time::Duration::from_millis(500));
 }

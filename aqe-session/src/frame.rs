@@ -12,7 +12,7 @@ use aqe_core::{AgentId, ChannelName, Envelope, MessageId, Priority, Registration
 use crate::EndpointId;
 
 /// The version of the session protocol, carried in every hello.
-pub const SESSION_VERSION: u8 = 5;
+pub const SESSION_VERSION: u8 = 6;
 
 /// Inclusive ranges of sequence numbers, `(first, last)`, ascending.
 pub type Ranges = Vec<(u64, u64)>;
@@ -61,6 +61,9 @@ pub enum Refusal {
     Overflow,
     /// Its time-to-live ran out before the receiving agent took it: dropped unread.
     Expired,
+    /// The receiving agent's inbox was full and the channel's slow-consumer policy dropped
+    /// it unread.
+    Dropped,
 }
 
 /// What an endpoint knows first-hand about another endpoint it has a session with (peer

@@ -212,6 +212,7 @@ pub(crate) fn refusal_failure(r: Refusal) -> Option<DeliveryFailure> {
         Refusal::NotHere | Refusal::Stopped => None,
         Refusal::NotRegistered | Refusal::Overflow => Some(DeliveryFailure::Refused),
         Refusal::Expired => Some(DeliveryFailure::Expired),
+        Refusal::Dropped => Some(DeliveryFailure::Dropped),
     }
 }
 

@@ -593,6 +593,12 @@ impl<C: Ctx> Session<C> {
             .settle(seq, Some(Refusal::Expired), now, &self.config.wire);
     }
 
+    /// Message `seq` was dropped unread: its agent's inbox was full and its channel drops.
+    pub fn dropped(&mut self, seq: u64, now: Instant) {
+        self.inflow
+            .settle(seq, Some(Refusal::Dropped), now, &self.config.wire);
+    }
+
     // ----- the node -----
 
     /// Does what the node asks.

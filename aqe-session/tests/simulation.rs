@@ -292,6 +292,9 @@ impl AckSink for Acks {
     fn expired(&self, _token: u64) {
         unreachable!("the simulation sends no message with a time-to-live");
     }
+    fn dropped(&self, _token: u64) {
+        unreachable!("the simulation's channels block when an inbox is full");
+    }
 }
 
 struct SimSession {

@@ -39,6 +39,7 @@ fn shapes() -> BTreeMap<&'static str, Shape> {
         shape_of::<Registration>(),
         shape_of::<Channel>(),
         shape_of::<ChannelKind>(),
+        shape_of::<aqe_core::SlowConsumer>(),
         shape_of::<StreamHeader>(),
         shape_of::<StreamOptions>(),
         shape_of::<EndpointId>(),
