@@ -71,6 +71,20 @@ pub struct Options {
     pub name: Option<String>,
     /// A receiver's message handler takes this long per message (a slow consumer).
     pub handler_delay: Duration,
+    /// A receiver's inbox capacity, in items.
+    pub inbox: usize,
+}
+
+/// The probes' channels: the three presets, and `drops` (unicast, unordered, reliable,
+/// `dropNewest`: a full inbox drops and reports what comes on it).
+pub fn channels() -> Vec<aqe_core::Channel> {
+    let mut c = aqe_core::default_channels();
+    c.push(
+        aqe_core::Channel::new("drops", aqe_core::ChannelKind::Unicast)
+            .with_ordered(false)
+            .with_slow_consumer(aqe_core::SlowConsumer::DropNewest),
+    );
+    c
 }
 
 impl Options {
@@ -88,6 +102,7 @@ impl Options {
             nats: None,
             name: None,
             handler_delay: Duration::ZERO,
+            inbox: 4096,
         }
     }
 
@@ -196,11 +211,15 @@ pub async fn receive(options: &Options, agent: &str) -> anyhow::Result<()> {
     let msg_out = out.clone();
     let req_out = out.clone();
     let delay = options.handler_delay;
-    let _agent = Agent::builder()
+    let mut builder = Agent::builder()
         .id(agent)
         .agent_type("probe-receiver")
         .transport(transport)
-        .inbox_capacity(4096)
+        .inbox_capacity(options.inbox);
+    for c in channels() {
+        builder = builder.channel(c);
+    }
+    let _agent = builder
         .on_message(move |_, env| {
             let out = msg_out.clone();
             async move {
@@ -424,13 +443,14 @@ pub async fn sender(options: &Options, id: &str) -> anyhow::Result<(QuicTranspor
     let options = &options.named(id);
     let quic = options.bind().await?;
     let transport = options.transport(&quic).await?;
-    let agent = Agent::builder()
+    let mut builder = Agent::builder()
         .id(id)
         .agent_type("probe-sender")
-        .transport(transport)
-        .start()
-        .await
-        .context("starting the sender")?;
+        .transport(transport);
+    for c in channels() {
+        builder = builder.channel(c);
+    }
+    let agent = builder.start().await.context("starting the sender")?;
     Ok((quic, agent))
 }
 

@@ -40,6 +40,8 @@ const KILL_MESSAGES: u32 = 10_000;
 const SLOW_MESSAGES: u32 = 3000;
 const SLOW_HANDLER: Duration = Duration::from_millis(1);
 const SLOW_TTL: Duration = Duration::from_millis(300);
+/// The slow receiver's inbox on the dropping channel, in items.
+const SLOW_INBOX: usize = 64;
 const NATS_PORT: u16 = 4222;
 /// The mixed load of the UDP-blocked scenario: messages, paced 10 per 40 ms (24 s).
 const MIX_MESSAGES: u32 = 6000;
@@ -685,66 +687,74 @@ pub(crate) fn lab(root: &Path, only_udp: bool) -> anyhow::Result<()> {
         check_row(&row, &mut problems);
         drop(receiver);
     }
-    // A slow consumer on a lossy link, messages with a time-to-live: each is taken, or
-    // expired and reported so; none both, none unaccounted.
+    // A slow consumer on a lossy link, messages with a time-to-live, then on a channel whose
+    // full inbox drops: each is taken, or expired (dropped) and reported so; none both,
+    // none unaccounted.
     if !only_udp {
         lab.set_loss(5)?;
         let handler_us = SLOW_HANDLER.as_micros().to_string();
-        let receiver = Receiver::start(&probe, &certs, false, &["--handler-us", &handler_us])?;
         let ttl_ms = SLOW_TTL.as_millis().to_string();
+        let inbox = SLOW_INBOX.to_string();
         let count = SLOW_MESSAGES.to_string();
-        let report = report_of(sender(
-            &probe,
-            &certs,
-            &[
-                "--channel",
-                "results",
-                "--count",
-                &count,
-                "--ttl-ms",
-                &ttl_ms,
-            ],
-        )?)?;
-        let mut taken = Taken::default();
-        receiver.collect(&mut taken, Duration::from_millis(500));
-        let got = taken.messages.get("results").map_or(&[][..], Vec::as_slice);
-        let mut row = message_row(
-            format!(
-                " 5% loss, slow receiver ({} ms a message), TTL {} ms",
-                SLOW_HANDLER.as_millis(),
-                SLOW_TTL.as_millis()
+        let slow = format!("slow receiver ({} ms a message)", SLOW_HANDLER.as_millis());
+        let cases = [
+            (
+                format!(" 5% loss, {slow}, TTL {} ms", SLOW_TTL.as_millis()),
+                vec!["--handler-us", &handler_us],
+                vec!["--channel", "results", "--ttl-ms", &ttl_ms],
+                "Expired",
+                "expired",
             ),
-            &report,
-            got,
-            false,
-        );
-        let expired: HashSet<u32> = report
-            .failed
-            .iter()
-            .filter(|(_, why)| why == "Expired")
-            .map(|(n, _)| *n)
-            .collect();
-        let late = got.iter().filter(|(n, _)| expired.contains(n)).count();
-        if late > 0 {
-            problems.push(format!(
-                "{}: {late} taken and reported expired",
-                row.scenario
-            ));
+            (
+                format!(" 5% loss, {slow}, inbox {SLOW_INBOX}, dropNewest"),
+                vec!["--handler-us", &handler_us, "--inbox", &inbox],
+                vec!["--channel", "drops"],
+                "Dropped",
+                "dropped",
+            ),
+        ];
+        for (scenario, receiving, sending, reason, what) in cases {
+            let receiver = Receiver::start(&probe, &certs, false, &receiving)?;
+            let mut args = vec!["--count", &count];
+            args.extend(sending);
+            let report = report_of(sender(&probe, &certs, &args)?)?;
+            let mut taken = Taken::default();
+            receiver.collect(&mut taken, Duration::from_millis(500));
+            let channel = if what == "dropped" {
+                "drops"
+            } else {
+                "results"
+            };
+            let got = taken.messages.get(channel).map_or(&[][..], Vec::as_slice);
+            let mut row = message_row(scenario, &report, got, false);
+            let ended: HashSet<u32> = report
+                .failed
+                .iter()
+                .filter(|(_, why)| why == reason)
+                .map(|(n, _)| *n)
+                .collect();
+            let late = got.iter().filter(|(n, _)| ended.contains(n)).count();
+            if late > 0 {
+                problems.push(format!(
+                    "{}: {late} taken and reported {what}",
+                    row.scenario
+                ));
+            }
+            if ended.is_empty() {
+                problems.push(format!(
+                    "{}: nothing {what}: the policy went untested",
+                    row.scenario
+                ));
+            }
+            row.note = format!(
+                "{} taken, {} {what} and reported; {}",
+                row.received,
+                ended.len(),
+                row.note
+            );
+            check_row(&row, &mut problems);
+            drop(receiver);
         }
-        if expired.is_empty() {
-            problems.push(format!(
-                "{}: nothing expired: the TTL went untested",
-                row.scenario
-            ));
-        }
-        row.note = format!(
-            "{} taken, {} expired and reported; {}",
-            row.received,
-            expired.len(),
-            row.note
-        );
-        check_row(&row, &mut problems);
-        drop(receiver);
     }
     // A receiver killed mid-stream with SIGKILL, without and with a restart.
     lab.set_loss(1)?;

@@ -5,7 +5,7 @@
 //!                                              node certificate from it, named by --name or
 //!                                              its agent's id, and keeps it for its restarts)
 //! aqe-probe receive --listen ADDR --certs DIR [--agent ID] [--name N] [--peer ADDR]
-//!                   [--handler-us MICROS (a slow consumer)] [timings]
+//!                   [--handler-us MICROS (a slow consumer)] [--inbox ITEMS] [timings]
 //! aqe-probe send --listen ADDR --peer ADDR --certs DIR --to ID [--channel C] [--count N]
 //!                [--requests | --mix] [--pace N:MICROS] [--settle-ms MS] [--ttl-ms MS] [timings]
 //! timings: --heartbeat-ms MS --liveness-ms MS --deadline-ms MS
@@ -90,6 +90,9 @@ impl Args {
         }
         if let Some(us) = self.get::<u64>("handler-us")? {
             o.handler_delay = Duration::from_micros(us);
+        }
+        if let Some(n) = self.get::<usize>("inbox")? {
+            o.inbox = n;
         }
         Ok(o)
     }
