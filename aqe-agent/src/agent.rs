@@ -866,6 +866,16 @@ impl Agent {
         options.select(peers)
     }
 
+    /// The links of the transports it uses to other endpoints, as they measure them.
+    pub fn links(&self) -> Vec<aqe_core::LinkReport> {
+        self.transport().links()
+    }
+
+    /// Items waiting in the agent's inbox now.
+    pub fn inbox_depth(&self) -> usize {
+        self.inner.inbox.waiting()
+    }
+
     /// Traffic statistics of this agent, over every transport it uses.
     pub fn stats(&self) -> Stats {
         let mut s = self.transport().stats(self.id());

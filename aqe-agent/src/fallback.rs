@@ -680,6 +680,13 @@ impl Transport for Fallback {
         self.account.events.subscribe()
     }
 
+    fn links(&self) -> Vec<aqe_core::LinkReport> {
+        self.links
+            .iter()
+            .flat_map(|l| l.transport.links())
+            .collect()
+    }
+
     /// What no transport of the chain can deliver goes to `redeliver`: the last link is the
     /// last resort, so the handler is registered there.
     fn set_redelivery(&self, redeliver: Arc<dyn Redeliver>) {

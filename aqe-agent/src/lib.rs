@@ -35,6 +35,8 @@ mod events;
 mod fallback;
 mod fleet;
 mod handler;
+#[cfg(feature = "metrics")]
+mod metrics;
 pub mod prelude;
 
 pub use agent::Agent;
@@ -44,6 +46,8 @@ pub use events::EventStream;
 pub use fallback::{Fallback, FallbackBuilder, FallbackPolicy, ORDERED_SWITCH_WAIT};
 pub use fleet::Fleet;
 pub use handler::HandlerError;
+#[cfg(feature = "metrics")]
+pub use metrics::{Metrics, MetricsServer};
 
 /// The core types, for users who depend on this crate alone.
 pub use aqe_core;

@@ -179,6 +179,9 @@ pub(crate) struct NodeArgs {
     /// Also write the log to this file.
     #[arg(long)]
     pub(crate) log_file: Option<PathBuf>,
+    /// Serve metrics for Prometheus at http://ADDR/metrics (host:port; port 0: any free).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics: Option<std::net::SocketAddr>,
 }
 
 /// How to join a fleet.

@@ -76,12 +76,24 @@ pub(crate) async fn run(args: NodeArgs) -> Result<(), CliError> {
                 "its definition has no \"id\", so it got a random one that changes at every start; give it one (\"id\": \"{agent_type}\") for commands to reach it by name");
         }
     }
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let metrics = aqe_agent::Metrics::new(fleet.agents().iter().cloned());
+            let server = aqe_agent::MetricsServer::bind(addr, metrics).await?;
+            println!("metrics at http://{}/metrics", server.local_addr());
+            Some(server)
+        }
+        None => None,
+    };
     tracing::info!(
         agents = fleet.agents().len(),
         "node running; Ctrl-C to stop"
     );
     wait_for_signal().await;
     tracing::info!("stopping");
+    if let Some(server) = metrics {
+        server.shutdown().await;
+    }
     fleet.shutdown().await;
     Ok(())
 }

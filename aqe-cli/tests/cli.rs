@@ -1152,3 +1152,82 @@ fn a_log_file_has_no_colour_codes_even_when_stderr_has() {
         "the terminal is coloured: {terminal:?}"
     );
 }
+
+/// `aqe node --metrics`: a scrape of `/metrics` gives the node's agents' traffic and links.
+#[test]
+fn a_node_serves_its_metrics_for_prometheus() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    node_and_cli_certificates(d);
+    std::fs::create_dir(d.join("fleet")).expect("mkdir");
+    std::fs::write(
+        d.join("fleet/worker.json"),
+        r#"{"id": "worker", "type": "qe-test-executor", "enableQUIC": true,
+            "quicConfig": {"host": "127.0.0.1", "port": 0,
+              "security": {"certPath": "../certs/node.pem", "keyPath": "../certs/node.key",
+                           "caPath": "../certs/ca.pem", "verifyPeer": true}}}"#,
+    )
+    .expect("definition");
+    let (_node, listening, mut out) = spawn(
+        d,
+        &["node", "fleet", "--metrics", "127.0.0.1:0"],
+        "listening on ",
+    );
+    let addr = listening.trim_start_matches("listening on ").to_owned();
+    let metrics_at = {
+        let mut line = String::new();
+        while !line.starts_with("metrics at ") {
+            line = next_line(&mut out);
+        }
+        line
+    };
+    let scrape_at = metrics_at
+        .trim_start_matches("metrics at http://")
+        .trim_end_matches("/metrics")
+        .to_owned();
+    let o = aqe(
+        d,
+        &[
+            "send",
+            "worker",
+            "hello",
+            "--bootstrap",
+            &addr,
+            "--certs",
+            "certs",
+            "--name",
+            "cli",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let scrape = || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&scrape_at).expect("connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\n\r\n")
+            .expect("write");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("read");
+        body
+    };
+    // The message is counted once the node's handler took it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let body = scrape();
+        if body.contains("aqe_messages_received_total{agent=\"worker\"} 1\n") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never counted:\n{body}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(body.starts_with("HTTP/1.1 200 OK\r\n"), "{body}");
+    for family in [
+        "# TYPE aqe_messages_sent counter",
+        "# TYPE aqe_inbox_depth gauge",
+        "# TYPE aqe_links gauge",
+        "# TYPE aqe_link_rtt_seconds gauge",
+        "aqe_messages_failed_total{agent=\"worker\"} 0\n",
+    ] {
+        assert!(body.contains(family), "{family} missing:\n{body}");
+    }
+    assert!(body.ends_with("# EOF\n"), "{body}");
+}

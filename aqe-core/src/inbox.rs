@@ -230,6 +230,10 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn waiting(&self) -> usize {
+        self.lock().lanes.iter().map(VecDeque::len).sum()
+    }
+
     /// Settles what a full inbox dropped, counts it, and tells it (one event per channel).
     fn dropped_unread(&self, unread: Vec<Inbound>) {
         if unread.is_empty() {
@@ -250,7 +254,7 @@ impl Shared {
             }
         }
         if let Some(events) = self.drops_to.get() {
-            let waiting = self.lock().lanes.iter().map(VecDeque::len).sum();
+            let waiting = self.waiting();
             for (channel, dropped) in by_channel {
                 tracing::debug!(agent = %self.owner, %channel, dropped, total, "slow consumer: messages dropped");
                 let _ = events.send(crate::Event::SlowConsumer {
@@ -606,6 +610,11 @@ impl InboxSender {
     /// Messages a full inbox dropped by its channel's slow-consumer policy.
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Items waiting in the inbox now.
+    pub fn waiting(&self) -> usize {
+        self.shared.waiting()
     }
 
     /// Applies the slow-consumer policies of the agent's `channels` from now on.

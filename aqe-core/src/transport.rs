@@ -563,6 +563,12 @@ pub trait Transport: Send + Sync + 'static {
     /// Statistics of one attached agent on this transport.
     fn stats(&self, agent: &AgentId) -> Stats;
 
+    /// This transport's live links to other endpoints, as it measures them (none for a
+    /// transport without links, such as the bus).
+    fn links(&self) -> Vec<crate::LinkReport> {
+        Vec::new()
+    }
+
     /// Subscribes to membership and connection events.
     fn subscribe(&self) -> broadcast::Receiver<Event>;
 

@@ -1072,6 +1072,10 @@ impl Transport for Host {
     /// The agent's counters, with what the wire measures on the live links: RTT (every
     /// link's real samples, combined), loss (packets lost over sent), congestion window
     /// (the largest), and the peer endpoints lost without a goodbye lately.
+    fn links(&self) -> Vec<aqe_core::LinkReport> {
+        crate::introspect::link_reports(&self.inner.tables.cells())
+    }
+
     fn stats(&self, agent: &AgentId) -> Stats {
         let mut stats = self
             .inner

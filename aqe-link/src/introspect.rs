@@ -90,24 +90,7 @@ impl Reporter {
     }
 
     fn report(&self) -> EndpointReport {
-        let links = self
-            .tables
-            .cells()
-            .iter()
-            .filter(|c| c.is_live())
-            .map(|c| {
-                let f = c.link.figures().unwrap_or_default();
-                let us = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-                LinkReport {
-                    addr: c.link.address().to_string(),
-                    rtt_us: us(f.rtt.current),
-                    smoothed_rtt_us: us(f.smoothed_rtt),
-                    congestion_window: f.congestion_window,
-                    packets_sent: f.packets_sent,
-                    packets_lost: f.packets_lost,
-                }
-            })
-            .collect();
+        let links = link_reports(&self.tables.cells());
         let agents = self
             .shared
             .locals
@@ -128,4 +111,24 @@ impl Reporter {
             agents,
         }
     }
+}
+
+/// The live links among `cells`, as their wires measure them.
+pub(crate) fn link_reports(cells: &[std::sync::Arc<crate::cell::Cell>]) -> Vec<LinkReport> {
+    cells
+        .iter()
+        .filter(|c| c.is_live())
+        .map(|c| {
+            let f = c.link.figures().unwrap_or_default();
+            let us = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+            LinkReport {
+                addr: c.link.address().to_string(),
+                rtt_us: us(f.rtt.current),
+                smoothed_rtt_us: us(f.smoothed_rtt),
+                congestion_window: f.congestion_window,
+                packets_sent: f.packets_sent,
+                packets_lost: f.packets_lost,
+            }
+        })
+        .collect()
 }

@@ -218,6 +218,10 @@ macro_rules! transport_via_host {
                 $crate::__private::aqe_core::Transport::peers(&self.$field)
             }
 
+            fn links(&self) -> Vec<$crate::__private::aqe_core::LinkReport> {
+                $crate::__private::aqe_core::Transport::links(&self.$field)
+            }
+
             fn stats(
                 &self,
                 agent: &$crate::__private::aqe_core::AgentId,
