@@ -401,6 +401,7 @@ impl Agent {
             .with_payload(payload)
             .with_priority(ch.priority);
         env.ttl = ch.ttl_ms.map(std::time::Duration::from_millis);
+        env.trace = crate::trace::current_trace();
         Ok(env)
     }
 
@@ -665,8 +666,14 @@ impl Agent {
                 id = %env.id,
                 to = %to,
                 channel = %options.channel,
-                attempt
+                attempt,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
             );
+            if let Some(t) = &env.trace {
+                span.record("trace_id", t.trace_id_hex());
+                span.record("span_id", t.parent_id_hex());
+            }
             let sent = tracing::Instrument::instrument(
                 self.transport().request(env, options.timeout),
                 span.clone(),

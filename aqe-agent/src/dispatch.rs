@@ -158,7 +158,12 @@ pub(crate) async fn run(agent: Agent, mut inbox: Inbox, handlers: Handlers, limi
                 announce(&agent, &envelope);
                 if let Some(h) = &handlers.message {
                     let from = envelope.from.clone();
-                    let run = AssertUnwindSafe(h(agent.clone(), envelope)).catch_unwind();
+                    let traced_by = crate::trace::of(&envelope);
+                    let run = AssertUnwindSafe(crate::trace::handling(
+                        traced_by,
+                        h(agent.clone(), envelope),
+                    ))
+                    .catch_unwind();
                     tokio::select! {
                         biased;
                         outcome = run => {
@@ -291,7 +296,12 @@ async fn start_request(
     tracing::debug!(parent: &span, "request received");
     let mut work = Box::pin(tracing::Instrument::instrument(
         async move {
-            answer(agent, handler, envelope, responder, &requests, key).await;
+            let traced_by = crate::trace::of(&envelope);
+            crate::trace::handling(
+                traced_by,
+                answer(agent, handler, envelope, responder, &requests, key),
+            )
+            .await;
             Done::Request
         },
         span,
@@ -448,12 +458,16 @@ async fn answer(
             Ok(payload)
         }
     });
-    let reply = match outcome {
+    let mut reply = match outcome {
         Ok(payload) => request
             .reply(me.clone(), MessageKind::Response, bytes::Bytes::new())
             .with_payload(payload),
         Err((kind, message)) => error_reply(&agent, &request, kind, message),
     };
+    // The answer comes from the handler's span of the request's trace.
+    if let Some(t) = crate::trace::current_trace() {
+        reply.trace = Some(t);
+    }
     {
         let mut table = lock();
         responders.extend(table.running.remove(&key).unwrap_or_default());

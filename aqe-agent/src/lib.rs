@@ -38,6 +38,7 @@ mod handler;
 #[cfg(feature = "metrics")]
 mod metrics;
 pub mod prelude;
+mod trace;
 
 pub use agent::Agent;
 pub use builder::AgentBuilder;
@@ -48,6 +49,7 @@ pub use fleet::Fleet;
 pub use handler::HandlerError;
 #[cfg(feature = "metrics")]
 pub use metrics::{Metrics, MetricsServer};
+pub use trace::{current_trace, traced};
 
 /// The core types, for users who depend on this crate alone.
 pub use aqe_core;

@@ -124,7 +124,7 @@ enum Full {
     /// Queue it above capacity (`block`: the sender's window bounds it).
     Queue,
     /// Queue it in the place of this older one of its channel, dropped unread.
-    Replace(Inbound),
+    Replace(Box<Inbound>),
     /// Drop it unread.
     Drop,
 }
@@ -147,7 +147,7 @@ impl State {
                         if e.channel == envelope.channel && r.is_tracked())
                 });
                 match oldest.and_then(|i| lane.remove(i)) {
-                    Some(old) => Full::Replace(old),
+                    Some(old) => Full::Replace(Box::new(old)),
                     None => Full::Drop,
                 }
             }
@@ -285,7 +285,7 @@ impl Shared {
             && match state.when_full(&item) {
                 Full::Queue => true,
                 Full::Replace(old) => {
-                    replaced = Some(old);
+                    replaced = Some(*old);
                     false
                 }
                 Full::Drop => {
@@ -344,7 +344,7 @@ impl Shared {
                     } else {
                         match state.when_full(&item) {
                             Full::Queue => state.excess += 1,
-                            Full::Replace(old) => unread.push(old),
+                            Full::Replace(old) => unread.push(*old),
                             Full::Drop => {
                                 unread.push(item);
                                 dropped_new += 1;

@@ -38,6 +38,7 @@ pub mod plumbing;
 pub mod provider;
 mod receipt;
 mod token;
+mod trace;
 mod transport;
 
 #[cfg(feature = "conformance")]
@@ -65,6 +66,7 @@ pub use peer::{PeerInfo, PeerState, Registration, STREAM_CAPABILITY};
 pub use provider::{Provider, Started, TransportConfig};
 pub use receipt::Receipt;
 pub use token::Token;
+pub use trace::TraceParent;
 pub use transport::{
     BroadcastReport, Event, Inbound, IncomingStream, Redeliver, Responder, StreamChunk,
     StreamHeader, StreamSink, Transport,

@@ -215,6 +215,9 @@ pub struct Envelope {
     /// may already have processed this message. Duplicates within one receiving process are
     /// suppressed; across a crash of the receiver they cannot be, and this flag says so.
     pub redelivered: bool,
+    /// The W3C trace context of the work it belongs to, when its sender traces: what its
+    /// receiver does for it is a span of the same trace.
+    pub trace: Option<crate::TraceParent>,
     /// How `payload` is encoded.
     pub encoding: Encoding,
     /// The encoded content.
@@ -242,6 +245,7 @@ impl Envelope {
             correlation_id: None,
             ttl: None,
             redelivered: false,
+            trace: None,
             encoding: Encoding::Postcard,
             payload,
         }
@@ -265,6 +269,7 @@ impl Envelope {
         );
         reply.priority = self.priority;
         reply.correlation_id = Some(self.id);
+        reply.trace = self.trace.as_ref().map(crate::TraceParent::child);
         reply
     }
 

@@ -265,7 +265,7 @@ mod tests {
         e.timestamp = aqe_core::Timestamp(1_764_000_000_000);
         let frame = FrameCodec::default().encode_to_bytes(&e).expect("encode");
         let expected: Vec<u8> = [
-            &[0x00, 0x00, 0x00, 0x24, 0x04][..],
+            &[0x00, 0x00, 0x00, 0x25, 0x04][..],
             &[0xac, 0x02],
             &[0x01, 0x61],
             &[0x00, 0x01, 0x62],
@@ -273,7 +273,8 @@ mod tests {
             b"coordination",
             &[0x00, 0x05],
             &[0x80, 0xd0, 0xdf, 0xb4, 0xab, 0x33],
-            &[0x00, 0x00, 0x00],
+            // correlation_id, ttl, redelivered, trace
+            &[0x00, 0x00, 0x00, 0x00],
             &[0x00],
             &[0x02, 0x68, 0x69],
         ]

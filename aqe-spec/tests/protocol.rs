@@ -31,6 +31,7 @@ fn doc() -> Vec<Block> {
 fn shapes() -> BTreeMap<&'static str, Shape> {
     let all = [
         shape_of::<Envelope>(),
+        shape_of::<aqe_core::TraceParent>(),
         shape_of::<Recipient>(),
         shape_of::<MessageKind>(),
         shape_of::<Encoding>(),
