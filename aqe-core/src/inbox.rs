@@ -117,7 +117,13 @@ struct State {
     dedup: Dedup,
     /// The agent's channels whose slow-consumer policy is not `block`.
     policies: FastMap<ChannelName, SlowConsumer>,
+    /// Messages dropped unread by a policy, the last [`DEDUP_WINDOW`]: a copy that comes
+    /// later is answered as the first was (dropped), never taken for one the agent took.
+    unread: Unread,
 }
+
+/// Senders and ids of messages dropped unread: a set, and the order to forget them in.
+type Unread = (FastSet<(AgentId, u64)>, VecDeque<(AgentId, u64)>);
 
 /// What a full inbox does with a reliable message that comes above its capacity.
 enum Full {
@@ -137,8 +143,8 @@ impl State {
         if self.policies.is_empty() || !receipt.is_tracked() {
             return Full::Queue;
         }
-        match self.policies.get(&envelope.channel) {
-            None | Some(SlowConsumer::Block) => Full::Queue,
+        let full = match self.policies.get(&envelope.channel) {
+            None | Some(SlowConsumer::Block) => return Full::Queue,
             Some(SlowConsumer::DropNewest | SlowConsumer::Fail) => Full::Drop,
             Some(SlowConsumer::DropOldest) => {
                 let lane = &mut self.lanes[item.priority().get() as usize];
@@ -151,7 +157,25 @@ impl State {
                     None => Full::Drop,
                 }
             }
+        };
+        // Remembered under the lock that drops it: a copy that comes next finds it.
+        let gone: &Inbound = match &full {
+            Full::Replace(old) => old,
+            _ => item,
+        };
+        if let Inbound::Message { envelope, .. } = gone {
+            let key = (envelope.from.clone(), envelope.id.0);
+            let (set, ring) = &mut self.unread;
+            if set.insert(key.clone()) {
+                ring.push_back(key);
+            }
+            if ring.len() > DEDUP_WINDOW
+                && let Some(old) = ring.pop_front()
+            {
+                set.remove(&old);
+            }
         }
+        full
     }
 }
 
@@ -208,6 +232,7 @@ pub fn inbox(owner: AgentId, capacity: usize) -> (InboxSender, Inbox) {
             freed: 0,
             dedup: Dedup::default(),
             policies: FastMap::default(),
+            unread: Default::default(),
         }),
         room: Semaphore::new(capacity),
         notify: Notify::new(),
@@ -392,8 +417,13 @@ impl Shared {
         match original {
             Some(first) => first.join(receipt),
             None => {
+                let dropped = state.unread.0.contains(&(envelope.from, envelope.id.0));
                 drop(state);
-                drop(receipt);
+                if dropped {
+                    receipt.drop_unread();
+                } else {
+                    drop(receipt);
+                }
             }
         }
     }
@@ -1136,6 +1166,27 @@ mod tests {
                 kept.map(|t| (u64::from(t), true)),
                 "{policy:?}: the kept ones are taken, nothing dropped is"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_copy_of_a_dropped_message_is_answered_dropped_never_taken() {
+        for policy in [SlowConsumer::DropNewest, SlowConsumer::DropOldest] {
+            let (tx, mut rx) = with_policy(1, policy);
+            let log = Arc::new(Log::default());
+            let _ = tx.deliver_now(on_c(&log, 1), || {}).expect("open");
+            let _ = tx.deliver_now(on_c(&log, 2), || {}).expect("open");
+            let gone = if policy == SlowConsumer::DropNewest {
+                2
+            } else {
+                1
+            };
+            // A redelivered copy of the dropped one (a sender's retry, another path).
+            let _ = tx.deliver_now(on_c(&log, gone), || {}).expect("open");
+            assert_eq!(log.dropped(), [u64::from(gone); 2], "{policy:?}");
+            drop(rx.try_recv().expect("the one kept"));
+            assert!(rx.try_recv().is_none());
+            assert_eq!(log.take(), [(u64::from(3 - gone), true)], "{policy:?}");
         }
     }
 

@@ -191,6 +191,8 @@ struct SentMsg {
     orphaned: bool,
     to: AgentId,
     ordered: Option<u64>,
+    /// Sent on the channel whose full inbox drops.
+    droppable: bool,
     accepted: Instant,
     /// Its time-to-live, counted by the sender's session from acceptance.
     ttl: Option<Duration>,
@@ -279,21 +281,30 @@ struct Link {
 
 // ----- hosts -----
 
+/// What an agent's inbox made of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Got {
+    Taken,
+    Abandoned,
+    /// Dropped unread by a full inbox (the channel's slow-consumer policy).
+    Dropped,
+}
+
 #[derive(Default)]
-struct Acks(Mutex<Vec<(u64, bool)>>);
+struct Acks(Mutex<Vec<(u64, Got)>>);
 
 impl AckSink for Acks {
     fn acknowledged(&self, token: u64) {
-        self.0.lock().expect("lock").push((token, true));
+        self.0.lock().expect("lock").push((token, Got::Taken));
     }
     fn abandoned(&self, token: u64) {
-        self.0.lock().expect("lock").push((token, false));
+        self.0.lock().expect("lock").push((token, Got::Abandoned));
     }
     fn expired(&self, _token: u64) {
         unreachable!("the simulation sends no message with a time-to-live");
     }
-    fn dropped(&self, _token: u64) {
-        unreachable!("the simulation's channels block when an inbox is full");
+    fn dropped(&self, token: u64) {
+        self.0.lock().expect("lock").push((token, Got::Dropped));
     }
 }
 
@@ -355,9 +366,22 @@ struct Host {
     handler_acks: Arc<Acks>,
 }
 
+/// The channel whose full inbox drops the oldest of it waiting (unordered).
+const DROPS: &str = "drops";
+
 fn channels() -> Vec<Channel> {
-    vec![Channel::coordination(), Channel::results()]
+    vec![
+        Channel::coordination(),
+        Channel::results(),
+        Channel::new(DROPS, aqe_core::ChannelKind::Unicast)
+            .with_ordered(false)
+            .with_slow_consumer(aqe_core::SlowConsumer::DropOldest),
+    ]
 }
+
+/// Agents' inbox capacity: small, so that `drops` drops now and then (the other channels
+/// queue above it, within the senders' windows).
+const INBOX: usize = 4;
 
 impl Host {
     fn endpoint(&self) -> EndpointId {
@@ -456,7 +480,8 @@ impl World {
             Registration::new(claimed.clone(), "sim"),
             Registration::with_channel,
         );
-        let (tx, rx) = inbox(claimed.clone(), 64);
+        let (tx, rx) = inbox(claimed.clone(), INBOX);
+        tx.set_slow_consumers(&channels());
         let mut hosted = HashMap::new();
         hosted.insert(
             claimed.clone(),
@@ -901,9 +926,14 @@ impl World {
                 DeliveryFailure::Unreachable
                 | DeliveryFailure::ReceiverStopped
                 | DeliveryFailure::Refused
-                | DeliveryFailure::Expired,
+                | DeliveryFailure::Expired
+                | DeliveryFailure::Dropped,
             ) if !m.taken_by.is_empty() => {
                 let what = format!("message {i} taken but reported {outcome:?}");
+                self.fail(&what);
+            }
+            Outcome::Failed(DeliveryFailure::Dropped) if !m.droppable => {
+                let what = format!("message {i} dropped on a channel that blocks");
                 self.fail(&what);
             }
             Outcome::Failed(DeliveryFailure::Expired)
@@ -926,13 +956,13 @@ impl World {
             // Receipts settled by agents.
             let now = self.now;
             for s in self.hosts[h].sessions.values_mut() {
-                let acks: Vec<(u64, bool)> = std::mem::take(&mut *s.acks.0.lock().expect("lock"));
-                for (seq, taken) in acks {
+                let acks: Vec<(u64, Got)> = std::mem::take(&mut *s.acks.0.lock().expect("lock"));
+                for (seq, got) in acks {
                     progress = true;
-                    if taken {
-                        s.session.taken(seq, now);
-                    } else {
-                        s.session.abandoned(seq, now);
+                    match got {
+                        Got::Taken => s.session.taken(seq, now),
+                        Got::Abandoned => s.session.abandoned(seq, now),
+                        Got::Dropped => s.session.dropped(seq, now),
                     }
                 }
             }
@@ -1320,18 +1350,22 @@ impl World {
             if !self.hosts[h].alive || self.hosts[h].handing.is_empty() {
                 continue;
             }
-            let acks: Vec<(u64, bool)> =
+            let acks: Vec<(u64, Got)> =
                 std::mem::take(&mut *self.hosts[h].handler_acks.0.lock().expect("lock"));
             let mut handing = std::mem::take(&mut self.hosts[h].handing);
             let mut ended = Vec::new();
             for x in &mut handing {
                 if let Some((orphan, token)) = x.current.take() {
                     match acks.iter().find(|(t, _)| *t == token) {
-                        Some((_, true)) => {
+                        Some((_, Got::Taken)) => {
                             let s = orphan.taken();
                             self.settled(s.ctx, s.outcome);
                         }
-                        Some((_, false)) => {
+                        Some((_, Got::Dropped)) => {
+                            let s = orphan.failed(DeliveryFailure::Dropped);
+                            self.settled(s.ctx, s.outcome);
+                        }
+                        Some((_, Got::Abandoned)) => {
                             self.hosts[h].node.give_back(orphan);
                             ended.push(x.to.clone());
                             continue;
@@ -1508,6 +1542,8 @@ impl World {
         let ordered = self.rng.permille(600);
         let channel: ChannelName = if ordered {
             "coordination".into()
+        } else if self.rng.permille(250) {
+            DROPS.into()
         } else {
             "results".into()
         };
@@ -1584,6 +1620,7 @@ impl World {
                 orphaned: false,
                 to: to.clone(),
                 ordered,
+                droppable: channel.as_ref() == DROPS,
                 accepted: now,
                 ttl,
                 outcome: None,
@@ -1661,7 +1698,8 @@ impl World {
                 return;
             };
             self.hosts[h].hosted.0.remove(&id);
-            let (tx, rx) = inbox(id.clone(), 64);
+            let (tx, rx) = inbox(id.clone(), INBOX);
+            tx.set_slow_consumers(&channels());
             let agent = &mut self.hosts[h].agents[0];
             agent.tx = tx;
             let mut old = std::mem::replace(&mut agent.rx, rx);
@@ -2035,6 +2073,8 @@ impl World {
                 let ok = match m.outcome {
                     Some((Outcome::Taken, _)) => holds(false),
                     Some((Outcome::Failed(DeliveryFailure::Unconfirmed), _)) => silent,
+                    // Its receiver kept up too slowly for its channel: a policy's outcome.
+                    Some((Outcome::Failed(DeliveryFailure::Dropped), _)) => m.droppable,
                     _ => false,
                 };
                 if !ok {
@@ -2060,6 +2100,7 @@ impl World {
                 Some((Outcome::Taken, _)) => st.taken += 1,
                 Some((Outcome::Failed(DeliveryFailure::Unconfirmed), _)) => st.unconfirmed += 1,
                 Some((Outcome::Failed(DeliveryFailure::Expired), _)) => st.expired += 1,
+                Some((Outcome::Failed(DeliveryFailure::Dropped), _)) => st.dropped += 1,
                 Some((Outcome::Failed(_), _)) => st.failed += 1,
                 None => {}
             }
@@ -2110,6 +2151,7 @@ struct Stats {
     taken: usize,
     unconfirmed: usize,
     expired: usize,
+    dropped: usize,
     failed: usize,
     requests: usize,
     handed: usize,
@@ -2121,6 +2163,7 @@ impl Stats {
         self.taken += o.taken;
         self.unconfirmed += o.unconfirmed;
         self.expired += o.expired;
+        self.dropped += o.dropped;
         self.failed += o.failed;
         self.requests += o.requests;
         self.handed += o.handed;
@@ -2182,13 +2225,14 @@ fn every_seed_keeps_every_invariant() {
         t.add(s);
     }
     eprintln!(
-        "{} seeds in {:?}: {} reliable messages ({} taken, {} unconfirmed, {} expired before they left, {} failed otherwise, {} handed to a redelivery handler), {} requests",
+        "{} seeds in {:?}: {} reliable messages ({} taken, {} unconfirmed, {} expired before they left, {} dropped by a full inbox, {} failed otherwise, {} handed to a redelivery handler), {} requests",
         seeds.len(),
         started.elapsed(),
         t.sent,
         t.taken,
         t.unconfirmed,
         t.expired,
+        t.dropped,
         t.failed,
         t.handed,
         t.requests
@@ -2197,6 +2241,10 @@ fn every_seed_keeps_every_invariant() {
     assert!(
         seeds.len() < 1000 || t.expired > 0,
         "no message expired: the time-to-live went untested"
+    );
+    assert!(
+        seeds.len() < 1000 || t.dropped > 0,
+        "no message dropped: the slow-consumer policy went untested"
     );
 }
 
