@@ -1,24 +1,14 @@
 //! Metrics for Prometheus, scraped over HTTP from two agents on two QUIC endpoints.
 #![cfg(all(feature = "quic", feature = "metrics"))]
 
+mod support;
+
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use aqe_agent::{Agent, Metrics, MetricsServer, QuicTransport};
-use aqe_quic::QuicConfig;
+use aqe_agent::{Agent, Metrics, MetricsServer};
+use support::{WAIT, quic};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn quic() -> QuicTransport {
-    QuicTransport::bind(QuicConfig {
-        host: "127.0.0.1".into(),
-        ..QuicConfig::default()
-    })
-    .await
-    .expect("bind")
-}
 
 /// `GET path` on `addr`: the status line, the headers and the body.
 async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String, String) {
@@ -68,13 +58,7 @@ async fn a_scrape_reports_each_agents_traffic_and_each_link() {
         .start()
         .await
         .expect("a");
-    tokio::time::timeout(WAIT, async {
-        while a.discover_peers(&Default::default()).is_empty() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("b discovered");
+    support::until_peers(&a, 1).await;
     for i in 0..5u32 {
         a.send_confirmed(b.id(), &i, "coordination")
             .await

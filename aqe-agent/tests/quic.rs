@@ -1,24 +1,16 @@
 //! The agent API over real QUIC, and the fallback from QUIC to the event bus.
 #![cfg(feature = "quic")]
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use aqe_agent::{Agent, EventBus, Fallback, FallbackPolicy, Fleet, HandlerError, QuicTransport};
 use aqe_core::{BroadcastOptions, Event, RequestOptions, StreamOptions, Transport};
 use aqe_quic::QuicConfig;
+use support::{WAIT, quic};
 use tokio::sync::mpsc;
-
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn quic() -> QuicTransport {
-    QuicTransport::bind(QuicConfig {
-        host: "127.0.0.1".into(),
-        ..QuicConfig::default()
-    })
-    .await
-    .expect("bind")
-}
 
 /// Waits until the QUIC endpoint itself knows `id` (an agent over a fallback also knows every
 /// agent of its bus at once).

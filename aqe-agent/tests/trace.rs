@@ -2,16 +2,15 @@
 //! handler as a span of the requester's trace, and what the handler sends on stays in it.
 #![cfg(feature = "quic")]
 
+mod support;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use aqe_agent::{Agent, HandlerError, QuicTransport, current_trace, traced};
+use aqe_agent::{Agent, HandlerError, current_trace, traced};
 use aqe_core::{RequestOptions, TraceParent};
-use aqe_quic::QuicConfig;
+use support::{WAIT, quic, until_peers};
 use tokio::sync::mpsc;
-
-const WAIT: Duration = Duration::from_secs(10);
 
 /// Everything logged in this test process, for the span check.
 #[derive(Clone, Default)]
@@ -25,25 +24,6 @@ impl Write for Log {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-async fn quic() -> QuicTransport {
-    QuicTransport::bind(QuicConfig {
-        host: "127.0.0.1".into(),
-        ..QuicConfig::default()
-    })
-    .await
-    .expect("bind")
-}
-
-async fn until_peers(agent: &Agent, n: usize) {
-    tokio::time::timeout(WAIT, async {
-        while agent.discover_peers(&Default::default()).len() < n {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("peers discovered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -421,14 +421,12 @@ pub async fn messages_left_unread_by_a_stopping_receiver_are_reported(h: &dyn Ha
     .await;
 }
 
-/// Waits until exactly `ids` (sent from a to b) are reported failed for `reason`, soon, and
-/// the confirmed send among them returned that failure; then a's counters agree.
-async fn reported_failed(
-    ta: &Arc<dyn Transport>,
+/// Waits until exactly the messages `ids` from a to b are reported failed for `reason`,
+/// once each.
+async fn reported(
     events: &mut tokio::sync::broadcast::Receiver<Event>,
-    mut ids: Vec<crate::MessageId>,
+    ids: &mut [crate::MessageId],
     reason: crate::DeliveryFailure,
-    confirmed: tokio::task::JoinHandle<crate::Result<()>>,
 ) {
     let mut failed = Vec::new();
     soon("the failure reports", async {
@@ -454,6 +452,18 @@ async fn reported_failed(
     failed.sort();
     ids.sort();
     assert_eq!(failed, ids, "exactly these messages are reported, once");
+}
+
+/// Waits until exactly `ids` (sent from a to b) are reported failed for `reason`, soon, and
+/// the confirmed send among them returned that failure; then a's counters agree.
+async fn reported_failed(
+    ta: &Arc<dyn Transport>,
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    mut ids: Vec<crate::MessageId>,
+    reason: crate::DeliveryFailure,
+    confirmed: tokio::task::JoinHandle<crate::Result<()>>,
+) {
+    reported(events, &mut ids, reason).await;
     let err = within("the confirmed send", confirmed)
         .await
         .expect("join")
@@ -533,7 +543,7 @@ pub async fn a_full_inbox_drops_by_its_channels_policy_and_reports_the_drops(h: 
         let ta = ta.clone();
         tokio::spawn(async move { ta.send_confirmed(last).await })
     };
-    reported_dropped(&mut events, dropped).await;
+    reported(&mut events, &mut dropped, crate::DeliveryFailure::Dropped).await;
     // The receiving side names the slow agent and its channel, with the counts.
     let mut told = 0;
     soon("the slow-consumer events", async {
@@ -585,7 +595,7 @@ pub async fn a_full_inbox_drops_by_its_channels_policy_and_reports_the_drops(h: 
         let ta = ta.clone();
         tokio::spawn(async move { ta.send_confirmed(last).await })
     };
-    reported_dropped(&mut events, oldest).await;
+    reported(&mut events, &mut oldest, crate::DeliveryFailure::Dropped).await;
     for i in 6..8 {
         assert_eq!(read_counter(&next_message(&mut b).await.payload), i);
     }
@@ -597,37 +607,6 @@ pub async fn a_full_inbox_drops_by_its_channels_policy_and_reports_the_drops(h: 
     assert_eq!(s.messages_failed, 4);
     assert!(b.try_recv().is_none(), "never more than the capacity");
     assert_eq!(b.dropped(), 4);
-}
-
-/// Waits until exactly the messages `ids` from a to b are reported `Dropped`, once each.
-async fn reported_dropped(
-    events: &mut tokio::sync::broadcast::Receiver<Event>,
-    mut ids: Vec<crate::MessageId>,
-) {
-    let mut failed = Vec::new();
-    soon("the reports of what a full inbox dropped", async {
-        while failed.len() < ids.len() {
-            match events.recv().await {
-                Ok(Event::DeliveryFailed {
-                    from,
-                    to,
-                    ids,
-                    reason,
-                    ..
-                }) => {
-                    assert_eq!((from.as_str(), to.as_str()), ("a", "b"));
-                    assert_eq!(reason, crate::DeliveryFailure::Dropped);
-                    failed.extend(ids);
-                }
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("event stream: {e}"),
-            }
-        }
-    })
-    .await;
-    failed.sort();
-    ids.sort();
-    assert_eq!(failed, ids, "exactly these are reported dropped, once each");
 }
 
 /// Sends a message without a TTL once everything b received has outlived `ttl`: it is the

@@ -17,6 +17,19 @@ fn msg(channel: &str, payload: Vec<u8>) -> Envelope {
     )
 }
 
+/// Until `a` has sent `n` more packets: what it is sending is well under way.
+async fn under_way(a: &aqe_quic::QuicTransport, n: u64) {
+    let packets = || a.links().iter().map(|l| l.packets_sent).sum::<u64>();
+    let before = packets();
+    tokio::time::timeout(WAIT, async {
+        while packets() < before + n {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("under way");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_datagram_too_large_for_the_path_is_a_typed_error_not_a_silent_drop() {
     let a = endpoint(config()).await;
@@ -67,16 +80,7 @@ async fn a_large_unordered_message_does_not_hold_back_a_small_one() {
         });
         // Wait until a few hundred packets of the large message are on the wire, then send a
         // small one behind it.
-        let packets =
-            |a: &aqe_quic::QuicTransport| a.links().iter().map(|l| l.packets_sent).sum::<u64>();
-        let before = packets(&a);
-        tokio::time::timeout(WAIT, async {
-            while packets(&a) < before + 300 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the large message is under way");
+        under_way(&a, 300).await;
         // (The large send has usually returned by now: it returns once QUIC holds the whole
         // message. What matters is that it was handed over before the small one.)
         a.send(msg(channel, vec![2; 16])).await.expect("small");
@@ -218,16 +222,7 @@ async fn a_higher_priority_message_overtakes_lower_priority_data_queued_before_i
     let low = tokio::spawn(send("low", 0));
     // The low-priority message is well under way before the high-priority one is sent: with
     // equal shares of the connection it would arrive first.
-    let packets =
-        |a: &aqe_quic::QuicTransport| a.links().iter().map(|l| l.packets_sent).sum::<u64>();
-    let before = packets(&a);
-    tokio::time::timeout(WAIT, async {
-        while packets(&a) < before + 300 {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the low-priority message is under way");
+    under_way(&a, 300).await;
     send("high", 9).await.expect("high");
     let first = next_message(&mut ib).await;
     let second = next_message(&mut ib).await;
