@@ -530,11 +530,17 @@ impl Host {
                         }
                     }
                 }
-                None => {
+                None if self.inner.tables.handing_off(to) => {
+                    // What waited for `to` is with the redelivery handler; when it is done the
+                    // agent may be reachable here again (what waited went first), or not.
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                     self.await_handoff(to, left).await;
-                    return Err(Error::PeerNotFound { peer: to.clone() });
+                    if self.inner.tables.handing_off(to) || self.inner.tables.way(to).is_none() {
+                        return Err(Error::PeerNotFound { peer: to.clone() });
+                    }
+                    continue;
                 }
+                None => return Err(Error::PeerNotFound { peer: to.clone() }),
             }
             tokio::select! {
                 () = &mut changed => {}

@@ -215,14 +215,15 @@ impl NodeTask {
             }
             Command::GiveBack(orphan) => self.node.give_back(orphan),
             Command::HandOffEnded(to) => {
+                // The route comes back (or not) before senders waiting for the hand-off look.
                 let actions = self.node.hand_off_ended(&to);
+                self.apply(actions);
                 self.tables
                     .handing_off
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&to);
                 self.tables.changed.notify_waiters();
-                self.apply(actions);
             }
             Command::HasFlow(from, to, channel, reply) => {
                 // What sessions handed over and the node has not taken yet counts too.

@@ -818,7 +818,9 @@ impl<M> Node<M> {
     /// Where `id` is reached now, if anywhere (nowhere while messages its endpoint refused
     /// wait to be offered again).
     pub fn route(&self, id: &AgentId) -> Option<Route> {
-        if self.recheck.contains_key(id) {
+        if self.recheck.contains_key(id)
+            || (self.handing_off.contains(id) && self.waiting.contains_key(id))
+        {
             return None;
         }
         self.route_of(id)
@@ -897,10 +899,9 @@ impl<M> Node<M> {
                 }
             }
         }
-        actions.push(Action::Route {
-            agent: id.clone(),
-            to: Some(route),
-        });
+        // Withheld while older messages for it wait (with the redelivery handler, or to be
+        // offered again): newer ones must not pass them.
+        actions.push(self.route_action(id));
         actions.push(Action::Publish(Event::PeerDiscovered(info)));
     }
 
@@ -1035,6 +1036,10 @@ impl<M> Node<M> {
         }
         if self.handler && self.waiting.contains_key(to) && self.handing_off.insert(to.clone()) {
             actions.push(Action::HandOff(to.clone()));
+            if self.owner.contains_key(to) {
+                // Newer messages must not pass what the handler carries.
+                actions.push(self.route_action(to));
+            }
         }
     }
 
@@ -1172,8 +1177,12 @@ impl<M> Node<M> {
         let mut actions = Vec::new();
         self.handing_off.remove(to);
         match self.owner.get(to).copied() {
-            Some(Owner::Session(s)) => self.flush(to, s, &mut actions),
-            Some(Owner::Heard(_)) => {}
+            Some(Owner::Session(s)) => {
+                self.flush(to, s, &mut actions);
+                // The route was withheld while the handler had what waited.
+                actions.push(self.route_action(to));
+            }
+            Some(Owner::Heard(_)) => actions.push(self.route_action(to)),
             None => self.fail_displaced(to, &mut actions),
         }
         actions

@@ -269,6 +269,9 @@ pub(crate) struct Outbox<M> {
     /// arrives after it (a wire that reorders or loses frames) fails it, since it could no
     /// longer arrive in order.
     taken: FastMap<Flow, u64>,
+    /// For each agent whose departure the peer announced, the last number given before it
+    /// heard: what was sent to it up to there went to an instance that is gone.
+    departed: FastMap<AgentId, u64>,
 }
 
 impl<M> Outbox<M> {
@@ -281,6 +284,7 @@ impl<M> Outbox<M> {
             agents: FastMap::default(),
             bytes: 0,
             last: FastMap::default(),
+            departed: FastMap::default(),
             backlog: BTreeMap::new(),
             window: window.max(1),
             session_bytes: session_bytes.max(1),
@@ -511,6 +515,12 @@ impl<M> Outbox<M> {
                             self.fail_held(flow, seq, out);
                             let t = self.taken.entry(flow.clone()).or_insert(seq);
                             *t = (*t).max(seq);
+                            // What it held back (refused after it) may go on now.
+                            if !flows.contains(flow)
+                                && self.held.values().any(|h| flow_of(&h.meta) == *flow)
+                            {
+                                flows.push(flow.clone());
+                            }
                         }
                         out.push(m.taken());
                     }
@@ -673,10 +683,37 @@ impl<M> Outbox<M> {
             .collect()
     }
 
+    /// The peer said `agent` left: what was sent to it so far went to that instance.
+    pub(crate) fn departed(&mut self, agent: &AgentId) {
+        self.departed.insert(agent.clone(), self.next_seq - 1);
+    }
+
     /// Everything unsettled, taken out in the order it was accepted (the link ended).
-    pub(crate) fn take_all(&mut self) -> Vec<Orphan<M>> {
+    ///
+    /// An ordered message older than one of its flow taken here goes into `late` instead:
+    /// the receiver handled it before the newer one (taken, or refused with the answer
+    /// lost), so sent again it could only arrive after it, perhaps to a new instance of its
+    /// agent that remembers nothing of the first copy. It fails as in doubt.
+    pub(crate) fn take_all(&mut self, late: &mut Vec<Settled<M>>) -> Vec<Orphan<M>> {
         let mut all: BTreeMap<u64, Orphan<M>> = std::mem::take(&mut self.held);
-        all.extend(self.sent.take_all().into_iter().map(|(k, s)| (k, s.msg)));
+        for (seq, s) in self.sent.take_all() {
+            let flow = flow_of(&s.msg.meta);
+            // Sent to an instance of its agent that left, and a newer one of its flow went
+            // to the agent since (a new instance): a copy would arrive after that one.
+            let departed = self.departed.get(&s.msg.meta.to).copied();
+            let left_behind = departed.is_some_and(|d| d >= seq)
+                && self
+                    .last
+                    .get(&flow)
+                    .is_some_and(|(l, _)| Some(*l) > departed);
+            let overtaken = s.msg.meta.ordered
+                && (left_behind || self.taken.get(&flow).is_some_and(|t| *t > seq));
+            if overtaken {
+                late.push(s.msg.expired());
+            } else {
+                all.insert(seq, s.msg);
+            }
+        }
         let mut out: Vec<Orphan<M>> = all.into_values().collect();
         for (_, q) in std::mem::take(&mut self.backlog) {
             out.extend(q);
@@ -830,6 +867,33 @@ mod tests {
             "they could only arrive after 3 now"
         );
         assert!(displaced.is_empty() && o.held.is_empty());
+    }
+
+    #[test]
+    fn in_doubt_messages_older_than_a_taken_one_of_their_flow_fail_when_the_link_ends() {
+        let now = Instant::now();
+        let mut o: Outbox<u32> = Outbox::new(8, 1000, None);
+        for _ in 0..4 {
+            assert!(o.push(msg("b", 1, now), 0, true, now, D).is_ok());
+        }
+        let mut unordered = msg("b", 1, now);
+        unordered.meta.ordered = false;
+        assert!(o.push(unordered, 0, true, now, D).is_ok());
+        let (mut settled, mut displaced) = (Vec::new(), Vec::new());
+        // 3 is taken; the answers for 1 and 2 were lost; 4 and 5 are still unanswered.
+        o.settled(&[(3, 3)], None, &mut settled, &mut displaced);
+        let mut late = Vec::new();
+        let orphans = o.take_all(&mut late);
+        let outcomes: Vec<Outcome> = late.iter().map(|s| s.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [
+                Outcome::Failed(DeliveryFailure::Unconfirmed),
+                Outcome::Failed(DeliveryFailure::Unconfirmed)
+            ],
+            "1 and 2 were handled before 3: sent again they would come after it"
+        );
+        assert_eq!(orphans.len(), 2, "4 (after 3) and the unordered 5 go on");
     }
 
     #[test]

@@ -384,7 +384,11 @@ impl<C: Ctx> Session<C> {
     /// Everything unsettled, marked with who it was for.
     fn orphans(&mut self) -> Vec<Orphan<C::Msg>> {
         let origin = (self.peer, self.trust);
-        let mut orphans = self.outbox.take_all();
+        let mut late = Vec::new();
+        let mut orphans = self.outbox.take_all(&mut late);
+        for s in late {
+            self.event(SessionEvent::Settled(s));
+        }
         for o in &mut orphans {
             o.origin.get_or_insert(origin);
         }
@@ -711,6 +715,7 @@ impl<C: Ctx> Session<C> {
                     // Told even when nothing changed: the node learns the peer's membership
                     // is known now.
                     Step::Applied(change) => {
+                        self.departed(&change);
                         self.event(SessionEvent::Node(NodeInput::Agents(change)));
                         self.unpark(now, locals);
                     }
@@ -856,9 +861,17 @@ impl<C: Ctx> Session<C> {
         }
     }
 
+    /// Agents of the peer that left: what was sent to them went to instances now gone.
+    fn departed(&mut self, change: &crate::peer::AgentsChange) {
+        for agent in &change.removed {
+            self.outbox.departed(agent);
+        }
+    }
+
     fn membership(&mut self, step: Step, now: Instant, locals: &dyn Locals) {
         match step {
             Step::Applied(change) => {
+                self.departed(&change);
                 if !change.is_empty() {
                     self.event(SessionEvent::Node(NodeInput::Agents(change)));
                 }

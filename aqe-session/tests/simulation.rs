@@ -827,6 +827,13 @@ impl World {
                     }
                 }
                 Action::Route { agent, to } => {
+                    if std::env::var("AQE_SIM_ROUTES").is_ok() {
+                        eprintln!(
+                            "[{:?}] host {h} route {agent} {}",
+                            self.now - self.start,
+                            to.is_some()
+                        );
+                    }
                     let routes = &mut self.hosts[h].routes;
                     match to {
                         Some(r) => {
@@ -848,6 +855,9 @@ impl World {
                     }
                 }
                 Action::HandOff(to) => {
+                    if std::env::var("AQE_SIM_ROUTES").is_ok() {
+                        eprintln!("[{:?}] host {h} hand-off {to}", self.now - self.start);
+                    }
                     if !self.sc.handler {
                         self.fail("a hand-off without a redelivery handler");
                     }
