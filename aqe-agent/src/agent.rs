@@ -587,16 +587,37 @@ impl Agent {
         payload: Payload,
         channel: impl Into<ChannelName>,
     ) -> Result<MessageId> {
-        let channel = channel.into();
+        self.send_payload_with(to, payload, SendOptions::on(channel))
+            .await
+    }
+
+    /// [`Agent::send_payload`] with [`SendOptions`], as [`Agent::send_with`] for a typed
+    /// value.
+    ///
+    /// # Errors
+    /// As [`Agent::send_with`].
+    pub async fn send_payload_with(
+        &self,
+        to: &AgentId,
+        payload: Payload,
+        options: SendOptions,
+    ) -> Result<MessageId> {
         self.guarded(async {
-            let env = self.envelope_of(
+            let mut env = self.envelope_of(
                 Recipient::Agent(to.clone()),
-                &channel,
+                &options.channel,
                 MessageKind::Direct,
                 payload,
             )?;
+            if options.ttl.is_some() {
+                env.ttl = options.ttl;
+            }
             let id = env.id;
-            self.transport().send(env).await.map(|()| id)
+            if options.confirm {
+                self.transport().send_confirmed(env).await.map(|()| id)
+            } else {
+                self.transport().send(env).await.map(|()| id)
+            }
         })
         .await
     }

@@ -41,6 +41,12 @@ pub(crate) enum Command {
         after_help = "Examples:\n  aqe reply worker --echo --bootstrap 127.0.0.1:9000\n  aqe reply upper --command 'tr a-z A-Z' --bootstrap 127.0.0.1:9000"
     )]
     Reply(ReplyArgs),
+    /// Hosts one agent whose behaviour is a program speaking JSON lines (BRIDGE.md): the
+    /// caller on stdin/stdout, or a child (`-- CMD ARGS`). Agents in any language.
+    #[command(
+        after_help = "Examples:\n  aqe agent py --bootstrap 127.0.0.1:9000 -- python3 agent.py\n  echo '{\"op\":\"discover\"}' | aqe agent probe --bootstrap 127.0.0.1:9000"
+    )]
+    Agent(AgentArgs),
     /// Joins the fleet as an agent that prints what it receives.
     Listen(ListenArgs),
     /// Lists the agents of the fleet.
@@ -318,6 +324,29 @@ pub(crate) struct ReplyArgs {
     pub(crate) count: Option<u64>,
     #[command(flatten)]
     pub(crate) join: Join,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AgentArgs {
+    /// The id this agent takes.
+    pub(crate) agent: String,
+    /// The agent's type.
+    #[arg(long = "type", default_value = "bridge")]
+    pub(crate) agent_type: String,
+    /// A capability the agent announces (repeatable).
+    #[arg(long = "capability")]
+    pub(crate) capabilities: Vec<String>,
+    /// Items the agent's inbox holds before senders wait (or its channels drop).
+    #[arg(long, default_value = "1024")]
+    pub(crate) inbox: usize,
+    /// The longest line the program may write, in bytes (longer ones are skipped).
+    #[arg(long, default_value = "16777216")]
+    pub(crate) max_line: usize,
+    #[command(flatten)]
+    pub(crate) join: Join,
+    /// The program that speaks for the agent, and its arguments (after `--`).
+    #[arg(last = true)]
+    pub(crate) program: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -44,6 +44,9 @@ pub(crate) enum CliError {
     /// The arguments do not fit together.
     #[error("{0}")]
     Usage(&'static str),
+    /// The program `aqe agent` ran exited with this status (its own exit code).
+    #[error("the agent's program exited with status {0}")]
+    Child(i32),
 }
 
 impl CliError {
@@ -56,6 +59,7 @@ impl CliError {
             CliError::Security(_) => 4,
             CliError::Unreachable(_) | CliError::UnknownAgent { .. } => 5,
             CliError::Failed(_) => 1,
+            CliError::Child(code) => u8::try_from(*code).unwrap_or(1),
         })
     }
 }

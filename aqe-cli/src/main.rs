@@ -15,6 +15,7 @@
 use std::process::ExitCode;
 
 mod bench;
+mod bridge;
 mod certs;
 mod cli;
 mod context;
@@ -80,6 +81,7 @@ async fn run(mut command: Command) -> Result<(), CliError> {
         Command::Request(a) => ops::request(a).await,
         Command::Broadcast(a) => ops::broadcast(a).await,
         Command::Reply(a) => ops::reply(a).await,
+        Command::Agent(a) => bridge::run(a).await,
         Command::Listen(a) => ops::listen(a).await,
         Command::Peers(a) => ops::peers(a).await,
         Command::Stream(a) => ops::stream(a).await,
@@ -103,6 +105,7 @@ fn joining(command: &mut Command) -> Option<&mut cli::Join> {
         Command::Request(a) => &mut a.join,
         Command::Broadcast(a) => &mut a.join,
         Command::Reply(a) => &mut a.join,
+        Command::Agent(a) => &mut a.join,
         Command::Listen(a) => &mut a.join,
         Command::Peers(a) => &mut a.join,
         Command::Stream(a) => &mut a.join,

@@ -70,7 +70,7 @@ impl Drop for ConnectionReports {
 
 /// Shuts the agent down and closes its endpoint, telling its peers at once (a process that
 /// just exits leaves them to notice its silence).
-async fn leave(me: &Agent) {
+pub(crate) async fn leave(me: &Agent) {
     me.shutdown().await;
     me.transport().shutdown().await;
 }
@@ -97,7 +97,7 @@ pub(crate) async fn send(a: SendArgs) -> Result<(), CliError> {
 }
 
 /// Waits (briefly) until what this agent sent is settled, so that exiting loses nothing.
-async fn wait_settled(me: &Agent) {
+pub(crate) async fn wait_settled(me: &Agent) {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
     while tokio::time::Instant::now() < deadline {
         let s = me.stats();
