@@ -2,103 +2,15 @@
 //! and commands joining it over real QUIC with mutual TLS and a token; every bad input with
 //! its exit code and its one-line message.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::io::BufReader;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const AQE: &str = env!("CARGO_BIN_EXE_aqe");
-const TOKEN: &str = "s3cret";
+mod support;
 
-/// A child process killed when dropped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `aqe ARGS` in `dir`, with none of the environment's joining options or log settings.
-fn command(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(AQE);
-    // Contexts live in the test's folder, never in the user's.
-    c.current_dir(dir)
-        .args(args)
-        .env("AQE_CONTEXT_DIR", dir.join(".aqe-contexts"));
-    for var in [
-        "AQE_TOKEN",
-        "AQE_BOOTSTRAP",
-        "AQE_CERTS",
-        "AQE_NAME",
-        "AQE_NATS",
-        "AQE_FLEET",
-        "AQE_CONTEXT",
-        "XDG_CONFIG_HOME",
-        "RUST_LOG",
-    ] {
-        c.env_remove(var);
-    }
-    c
-}
-
-fn aqe(dir: &Path, args: &[&str]) -> Output {
-    command(dir, args).output().expect("run aqe")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Starts `aqe ARGS` and returns it once a stdout line starts with `ready`, with that line.
-fn spawn(
-    dir: &Path,
-    args: &[&str],
-    ready: &str,
-) -> (Running, String, BufReader<std::process::ChildStdout>) {
-    let mut child = command(dir, args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn aqe");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-    let running = Running(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(Instant::now() < deadline, "{args:?} never said {ready}");
-        if out.read_line(&mut line).expect("read") == 0 {
-            panic!("{args:?} ended before saying {ready}");
-        }
-        if line.starts_with(ready) {
-            return (running, line.trim().to_owned(), out);
-        }
-    }
-}
-
-/// `certs/` in `d`: a CA, a node certificate for 127.0.0.1 (`node`), and `cli`.
-fn node_and_cli_certificates(d: &Path) {
-    for args in [
-        &["certs", "init", "certs"][..],
-        &["certs", "issue", "certs", "node", "--ip", "127.0.0.1"],
-        &["certs", "issue", "certs", "cli"],
-    ] {
-        let o = aqe(d, args);
-        assert!(o.status.success(), "{}", stderr(&o));
-    }
-}
-
-fn next_line(out: &mut BufReader<std::process::ChildStdout>) -> String {
-    let mut line = String::new();
-    out.read_line(&mut line).expect("read");
-    line.trim().to_owned()
-}
+use support::{
+    AQE, Running, TOKEN, aqe, command, next_line, node_and_cli_certificates, spawn, stderr, stdout,
+};
 
 #[test]
 fn a_fleet_from_the_command_line() {

@@ -1,5 +1,6 @@
 //! `cargo xtask test [cargo test arguments]`: makes sure what the tests need is installed
-//! (`nats-server`, and `script` for a test that needs a terminal, from Debian's packages),
+//! (`nats-server`; `script` for a test that needs a terminal; `python3` and `node` for the
+//! bridge's clients; from Debian's packages),
 //! then runs the workspace tests with every feature:
 //! `cargo test --locked --workspace --all-features`. The NATS tests never skip: without a
 //! server they fail, naming what to install.
@@ -11,7 +12,14 @@ use anyhow::{Context, bail};
 
 pub(crate) fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     ensure_nats_server()?;
-    ensure_script()?;
+    // A CLI test gives a node a terminal; the bridge tests run Python and Node agents.
+    for (program, package) in [
+        ("script", "bsdutils"),
+        ("python3", "python3"),
+        ("node", "nodejs"),
+    ] {
+        ensure_program(program, package)?;
+    }
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
         .current_dir(root)
         // Incremental caches would double a clean build's disk use, for a build run once.
@@ -29,10 +37,10 @@ pub(crate) fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Installs `script` (util-linux, in Debian's bsdutils) when it is missing.
-fn ensure_script() -> anyhow::Result<()> {
+/// Installs `program` (Debian's `package`) when `program --version` does not run.
+fn ensure_program(program: &str, package: &str) -> anyhow::Result<()> {
     let present = || {
-        Command::new("script")
+        Command::new(program)
             .arg("--version")
             .output()
             .is_ok_and(|o| o.status.success())
@@ -40,12 +48,14 @@ fn ensure_script() -> anyhow::Result<()> {
     if present() {
         return Ok(());
     }
-    println!("script is missing; installing it from Debian's packages (apt-get install bsdutils)");
-    apt_install("bsdutils")?;
+    println!(
+        "{program} is missing; installing it from Debian's packages (apt-get install {package})"
+    );
+    apt_install(package)?;
     if present() {
         Ok(())
     } else {
-        bail!("apt-get installed bsdutils, but no script command was found")
+        bail!("apt-get installed {package}, but no {program} command was found")
     }
 }
 

@@ -66,8 +66,30 @@ pub(crate) struct Failure {
     pub(crate) reason: Option<Value>,
 }
 
+/// Every error code, as BRIDGE.md's table lists them (a test holds the two together).
+pub(crate) const CODES: &[&str] = &[
+    "badLine",
+    "lineTooLong",
+    "unknownOp",
+    "badField",
+    "notFound",
+    "busy",
+    "timeout",
+    "deliveryFailed",
+    "remote",
+    "invalid",
+    "stream",
+    "unknownRequest",
+    "unreachable",
+    "security",
+    "unsupported",
+    "shutdown",
+    "failed",
+];
+
 impl Failure {
     pub(crate) fn new(code: &'static str, message: impl Into<String>) -> Self {
+        debug_assert!(CODES.contains(&code), "{code} is not in BRIDGE.md");
         Self {
             code,
             message: message.into(),
@@ -376,6 +398,22 @@ mod tests {
             trace(&json!({"trace": "00-zz"})).err().map(|f| f.code),
             Some("badField")
         );
+    }
+
+    #[test]
+    fn the_error_codes_are_bridge_md_s() {
+        let doc = include_str!("../../../BRIDGE.md");
+        let table = doc
+            .split("### Error codes")
+            .nth(1)
+            .and_then(|t| t.split("\n\n").nth(1))
+            .expect("BRIDGE.md has an error code table");
+        let listed: Vec<&str> = table
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
+            .collect();
+        assert_eq!(listed, CODES);
     }
 
     #[test]

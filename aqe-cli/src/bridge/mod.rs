@@ -153,6 +153,7 @@ pub(crate) async fn run(a: AgentArgs) -> Result<(), CliError> {
     let writer = tokio::spawn(write_events(rx, output));
     let relay = tokio::spawn(relay_events(me.clone(), events.clone()));
     let mut session = Session {
+        join: Arc::new(a.join.clone()),
         me: me.clone(),
         events: events.clone(),
         pending,
@@ -190,6 +191,11 @@ pub(crate) async fn run(a: AgentArgs) -> Result<(), CliError> {
         while session.waiting.try_join_next().is_some() {}
     };
     tracing::debug!(?ended, "the bridge ends");
+    if matches!(ended, End::Input) {
+        // The program said all it had to: the answers to what it asked still come (each
+        // command waits no longer than its own timeout).
+        while session.waiting.join_next().await.is_some() {}
+    }
     session.waiting.abort_all();
     while session.waiting.join_next().await.is_some() {}
     wait_settled(&me).await;
@@ -420,8 +426,18 @@ async fn start_agent(
     Ok(b.start().await?)
 }
 
+/// Waits until `to` is known, as the other commands do: up to `--wait`, or until the
+/// fleet's membership has settled without it (then `notFound`, naming the closest agents).
+async fn known(me: &Agent, to: &AgentId, join: &crate::cli::Join) -> Result<(), Failure> {
+    join::agent_known(me, to, join)
+        .await
+        .map_err(|e| Failure::new("notFound", e.to_string()))
+}
+
 /// The commands' side of one bridge.
 struct Session {
+    /// How the agent joined: how long to wait for an agent not known yet.
+    join: Arc<crate::cli::Join>,
     me: Agent,
     events: Events,
     pending: Pending,
@@ -528,22 +544,22 @@ impl Session {
                 options.ttl = cmd.ttl_ms.map(Duration::from_millis);
                 options.confirm = cmd.confirm;
                 let to = AgentId::from(cmd.to.as_str());
-                let me = self.me.clone();
+                let (me, join) = (self.me.clone(), self.join.clone());
                 let send = async move {
+                    known(&me, &to, &join).await?;
                     let send = me.send_payload_with(&to, payload, options);
                     match trace {
                         Some(t) => traced(t, send).await,
                         None => send.await,
                     }
+                    .map_err(Failure::from)
                 };
                 if !cmd.confirm {
                     let id = send.await?;
                     return Ok(Some(json!({"id": id.to_string()})));
                 }
                 self.wait_for(c, async move {
-                    send.await
-                        .map(|id| json!({"id": id.to_string()}))
-                        .map_err(Failure::from)
+                    send.await.map(|id| json!({"id": id.to_string()}))
                 })
                 .await;
                 Ok(None)
@@ -558,16 +574,21 @@ impl Session {
                     ..RequestOptions::default()
                 };
                 let to = AgentId::from(cmd.to.as_str());
-                let me = self.me.clone();
+                let (me, join) = (self.me.clone(), self.join.clone());
                 let reference = c.reference.clone();
                 let events = self.events.clone();
                 let op = c.op.clone();
                 self.spawn(async move {
-                    let ask = me.request_payload(&to, payload, options);
-                    let answer = match trace {
-                        Some(t) => traced(t, ask).await,
-                        None => ask.await,
-                    };
+                    let answer = async {
+                        known(&me, &to, &join).await?;
+                        let ask = me.request_payload(&to, payload, options);
+                        match trace {
+                            Some(t) => traced(t, ask).await,
+                            None => ask.await,
+                        }
+                        .map_err(Failure::from)
+                    }
+                    .await;
                     let event = match answer {
                         Ok(env) => {
                             let mut e = json!({
@@ -579,7 +600,7 @@ impl Session {
                             lines::put_payload(&mut e, &env);
                             e
                         }
-                        Err(e) => lines::error(&reference, Some(&op), &Failure::from(e)),
+                        Err(f) => lines::error(&reference, Some(&op), &f),
                     };
                     events.emit(event).await;
                 })
@@ -637,6 +658,7 @@ impl Session {
                     ..StreamOptions::default()
                 };
                 let to = AgentId::from(cmd.to.as_str());
+                known(&self.me, &to, &self.join).await?;
                 let open = self.me.open_stream(&to, options);
                 let id = match trace {
                     Some(t) => traced(t, open).await,
