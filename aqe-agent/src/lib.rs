@@ -37,6 +37,8 @@ mod fleet;
 mod handler;
 #[cfg(feature = "metrics")]
 mod metrics;
+#[cfg(feature = "otel")]
+mod otel;
 pub mod prelude;
 mod trace;
 
@@ -49,6 +51,8 @@ pub use fleet::Fleet;
 pub use handler::HandlerError;
 #[cfg(feature = "metrics")]
 pub use metrics::{Metrics, MetricsServer};
+#[cfg(feature = "otel")]
+pub use otel::OtelExporter;
 pub use trace::{current_trace, traced};
 
 /// The core types, for users who depend on this crate alone.

@@ -40,15 +40,21 @@ pub(crate) async fn handling<F: Future>(
 ) -> F::Output {
     match traced_by {
         Some((parent, from, id)) => {
-            let me = parent.child();
             let span = tracing::info_span!(
                 "handle",
-                trace_id = %me.trace_id_hex(),
-                span_id = %me.parent_id_hex(),
+                trace_id = %parent.trace_id_hex(),
+                span_id = tracing::field::Empty,
                 parent_id = %parent.parent_id_hex(),
                 %from,
                 %id
             );
+            // With an OpenTelemetry layer, the span is the sender's span's child there, and
+            // its id is the one onward messages name.
+            #[cfg(feature = "otel")]
+            let me = crate::otel::adopt(&span, &parent).unwrap_or_else(|| parent.child());
+            #[cfg(not(feature = "otel"))]
+            let me = parent.child();
+            span.record("span_id", tracing::field::display(me.parent_id_hex()));
             tracing::Instrument::instrument(traced(me, work), span).await
         }
         None => work.await,
