@@ -49,6 +49,8 @@ struct Bridge {
     process: Running,
     input: Option<ChildStdin>,
     events: mpsc::Receiver<String>,
+    /// Its stdout while nobody reads it (see [`Bridge::start_unread`]).
+    unread: Option<BufReader<std::process::ChildStdout>>,
     /// Events read while looking for another.
     seen: VecDeque<Value>,
     ready: Value,
@@ -56,6 +58,14 @@ struct Bridge {
 
 impl Bridge {
     fn start(dir: &Path, args: &[&str]) -> Self {
+        let mut b = Self::start_unread(dir, args);
+        b.resume();
+        b
+    }
+
+    /// Started, its `ready` read, and nothing more until [`Bridge::resume`]: a program that
+    /// does not read its input.
+    fn start_unread(dir: &Path, args: &[&str]) -> Self {
         let mut child = command(dir, args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -63,19 +73,27 @@ impl Bridge {
             .spawn()
             .expect("spawn aqe agent");
         let input = child.stdin.take();
-        let events = lines(child.stdout.take().expect("stdout"));
-        let mut b = Self {
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut first = String::new();
+        out.read_line(&mut first).expect("the ready line");
+        let ready: Value = serde_json::from_str(&first).expect("JSON");
+        assert_eq!(ready["type"], "ready", "{ready}");
+        assert_eq!(ready["bridge"], 1);
+        Self {
             process: Running(child),
             input,
-            events,
+            events: mpsc::channel().1,
+            unread: Some(out),
             seen: VecDeque::new(),
-            ready: Value::Null,
-        };
-        let first = b.next();
-        assert_eq!(first["type"], "ready", "{first}");
-        assert_eq!(first["bridge"], 1);
-        b.ready = first;
-        b
+            ready,
+        }
+    }
+
+    /// Reads its events from now on.
+    fn resume(&mut self) {
+        if let Some(out) = self.unread.take() {
+            self.events = lines(out);
+        }
     }
 
     fn line(&mut self, line: &str) {
@@ -336,6 +354,109 @@ fn the_bridge_protocol_as_bridge_md_specifies_it() {
     );
     // The end of its input ends the bridge cleanly.
     assert!(a.exit_status().success());
+}
+
+/// A program that stops reading holds its senders back: the bridge stops taking messages,
+/// the sender's sends wait and then fail `busy`; once it reads again, everything answered
+/// `ok` arrives, once and in order, and nothing answered `busy` does.
+#[test]
+fn a_program_that_stops_reading_holds_senders_back_and_loses_nothing() {
+    const N: u64 = 3000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    node_and_cli_certificates(d);
+    let mut b = Bridge::start_unread(
+        d,
+        &[
+            "agent",
+            "b",
+            "--listen",
+            "127.0.0.1:0",
+            "--certs",
+            "certs",
+            "--name",
+            "node",
+            "--inbox",
+            "4",
+        ],
+    );
+    let at = b.ready["at"].as_str().expect("at").to_owned();
+    let mut a = Bridge::start(
+        d,
+        &[
+            "agent",
+            "a",
+            "--bootstrap",
+            &at,
+            "--certs",
+            "certs",
+            "--name",
+            "cli",
+        ],
+    );
+    a.until("b joined", |e| {
+        e["type"] == "peerJoined" && e["peer"]["id"] == "b"
+    });
+    // b's program reads nothing from here on, while a's sends every line it can.
+    let mut input = a.input.take().expect("a's stdin");
+    let writer = std::thread::spawn(move || {
+        for i in 0..N {
+            let line = json!({"op": "send", "ref": i, "to": "b", "payload": i}).to_string();
+            if writeln!(input, "{line}").is_err() {
+                return None;
+            }
+        }
+        // Kept open until the test is done: the end of input would end a.
+        Some(input)
+    });
+    let mut answered = vec![None; N as usize];
+    let mut first_busy = None;
+    while first_busy.is_none() {
+        let e = a.until("an answer", |e| e["type"] == "ok" || e["type"] == "error");
+        let i = e["ref"].as_u64().expect("ref") as usize;
+        if e["type"] == "error" {
+            assert_eq!(e["code"], "busy", "{e}");
+            first_busy = Some(i);
+        }
+        answered[i] = Some(e["type"] == "ok");
+    }
+    let busy_at = first_busy.expect("busy");
+    assert!(
+        busy_at > 4,
+        "the inbox and the window took some first ({busy_at})"
+    );
+    // b's program reads again: everything sent arrives.
+    b.resume();
+    let mut got = Vec::new();
+    let mut a_done = answered.iter().filter(|x| x.is_some()).count();
+    while a_done < N as usize {
+        let e = a.until("an answer", |e| e["type"] == "ok" || e["type"] == "error");
+        let i = e["ref"].as_u64().expect("ref") as usize;
+        assert!(answered[i].is_none(), "one answer per command");
+        answered[i] = Some(e["type"] == "ok");
+        a_done += 1;
+        while let Ok(line) = b.events.try_recv() {
+            let m: Value = serde_json::from_str(&line).expect("JSON");
+            if m["type"] == "message" {
+                got.push(m["payload"].as_u64().expect("a number"));
+            }
+        }
+    }
+    let sent: Vec<u64> = (0..N)
+        .filter(|i| answered[*i as usize] == Some(true))
+        .collect();
+    while got.len() < sent.len() {
+        let m = b.until("a message", |e| e["type"] == "message");
+        got.push(m["payload"].as_u64().expect("a number"));
+    }
+    assert_eq!(
+        got, sent,
+        "every message answered ok, once, in order; none answered busy"
+    );
+    let input = writer.join().expect("writer");
+    drop(input);
+    assert!(a.exit_status().success());
+    assert!(b.exit_status().success());
 }
 
 fn clients() -> PathBuf {

@@ -296,12 +296,22 @@ async fn write_events(mut rx: mpsc::Receiver<Out>, mut out: Box<dyn AsyncWrite +
 /// The fleet events the program sees (BRIDGE.md section 4).
 async fn relay_events(me: Agent, events: Events) {
     let mut stream = me.events();
+    // Agents known before the program could hear of them (joining learnt them) come first;
+    // each agent is announced once until it leaves.
+    let mut known = std::collections::HashSet::new();
+    for p in me.discover_peers(&DiscoveryOptions::default()) {
+        if &p.id != me.id() && known.insert(p.id.clone()) {
+            events
+                .emit(json!({"type": "peerJoined", "peer": lines::peer(&p)}))
+                .await;
+        }
+    }
     while let Some(e) = stream.recv().await {
         let event = match e {
-            Event::PeerDiscovered(p) if &p.id != me.id() => {
+            Event::PeerDiscovered(p) if &p.id != me.id() && known.insert(p.id.clone()) => {
                 json!({"type": "peerJoined", "peer": lines::peer(&p)})
             }
-            Event::PeerLeft(id) if &id != me.id() => {
+            Event::PeerLeft(id) if known.remove(&id) => {
                 json!({"type": "peerLeft", "agent": id.as_str()})
             }
             Event::DeliveryFailed {
