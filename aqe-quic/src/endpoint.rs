@@ -638,6 +638,8 @@ async fn announce_rejections(
 /// whenever its session ends, until shutdown.
 async fn bootstrap(endpoint: Arc<Endpoint>, host: Host, peer: String) {
     let stop = host.stopping();
+    // Whether the peer was lost (or never reached): its return is worth saying.
+    let mut missing = false;
     let mut delay = Duration::from_millis(100);
     loop {
         let attempt = async {
@@ -656,6 +658,9 @@ async fn bootstrap(endpoint: Arc<Endpoint>, host: Host, peer: String) {
         match attempt.await {
             Ok(addr) => {
                 delay = Duration::from_millis(100);
+                if std::mem::take(&mut missing) {
+                    tracing::info!(%peer, %addr, "connected to the bootstrap peer again");
+                }
                 // Stay connected: when the session ends, dial again.
                 let mut events = aqe_core::Transport::subscribe(&host);
                 while Endpoint::session_at(&host, addr).is_some() {
@@ -666,10 +671,12 @@ async fn bootstrap(endpoint: Arc<Endpoint>, host: Host, peer: String) {
                     }
                 }
                 tracing::info!(%peer, "session with bootstrap peer ended; reconnecting");
+                missing = true;
                 continue;
             }
             Err(Error::Shutdown) => return,
             Err(e) => {
+                missing = true;
                 tracing::warn!(%peer, error = %e, "bootstrap peer not reached; retrying in {delay:?}");
                 host.publish(Event::TransportError {
                     transport: crate::QuicTransport::KIND,
