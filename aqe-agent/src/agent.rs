@@ -528,8 +528,9 @@ impl Agent {
                 Bytes::new(),
             )?;
             let ch = self.inner.reg.check_outgoing(&channel, 0)?;
-            for p in payloads {
-                let payload = aqe_core::encode(&p)?;
+            // Small payloads share their buffers: an allocation per 64 KiB, not per message.
+            let values: Vec<T> = payloads.into_iter().collect();
+            for payload in aqe_core::encode_each(&values)? {
                 ch.check_size(payload.len())?;
                 let mut e = template.clone();
                 e.id = MessageId::next();

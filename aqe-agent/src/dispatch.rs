@@ -9,6 +9,7 @@ use std::panic::AssertUnwindSafe;
 use futures::FutureExt;
 use tokio::sync::broadcast;
 use tokio::task::JoinSet;
+use tokio_util::sync::ReusableBoxFuture;
 
 use aqe_core::plumbing::Inbox;
 use aqe_core::{
@@ -104,6 +105,8 @@ pub(crate) async fn run(agent: Agent, mut inbox: Inbox, handlers: Handlers, limi
     let (mut running_requests, mut running_streams, mut replying) = (0usize, 0usize, 0usize);
     let mut waiting_requests: VecDeque<(Envelope, Responder)> = VecDeque::new();
     let mut waiting_streams: VecDeque<IncomingStream> = VecDeque::new();
+    // The message handler's future, one message at a time, in one reused allocation.
+    let mut handling = ReusableBoxFuture::new(std::future::ready(()));
     loop {
         // An item already waiting, with nothing else to attend to, is taken without a select
         // (which registers a waiter on the shutdown token every time); the task's budget
@@ -159,11 +162,9 @@ pub(crate) async fn run(agent: Agent, mut inbox: Inbox, handlers: Handlers, limi
                 if let Some(h) = &handlers.message {
                     let from = envelope.from.clone();
                     let traced_by = crate::trace::of(&envelope);
-                    let run = AssertUnwindSafe(crate::trace::handling(
-                        traced_by,
-                        h(agent.clone(), envelope),
-                    ))
-                    .catch_unwind();
+                    h(agent.clone(), envelope, &mut handling);
+                    let run = AssertUnwindSafe(crate::trace::handling(traced_by, &mut handling))
+                        .catch_unwind();
                     tokio::select! {
                         biased;
                         outcome = run => {

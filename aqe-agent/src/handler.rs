@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use serde::Serialize;
+use tokio_util::sync::ReusableBoxFuture;
 
 use aqe_core::{Envelope, Error, IncomingStream, RemoteErrorKind};
 
@@ -81,8 +82,10 @@ impl fmt::Display for HandlerError {
     }
 }
 
+/// Puts the handling of one message into the slot, whose allocation the next message's
+/// handling reuses (one handler makes futures of one type): no allocation per message.
 pub(crate) type MessageHandler =
-    Arc<dyn Fn(Agent, Envelope) -> BoxFuture<'static, ()> + Send + Sync>;
+    Arc<dyn Fn(Agent, Envelope, &mut ReusableBoxFuture<'static, ()>) + Send + Sync>;
 pub(crate) type RequestHandler = Arc<
     dyn Fn(Agent, Envelope) -> BoxFuture<'static, Result<aqe_core::Payload, HandlerError>>
         + Send
@@ -103,7 +106,7 @@ where
     F: Fn(Agent, Envelope) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    Arc::new(move |agent, env| Box::pin(f(agent, env)))
+    Arc::new(move |agent, env, slot| slot.set(f(agent, env)))
 }
 
 pub(crate) fn request<F, Fut, T>(f: F) -> RequestHandler

@@ -57,7 +57,7 @@ pub use id::{AgentId, AgentType, Capability, ChannelId, ChannelName, MessageId, 
 pub use introspect::{AgentReport, EndpointReport, LinkReport};
 pub use message::{
     Encoding, Envelope, ErrorBody, MessageKind, Payload, Recipient, Timestamp, decode, decode_as,
-    encode,
+    encode, encode_each,
 };
 pub use options::{
     BroadcastOptions, DiscoveryOptions, PeerFilter, RequestOptions, SendOptions, StreamOptions,

@@ -337,6 +337,50 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes> {
         })
 }
 
+/// Encodes each value (postcard) into buffers shared by consecutive payloads, up to 64 KiB
+/// each: a batch of small payloads costs an allocation per 64 KiB instead of one per value,
+/// and a payload kept long keeps at most its 64 KiB neighbourhood alive.
+///
+/// # Errors
+/// [`Error::Encode`] when a value cannot be encoded.
+pub fn encode_each<T: Serialize>(values: &[T]) -> Result<Vec<Bytes>> {
+    const SHARED: usize = 64 * 1024;
+    let fail = |source: postcard::Error| Error::Encode {
+        what: "payload",
+        source: Box::new(source),
+    };
+    let sizes = values
+        .iter()
+        .map(postcard::experimental::serialized_size)
+        .collect::<std::result::Result<Vec<usize>, _>>()
+        .map_err(fail)?;
+    let mut out = Vec::with_capacity(values.len());
+    let mut i = 0;
+    while i < values.len() {
+        // The values that share the next buffer (at least one).
+        let mut end = i + 1;
+        let mut total = sizes[i];
+        while end < values.len() && total + sizes[end] <= SHARED {
+            total += sizes[end];
+            end += 1;
+        }
+        let mut buf = vec![0u8; total];
+        let mut at = 0;
+        for (v, size) in values[i..end].iter().zip(&sizes[i..end]) {
+            postcard::to_slice(v, &mut buf[at..at + size]).map_err(fail)?;
+            at += size;
+        }
+        let shared = Bytes::from(buf);
+        let mut at = 0;
+        for size in &sizes[i..end] {
+            out.push(shared.slice(at..at + size));
+            at += size;
+        }
+        i = end;
+    }
+    Ok(out)
+}
+
 /// Decodes a payload (postcard) as `T`; trailing bytes are an error.
 ///
 /// # Errors
@@ -358,6 +402,38 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payloads_encoded_together_decode_alone_and_share_buffers_up_to_64_kib() {
+        let values: Vec<Vec<u8>> = (0..600u32)
+            .map(|i| vec![i as u8; (i % 7) as usize * 100])
+            .collect();
+        let encoded = encode_each(&values).expect("encode");
+        assert_eq!(encoded.len(), values.len());
+        for (v, b) in values.iter().zip(&encoded) {
+            assert_eq!(&decode::<Vec<u8>>(b).expect("decode"), v);
+            assert_eq!(
+                b,
+                &encode(v).expect("alone"),
+                "the same bytes as one at a time"
+            );
+        }
+        let shares = |a: &Bytes, b: &Bytes| a.as_ptr().wrapping_add(a.len()) == b.as_ptr();
+        assert!(
+            shares(&encoded[1], &encoded[2]),
+            "neighbours share a buffer"
+        );
+        let buffers = 1 + encoded.windows(2).filter(|w| !shares(&w[0], &w[1])).count();
+        let total: usize = encoded.iter().map(Bytes::len).sum();
+        assert!(
+            total > 128 * 1024 && buffers <= total / (60 * 1024) + 1,
+            "{buffers} buffers for {total} bytes"
+        );
+        let big = vec![vec![1u8; 100_000], vec![2u8; 10]];
+        let encoded = encode_each(&big).expect("a value larger than a buffer");
+        assert_eq!(decode::<Vec<u8>>(&encoded[0]).expect("decode"), big[0]);
+        assert!(encode_each::<u8>(&[]).expect("none").is_empty());
+    }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Task {
