@@ -401,7 +401,7 @@ impl Agent {
             .with_payload(payload)
             .with_priority(ch.priority);
         env.ttl = ch.ttl_ms.map(std::time::Duration::from_millis);
-        env.trace = crate::trace::current_trace();
+        env.trace = crate::trace::current_trace().map(Box::new);
         Ok(env)
     }
 

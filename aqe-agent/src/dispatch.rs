@@ -467,7 +467,7 @@ async fn answer(
     };
     // The answer comes from the handler's span of the request's trace.
     if let Some(t) = crate::trace::current_trace() {
-        reply.trace = Some(t);
+        reply.trace = Some(Box::new(t));
     }
     {
         let mut table = lock();

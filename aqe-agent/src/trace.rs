@@ -30,7 +30,8 @@ pub async fn traced<F: Future>(trace: TraceParent, work: F) -> F::Output {
 pub(crate) fn of(envelope: &Envelope) -> Option<(TraceParent, AgentId, MessageId)> {
     envelope
         .trace
-        .map(|t| (t, envelope.from.clone(), envelope.id))
+        .as_deref()
+        .map(|t| (*t, envelope.from.clone(), envelope.id))
 }
 
 /// Runs `work`, the handling of a message, in a new span of its trace (when it has one).

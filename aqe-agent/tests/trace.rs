@@ -60,7 +60,7 @@ async fn a_traced_request_is_handled_in_a_span_of_the_requesters_trace() {
             let tx = seen_tx.clone();
             async move {
                 tracing::info!("working on it");
-                let _ = tx.send((req.trace, current_trace()));
+                let _ = tx.send((req.trace.clone(), current_trace()));
                 // Sent on from the handler: the same trace, the handler's span as parent.
                 agent
                     .send_to_agent(&"audit".into(), &1u32, "coordination")
@@ -96,7 +96,7 @@ async fn a_traced_request_is_handled_in_a_span_of_the_requesters_trace() {
         .expect("open");
     assert_eq!(
         received,
-        Some(root),
+        Some(Box::new(root)),
         "the request carries the requester's span"
     );
     let handling = handling.expect("the handler runs in a span of the trace");
@@ -107,7 +107,7 @@ async fn a_traced_request_is_handled_in_a_span_of_the_requesters_trace() {
         .expect("audited")
         .expect("open")
         .expect("traced");
-    assert_eq!(onward, handling, "sent on from the handler's span");
+    assert_eq!(*onward, handling, "sent on from the handler's span");
     // The server's log line is inside a span naming the client's trace.
     let text = String::from_utf8(log.0.lock().expect("log").clone()).expect("utf-8");
     let line = text

@@ -216,8 +216,9 @@ pub struct Envelope {
     /// suppressed; across a crash of the receiver they cannot be, and this flag says so.
     pub redelivered: bool,
     /// The W3C trace context of the work it belongs to, when its sender traces: what its
-    /// receiver does for it is a span of the same trace.
-    pub trace: Option<crate::TraceParent>,
+    /// receiver does for it is a span of the same trace. Boxed: most messages are untraced,
+    /// and every envelope moves through queues.
+    pub trace: Option<Box<crate::TraceParent>>,
     /// How `payload` is encoded.
     pub encoding: Encoding,
     /// The encoded content.
@@ -269,7 +270,7 @@ impl Envelope {
         );
         reply.priority = self.priority;
         reply.correlation_id = Some(self.id);
-        reply.trace = self.trace.as_ref().map(crate::TraceParent::child);
+        reply.trace = self.trace.as_ref().map(|t| Box::new(t.child()));
         reply
     }
 
@@ -551,5 +552,16 @@ mod tests {
         assert_eq!(rsp.correlation_id, Some(req.id));
         assert_eq!(rsp.to, Recipient::Agent("a".into()));
         assert_eq!(rsp.target(), Some(&AgentId::from("a")));
+    }
+}
+#[cfg(test)]
+mod sizes {
+    /// Every message moves through several queues by value: a field that grows these is a
+    /// cost per message (the hot-path profile's largest item is memory moves).
+    #[test]
+    fn what_moves_per_message_stays_small() {
+        assert!(std::mem::size_of::<crate::Envelope>() <= 152);
+        assert!(std::mem::size_of::<crate::Receipt>() <= 40);
+        assert!(std::mem::size_of::<crate::transport::Inbound>() <= 192);
     }
 }

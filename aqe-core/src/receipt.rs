@@ -66,7 +66,8 @@ enum Inner {
 #[must_use = "dropping a receipt acknowledges the message"]
 pub struct Receipt {
     inner: Inner,
-    also: Vec<Receipt>,
+    /// Boxed: copies are rare, and every message's receipt moves through queues.
+    also: Option<Box<[Receipt]>>,
 }
 
 impl Receipt {
@@ -74,7 +75,7 @@ impl Receipt {
     pub fn none() -> Self {
         Self {
             inner: Inner::None,
-            also: Vec::new(),
+            also: None,
         }
     }
 
@@ -82,7 +83,7 @@ impl Receipt {
     pub fn shared(sink: Arc<dyn AckSink>, token: u64) -> Self {
         Self {
             inner: Inner::Shared(sink, token),
-            also: Vec::new(),
+            also: None,
         }
     }
 
@@ -90,7 +91,7 @@ impl Receipt {
     pub fn once(handler: impl AckOnce) -> Self {
         Self {
             inner: Inner::Once(Box::new(handler)),
-            also: Vec::new(),
+            also: None,
         }
     }
 
@@ -101,7 +102,9 @@ impl Receipt {
 
     /// Settles `other` (the receipt of a duplicate) together with this one.
     pub fn join(&mut self, other: Receipt) {
-        self.also.push(other);
+        let mut also = self.also.take().map(Vec::from).unwrap_or_default();
+        also.push(other);
+        self.also = Some(also.into_boxed_slice());
     }
 
     /// Marks the message as never taken: its agent stopped first.
@@ -131,7 +134,7 @@ impl Receipt {
             (Inner::Once(h), Fate::Expired) => h.expired(),
             (Inner::Once(h), Fate::Dropped) => h.dropped(),
         }
-        for mut r in std::mem::take(&mut self.also) {
+        for mut r in self.also.take().map(Vec::from).unwrap_or_default() {
             r.settle(fate);
         }
     }
@@ -152,7 +155,7 @@ impl fmt::Debug for Receipt {
         };
         f.debug_struct("Receipt")
             .field("kind", &kind)
-            .field("copies", &self.also.len())
+            .field("copies", &self.also.as_ref().map_or(0, |a| a.len()))
             .finish()
     }
 }

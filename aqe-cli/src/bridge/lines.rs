@@ -312,7 +312,7 @@ pub(crate) fn inbound(kind: &str, env: &Envelope) -> Value {
         "id": env.id.to_string(),
         "from": env.from.as_str(),
         "channel": env.channel.as_str(),
-        "trace": env.trace.map(|t| t.to_string()),
+        "trace": env.trace.as_ref().map(|t| t.to_string()),
     });
     if kind == "message" {
         e["redelivered"] = json!(env.redelivered);
