@@ -204,11 +204,15 @@ class Agent:
         """Returns once `agent_id` is known (it may be already)."""
         if agent_id in self.peers:
             return
-        if any(p["id"] == agent_id for p in await self.discover()):
-            return
+        # Waiting first: a peerJoined read while discover is answered is not missed.
         fut = asyncio.get_running_loop().create_future()
         self._peer_waiters.append((agent_id, fut))
-        await asyncio.wait_for(fut, timeout)
+        try:
+            if any(p["id"] == agent_id for p in await self.discover()) or agent_id in self.peers:
+                return
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self._peer_waiters = [w for w in self._peer_waiters if w[1] is not fut]
 
     async def leave(self):
         """Leaves the fleet; the bridge exits."""

@@ -436,6 +436,14 @@ async fn start_agent(
     Ok(b.start().await?)
 }
 
+/// Runs `work` in `trace`, when the command gave one.
+async fn in_trace<F: Future>(trace: Option<aqe_core::TraceParent>, work: F) -> F::Output {
+    match trace {
+        Some(t) => traced(t, work).await,
+        None => work.await,
+    }
+}
+
 /// Waits until `to` is known, as the other commands do: up to `--wait`, or until the
 /// fleet's membership has settled without it (then `notFound`, naming the closest agents).
 async fn known(me: &Agent, to: &AgentId, join: &crate::cli::Join) -> Result<(), Failure> {
@@ -558,11 +566,7 @@ impl Session {
                 let send = async move {
                     known(&me, &to, &join).await?;
                     let send = me.send_payload_with(&to, payload, options);
-                    match trace {
-                        Some(t) => traced(t, send).await,
-                        None => send.await,
-                    }
-                    .map_err(Failure::from)
+                    in_trace(trace, send).await.map_err(Failure::from)
                 };
                 if !cmd.confirm {
                     let id = send.await?;
@@ -592,11 +596,7 @@ impl Session {
                     let answer = async {
                         known(&me, &to, &join).await?;
                         let ask = me.request_payload(&to, payload, options);
-                        match trace {
-                            Some(t) => traced(t, ask).await,
-                            None => ask.await,
-                        }
-                        .map_err(Failure::from)
+                        in_trace(trace, ask).await.map_err(Failure::from)
                     }
                     .await;
                     let event = match answer {
@@ -626,10 +626,7 @@ impl Session {
                     ..BroadcastOptions::default()
                 };
                 let go = self.me.broadcast_payload(payload, options);
-                let report = match trace {
-                    Some(t) => traced(t, go).await,
-                    None => go.await,
-                }?;
+                let report = in_trace(trace, go).await?;
                 let failed: Vec<Value> = report
                     .failed
                     .iter()
@@ -670,10 +667,7 @@ impl Session {
                 let to = AgentId::from(cmd.to.as_str());
                 known(&self.me, &to, &self.join).await?;
                 let open = self.me.open_stream(&to, options);
-                let id = match trace {
-                    Some(t) => traced(t, open).await,
-                    None => open.await,
-                }?;
+                let id = in_trace(trace, open).await?;
                 self.outgoing.insert(id.0, id);
                 Ok(Some(json!({"stream": id.0})))
             }
