@@ -18,7 +18,7 @@ use aqe_core::{
 };
 use aqe_session::{
     Answer, Budgets, Config, EndpointId, Frame, Hello, MessageMeta, Rank, Refusal, SESSION_VERSION,
-    Trust, outgoing,
+    Trust, message_meta, outgoing,
 };
 
 use crate::cell::{Cell, Shared, lock};
@@ -942,7 +942,8 @@ impl Transport for Host {
             return Ok(());
         }
         let max = self.inner.wire.max_payload();
-        let mut batch = Vec::with_capacity(envelopes.len());
+        let mut metas = Vec::with_capacity(envelopes.len());
+        let mut stopped = None;
         for (i, e) in envelopes.iter().enumerate() {
             let len = e.payload.len();
             let checked = sender
@@ -953,29 +954,34 @@ impl Transport for Host {
                     Some(max) if len > max => Err(Error::MessageTooLarge { size: len, max }),
                     _ => Ok(()),
                 })
-                .and_then(|()| outgoing(e, channel.ordered, false, aqe_core::Timestamp::now));
+                .and_then(|()| message_meta(e, channel.ordered, false, aqe_core::Timestamp::now));
             match checked {
-                Ok((meta, body)) => batch.push((
-                    meta,
-                    body,
-                    MsgCtx {
-                        stats: sender.stats.clone(),
-                        confirm: None,
-                        announce: true,
-                    },
-                )),
+                Ok(meta) => metas.push(meta),
                 Err(err) if i == 0 => return Err(err),
                 Err(err) => {
                     // Those before it go; the error says where the batch stopped.
-                    drop(envelopes);
-                    self.admit(&sender, &channel, &to, batch.into_iter())
-                        .await?;
-                    return Err(err.after_accepted(i));
+                    stopped = Some(err.after_accepted(i));
+                    break;
                 }
             }
         }
+        // Encoded together: small envelopes share buffers (an allocation per 64 KiB), and
+        // what the session keeps of each is a reference, not a copy.
+        let bodies = aqe_core::encode_each(&envelopes[..metas.len()])?;
         drop(envelopes);
-        self.admit(&sender, &channel, &to, batch.into_iter()).await
+        let batch = metas.into_iter().zip(bodies).map(|(meta, body)| {
+            (
+                meta,
+                body,
+                MsgCtx {
+                    stats: sender.stats.clone(),
+                    confirm: None,
+                    announce: true,
+                },
+            )
+        });
+        self.admit(&sender, &channel, &to, batch).await?;
+        stopped.map_or(Ok(()), Err)
     }
 
     async fn request(&self, envelope: Envelope, timeout: Duration) -> Result<Envelope> {

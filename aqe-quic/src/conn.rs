@@ -379,6 +379,10 @@ async fn write_turns(
 
 /// Appends the frame of `t` to `chunks`, the envelope's bytes as a chunk of their own (never
 /// copied).
+/// What a message's frame header takes at most: length, version, variant, four varints,
+/// the confirm flag.
+const HEAD_ROOM: usize = 4 + 1 + 1 + 4 * 10 + 1;
+
 fn frame_into(t: &Transmit, head: &mut BytesMut, chunks: &mut Vec<Bytes>) -> Result<()> {
     match t {
         Transmit::Message { header, body, .. } => {
@@ -440,6 +444,9 @@ async fn write_stream(
         }
         chunks.clear();
         chunks.extend(pending.take());
+        // Room for every header of the batch at once: one allocation per batch, not one
+        // (or two) per frame as the buffer grows.
+        head.reserve(batch.len() * HEAD_ROOM);
         for t in batch.drain(..) {
             tally.add(t.priority());
             if let Err(e) = frame_into(&t, &mut head, &mut chunks) {

@@ -77,5 +77,6 @@ pub use node::{Action, AttachError, DISPLACED_RECHECK, Node, NodeInput, Opened, 
 pub use outbox::{Flow, MessageMeta, Orphan, Outcome, Settled};
 pub use peer::AgentsChange;
 pub use session::{
-    Answer, Ctx, Ended, Locals, NotSent, Rank, Session, SessionEvent, SessionInput, outgoing,
+    Answer, Ctx, Ended, Locals, NotSent, Rank, Session, SessionEvent, SessionInput, message_meta,
+    outgoing,
 };

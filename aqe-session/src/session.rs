@@ -171,6 +171,9 @@ pub struct Session<C: Ctx> {
     /// Frames whose sender is not (yet) in the peer's membership, in arrival order.
     parked: VecDeque<(Frame, Instant)>,
     parked_bytes: u64,
+    /// Messages a received frame made ready, between the frame and their hand-over (kept
+    /// for its capacity).
+    ready: Vec<Ready>,
     asked: BTreeMap<MessageId, C::Req>,
     /// Requests of the peer in hand here, with their payload bytes.
     serving: BTreeMap<MessageId, u64>,
@@ -212,6 +215,21 @@ pub fn outgoing(
     confirm: bool,
     now: impl FnOnce() -> aqe_core::Timestamp,
 ) -> aqe_core::Result<(MessageMeta, Bytes)> {
+    let meta = message_meta(envelope, ordered, confirm, now)?;
+    Ok((meta, aqe_core::encode(envelope)?))
+}
+
+/// What a session keeps of a reliable message beside its encoding (see [`outgoing`]); for
+/// a batch whose envelopes are encoded together ([`aqe_core::encode_each`]).
+///
+/// # Errors
+/// When the envelope has no single recipient.
+pub fn message_meta(
+    envelope: &Envelope,
+    ordered: bool,
+    confirm: bool,
+    now: impl FnOnce() -> aqe_core::Timestamp,
+) -> aqe_core::Result<MessageMeta> {
     let to = envelope
         .target()
         .cloned()
@@ -233,7 +251,7 @@ pub fn outgoing(
             ))
         }),
     };
-    Ok((meta, aqe_core::encode(envelope)?))
+    Ok(meta)
 }
 
 impl<C: Ctx> Session<C> {
@@ -273,6 +291,7 @@ impl<C: Ctx> Session<C> {
                 budgets,
             ),
             parked: VecDeque::new(),
+            ready: Vec::new(),
             parked_bytes: 0,
             asked: BTreeMap::new(),
             serving: BTreeMap::new(),
@@ -742,7 +761,7 @@ impl<C: Ctx> Session<C> {
                 self.membership(step, now, locals);
                 let mut ready = Vec::new();
                 self.inflow.advance(low, &mut ready);
-                self.hand_over(ready);
+                self.hand_over(&mut ready);
             }
             Frame::Pong { nonce } => self.pong(nonce, now),
             Frame::Message {
@@ -756,12 +775,14 @@ impl<C: Ctx> Session<C> {
                 if seq == 0 {
                     return Err("message number 0");
                 }
-                let mut ready = Vec::new();
+                // The session's own buffer: no allocation per message.
+                let mut ready = std::mem::take(&mut self.ready);
                 self.inflow.advance(low, &mut ready);
                 self.message(
                     seq, after, generation, confirm, envelope, now, locals, &mut ready,
                 );
-                self.hand_over(ready);
+                self.hand_over(&mut ready);
+                self.ready = ready;
             }
             Frame::Acks { received, taken } => {
                 if !valid_ranges(&received) || !valid_ranges(&taken) {
@@ -996,7 +1017,7 @@ impl<C: Ctx> Session<C> {
                 _ => {}
             }
         }
-        self.hand_over(ready);
+        self.hand_over(&mut ready);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1082,8 +1103,8 @@ impl<C: Ctx> Session<C> {
         self.inflow.received(confirm, now, &wire);
     }
 
-    fn hand_over(&mut self, ready: Vec<Ready>) {
-        for r in ready {
+    fn hand_over(&mut self, ready: &mut Vec<Ready>) {
+        for r in ready.drain(..) {
             self.event(SessionEvent::Deliver {
                 to: r.to,
                 seq: Some(r.seq),
@@ -1289,7 +1310,7 @@ impl<C: Ctx> Session<C> {
                 }
             }
         }
-        self.hand_over(ready);
+        self.hand_over(&mut ready);
         let _ = locals;
         if self.outbox.next_check().is_some_and(|c| now >= c) {
             let linked = self.is_linked();
