@@ -150,7 +150,12 @@ pub(crate) async fn run(a: AgentArgs) -> Result<(), CliError> {
                 }
             }
         };
-    let writer = tokio::spawn(write_events(rx, output));
+    // Resolves when the writer ends: the program no longer reads (or all is written).
+    let (written_all, mut output_gone) = oneshot::channel::<()>();
+    let writer = tokio::spawn(async move {
+        write_events(rx, output).await;
+        drop(written_all);
+    });
     let relay = tokio::spawn(relay_events(me.clone(), events.clone()));
     let mut session = Session {
         join: Arc::new(a.join.clone()),
@@ -168,6 +173,7 @@ pub(crate) async fn run(a: AgentArgs) -> Result<(), CliError> {
             l = lines::read_line(&mut input, &mut buf, a.max_line) => l,
             () = wait_for_signal() => break End::Signal,
             status = wait_child(&mut child) => break End::Child(status),
+            _ = &mut output_gone => break End::Output,
         };
         match line {
             Ok(Line::Full) => {
@@ -226,6 +232,8 @@ pub(crate) async fn run(a: AgentArgs) -> Result<(), CliError> {
 #[derive(Debug)]
 enum End {
     Input,
+    /// Nobody reads the events any more.
+    Output,
     Signal,
     Child(Option<std::process::ExitStatus>),
 }
@@ -369,9 +377,13 @@ async fn start_agent(
         .transport(transport)
         .on_message(move |_, env| {
             let events = on_message.clone();
-            // Taken once the program has the line.
+            // Taken once the program has the line. When it cannot have it (it stopped
+            // reading), the handler never ends: the bridge is leaving, and a handler cut
+            // short by the agent's shutdown leaves the message untaken, as it is.
             async move {
-                events.deliver(lines::inbound("message", &env)).await;
+                if !events.deliver(lines::inbound("message", &env)).await {
+                    std::future::pending::<()>().await;
+                }
             }
         })
         .on_request_payload(move |_, env| {
