@@ -12,7 +12,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{AQE, Running, aqe, command, node_and_cli_certificates, stderr, stdout};
+use support::{
+    AQE, Running, aqe, command, exited, node_and_cli_certificates, signal, stderr, stdout,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -142,14 +144,7 @@ impl Bridge {
 
     fn exit_status(mut self) -> std::process::ExitStatus {
         drop(self.input.take());
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(s) = self.process.0.try_wait().expect("wait") {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "the bridge did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        exited(&mut self.process.0, WAIT, "the bridge")
     }
 }
 
@@ -577,31 +572,10 @@ fn python_and_node_agents_answer_each_other_and_rust_agents_over_quic() {
 
     // The Node agent leaves when its stdin ends; the Python one when its bridge is told to stop.
     drop(js_stdin);
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = js.0.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the Node agent did not leave");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exited(&mut js.0, WAIT, "the Node agent");
     assert!(status.success(), "node: {status}");
     let mut py = py;
-    let term = Command::new("sh")
-        .args(["-c", &format!("kill -TERM {}", py.0.id())])
-        .status()
-        .expect("kill");
-    assert!(term.success());
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = py.0.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the Python agent's bridge did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    signal(&py.0, "TERM");
+    let status = exited(&mut py.0, WAIT, "the Python agent's bridge");
     assert!(status.success(), "aqe agent py: {status}");
 }

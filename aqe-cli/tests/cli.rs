@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 mod support;
 
 use support::{
-    AQE, Running, TOKEN, aqe, command, next_line, node_and_cli_certificates, spawn, stderr, stdout,
+    AQE, Running, TOKEN, aqe, command, exited, next_line, node_and_cli_certificates, signal, spawn,
+    stderr, stdout,
 };
 
 #[test]
@@ -867,24 +868,9 @@ fn a_node_starts_without_its_nats_server_and_stops_without_it() {
     std::thread::sleep(Duration::from_millis(300));
     let mut node = node;
     let child = &mut node.0;
-    let stopping = Instant::now();
-    // The shell's own kill: no procps needed.
-    let kill = Command::new("sh")
-        .args(["-c", &format!("kill -INT {}", child.id())])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            assert!(status.success(), "{status:?}");
-            break;
-        }
-        assert!(
-            stopping.elapsed() < Duration::from_secs(5),
-            "the node did not stop within 5 s of Ctrl-C"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    signal(child, "INT");
+    let status = exited(child, Duration::from_secs(5), "the node, after Ctrl-C,");
+    assert!(status.success(), "{status:?}");
 }
 
 /// `aqe listen` outlives its node: the node is killed and started again on the same address,

@@ -99,3 +99,27 @@ pub(crate) fn next_line(out: &mut BufReader<std::process::ChildStdout>) -> Strin
     out.read_line(&mut line).expect("read");
     line.trim().to_owned()
 }
+
+/// The status `child` exits with, within `within` (else the test fails, saying `what`).
+pub(crate) fn exited(child: &mut Child, within: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `child` a signal (`INT`, `TERM`, ...) with the shell's own kill: no procps needed.
+pub(crate) fn signal(child: &Child, name: &str) {
+    let sent = Command::new("sh")
+        .args(["-c", &format!("kill -{name} {}", child.id())])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill -{name}");
+}
