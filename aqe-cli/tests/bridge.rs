@@ -148,45 +148,49 @@ impl Bridge {
     }
 }
 
+/// `aqe agent NAME` listening on loopback with the node certificate (`extra` options
+/// after), its events not read yet.
+fn listening(d: &Path, name: &str, extra: &[&str]) -> Bridge {
+    let mut args = vec![
+        "agent",
+        name,
+        "--listen",
+        "127.0.0.1:0",
+        "--certs",
+        "certs",
+        "--name",
+        "node",
+    ];
+    args.extend_from_slice(extra);
+    Bridge::start_unread(d, &args)
+}
+
+/// `aqe agent NAME` joining through `at` with the command-line certificate.
+fn joining(d: &Path, name: &str, at: &str, extra: &[&str]) -> Bridge {
+    let mut args = vec![
+        "agent",
+        name,
+        "--bootstrap",
+        at,
+        "--certs",
+        "certs",
+        "--name",
+        "cli",
+    ];
+    args.extend_from_slice(extra);
+    Bridge::start(d, &args)
+}
+
 #[test]
 fn the_bridge_protocol_as_bridge_md_specifies_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     node_and_cli_certificates(d);
-    let mut a = Bridge::start(
-        d,
-        &[
-            "agent",
-            "a",
-            "--listen",
-            "127.0.0.1:0",
-            "--certs",
-            "certs",
-            "--name",
-            "node",
-            "--max-line",
-            "1024",
-        ],
-    );
+    let mut a = listening(d, "a", &["--max-line", "1024"]);
+    a.resume();
     let at = a.ready["at"].as_str().expect("at").to_owned();
     assert_eq!(a.ready["transports"], json!(["quic"]));
-    let mut b = Bridge::start(
-        d,
-        &[
-            "agent",
-            "b",
-            "--bootstrap",
-            &at,
-            "--certs",
-            "certs",
-            "--name",
-            "cli",
-            "--capability",
-            "tester",
-            "--type",
-            "probe",
-        ],
-    );
+    let mut b = joining(d, "b", &at, &["--capability", "tester", "--type", "probe"]);
     let joined = a.until("b joined", |e| {
         e["type"] == "peerJoined" && e["peer"]["id"] == "b"
     });
@@ -360,35 +364,9 @@ fn a_program_that_stops_reading_holds_senders_back_and_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     node_and_cli_certificates(d);
-    let mut b = Bridge::start_unread(
-        d,
-        &[
-            "agent",
-            "b",
-            "--listen",
-            "127.0.0.1:0",
-            "--certs",
-            "certs",
-            "--name",
-            "node",
-            "--inbox",
-            "4",
-        ],
-    );
+    let mut b = listening(d, "b", &["--inbox", "4"]);
     let at = b.ready["at"].as_str().expect("at").to_owned();
-    let mut a = Bridge::start(
-        d,
-        &[
-            "agent",
-            "a",
-            "--bootstrap",
-            &at,
-            "--certs",
-            "certs",
-            "--name",
-            "cli",
-        ],
-    );
+    let mut a = joining(d, "a", &at, &[]);
     a.until("b joined", |e| {
         e["type"] == "peerJoined" && e["peer"]["id"] == "b"
     });
