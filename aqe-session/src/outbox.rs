@@ -683,9 +683,15 @@ impl<M> Outbox<M> {
             .collect()
     }
 
-    /// The peer said `agent` left: what was sent to it so far went to that instance.
+    /// The peer said `agent` left: what was sent to it so far went to that instance. Kept
+    /// only for agents with messages unsettled here (a peer's churn grows nothing else).
     pub(crate) fn departed(&mut self, agent: &AgentId) {
-        self.departed.insert(agent.clone(), self.next_seq - 1);
+        let sent = &self.sent;
+        let unsettled = |a: &AgentId| sent.values().any(|s| &s.msg.meta.to == a);
+        self.departed.retain(|a, _| unsettled(a));
+        if unsettled(agent) {
+            self.departed.insert(agent.clone(), self.next_seq - 1);
+        }
     }
 
     /// Everything unsettled, taken out in the order it was accepted (the link ended).
@@ -867,6 +873,24 @@ mod tests {
             "they could only arrive after 3 now"
         );
         assert!(displaced.is_empty() && o.held.is_empty());
+    }
+
+    #[test]
+    fn departures_are_remembered_only_for_agents_with_unsettled_messages() {
+        let now = Instant::now();
+        let mut o: Outbox<u32> = Outbox::new(8, 1000, None);
+        assert!(o.push(msg("b", 1, now), 0, true, now, D).is_ok());
+        for i in 0..1000 {
+            o.departed(&format!("churn-{i}").as_str().into());
+        }
+        o.departed(&"b".into());
+        assert_eq!(o.departed.len(), 1, "only b has messages here");
+        o.settled(&[(1, 1)], None, &mut Vec::new(), &mut Vec::new());
+        o.departed(&"c".into());
+        assert!(
+            o.departed.is_empty(),
+            "b's messages settled: nothing to remember"
+        );
     }
 
     #[test]
