@@ -854,13 +854,16 @@ pub async fn oversize_payload_is_refused_and_nothing_is_lost(h: &dyn Harness) {
     ));
 }
 
-/// A broadcast reaches each target once and reports who got it.
+/// A broadcast reaches each target once and reports who got it: targets on one endpoint
+/// (which a transport may serve together), on another, and on the sender's own.
 pub async fn broadcast_reports_each_peer(h: &dyn Harness) {
     let eps = h.endpoints(3).await;
     let _a = attach(&eps[0], "a", all_channels()).await;
+    let mut a2 = attach(&eps[0], "a2", all_channels()).await;
     let mut b = attach(&eps[1], "b", all_channels()).await;
+    let mut b2 = attach(&eps[1], "b2", all_channels()).await;
     let mut c = attach(&eps[2], "c", all_channels()).await;
-    await_peers(&eps[0], &["b", "c"]).await;
+    await_peers(&eps[0], &["b", "b2", "c"]).await;
     await_peers(&eps[1], &["a"]).await;
     await_peers(&eps[2], &["a"]).await;
     let mut e = Envelope::new(
@@ -871,21 +874,37 @@ pub async fn broadcast_reports_each_peer(h: &dyn Harness) {
         Bytes::from_static(b"hi"),
     );
     e.priority = Channel::coordination().priority;
+    let targets: Vec<AgentId> = ["b", "b2", "c", "a2", "ghost"].map(AgentId::from).into();
     let report = eps[0]
-        .broadcast(e.clone(), &["b".into(), "c".into(), "ghost".into()])
+        .broadcast(e.clone(), &targets)
         .await
         .expect("broadcast");
     let mut delivered: Vec<_> = report.delivered.iter().map(|p| p.to_string()).collect();
     delivered.sort();
-    assert_eq!(delivered, ["b", "c"]);
+    assert_eq!(delivered, ["a2", "b", "b2", "c"]);
     assert_eq!(report.failed.len(), 1);
     assert!(matches!(&report.failed[0], (p, Error::PeerNotFound { .. }) if p.as_str() == "ghost"));
-    for inbox in [&mut b, &mut c] {
-        let got = next_message(inbox).await;
-        assert_eq!(
-            (got.kind, &got.payload[..]),
-            (MessageKind::Broadcast, &b"hi"[..])
-        );
+    // A new message (a copy of `e` would keep its id, and be taken for a duplicate).
+    let mut again = Envelope::new(
+        "a".into(),
+        Recipient::Fleet,
+        "coordination".into(),
+        MessageKind::Broadcast,
+        Bytes::from_static(b"again"),
+    );
+    again.priority = e.priority;
+    let report = eps[0]
+        .broadcast(again, &targets[..4])
+        .await
+        .expect("broadcast");
+    assert_eq!(report.delivered.len(), 4, "{:?}", report.failed);
+    // Each has the first once, then the second (the channel is ordered and reliable: a
+    // second copy of the first would come before it).
+    for inbox in [&mut b, &mut b2, &mut c, &mut a2] {
+        for want in [&b"hi"[..], b"again"] {
+            let got = next_message(inbox).await;
+            assert_eq!((got.kind, &got.payload[..]), (MessageKind::Broadcast, want));
+        }
     }
     let mut wrong = e.clone();
     wrong.channel = "results".into();

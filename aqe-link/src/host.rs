@@ -725,6 +725,90 @@ impl Host {
         }
     }
 
+    /// Admits the copies of a broadcast for every target a live session reaches now: the
+    /// targets of one session encoded together and admitted under one borrow of it, their
+    /// outcomes into `outcomes`. Returns the targets left for single sends.
+    fn broadcast_at_once(
+        &self,
+        sender: &LocalAgent,
+        channel: &Channel,
+        envelope: &Envelope,
+        targets: &[AgentId],
+        outcomes: &mut Vec<(AgentId, Result<()>)>,
+    ) -> Vec<AgentId> {
+        if self
+            .inner
+            .wire
+            .max_payload()
+            .is_some_and(|max| envelope.payload.len() > max)
+        {
+            // A single send says why it cannot go.
+            return targets.to_vec();
+        }
+        let mut rest = Vec::new();
+        let mut groups: Vec<(Arc<Cell>, Vec<Envelope>)> = Vec::new();
+        for to in targets {
+            let way = match self.inner.shared.locals.get(to) {
+                Some(_) => None,
+                None => self.inner.tables.way(to),
+            };
+            match way {
+                Some(Way::Session(cell, reg))
+                    if cell.is_live() && reg.has_channel(&channel.name) =>
+                {
+                    let mut copy = envelope.clone();
+                    copy.to = aqe_core::Recipient::Agent(to.clone());
+                    match groups.iter_mut().find(|(c, _)| Arc::ptr_eq(c, &cell)) {
+                        Some((_, copies)) => copies.push(copy),
+                        None => groups.push((cell, vec![copy])),
+                    }
+                }
+                _ => rest.push(to.clone()),
+            }
+        }
+        for (cell, copies) in groups {
+            let to: Vec<AgentId> = copies.iter().filter_map(|e| e.target().cloned()).collect();
+            let metas: Result<Vec<MessageMeta>> = copies
+                .iter()
+                .map(|e| message_meta(e, channel.ordered, false, aqe_core::Timestamp::now))
+                .collect();
+            let (Ok(metas), Ok(bodies)) = (metas, aqe_core::encode_each(&copies)) else {
+                rest.extend(to);
+                continue;
+            };
+            let mut batch = metas
+                .into_iter()
+                .zip(bodies)
+                .map(|(meta, body)| {
+                    let ctx = MsgCtx {
+                        stats: sender.stats.clone(),
+                        confirm: None,
+                        announce: true,
+                    };
+                    (meta, body, ctx)
+                })
+                .peekable();
+            let now = Instant::now();
+            // Counted before the session has them, as in `admit`.
+            sender.stats.accepted(to.len() as u64);
+            let sent = cell.pump(&self.inner.shared, |s, _| s.send_many(&mut batch, now));
+            sender.stats.unaccepted(batch.len() as u64);
+            let n = match sent {
+                Some((n, bytes)) => {
+                    if n > 0 {
+                        sender.stats.sent_many(n as u64, bytes as u64);
+                    }
+                    n
+                }
+                None => 0,
+            };
+            let mut to = to.into_iter();
+            outcomes.extend(to.by_ref().take(n).map(|t| (t, Ok(()))));
+            rest.extend(to);
+        }
+        rest
+    }
+
     /// Waits for a confirmed message's settlement, which comes by its deadline at the latest.
     async fn await_confirmation(&self, rx: oneshot::Receiver<Result<()>>) -> Result<()> {
         let wait = self.inner.config.session.delivery_deadline + self.inner.config.send_timeout;
@@ -988,17 +1072,31 @@ impl Transport for Host {
         self.request_as(envelope, timeout).await
     }
 
+    /// The copies for targets a live session reaches now go in one pass, one borrow of each
+    /// session for all its targets; the rest (local agents, targets still to be reached,
+    /// windows without room) go as single sends, which wait as a send does.
     async fn broadcast(&self, envelope: Envelope, targets: &[AgentId]) -> Result<BroadcastReport> {
-        self.registration(&envelope.from)?
-            .check_broadcast(&envelope.channel, envelope.payload.len())?;
-        let sends = targets.iter().map(|to| {
+        let sender = self.sender(&envelope.from)?;
+        let channel = sender
+            .reg
+            .check_broadcast(&envelope.channel, envelope.payload.len())?
+            .clone();
+        let mut outcomes = Vec::with_capacity(targets.len());
+        let rest = if channel.reliable {
+            self.broadcast_at_once(&sender, &channel, &envelope, targets, &mut outcomes)
+        } else {
+            targets.to_vec()
+        };
+        let sends = rest.into_iter().map(|to| {
             let mut copy = envelope.clone();
             copy.to = aqe_core::Recipient::Agent(to.clone());
-            async move { (to.clone(), self.send(copy).await) }
+            async move {
+                let r = self.send(copy).await;
+                (to, r)
+            }
         });
-        Ok(BroadcastReport::from_outcomes(
-            futures::future::join_all(sends).await,
-        ))
+        outcomes.extend(futures::future::join_all(sends).await);
+        Ok(BroadcastReport::from_outcomes(outcomes))
     }
 
     async fn open_stream(&self, header: StreamHeader) -> Result<Box<dyn StreamSink>> {

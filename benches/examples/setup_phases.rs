@@ -49,6 +49,7 @@ fn main() {
             "discovered",
             "first request",
             "total",
+            "second request",
         ];
         let mut phases: Vec<Vec<Duration>> = vec![Vec::new(); names.len()];
         for _ in 0..rounds {
@@ -75,9 +76,26 @@ fn main() {
                 .await
                 .expect("request");
             let t5 = Instant::now();
-            for (i, (a, b)) in [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5), (t0, t5)]
-                .into_iter()
-                .enumerate()
+            let _: Bytes = agent
+                .request_from_agent(
+                    echo.id(),
+                    &Bytes::from_static(b"x"),
+                    RequestOptions::default(),
+                )
+                .await
+                .expect("request");
+            let t6 = Instant::now();
+            for (i, (a, b)) in [
+                (t0, t1),
+                (t1, t2),
+                (t2, t3),
+                (t3, t4),
+                (t4, t5),
+                (t0, t5),
+                (t5, t6),
+            ]
+            .into_iter()
+            .enumerate()
             {
                 phases[i].push(b - a);
             }

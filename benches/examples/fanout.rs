@@ -1,0 +1,45 @@
+//! Broadcasts under a profiler: one agent broadcasts 64 B on `coordination` to ENDPOINTS
+//! endpoints of PER agents each, one broadcast at a time (until every receiver's handler has
+//! it), for SECS seconds, over QUIC (or the bus, or NATS at `nats://...`).
+//!
+//! `taskset -c 0 cargo run --release -p aqe-benches --example fanout -- [quic|bus|NATS_URL]
+//! [ENDPOINTS] [PER] [SECS]`. Prints the median and p99 of a broadcast.
+
+use std::time::{Duration, Instant};
+
+use aqe_benches::{Fleet, Net, quantile};
+use bytes::Bytes;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let net = match args.first().map(String::as_str) {
+        Some("bus") => Net::Bus,
+        Some(url) if url.starts_with("nats://") => Net::Nats(url.to_owned()),
+        _ => Net::Quic,
+    };
+    let arg = |i: usize, d: u64| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
+    let (endpoints, per, secs) = (arg(1, 10) as usize, arg(2, 1) as usize, arg(3, 5));
+    let rt = aqe_benches::runtime();
+    rt.block_on(async {
+        let fleet = Fleet::start(&net, endpoints, per).await;
+        let p = Bytes::from(vec![7u8; 64]);
+        for _ in 0..100 {
+            fleet.broadcast(&p).await;
+        }
+        let mut took = Vec::new();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(secs) {
+            let one = Instant::now();
+            fleet.broadcast(&p).await;
+            took.push(one.elapsed());
+        }
+        println!(
+            "{} broadcast to {endpoints} x {per}: p50 {:?} p99 {:?} ({} broadcasts)",
+            net.name(),
+            quantile(&mut took, 0.5),
+            quantile(&mut took, 0.99),
+            took.len()
+        );
+        fleet.shutdown().await;
+    });
+}
