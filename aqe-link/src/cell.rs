@@ -64,6 +64,8 @@ pub(crate) struct Cell {
     pub(crate) session: Mutex<Session<HostCtx>>,
     /// Receipts settled by agents, told to the session at its next step.
     acks: Mutex<Vec<(u64, Fate)>>,
+    /// Room for a step's lists, kept from one step to the next.
+    spare: Mutex<Spare>,
     sink: Arc<dyn AckSink>,
     /// What the session told the node, in order, until the node task takes it.
     pub(crate) node_inputs: Mutex<VecDeque<NodeInput<MsgCtx>>>,
@@ -122,6 +124,17 @@ struct Inflow {
     items: Vec<Inbound>,
 }
 
+/// How many entries of room a session keeps in each of its step's lists.
+const SPARE_ROOM: usize = 256;
+
+/// The lists a step fills, kept empty with their room between steps so that a step does
+/// not grow new ones (a step that finds them taken by another makes its own).
+#[derive(Default)]
+struct Spare {
+    transmits: Vec<aqe_session::Transmit>,
+    settled: Vec<Settled<MsgCtx>>,
+}
+
 /// What a step produced that is done after the session's lock is released.
 #[derive(Default)]
 struct After {
@@ -154,6 +167,7 @@ impl Cell {
             link,
             session: Mutex::new(session),
             acks: Mutex::new(Vec::new()),
+            spare: Mutex::default(),
             sink: Arc::new(Receipts(me.clone())),
             node_inputs: Mutex::new(VecDeque::new()),
             dirty: AtomicBool::new(false),
@@ -213,13 +227,17 @@ impl Cell {
         f: impl FnOnce(&mut Session<HostCtx>, &Locals) -> R,
     ) -> (R, usize) {
         let mut refused = 0;
-        let mut after = After::default();
+        let mut spare = std::mem::take(&mut *lock(&self.spare));
+        let mut after = After {
+            settled: std::mem::take(&mut spare.settled),
+            ..After::default()
+        };
         let r = {
             let mut s = lock(&self.session);
-            let acks = std::mem::take(&mut *lock(&self.acks));
+            let mut acks = std::mem::take(&mut *lock(&self.acks));
             if !acks.is_empty() {
                 let now = Instant::now();
-                for (seq, fate) in acks {
+                for (seq, fate) in acks.drain(..) {
                     match fate {
                         Fate::Taken => s.taken(seq, now),
                         Fate::Abandoned => s.abandoned(seq, now),
@@ -228,14 +246,24 @@ impl Cell {
                     }
                 }
             }
+            acks.shrink_to(4 * SPARE_ROOM);
+            if acks.capacity() > 0 {
+                // The buffer goes back with its room (what was told meanwhile moves into
+                // it): receipts do not grow a new one at every step.
+                let mut told = lock(&self.acks);
+                acks.append(&mut told);
+                std::mem::swap(&mut *told, &mut acks);
+            }
             let r = f(&mut s, &shared.locals);
-            let mut batch = Vec::new();
+            let mut batch = std::mem::take(&mut spare.transmits);
             while let Some(t) = s.poll_transmit() {
                 batch.push(t);
             }
             if !batch.is_empty() {
                 refused = self.link.transmit(&mut batch);
+                batch.clear();
             }
+            spare.transmits = batch;
             let mut inflow = Inflow::default();
             while let Some(ev) = s.poll_event() {
                 self.event(ev, shared, &mut after, &mut inflow);
@@ -246,7 +274,11 @@ impl Cell {
                 .is_some_and(|t| self.since_born(t) < self.armed.load(Ordering::Acquire));
             r
         };
-        self.finish(shared, after);
+        self.finish(shared, after, &mut spare);
+        // Kept only up to a bound: a burst does not leave an idle session holding its room.
+        spare.transmits.shrink_to(SPARE_ROOM);
+        spare.settled.shrink_to(SPARE_ROOM);
+        *lock(&self.spare) = spare;
         (r, refused)
     }
 
@@ -390,11 +422,12 @@ impl Cell {
         })
     }
 
-    fn finish(self: &Arc<Self>, shared: &Shared, after: After) {
+    fn finish(self: &Arc<Self>, shared: &Shared, mut after: After, spare: &mut Spare) {
         if !after.settled.is_empty() {
-            crate::ctx::settle(&shared.events, after.settled);
+            crate::ctx::settle(&shared.events, after.settled.drain(..));
             shared.progress.notify_waiters();
         }
+        spare.settled = std::mem::take(&mut after.settled);
         for (req, answer) in after.answers {
             let _ = req.answer.send(answer);
         }

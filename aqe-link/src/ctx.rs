@@ -54,7 +54,10 @@ impl aqe_session::Ctx for HostCtx {
 
 /// Tells settled messages to their senders: counters, confirmed senders' waiters, and one
 /// `DeliveryFailed` event per sender, receiver, channel and reason (ids in send order).
-pub(crate) fn settle(events: &broadcast::Sender<Event>, settled: Vec<Settled<MsgCtx>>) {
+pub(crate) fn settle(
+    events: &broadcast::Sender<Event>,
+    settled: impl IntoIterator<Item = Settled<MsgCtx>>,
+) {
     type Group = (AgentId, AgentId, ChannelName, DeliveryFailure);
     let mut order: Vec<Group> = Vec::new();
     let mut groups: HashMap<Group, Vec<MessageId>> = HashMap::new();

@@ -456,28 +456,29 @@ impl Inflow {
         if !self.pending.due {
             return;
         }
-        let p = std::mem::take(&mut self.pending);
-        let received = if wire.ack_received && p.received {
+        // Taken apart rather than replaced: the list of taken numbers keeps its room.
+        let p = &mut self.pending;
+        let (was_received, mut refused) = (p.received, std::mem::take(&mut p.refused));
+        (p.received, p.since, p.due) = (false, None, false);
+        let received = if wire.ack_received && was_received {
             ranges::of_sorted(self.fates.keys().copied().filter(|s| *s >= self.floor))
         } else {
             Vec::new()
         };
-        if !received.is_empty() || !p.taken.is_empty() {
+        let taken = ranges::of(&mut self.pending.taken);
+        self.pending.taken.clear();
+        if !received.is_empty() || !taken.is_empty() {
             out.push_back(Transmit::Frame(
                 Lane::Control,
-                Frame::Acks {
-                    received,
-                    taken: ranges::of(p.taken),
-                },
+                Frame::Acks { received, taken },
             ));
         }
-        let mut refused = p.refused;
         refused.sort_by_key(|(seq, r)| (*r as u8, *seq));
         for chunk in refused.chunk_by(|a, b| a.1 == b.1) {
             out.push_back(Transmit::Frame(
                 Lane::Control,
                 Frame::Refused {
-                    seqs: ranges::of(chunk.iter().map(|(s, _)| *s).collect()),
+                    seqs: ranges::of(&mut chunk.iter().map(|(s, _)| *s).collect()),
                     reason: chunk[0].1,
                 },
             ));

@@ -272,6 +272,8 @@ pub(crate) struct Outbox<M> {
     /// For each agent whose departure the peer announced, the last number given before it
     /// heard: what was sent to it up to there went to an instance that is gone.
     departed: FastMap<AgentId, u64>,
+    /// Room reused by [`Outbox::settled`].
+    scratch: Vec<u64>,
 }
 
 impl<M> Outbox<M> {
@@ -293,6 +295,7 @@ impl<M> Outbox<M> {
             ghosts: BTreeMap::new(),
             held: BTreeMap::new(),
             taken: FastMap::default(),
+            scratch: Vec::new(),
         }
     }
 
@@ -496,10 +499,13 @@ impl<M> Outbox<M> {
     ) -> bool {
         let mut freed = false;
         let mut flows: Vec<Flow> = Vec::new();
+        // The numbers of a range, in a buffer kept from one acknowledgement to the next.
+        let mut seqs = std::mem::take(&mut self.scratch);
         for &(first, last) in ranges {
             freed |= self.lay_ghosts(first, last);
-            let seqs: Vec<u64> = self.sent.keys_in(first..=last).collect();
-            for seq in seqs {
+            seqs.clear();
+            seqs.extend(self.sent.keys_in(first..=last));
+            for &seq in &seqs {
                 let Some(mut m) = self.settle(seq) else {
                     continue;
                 };
@@ -550,6 +556,8 @@ impl<M> Outbox<M> {
                 }
             }
         }
+        seqs.clear();
+        self.scratch = seqs;
         // A flow with nothing unsettled here any more: what it held goes on, in order.
         for flow in flows {
             if self.sent.values().any(|s| flow_of(&s.msg.meta) == flow) {

@@ -3,18 +3,12 @@
 use crate::config::MAX_RANGE_SPAN;
 use crate::frame::Ranges;
 
-/// Numbers as sorted, merged inclusive ranges.
-pub(crate) fn of(mut seqs: Vec<u64>) -> Ranges {
+/// Numbers as sorted, merged inclusive ranges (`seqs` is sorted in place, and kept: the
+/// caller reuses its room).
+pub(crate) fn of(seqs: &mut Vec<u64>) -> Ranges {
     seqs.sort_unstable();
     seqs.dedup();
-    let mut out: Ranges = Vec::new();
-    for s in seqs {
-        match out.last_mut() {
-            Some((_, last)) if last.checked_add(1) == Some(s) => *last = s,
-            _ => out.push((s, s)),
-        }
-    }
-    out
+    of_sorted(seqs.iter().copied())
 }
 
 /// Ascending numbers (already sorted, no duplicates) as merged ranges.
@@ -46,7 +40,7 @@ mod tests {
 
     #[test]
     fn numbers_become_ranges_and_bad_ranges_are_told() {
-        assert_eq!(of(vec![5, 1, 2, 3, 9, 2]), [(1, 3), (5, 5), (9, 9)]);
+        assert_eq!(of(&mut vec![5, 1, 2, 3, 9, 2]), [(1, 3), (5, 5), (9, 9)]);
         assert_eq!(
             of_sorted([1, 2, 4, u64::MAX]),
             [(1, 2), (4, 4), (u64::MAX, u64::MAX)]

@@ -31,6 +31,10 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(50);
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let rt = aqe_benches::runtime();
     rt.block_on(async {
         let server = Arc::new(QuicTransport::bind(config()).await.expect("bind"));
@@ -50,6 +54,7 @@ fn main() {
             "first request",
             "total",
             "second request",
+            "new agent's first",
         ];
         let mut phases: Vec<Vec<Duration>> = vec![Vec::new(); names.len()];
         for _ in 0..rounds {
@@ -85,6 +90,24 @@ fn main() {
                 .await
                 .expect("request");
             let t6 = Instant::now();
+            let b = Agent::builder()
+                .agent_type("client")
+                .transport(q.clone())
+                .start()
+                .await
+                .expect("agent");
+            aqe_benches::discovered(&b, 1, Some(echo.id())).await;
+            let t7 = Instant::now();
+            let _: Bytes = b
+                .request_from_agent(
+                    echo.id(),
+                    &Bytes::from_static(b"x"),
+                    RequestOptions::default(),
+                )
+                .await
+                .expect("request");
+            let t8 = Instant::now();
+            b.shutdown().await;
             for (i, (a, b)) in [
                 (t0, t1),
                 (t1, t2),
@@ -93,6 +116,7 @@ fn main() {
                 (t4, t5),
                 (t0, t5),
                 (t5, t6),
+                (t7, t8),
             ]
             .into_iter()
             .enumerate()
