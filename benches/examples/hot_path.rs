@@ -1,10 +1,11 @@
-//! The hot path under a profiler: one-way 64 B messages from one agent to another, sent in a
-//! loop for a few seconds, over the bus or QUIC.
+//! The hot path under a profiler: one-way messages from one agent to another, sent in a loop
+//! for a few seconds, over the bus or QUIC; or requests one after another; or 1,000-message
+//! streams.
 //!
 //! `taskset -c 0 cargo run --release -p aqe-benches --example hot_path -- quic|bus [SECS]
-//! [ordered|unordered] [BATCH]`; run it under `perf record -g` to see where a message's time
-//! goes. With BATCH, messages go in `send_many` batches of that many.
-//! Prints messages per second.
+//! [ordered|unordered|request|stream] [BATCH] [BYTES]`; run it under `perf record -g` to see
+//! where a message's time goes. With BATCH, messages go in `send_many` batches of that many;
+//! BYTES is the payload's size (64 by default). Prints messages (or operations) per second.
 
 use std::time::{Duration, Instant};
 
@@ -18,36 +19,52 @@ fn main() {
         _ => Net::Quic,
     };
     let secs: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
-    let channel = match args.get(2).map(String::as_str) {
-        Some("unordered") => "results",
+    let mode = args.get(2).map_or("ordered", String::as_str);
+    let channel = match mode {
+        "unordered" => "results",
         _ => "coordination",
     };
     let per_call: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let size: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(64);
     let rt = aqe_benches::runtime();
     rt.block_on(async {
         let fleet = Fleet::start(&net, 1, 1).await;
-        let p = Bytes::from(vec![7u8; 64]);
-        let batch = 20_000;
-        let send = |n| {
+        let p = Bytes::from(vec![7u8; size]);
+        // Operations per round, and one round.
+        let batch = match mode {
+            "request" => 2_000,
+            "stream" => 10,
+            _ => 20_000,
+        };
+        let round = |n| {
             let (fleet, p) = (&fleet, &p);
             async move {
-                if per_call > 1 {
-                    fleet.send_batched(p, channel, n, per_call).await;
-                } else {
-                    fleet.send(p, channel, n).await;
+                match mode {
+                    "request" => {
+                        for _ in 0..n {
+                            fleet.request(p).await;
+                        }
+                    }
+                    "stream" => {
+                        for _ in 0..n {
+                            fleet.stream(p, 1_000).await;
+                        }
+                    }
+                    _ if per_call > 1 => fleet.send_batched(p, channel, n, per_call).await,
+                    _ => fleet.send(p, channel, n).await,
                 }
             }
         };
-        send(batch).await;
+        round(batch).await;
         let t = Instant::now();
-        let mut sent = 0;
+        let mut done = 0;
         while t.elapsed() < Duration::from_secs(secs) {
-            send(batch).await;
-            sent += batch;
+            round(batch).await;
+            done += batch;
         }
-        let rate = sent as f64 / t.elapsed().as_secs_f64();
+        let rate = done as f64 / t.elapsed().as_secs_f64();
         println!(
-            "{} {channel}, {per_call} per call: {rate:.0} msgs/s",
+            "{} {mode}, {size} B, {per_call} per call: {rate:.0} per second",
             net.name()
         );
         fleet.shutdown().await;
