@@ -79,7 +79,9 @@ impl Dedup {
     /// Records `id` from `from`; `false` if it was already there.
     fn insert(&mut self, from: &AgentId, id: MessageId) -> bool {
         self.clock += 1;
-        if !self.senders.contains_key(from) && self.senders.len() >= DEDUP_SENDERS {
+        // The table's size first: the sender is looked up (hashed) once per message unless
+        // the table is full.
+        if self.senders.len() >= DEDUP_SENDERS && !self.senders.contains_key(from) {
             // Forget the sender heard from least recently (rare: a new sender, table full).
             let oldest = self
                 .senders
