@@ -866,14 +866,19 @@ pub async fn broadcast_reports_each_peer(h: &dyn Harness) {
     await_peers(&eps[0], &["b", "b2", "c"]).await;
     await_peers(&eps[1], &["a"]).await;
     await_peers(&eps[2], &["a"]).await;
-    let mut e = Envelope::new(
-        "a".into(),
-        Recipient::Fleet,
-        "coordination".into(),
-        MessageKind::Broadcast,
-        Bytes::from_static(b"hi"),
-    );
-    e.priority = Channel::coordination().priority;
+    // A new envelope each time (a copy keeps its id, and would be taken for a duplicate).
+    let broadcast_of = |payload: &'static [u8]| {
+        let mut e = Envelope::new(
+            "a".into(),
+            Recipient::Fleet,
+            "coordination".into(),
+            MessageKind::Broadcast,
+            Bytes::from_static(payload),
+        );
+        e.priority = Channel::coordination().priority;
+        e
+    };
+    let e = broadcast_of(b"hi");
     let targets: Vec<AgentId> = ["b", "b2", "c", "a2", "ghost"].map(AgentId::from).into();
     let report = eps[0]
         .broadcast(e.clone(), &targets)
@@ -884,17 +889,8 @@ pub async fn broadcast_reports_each_peer(h: &dyn Harness) {
     assert_eq!(delivered, ["a2", "b", "b2", "c"]);
     assert_eq!(report.failed.len(), 1);
     assert!(matches!(&report.failed[0], (p, Error::PeerNotFound { .. }) if p.as_str() == "ghost"));
-    // A new message (a copy of `e` would keep its id, and be taken for a duplicate).
-    let mut again = Envelope::new(
-        "a".into(),
-        Recipient::Fleet,
-        "coordination".into(),
-        MessageKind::Broadcast,
-        Bytes::from_static(b"again"),
-    );
-    again.priority = e.priority;
     let report = eps[0]
-        .broadcast(again, &targets[..4])
+        .broadcast(broadcast_of(b"again"), &targets[..4])
         .await
         .expect("broadcast");
     assert_eq!(report.delivered.len(), 4, "{:?}", report.failed);

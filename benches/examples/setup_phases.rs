@@ -21,6 +21,28 @@ fn config() -> QuicConfig {
     }
 }
 
+/// A client agent on `q`.
+async fn client(q: &Arc<QuicTransport>) -> Agent {
+    Agent::builder()
+        .agent_type("client")
+        .transport(q.clone())
+        .start()
+        .await
+        .expect("agent")
+}
+
+/// One request from `agent` to `echo`.
+async fn ask(agent: &Agent, echo: &Agent) {
+    let _: Bytes = agent
+        .request_from_agent(
+            echo.id(),
+            &Bytes::from_static(b"x"),
+            RequestOptions::default(),
+        )
+        .await
+        .expect("request");
+}
+
 fn median(mut v: Vec<Duration>) -> f64 {
     v.sort_unstable();
     v[v.len() / 2].as_secs_f64() * 1e6
@@ -63,49 +85,18 @@ fn main() {
             let t1 = Instant::now();
             q.connect(server.local_addr()).await.expect("connect");
             let t2 = Instant::now();
-            let agent = Agent::builder()
-                .agent_type("client")
-                .transport(q.clone())
-                .start()
-                .await
-                .expect("agent");
+            let agent = client(&q).await;
             let t3 = Instant::now();
             aqe_benches::discovered(&agent, 1, Some(echo.id())).await;
             let t4 = Instant::now();
-            let _: Bytes = agent
-                .request_from_agent(
-                    echo.id(),
-                    &Bytes::from_static(b"x"),
-                    RequestOptions::default(),
-                )
-                .await
-                .expect("request");
+            ask(&agent, &echo).await;
             let t5 = Instant::now();
-            let _: Bytes = agent
-                .request_from_agent(
-                    echo.id(),
-                    &Bytes::from_static(b"x"),
-                    RequestOptions::default(),
-                )
-                .await
-                .expect("request");
+            ask(&agent, &echo).await;
             let t6 = Instant::now();
-            let b = Agent::builder()
-                .agent_type("client")
-                .transport(q.clone())
-                .start()
-                .await
-                .expect("agent");
+            let b = client(&q).await;
             aqe_benches::discovered(&b, 1, Some(echo.id())).await;
             let t7 = Instant::now();
-            let _: Bytes = b
-                .request_from_agent(
-                    echo.id(),
-                    &Bytes::from_static(b"x"),
-                    RequestOptions::default(),
-                )
-                .await
-                .expect("request");
+            ask(&b, &echo).await;
             let t8 = Instant::now();
             b.shutdown().await;
             for (i, (a, b)) in [
