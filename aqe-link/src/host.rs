@@ -682,16 +682,9 @@ impl Host {
                 let room = cell.room.notified();
                 tokio::pin!(room);
                 room.as_mut().enable();
-                let now = Instant::now();
-                // Counted before the session has them: a settlement may be told on another
-                // thread before `pump` returns, and must find its message counted.
-                sender.stats.accepted(batch.len() as u64);
-                let sent = cell.pump(&self.inner.shared, |s, _| s.send_many(&mut batch, now));
-                sender.stats.unaccepted(batch.len() as u64);
-                match sent {
-                    Some((0, _)) => {}
-                    Some((n, bytes)) => {
-                        sender.stats.sent_many(n as u64, bytes as u64);
+                match self.admit_now(sender, &cell, &mut batch) {
+                    Some(0) => {}
+                    Some(_) => {
                         if batch.len() == 0 {
                             return Ok(());
                         }
@@ -723,6 +716,30 @@ impl Host {
                 }
             }
         }
+    }
+
+    /// Hands the session of `cell` as much of `batch` as its windows have room for now, in
+    /// one step, and counts it; how many it took (`None`: the session has no link).
+    fn admit_now<I>(
+        &self,
+        sender: &LocalAgent,
+        cell: &Arc<Cell>,
+        batch: &mut std::iter::Peekable<I>,
+    ) -> Option<usize>
+    where
+        I: ExactSizeIterator<Item = (MessageMeta, Bytes, MsgCtx)>,
+    {
+        let now = Instant::now();
+        // Counted before the session has them: a settlement may be told on another thread
+        // before `pump` returns, and must find its message counted.
+        sender.stats.accepted(batch.len() as u64);
+        let sent = cell.pump(&self.inner.shared, |s, _| s.send_many(batch, now));
+        sender.stats.unaccepted(batch.len() as u64);
+        let (n, bytes) = sent?;
+        if n > 0 {
+            sender.stats.sent_many(n as u64, bytes as u64);
+        }
+        Some(n)
     }
 
     /// Admits the copies of a broadcast for every target a live session reaches now: the
@@ -788,20 +805,7 @@ impl Host {
                     (meta, body, ctx)
                 })
                 .peekable();
-            let now = Instant::now();
-            // Counted before the session has them, as in `admit`.
-            sender.stats.accepted(to.len() as u64);
-            let sent = cell.pump(&self.inner.shared, |s, _| s.send_many(&mut batch, now));
-            sender.stats.unaccepted(batch.len() as u64);
-            let n = match sent {
-                Some((n, bytes)) => {
-                    if n > 0 {
-                        sender.stats.sent_many(n as u64, bytes as u64);
-                    }
-                    n
-                }
-                None => 0,
-            };
+            let n = self.admit_now(sender, &cell, &mut batch).unwrap_or(0);
             let mut to = to.into_iter();
             outcomes.extend(to.by_ref().take(n).map(|t| (t, Ok(()))));
             rest.extend(to);
