@@ -13,7 +13,7 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use aqe_core::plumbing::InboxSender;
+use aqe_core::plumbing::{FastState, InboxSender};
 use aqe_core::{
     AgentId, BroadcastOptions, BroadcastReport, ChannelName, DiscoveryOptions, Envelope, Error,
     ErrorBody, Event, Health, HealthThresholds, MessageId, MessageKind, Payload, PeerInfo,
@@ -94,7 +94,7 @@ pub(crate) struct Inner {
     event_capacity: usize,
     /// Kept to read the inbox's expiry count; the dispatcher owns the receiving side.
     pub(crate) inbox: InboxSender,
-    streams: DashMap<StreamId, Arc<tokio::sync::Mutex<Box<dyn StreamSink>>>>,
+    streams: DashMap<StreamId, Arc<tokio::sync::Mutex<Box<dyn StreamSink>>>, FastState>,
     recent_errors: Mutex<VecDeque<RecentError>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Handler runs that panicked (caught: the agent goes on).
@@ -138,7 +138,7 @@ impl Agent {
                 events: std::sync::OnceLock::new(),
                 event_capacity: event_capacity.max(1),
                 inbox,
-                streams: DashMap::new(),
+                streams: DashMap::default(),
                 recent_errors: Mutex::new(VecDeque::with_capacity(RECENT_ERRORS)),
                 tasks: Mutex::new(Vec::new()),
                 panics: std::sync::atomic::AtomicU64::new(0),
@@ -846,7 +846,13 @@ impl Agent {
         let data = data.into();
         self.guarded(async {
             let sink = self.stream_sink(stream)?;
-            let res = sink.lock().await.write(data, fin).await;
+            // Uncontended (one writer), so without spending the task's scheduling budget.
+            let mut sink = match sink.try_lock() {
+                Ok(sink) => sink,
+                Err(_) => sink.lock().await,
+            };
+            let res = sink.write(data, fin).await;
+            drop(sink);
             if fin || matches!(res, Err(Error::Stream { .. })) {
                 self.inner.streams.remove(&stream);
             }

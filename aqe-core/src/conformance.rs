@@ -63,6 +63,7 @@ macro_rules! conformance_tests {
             stream_delivers_open_data_and_end_in_order,
             stream_close_without_final_ends_the_stream,
             stream_to_a_dropped_receiver_fails,
+            stream_dropped_by_its_writer_fails_for_the_reader,
             discovery_sees_remote_agents_and_departures,
             stats_count_traffic,
             attaching_twice_is_refused,
@@ -1102,6 +1103,42 @@ pub async fn stream_to_a_dropped_receiver_fails(h: &dyn Harness) {
     })
     .await;
     assert!(matches!(failed, Error::Stream { .. }), "{failed}");
+}
+
+/// A stream whose writer goes away before its end reaches the reader as an error, after
+/// the data written before it: never as a clean end.
+pub async fn stream_dropped_by_its_writer_fails_for_the_reader(h: &dyn Harness) {
+    let (ta, _a, _tb, mut b) = pair(h).await;
+    let (_id, mut sink) = open(&ta, "b").await;
+    for i in 0..50u32 {
+        sink.write(counter(i), false).await.expect("write");
+    }
+    let mut s = incoming(&mut b).await;
+    let first = within("a chunk", s.next())
+        .await
+        .expect("a chunk")
+        .expect("no error yet");
+    assert_eq!(&first.data[..], &counter(0)[..]);
+    drop(sink);
+    let end = within("the stream to end", async {
+        loop {
+            match s.next().await {
+                Some(Ok(chunk)) => assert!(!chunk.fin, "a dropped writer sent no final chunk"),
+                other => return other,
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(
+            end,
+            Some(Err(Error::Stream {
+                reason: StreamFailure::Cancelled,
+                ..
+            }))
+        ),
+        "{end:?}"
+    );
 }
 
 /// Peers on other endpoints are listed with their type, capabilities and channels; a

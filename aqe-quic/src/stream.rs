@@ -1,31 +1,59 @@
 //! Agent streams over QUIC: each one QUIC stream of [`Chunk`] frames, with QUIC's flow
 //! control.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use s2n_quic::stream::SendStream;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{Semaphore, TryAcquireError, mpsc, oneshot};
 
 use aqe_core::plumbing::{StatsRecorder, StreamSource};
 use aqe_core::{
     AgentId, Error, Result, SendFailure, StreamChunk, StreamFailure, StreamId, StreamSink,
 };
 
-use crate::wire::{Chunk, FrameCodec, FrameReader, reset};
+use crate::wire::{Chunk, FrameReader, MAX_FRAME_LEN, reset};
+
+/// Bytes of chunks a stream queues for its writer, beyond what s2n-quic buffers (a larger
+/// chunk waits for the queue to empty).
+const QUEUED: usize = 256 * 1024;
 
 /// Writes an agent stream: one QUIC stream, [`Chunk`] frames, QUIC flow control.
+///
+/// A writer task of its own hands the chunks to s2n-quic: all that was written while it
+/// was busy goes in one call, one lock of the connection and one wake-up of its endpoint,
+/// instead of one per chunk. A lone chunk goes at once: nothing waits for a batch to fill.
 pub(crate) struct QuicSink {
     id: StreamId,
-    send: SendStream,
-    codec: FrameCodec,
+    tx: mpsc::Sender<Command>,
+    /// Byte budget of the queue: a write takes its chunk's bytes, the writer gives them
+    /// back once s2n-quic took them.
+    room: Arc<Semaphore>,
+    /// Why the writer stopped, when it failed.
+    failed: Arc<Mutex<Option<Error>>>,
+    /// Dropped with the sink: the writer resets an unfinished stream and ends.
+    _stop: oneshot::Sender<()>,
     max_chunk: usize,
     finished: bool,
     stats: Arc<StatsRecorder>,
     to: AgentId,
     send_timeout: Duration,
-    peer: std::net::SocketAddr,
+}
+
+/// What the sink asks of its writer.
+enum Command {
+    /// A chunk; after a final one, the writer reports (to `done`) that everything went to
+    /// s2n-quic.
+    Chunk {
+        data: Bytes,
+        fin: bool,
+        done: Option<oneshot::Sender<Result<()>>>,
+    },
+    /// End the stream and wait until the receiver's endpoint acknowledged all of it.
+    Close(oneshot::Sender<Result<()>>),
 }
 
 impl QuicSink {
@@ -37,15 +65,29 @@ impl QuicSink {
         send_timeout: Duration,
     ) -> Self {
         stats.stream_delta(true);
-        let peer = send
-            .connection()
-            .remote_addr()
-            .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-        Self {
-            peer,
+        let (tx, rx) = mpsc::channel(256);
+        let room = Arc::new(Semaphore::new(QUEUED));
+        let failed = Arc::new(Mutex::new(None));
+        let (stop, stopped) = oneshot::channel();
+        let writer = Writer {
             id: header.id,
+            peer: send
+                .connection()
+                .remote_addr()
+                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
             send,
-            codec: FrameCodec::default(),
+            room: room.clone(),
+            failed: failed.clone(),
+            stats: stats.clone(),
+        };
+        // Owned by the sink: it ends when the stream ends, fails, or the sink is dropped.
+        tokio::spawn(writer.run(rx, stopped));
+        Self {
+            id: header.id,
+            tx,
+            room,
+            failed,
+            _stop: stop,
             max_chunk,
             finished: false,
             stats,
@@ -59,6 +101,42 @@ impl QuicSink {
             self.stats.stream_delta(false);
         }
     }
+
+    /// The writer's failure (the stream is over).
+    fn failure(&mut self) -> Error {
+        self.finish();
+        self.failed
+            .lock()
+            .ok()
+            .and_then(|mut f| f.take())
+            .unwrap_or(Error::Stream {
+                stream: self.id,
+                reason: StreamFailure::Finished,
+            })
+    }
+
+    fn queue_full(&self) -> Error {
+        Error::SendFailed {
+            to: self.to.clone(),
+            reason: SendFailure::QueueFull(self.send_timeout),
+        }
+    }
+
+    /// Waits for the writer's answer, up to the send timeout; past it the stream is given up
+    /// (reset when the sink goes), so nothing reported failed arrives after all.
+    async fn answer(&mut self, done: oneshot::Receiver<Result<()>>) -> Result<()> {
+        match tokio::time::timeout(self.send_timeout, done).await {
+            Ok(Ok(r)) => {
+                self.finish();
+                r
+            }
+            Ok(Err(_)) => Err(self.failure()),
+            Err(_) => {
+                self.finish();
+                Err(self.queue_full())
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -70,44 +148,56 @@ impl StreamSink for QuicSink {
                 reason: StreamFailure::Finished,
             });
         }
-        if data.len() > self.max_chunk {
+        if data.len() > self.max_chunk || Chunk::frame_len(data.len()) > MAX_FRAME_LEN {
             return Err(Error::MessageTooLarge {
                 size: data.len(),
-                max: self.max_chunk,
+                max: self.max_chunk.min(MAX_FRAME_LEN - Chunk::frame_len(0)),
             });
         }
-        let len = data.len();
-        let frame = self.codec.encode_to_bytes(&Chunk { data, fin })?;
-        let sent = match tokio::time::timeout(self.send_timeout, self.send.send(frame)).await {
-            Ok(r) => r,
-            // The reader is not reading. s2n-quic queues a chunk whole or not at all, so
-            // nothing of this frame was sent and the stream stays usable: the caller may
-            // write again.
-            Err(_) => {
-                return Err(Error::SendFailed {
-                    to: self.to.clone(),
-                    reason: SendFailure::QueueFull(self.send_timeout),
-                });
-            }
+        let bytes = u32::try_from(Chunk::frame_len(data.len()).min(QUEUED)).unwrap_or(u32::MAX);
+        let (done, answer) = if fin {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
         };
-        if let Err(e) = sent {
-            self.finish();
-            return Err(
-                match crate::wire::stream_error(self.peer, self.send.id(), e) {
-                    Error::Stream { reason, .. } => Error::Stream {
-                        stream: self.id,
-                        reason,
-                    },
-                    other => other,
-                },
-            );
+        let command = Command::Chunk { data, fin, done };
+        // Without waiting (and without spending the task's scheduling budget) while there is
+        // room: a writer that does not yield lets the chunks pile up for one hand-over.
+        let (fast, closed) = match (self.room.try_acquire_many(bytes), self.tx.try_reserve()) {
+            (Ok(permits), Ok(slot)) => {
+                permits.forget();
+                slot.send(command);
+                (None, false)
+            }
+            (Err(TryAcquireError::Closed), _) | (_, Err(TrySendError::Closed(()))) => (None, true),
+            _ => (Some(command), false),
+        };
+        if closed {
+            return Err(self.failure());
         }
-        self.stats.sent(len);
-        if fin {
-            let _ = self.send.finish();
-            self.finish();
+        if let Some(command) = fast {
+            let (room, tx) = (&self.room, &self.tx);
+            let queued = tokio::time::timeout(self.send_timeout, async move {
+                let permits = room.acquire_many(bytes).await.ok()?;
+                let slot = tx.reserve().await.ok()?;
+                permits.forget();
+                slot.send(command);
+                Some(())
+            })
+            .await;
+            match queued {
+                Ok(Some(())) => {}
+                Ok(None) => return Err(self.failure()),
+                // The reader is not reading: nothing of this chunk was queued and the stream
+                // stays usable: the caller may write again.
+                Err(_) => return Err(self.queue_full()),
+            }
         }
-        Ok(())
+        match answer {
+            Some(answer) => self.answer(answer).await,
+            None => Ok(()),
+        }
     }
 
     /// Ends the stream and waits (up to the send timeout) until the receiver's endpoint has
@@ -117,54 +207,171 @@ impl StreamSink for QuicSink {
         if self.finished {
             return Ok(());
         }
-        let frame = self.codec.encode_to_bytes(&Chunk {
-            data: Bytes::new(),
-            fin: true,
-        })?;
-        let sent = tokio::time::timeout(self.send_timeout, async {
-            self.send.send(frame).await?;
-            self.send.close().await
-        })
-        .await;
-        self.finish();
-        match sent {
-            Ok(Ok(())) => Ok(()),
-            // The receiver's endpoint said goodbye after the end was sent: it left normally,
-            // having had the chance to read it all; not a failure of this stream.
-            Ok(Err(s2n_quic::stream::Error::ConnectionError {
-                error: s2n_quic::connection::Error::Application { error, .. },
-                ..
-            })) if u64::from(error) == u64::from(crate::wire::close::NORMAL) => Ok(()),
-            Ok(Err(e)) => match crate::wire::stream_error(self.peer, self.send.id(), e) {
-                // Stopped with code 0: the reader dropped the stream after reading its end
-                // (an aqe reader that stops early says REFUSED).
-                Error::Stream {
-                    reason: StreamFailure::Reset(0),
-                    ..
-                } => Ok(()),
-                Error::Stream { reason, .. } => Err(Error::Stream {
-                    stream: self.id,
-                    reason,
-                }),
-                other => Err(other),
-            },
-            Err(_) => Err(Error::SendFailed {
-                to: self.to.clone(),
-                reason: SendFailure::QueueFull(self.send_timeout),
-            }),
+        let (done, answer) = oneshot::channel();
+        let queued =
+            tokio::time::timeout(self.send_timeout, self.tx.send(Command::Close(done))).await;
+        match queued {
+            Ok(Ok(())) => self.answer(answer).await,
+            Ok(Err(_)) => Err(self.failure()),
+            Err(_) => {
+                self.finish();
+                Err(self.queue_full())
+            }
         }
     }
 }
 
 impl Drop for QuicSink {
     fn drop(&mut self) {
-        if !self.finished {
-            // An abandoned stream is reset, so the reader sees an error rather than an end.
-            let _ = self.send.reset(reset::CANCELLED.into());
-            self.finish();
+        // Dropping `_stop` tells the writer: an unfinished stream is reset, so the reader
+        // sees an error rather than an end.
+        self.finish();
+    }
+}
+
+/// The task that hands a sink's chunks to s2n-quic.
+struct Writer {
+    id: StreamId,
+    peer: std::net::SocketAddr,
+    send: SendStream,
+    room: Arc<Semaphore>,
+    failed: Arc<Mutex<Option<Error>>>,
+    /// Counts what went to s2n-quic, a batch at a time.
+    stats: Arc<StatsRecorder>,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, mut stopped: oneshot::Receiver<()>) {
+        let (mut commands, mut head, mut parts) = (Vec::new(), BytesMut::new(), Vec::new());
+        loop {
+            let n = tokio::select! {
+                biased;
+                _ = &mut stopped => return self.abandon(),
+                n = rx.recv_many(&mut commands, 256) => n,
+            };
+            if n == 0 {
+                return self.abandon();
+            }
+            let (mut bytes, mut ended, mut closing) = (0usize, None, None);
+            let (mut chunks, mut data_bytes) = (0u64, 0u64);
+            for command in commands.drain(..) {
+                let (data, fin) = match command {
+                    Command::Chunk { data, fin, done } => {
+                        if fin {
+                            ended = done;
+                        }
+                        (data, fin)
+                    }
+                    Command::Close(done) => {
+                        closing = Some(done);
+                        (Bytes::new(), true)
+                    }
+                };
+                bytes += Chunk::frame_len(data.len()).min(QUEUED);
+                if closing.is_none() {
+                    chunks += 1;
+                    data_bytes += data.len() as u64;
+                }
+                Chunk::encode_into(data, fin, &mut head, &mut parts);
+                if fin {
+                    break;
+                }
+            }
+            if !head.is_empty() {
+                parts.push(head.split().freeze());
+            }
+            let sent = tokio::select! {
+                biased;
+                _ = &mut stopped => return self.abandon(),
+                r = self.send.send_vectored(&mut parts) => r,
+            };
+            parts.clear();
+            self.room.add_permits(bytes);
+            if sent.is_ok() {
+                self.stats.sent_many(chunks, data_bytes);
+            }
+            if let Err(e) = sent {
+                let e = self.error(e);
+                let reason = match &e {
+                    Error::Stream { reason, .. } => Some(*reason),
+                    _ => None,
+                };
+                if let Ok(mut f) = self.failed.lock() {
+                    *f = Some(e);
+                }
+                self.room.close();
+                for done in ended.into_iter().chain(closing) {
+                    let _ = done.send(Err(match reason {
+                        Some(reason) => Error::Stream {
+                            stream: self.id,
+                            reason,
+                        },
+                        None => Error::Stream {
+                            stream: self.id,
+                            reason: StreamFailure::ClosedByPeer,
+                        },
+                    }));
+                }
+                return;
+            }
+            if let Some(done) = ended {
+                let _ = self.send.finish();
+                let _ = done.send(Ok(()));
+                return;
+            }
+            if let Some(done) = closing {
+                let closed = tokio::select! {
+                    biased;
+                    _ = &mut stopped => return,
+                    r = self.send.close() => r,
+                };
+                let _ = done.send(self.closed(closed));
+                return;
+            }
+        }
+    }
+
+    /// The sink went without ending the stream: reset it, so the reader sees an error
+    /// rather than an end.
+    fn abandon(&mut self) {
+        let _ = self.send.reset(reset::CANCELLED.into());
+    }
+
+    fn error(&self, e: s2n_quic::stream::Error) -> Error {
+        match crate::wire::stream_error(self.peer, self.send.id(), e) {
+            Error::Stream { reason, .. } => Error::Stream {
+                stream: self.id,
+                reason,
+            },
+            other => other,
+        }
+    }
+
+    /// What the end of a close means for the writer.
+    fn closed(&self, r: std::result::Result<(), s2n_quic::stream::Error>) -> Result<()> {
+        match r {
+            Ok(()) => Ok(()),
+            // The receiver's endpoint said goodbye after the end was sent: it left normally,
+            // having had the chance to read it all; not a failure of this stream.
+            Err(s2n_quic::stream::Error::ConnectionError {
+                error: s2n_quic::connection::Error::Application { error, .. },
+                ..
+            }) if u64::from(error) == u64::from(crate::wire::close::NORMAL) => Ok(()),
+            Err(e) => match self.error(e) {
+                // Stopped with code 0: the reader dropped the stream after reading its end
+                // (an aqe reader that stops early says REFUSED).
+                Error::Stream {
+                    reason: StreamFailure::Reset(0),
+                    ..
+                } => Ok(()),
+                other => Err(other),
+            },
         }
     }
 }
+
+/// Chunks a stream's reader decodes at a time (and counts in its statistics at once).
+const READ_BATCH: usize = 64;
 
 /// Reads an agent stream.
 pub(crate) struct QuicSource {
@@ -172,6 +379,8 @@ pub(crate) struct QuicSource {
     reader: FrameReader,
     stats: Arc<StatsRecorder>,
     open: bool,
+    /// Chunks decoded and not yet handed out, in order (reversed: the next is last).
+    decoded: Vec<Chunk>,
 }
 
 impl QuicSource {
@@ -181,6 +390,7 @@ impl QuicSource {
             reader,
             stats,
             open: true,
+            decoded: Vec::new(),
         }
     }
 
@@ -194,32 +404,39 @@ impl QuicSource {
 #[async_trait]
 impl StreamSource for QuicSource {
     async fn next(&mut self) -> Option<Result<StreamChunk>> {
-        match self.reader.next::<Chunk>().await {
-            Ok(Some(c)) => {
-                self.stats.received(c.data.len());
-                if c.fin {
+        if self.decoded.is_empty() {
+            match self.reader.batch_of(&mut self.decoded, READ_BATCH).await {
+                Ok(()) if self.decoded.is_empty() => {
                     self.end();
+                    return None;
                 }
-                Some(Ok(StreamChunk {
-                    data: c.data,
-                    fin: c.fin,
-                }))
-            }
-            Ok(None) => {
-                self.end();
-                None
-            }
-            Err(e) => {
-                self.end();
-                Some(Err(match e {
-                    Error::Stream { reason, .. } => Error::Stream {
-                        stream: self.id,
-                        reason,
-                    },
-                    other => other,
-                }))
+                Ok(()) => {
+                    let bytes = self.decoded.iter().map(|c| c.data.len() as u64).sum();
+                    self.stats.received_many(self.decoded.len() as u64, bytes);
+                    self.decoded.reverse();
+                }
+                Err(e) => {
+                    // Chunks decoded before the failure are not handed out after it.
+                    self.decoded.clear();
+                    self.end();
+                    return Some(Err(match e {
+                        Error::Stream { reason, .. } => Error::Stream {
+                            stream: self.id,
+                            reason,
+                        },
+                        other => other,
+                    }));
+                }
             }
         }
+        let c = self.decoded.pop()?;
+        if c.fin {
+            self.end();
+        }
+        Some(Ok(StreamChunk {
+            data: c.data,
+            fin: c.fin,
+        }))
     }
 }
 

@@ -65,6 +65,40 @@ pub struct Chunk {
     pub fin: bool,
 }
 
+/// Chunks up to this many bytes are copied into the frame that carries them; larger ones go
+/// to QUIC as they are, between their header and their end mark.
+const COPY_MAX: usize = 4 * 1024;
+
+impl Chunk {
+    /// How many bytes the frame of a chunk of `len` bytes counts in its length field (the
+    /// version, the data's length, the data, the end mark).
+    pub fn frame_len(len: usize) -> usize {
+        let mut varint = [0u8; 10];
+        let prefix = postcard::to_slice(&(len as u64), &mut varint).map_or(10, |b| b.len());
+        1 + prefix + len + 1
+    }
+
+    /// Appends the frame of a chunk (exactly what [`FrameCodec::encode`] makes of it) to
+    /// `head`; a large chunk's data is not copied: what `head` holds so far and the data go to
+    /// `parts`, and `head` goes on with the end mark.
+    pub fn encode_into(data: Bytes, fin: bool, head: &mut BytesMut, parts: &mut Vec<Bytes>) {
+        let len = data.len();
+        head.put_u32(Self::frame_len(len) as u32);
+        head.put_u8(WIRE_VERSION);
+        let mut varint = [0u8; 10];
+        if let Ok(prefix) = postcard::to_slice(&(len as u64), &mut varint) {
+            head.put_slice(prefix);
+        }
+        if len <= COPY_MAX {
+            head.put_slice(&data);
+        } else {
+            parts.push(head.split().freeze());
+            parts.push(data);
+        }
+        head.put_u8(u8::from(fin));
+    }
+}
+
 /// Application close codes (CONNECTION_CLOSE of type 0x1d).
 pub mod close {
     /// The endpoint shuts down (or has nothing more to say on this connection).
@@ -329,8 +363,23 @@ impl FrameReader {
     /// # Errors
     /// As [`FrameReader::next`].
     pub async fn batch<T: DeserializeOwned>(&mut self, out: &mut Vec<T>) -> Result<()> {
+        self.batch_of(out, usize::MAX).await
+    }
+
+    /// As [`FrameReader::batch`], at most `max` frames (what is left stays read but not
+    /// decoded, counted against the connection's reassembly budget).
+    ///
+    /// # Errors
+    /// As [`FrameReader::next`].
+    pub async fn batch_of<T: DeserializeOwned>(
+        &mut self,
+        out: &mut Vec<T>,
+        max: usize,
+    ) -> Result<()> {
         loop {
-            while let Some(v) = self.codec.decode(&mut self.buf)? {
+            while out.len() < max
+                && let Some(v) = self.codec.decode(&mut self.buf)?
+            {
                 out.push(v);
             }
             self.recount()?;
@@ -393,5 +442,32 @@ pub fn stream_error(peer: SocketAddr, id: u64, e: s2n_quic::stream::Error) -> Er
     Error::Stream {
         stream: aqe_core::StreamId(id),
         reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_framed_by_hand_is_what_the_codec_makes() {
+        for len in [0, 1, 64, 127, 128, COPY_MAX, COPY_MAX + 1, 300_000] {
+            for fin in [false, true] {
+                let data = Bytes::from((0..len).map(|i| i as u8).collect::<Vec<_>>());
+                let theirs = FrameCodec::default()
+                    .encode_to_bytes(&Chunk {
+                        data: data.clone(),
+                        fin,
+                    })
+                    .expect("encode");
+                let (mut head, mut parts) = (BytesMut::from(&b"before"[..]), Vec::new());
+                Chunk::encode_into(data, fin, &mut head, &mut parts);
+                parts.push(head.freeze());
+                let ours: Vec<u8> = parts.concat();
+                assert_eq!(&ours[..6], b"before");
+                assert_eq!(&ours[6..], &theirs[..], "{len} bytes, fin {fin}");
+                assert_eq!(Chunk::frame_len(len), theirs.len() - 4);
+            }
+        }
     }
 }

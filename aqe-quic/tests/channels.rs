@@ -292,3 +292,76 @@ async fn a_send_on_a_channel_that_does_not_block_fails_at_once_when_the_window_i
     );
     assert!(started.elapsed() >= std::time::Duration::from_millis(500));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_reader_stalls_fails_a_write_with_queue_full_and_loses_nothing() {
+    let mut c = config();
+    c.limits.connection_window = 64 * 1024;
+    c.limits.stream_send_buffer = 64 * 1024;
+    c.send_timeout = std::time::Duration::from_millis(400);
+    let a = endpoint(c.clone()).await;
+    let b = endpoint(c).await;
+    let _ia = attach(&a, "a").await;
+    let mut ib = attach(&b, "b").await;
+    a.connect(b.local_addr()).await.expect("connect");
+    await_peer(&a, "b").await;
+    let header = aqe_core::StreamHeader {
+        id: aqe_core::StreamId::next(),
+        from: "a".into(),
+        to: "b".into(),
+        options: aqe_core::StreamOptions::default(),
+    };
+    let mut sink = a.open_stream(header).await.expect("open");
+    // b does not read: QUIC's windows, s2n-quic's buffer and the sink's queue fill, and a
+    // write waits out the send timeout.
+    let chunk = |i: u32| Bytes::from(vec![(i % 251) as u8; 4096]);
+    let mut written = 0u32;
+    let err = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match sink.write(chunk(written), false).await {
+                Ok(()) => written += 1,
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("a write fails while nothing is read");
+    assert!(
+        matches!(
+            err,
+            Error::SendFailed {
+                reason: aqe_core::SendFailure::QueueFull(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(written > 16, "the windows took {written} chunks first");
+    // The failed chunk was not queued; the stream goes on once b reads.
+    let reader = tokio::spawn(async move {
+        let mut s = match ib.recv().await {
+            Some(aqe_core::Inbound::Stream(s)) => s,
+            other => panic!("expected a stream, got {other:?}"),
+        };
+        let mut data = Vec::new();
+        while let Some(c) = s.next().await {
+            let c = c.expect("no error");
+            data.extend_from_slice(&c.data);
+            if c.fin {
+                break;
+            }
+        }
+        data
+    });
+    sink.write(Bytes::from_static(b"end"), true)
+        .await
+        .expect("the final write once b reads");
+    let data = tokio::time::timeout(std::time::Duration::from_secs(20), reader)
+        .await
+        .expect("b reads it all")
+        .expect("reader");
+    let mut expected: Vec<u8> = (0..written).flat_map(|i| chunk(i).to_vec()).collect();
+    expected.extend_from_slice(b"end");
+    assert_eq!(data.len(), expected.len());
+    assert!(data == expected, "every chunk written once, in order");
+}

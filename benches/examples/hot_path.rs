@@ -29,15 +29,20 @@ fn main() {
     let rt = aqe_benches::runtime();
     rt.block_on(async {
         let fleet = Fleet::start(&net, 1, 1).await;
+        // The raw s2n-quic floor of the same operation, to profile side by side.
+        let floor = match mode {
+            "floor-stream" => Some(aqe_benches::S2nFloor::start(0).await),
+            _ => None,
+        };
         let p = Bytes::from(vec![7u8; size]);
         // Operations per round, and one round.
         let batch = match mode {
             "request" => 2_000,
-            "stream" => 10,
+            "stream" | "floor-stream" => 10,
             _ => 20_000,
         };
         let round = |n| {
-            let (fleet, p) = (&fleet, &p);
+            let (fleet, p, floor) = (&fleet, &p, &floor);
             async move {
                 match mode {
                     "request" => {
@@ -48,6 +53,13 @@ fn main() {
                     "stream" => {
                         for _ in 0..n {
                             fleet.stream(p, 1_000).await;
+                        }
+                    }
+                    "floor-stream" => {
+                        if let Some(floor) = floor {
+                            for _ in 0..n {
+                                floor.stream(p, 1_000, false).await;
+                            }
                         }
                     }
                     _ if per_call > 1 => fleet.send_batched(p, channel, n, per_call).await,
