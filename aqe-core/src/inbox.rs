@@ -68,11 +68,56 @@ struct Dedup {
     clock: u64,
 }
 
+/// The last [`DEDUP_WINDOW`] ids of one sender, oldest first. A sender's ids grow (one
+/// process-wide counter), so while they arrive in order the ring is sorted: a new id is one
+/// above the last, a copy is found by binary search, and nothing is hashed. An id out of
+/// order (a copy of an old one is not: it is found; a restarted sender counting from lower)
+/// adds a set until the ring is sorted again.
 #[derive(Default)]
 struct SenderIds {
-    set: FastSet<u64>,
     ring: VecDeque<u64>,
+    /// The ring's ids, while it is not sorted.
+    set: Option<FastSet<u64>>,
+    /// Ids added in order since the last one out of order.
+    in_order: usize,
     last_heard: u64,
+}
+
+impl SenderIds {
+    /// Records `id`; `false` if it is among the last [`DEDUP_WINDOW`] recorded.
+    fn insert(&mut self, id: u64) -> bool {
+        let ascending = self.ring.back().is_none_or(|&last| id > last);
+        match &mut self.set {
+            None if ascending => {}
+            None => {
+                if self.ring.binary_search(&id).is_ok() {
+                    return false;
+                }
+                self.set = Some(self.ring.iter().copied().collect());
+            }
+            Some(set) => {
+                if set.contains(&id) {
+                    return false;
+                }
+            }
+        }
+        self.ring.push_back(id);
+        let old = (self.ring.len() > DEDUP_WINDOW)
+            .then(|| self.ring.pop_front())
+            .flatten();
+        if let Some(set) = &mut self.set {
+            set.insert(id);
+            if let Some(old) = old {
+                set.remove(&old);
+            }
+            self.in_order = if ascending { self.in_order + 1 } else { 0 };
+            // Every id in the ring came in order: sorted again.
+            if self.in_order >= self.ring.len() {
+                self.set = None;
+            }
+        }
+        true
+    }
 }
 
 impl Dedup {
@@ -97,16 +142,7 @@ impl Dedup {
             None => self.senders.entry(from.clone()).or_default(),
         };
         ids.last_heard = self.clock;
-        if !ids.set.insert(id.0) {
-            return false;
-        }
-        ids.ring.push_back(id.0);
-        if ids.ring.len() > DEDUP_WINDOW
-            && let Some(old) = ids.ring.pop_front()
-        {
-            ids.set.remove(&old);
-        }
-        true
+        ids.insert(id.0)
     }
 }
 
@@ -1365,6 +1401,39 @@ mod tests {
         drop(rx);
         assert_eq!(log.take(), [(0, true), (1, false), (2, false)]);
         assert!(tx.deliver_now(msg(5, 9), || {}).is_err(), "closed");
+    }
+
+    proptest::proptest! {
+        /// The ring and its set answer as a plain model does (the last DEDUP_WINDOW ids
+        /// recorded, in any order): ids that mostly grow, with copies, restarts from lower
+        /// and stragglers.
+        #[test]
+        fn a_senders_ids_are_remembered_as_the_last_window_recorded(
+            steps in proptest::collection::vec((0u8..10, 0u64..5000), 1..6000)
+        ) {
+            let mut ours = SenderIds::default();
+            let mut model: VecDeque<u64> = VecDeque::new();
+            let mut next = 1_000_000u64;
+            for (kind, n) in steps {
+                let id = match kind {
+                    // A copy of a recent one (or a long-forgotten one).
+                    0 => model.get(n as usize % (model.len() + 1)).copied().unwrap_or(n),
+                    // A restart: counting from lower.
+                    1 if n < 5 => { next = n * 1000; next }
+                    // A straggler below the last.
+                    2 => next.saturating_sub(n),
+                    _ => { next += 1 + n % 3; next }
+                };
+                let fresh = !model.contains(&id);
+                if fresh {
+                    model.push_back(id);
+                    if model.len() > DEDUP_WINDOW {
+                        model.pop_front();
+                    }
+                }
+                proptest::prop_assert_eq!(ours.insert(id), fresh, "id {}", id);
+            }
+        }
     }
 
     #[test]
