@@ -851,7 +851,10 @@ impl Agent {
                 Ok(sink) => sink,
                 Err(_) => sink.lock().await,
             };
-            let res = sink.write(data, fin).await;
+            let res = match if fin { Err(data) } else { sink.try_write(data) } {
+                Ok(res) => res,
+                Err(data) => sink.write(data, fin).await,
+            };
             drop(sink);
             if fin || matches!(res, Err(Error::Stream { .. })) {
                 self.inner.streams.remove(&stream);

@@ -658,7 +658,20 @@ impl StreamSink for LocalSink {
         // The final mark is always delivered reliably, or the reader could never tell the
         // end from a stall.
         if self.reliable || fin {
-            match tx.send_timeout(chunk, self.limits.send_timeout).await {
+            // At once while there is room: no timer, and no spending of the task's budget.
+            let chunk = match tx.try_send(chunk) {
+                Ok(()) => None,
+                Err(mpsc::error::TrySendError::Full(chunk)) => Some(chunk),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.finish();
+                    return Err(failed(StreamFailure::ClosedByPeer));
+                }
+            };
+            let sent = match chunk {
+                None => Ok(()),
+                Some(chunk) => tx.send_timeout(chunk, self.limits.send_timeout).await,
+            };
+            match sent {
                 Ok(()) => {}
                 Err(mpsc::error::SendTimeoutError::Closed(_)) => {
                     self.finish();
@@ -691,6 +704,25 @@ impl StreamSink for LocalSink {
         Ok(())
     }
 
+    fn try_write(&mut self, data: Bytes) -> std::result::Result<Result<()>, Bytes> {
+        let Some(tx) = &self.tx else {
+            return Err(data);
+        };
+        if data.len() > self.limits.max_chunk {
+            return Err(data);
+        }
+        let len = data.len();
+        match tx.try_send(StreamChunk { data, fin: false }) {
+            Ok(()) => {
+                self.writer.sent(len);
+                Ok(Ok(()))
+            }
+            Err(mpsc::error::TrySendError::Full(c) | mpsc::error::TrySendError::Closed(c)) => {
+                Err(c.data)
+            }
+        }
+    }
+
     async fn close(&mut self) -> Result<()> {
         if self.tx.is_some() {
             self.write(Bytes::new(), true).await
@@ -719,12 +751,9 @@ impl LocalSource {
             self.reader.stream_delta(false);
         }
     }
-}
 
-#[async_trait]
-impl StreamSource for LocalSource {
-    async fn next(&mut self) -> Option<Result<StreamChunk>> {
-        let chunk = self.rx.recv().await;
+    /// Counts what `next` returns.
+    fn took(&mut self, chunk: Option<StreamChunk>) -> Option<Result<StreamChunk>> {
         match &chunk {
             Some(c) => {
                 self.reader.received(c.data.len());
@@ -735,6 +764,19 @@ impl StreamSource for LocalSource {
             None => self.end(),
         }
         chunk.map(Ok)
+    }
+}
+
+#[async_trait]
+impl StreamSource for LocalSource {
+    fn try_next(&mut self) -> Option<Result<StreamChunk>> {
+        let chunk = self.rx.try_recv().ok()?;
+        self.took(Some(chunk))
+    }
+
+    async fn next(&mut self) -> Option<Result<StreamChunk>> {
+        let chunk = self.rx.recv().await;
+        self.took(chunk)
     }
 }
 

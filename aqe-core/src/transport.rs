@@ -265,12 +265,22 @@ pub struct StreamChunk {
 /// The writing side of a stream.
 #[async_trait]
 pub trait StreamSink: Send + Sync {
-    /// Writes one chunk; `fin` ends the stream after it.
+    /// Writes one chunk; `fin` ends the stream after it. Returns once the chunk is queued
+    /// (queues are bounded: a write waits for room up to the send timeout, then
+    /// fails with nothing of it queued); a failure of data already queued is reported by the
+    /// next write or the close. A final write returns once everything is handed to the wire.
     ///
     /// # Errors
     /// [`Error::Stream`] when the stream is finished or the receiver is gone;
     /// [`Error::MessageTooLarge`] for a chunk above the channel's limit.
     async fn write(&mut self, data: Bytes, fin: bool) -> Result<()>;
+
+    /// Writes a chunk that is not the last without waiting, when [`StreamSink::write`] would
+    /// complete at once; otherwise hands `data` back, and the caller writes it with `write`.
+    /// Saves a boxed future per chunk; the default never takes the chunk.
+    fn try_write(&mut self, data: Bytes) -> std::result::Result<Result<()>, Bytes> {
+        Err(data)
+    }
 
     /// Ends the stream (as an empty final write, if none was made).
     ///
@@ -284,6 +294,13 @@ pub trait StreamSink: Send + Sync {
 pub trait StreamSource: Send {
     /// The next chunk; `None` after the final one, or when the stream broke.
     async fn next(&mut self) -> Option<Result<StreamChunk>>;
+
+    /// The next chunk if it is already here (`Some`, as [`StreamSource::next`] would return
+    /// it); `None` when `next` must wait or end the stream. Saves a boxed future per chunk;
+    /// the default never has one.
+    fn try_next(&mut self) -> Option<Result<StreamChunk>> {
+        None
+    }
 }
 
 /// A stream opened by a peer, in order: this value is the open, then chunks, then the end.
@@ -318,7 +335,10 @@ impl IncomingStream {
         if self.finished {
             return None;
         }
-        let item = self.source.next().await;
+        let item = match self.source.try_next() {
+            Some(item) => Some(item),
+            None => self.source.next().await,
+        };
         match &item {
             Some(Ok(chunk)) if !chunk.fin => {}
             Some(Ok(_)) | Some(Err(_)) => self.finished = true,

@@ -43,6 +43,15 @@ pub(crate) struct QuicSink {
     send_timeout: Duration,
 }
 
+/// Whether [`QuicSink::queue_now`] queued a command.
+enum Queued {
+    Yes,
+    /// The writer stopped (it failed).
+    Closed,
+    /// No room now: the command back.
+    NoRoom(Command),
+}
+
 /// What the sink asks of its writer.
 enum Command {
     /// A chunk; after a final one, the writer reports (to `done`) that everything went to
@@ -115,6 +124,23 @@ impl QuicSink {
             })
     }
 
+    /// Queues `command` (of `bytes` bytes) if there is room now, without waiting and without
+    /// spending the task's scheduling budget: a writer that does not yield lets the chunks
+    /// pile up for one hand-over.
+    fn queue_now(&self, bytes: u32, command: Command) -> Queued {
+        match (self.room.try_acquire_many(bytes), self.tx.try_reserve()) {
+            (Ok(permits), Ok(slot)) => {
+                permits.forget();
+                slot.send(command);
+                Queued::Yes
+            }
+            (Err(TryAcquireError::Closed), _) | (_, Err(TrySendError::Closed(()))) => {
+                Queued::Closed
+            }
+            _ => Queued::NoRoom(command),
+        }
+    }
+
     fn queue_full(&self) -> Error {
         Error::SendFailed {
             to: self.to.clone(),
@@ -162,20 +188,11 @@ impl StreamSink for QuicSink {
             (None, None)
         };
         let command = Command::Chunk { data, fin, done };
-        // Without waiting (and without spending the task's scheduling budget) while there is
-        // room: a writer that does not yield lets the chunks pile up for one hand-over.
-        let (fast, closed) = match (self.room.try_acquire_many(bytes), self.tx.try_reserve()) {
-            (Ok(permits), Ok(slot)) => {
-                permits.forget();
-                slot.send(command);
-                (None, false)
-            }
-            (Err(TryAcquireError::Closed), _) | (_, Err(TrySendError::Closed(()))) => (None, true),
-            _ => (Some(command), false),
+        let fast = match self.queue_now(bytes, command) {
+            Queued::Yes => None,
+            Queued::Closed => return Err(self.failure()),
+            Queued::NoRoom(command) => Some(command),
         };
-        if closed {
-            return Err(self.failure());
-        }
         if let Some(command) = fast {
             let (room, tx) = (&self.room, &self.tx);
             let queued = tokio::time::timeout(self.send_timeout, async move {
@@ -197,6 +214,29 @@ impl StreamSink for QuicSink {
         match answer {
             Some(answer) => self.answer(answer).await,
             None => Ok(()),
+        }
+    }
+
+    fn try_write(&mut self, data: Bytes) -> std::result::Result<Result<()>, Bytes> {
+        if self.finished
+            || data.len() > self.max_chunk
+            || Chunk::frame_len(data.len()) > MAX_FRAME_LEN
+        {
+            // `write` reports it.
+            return Err(data);
+        }
+        let bytes = u32::try_from(Chunk::frame_len(data.len()).min(QUEUED)).unwrap_or(u32::MAX);
+        let command = Command::Chunk {
+            data,
+            fin: false,
+            done: None,
+        };
+        match self.queue_now(bytes, command) {
+            Queued::Yes => Ok(Ok(())),
+            Queued::Closed => Ok(Err(self.failure())),
+            Queued::NoRoom(Command::Chunk { data, .. }) => Err(data),
+            // Not this command: it is the chunk given.
+            Queued::NoRoom(Command::Close(_)) => Err(Bytes::new()),
         }
     }
 
@@ -403,6 +443,17 @@ impl QuicSource {
 
 #[async_trait]
 impl StreamSource for QuicSource {
+    fn try_next(&mut self) -> Option<Result<StreamChunk>> {
+        let c = self.decoded.pop()?;
+        if c.fin {
+            self.end();
+        }
+        Some(Ok(StreamChunk {
+            data: c.data,
+            fin: c.fin,
+        }))
+    }
+
     async fn next(&mut self) -> Option<Result<StreamChunk>> {
         if self.decoded.is_empty() {
             match self.reader.batch_of(&mut self.decoded, READ_BATCH).await {
@@ -429,14 +480,7 @@ impl StreamSource for QuicSource {
                 }
             }
         }
-        let c = self.decoded.pop()?;
-        if c.fin {
-            self.end();
-        }
-        Some(Ok(StreamChunk {
-            data: c.data,
-            fin: c.fin,
-        }))
+        self.try_next()
     }
 }
 
