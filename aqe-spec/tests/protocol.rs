@@ -188,6 +188,18 @@ fn constants() -> BTreeMap<&'static str, String> {
             "lossy ack batch",
             s::WirePolicy::LOSSY.ack_batch.to_string(),
         ),
+        (
+            "reliable ack delay ms",
+            s::WirePolicy::RELIABLE.ack_delay.as_millis().to_string(),
+        ),
+        (
+            "reliable ack linger ms",
+            s::WirePolicy::RELIABLE.ack_linger.as_millis().to_string(),
+        ),
+        (
+            "reliable ack batch",
+            s::WirePolicy::RELIABLE.ack_batch.to_string(),
+        ),
         ("dedup window", aqe_core::plumbing::DEDUP_WINDOW.to_string()),
         (
             "dedup senders",
