@@ -3,9 +3,11 @@
 //! streams.
 //!
 //! `taskset -c 0 cargo run --release -p aqe-benches --example hot_path -- quic|bus [SECS]
-//! [ordered|unordered|request|stream] [BATCH] [BYTES]`; run it under `perf record -g` to see
-//! where a message's time goes. With BATCH, messages go in `send_many` batches of that many;
-//! BYTES is the payload's size (64 by default). Prints messages (or operations) per second.
+//! [ordered|unordered|request|stream|floor-request|floor-stream] [BATCH] [BYTES]`; run it
+//! under `perf record -g` to see where a message's time goes. With BATCH, messages go in
+//! `send_many` batches of that many; BYTES is the payload's size (64 by default). The
+//! `floor-` modes run raw s2n-quic's request and 1,000-message stream instead, to profile
+//! side by side. Prints messages (or operations) per second.
 
 use std::time::{Duration, Instant};
 
@@ -31,13 +33,13 @@ fn main() {
         let fleet = Fleet::start(&net, 1, 1).await;
         // The raw s2n-quic floor of the same operation, to profile side by side.
         let floor = match mode {
-            "floor-stream" => Some(aqe_benches::S2nFloor::start(0).await),
+            "floor-stream" | "floor-request" => Some(aqe_benches::S2nFloor::start(0).await),
             _ => None,
         };
         let p = Bytes::from(vec![7u8; size]);
         // Operations per round, and one round.
         let batch = match mode {
-            "request" => 2_000,
+            "request" | "floor-request" => 2_000,
             "stream" | "floor-stream" => 10,
             _ => 20_000,
         };
@@ -53,6 +55,13 @@ fn main() {
                     "stream" => {
                         for _ in 0..n {
                             fleet.stream(p, 1_000).await;
+                        }
+                    }
+                    "floor-request" => {
+                        if let Some(floor) = floor {
+                            for _ in 0..n {
+                                std::hint::black_box(floor.request_same_stream(p).await);
+                            }
                         }
                     }
                     "floor-stream" => {
