@@ -843,18 +843,41 @@ impl Agent {
         data: impl Into<Bytes>,
         fin: bool,
     ) -> Result<()> {
-        let data = data.into();
+        let mut data = data.into();
+        // A chunk the stream takes at once is written here, without the waiting machinery
+        // below: this future stays small (callers move it whole, chunk after chunk).
+        if !fin
+            && !self.inner.shutdown.is_cancelled()
+            && let Ok(sink) = self.stream_sink(stream)
+            && let Ok(mut sink) = sink.try_lock()
+        {
+            match sink.try_write(data) {
+                Ok(res) => {
+                    drop(sink);
+                    if let Err(e) = &res {
+                        if matches!(e, Error::Stream { .. }) {
+                            self.inner.streams.remove(&stream);
+                        }
+                        self.note_error(e);
+                    }
+                    return res;
+                }
+                Err(back) => data = back,
+            }
+        }
+        Box::pin(self.write_stream_waiting(stream, data, fin)).await
+    }
+
+    /// [`Agent::write_stream`] when the chunk has to wait (for room, for the stream's lock)
+    /// or ends the stream.
+    async fn write_stream_waiting(&self, stream: StreamId, data: Bytes, fin: bool) -> Result<()> {
         self.guarded(async {
             let sink = self.stream_sink(stream)?;
-            // Uncontended (one writer), so without spending the task's scheduling budget.
             let mut sink = match sink.try_lock() {
                 Ok(sink) => sink,
                 Err(_) => sink.lock().await,
             };
-            let res = match if fin { Err(data) } else { sink.try_write(data) } {
-                Ok(res) => res,
-                Err(data) => sink.write(data, fin).await,
-            };
+            let res = sink.write(data, fin).await;
             drop(sink);
             if fin || matches!(res, Err(Error::Stream { .. })) {
                 self.inner.streams.remove(&stream);

@@ -60,7 +60,7 @@ fn main() {
                     "floor-request" => {
                         if let Some(floor) = floor {
                             for _ in 0..n {
-                                std::hint::black_box(floor.request_same_stream(p).await);
+                                floor.request_same_stream(p).await;
                             }
                         }
                     }
