@@ -145,7 +145,33 @@ fn close_and_reset_codes_are_the_wires() {
 fn constants() -> BTreeMap<&'static str, String> {
     use aqe_quic::testing as q;
     use aqe_session as s;
-    BTreeMap::from([
+    let mut acks = BTreeMap::new();
+    for (keys, wire) in [
+        (
+            [
+                "lossy ack delay ms",
+                "lossy ack linger ms",
+                "lossy ack batch",
+            ],
+            s::WirePolicy::LOSSY,
+        ),
+        (
+            [
+                "reliable ack delay ms",
+                "reliable ack linger ms",
+                "reliable ack batch",
+            ],
+            s::WirePolicy::RELIABLE,
+        ),
+    ] {
+        let values = [
+            wire.ack_delay.as_millis().to_string(),
+            wire.ack_linger.as_millis().to_string(),
+            wire.ack_batch.to_string(),
+        ];
+        acks.extend(keys.into_iter().zip(values));
+    }
+    let mut all = BTreeMap::from([
         ("alpn", String::from_utf8(q::ALPN.to_vec()).expect("ascii")),
         ("session version", s::SESSION_VERSION.to_string()),
         ("quic frame version", q::WIRE_VERSION.to_string()),
@@ -176,36 +202,14 @@ fn constants() -> BTreeMap<&'static str, String> {
                 .map_or(0, |d| d.as_millis())
                 .to_string(),
         ),
-        (
-            "lossy ack delay ms",
-            s::WirePolicy::LOSSY.ack_delay.as_millis().to_string(),
-        ),
-        (
-            "lossy ack linger ms",
-            s::WirePolicy::LOSSY.ack_linger.as_millis().to_string(),
-        ),
-        (
-            "lossy ack batch",
-            s::WirePolicy::LOSSY.ack_batch.to_string(),
-        ),
-        (
-            "reliable ack delay ms",
-            s::WirePolicy::RELIABLE.ack_delay.as_millis().to_string(),
-        ),
-        (
-            "reliable ack linger ms",
-            s::WirePolicy::RELIABLE.ack_linger.as_millis().to_string(),
-        ),
-        (
-            "reliable ack batch",
-            s::WirePolicy::RELIABLE.ack_batch.to_string(),
-        ),
         ("dedup window", aqe_core::plumbing::DEDUP_WINDOW.to_string()),
         (
             "dedup senders",
             aqe_core::plumbing::DEDUP_SENDERS.to_string(),
         ),
-    ])
+    ]);
+    all.append(&mut acks);
+    all
 }
 
 #[test]
