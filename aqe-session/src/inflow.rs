@@ -519,3 +519,86 @@ impl Inflow {
         self.waiting_on.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aqe_core::{MessageKind, Recipient};
+
+    /// Delivers `seq` to agent "b" and has it taken at `now`.
+    fn taken(inflow: &mut Inflow, seq: u64, confirm: bool, now: Instant, wire: &WirePolicy) {
+        let envelope = Envelope::new(
+            "a".into(),
+            Recipient::Agent("b".into()),
+            "coordination".into(),
+            MessageKind::Direct,
+            bytes::Bytes::from_static(b"x"),
+        );
+        let r = Ready {
+            seq,
+            to: "b".into(),
+            confirm,
+            envelope,
+        };
+        let mut ready = Vec::new();
+        inflow.deliver(r, 1, &mut ready);
+        inflow.settle(seq, None, now, wire);
+    }
+
+    fn taken_ranges(inflow: &mut Inflow, wire: &WirePolicy) -> Vec<(u64, u64)> {
+        let mut out = std::collections::VecDeque::new();
+        inflow.acks(wire, &mut out);
+        out.into_iter()
+            .flat_map(|t| match t {
+                Transmit::Frame(_, Frame::Acks { taken, .. }) => taken,
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn acknowledgements_wait_for_the_batch_the_delay_or_the_linger_and_a_confirm_goes_at_once() {
+        let budgets = Arc::new(Budgets::new(&crate::Config::default()));
+        for wire in [WirePolicy::RELIABLE, WirePolicy::LOSSY] {
+            let t0 = Instant::now();
+            let mut inflow = Inflow::new(100_000, 1 << 30, budgets.clone());
+            // One taken message waits: for more, or for the linger.
+            taken(&mut inflow, 1, false, t0, &wire);
+            assert!(!inflow.acks_due());
+            assert_eq!(inflow.ack_at(&wire), Some(t0 + wire.ack_linger));
+            inflow.on_timeout(t0 + wire.ack_linger - Duration::from_micros(1), &wire);
+            assert!(!inflow.acks_due(), "not before the linger");
+            inflow.on_timeout(t0 + wire.ack_linger, &wire);
+            assert!(inflow.acks_due());
+            assert_eq!(taken_ranges(&mut inflow, &wire), vec![(1, 1)]);
+            assert_eq!(inflow.ack_at(&wire), None, "nothing pending");
+            // While traffic flows, the first one taken the delay after the batch began
+            // sends the batch.
+            let t1 = t0 + Duration::from_secs(1);
+            taken(&mut inflow, 2, false, t1, &wire);
+            taken(&mut inflow, 3, false, t1 + wire.ack_delay / 2, &wire);
+            assert!(!inflow.acks_due());
+            taken(&mut inflow, 4, false, t1 + wire.ack_delay, &wire);
+            assert!(inflow.acks_due());
+            assert_eq!(taken_ranges(&mut inflow, &wire), vec![(2, 4)]);
+            // A full batch goes at once (the note that messages were received counts as one
+            // pending acknowledgement, beside the numbers taken).
+            let t2 = t1 + Duration::from_secs(1);
+            let (first, batch) = (5, wire.ack_batch as u64 - 1);
+            for seq in first..first + batch {
+                assert!(!inflow.acks_due(), "{seq}");
+                taken(&mut inflow, seq, false, t2, &wire);
+            }
+            assert!(inflow.acks_due());
+            assert_eq!(
+                taken_ranges(&mut inflow, &wire),
+                vec![(first, first + batch - 1)]
+            );
+            // A message whose sender waits for its confirmation goes at once.
+            let next = first + batch;
+            taken(&mut inflow, next, true, t2 + Duration::from_secs(1), &wire);
+            assert!(inflow.acks_due());
+            assert_eq!(taken_ranges(&mut inflow, &wire), vec![(next, next)]);
+        }
+    }
+}
