@@ -331,26 +331,16 @@ impl Writer {
                 self.stats.sent_many(chunks, data_bytes);
             }
             if let Err(e) = sent {
-                let e = self.error(e);
-                let reason = match &e {
-                    Error::Stream { reason, .. } => Some(*reason),
-                    _ => None,
-                };
-                if let Ok(mut f) = self.failed.lock() {
-                    *f = Some(e);
-                }
                 self.room.close();
-                for done in ended.into_iter().chain(closing) {
-                    let _ = done.send(Err(match reason {
-                        Some(reason) => Error::Stream {
-                            stream: self.id,
-                            reason,
-                        },
-                        None => Error::Stream {
-                            stream: self.id,
-                            reason: StreamFailure::ClosedByPeer,
-                        },
-                    }));
+                // A final write or a close waiting on this batch hears why (its sink is over
+                // after it); otherwise the next write does. A close reads the failure as a
+                // close does (a receiver that left normally after the end is no failure).
+                if let Some(done) = closing {
+                    let _ = done.send(self.closed(Err(e)));
+                } else if let Some(done) = ended {
+                    let _ = done.send(Err(self.error(e)));
+                } else if let Ok(mut f) = self.failed.lock() {
+                    *f = Some(self.error(e));
                 }
                 return;
             }
