@@ -854,10 +854,8 @@ impl Agent {
             match sink.try_write(data) {
                 Ok(res) => {
                     drop(sink);
+                    self.wrote(stream, false, &res);
                     if let Err(e) = &res {
-                        if matches!(e, Error::Stream { .. }) {
-                            self.inner.streams.remove(&stream);
-                        }
                         self.note_error(e);
                     }
                     return res;
@@ -879,12 +877,17 @@ impl Agent {
             };
             let res = sink.write(data, fin).await;
             drop(sink);
-            if fin || matches!(res, Err(Error::Stream { .. })) {
-                self.inner.streams.remove(&stream);
-            }
+            self.wrote(stream, fin, &res);
             res
         })
         .await
+    }
+
+    /// A stream that ended (its final write, or a stream error) leaves the table.
+    fn wrote(&self, stream: StreamId, fin: bool, res: &Result<()>) {
+        if fin || matches!(res, Err(Error::Stream { .. })) {
+            self.inner.streams.remove(&stream);
+        }
     }
 
     /// Ends a stream this agent opened.

@@ -641,7 +641,14 @@ impl LocalSink {
 
 #[async_trait]
 impl StreamSink for LocalSink {
-    async fn write(&mut self, data: Bytes, fin: bool) -> Result<()> {
+    async fn write(&mut self, mut data: Bytes, fin: bool) -> Result<()> {
+        // At once while there is room: no timer, and no spending of the task's budget.
+        if !fin {
+            match self.try_write(data) {
+                Ok(res) => return res,
+                Err(back) => data = back,
+            }
+        }
         let id = self.id;
         let failed = move |reason| Error::Stream { stream: id, reason };
         let Some(tx) = &self.tx else {
@@ -658,20 +665,7 @@ impl StreamSink for LocalSink {
         // The final mark is always delivered reliably, or the reader could never tell the
         // end from a stall.
         if self.reliable || fin {
-            // At once while there is room: no timer, and no spending of the task's budget.
-            let chunk = match tx.try_send(chunk) {
-                Ok(()) => None,
-                Err(mpsc::error::TrySendError::Full(chunk)) => Some(chunk),
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.finish();
-                    return Err(failed(StreamFailure::ClosedByPeer));
-                }
-            };
-            let sent = match chunk {
-                None => Ok(()),
-                Some(chunk) => tx.send_timeout(chunk, self.limits.send_timeout).await,
-            };
-            match sent {
+            match tx.send_timeout(chunk, self.limits.send_timeout).await {
                 Ok(()) => {}
                 Err(mpsc::error::SendTimeoutError::Closed(_)) => {
                     self.finish();

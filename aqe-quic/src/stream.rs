@@ -400,8 +400,10 @@ impl Writer {
     }
 }
 
-/// Chunks a stream's reader decodes at a time (and counts in its statistics at once).
+/// Chunks a stream's reader decodes at a time (and counts in its statistics at once), at
+/// most, and their bytes (held outside the connection's reassembly budget until taken).
 const READ_BATCH: usize = 64;
+const READ_BATCH_BYTES: usize = 64 * 1024;
 
 /// Reads an agent stream.
 pub(crate) struct QuicSource {
@@ -446,7 +448,11 @@ impl StreamSource for QuicSource {
 
     async fn next(&mut self) -> Option<Result<StreamChunk>> {
         if self.decoded.is_empty() {
-            match self.reader.batch_of(&mut self.decoded, READ_BATCH).await {
+            match self
+                .reader
+                .batch_of(&mut self.decoded, READ_BATCH, READ_BATCH_BYTES)
+                .await
+            {
                 Ok(()) if self.decoded.is_empty() => {
                     self.end();
                     return None;

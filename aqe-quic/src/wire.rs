@@ -363,11 +363,13 @@ impl FrameReader {
     /// # Errors
     /// As [`FrameReader::next`].
     pub async fn batch<T: DeserializeOwned>(&mut self, out: &mut Vec<T>) -> Result<()> {
-        self.batch_of(out, usize::MAX).await
+        self.batch_of(out, usize::MAX, usize::MAX).await
     }
 
-    /// As [`FrameReader::batch`], at most `max` frames (what is left stays read but not
-    /// decoded, counted against the connection's reassembly budget).
+    /// As [`FrameReader::batch`], but no frame more once `max` frames or `max_bytes` bytes
+    /// of them are decoded (at least one is): what is left stays read but not decoded,
+    /// counted against the connection's reassembly budget, so that what a reader holds
+    /// outside that budget stays small.
     ///
     /// # Errors
     /// As [`FrameReader::next`].
@@ -375,9 +377,12 @@ impl FrameReader {
         &mut self,
         out: &mut Vec<T>,
         max: usize,
+        max_bytes: usize,
     ) -> Result<()> {
         loop {
+            let before = self.buf.len();
             while out.len() < max
+                && before - self.buf.len() < max_bytes
                 && let Some(v) = self.codec.decode(&mut self.buf)?
             {
                 out.push(v);
