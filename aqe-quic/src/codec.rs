@@ -42,6 +42,11 @@ impl FrameCodec {
         }
     }
 
+    /// The largest frame accepted (its body, after the length).
+    pub fn max_frame_len(&self) -> usize {
+        self.max_frame_len
+    }
+
     /// Appends one frame holding `value` to `dst`. On error `dst` is left as it was.
     ///
     /// # Errors
@@ -105,9 +110,8 @@ impl FrameCodec {
             });
         }
         if src.len() < 4 + len {
-            // Nothing is reserved for what the header claims: the buffer grows with what
-            // actually arrives, so a hostile length costs nothing until its bytes are sent
-            // (and QUIC flow control bounds those).
+            // Nothing is reserved here for what the header claims (a reader that does
+            // counts it against its connection's cap first).
             return Ok(None);
         }
         let version = src[4];

@@ -294,6 +294,37 @@ impl Reassembly {
     }
 }
 
+/// Room in `buf` for `chunk`. A large frame's buffer is allocated once, to the length its
+/// header declares (within `max_frame_len`), and counted against the connection's cap like
+/// bytes that arrived: grown by doubling, it could hold up to twice what the frame needs,
+/// past the cap for a peer within its windows (a window of large messages arriving together
+/// closed the connection as hostile), and every doubling copied what was read so far.
+fn make_room(buf: &mut BytesMut, chunk: &[u8], max_frame_len: usize) {
+    let len = buf.len();
+    let need = len + chunk.len();
+    if need <= buf.capacity() {
+        return;
+    }
+    let frame_end = (need >= 4)
+        .then(|| {
+            let mut header = [0u8; 4];
+            let have = len.min(4);
+            header[..have].copy_from_slice(&buf[..have]);
+            header[have..].copy_from_slice(&chunk[..4 - have]);
+            4 + u32::from_be_bytes(header) as usize
+        })
+        .filter(|&end| end <= 4 + max_frame_len);
+    let want = frame_end.unwrap_or(0).max(need);
+    if want <= RETAINED {
+        // Small frames: the buffer's own growth, which reuses the room of frames taken.
+        buf.reserve(chunk.len());
+        return;
+    }
+    let mut grown = BytesMut::with_capacity(want);
+    grown.extend_from_slice(buf);
+    *buf = grown;
+}
+
 impl FrameReader {
     /// Reads `recv`, accepting frames up to `codec`'s limit.
     pub fn new(recv: s2n_quic::stream::ReceiveStream, codec: FrameCodec) -> Self {
@@ -398,6 +429,7 @@ impl FrameReader {
     async fn fill(&mut self) -> Result<bool> {
         match self.recv.receive().await {
             Ok(Some(chunk)) => {
+                make_room(&mut self.buf, &chunk, self.codec.max_frame_len());
                 self.buf.extend_from_slice(&chunk);
                 self.recount()?;
                 Ok(true)
@@ -453,6 +485,48 @@ pub fn stream_error(peer: SocketAddr, id: u64, e: s2n_quic::stream::Error) -> Er
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Feeds `frames` to a buffer in chunks of `step` bytes as a reader does, taking each
+    /// frame once complete; the largest capacity the buffer had.
+    fn largest_room(frames: &[usize], step: usize) -> usize {
+        let mut wire = Vec::new();
+        for &len in frames {
+            wire.extend_from_slice(&(len as u32).to_be_bytes());
+            wire.extend(std::iter::repeat_n(7u8, len));
+        }
+        let (mut buf, mut largest) = (BytesMut::new(), 0);
+        for chunk in wire.chunks(step) {
+            make_room(&mut buf, chunk, MAX_FRAME_LEN);
+            buf.extend_from_slice(chunk);
+            largest = largest.max(buf.capacity());
+            while buf.len() >= 4 {
+                let end = 4 + u32::from_be_bytes(buf[..4].try_into().expect("4")) as usize;
+                if buf.len() < end {
+                    break;
+                }
+                let _ = buf.split_to(end);
+            }
+        }
+        largest
+    }
+
+    #[test]
+    fn a_large_frame_is_held_in_exactly_its_own_room() {
+        for len in [520 * 1024, 900 * 1024, 16 << 20] {
+            for step in [1200, 16 * 1024, 64 * 1024 + 3] {
+                assert_eq!(
+                    largest_room(&[len], step),
+                    4 + len,
+                    "{len} in steps of {step}"
+                );
+            }
+        }
+        // Back to back, each frame gets its own room: never both at once, never doubled.
+        let two = largest_room(&[600 * 1024, 700 * 1024], 10_000);
+        assert!(two <= 4 + 700 * 1024 + 10_000, "{two}");
+        // Small frames keep the buffer's own growth (no allocation per chunk).
+        assert!(largest_room(&[100; 5000], 1500) <= 2 * RETAINED);
+    }
 
     #[test]
     fn a_chunk_framed_by_hand_is_what_the_codec_makes() {

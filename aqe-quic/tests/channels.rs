@@ -143,6 +143,54 @@ async fn twenty_thousand_unordered_sends_are_all_delivered_without_a_false_error
     assert_eq!((s.messages_failed, s.messages_sent), (0, u64::from(N)));
 }
 
+/// A window's worth of large unordered messages, each on a stream of its own, arrive
+/// together: what their readers hold stays within the connection's cap on partial frames
+/// (a reader's buffer that grew by doubling once passed it, and a peer within its windows was
+/// closed as hostile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_of_large_unordered_messages_arrives_without_closing_the_connection() {
+    const N: usize = 200;
+    let size = 520 * 1024;
+    let channels = || {
+        vec![
+            Channel::new("bulk", ChannelKind::Unicast)
+                .with_ordered(false)
+                .with_max_message_size(1024 * 1024),
+        ]
+    };
+    let a = endpoint(config()).await;
+    let b = endpoint(config()).await;
+    let _ia = attach_with(&a, "a", channels()).await;
+    let mut ib = attach_with(&b, "b", channels()).await;
+    a.connect(b.local_addr()).await.expect("connect");
+    await_peer(&a, "b").await;
+    let reader = tokio::spawn(async move {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..N {
+            let e = next_message(&mut ib).await;
+            assert_eq!(e.payload.len(), size);
+            assert!(seen.insert((e.payload[0], e.payload[1])), "delivered twice");
+        }
+        seen.len()
+    });
+    for i in 0..N {
+        let mut p = vec![0; size];
+        p[..2].copy_from_slice(&(i as u16).to_be_bytes());
+        a.send(msg("bulk", p)).await.expect("send");
+    }
+    assert_eq!(reader.await.expect("reader"), N);
+    tokio::time::timeout(WAIT, async {
+        while a.stats(&"a".into()).messages_unconfirmed > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("all confirmed");
+    let s = a.stats(&"a".into());
+    assert_eq!((s.messages_failed, s.messages_sent), (0, N as u64));
+    assert_eq!(a.links().len(), 1, "the connection stayed up");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_joins_an_open_connection_with_a_larger_channel_gets_its_large_messages() {
     let big = 3 * 1024 * 1024;
