@@ -25,11 +25,13 @@ use aqe_core::{
 use aqe_link::{Host, Link, LinkFigures, SessionHandle};
 use aqe_session::{Ended, Frame, Lane, Transmit};
 
+use crate::codec::FRAME_HEADER_LEN;
 use crate::link::LinkStats;
 use crate::sched::{CHUNK, Gate, Tally};
 use crate::stream::{QuicSink, QuicSource};
 use crate::wire::{
-    self, FrameCodec, FrameReader, LARGE, Preamble, Reassembly, WIRE_VERSION, close, reset,
+    self, FrameCodec, FrameReader, LARGE, Preamble, REQUEST_VARIANTS, Reassembly, WIRE_VERSION,
+    close, reset,
 };
 
 /// Pooled streams per connection and priority for unordered messages: a lost packet holds
@@ -556,9 +558,10 @@ pub(crate) async fn serve(
             stream = acceptor.accept() => match stream {
                 Ok(Some(PeerStream::Receive(recv))) => {
                     let mut reader = FrameReader::new(recv, FrameCodec::new(limits.control));
-                    reader.account(reassembly.clone());
+                    // Nothing is read yet: counting nothing cannot fail.
+                    let _ = reader.account(reassembly.clone());
                     host.tasks().spawn(
-                        read_stream(host.clone(), session.clone(), link.clone(), reader, limits, streams.clone())
+                        read_stream(host.clone(), session.clone(), link.clone(), reader, limits, [reassembly.clone(), streams.clone()])
                             .instrument(link.span.clone()),
                     );
                 }
@@ -672,15 +675,28 @@ async fn read_stream(
     link: Arc<QuicLink>,
     mut reader: FrameReader,
     limits: Limits,
-    streams: Arc<Reassembly>,
+    [windowed, streams]: [Arc<Reassembly>; 2],
 ) {
     let outcome = async {
         let Some(preamble) = reader.next::<Preamble>().await? else {
             return Ok(());
         };
         if let Preamble::Stream { header, generation } = preamble {
-            reader.account(streams);
+            reader.account(streams)?;
             return agent_stream(&host, &session, reader, header, generation).await;
+        }
+        if preamble == Preamble::Large {
+            // Only a message is within the session's windows. A request is not (its
+            // responder refuses what would pass its room, with `Overflow`, once it has it)
+            // nor is an answer: their partial frames count against the endpoint's budget
+            // alone, as an agent stream's do, so that a burst of large requests is no
+            // violation. The frame's kind is its first byte after the header; anything but
+            // a request or an answer stays within the windows' cap.
+            reader.account(streams)?;
+            let kind = reader.peek(FRAME_HEADER_LEN).await?;
+            if !kind.is_some_and(|k| REQUEST_VARIANTS.contains(&k)) {
+                reader.account(windowed)?;
+            }
         }
         let data = matches!(preamble, Preamble::Channel(_) | Preamble::Large);
         let mut limit = if data {

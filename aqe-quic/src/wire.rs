@@ -190,6 +190,11 @@ pub fn datagram(t: &Transmit) -> Result<Bytes> {
     Ok(buf.freeze())
 }
 
+/// The first byte of a `Request` and of a `Response` frame's body (their variants,
+/// PROTOCOL.md's `enum Frame`): on a `Large` stream, it tells them from a message, which is
+/// within the session's windows.
+pub(crate) const REQUEST_VARIANTS: [u8; 2] = [11, 13];
+
 /// Decodes a datagram: exactly one session frame after the version byte.
 ///
 /// # Errors
@@ -342,12 +347,29 @@ impl FrameReader {
     }
 
     /// Counts what this reader holds against `r` from now on.
-    pub(crate) fn account(&mut self, r: Arc<Reassembly>) {
+    ///
+    /// # Errors
+    /// As [`FrameReader::next`], when what it holds does not fit in `r`.
+    pub(crate) fn account(&mut self, r: Arc<Reassembly>) -> Result<()> {
         if let Some((old, counted)) = self.account.take() {
             old.shrink(counted);
         }
         self.account = Some((r, 0));
-        let _ = self.recount();
+        self.recount()
+    }
+
+    /// The byte at `at` of what is still undecoded, reading until it is there; `None` at a
+    /// clean end of stream.
+    ///
+    /// # Errors
+    /// As [`FrameReader::next`].
+    pub(crate) async fn peek(&mut self, at: usize) -> Result<Option<u8>> {
+        while self.buf.len() <= at {
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+        Ok(Some(self.buf[at]))
     }
 
     /// Brings the count in line with the buffer.
@@ -508,6 +530,33 @@ mod tests {
             }
         }
         largest
+    }
+
+    #[test]
+    fn a_request_and_an_answer_frame_begin_with_their_variants() {
+        let envelope = aqe_core::Envelope::new(
+            "a".into(),
+            aqe_core::Recipient::Agent("b".into()),
+            "c".into(),
+            aqe_core::MessageKind::Direct,
+            Bytes::from_static(b"x"),
+        );
+        let first = |f: &Frame| postcard::to_stdvec(f).expect("encode")[0];
+        let message = Frame::Message {
+            seq: 300,
+            after: 0,
+            low: 1,
+            generation: 2,
+            confirm: false,
+            envelope: envelope.clone(),
+        };
+        assert!(!REQUEST_VARIANTS.contains(&first(&message)));
+        let request = Frame::Request {
+            generation: 2,
+            envelope: envelope.clone(),
+        };
+        let response = Frame::Response { envelope };
+        assert_eq!([first(&request), first(&response)], REQUEST_VARIANTS);
     }
 
     #[test]

@@ -449,12 +449,13 @@ async fn all_given_back(e: &aqe_quic::QuicTransport) {
 }
 
 /// Opens `streams` `Large` streams on `raw`, each starting a frame that claims `claim`
-/// bytes and sending `part` of them, never the rest.
+/// bytes and sending `part` of them, never the rest: the first is `kind` (a frame variant).
 async fn partial_frames(
     raw: &mut Raw,
     streams: usize,
     claim: u32,
     part: usize,
+    kind: u8,
 ) -> Vec<s2n_quic::stream::SendStream> {
     let mut open = Vec::new();
     for _ in 0..streams {
@@ -467,7 +468,8 @@ async fn partial_frames(
             .expect("preamble");
         buf.put_u32(claim);
         buf.put_u8(testing::WIRE_VERSION);
-        buf.put_bytes(0, part);
+        buf.put_u8(kind);
+        buf.put_bytes(0, part - 1);
         if s.send(buf.freeze()).await.is_err() {
             break;
         }
@@ -476,9 +478,14 @@ async fn partial_frames(
     open
 }
 
+/// The variant of a `Message` frame, and of a `Request` (PROTOCOL.md's `enum Frame`).
+const MESSAGE: u8 = 7;
+const REQUEST: u8 = 11;
+
 /// Partial frames are bounded: one connection's lanes hold at most what the session's
 /// windows allow (beyond, 0x5), and all of them at most the endpoint's budget (beyond, the
-/// connection whose frame did not fit is closed with 0xb).
+/// connection whose frame did not fit is closed with 0xb). Large requests are not within the
+/// windows: only the endpoint's budget bounds them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_frames_are_bounded_per_connection_and_per_endpoint() {
     let _heavy = HEAVY.lock().await;
@@ -488,7 +495,7 @@ async fn partial_frames_are_bounded_per_connection_and_per_endpoint() {
     small.limits.session_bytes = 256 << 10;
     let e = endpoint(small).await;
     let mut raw = raw_join(e.local_addr(), &raw_hello(5151, "127.0.0.1:9"), vec![]).await;
-    let _held = partial_frames(&mut raw, 8, claim, 512 << 10).await;
+    let _held = partial_frames(&mut raw, 8, claim, 512 << 10, MESSAGE).await;
     assert_eq!(
         close_code(&mut raw.connection).await,
         Some(u64::from(close::PROTOCOL_VIOLATION)),
@@ -499,13 +506,46 @@ async fn partial_frames_are_bounded_per_connection_and_per_endpoint() {
     tight.limits.endpoint_bytes = 1 << 20;
     let e2 = endpoint(tight).await;
     let mut raw = raw_join(e2.local_addr(), &raw_hello(5252, "127.0.0.1:9"), vec![]).await;
-    let _held = partial_frames(&mut raw, 4, claim, 512 << 10).await;
+    let _held = partial_frames(&mut raw, 4, claim, 512 << 10, MESSAGE).await;
     assert_eq!(
         close_code(&mut raw.connection).await,
         Some(u64::from(close::OVERLOADED)),
         "2 MiB of partial frames past a 1 MiB endpoint budget"
     );
-    // What the closed connection held was given back: a new peer is served.
+    // Large requests past what the windows allow, within the endpoint's budget: held, and
+    // the connection still serves; past the budget, 0xb.
+    let mut small = config();
+    small.limits.session_bytes = 256 << 10;
+    let e3 = endpoint(small).await;
+    let mut raw = raw_join(e3.local_addr(), &raw_hello(5454, "127.0.0.1:9"), vec![]).await;
+    let _held = partial_frames(&mut raw, 8, claim, 512 << 10, REQUEST).await;
+    tokio::time::timeout(WAIT, async {
+        while e3.held_bytes() < 8 * u64::from(claim) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("8 MiB of partial requests held");
+    let mut ping = BytesMut::new();
+    frame(
+        Frame::Ping {
+            nonce: 4,
+            generation: 0,
+            low: 1,
+        },
+        &mut ping,
+    );
+    raw.send.send(ping.freeze()).await.expect("ping");
+    raw.expect(|f| matches!(f, Frame::Pong { nonce: 4 }).then_some(()))
+        .await;
+    let mut raw = raw_join(e2.local_addr(), &raw_hello(5555, "127.0.0.1:9"), vec![]).await;
+    let _held = partial_frames(&mut raw, 4, claim, 512 << 10, REQUEST).await;
+    assert_eq!(
+        close_code(&mut raw.connection).await,
+        Some(u64::from(close::OVERLOADED)),
+        "2 MiB of partial requests past a 1 MiB endpoint budget"
+    );
+    // What the closed connections held was given back: a new peer is served.
     let mut again = raw_join(e2.local_addr(), &raw_hello(5353, "127.0.0.1:9"), vec![]).await;
     let mut ping = BytesMut::new();
     frame(
@@ -544,7 +584,7 @@ async fn fifty_hostile_connections_stay_within_the_stated_memory() {
         async move {
             let mut raw =
                 raw_join_on(client, to, &raw_hello(6000 + i, "127.0.0.1:9"), vec![]).await;
-            let held = partial_frames(&mut raw, 1, 1 << 20, 1000 << 10).await;
+            let held = partial_frames(&mut raw, 1, 1 << 20, 1000 << 10, MESSAGE).await;
             (raw, held)
         }
     });

@@ -122,3 +122,52 @@ async fn a_dropped_request_is_answered_at_once_not_by_timeout() {
         );
     }
 }
+
+/// Sixty large requests at once, echoed: far more than the responder may hold (its
+/// `sessionBytes`), and their answers as many. Each is answered, or refused as `Busy` (nothing
+/// ran); none is an error of the connection, which stays up (the partial frames of large
+/// requests and answers once counted against the cap meant for windowed messages, and the
+/// burst closed the connection as a protocol violation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_large_requests_is_answered_or_busy_and_the_connection_stays_up() {
+    const SIZE: usize = 900_000;
+    let (a, _ia, _b, mut ib) = pair().await;
+    tokio::spawn(async move {
+        while let Some(Inbound::Request {
+            envelope,
+            responder,
+        }) = ib.recv().await
+        {
+            let reply = envelope.reply("b".into(), MessageKind::Response, envelope.payload.clone());
+            let _ = responder.respond(reply).await;
+        }
+    });
+    let calls = (0..60).map(|_| {
+        let a = a.clone();
+        async move {
+            a.request(request(SIZE), WAIT)
+                .await
+                .map(|r| r.payload.len())
+        }
+    });
+    let mut answered = 0;
+    for outcome in futures::future::join_all(calls).await {
+        match outcome {
+            Ok(n) => {
+                assert_eq!(n, SIZE);
+                answered += 1;
+            }
+            Err(Error::Busy { .. }) => {}
+            Err(e) => panic!("a request failed with {e}"),
+        }
+    }
+    assert!(answered > 0, "some requests fit");
+    let links = a.links();
+    assert_eq!(links.len(), 1, "one connection");
+    // The same connection still serves (a new one would count its packets from zero).
+    let again = a.request(request(SIZE), WAIT).await.expect("answered");
+    assert_eq!(again.payload.len(), SIZE);
+    let now = a.links();
+    assert_eq!(now.len(), 1);
+    assert!(now[0].packets_sent > links[0].packets_sent);
+}
