@@ -53,6 +53,7 @@ macro_rules! conformance_tests {
             unreliable_channel_never_duplicates,
             request_response_is_correlated,
             concurrent_requests_are_correlated,
+            bursts_of_large_messages_and_requests_keep_the_link,
             error_responses_pass_through,
             unanswered_request_times_out_and_is_cancelled,
             unknown_peer_is_a_typed_error,
@@ -702,6 +703,60 @@ pub async fn concurrent_requests_are_correlated(h: &dyn Harness) {
     for (i, rsp) in futures::future::join_all(calls).await {
         assert_eq!(read_counter(&rsp.expect("response").payload), i);
     }
+}
+
+/// Bursts of large payloads, each within its channel's limit: a window's worth of unordered
+/// messages, sent back to back, all arrive once; sixty requests at once, echoed (more than a
+/// responder may hold), are each answered or refused `Busy` (nothing ran), never an error of
+/// the link, which serves on.
+pub async fn bursts_of_large_messages_and_requests_keep_the_link(h: &dyn Harness) {
+    const SIZE: usize = 900_000;
+    let (ta, _a, _tb, mut b) = pair(h).await;
+    let large = |i: u32| {
+        let mut p = vec![0; SIZE];
+        p[..4].copy_from_slice(&i.to_be_bytes());
+        Bytes::from(p)
+    };
+    let messages = 40;
+    let sender = tokio::spawn({
+        let ta = ta.clone();
+        async move {
+            for i in 0..messages {
+                ta.send(direct("a", "b", "results", large(i)))
+                    .await
+                    .expect("send");
+            }
+        }
+    });
+    let mut seen = HashSet::new();
+    for _ in 0..messages {
+        let e = next_message(&mut b).await;
+        assert_eq!(e.payload.len(), SIZE);
+        assert!(seen.insert(read_counter(&e.payload)), "duplicate message");
+    }
+    sender.await.expect("sender task");
+    let _echo = spawn_echo(b, "b");
+    let calls = (0..60u32).map(|i| {
+        let ta = ta.clone();
+        async move { (i, ta.request(request("a", "b", large(i)), WAIT).await) }
+    });
+    let mut answered = 0;
+    for (i, outcome) in within("the burst's answers", futures::future::join_all(calls)).await {
+        match outcome {
+            Ok(rsp) => {
+                assert_eq!((rsp.payload.len(), read_counter(&rsp.payload)), (SIZE, i));
+                answered += 1;
+            }
+            Err(Error::Busy { .. }) => {}
+            Err(e) => panic!("request {i} failed with {e}"),
+        }
+    }
+    assert!(answered > 0, "some of the burst fits");
+    let rsp = ta
+        .request(request("a", "b", large(99)), WAIT)
+        .await
+        .expect("the link serves on");
+    assert_eq!(read_counter(&rsp.payload), 99);
 }
 
 /// An error response reaches the requester as such.
