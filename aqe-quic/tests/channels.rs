@@ -17,6 +17,11 @@ fn msg(channel: &str, payload: Vec<u8>) -> Envelope {
     )
 }
 
+/// Held by the tests whose traffic saturates the CPU, and by the one whose outcome depends
+/// on timing (priority): run side by side, a saturating one starved the timing-sensitive
+/// one.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Until `a` has sent `n` more packets: what it is sending is well under way.
 async fn under_way(a: &aqe_quic::QuicTransport, n: u64) {
     let packets = || a.links().iter().map(|l| l.packets_sent).sum::<u64>();
@@ -58,6 +63,7 @@ async fn a_datagram_too_large_for_the_path_is_a_typed_error_not_a_silent_drop() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_unordered_message_does_not_hold_back_a_small_one() {
+    let _heavy = HEAVY.lock().await;
     let big = 12 * 1024 * 1024;
     let channels = || {
         vec![
@@ -102,6 +108,7 @@ async fn a_large_unordered_message_does_not_hold_back_a_small_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_thousand_unordered_sends_are_all_delivered_without_a_false_error() {
+    let _heavy = HEAVY.lock().await;
     const N: u32 = 20_000;
     let a = endpoint(config()).await;
     let b = endpoint(config()).await;
@@ -149,6 +156,7 @@ async fn twenty_thousand_unordered_sends_are_all_delivered_without_a_false_error
 /// closed as hostile).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_of_large_unordered_messages_arrives_without_closing_the_connection() {
+    let _heavy = HEAVY.lock().await;
     const N: usize = 200;
     let size = 520 * 1024;
     let channels = || {
@@ -193,6 +201,7 @@ async fn a_window_of_large_unordered_messages_arrives_without_closing_the_connec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_joins_an_open_connection_with_a_larger_channel_gets_its_large_messages() {
+    let _heavy = HEAVY.lock().await;
     let big = 3 * 1024 * 1024;
     let channels = || {
         vec![
@@ -239,6 +248,7 @@ async fn an_agent_that_joins_an_open_connection_with_a_larger_channel_gets_its_l
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_higher_priority_message_overtakes_lower_priority_data_queued_before_it() {
+    let _heavy = HEAVY.lock().await;
     let big = 8 * 1024 * 1024;
     let channels = || {
         [("low", 0), ("high", 9)]
