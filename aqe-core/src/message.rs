@@ -145,7 +145,7 @@ pub fn decode_as<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Resul
         into,
         source,
     };
-    match encoding {
+    copying(bytes.len(), || match encoding {
         Encoding::Postcard => match postcard::take_from_bytes::<T>(bytes) {
             Ok((value, [])) => Ok(value),
             Ok(_) => Err(fail("bytes left over after the value".into())),
@@ -161,7 +161,7 @@ pub fn decode_as<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Resul
             let de = serde::de::value::BytesDeserializer::<serde::de::value::Error>::new(bytes);
             T::deserialize(de).map_err(|e| fail(Box::new(e)))
         }
-    }
+    })
 }
 
 /// Milliseconds since the Unix epoch.
@@ -330,12 +330,40 @@ pub struct ErrorBody {
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes> {
     // Measured first, so the buffer is allocated once rather than grown by doubling.
     postcard::experimental::serialized_size(value)
-        .and_then(|size| postcard::to_extend(value, Vec::with_capacity(size)))
+        .and_then(|size| {
+            copying(size, || {
+                postcard::to_extend(value, Vec::with_capacity(size))
+            })
+        })
         .map(Bytes::from)
         .map_err(|source| Error::Encode {
             what: "payload",
             source: Box::new(source),
         })
+}
+
+/// From this many bytes, encoding or decoding a message is a blocking section.
+pub const BLOCKING_COPY: usize = 1 << 20;
+
+/// Runs `f`, which copies about `bytes` bytes, without holding up other tasks: from
+/// [`BLOCKING_COPY`] bytes on a multi-threaded runtime, as a blocking section
+/// ([`tokio::task::block_in_place`]: the worker's queued tasks move to another thread).
+/// Copying megabytes takes milliseconds, and the tasks queued behind it, a higher-priority
+/// message's among them, would wait that long.
+pub fn copying<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
+    let threaded = || {
+        tokio::runtime::Handle::try_current().is_ok_and(|h| {
+            matches!(
+                h.runtime_flavor(),
+                tokio::runtime::RuntimeFlavor::MultiThread
+            )
+        })
+    };
+    if bytes >= BLOCKING_COPY && threaded() {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
 }
 
 /// Encodes each value (postcard) into buffers shared by consecutive payloads, up to 64 KiB
@@ -387,7 +415,7 @@ pub fn encode_each<T: Serialize>(values: &[T]) -> Result<Vec<Bytes>> {
 /// # Errors
 /// [`Error::Malformed`] when the bytes are not exactly one `T`.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    match postcard::take_from_bytes::<T>(bytes) {
+    match copying(bytes.len(), || postcard::take_from_bytes::<T>(bytes)) {
         Ok((value, [])) => Ok(value),
         Ok(_) => Err(Error::Malformed {
             what: "payload",
@@ -403,6 +431,48 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether another task of a one-worker runtime runs while `copying(bytes, ..)` is busy.
+    fn others_run_while_copying(bytes: usize) -> bool {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            tokio::spawn(async move {
+                let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let other = tokio::spawn({
+                    let ran = ran.clone();
+                    async move { ran.store(true, std::sync::atomic::Ordering::SeqCst) }
+                });
+                let seen = copying(bytes, || {
+                    let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+                    while std::time::Instant::now() < until {
+                        if ran.load(std::sync::atomic::Ordering::SeqCst) {
+                            return true;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    false
+                });
+                other.await.expect("other task");
+                seen
+            })
+            .await
+            .expect("task")
+        })
+    }
+
+    #[test]
+    fn a_large_copy_lets_the_workers_other_tasks_run_and_a_small_one_runs_in_place() {
+        assert!(others_run_while_copying(BLOCKING_COPY));
+        assert!(!others_run_while_copying(BLOCKING_COPY - 1));
+        // On a current-thread runtime it runs in place (block_in_place would panic there).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        assert_eq!(rt.block_on(async { copying(BLOCKING_COPY, || 7) }), 7);
+    }
 
     #[test]
     fn payloads_encoded_together_decode_alone_and_share_buffers_up_to_64_kib() {

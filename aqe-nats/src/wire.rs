@@ -209,14 +209,16 @@ pub fn decode(bytes: &[u8]) -> Result<(Packet, &[u8]), PacketError> {
 ///
 /// # Errors
 /// When the bytes are not a whole number of frames.
-pub fn frames(mut rest: &[u8]) -> Result<Vec<Frame>, postcard::Error> {
-    let mut out = Vec::new();
-    while !rest.is_empty() {
-        let (frame, more) = postcard::take_from_bytes::<Frame>(rest)?;
-        out.push(frame);
-        rest = more;
-    }
-    Ok(out)
+pub fn frames(rest: &[u8]) -> Result<Vec<Frame>, postcard::Error> {
+    aqe_core::plumbing::copying(rest.len(), || {
+        let (mut rest, mut out) = (rest, Vec::new());
+        while !rest.is_empty() {
+            let (frame, more) = postcard::take_from_bytes::<Frame>(rest)?;
+            out.push(frame);
+            rest = more;
+        }
+        Ok(out)
+    })
 }
 
 #[cfg(test)]

@@ -123,7 +123,7 @@ impl FrameCodec {
         }
         let value = {
             let body = &src[FRAME_HEADER_LEN..4 + len];
-            match postcard::take_from_bytes::<T>(body) {
+            match aqe_core::plumbing::copying(len, || postcard::take_from_bytes::<T>(body)) {
                 Ok((value, [])) => value,
                 Ok(_) => {
                     return Err(Error::Malformed {

@@ -17,9 +17,8 @@ fn msg(channel: &str, payload: Vec<u8>) -> Envelope {
     )
 }
 
-/// Held by the tests whose traffic saturates the CPU, and by the one whose outcome depends
-/// on timing (priority): run side by side, a saturating one starved the timing-sensitive
-/// one.
+/// Held by every test here: one whose outcome depends on timing (priority) failed when
+/// another, saturating the CPU, ran beside it.
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Until `a` has sent `n` more packets: what it is sending is well under way.
@@ -37,6 +36,7 @@ async fn under_way(a: &aqe_quic::QuicTransport, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_datagram_too_large_for_the_path_is_a_typed_error_not_a_silent_drop() {
+    let _heavy = HEAVY.lock().await;
     let a = endpoint(config()).await;
     let b = endpoint(config()).await;
     let _ia = attach(&a, "a").await;
@@ -294,6 +294,7 @@ async fn a_higher_priority_message_overtakes_lower_priority_data_queued_before_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_on_a_channel_that_does_not_block_fails_at_once_when_the_window_is_full() {
+    let _heavy = HEAVY.lock().await;
     let channels = || {
         vec![
             Channel::new("fast", ChannelKind::Unicast)
@@ -353,6 +354,7 @@ async fn a_send_on_a_channel_that_does_not_block_fails_at_once_when_the_window_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_whose_reader_stalls_fails_a_write_with_queue_full_and_loses_nothing() {
+    let _heavy = HEAVY.lock().await;
     let mut c = config();
     c.limits.connection_window = 64 * 1024;
     c.limits.stream_send_buffer = 64 * 1024;
