@@ -165,22 +165,29 @@ pub(crate) async fn run(agent: Agent, mut inbox: Inbox, handlers: Handlers, limi
                     h(agent.clone(), envelope, &mut handling);
                     let run = AssertUnwindSafe(crate::trace::handling(traced_by, &mut handling))
                         .catch_unwind();
-                    tokio::select! {
-                        biased;
-                        outcome = run => {
-                            if let Err(panic) = outcome {
-                                agent.handler_panicked("message", &panic_message(&panic), &from);
+                    let mut run = std::pin::pin!(run);
+                    // Most handlers finish at their first poll: they need no watch on the
+                    // shutdown token (registering one per message cost more than many
+                    // handlers do).
+                    let outcome = match run.as_mut().now_or_never() {
+                        Some(outcome) => outcome,
+                        None => tokio::select! {
+                            biased;
+                            outcome = run => outcome,
+                            () = shutdown.cancelled() => {
+                                // The handler did not finish: the sender must not count it
+                                // delivered.
+                                receipt.abandon();
+                                break;
                             }
-                            // Processed (or crashed processing it): acknowledged either way,
-                            // so a message that crashes its handler is not redelivered forever.
-                            drop(receipt);
-                        }
-                        () = shutdown.cancelled() => {
-                            // The handler did not finish: the sender must not count it delivered.
-                            receipt.abandon();
-                            break;
-                        }
+                        },
+                    };
+                    if let Err(panic) = outcome {
+                        agent.handler_panicked("message", &panic_message(&panic), &from);
                     }
+                    // Processed (or crashed processing it): acknowledged either way, so a
+                    // message that crashes its handler is not redelivered forever.
+                    drop(receipt);
                 } else {
                     drop(receipt);
                 }

@@ -65,6 +65,9 @@ const ROOM_BATCH: usize = 16;
 #[derive(Default)]
 struct Dedup {
     senders: FastMap<AgentId, SenderIds>,
+    /// The sender heard from last, kept out of the table: consecutive messages of one sender
+    /// (a batch) hash nothing.
+    hot: Option<(AgentId, SenderIds)>,
     clock: u64,
 }
 
@@ -124,25 +127,40 @@ impl Dedup {
     /// Records `id` from `from`; `false` if it was already there.
     fn insert(&mut self, from: &AgentId, id: MessageId) -> bool {
         self.clock += 1;
-        // The table's size first: the sender is looked up (hashed) once per message unless
-        // the table is full.
-        if self.senders.len() >= DEDUP_SENDERS && !self.senders.contains_key(from) {
-            // Forget the sender heard from least recently (rare: a new sender, table full).
-            let oldest = self
-                .senders
-                .iter()
-                .min_by_key(|(_, s)| s.last_heard)
-                .map(|(k, _)| k.clone());
-            if let Some(oldest) = oldest {
-                self.senders.remove(&oldest);
+        let ids = if let Some((_, ids)) = self.hot.as_mut().filter(|(k, _)| k == from) {
+            ids
+        } else {
+            // Another sender: the hot one goes back to the table, this one comes out of it.
+            let ids = match self.senders.remove(from) {
+                Some(ids) => ids,
+                None => {
+                    if self.len() >= DEDUP_SENDERS {
+                        // Forget the sender heard from least recently (rare: a new sender,
+                        // the table full). The hot one was heard from last.
+                        let oldest = self
+                            .senders
+                            .iter()
+                            .min_by_key(|(_, s)| s.last_heard)
+                            .map(|(k, _)| k.clone());
+                        if let Some(oldest) = oldest {
+                            self.senders.remove(&oldest);
+                        }
+                    }
+                    SenderIds::default()
+                }
+            };
+            if let Some((k, v)) = self.hot.take() {
+                self.senders.insert(k, v);
             }
-        }
-        let ids = match self.senders.get_mut(from) {
-            Some(ids) => ids,
-            None => self.senders.entry(from.clone()).or_default(),
+            &mut self.hot.insert((from.clone(), ids)).1
         };
         ids.last_heard = self.clock;
         ids.insert(id.0)
+    }
+
+    /// Senders remembered.
+    fn len(&self) -> usize {
+        self.senders.len() + usize::from(self.hot.is_some())
     }
 }
 
@@ -1437,6 +1455,22 @@ mod tests {
     }
 
     #[test]
+    fn copies_are_found_whichever_sender_was_heard_from_last() {
+        let mut d = Dedup::default();
+        let (a, b, c) = (AgentId::from("a"), AgentId::from("b"), AgentId::from("c"));
+        for i in 0..50 {
+            for s in [&a, &b, &a, &c] {
+                // Each sender's id i, once per sender; a's twice in a row, apart.
+                let fresh = d.insert(s, MessageId(i));
+                assert_eq!(fresh, s != &a || d.clock % 4 == 1, "{s} {i}");
+            }
+        }
+        assert_eq!(d.len(), 3);
+        assert!(!d.insert(&b, MessageId(7)) && !d.insert(&c, MessageId(49)));
+        assert!(d.insert(&b, MessageId(50)));
+    }
+
+    #[test]
     fn the_dedup_window_is_bounded_per_sender_and_in_senders() {
         let mut d = Dedup::default();
         let a = AgentId::from("a");
@@ -1451,7 +1485,7 @@ mod tests {
         for s in 0..DEDUP_SENDERS + 5 {
             d.insert(&AgentId::from(format!("s{s}")), MessageId(1));
         }
-        assert_eq!(d.senders.len(), DEDUP_SENDERS);
+        assert_eq!(d.len(), DEDUP_SENDERS);
         assert!(
             d.insert(&AgentId::from("s0"), MessageId(1)),
             "least recent sender forgotten"
