@@ -3,7 +3,9 @@
 
 mod support;
 
+use aqe_core::plumbing::Inbox;
 use aqe_core::{Channel, ChannelKind, Envelope, Error, MessageKind, Recipient, Transport};
+use aqe_quic::QuicTransport;
 use bytes::Bytes;
 use support::*;
 
@@ -20,6 +22,33 @@ fn msg(channel: &str, payload: Vec<u8>) -> Envelope {
 /// Held by every test here: one whose outcome depends on timing (priority) failed when
 /// another, saturating the CPU, ran beside it.
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Two connected endpoints, agent "a" on the first and "b" on the second, each with
+/// `channels`.
+async fn pair_with(
+    channels: impl Fn() -> Vec<Channel>,
+) -> (QuicTransport, Inbox, QuicTransport, Inbox) {
+    let a = endpoint(config()).await;
+    let b = endpoint(config()).await;
+    let ia = attach_with(&a, "a", channels()).await;
+    let ib = attach_with(&b, "b", channels()).await;
+    a.connect(b.local_addr()).await.expect("connect");
+    await_peer(&a, "b").await;
+    (a, ia, b, ib)
+}
+
+/// Until agent "a" on `t` has every message acknowledged: `sent` sent, none failed.
+async fn all_confirmed(t: &aqe_quic::QuicTransport, sent: u64) {
+    tokio::time::timeout(WAIT, async {
+        while t.stats(&"a".into()).messages_unconfirmed > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("all confirmed");
+    let s = t.stats(&"a".into());
+    assert_eq!((s.messages_failed, s.messages_sent), (0, sent));
+}
 
 /// Until `a` has sent `n` more packets: what it is sending is well under way.
 async fn under_way(a: &aqe_quic::QuicTransport, n: u64) {
@@ -73,12 +102,7 @@ async fn a_large_unordered_message_does_not_hold_back_a_small_one() {
             Channel::new("bulk-ordered", ChannelKind::Unicast).with_max_message_size(big),
         ]
     };
-    let a = endpoint(config()).await;
-    let b = endpoint(config()).await;
-    let _ia = attach_with(&a, "a", channels()).await;
-    let mut ib = attach_with(&b, "b", channels()).await;
-    a.connect(b.local_addr()).await.expect("connect");
-    await_peer(&a, "b").await;
+    let (a, _ia, _b, mut ib) = pair_with(channels).await;
     for (channel, small_first) in [("bulk", true), ("bulk-ordered", false)] {
         let large = tokio::spawn({
             let a = a.clone();
@@ -139,15 +163,7 @@ async fn twenty_thousand_unordered_sends_are_all_delivered_without_a_false_error
     );
     assert_eq!(reader.await.expect("reader"), N as usize);
     // Every message acknowledged, none failed.
-    tokio::time::timeout(WAIT, async {
-        while a.stats(&"a".into()).messages_unconfirmed > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("all confirmed");
-    let s = a.stats(&"a".into());
-    assert_eq!((s.messages_failed, s.messages_sent), (0, u64::from(N)));
+    all_confirmed(&a, u64::from(N)).await;
 }
 
 /// A window's worth of large unordered messages, each on a stream of its own, arrive
@@ -166,12 +182,7 @@ async fn a_window_of_large_unordered_messages_arrives_without_closing_the_connec
                 .with_max_message_size(1024 * 1024),
         ]
     };
-    let a = endpoint(config()).await;
-    let b = endpoint(config()).await;
-    let _ia = attach_with(&a, "a", channels()).await;
-    let mut ib = attach_with(&b, "b", channels()).await;
-    a.connect(b.local_addr()).await.expect("connect");
-    await_peer(&a, "b").await;
+    let (a, _ia, _b, mut ib) = pair_with(channels).await;
     let reader = tokio::spawn(async move {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..N {
@@ -187,15 +198,7 @@ async fn a_window_of_large_unordered_messages_arrives_without_closing_the_connec
         a.send(msg("bulk", p)).await.expect("send");
     }
     assert_eq!(reader.await.expect("reader"), N);
-    tokio::time::timeout(WAIT, async {
-        while a.stats(&"a".into()).messages_unconfirmed > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("all confirmed");
-    let s = a.stats(&"a".into());
-    assert_eq!((s.messages_failed, s.messages_sent), (0, N as u64));
+    all_confirmed(&a, N as u64).await;
     assert_eq!(a.links().len(), 1, "the connection stayed up");
 }
 
@@ -261,12 +264,7 @@ async fn a_higher_priority_message_overtakes_lower_priority_data_queued_before_i
             })
             .collect::<Vec<_>>()
     };
-    let a = endpoint(config()).await;
-    let b = endpoint(config()).await;
-    let _ia = attach_with(&a, "a", channels()).await;
-    let mut ib = attach_with(&b, "b", channels()).await;
-    a.connect(b.local_addr()).await.expect("connect");
-    await_peer(&a, "b").await;
+    let (a, _ia, _b, mut ib) = pair_with(channels).await;
     let send = |channel: &'static str, p: u8| {
         let a = a.clone();
         async move {

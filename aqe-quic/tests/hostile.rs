@@ -448,6 +448,22 @@ async fn all_given_back(e: &aqe_quic::QuicTransport) {
     .expect("every byte given back");
 }
 
+/// Sends a heartbeat with `nonce` on `raw` and waits for its pong: the connection serves.
+async fn heartbeat_answered(raw: &mut Raw, nonce: u64, generation: u64) {
+    let mut ping = BytesMut::new();
+    frame(
+        Frame::Ping {
+            nonce,
+            generation,
+            low: 1,
+        },
+        &mut ping,
+    );
+    raw.send.send(ping.freeze()).await.expect("ping");
+    raw.expect(|f| matches!(f, Frame::Pong { nonce: n } if n == nonce).then_some(()))
+        .await;
+}
+
 /// Opens `streams` `Large` streams on `raw`, each starting a frame that claims `claim`
 /// bytes and sending `part` of them, never the rest: the first is `kind` (a frame variant).
 async fn partial_frames(
@@ -526,18 +542,7 @@ async fn partial_frames_are_bounded_per_connection_and_per_endpoint() {
     })
     .await
     .expect("8 MiB of partial requests held");
-    let mut ping = BytesMut::new();
-    frame(
-        Frame::Ping {
-            nonce: 4,
-            generation: 0,
-            low: 1,
-        },
-        &mut ping,
-    );
-    raw.send.send(ping.freeze()).await.expect("ping");
-    raw.expect(|f| matches!(f, Frame::Pong { nonce: 4 }).then_some(()))
-        .await;
+    heartbeat_answered(&mut raw, 4, 0).await;
     let mut raw = raw_join(e2.local_addr(), &raw_hello(5555, "127.0.0.1:9"), vec![]).await;
     let _held = partial_frames(&mut raw, 4, claim, 512 << 10, REQUEST).await;
     assert_eq!(
@@ -547,19 +552,7 @@ async fn partial_frames_are_bounded_per_connection_and_per_endpoint() {
     );
     // What the closed connections held was given back: a new peer is served.
     let mut again = raw_join(e2.local_addr(), &raw_hello(5353, "127.0.0.1:9"), vec![]).await;
-    let mut ping = BytesMut::new();
-    frame(
-        Frame::Ping {
-            nonce: 5,
-            generation: 0,
-            low: 1,
-        },
-        &mut ping,
-    );
-    again.send.send(ping.freeze()).await.expect("ping");
-    again
-        .expect(|f| matches!(f, Frame::Pong { nonce: 5 }).then_some(()))
-        .await;
+    heartbeat_answered(&mut again, 5, 0).await;
     all_given_back(&e2).await;
 }
 
@@ -676,18 +669,7 @@ async fn exceeding_an_agents_window_refuses_those_messages_not_the_connection() 
         "the excess is refused"
     );
     // The connection lives: a heartbeat is answered.
-    let mut ping = BytesMut::new();
-    frame(
-        Frame::Ping {
-            nonce: 99,
-            generation: 1,
-            low: 1,
-        },
-        &mut ping,
-    );
-    raw.send.send(ping.freeze()).await.expect("ping");
-    raw.expect(|f| matches!(f, Frame::Pong { nonce: 99 }).then_some(()))
-        .await;
+    heartbeat_answered(&mut raw, 99, 1).await;
     assert_eq!(e.connections(), 1);
 }
 

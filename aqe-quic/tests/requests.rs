@@ -33,9 +33,8 @@ async fn pair() -> (
     (a, ia, b, ib)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn small_and_large_requests_are_answered_side_by_side() {
-    let (a, _ia, _b, mut ib) = pair().await;
+/// Answers every request `ib` gets with its own payload.
+fn echo(mut ib: aqe_core::plumbing::Inbox) {
     tokio::spawn(async move {
         while let Some(Inbound::Request {
             envelope,
@@ -46,6 +45,12 @@ async fn small_and_large_requests_are_answered_side_by_side() {
             let _ = responder.respond(reply).await;
         }
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_and_large_requests_are_answered_side_by_side() {
+    let (a, _ia, _b, ib) = pair().await;
+    echo(ib);
     let sizes = [64, 200_000, 16 * 1024, 16 * 1024 + 1, 900_000, 1];
     let calls = sizes.map(|n| {
         let a = a.clone();
@@ -131,17 +136,8 @@ async fn a_dropped_request_is_answered_at_once_not_by_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_large_requests_is_answered_or_busy_and_the_connection_stays_up() {
     const SIZE: usize = 900_000;
-    let (a, _ia, _b, mut ib) = pair().await;
-    tokio::spawn(async move {
-        while let Some(Inbound::Request {
-            envelope,
-            responder,
-        }) = ib.recv().await
-        {
-            let reply = envelope.reply("b".into(), MessageKind::Response, envelope.payload.clone());
-            let _ = responder.respond(reply).await;
-        }
-    });
+    let (a, _ia, _b, ib) = pair().await;
+    echo(ib);
     let calls = (0..60).map(|_| {
         let a = a.clone();
         async move {
