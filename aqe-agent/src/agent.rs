@@ -518,7 +518,6 @@ impl Agent {
     ) -> Result<Vec<MessageId>> {
         let channel = channel.into();
         self.guarded(async {
-            let mut envelopes = Vec::new();
             // Every message is built before any is sent: a bad one stops the batch before it
             // starts. The channel is looked up and the clock read once per batch.
             let template = self.envelope(
@@ -530,6 +529,7 @@ impl Agent {
             let ch = self.inner.reg.check_outgoing(&channel, 0)?;
             // Small payloads share their buffers: an allocation per 64 KiB, not per message.
             let values: Vec<T> = payloads.into_iter().collect();
+            let mut envelopes = Vec::with_capacity(values.len());
             for payload in aqe_core::encode_each(&values)? {
                 ch.check_size(payload.len())?;
                 let mut e = template.clone();

@@ -395,12 +395,17 @@ impl Shared {
     /// duplicate leaves goes to them first). `on_queued(count, bytes)` runs under the lock
     /// for what was queued. Returns how many were not queued (duplicates, and dropped), and
     /// how much room is left unused (to give back).
-    fn push_many(
+    fn push_many<I>(
         &self,
-        items: Vec<Inbound>,
+        items: I,
         extra: usize,
         on_queued: impl FnOnce(u64, u64),
-    ) -> (usize, usize) {
+    ) -> (usize, usize)
+    where
+        I: IntoIterator<Item = Inbound>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let items = items.into_iter();
         let mut duplicates = Vec::new();
         let mut unread = Vec::new();
         let (mut count, mut bytes) = (0u64, 0u64);
@@ -800,9 +805,14 @@ impl InboxPermits {
     /// under one lock and with one wake-up, running `on_queued(count, bytes)` just before
     /// they become visible; duplicates give their room back and are not counted. Returns
     /// how many were queued.
-    pub fn send_many(mut self, items: Vec<Inbound>, on_queued: impl FnOnce(u64, u64)) -> usize {
+    pub fn send_many<I>(mut self, items: I, on_queued: impl FnOnce(u64, u64)) -> usize
+    where
+        I: IntoIterator<Item = Inbound>,
+        I::IntoIter: ExactSizeIterator,
+    {
         // More items than room (a caller's mistake) go in above capacity, as `deliver_now`
         // does, rather than being lost.
+        let items = items.into_iter();
         let items_len = items.len();
         let extra = items_len.saturating_sub(self.n);
         let (duplicates, unused) = self.shared.push_many(items, extra, on_queued);

@@ -274,11 +274,7 @@ impl LocalDelivery {
         if !channel.reliable {
             let queued = match to.inbox.try_reserve_many(total)? {
                 Some(permits) => {
-                    let batch: Vec<Inbound> = rest
-                        .by_ref()
-                        .take(permits.len())
-                        .map(Inbound::message)
-                        .collect();
+                    let batch = rest.by_ref().take(permits.len()).map(Inbound::message);
                     let mut sent = (0, 0);
                     permits.send_many(batch, |n, bytes| {
                         to.stats.received_many(n, bytes);
@@ -334,14 +330,11 @@ impl LocalDelivery {
                 Err(e) => return Err(e.after_accepted(accepted)),
             };
             let k = permits.len();
-            let batch: Vec<Inbound> = rest
-                .by_ref()
-                .take(k)
-                .map(|envelope| Inbound::Message {
-                    receipt: Receipt::shared(acks.clone(), envelope.id.0),
-                    envelope,
-                })
-                .collect();
+            // Each message goes from the batch straight into the inbox (no list between).
+            let batch = rest.by_ref().take(k).map(|envelope| Inbound::Message {
+                receipt: Receipt::shared(acks.clone(), envelope.id.0),
+                envelope,
+            });
             from.stats.accepted(k as u64);
             let mut sent = (0, 0);
             permits.send_many(batch, |n, bytes| {
