@@ -657,7 +657,11 @@ impl Transport for Fallback {
         let mut peers: Vec<PeerInfo> = Vec::new();
         for link in &self.links {
             for p in link.transport.peers() {
-                if !peers.iter().any(|q| q.id == p.id) {
+                // As the chain's events say: a peer is there while some link reaches it (a
+                // link may still list one it no longer reaches, after `PeerLeft` was told).
+                if !peers.iter().any(|q| q.id == p.id)
+                    && self.links.iter().any(|l| l.transport.can_reach(&p.id))
+                {
                     peers.push(p);
                 }
             }
