@@ -367,7 +367,9 @@ async fn rtt_figures_come_from_real_samples_only() {
     let rtt = a.stats(&"a".into()).rtt;
     assert!(rtt.samples > 0, "measured");
     // s2n-quic's estimator starts at 333 ms; none of that may show as a sample on loopback.
-    let limit = Duration::from_millis(20);
+    // (Not 20 ms: a debug build beside the hundred-endpoint test once saw one sample of 27 ms,
+    // a scheduling delay, not a made-up figure.)
+    let limit = Duration::from_millis(100);
     // A few milliseconds at most on loopback, even with the whole test suite running beside.
     assert!(
         rtt.average < Duration::from_millis(5),
