@@ -222,6 +222,7 @@ pub struct Envelope {
     /// How `payload` is encoded.
     pub encoding: Encoding,
     /// The encoded content.
+    #[serde(deserialize_with = "shared_bytes")]
     pub payload: Bytes,
 }
 
@@ -342,6 +343,89 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes> {
         })
 }
 
+/// Decoding a large frame without copying its payload: see [`sharing`].
+mod shared {
+    use std::cell::RefCell;
+
+    use bytes::Bytes;
+    use serde::de::{Error, SeqAccess, Visitor};
+
+    thread_local! {
+        /// The buffer being decoded by [`sharing`] on this thread, if any.
+        pub(super) static SOURCE: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+    }
+
+    /// The visitor of [`super::shared_bytes`].
+    pub(super) struct Payload;
+
+    impl<'de> Visitor<'de> for Payload {
+        type Value = Bytes;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a byte array")
+        }
+
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Bytes, E> {
+            // Whether postcard lends the bytes or not, they lie in the buffer it decodes.
+            let shared = SOURCE.with_borrow(|src| {
+                src.as_ref().and_then(|src| {
+                    let range = src.as_ptr_range();
+                    let inside = range.start <= v.as_ptr() && v.as_ptr_range().end <= range.end;
+                    (inside && !v.is_empty() && 16 * v.len() >= 15 * src.len())
+                        .then(|| src.slice_ref(v))
+                })
+            });
+            Ok(shared.unwrap_or_else(|| Bytes::copy_from_slice(v)))
+        }
+
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+            Ok(Bytes::from(v))
+        }
+
+        fn visit_str<E: Error>(self, v: &str) -> Result<Bytes, E> {
+            Ok(Bytes::copy_from_slice(v.as_bytes()))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
+            let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(b) = seq.next_element::<u8>()? {
+                v.push(b);
+            }
+            Ok(Bytes::from(v))
+        }
+    }
+}
+
+/// Runs `f`, which decodes (postcard) from `source` or a part of it, so that bytes decoded
+/// with [`shared_bytes`] (an envelope's payload) that are nearly all of `source` (15/16 or
+/// more) are a slice of it rather than a copy. A 16 MiB message is then copied once less on
+/// arrival, and is held once, not twice, while it is copied. Smaller parts of `source` are
+/// copied, so that what is held stays within 1/15 of what is counted: a payload never keeps
+/// a much larger buffer alive.
+pub fn sharing<R>(source: &Bytes, f: impl FnOnce() -> R) -> R {
+    /// Puts back what was there, on every exit (a panic too: the buffer is not kept).
+    struct Restore(Option<Bytes>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            shared::SOURCE.set(self.0.take());
+        }
+    }
+    let _restore = Restore(shared::SOURCE.replace(Some(source.clone())));
+    f()
+}
+
+/// Deserializes bytes (`#[serde(deserialize_with = "shared_bytes")]`): within [`sharing`],
+/// as a slice of its source when they are nearly all of it; otherwise copied, as `Bytes`
+/// itself deserializes.
+///
+/// # Errors
+/// The deserializer's, for anything that is not bytes.
+pub fn shared_bytes<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Bytes, D::Error> {
+    d.deserialize_bytes(shared::Payload)
+}
+
 /// From this many bytes, encoding or decoding a message is a blocking section.
 pub const BLOCKING_COPY: usize = 1 << 20;
 
@@ -431,6 +515,50 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether `payload` lies inside `source`'s bytes.
+    fn within(payload: &Bytes, source: &Bytes) -> bool {
+        let r = source.as_ptr_range();
+        r.start <= payload.as_ptr() && payload.as_ptr_range().end <= r.end
+    }
+
+    #[test]
+    fn a_payload_that_is_most_of_its_source_is_shared_and_a_small_one_copied() {
+        let envelope = |len: usize| {
+            let mut e = Envelope::new(
+                "a".into(),
+                crate::Recipient::Agent("b".into()),
+                "c".into(),
+                MessageKind::Direct,
+                Bytes::from(vec![7u8; len]),
+            );
+            e.timestamp = Timestamp(1);
+            e.id = crate::MessageId(1);
+            e
+        };
+        let big = encode(&envelope(100_000)).expect("encode");
+        let e: Envelope = sharing(&big, || decode(&big)).expect("decode");
+        assert_eq!(e, envelope(100_000));
+        assert!(within(&e.payload, &big), "the payload was copied");
+        // The same bytes outside `sharing`: copied.
+        let e: Envelope = decode(&big).expect("decode");
+        assert!(!within(&e.payload, &big));
+        // A small payload in a large buffer is copied: it must not keep the buffer alive.
+        let small = encode(&envelope(10)).expect("encode");
+        let mut padded = small.to_vec();
+        padded.extend(std::iter::repeat_n(0u8, 1000));
+        let padded = Bytes::from(padded);
+        let e: Envelope = sharing(&padded, || decode(&padded[..small.len()])).expect("decode");
+        assert_eq!(e, envelope(10));
+        assert!(!within(&e.payload, &padded));
+        // Bytes from elsewhere are copied, whatever the source.
+        let e: Envelope = sharing(&padded, || decode(&big)).expect("decode");
+        assert!(!within(&e.payload, &big));
+        // The source is let go after `sharing`, after a panic too.
+        let before = big.clone();
+        let _ = std::panic::catch_unwind(|| sharing(&before, || panic!("in the decoder")));
+        assert!(shared::SOURCE.with_borrow(Option::is_none));
+    }
 
     /// Whether another task of a one-worker runtime runs while `copying(bytes, ..)` is busy.
     fn others_run_while_copying(bytes: usize) -> bool {

@@ -25,7 +25,7 @@ pub use crate::inbox::{
 pub use crate::local::{
     LocalAgent, LocalAgents, LocalDelivery, LocalSink, LocalStreamLimits, responder, stream,
 };
-pub use crate::message::{BLOCKING_COPY, copying};
+pub use crate::message::{BLOCKING_COPY, copying, shared_bytes, sharing};
 pub use crate::receipt::{AckOnce, AckSink, Fate};
 pub use crate::transport::{Respond, StreamSource, check_batch};
 

@@ -20,6 +20,10 @@ pub const FRAME_HEADER_LEN: usize = 5;
 /// The hard ceiling on a frame's length field: 16 MiB.
 pub const MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
 
+/// Frames longer than this are decoded from their own buffer, their payload shared with it
+/// (a reader allocates a frame this large exactly: `wire::make_room`).
+const SHARED_FROM: usize = 64 * 1024;
+
 /// Frames values with a maximum frame length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameCodec {
@@ -121,9 +125,20 @@ impl FrameCodec {
                 supported: WIRE_VERSION,
             });
         }
+        // A large frame is taken off as it is and its payload shared with it, not copied
+        // (its reader allocated it exactly: nothing else lives in that room to keep alive).
+        let large = (len > SHARED_FROM).then(|| src.split_to(4 + len).freeze());
         let value = {
-            let body = &src[FRAME_HEADER_LEN..4 + len];
-            match aqe_core::plumbing::copying(len, || postcard::take_from_bytes::<T>(body)) {
+            let body = match &large {
+                Some(frame) => &frame[FRAME_HEADER_LEN..],
+                None => &src[FRAME_HEADER_LEN..4 + len],
+            };
+            let decode = || postcard::take_from_bytes::<T>(body);
+            let decoded = match &large {
+                Some(frame) => aqe_core::plumbing::sharing(frame, decode),
+                None => decode(),
+            };
+            match decoded {
                 Ok((value, [])) => value,
                 Ok(_) => {
                     return Err(Error::Malformed {
@@ -139,7 +154,9 @@ impl FrameCodec {
                 }
             }
         };
-        src.advance(4 + len);
+        if large.is_none() {
+            src.advance(4 + len);
+        }
         Ok(Some(value))
     }
 
@@ -284,6 +301,29 @@ mod tests {
         ]
         .concat();
         assert_eq!(&frame[..], &expected[..]);
+    }
+
+    #[test]
+    fn a_large_frames_payload_is_shared_with_its_frame_and_what_follows_stays() {
+        let codec = FrameCodec::default();
+        let (big, small) = (
+            envelope(vec![5u8; 300_000], Recipient::Agent("a".into()), None),
+            envelope(vec![6u8; 10], Recipient::Agent("a".into()), None),
+        );
+        let mut buf = BytesMut::new();
+        codec.encode(&big, &mut buf).expect("encode");
+        codec.encode(&small, &mut buf).expect("encode");
+        let range = buf.as_ptr_range();
+        let got: Envelope = codec.decode(&mut buf).expect("decode").expect("whole");
+        assert_eq!(got, big);
+        let p = got.payload.as_ptr_range();
+        assert!(
+            range.start <= p.start && p.end <= range.end,
+            "the payload was copied"
+        );
+        let next: Envelope = codec.decode(&mut buf).expect("decode").expect("whole");
+        assert_eq!(next, small);
+        assert!(buf.is_empty());
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub const MAX_DATAGRAM: usize = 1100;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chunk {
     /// The bytes written.
+    #[serde(deserialize_with = "aqe_core::plumbing::shared_bytes")]
     pub data: Bytes,
     /// Whether this is the last chunk.
     pub fin: bool,

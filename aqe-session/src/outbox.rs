@@ -124,7 +124,9 @@ impl<M> Orphan<M> {
     /// # Errors
     /// When the stored encoding does not decode (it always does: it was encoded here).
     pub fn envelope(&self) -> aqe_core::Result<Envelope> {
-        let mut e: Envelope = aqe_core::decode(&self.body)?;
+        // The payload stays shared with the stored encoding, not copied.
+        let mut e: Envelope =
+            aqe_core::plumbing::sharing(&self.body, || aqe_core::decode(&self.body))?;
         e.redelivered |= self.in_doubt;
         Ok(e)
     }
