@@ -4,6 +4,8 @@
 //! acknowledgements waiting to go.
 
 use std::collections::BTreeMap;
+
+use crate::seqmap::SeqIndex;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -127,7 +129,7 @@ impl Pending {
 pub(crate) struct Inflow {
     /// Everything below was settled at the sender: copies of it are ignored.
     floor: u64,
-    fates: BTreeMap<u64, Fate>,
+    fates: SeqIndex<Fate>,
     /// Queued or held messages per receiving agent: (count, bytes).
     agents: FastMap<AgentId, (u32, u64)>,
     bytes: u64,
@@ -151,7 +153,7 @@ impl Inflow {
     pub(crate) fn new(window: u32, session_bytes: u64, budget: Arc<Budgets>) -> Self {
         Self {
             floor: 1,
-            fates: BTreeMap::new(),
+            fates: SeqIndex::default(),
             agents: FastMap::default(),
             bytes: 0,
             waiting_on: BTreeMap::new(),
@@ -169,7 +171,7 @@ impl Inflow {
             return;
         }
         self.floor = low;
-        let below: Vec<u64> = self.fates.range(..low).map(|(k, _)| *k).collect();
+        let below: Vec<u64> = self.fates.range(..low).map(|(k, _)| k).collect();
         for seq in below {
             match self.fates.get(&seq) {
                 Some(Fate::Queued { .. }) => {}
@@ -461,7 +463,7 @@ impl Inflow {
         let (was_received, mut refused) = (p.received, std::mem::take(&mut p.refused));
         (p.received, p.since, p.due) = (false, None, false);
         let received = if wire.ack_received && was_received {
-            ranges::of_sorted(self.fates.keys().copied().filter(|s| *s >= self.floor))
+            ranges::of_sorted(self.fates.keys().filter(|s| *s >= self.floor))
         } else {
             Vec::new()
         };

@@ -6,12 +6,181 @@
 //! acknowledgement, those moves were the largest single cost of a message. Here only the
 //! index's 16-byte entries move, and the slab allocates once for the most it held.
 
-use std::collections::BTreeMap;
-use std::ops::RangeBounds;
+use std::collections::VecDeque;
+use std::ops::{Bound, RangeBounds};
+
+/// An ordered map from sequence numbers, for numbers that mostly arrive in increasing order
+/// and mostly leave from the front: a sorted ring of entries, removed ones left as holes
+/// until they reach an end or outnumber the rest. Unlike a `BTreeMap`, inserting in order
+/// allocates nothing once the ring has grown (a B-tree allocates a node every few
+/// insertions, and frees one every few removals: a third of an allocation per message).
+/// Anything else (a number below the last, a removal in the middle) stays correct, at the
+/// cost of a search and a shift.
+pub(crate) struct SeqIndex<V> {
+    /// Sorted by number; `None`: removed.
+    entries: VecDeque<(u64, Option<V>)>,
+    live: usize,
+}
+
+/// Whether `k` is below `end`.
+fn within(k: u64, end: Bound<u64>) -> bool {
+    match end {
+        Bound::Included(e) => k <= e,
+        Bound::Excluded(e) => k < e,
+        Bound::Unbounded => true,
+    }
+}
+
+impl<V> Default for SeqIndex<V> {
+    fn default() -> Self {
+        Self {
+            entries: VecDeque::new(),
+            live: 0,
+        }
+    }
+}
+
+impl<V> SeqIndex<V> {
+    /// Where `k` is, or would go.
+    fn find(&self, k: u64) -> Result<usize, usize> {
+        match self.entries.back() {
+            None => Err(0),
+            Some((last, _)) if *last < k => Err(self.entries.len()),
+            _ => self.entries.binary_search_by_key(&k, |(n, _)| *n),
+        }
+    }
+
+    /// Keeps `v` under `k`; what was there.
+    pub(crate) fn insert(&mut self, k: u64, v: V) -> Option<V> {
+        match self.find(k) {
+            Ok(i) => {
+                let old = self.entries[i].1.replace(v);
+                if old.is_none() {
+                    self.live += 1;
+                }
+                old
+            }
+            Err(i) => {
+                self.entries.insert(i, (k, Some(v)));
+                self.live += 1;
+                None
+            }
+        }
+    }
+
+    /// What is under `k`.
+    pub(crate) fn get(&self, k: &u64) -> Option<&V> {
+        self.find(*k).ok().and_then(|i| self.entries[i].1.as_ref())
+    }
+
+    /// What is under `k`, to change.
+    pub(crate) fn get_mut(&mut self, k: &u64) -> Option<&mut V> {
+        self.find(*k).ok().and_then(|i| self.entries[i].1.as_mut())
+    }
+
+    /// Takes out what is under `k`.
+    pub(crate) fn remove(&mut self, k: &u64) -> Option<V> {
+        let i = self.find(*k).ok()?;
+        let v = self.entries[i].1.take()?;
+        self.live -= 1;
+        while self.entries.front().is_some_and(|(_, v)| v.is_none()) {
+            self.entries.pop_front();
+        }
+        while self.entries.back().is_some_and(|(_, v)| v.is_none()) {
+            self.entries.pop_back();
+        }
+        if self.entries.len() > 2 * self.live + 16 {
+            // Holes outnumber the entries: closed up, in one pass.
+            self.entries.retain(|(_, v)| v.is_some());
+        }
+        Some(v)
+    }
+
+    /// The first position within `range`, and the end of the range (owned).
+    fn span(&self, range: &impl RangeBounds<u64>) -> (usize, Bound<u64>) {
+        let start = match range.start_bound() {
+            Bound::Included(&s) => self.entries.partition_point(|(k, _)| *k < s),
+            Bound::Excluded(&s) => self.entries.partition_point(|(k, _)| *k <= s),
+            Bound::Unbounded => 0,
+        };
+        (start, range.end_bound().cloned())
+    }
+
+    /// The lowest number held.
+    pub(crate) fn first_key(&self) -> Option<u64> {
+        // Both ends are always entries, never holes.
+        self.entries.front().map(|(k, _)| *k)
+    }
+
+    /// The numbers and values within `range`, in order.
+    pub(crate) fn range(&self, range: impl RangeBounds<u64>) -> impl Iterator<Item = (u64, &V)> {
+        let (start, end) = self.span(&range);
+        self.entries
+            .range(start..)
+            .take_while(move |(k, _)| within(*k, end))
+            .filter_map(|(k, v)| v.as_ref().map(|v| (*k, v)))
+    }
+
+    /// Calls `f` on each value within `range`, in number order.
+    pub(crate) fn for_each_mut(
+        &mut self,
+        range: impl RangeBounds<u64>,
+        mut f: impl FnMut(u64, &mut V),
+    ) {
+        let (start, end) = self.span(&range);
+        for (k, v) in self.entries.range_mut(start..) {
+            if !within(*k, end) {
+                break;
+            }
+            if let Some(v) = v {
+                f(*k, v);
+            }
+        }
+    }
+
+    /// Every number and value, in order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, &V)> {
+        self.range(..)
+    }
+
+    /// Every value, in order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
+        self.iter().map(|(_, v)| v)
+    }
+
+    /// Every number, in order.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = u64> + '_ {
+        self.iter().map(|(k, _)| k)
+    }
+
+    /// How many are held.
+    pub(crate) fn len(&self) -> usize {
+        self.live
+    }
+
+    /// Whether nothing is held.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// Forgets everything (keeping the room).
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+        self.live = 0;
+    }
+
+    /// Everything, taken out in order.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = (u64, V)> + '_ {
+        self.live = 0;
+        self.entries
+            .drain(..)
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+    }
+}
 
 /// Values by sequence number, in number order.
 pub(crate) struct SeqMap<V> {
-    index: BTreeMap<u64, usize>,
+    index: SeqIndex<usize>,
     slab: Vec<Option<V>>,
     free: Vec<usize>,
 }
@@ -19,7 +188,7 @@ pub(crate) struct SeqMap<V> {
 impl<V> Default for SeqMap<V> {
     fn default() -> Self {
         Self {
-            index: BTreeMap::new(),
+            index: SeqIndex::default(),
             slab: Vec::new(),
             free: Vec::new(),
         }
@@ -61,24 +230,27 @@ impl<V> SeqMap<V> {
 
     /// The lowest number held.
     pub(crate) fn first_key(&self) -> Option<u64> {
-        self.index.keys().next().copied()
+        self.index.first_key()
     }
 
     /// The numbers held within `range`, in order.
     pub(crate) fn keys_in(&self, range: impl RangeBounds<u64>) -> impl Iterator<Item = u64> + '_ {
-        self.index.range(range).map(|(k, _)| *k)
+        let owned = (range.start_bound().cloned(), range.end_bound().cloned());
+        self.index.range(owned).map(|(k, _)| k)
     }
 
     /// Every value, in number order.
     pub(crate) fn values(&self) -> impl Iterator<Item = &V> + '_ {
-        self.index.values().filter_map(|&i| self.slab[i].as_ref())
+        self.index
+            .iter()
+            .filter_map(|(_, &i)| self.slab[i].as_ref())
     }
 
     /// Every number and value, in number order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, &V)> + '_ {
         self.index
             .iter()
-            .filter_map(|(k, &i)| self.slab[i].as_ref().map(|v| (*k, v)))
+            .filter_map(|(k, &i)| self.slab[i].as_ref().map(|v| (k, v)))
     }
 
     /// Calls `f` on each value within `range`, in number order.
@@ -87,11 +259,12 @@ impl<V> SeqMap<V> {
         range: impl RangeBounds<u64>,
         mut f: impl FnMut(u64, &mut V),
     ) {
-        for (k, &i) in self.index.range(range) {
-            if let Some(v) = self.slab[i].as_mut() {
-                f(*k, v);
+        let slab = &mut self.slab;
+        self.index.for_each_mut(range, |k, &mut i| {
+            if let Some(v) = slab[i].as_mut() {
+                f(k, v);
             }
-        }
+        });
     }
 
     /// How many values are held.
@@ -101,11 +274,10 @@ impl<V> SeqMap<V> {
 
     /// Everything, taken out in number order.
     pub(crate) fn take_all(&mut self) -> Vec<(u64, V)> {
-        let index = std::mem::take(&mut self.index);
         let mut slab = std::mem::take(&mut self.slab);
         self.free.clear();
-        index
-            .into_iter()
+        self.index
+            .drain()
             .filter_map(|(k, i)| slab[i].take().map(|v| (k, v)))
             .collect()
     }
@@ -113,7 +285,112 @@ impl<V> SeqMap<V> {
 
 #[cfg(test)]
 mod tests {
-    use super::SeqMap;
+    use super::{SeqIndex, SeqMap};
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Insert a number a little above the highest so far (in order), or anywhere.
+        Next(u64),
+        Insert(u64),
+        Remove(u64),
+        /// Remove the lowest: an acknowledgement in order.
+        RemoveFirst,
+        Get(u64),
+        Range(u64, u64),
+        Bump(u64, u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (1u64..4).prop_map(Op::Next),
+            1 => (0u64..300).prop_map(Op::Insert),
+            3 => (0u64..300).prop_map(Op::Remove),
+            3 => Just(Op::RemoveFirst),
+            1 => (0u64..300).prop_map(Op::Get),
+            1 => (0u64..300, 0u64..300).prop_map(|(a, b)| Op::Range(a.min(b), a.max(b))),
+            1 => (0u64..300, 0u64..300).prop_map(|(a, b)| Op::Bump(a.min(b), a.max(b))),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the order of operations, it answers as a `BTreeMap` does, holds no more
+        /// than three times its entries (plus a few), and both its ends are entries.
+        #[test]
+        fn a_seq_index_answers_as_an_ordered_map(ops in proptest::collection::vec(op(), 1..400)) {
+            let (mut ours, mut model) = (SeqIndex::default(), BTreeMap::new());
+            let mut top = 0u64;
+            for (i, op) in ops.into_iter().enumerate() {
+                match op {
+                    Op::Next(step) => {
+                        top += step;
+                        prop_assert_eq!(ours.insert(top, i), model.insert(top, i));
+                    }
+                    Op::Insert(k) => prop_assert_eq!(ours.insert(k, i), model.insert(k, i)),
+                    Op::Remove(k) => prop_assert_eq!(ours.remove(&k), model.remove(&k)),
+                    Op::RemoveFirst => {
+                        let first = model.keys().next().copied();
+                        prop_assert_eq!(ours.first_key(), first);
+                        if let Some(k) = first {
+                            prop_assert_eq!(ours.remove(&k), model.remove(&k));
+                        }
+                    }
+                    Op::Get(k) => {
+                        prop_assert_eq!(ours.get(&k), model.get(&k));
+                        if let (Some(a), Some(b)) = (ours.get_mut(&k), model.get_mut(&k)) {
+                            *a += 1;
+                            *b += 1;
+                        }
+                    }
+                    Op::Range(a, b) => {
+                        let got: Vec<_> = ours.range(a..b).map(|(k, v)| (k, *v)).collect();
+                        let want: Vec<_> = model.range(a..b).map(|(k, v)| (*k, *v)).collect();
+                        prop_assert_eq!(got, want);
+                        let got: Vec<_> = ours.range(..=a).map(|(k, _)| k).collect();
+                        let want: Vec<_> = model.range(..=a).map(|(k, _)| *k).collect();
+                        prop_assert_eq!(got, want);
+                    }
+                    Op::Bump(a, b) => {
+                        ours.for_each_mut(a..=b, |_, v| *v += 7);
+                        for (_, v) in model.range_mut(a..=b) {
+                            *v += 7;
+                        }
+                    }
+                }
+                prop_assert_eq!(ours.len(), model.len());
+                prop_assert_eq!(ours.is_empty(), model.is_empty());
+                prop_assert!(ours.entries.len() <= 3 * ours.len() + 16);
+                prop_assert!(ours.entries.front().is_none_or(|(_, v)| v.is_some()));
+                prop_assert!(ours.entries.back().is_none_or(|(_, v)| v.is_some()));
+            }
+            let all: Vec<_> = ours.iter().map(|(k, v)| (k, *v)).collect();
+            prop_assert_eq!(all, model.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>());
+            prop_assert_eq!(ours.keys().collect::<Vec<_>>(), model.keys().copied().collect::<Vec<_>>());
+            prop_assert_eq!(ours.values().copied().collect::<Vec<_>>(), model.values().copied().collect::<Vec<_>>());
+            let drained: Vec<_> = ours.drain().collect();
+            prop_assert_eq!(drained, model.into_iter().collect::<Vec<_>>());
+            prop_assert!(ours.is_empty());
+        }
+    }
+
+    #[test]
+    fn numbers_in_order_allocate_nothing_once_the_ring_has_grown() {
+        let mut m = SeqIndex::default();
+        for k in 1..=65u64 {
+            m.insert(k, k);
+        }
+        assert_eq!(m.remove(&1), Some(1));
+        let room = m.entries.capacity();
+        for k in 66..=100_000u64 {
+            m.insert(k, k);
+            assert_eq!(m.remove(&(k - 64)), Some(k - 64));
+        }
+        assert_eq!(m.entries.capacity(), room, "the ring grew or moved");
+        assert_eq!(m.first_key(), Some(100_000 - 63));
+        m.clear();
+        assert!(m.is_empty());
+    }
 
     #[test]
     fn behaves_as_an_ordered_map_and_reuses_its_slots() {
