@@ -246,7 +246,11 @@ impl Inflow {
             && (self.bytes == 0 || self.bytes + len <= self.session_bytes)
             && self.budget.held.take(len);
         if fits {
-            let a = self.agents.entry(to.clone()).or_default();
+            // Looked up by reference first: the name is cloned only for a new receiver.
+            let a = match self.agents.get_mut(to) {
+                Some(a) => a,
+                None => self.agents.entry(to.clone()).or_default(),
+            };
             a.0 += 1;
             a.1 += len;
             self.bytes += len;
@@ -389,21 +393,27 @@ impl Inflow {
         now: Instant,
         wire: &WirePolicy,
     ) {
-        let Some(Fate::Queued { to, len, confirm }) = self.fates.remove(&seq) else {
+        let fate = match refused {
+            None => Fate::Taken,
+            // Delivered in order: its successors wait for nothing more.
+            Some(r) => Fate::Refused(r, 0),
+        };
+        // Its fate is changed in place (a removal and an insertion cost twice the search);
+        // below the floor it is forgotten.
+        let floor = self.floor;
+        let queued = match self.fates.get_mut(&seq) {
+            Some(slot @ Fate::Queued { .. }) if seq >= floor => std::mem::replace(slot, fate),
+            Some(Fate::Queued { .. }) => match self.fates.remove(&seq) {
+                Some(q) => q,
+                None => return,
+            },
+            _ => return,
+        };
+        let Fate::Queued { to, len, confirm } = queued else {
             return;
         };
         let urgent = confirm;
         self.release(&to, len);
-        if seq >= self.floor {
-            self.fates.insert(
-                seq,
-                match refused {
-                    None => Fate::Taken,
-                    // Delivered in order: its successors wait for nothing more.
-                    Some(r) => Fate::Refused(r, 0),
-                },
-            );
-        }
         match refused {
             None => self.pending.taken.push(seq),
             Some(r) => self.pending.refused.push((seq, r)),

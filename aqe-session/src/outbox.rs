@@ -238,6 +238,59 @@ fn flow_of(m: &MessageMeta) -> Flow {
     (m.from.clone(), m.to.clone(), m.channel.clone())
 }
 
+/// The last number of each ordered flow, and when that message was accepted. The flow
+/// numbered last is kept apart, so that a run of one flow's messages (a batch) is neither
+/// hashed nor cloned per message.
+#[derive(Default)]
+struct Lasts {
+    hot: Option<(Flow, u64, Instant)>,
+    rest: FastMap<Flow, (u64, Instant)>,
+}
+
+impl Lasts {
+    /// `seq`, accepted at `accepted`, is the last of `m`'s flow now; the one before it (0
+    /// when none).
+    fn replace(&mut self, m: &MessageMeta, seq: u64, accepted: Instant) -> u64 {
+        if let Some((flow, last, at)) = &mut self.hot
+            && of_flow(flow, m)
+        {
+            let before = *last;
+            (*last, *at) = (seq, accepted);
+            return before;
+        }
+        let flow = flow_of(m);
+        let before = self.rest.remove(&flow).map_or(0, |(s, _)| s);
+        if let Some((f, s, a)) = self.hot.replace((flow, seq, accepted)) {
+            self.rest.insert(f, (s, a));
+        }
+        before
+    }
+
+    fn get(&self, flow: &Flow) -> Option<(u64, Instant)> {
+        match &self.hot {
+            Some((f, s, a)) if f == flow => Some((*s, *a)),
+            _ => self.rest.get(flow).copied(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Flow, (u64, Instant))> {
+        self.hot
+            .iter()
+            .map(|(f, s, a)| (f, (*s, *a)))
+            .chain(self.rest.iter().map(|(f, v)| (f, *v)))
+    }
+
+    fn clear(&mut self) {
+        self.hot = None;
+        self.rest.clear();
+    }
+}
+
+/// Whether `m` is of `flow`.
+fn of_flow(flow: &Flow, m: &MessageMeta) -> bool {
+    flow.1 == m.to && flow.0 == m.from && flow.2 == m.channel
+}
+
 /// The sender's messages in one session.
 pub(crate) struct Outbox<M> {
     next_seq: u64,
@@ -246,7 +299,7 @@ pub(crate) struct Outbox<M> {
     agents: FastMap<AgentId, Flight>,
     bytes: u64,
     /// The last number of each ordered flow, and when that message was accepted.
-    last: FastMap<Flow, (u64, Instant)>,
+    last: Lasts,
     /// Messages waiting for room in their receiver's window, in order: redeliveries, which
     /// go before anything newer to the same agent.
     backlog: BTreeMap<AgentId, VecDeque<Orphan<M>>>,
@@ -287,7 +340,7 @@ impl<M> Outbox<M> {
             sent: SeqMap::default(),
             agents: FastMap::default(),
             bytes: 0,
-            last: FastMap::default(),
+            last: Lasts::default(),
             departed: FastMap::default(),
             backlog: BTreeMap::new(),
             window: window.max(1),
@@ -329,18 +382,15 @@ impl<M> Outbox<M> {
         let seq = self.next_seq;
         self.next_seq += 1;
         let after = if msg.meta.ordered {
-            let key = (
-                msg.meta.from.clone(),
-                msg.meta.to.clone(),
-                msg.meta.channel.clone(),
-            );
-            self.last
-                .insert(key, (seq, msg.accepted))
-                .map_or(0, |(seq, _)| seq)
+            self.last.replace(&msg.meta, seq, msg.accepted)
         } else {
             0
         };
-        let f = self.agents.entry(msg.meta.to.clone()).or_default();
+        // Looked up by reference first: the name is cloned only for a new receiver.
+        let f = match self.agents.get_mut(&msg.meta.to) {
+            Some(f) => f,
+            None => self.agents.entry(msg.meta.to.clone()).or_default(),
+        };
         f.count += 1;
         f.bytes += msg.meta.len as u64;
         self.bytes += msg.meta.len as u64;
@@ -407,7 +457,7 @@ impl<M> Outbox<M> {
                 && self
                     .last
                     .get(&flow_of(&m.meta))
-                    .is_some_and(|(_, accepted)| *accepted > m.accepted)
+                    .is_some_and(|(_, accepted)| accepted > m.accepted)
             {
                 failed.push(m.expired());
                 continue;
@@ -501,6 +551,9 @@ impl<M> Outbox<M> {
     ) -> bool {
         let mut freed = false;
         let mut flows: Vec<Flow> = Vec::new();
+        // The flow taken last and its highest number, noted in `taken` when another flow
+        // comes (a run of one flow's messages is hashed and cloned once, not per message).
+        let mut run: Option<(Flow, u64)> = None;
         // The numbers of a range, in a buffer kept from one acknowledgement to the next.
         let mut seqs = std::mem::take(&mut self.scratch);
         for &(first, last) in ranges {
@@ -512,22 +565,32 @@ impl<M> Outbox<M> {
                     continue;
                 };
                 freed = true;
-                let flow = m.meta.ordered.then(|| flow_of(&m.meta));
+                // Only refusals look at the flow below; a taken message's is in the run.
+                let flow = (refused.is_some() && m.meta.ordered).then(|| flow_of(&m.meta));
                 match refused.map(refusal_failure) {
                     // Sent again after an earlier session ended with it in doubt: this
                     // refusal does not say what the earlier copy became.
                     Some(_) if m.flagged => out.push(m.failed(DeliveryFailure::Unconfirmed)),
                     None => {
-                        if let Some(flow) = &flow {
-                            // What was refused before it cannot follow it any more.
-                            self.fail_held(flow, seq, out);
-                            let t = self.taken.entry(flow.clone()).or_insert(seq);
-                            *t = (*t).max(seq);
-                            // What it held back (refused after it) may go on now.
-                            if !flows.contains(flow)
-                                && self.held.values().any(|h| flow_of(&h.meta) == *flow)
-                            {
-                                flows.push(flow.clone());
+                        if m.meta.ordered {
+                            if !self.held.is_empty() {
+                                let flow = flow_of(&m.meta);
+                                // What was refused before it cannot follow it any more.
+                                self.fail_held(&flow, seq, out);
+                                // What it held back (refused after it) may go on now.
+                                if !flows.contains(&flow)
+                                    && self.held.values().any(|h| flow_of(&h.meta) == flow)
+                                {
+                                    flows.push(flow);
+                                }
+                            }
+                            match &mut run {
+                                Some((f, top)) if of_flow(f, &m.meta) => *top = (*top).max(seq),
+                                _ => {
+                                    if let Some((f, top)) = run.replace((flow_of(&m.meta), seq)) {
+                                        self.note_taken(f, top);
+                                    }
+                                }
                             }
                         }
                         out.push(m.taken());
@@ -560,6 +623,9 @@ impl<M> Outbox<M> {
         }
         seqs.clear();
         self.scratch = seqs;
+        if let Some((f, top)) = run {
+            self.note_taken(f, top);
+        }
         // A flow with nothing unsettled here any more: what it held goes on, in order.
         for flow in flows {
             if self.sent.values().any(|s| flow_of(&s.msg.meta) == flow) {
@@ -577,6 +643,12 @@ impl<M> Outbox<M> {
     }
 
     /// Fails the messages of `flow` held from before `seq`, which was taken.
+    /// `seq` of `flow` was taken: nothing older of the flow can arrive in order any more.
+    fn note_taken(&mut self, flow: Flow, seq: u64) {
+        let t = self.taken.entry(flow).or_insert(seq);
+        *t = (*t).max(seq);
+    }
+
     fn fail_held(&mut self, flow: &Flow, seq: u64, out: &mut Vec<Settled<M>>) {
         let seqs: Vec<u64> = self
             .held
@@ -689,7 +761,7 @@ impl<M> Outbox<M> {
     pub(crate) fn marks(&self) -> Vec<(Flow, Instant)> {
         self.last
             .iter()
-            .map(|(flow, (_, accepted))| (flow.clone(), *accepted))
+            .map(|(flow, (_, accepted))| (flow.clone(), accepted))
             .collect()
     }
 
@@ -721,7 +793,7 @@ impl<M> Outbox<M> {
                 && self
                     .last
                     .get(&flow)
-                    .is_some_and(|(l, _)| Some(*l) > departed);
+                    .is_some_and(|(l, _)| Some(l) > departed);
             let overtaken = s.msg.meta.ordered
                 && (left_behind || self.taken.get(&flow).is_some_and(|t| *t > seq));
             if overtaken {
@@ -809,6 +881,30 @@ mod tests {
             ttl: None,
         };
         Orphan::new(meta, aqe_core::encode(&e).expect("encode"), now, 0)
+    }
+
+    #[test]
+    fn the_last_number_of_each_flow_is_kept_whichever_flow_came_last() {
+        let now = Instant::now();
+        let (b, c) = (msg("b", 1, now), msg("c", 1, now));
+        let mut lasts = Lasts::default();
+        assert_eq!(lasts.replace(&b.meta, 1, now), 0);
+        assert_eq!(lasts.replace(&b.meta, 2, now), 1);
+        assert_eq!(lasts.replace(&c.meta, 3, now), 0);
+        assert_eq!(
+            lasts.replace(&b.meta, 4, now),
+            2,
+            "b's, kept while c's was hot"
+        );
+        assert_eq!(lasts.replace(&c.meta, 5, now), 3);
+        assert_eq!(lasts.get(&flow_of(&b.meta)).map(|(s, _)| s), Some(4));
+        assert_eq!(lasts.get(&flow_of(&c.meta)).map(|(s, _)| s), Some(5));
+        let mut all: Vec<(Flow, u64)> = lasts.iter().map(|(f, (s, _))| (f.clone(), s)).collect();
+        all.sort_by_key(|(_, s)| *s);
+        assert_eq!(all, vec![(flow_of(&b.meta), 4), (flow_of(&c.meta), 5)]);
+        lasts.clear();
+        assert_eq!(lasts.iter().count(), 0);
+        assert_eq!(lasts.replace(&b.meta, 6, now), 0);
     }
 
     const D: Duration = Duration::from_secs(10);

@@ -43,9 +43,12 @@ impl<V> Default for SeqIndex<V> {
 impl<V> SeqIndex<V> {
     /// Where `k` is, or would go.
     fn find(&self, k: u64) -> Result<usize, usize> {
-        match self.entries.back() {
-            None => Err(0),
-            Some((last, _)) if *last < k => Err(self.entries.len()),
+        // The ends first: numbers arrive at the back and mostly leave from the front.
+        match (self.entries.front(), self.entries.back()) {
+            (None, _) | (_, None) => Err(0),
+            (_, Some((last, _))) if *last < k => Err(self.entries.len()),
+            (Some((first, _)), _) if *first == k => Ok(0),
+            (Some((first, _)), _) if k < *first => Err(0),
             _ => self.entries.binary_search_by_key(&k, |(n, _)| *n),
         }
     }
