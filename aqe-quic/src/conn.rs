@@ -228,8 +228,31 @@ impl Link for LinkRef {
         }
         self.0.gate.queued(&queued);
         let mut refused = 0;
+        // The writer of the last frame, reused while frames keep to its lane (a batch of one
+        // ordered channel looks its lane up once); an unordered frame takes the next writer
+        // of its pool, and a large one a stream of its own, each time.
+        let mut last: Option<(Lane, Writer)> = None;
         for t in frames.drain(..) {
-            match self.0.lane(&t) {
+            let small = t.size_hint() <= LARGE;
+            let fresh;
+            let writer = match &last {
+                Some((lane, w)) if small && lane == t.lane() => Some(w),
+                _ => {
+                    fresh = self.0.lane(&t);
+                    last = match (&fresh, t.lane()) {
+                        (
+                            Some(w),
+                            lane @ (Lane::Control
+                            | Lane::Ordered(_)
+                            | Lane::Requests
+                            | Lane::Answers),
+                        ) if small => Some((lane.clone(), w.clone())),
+                        _ => None,
+                    };
+                    fresh.as_ref()
+                }
+            };
+            match writer {
                 Some(w) => {
                     let p = gated(&t).then(|| t.priority());
                     // A writer ends only with its connection: the session hears of it.
