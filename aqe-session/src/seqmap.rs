@@ -47,6 +47,7 @@ impl<V> SeqIndex<V> {
         match (self.entries.front(), self.entries.back()) {
             (None, _) | (_, None) => Err(0),
             (_, Some((last, _))) if *last < k => Err(self.entries.len()),
+            (_, Some((last, _))) if *last == k => Ok(self.entries.len() - 1),
             (Some((first, _)), _) if *first == k => Ok(0),
             (Some((first, _)), _) if k < *first => Err(0),
             _ => self.entries.binary_search_by_key(&k, |(n, _)| *n),
