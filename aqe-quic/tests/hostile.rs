@@ -437,6 +437,46 @@ async fn a_peer_sends_only_as_agents_it_announced() {
     );
 }
 
+/// A receiver remembers the fate of every message numbered above its sender's `low`: a
+/// message numbered a span (2^20) or more above its own `low` would let a sender that never
+/// raises `low` grow that without bound. It closes the connection (0x5); one just below is
+/// taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_numbered_a_span_above_its_low_closes_the_connection() {
+    let e = endpoint(config()).await;
+    let mut ie = attach(&e, "e").await;
+    let mut raw = raw_join(
+        e.local_addr(),
+        &raw_hello(4343, "127.0.0.1:9"),
+        vec![snapshot(1, vec![reg("mine")])],
+    )
+    .await;
+    let span = aqe_session::MAX_RANGE_SPAN;
+    let message = |seq, low| Frame::Message {
+        seq,
+        after: 0,
+        low,
+        generation: 1,
+        confirm: false,
+        envelope: direct("mine", "e"),
+    };
+    let _s = raw.open(&Preamble::Unordered, vec![message(span, 1)]).await;
+    let got = next_message(&mut ie).await;
+    assert_eq!(
+        got.from.as_str(),
+        "mine",
+        "one just below the span is taken"
+    );
+    let _t = raw
+        .open(&Preamble::Unordered, vec![message(span + 1, 1)])
+        .await;
+    assert_eq!(
+        close_code(&mut raw.connection).await,
+        Some(u64::from(close::PROTOCOL_VIOLATION)),
+        "a message a span above its low closes the connection"
+    );
+}
+
 /// Waits until `e` holds nothing for its peers any more.
 async fn all_given_back(e: &aqe_quic::QuicTransport) {
     tokio::time::timeout(WAIT, async {

@@ -141,5 +141,7 @@ pub const MAX_REGISTRATION: usize = 64 * 1024;
 /// A probe of an older incarnation is answered within this long at least (and within four
 /// round trips), or the incarnation is declared replaced.
 pub const PROBE_MIN: Duration = Duration::from_millis(250);
-/// Largest span one acknowledgement range may cover.
+/// Largest span one acknowledgement range may cover; also how far above its own `low` a
+/// message may be numbered, which bounds what a receiver remembers of a session's messages
+/// (their fates, until `low` passes them) whatever the sender does.
 pub const MAX_RANGE_SPAN: u64 = 1 << 20;

@@ -305,6 +305,10 @@ pub(crate) struct Outbox<M> {
     backlog: BTreeMap<AgentId, VecDeque<Orphan<M>>>,
     window: u32,
     session_bytes: u64,
+    /// A message is numbered below the oldest unsettled one plus this
+    /// ([`MAX_RANGE_SPAN`](crate::config::MAX_RANGE_SPAN)): the receiver refuses the session
+    /// otherwise, since it remembers every number above that oldest one.
+    span: u64,
     /// How long a transmission waits for its acknowledgement before it goes again, on a
     /// wire that may lose it.
     rto: Option<Duration>,
@@ -345,6 +349,7 @@ impl<M> Outbox<M> {
             backlog: BTreeMap::new(),
             window: window.max(1),
             session_bytes: session_bytes.max(1),
+            span: crate::config::MAX_RANGE_SPAN,
             rto,
             next_check: None,
             ghosts: BTreeMap::new(),
@@ -361,7 +366,9 @@ impl<M> Outbox<M> {
 
     fn has_room(&self, to: &AgentId, len: usize) -> bool {
         let f = self.agents.get(to).copied().unwrap_or_default();
-        f.count < self.window && (self.bytes == 0 || self.bytes + len as u64 <= self.session_bytes)
+        f.count < self.window
+            && (self.bytes == 0 || self.bytes + len as u64 <= self.session_bytes)
+            && self.next_seq - self.low() < self.span
     }
 
     /// Whether a new message to `to` would be admitted now.
@@ -881,6 +888,39 @@ mod tests {
             ttl: None,
         };
         Orphan::new(meta, aqe_core::encode(&e).expect("encode"), now, 0)
+    }
+
+    #[test]
+    fn nothing_is_numbered_a_span_above_the_oldest_unsettled_message() {
+        let now = Instant::now();
+        let mut o = Outbox::new(1024, 1 << 20, None);
+        o.span = 4;
+        for seq in 1..=4 {
+            let to = if seq == 1 { "b" } else { "c" };
+            assert!(
+                o.push(msg(to, 1, now), 1, true, now, D).is_ok(),
+                "{seq} fits"
+            );
+        }
+        assert!(
+            o.push(msg("c", 1, now), 1, true, now, D).is_err(),
+            "5 is a span above 1"
+        );
+        // Settling newer ones frees no room: the oldest holds the span.
+        let (mut done, mut displaced) = (Vec::new(), Vec::new());
+        assert!(o.settled(&[(2, 4)], None, &mut done, &mut displaced));
+        assert!(!o.can_admit(&"c".into(), 1));
+        assert!(o.settled(&[(1, 1)], None, &mut done, &mut displaced));
+        assert_eq!(done.len(), 4);
+        let t = o
+            .push(msg("c", 1, now), 1, true, now, D)
+            .expect("room again");
+        match t {
+            Some(Transmit::Message { header, .. }) => {
+                assert_eq!((header.seq, header.low), (5, 5));
+            }
+            other => panic!("a message transmission, not {other:?}"),
+        }
     }
 
     #[test]

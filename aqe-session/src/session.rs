@@ -775,6 +775,11 @@ impl<C: Ctx> Session<C> {
                 if seq == 0 {
                     return Err("message number 0");
                 }
+                // What the receiver remembers of a session's messages (their fates, from the
+                // sender's `low` up) stays within one span, whatever the sender does.
+                if seq.saturating_sub(low) >= crate::config::MAX_RANGE_SPAN {
+                    return Err("message numbered a span or more above its low");
+                }
                 // The session's own buffer: no allocation per message.
                 let mut ready = std::mem::take(&mut self.ready);
                 self.inflow.advance(low, &mut ready);
