@@ -4,8 +4,6 @@
 //! acknowledgements waiting to go.
 
 use std::collections::BTreeMap;
-
-use crate::seqmap::SeqIndex;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -129,7 +127,10 @@ impl Pending {
 pub(crate) struct Inflow {
     /// Everything below was settled at the sender: copies of it are ignored.
     floor: u64,
-    fates: SeqIndex<Fate>,
+    /// A B-tree, not a sorted ring: numbers come from the peer, in any order, and a ring
+    /// shifts its entries for one inserted in the middle (a peer could make each message
+    /// cost a shift of up to a span of entries).
+    fates: BTreeMap<u64, Fate>,
     /// Queued or held messages per receiving agent: (count, bytes).
     agents: FastMap<AgentId, (u32, u64)>,
     bytes: u64,
@@ -153,7 +154,7 @@ impl Inflow {
     pub(crate) fn new(window: u32, session_bytes: u64, budget: Arc<Budgets>) -> Self {
         Self {
             floor: 1,
-            fates: SeqIndex::default(),
+            fates: BTreeMap::new(),
             agents: FastMap::default(),
             bytes: 0,
             waiting_on: BTreeMap::new(),
@@ -171,7 +172,7 @@ impl Inflow {
             return;
         }
         self.floor = low;
-        let below: Vec<u64> = self.fates.range(..low).map(|(k, _)| k).collect();
+        let below: Vec<u64> = self.fates.range(..low).map(|(k, _)| *k).collect();
         for seq in below {
             match self.fates.get(&seq) {
                 Some(Fate::Queued { .. }) => {}
@@ -473,7 +474,7 @@ impl Inflow {
         let (was_received, mut refused) = (p.received, std::mem::take(&mut p.refused));
         (p.received, p.since, p.due) = (false, None, false);
         let received = if wire.ack_received && was_received {
-            ranges::of_sorted(self.fates.keys().filter(|s| *s >= self.floor))
+            ranges::of_sorted(self.fates.keys().copied().filter(|s| *s >= self.floor))
         } else {
             Vec::new()
         };
