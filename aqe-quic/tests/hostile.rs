@@ -398,24 +398,36 @@ async fn claiming_a_live_peers_address_and_agents_evicts_nobody_and_captures_not
     let _ = impostor.send.finish();
 }
 
+/// A raw peer of the endpoint at `to` (its hello's nonce `nonce`) that announced one agent,
+/// `mine`.
+async fn announcing_mine(to: SocketAddr, nonce: u64) -> Raw {
+    raw_join(
+        to,
+        &raw_hello(nonce, "127.0.0.1:9"),
+        vec![snapshot(1, vec![reg("mine")])],
+    )
+    .await
+}
+
+/// Reliable message `seq` from `from` to the agent `e`, its sender's oldest unsettled being
+/// `low`.
+fn message_to_e(seq: u64, low: u64, from: &str) -> Frame {
+    Frame::Message {
+        seq,
+        after: 0,
+        low,
+        generation: 1,
+        confirm: false,
+        envelope: direct(from, "e"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_sends_only_as_agents_it_announced() {
     let e = endpoint(config()).await;
     let mut ie = attach(&e, "e").await;
-    let mut raw = raw_join(
-        e.local_addr(),
-        &raw_hello(4242, "127.0.0.1:9"),
-        vec![snapshot(1, vec![reg("mine")])],
-    )
-    .await;
-    let message = |seq, from: &str| Frame::Message {
-        seq,
-        after: 0,
-        low: 1,
-        generation: 1,
-        confirm: false,
-        envelope: direct(from, "e"),
-    };
+    let mut raw = announcing_mine(e.local_addr(), 4242).await;
+    let message = |seq, from: &str| message_to_e(seq, 1, from);
     let _s = raw
         .open(
             &Preamble::Channel("coordination".into()),
@@ -445,21 +457,9 @@ async fn a_peer_sends_only_as_agents_it_announced() {
 async fn a_message_numbered_a_span_above_its_low_closes_the_connection() {
     let e = endpoint(config()).await;
     let mut ie = attach(&e, "e").await;
-    let mut raw = raw_join(
-        e.local_addr(),
-        &raw_hello(4343, "127.0.0.1:9"),
-        vec![snapshot(1, vec![reg("mine")])],
-    )
-    .await;
+    let mut raw = announcing_mine(e.local_addr(), 4343).await;
     let span = aqe_session::MAX_RANGE_SPAN;
-    let message = |seq, low| Frame::Message {
-        seq,
-        after: 0,
-        low,
-        generation: 1,
-        confirm: false,
-        envelope: direct("mine", "e"),
-    };
+    let message = |seq, low| message_to_e(seq, low, "mine");
     let _s = raw.open(&Preamble::Unordered, vec![message(span, 1)]).await;
     let got = next_message(&mut ie).await;
     assert_eq!(
