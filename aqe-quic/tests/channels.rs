@@ -363,6 +363,9 @@ async fn a_stream_whose_reader_stalls_fails_a_write_with_queue_full_and_loses_no
     let mut ib = attach(&b, "b").await;
     a.connect(b.local_addr()).await.expect("connect");
     await_peer(&a, "b").await;
+    // b refuses a stream from an agent it has not heard announced within the send timeout
+    // (400 ms here): under load the announcement can take that long.
+    await_peer(&b, "a").await;
     let header = aqe_core::StreamHeader {
         id: aqe_core::StreamId::next(),
         from: "a".into(),
