@@ -357,7 +357,7 @@ impl NatsWire {
         }
     }
 
-    async fn on_packet(self: &Arc<Self>, host: &Host, bytes: &Bytes) {
+    async fn on_packet(self: &Arc<Self>, host: &Host, bytes: &[u8]) {
         let (packet, rest) = match wire::decode(bytes) {
             Ok(p) => p,
             Err(e) => {
@@ -377,7 +377,7 @@ impl NatsWire {
                 self.on_hello(host, reply, hello).await;
             }
             Packet::Frames { from, to, session } if to == self.me => {
-                self.on_frames(host, from, session, bytes, rest);
+                self.on_frames(host, from, session, rest);
             }
             Packet::Reset { from, to, session } if to == self.me => {
                 if let Some(s) = self.session(host, &from, session) {
@@ -488,7 +488,7 @@ impl NatsWire {
         }
     }
 
-    fn on_frames(&self, host: &Host, from: EndpointId, session: u64, packet: &Bytes, rest: &[u8]) {
+    fn on_frames(&self, host: &Host, from: EndpointId, session: u64, rest: &[u8]) {
         let Some(s) = self.session(host, &from, session) else {
             if !lock(&self.greeter).is_pending(&from, session) {
                 self.post(
@@ -502,7 +502,7 @@ impl NatsWire {
             }
             return;
         };
-        match wire::frames_of(packet, rest) {
+        match wire::frames(rest) {
             // A frame that breaks a rule ends the session; its link resets the peer.
             Ok(frames) => {
                 if let Err(rule) = host.frames(&s, frames) {

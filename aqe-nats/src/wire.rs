@@ -205,15 +205,6 @@ pub fn decode(bytes: &[u8]) -> Result<(Packet, &[u8]), PacketError> {
     Ok((packet, rest))
 }
 
-/// As [`frames`], for `rest` a part of `packet`: a payload that is nearly all of the packet is
-/// shared with it, not copied.
-///
-/// # Errors
-/// As [`frames`].
-pub fn frames_of(packet: &Bytes, rest: &[u8]) -> Result<Vec<Frame>, postcard::Error> {
-    aqe_core::plumbing::sharing(packet, || frames(rest))
-}
-
 /// The frames after a [`Packet::Frames`], in order, all or none.
 ///
 /// # Errors
