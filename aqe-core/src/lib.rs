@@ -25,6 +25,7 @@
 
 mod address;
 mod channel;
+mod encoded;
 mod error;
 mod health;
 mod id;
@@ -48,6 +49,7 @@ pub use address::{Address, TransportKind};
 pub use channel::{
     Channel, ChannelKind, DEFAULT_MAX_MESSAGE_SIZE, Priority, SlowConsumer, default_channels,
 };
+pub use encoded::{Encoded, SPLIT_FROM, encode_envelope, encode_envelopes};
 pub use error::{
     BoxError, DeliveryFailure, Error, RemoteErrorKind, Result, SecurityFailure, SendFailure,
     StreamFailure,

@@ -222,7 +222,10 @@ pub struct Envelope {
     /// How `payload` is encoded.
     pub encoding: Encoding,
     /// The encoded content.
-    #[serde(deserialize_with = "shared_bytes")]
+    #[serde(
+        serialize_with = "crate::encoded::split_payload",
+        deserialize_with = "shared_bytes"
+    )]
     pub payload: Bytes,
 }
 
@@ -423,6 +426,19 @@ pub fn sharing<R>(source: &Bytes, f: impl FnOnce() -> R) -> R {
 pub fn shared_bytes<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> std::result::Result<Bytes, D::Error> {
+    use serde::de::Error as _;
+    // Decoding the head of an [`Encoded`](crate::Encoded): the bytes are the part after it.
+    if crate::encoded::TAIL.with_borrow(Option::is_some) {
+        let len = <u64 as Deserialize>::deserialize(d)?;
+        let tail = crate::encoded::TAIL.take().unwrap_or_default();
+        if tail.len() as u64 != len {
+            return Err(D::Error::invalid_length(
+                tail.len(),
+                &"the payload length its head announces",
+            ));
+        }
+        return Ok(tail);
+    }
     d.deserialize_bytes(shared::Payload)
 }
 
@@ -457,6 +473,15 @@ pub fn copying<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
 /// # Errors
 /// [`Error::Encode`] when a value cannot be encoded.
 pub fn encode_each<T: Serialize>(values: &[T]) -> Result<Vec<Bytes>> {
+    Ok(pack(values, || ())?.into_iter().map(|(b, ())| b).collect())
+}
+
+/// Encodes each value as [`encode_each`] says, with what `aside` returns right after each
+/// value was written (what its serialization set aside).
+pub(crate) fn pack<T: Serialize, X>(
+    values: &[T],
+    mut aside: impl FnMut() -> X,
+) -> Result<Vec<(Bytes, X)>> {
     const SHARED: usize = 64 * 1024;
     let fail = |source: postcard::Error| Error::Encode {
         what: "payload",
@@ -468,6 +493,7 @@ pub fn encode_each<T: Serialize>(values: &[T]) -> Result<Vec<Bytes>> {
         .collect::<std::result::Result<Vec<usize>, _>>()
         .map_err(fail)?;
     let mut out = Vec::with_capacity(values.len());
+    let mut set_aside = Vec::new();
     let mut i = 0;
     while i < values.len() {
         // The values that share the next buffer (at least one).
@@ -481,12 +507,13 @@ pub fn encode_each<T: Serialize>(values: &[T]) -> Result<Vec<Bytes>> {
         let mut at = 0;
         for (v, size) in values[i..end].iter().zip(&sizes[i..end]) {
             postcard::to_slice(v, &mut buf[at..at + size]).map_err(fail)?;
+            set_aside.push(aside());
             at += size;
         }
         let shared = Bytes::from(buf);
         let mut at = 0;
-        for size in &sizes[i..end] {
-            out.push(shared.slice(at..at + size));
+        for (size, x) in sizes[i..end].iter().zip(set_aside.drain(..)) {
+            out.push((shared.slice(at..at + size), x));
             at += size;
         }
         i = end;

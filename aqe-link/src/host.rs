@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -666,7 +665,7 @@ impl Host {
         batch: I,
     ) -> Result<()>
     where
-        I: ExactSizeIterator<Item = (MessageMeta, Bytes, MsgCtx)> + Send,
+        I: ExactSizeIterator<Item = (MessageMeta, aqe_core::Encoded, MsgCtx)> + Send,
     {
         let send_timeout = self.inner.config.send_timeout;
         let total = batch.len();
@@ -727,7 +726,7 @@ impl Host {
         batch: &mut std::iter::Peekable<I>,
     ) -> Option<usize>
     where
-        I: ExactSizeIterator<Item = (MessageMeta, Bytes, MsgCtx)>,
+        I: ExactSizeIterator<Item = (MessageMeta, aqe_core::Encoded, MsgCtx)>,
     {
         let now = Instant::now();
         // Counted before the session has them: a settlement may be told on another thread
@@ -789,7 +788,7 @@ impl Host {
                 .iter()
                 .map(|e| message_meta(e, channel.ordered, false, aqe_core::Timestamp::now))
                 .collect();
-            let (Ok(metas), Ok(bodies)) = (metas, aqe_core::encode_each(&copies)) else {
+            let (Ok(metas), Ok(bodies)) = (metas, aqe_core::encode_envelopes(&copies)) else {
                 rest.extend(to);
                 continue;
             };
@@ -1055,7 +1054,7 @@ impl Transport for Host {
         }
         // Encoded together: small envelopes share buffers (an allocation per 64 KiB), and
         // what the session keeps of each is a reference, not a copy.
-        let bodies = aqe_core::encode_each(&envelopes[..metas.len()])?;
+        let bodies = aqe_core::encode_envelopes(&envelopes[..metas.len()])?;
         drop(envelopes);
         let batch = metas.into_iter().zip(bodies).map(|(meta, body)| {
             (

@@ -402,37 +402,73 @@ async fn write_turns(
     Ok(())
 }
 
-/// Appends the frame of `t` to `chunks`, the envelope's bytes as a chunk of their own (never
-/// copied).
 /// What a message's frame header takes at most: length, version, variant, four varints,
 /// the confirm flag.
 const HEAD_ROOM: usize = 4 + 1 + 1 + 4 * 10 + 1;
 
+/// Appends the frame of `t` to `head`; a payload its envelope's encoding left apart (see
+/// [`aqe_core::Encoded`]) goes to `chunks` as it is, never copied, after what `head` held.
+/// Frames without such a payload accumulate in `head`, which the caller pushes last.
 fn frame_into(t: &Transmit, head: &mut BytesMut, chunks: &mut Vec<Bytes>) -> Result<()> {
     match t {
         Transmit::Message { header, body, .. } => {
             let start = head.len();
             head.put_u32(0);
             head.put_u8(WIRE_VERSION);
-            header.encode(head).map_err(|e| Error::Encode {
-                what: "frame",
-                source: Box::new(e),
-            })?;
+            if let Err(e) = header.encode(head) {
+                head.truncate(start);
+                return Err(Error::Encode {
+                    what: "frame",
+                    source: Box::new(e),
+                });
+            }
             let len = head.len() - start - 4 + body.len();
-            let len = u32::try_from(len).map_err(|_| Error::MessageTooLarge {
-                size: len,
-                max: wire::MAX_FRAME_LEN,
-            })?;
-            head[start..start + 4].copy_from_slice(&len.to_be_bytes());
-            chunks.push(head.split().freeze());
-            chunks.push(body.clone());
+            let Ok(len32) = u32::try_from(len) else {
+                head.truncate(start);
+                return Err(Error::MessageTooLarge {
+                    size: len,
+                    max: wire::MAX_FRAME_LEN,
+                });
+            };
+            head[start..start + 4].copy_from_slice(&len32.to_be_bytes());
+            head.extend_from_slice(body.head());
+            if !body.tail().is_empty() {
+                chunks.push(head.split().freeze());
+                chunks.push(body.tail().clone());
+            }
         }
-        Transmit::Frame(..) => {
-            wire::frame_transmit(t, head)?;
-            chunks.push(head.split().freeze());
-        }
+        Transmit::Frame(..) => wire::frame_transmit(t, head)?,
     }
     Ok(())
+}
+
+/// What framing `t` writes into the head buffer, about.
+fn head_room(t: &Transmit) -> usize {
+    match t {
+        Transmit::Message { body, .. } => HEAD_ROOM + body.head().len(),
+        Transmit::Frame(..) => t.size_hint(),
+    }
+}
+
+/// Frames `batch` after what `chunks` holds, counting each frame's priority in `tally`.
+fn frame_batch(
+    batch: &mut Vec<Transmit>,
+    head: &mut BytesMut,
+    chunks: &mut Vec<Bytes>,
+    tally: &mut Tally,
+) {
+    // Room for the whole batch but the payloads set apart: one allocation per batch, not
+    // one (or two) per frame as the buffer grows.
+    head.reserve(batch.iter().map(head_room).sum());
+    for t in batch.drain(..) {
+        tally.add(t.priority());
+        if let Err(e) = frame_into(&t, head, chunks) {
+            tracing::error!(error = %e, "cannot frame what a session sends");
+        }
+    }
+    if !head.is_empty() {
+        chunks.push(head.split().freeze());
+    }
 }
 
 /// Writes one lane's stream: its preamble, then what accumulated, one vectored write per
@@ -469,15 +505,7 @@ async fn write_stream(
         }
         chunks.clear();
         chunks.extend(pending.take());
-        // Room for every header of the batch at once: one allocation per batch, not one
-        // (or two) per frame as the buffer grows.
-        head.reserve(batch.len() * HEAD_ROOM);
-        for t in batch.drain(..) {
-            tally.add(t.priority());
-            if let Err(e) = frame_into(&t, &mut head, &mut chunks) {
-                tracing::error!(error = %e, "cannot frame what a session sends");
-            }
-        }
+        frame_batch(&mut batch, &mut head, &mut chunks, &mut tally);
         let written = write_turns(
             &link.gate,
             &mut stream,
@@ -803,4 +831,73 @@ async fn agent_stream(
         item.abandon();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use aqe_core::{Envelope, MessageKind, Priority, Recipient};
+    use aqe_session::{Frame, Lane, MessageHeader};
+
+    use super::*;
+
+    #[test]
+    fn a_batch_is_framed_as_each_frame_alone_its_large_payloads_uncopied() {
+        let message = |seq: u64, len: usize| {
+            let e = Envelope::new(
+                "a".into(),
+                Recipient::Agent("b".into()),
+                "c".into(),
+                MessageKind::Direct,
+                Bytes::from(vec![seq as u8; len]),
+            );
+            Transmit::Message {
+                lane: Lane::Ordered("c".into()),
+                header: MessageHeader {
+                    seq,
+                    after: seq - 1,
+                    low: 1,
+                    generation: 3,
+                    confirm: seq.is_multiple_of(2),
+                },
+                priority: Priority::DEFAULT,
+                body: aqe_core::encode_envelope(&e).expect("encode"),
+            }
+        };
+        let mut batch = vec![
+            message(1, 10),
+            message(2, 5000),
+            message(3, 20),
+            Transmit::Frame(
+                Lane::Control,
+                Frame::Ping {
+                    nonce: 7,
+                    generation: 3,
+                    low: 1,
+                },
+            ),
+            message(4, 70_000),
+        ];
+        let mut alone = BytesMut::new();
+        for t in &batch {
+            wire::frame_transmit(t, &mut alone).expect("frame");
+        }
+        let tails: Vec<*const u8> = batch
+            .iter()
+            .filter_map(|t| match t {
+                Transmit::Message { body, .. } if !body.tail().is_empty() => {
+                    Some(body.tail().as_ptr())
+                }
+                _ => None,
+            })
+            .collect();
+        let (mut head, mut chunks, mut tally) = (BytesMut::new(), Vec::new(), Tally::default());
+        frame_batch(&mut batch, &mut head, &mut chunks, &mut tally);
+        assert!(batch.is_empty() && head.is_empty());
+        assert_eq!(chunks.concat(), alone.as_ref());
+        // Frames before a large payload, the payload, the small ones after, the last.
+        assert_eq!(chunks.len(), 4);
+        assert_eq!(chunks[1].as_ptr(), tails[0], "shared, not copied");
+        assert_eq!(chunks[3].as_ptr(), tails[1], "shared, not copied");
+        assert_eq!(tally.top(), Priority::MAX);
+    }
 }

@@ -4,10 +4,10 @@
 
 use std::net::SocketAddr;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 
-use aqe_core::{AgentId, ChannelName, Envelope, MessageId, Priority, Registration};
+use aqe_core::{AgentId, ChannelName, Encoded, Envelope, MessageId, Priority, Registration};
 
 use crate::EndpointId;
 
@@ -275,7 +275,7 @@ pub enum Transmit {
         /// Its envelope's priority (not on the wire in the header: the envelope holds it).
         priority: Priority,
         /// The envelope's postcard encoding.
-        body: Bytes,
+        body: Encoded,
     },
 }
 
@@ -323,7 +323,7 @@ impl Transmit {
             Transmit::Frame(_, frame) => encode_into(frame, dst),
             Transmit::Message { header, body, .. } => {
                 header.encode(dst)?;
-                dst.extend_from_slice(body);
+                body.write_to(dst);
                 Ok(())
             }
         }
@@ -354,19 +354,22 @@ mod tests {
 
     #[test]
     fn a_message_framed_from_its_header_and_body_is_the_frame_postcard_makes() {
-        let envelope = Envelope::new(
-            "a".into(),
-            Recipient::Agent("b".into()),
-            "coordination".into(),
-            MessageKind::Direct,
-            Bytes::from_static(b"hi"),
-        );
-        let body = aqe_core::encode(&envelope).expect("encode");
-        for (seq, after, low, generation, confirm) in [
-            (1, 0, 1, 0, false),
-            (300, 299, 128, 7, true),
-            (u64::MAX, 1, 2, u64::MAX, false),
+        // A small payload inside the body, a large one a part of its own.
+        for (payload, seq, after, low, generation, confirm) in [
+            (2, 1, 0, 1, 0, false),
+            (2, 300, 299, 128, 7, true),
+            (2, u64::MAX, 1, 2, u64::MAX, false),
+            (5000, 9, 8, 3, 1, true),
         ] {
+            let envelope = Envelope::new(
+                "a".into(),
+                Recipient::Agent("b".into()),
+                "coordination".into(),
+                MessageKind::Direct,
+                bytes::Bytes::from(vec![7u8; payload]),
+            );
+            let body = aqe_core::encode_envelope(&envelope).expect("encode");
+            assert_eq!(body.tail().is_empty(), payload < aqe_core::SPLIT_FROM);
             let header = MessageHeader {
                 seq,
                 after,

@@ -5,10 +5,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
 use aqe_core::plumbing::FastMap;
-use aqe_core::{AgentId, ChannelName, DeliveryFailure, Envelope, MessageId, Priority};
+use aqe_core::{AgentId, ChannelName, DeliveryFailure, Encoded, Envelope, MessageId, Priority};
 
 use crate::frame::{Lane, MessageHeader, Refusal, Transmit};
 use crate::ranges;
@@ -44,7 +42,7 @@ pub struct MessageMeta {
 pub struct Orphan<M> {
     pub(crate) meta: MessageMeta,
     /// The envelope's postcard encoding.
-    pub(crate) body: Bytes,
+    pub(crate) body: Encoded,
     /// When it was accepted: its deadline is this plus the delivery deadline.
     pub(crate) accepted: Instant,
     /// It was transmitted at least once (here or over an earlier session): it may have been
@@ -64,7 +62,7 @@ pub struct Orphan<M> {
 
 impl<M> Orphan<M> {
     /// A message accepted now.
-    pub(crate) fn new(meta: MessageMeta, body: Bytes, now: Instant, ctx: M) -> Self {
+    pub(crate) fn new(meta: MessageMeta, body: Encoded, now: Instant, ctx: M) -> Self {
         Self {
             meta,
             body,
@@ -125,8 +123,7 @@ impl<M> Orphan<M> {
     /// When the stored encoding does not decode (it always does: it was encoded here).
     pub fn envelope(&self) -> aqe_core::Result<Envelope> {
         // The payload stays shared with the stored encoding, not copied.
-        let mut e: Envelope =
-            aqe_core::plumbing::sharing(&self.body, || aqe_core::decode(&self.body))?;
+        let mut e = self.body.decode()?;
         e.redelivered |= self.in_doubt;
         Ok(e)
     }
@@ -179,7 +176,7 @@ impl<M> Orphan<M> {
         if self.in_doubt
             && !self.flagged
             && let Ok(e) = self.envelope()
-            && let Ok(body) = aqe_core::encode(&e)
+            && let Ok(body) = aqe_core::encode_envelope(&e)
         {
             self.body = body;
             self.flagged = true;
@@ -867,6 +864,7 @@ pub(crate) fn valid_ranges(r: &[(u64, u64)]) -> bool {
 mod tests {
     use super::*;
     use aqe_core::{MessageKind, Recipient};
+    use bytes::Bytes;
 
     fn msg(to: &str, len: usize, now: Instant) -> Orphan<u32> {
         let e = Envelope::new(
@@ -887,7 +885,7 @@ mod tests {
             confirm: false,
             ttl: None,
         };
-        Orphan::new(meta, aqe_core::encode(&e).expect("encode"), now, 0)
+        Orphan::new(meta, aqe_core::encode_envelope(&e).expect("encode"), now, 0)
     }
 
     #[test]
@@ -1171,7 +1169,7 @@ mod tests {
         let Some(Transmit::Message { body, .. }) = out.pop_front() else {
             panic!("a message");
         };
-        let e: Envelope = aqe_core::decode(&body).expect("decode");
+        let e = body.decode().expect("decode");
         assert!(e.redelivered, "in doubt: flagged");
     }
 

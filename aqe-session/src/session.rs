@@ -12,10 +12,8 @@ use std::iter::Peekable;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
 use aqe_core::plumbing::FastSet;
-use aqe_core::{AgentId, ChannelName, Envelope, MessageId};
+use aqe_core::{AgentId, ChannelName, Encoded, Envelope, MessageId};
 
 use crate::config::{Config, PROBE_MIN};
 use crate::frame::{Frame, Hello, Lane, Refusal, Transmit};
@@ -214,13 +212,13 @@ pub fn outgoing(
     ordered: bool,
     confirm: bool,
     now: impl FnOnce() -> aqe_core::Timestamp,
-) -> aqe_core::Result<(MessageMeta, Bytes)> {
+) -> aqe_core::Result<(MessageMeta, Encoded)> {
     let meta = message_meta(envelope, ordered, confirm, now)?;
-    Ok((meta, aqe_core::encode(envelope)?))
+    Ok((meta, aqe_core::encode_envelope(envelope)?))
 }
 
 /// What a session keeps of a reliable message beside its encoding (see [`outgoing`]); for
-/// a batch whose envelopes are encoded together ([`aqe_core::encode_each`]).
+/// a batch whose envelopes are encoded together ([`aqe_core::encode_envelopes`]).
 ///
 /// # Errors
 /// When the envelope has no single recipient.
@@ -485,7 +483,7 @@ impl<C: Ctx> Session<C> {
     pub fn send(
         &mut self,
         meta: MessageMeta,
-        body: Bytes,
+        body: Encoded,
         ctx: C::Msg,
         now: Instant,
     ) -> Result<(), NotSent<C::Msg>> {
@@ -500,7 +498,7 @@ impl<C: Ctx> Session<C> {
     }
 
     /// Numbers a message the window has room for and transmits it.
-    fn admit(&mut self, meta: MessageMeta, body: Bytes, ctx: C::Msg, now: Instant) {
+    fn admit(&mut self, meta: MessageMeta, body: Encoded, ctx: C::Msg, now: Instant) {
         let msg = Orphan::new(meta, body, now, ctx);
         let t = self.outbox.number(
             msg,
@@ -517,7 +515,7 @@ impl<C: Ctx> Session<C> {
     /// bytes. `None` when the session has no link (nothing taken): route again.
     pub fn send_many<I>(&mut self, batch: &mut Peekable<I>, now: Instant) -> Option<(usize, usize)>
     where
-        I: Iterator<Item = (MessageMeta, Bytes, C::Msg)>,
+        I: Iterator<Item = (MessageMeta, Encoded, C::Msg)>,
     {
         if !self.is_linked() {
             return None;

@@ -353,7 +353,7 @@ fn check_example(name: &str, bytes: &[u8]) {
                     confirm: false,
                 },
                 priority: aqe_core::Priority::DEFAULT,
-                body: aqe_core::encode(&envelope()).expect("encode"),
+                body: aqe_core::encode_envelope(&envelope()).expect("encode"),
             };
             aqe_quic::testing::frame_transmit(&t, &mut framed).expect("frame");
             assert_eq!(framed.as_ref(), bytes);
