@@ -199,6 +199,9 @@ async fn when_quic_cannot_reach_a_peer_nats_carries_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_in_flight_when_quic_goes_away_arrive_over_nats_once_each_in_order() {
     const N: u32 = 400;
+    // Each payload large enough to travel apart from its envelope's fields
+    // (`aqe_core::Encoded`), so that what is redelivered over NATS is re-encoded from parts.
+    const PAD: usize = 1500;
     let (url, fleet) = (nats_url().await, fleet());
     let a = host(None, &url, &fleet).await;
     let b = host(Some(a.quic.local_addr()), &url, &fleet).await;
@@ -212,7 +215,9 @@ async fn messages_in_flight_when_quic_goes_away_arrive_over_nats_once_each_in_or
             async move {
                 // A slow receiver: many messages are unacknowledged when QUIC goes.
                 tokio::time::sleep(Duration::from_micros(500)).await;
-                let _ = tx.send(env.decode::<u32>().expect("u32"));
+                let (i, pad) = env.decode::<(u32, Vec<u8>)>().expect("(u32, pad)");
+                assert_eq!(pad, vec![i as u8; PAD], "the payload arrives whole");
+                let _ = tx.send(i);
             }
         })
         .start()
@@ -232,7 +237,7 @@ async fn messages_in_flight_when_quic_goes_away_arrive_over_nats_once_each_in_or
     let mut events = source.events();
     for i in 0..N {
         source
-            .send_to_agent(sink.id(), &i, "coordination")
+            .send_to_agent(sink.id(), &(i, vec![i as u8; PAD]), "coordination")
             .await
             .expect("accepted");
         if i == N / 4 {

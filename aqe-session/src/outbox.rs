@@ -1156,8 +1156,10 @@ mod tests {
         let now = Instant::now();
         let mut o: Outbox<u32> = Outbox::new(1, 1 << 20, None);
         assert!(o.push(msg("b", 1, now), 0, true, now, D).is_ok());
-        let mut old = msg("b", 1, now);
+        // Large enough to travel apart from its envelope's fields (aqe_core::Encoded).
+        let mut old = msg("b", 5000, now);
         old.in_doubt = true;
+        let payload = old.body.tail().as_ptr();
         o.push_back(vec![old], D, &mut Vec::new());
         assert!(!o.can_admit(&"b".into(), 1), "redeliveries first");
         let mut out = VecDeque::new();
@@ -1171,6 +1173,12 @@ mod tests {
         };
         let e = body.decode().expect("decode");
         assert!(e.redelivered, "in doubt: flagged");
+        assert_eq!(e.payload.len(), 5000);
+        assert_eq!(
+            e.payload.as_ptr(),
+            payload,
+            "flagged without copying the payload"
+        );
     }
 
     #[test]
