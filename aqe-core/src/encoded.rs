@@ -114,9 +114,10 @@ pub fn encode_envelopes(envelopes: &[Envelope]) -> Result<Vec<Encoded>> {
     }
     let _stop = Stop;
     SPLITTING.set(true);
-    let packed = pack(envelopes, || SPLIT_OFF.take().unwrap_or_default())?;
-    Ok(packed
+    let (heads, tails) = pack(envelopes, || SPLIT_OFF.take().unwrap_or_default())?;
+    Ok(heads
         .into_iter()
+        .zip(tails)
         .map(|(head, tail)| Encoded { head, tail })
         .collect())
 }

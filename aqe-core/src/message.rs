@@ -496,15 +496,15 @@ pub fn copying<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
 /// # Errors
 /// [`Error::Encode`] when a value cannot be encoded.
 pub fn encode_each<T: Serialize>(values: &[T]) -> Result<Vec<Bytes>> {
-    Ok(pack(values, || ())?.into_iter().map(|(b, ())| b).collect())
+    Ok(pack(values, || ())?.0)
 }
 
-/// Encodes each value as [`encode_each`] says, with what `aside` returns right after each
-/// value was written (what its serialization set aside).
+/// Encodes each value as [`encode_each`] says; beside the encodings, what `aside` returned
+/// right after each value was written (what its serialization set aside).
 pub(crate) fn pack<T: Serialize, X>(
     values: &[T],
     mut aside: impl FnMut() -> X,
-) -> Result<Vec<(Bytes, X)>> {
+) -> Result<(Vec<Bytes>, Vec<X>)> {
     const SHARED: usize = 64 * 1024;
     let fail = |source: postcard::Error| Error::Encode {
         what: "payload",
@@ -516,7 +516,7 @@ pub(crate) fn pack<T: Serialize, X>(
         .collect::<std::result::Result<Vec<usize>, _>>()
         .map_err(fail)?;
     let mut out = Vec::with_capacity(values.len());
-    let mut set_aside = Vec::new();
+    let mut set_aside = Vec::with_capacity(values.len());
     let mut i = 0;
     while i < values.len() {
         // The values that share the next buffer (at least one).
@@ -535,13 +535,13 @@ pub(crate) fn pack<T: Serialize, X>(
         }
         let shared = Bytes::from(buf);
         let mut at = 0;
-        for (size, x) in sizes[i..end].iter().zip(set_aside.drain(..)) {
-            out.push((shared.slice(at..at + size), x));
+        for size in &sizes[i..end] {
+            out.push(shared.slice(at..at + size));
             at += size;
         }
         i = end;
     }
-    Ok(out)
+    Ok((out, set_aside))
 }
 
 /// Decodes a payload (postcard) as `T`; trailing bytes are an error.
