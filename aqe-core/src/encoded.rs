@@ -104,7 +104,21 @@ impl Encoded {
 /// # Errors
 /// [`Error::Encode`] when an envelope cannot be encoded.
 pub fn encode_envelopes(envelopes: &[Envelope]) -> Result<Vec<Encoded>> {
-    /// Ends the split mode on every exit.
+    let (packed, _) = splitting(|| pack(envelopes, || SPLIT_OFF.take().unwrap_or_default()));
+    let (heads, tails) = packed?;
+    Ok(heads
+        .into_iter()
+        .zip(tails)
+        .map(|(head, tail)| Encoded { head, tail })
+        .collect())
+}
+
+/// Runs `f`, which encodes (postcard) a value whose last field is an envelope, leaving a
+/// payload of [`SPLIT_FROM`] bytes or more out of what it writes: that payload (shared, not
+/// copied) is returned beside `f`'s result, to be written right after. A frame that carries
+/// an envelope is framed so, its payload never copied.
+pub fn splitting<R>(f: impl FnOnce() -> R) -> (R, Option<Bytes>) {
+    /// Ends the split mode on every exit, a panic's too.
     struct Stop;
     impl Drop for Stop {
         fn drop(&mut self) {
@@ -114,12 +128,8 @@ pub fn encode_envelopes(envelopes: &[Envelope]) -> Result<Vec<Encoded>> {
     }
     let _stop = Stop;
     SPLITTING.set(true);
-    let (heads, tails) = pack(envelopes, || SPLIT_OFF.take().unwrap_or_default())?;
-    Ok(heads
-        .into_iter()
-        .zip(tails)
-        .map(|(head, tail)| Encoded { head, tail })
-        .collect())
+    let r = f();
+    (r, SPLIT_OFF.take())
 }
 
 /// Encodes one envelope as [`encode_envelopes`] does.

@@ -17,6 +17,7 @@
 //! - [`FastMap`], [`FastSet`], [`FastState`]: the hash tables of per-message paths.
 
 pub use crate::channel::MAX_PAYLOAD_LEN;
+pub use crate::encoded::splitting;
 pub use crate::health::StatsRecorder;
 pub use crate::inbox::{
     DEDUP_SENDERS, DEDUP_WINDOW, DEFAULT_INBOX_CAPACITY, Delivered, Delivery, Inbox, InboxPermit,

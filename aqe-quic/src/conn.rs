@@ -407,7 +407,8 @@ async fn write_turns(
 const HEAD_ROOM: usize = 4 + 1 + 1 + 4 * 10 + 1;
 
 /// Appends the frame of `t` to `head`; a payload its envelope's encoding left apart (see
-/// [`aqe_core::Encoded`]) goes to `chunks` as it is, never copied, after what `head` held.
+/// [`aqe_core::Encoded`], and [`wire::frame_parts`] for the frames that carry an envelope)
+/// goes to `chunks` as it is, never copied, after what `head` held.
 /// Frames without such a payload accumulate in `head`, which the caller pushes last.
 fn frame_into(t: &Transmit, head: &mut BytesMut, chunks: &mut Vec<Bytes>) -> Result<()> {
     match t {
@@ -437,15 +438,21 @@ fn frame_into(t: &Transmit, head: &mut BytesMut, chunks: &mut Vec<Bytes>) -> Res
                 chunks.push(body.tail().clone());
             }
         }
-        Transmit::Frame(..) => wire::frame_transmit(t, head)?,
+        Transmit::Frame(..) => {
+            if let Some(tail) = wire::frame_parts(t, head)? {
+                chunks.push(head.split().freeze());
+                chunks.push(tail);
+            }
+        }
     }
     Ok(())
 }
 
-/// What framing `t` writes into the head buffer, about.
+/// What framing `t` writes into the head buffer, about (a frame's payload set apart is not).
 fn head_room(t: &Transmit) -> usize {
     match t {
         Transmit::Message { body, .. } => HEAD_ROOM + body.head().len(),
+        Transmit::Frame(..) if t.size_hint() >= aqe_core::SPLIT_FROM + 64 => 256,
         Transmit::Frame(..) => t.size_hint(),
     }
 }
@@ -876,6 +883,20 @@ mod tests {
                 },
             ),
             message(4, 70_000),
+            Transmit::Frame(
+                Lane::Requests,
+                Frame::Request {
+                    generation: 3,
+                    envelope: Envelope::new(
+                        "a".into(),
+                        Recipient::Agent("b".into()),
+                        "c".into(),
+                        MessageKind::Request,
+                        Bytes::from(vec![9u8; 3000]),
+                    ),
+                },
+            ),
+            message(5, 30),
         ];
         let mut alone = BytesMut::new();
         for t in &batch {
@@ -887,6 +908,9 @@ mod tests {
                 Transmit::Message { body, .. } if !body.tail().is_empty() => {
                     Some(body.tail().as_ptr())
                 }
+                Transmit::Frame(_, Frame::Request { envelope, .. }) => {
+                    Some(envelope.payload.as_ptr())
+                }
                 _ => None,
             })
             .collect();
@@ -894,10 +918,11 @@ mod tests {
         frame_batch(&mut batch, &mut head, &mut chunks, &mut tally);
         assert!(batch.is_empty() && head.is_empty());
         assert_eq!(chunks.concat(), alone.as_ref());
-        // Frames before a large payload, the payload, the small ones after, the last.
-        assert_eq!(chunks.len(), 4);
-        assert_eq!(chunks[1].as_ptr(), tails[0], "shared, not copied");
-        assert_eq!(chunks[3].as_ptr(), tails[1], "shared, not copied");
+        // Frames before each large payload, the payload; the small frames after the last.
+        assert_eq!(chunks.len(), 7);
+        for (i, tail) in tails.iter().enumerate() {
+            assert_eq!(chunks[2 * i + 1].as_ptr(), *tail, "shared, not copied");
+        }
         assert_eq!(tally.top(), Priority::MAX);
     }
 }

@@ -155,17 +155,31 @@ pub fn close_code(why: Ended) -> u32 {
 /// # Errors
 /// When it cannot be encoded or is larger than a frame may be.
 pub fn frame_transmit(t: &Transmit, dst: &mut BytesMut) -> Result<()> {
+    if let Some(tail) = frame_parts(t, dst)? {
+        dst.extend_from_slice(&tail);
+    }
+    Ok(())
+}
+
+/// As [`frame_transmit`], but an envelope's payload of [`aqe_core::SPLIT_FROM`] bytes or more
+/// (the last thing a frame carries) is left out of `dst` and returned, shared and not
+/// copied: the frame is `dst`'s new bytes, then it.
+///
+/// # Errors
+/// When it cannot be encoded or is larger than a frame may be.
+pub(crate) fn frame_parts(t: &Transmit, dst: &mut BytesMut) -> Result<Option<Bytes>> {
     let start = dst.len();
     dst.put_u32(0);
     dst.put_u8(WIRE_VERSION);
-    if let Err(e) = t.encode(dst) {
+    let (encoded, tail) = aqe_core::plumbing::splitting(|| t.encode(dst));
+    if let Err(e) = encoded {
         dst.truncate(start);
         return Err(Error::Encode {
             what: "frame",
             source: Box::new(e),
         });
     }
-    let len = dst.len() - start - 4;
+    let len = dst.len() - start - 4 + tail.as_ref().map_or(0, Bytes::len);
     if len > MAX_FRAME_LEN {
         dst.truncate(start);
         return Err(Error::MessageTooLarge {
@@ -174,7 +188,7 @@ pub fn frame_transmit(t: &Transmit, dst: &mut BytesMut) -> Result<()> {
         });
     }
     dst[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
-    Ok(())
+    Ok(tail)
 }
 
 /// A datagram: the version byte, then one session frame (a QUIC datagram delimits it).

@@ -15,8 +15,14 @@ fn request(size: usize) -> Envelope {
         Recipient::Agent("b".into()),
         "coordination".into(),
         MessageKind::Request,
-        Bytes::from(vec![3u8; size]),
+        pattern(size),
     )
+}
+
+/// `size` bytes that differ from one offset to the next, so that a payload cut or put
+/// together wrongly does not compare equal.
+fn pattern(size: usize) -> Bytes {
+    (0..size).map(|i| (i % 251) as u8).collect()
 }
 
 async fn pair() -> (
@@ -54,11 +60,15 @@ async fn small_and_large_requests_are_answered_side_by_side() {
     let sizes = [64, 200_000, 16 * 1024, 16 * 1024 + 1, 900_000, 1];
     let calls = sizes.map(|n| {
         let a = a.clone();
-        async move { a.request(request(n), WAIT).await.map(|r| r.payload.len()) }
+        async move { a.request(request(n), WAIT).await.map(|r| r.payload) }
     });
     let answers = futures::future::join_all(calls).await;
     for (n, answer) in sizes.iter().zip(answers) {
-        assert_eq!(answer.expect("answered"), *n);
+        assert_eq!(
+            answer.expect("answered"),
+            pattern(*n),
+            "{n} bytes echoed whole"
+        );
     }
 }
 
