@@ -104,13 +104,14 @@ impl Encoded {
 /// # Errors
 /// [`Error::Encode`] when an envelope cannot be encoded.
 pub fn encode_envelopes(envelopes: &[Envelope]) -> Result<Vec<Encoded>> {
-    let (packed, _) = splitting(|| pack(envelopes, || SPLIT_OFF.take().unwrap_or_default()));
-    let (heads, tails) = packed?;
-    Ok(heads
-        .into_iter()
-        .zip(tails)
-        .map(|(head, tail)| Encoded { head, tail })
-        .collect())
+    splitting(|| {
+        pack(
+            envelopes,
+            || SPLIT_OFF.take().unwrap_or_default(),
+            |head, tail| Encoded { head, tail },
+        )
+    })
+    .0
 }
 
 /// Runs `f`, which encodes (postcard) a value whose last field is an envelope, leaving a
@@ -137,9 +138,12 @@ pub fn splitting<R>(f: impl FnOnce() -> R) -> (R, Option<Bytes>) {
 /// # Errors
 /// [`Error::Encode`] when the envelope cannot be encoded.
 pub fn encode_envelope(envelope: &Envelope) -> Result<Encoded> {
-    Ok(encode_envelopes(std::slice::from_ref(envelope))?
-        .pop()
-        .unwrap_or_default())
+    // One allocation, the head's (a batch's bookkeeping would cost four more).
+    let (head, tail) = splitting(|| crate::encode(envelope));
+    Ok(Encoded {
+        head: head?,
+        tail: tail.unwrap_or_default(),
+    })
 }
 
 /// Serializes a payload (`#[serde(serialize_with = "split_payload")]`): within

@@ -496,15 +496,16 @@ pub fn copying<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
 /// # Errors
 /// [`Error::Encode`] when a value cannot be encoded.
 pub fn encode_each<T: Serialize>(values: &[T]) -> Result<Vec<Bytes>> {
-    Ok(pack(values, || ())?.0)
+    pack(values, || (), |b, ()| b)
 }
 
-/// Encodes each value as [`encode_each`] says; beside the encodings, what `aside` returned
-/// right after each value was written (what its serialization set aside).
-pub(crate) fn pack<T: Serialize, X>(
+/// Encodes each value as [`encode_each`] says, and makes an item of each encoding with what
+/// `aside` returned right after that value was written (what its serialization set aside).
+pub(crate) fn pack<T: Serialize, X, I>(
     values: &[T],
     mut aside: impl FnMut() -> X,
-) -> Result<(Vec<Bytes>, Vec<X>)> {
+    mut make: impl FnMut(Bytes, X) -> I,
+) -> Result<Vec<I>> {
     const SHARED: usize = 64 * 1024;
     let fail = |source: postcard::Error| Error::Encode {
         what: "payload",
@@ -516,6 +517,7 @@ pub(crate) fn pack<T: Serialize, X>(
         .collect::<std::result::Result<Vec<usize>, _>>()
         .map_err(fail)?;
     let mut out = Vec::with_capacity(values.len());
+    // What the values of one buffer set aside (no allocation when that is nothing, `()`).
     let mut set_aside = Vec::with_capacity(values.len());
     let mut i = 0;
     while i < values.len() {
@@ -535,13 +537,13 @@ pub(crate) fn pack<T: Serialize, X>(
         }
         let shared = Bytes::from(buf);
         let mut at = 0;
-        for size in &sizes[i..end] {
-            out.push(shared.slice(at..at + size));
+        for (size, x) in sizes[i..end].iter().zip(set_aside.drain(..)) {
+            out.push(make(shared.slice(at..at + size), x));
             at += size;
         }
         i = end;
     }
-    Ok((out, set_aside))
+    Ok(out)
 }
 
 /// Decodes a payload (postcard) as `T`; trailing bytes are an error.
