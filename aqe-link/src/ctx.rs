@@ -62,6 +62,9 @@ pub(crate) fn settle(
     let mut order: Vec<Group> = Vec::new();
     let mut groups: HashMap<Group, Vec<MessageId>> = HashMap::new();
     for s in settled {
+        // A large payload is freed as a blocking section: the worker's other tasks go on.
+        let body = s.body;
+        aqe_core::plumbing::copying(body.len(), move || drop(body));
         let meta = s.meta;
         match s.outcome {
             Outcome::Taken => {
