@@ -21,8 +21,8 @@ use crate::{Envelope, Result};
 pub const SPLIT_FROM: usize = 1024;
 
 thread_local! {
-    /// Encoding with [`encode_envelopes`] on this thread: payloads of [`SPLIT_FROM`] bytes or
-    /// more are left out of the head.
+    /// Encoding within [`splitting`] on this thread: payloads of [`SPLIT_FROM`] bytes or more
+    /// are left out of the head.
     static SPLITTING: Cell<bool> = const { Cell::new(false) };
     /// The payload left out of the head being encoded.
     static SPLIT_OFF: RefCell<Option<Bytes>> = const { RefCell::new(None) };
@@ -40,14 +40,6 @@ pub struct Encoded {
 }
 
 impl Encoded {
-    /// An encoding in one part.
-    pub fn whole(bytes: Bytes) -> Self {
-        Self {
-            head: bytes,
-            tail: Bytes::new(),
-        }
-    }
-
     /// Its length in bytes, both parts.
     pub fn len(&self) -> usize {
         self.head.len() + self.tail.len()
@@ -119,16 +111,16 @@ pub fn encode_envelopes(envelopes: &[Envelope]) -> Result<Vec<Encoded>> {
 /// copied) is returned beside `f`'s result, to be written right after. A frame that carries
 /// an envelope is framed so, its payload never copied.
 pub fn splitting<R>(f: impl FnOnce() -> R) -> (R, Option<Bytes>) {
-    /// Ends the split mode on every exit, a panic's too.
-    struct Stop;
-    impl Drop for Stop {
+    /// Puts back the mode and what was set aside before, on every exit (a panic's too), so
+    /// that a split encoding within another leaves the outer one as it was.
+    struct Restore(bool, Option<Bytes>);
+    impl Drop for Restore {
         fn drop(&mut self) {
-            SPLITTING.set(false);
-            SPLIT_OFF.set(None);
+            SPLITTING.set(self.0);
+            SPLIT_OFF.set(self.1.take());
         }
     }
-    let _stop = Stop;
-    SPLITTING.set(true);
+    let _restore = Restore(SPLITTING.replace(true), SPLIT_OFF.take());
     let r = f();
     (r, SPLIT_OFF.take())
 }
@@ -207,6 +199,14 @@ mod tests {
             }
             // The split mode ends with the call: a plain encoding is whole again.
             assert_eq!(crate::encode(&e).expect("encode").len(), whole.len());
+            // Within another split encoding, it leaves the outer one's payload as it was.
+            let outer = envelope(2000);
+            let (_, aside) = splitting(|| {
+                let head = crate::encode(&outer).expect("encode");
+                assert_eq!(encode_envelope(&e).expect("encode"), encoded);
+                head
+            });
+            assert_eq!(aside.map(|b| b.len()), Some(2000));
         }
     }
 
