@@ -107,6 +107,8 @@ pub(crate) struct QuicLink {
     /// Lanes' writers take turns by priority.
     gate: Gate,
     tasks: TaskTracker,
+    /// Ends the link's writers: cancelled when the connection closes (the lanes and the
+    /// writers hold each other, so nothing else would end an idle one) or the host stops.
     stop: CancellationToken,
     send_timeout: Duration,
     closed: Mutex<bool>,
@@ -136,7 +138,7 @@ impl QuicLink {
             lanes: Mutex::default(),
             gate: Gate::default(),
             tasks: host.tasks().clone(),
-            stop: host.stopping(),
+            stop: host.stopping().child_token(),
             send_timeout,
             closed: Mutex::new(false),
             unflushed: std::sync::atomic::AtomicBool::new(false),
@@ -155,6 +157,7 @@ impl QuicLink {
             self.handle.close(code.into());
             self.gate.close();
         }
+        self.stop.cancel();
     }
 
     fn writer(self: &Arc<Self>, preamble: Preamble) -> Writer {

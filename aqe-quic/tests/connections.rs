@@ -437,3 +437,72 @@ async fn an_ordered_stream_stays_in_order_while_a_duplicate_connection_is_retire
     // Each round announced one connection; more means a duplicate was retired meanwhile.
     eprintln!("connections established over 5 rounds: {duplicates}");
 }
+
+/// Answers the next request `inbox` gets with its own payload (other messages are skipped).
+async fn answer_one(inbox: &mut aqe_core::plumbing::Inbox, me: &str) {
+    loop {
+        match tokio::time::timeout(WAIT, inbox.recv()).await {
+            Ok(Some(aqe_core::Inbound::Request {
+                envelope,
+                responder,
+            })) => {
+                let reply =
+                    envelope.reply(me.into(), MessageKind::Response, envelope.payload.clone());
+                responder.respond(reply).await.expect("respond");
+                return;
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no request came: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_connection_leaves_none_of_its_tasks_behind() {
+    let a = endpoint(config()).await;
+    let mut ia = attach(&a, "a").await;
+    let before = aqe_quic::testing::task_count(&a);
+    for round in 0..3 {
+        let b = endpoint(config()).await;
+        let mut ib = attach(&b, "b").await;
+        a.connect(b.local_addr()).await.expect("a dials b");
+        await_peer(&a, "b").await;
+        await_peer(&b, "a").await;
+        // Lanes of every kind on a's side: an ordered channel, unordered messages,
+        // requests, answers.
+        a.send(hello("a", "b")).await.expect("ordered");
+        let mut unordered = hello("a", "b");
+        unordered.channel = "results".into();
+        a.send(unordered).await.expect("unordered");
+        next_message(&mut ib).await;
+        next_message(&mut ib).await;
+        let mut ask = hello("a", "b");
+        ask.kind = MessageKind::Request;
+        let (answered, ()) = tokio::join!(a.request(ask, WAIT), answer_one(&mut ib, "b"));
+        answered.expect("a's request answered");
+        let mut ask = hello("b", "a");
+        ask.kind = MessageKind::Request;
+        let (answered, ()) = tokio::join!(b.request(ask, WAIT), answer_one(&mut ia, "a"));
+        answered.expect("b's request answered");
+        assert!(
+            aqe_quic::testing::task_count(&a) > before,
+            "the lanes have writers"
+        );
+        b.shutdown().await;
+        tokio::time::timeout(WAIT, async {
+            while a.connections() != 0 || aqe_quic::testing::task_count(&a) > before {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "round {round}: {} tasks, {} before the connection; {} connections",
+                aqe_quic::testing::task_count(&a),
+                before,
+                a.connections()
+            )
+        });
+    }
+    a.shutdown().await;
+}
