@@ -68,18 +68,55 @@ async fn read(recv: &mut ReceiveStream, len: usize) {
     }
 }
 
+/// A raw s2n-quic server on a port of its own, echoing bidirectional streams and reporting
+/// what unidirectional streams carry to `done`.
+fn serve(
+    pems: &Pems,
+    done: tokio::sync::mpsc::Sender<usize>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let mut server = s2n_quic::Server::builder()
+        .with_tls((pems.cert.as_str(), pems.key.as_str()))
+        .expect("tls")
+        .with_io("127.0.0.1:0")
+        .expect("io")
+        .start()
+        .expect("server");
+    let addr = server.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Some(conn) = server.accept().await {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let (_handle, mut acceptor) = conn.split();
+                while let Ok(Some(stream)) = acceptor.accept().await {
+                    match stream {
+                        PeerStream::Bidirectional(s) => {
+                            tokio::spawn(echo(s));
+                        }
+                        PeerStream::Receive(r) => {
+                            tokio::spawn(count(r, done.clone()));
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
 /// Raw s2n-quic: a server that echoes bidirectional streams and counts what unidirectional
-/// streams carry, and a client endpoint connected to it (once, or `fanout` times).
+/// streams carry, a client endpoint connected to it, and `fanout` more servers the client
+/// is connected to, for broadcasts.
 pub struct S2nFloor {
     addr: SocketAddr,
     client: s2n_quic::Client,
     handle: Mutex<Handle>,
     long_lived: Mutex<(ReceiveStream, SendStream)>,
     oneway: Mutex<SendStream>,
-    /// One long-lived unidirectional stream per fan-out connection.
+    /// One long-lived unidirectional stream per fan-out connection, each to a server
+    /// endpoint of its own.
     fanout: Mutex<Vec<SendStream>>,
     tally: Tally,
-    _server: tokio::task::JoinHandle<()>,
+    _servers: Vec<tokio::task::JoinHandle<()>>,
     /// Keeps the connections open.
     _connections: (
         Vec<s2n_quic::Connection>,
@@ -88,36 +125,14 @@ pub struct S2nFloor {
 }
 
 impl S2nFloor {
-    /// Starts the server, and connects the client once plus `fanout` more times.
+    /// Starts the server, and connects the client to it once; and starts `fanout` more
+    /// servers, each an endpoint of its own as each receiver of a broadcast is, and
+    /// connects the client to each.
     pub async fn start(fanout: usize) -> Self {
         let pems = Pems::new();
-        let mut server = s2n_quic::Server::builder()
-            .with_tls((pems.cert.as_str(), pems.key.as_str()))
-            .expect("tls")
-            .with_io("127.0.0.1:0")
-            .expect("io")
-            .start()
-            .expect("server");
-        let addr = server.local_addr().expect("addr");
         let (done, tally) = Tally::new();
-        let server = tokio::spawn(async move {
-            while let Some(conn) = server.accept().await {
-                let done = done.clone();
-                tokio::spawn(async move {
-                    let (_handle, mut acceptor) = conn.split();
-                    while let Ok(Some(stream)) = acceptor.accept().await {
-                        match stream {
-                            PeerStream::Bidirectional(s) => {
-                                tokio::spawn(echo(s));
-                            }
-                            PeerStream::Receive(r) => {
-                                tokio::spawn(count(r, done.clone()));
-                            }
-                        }
-                    }
-                });
-            }
-        });
+        let (addr, server) = serve(&pems, done.clone());
+        let mut servers = vec![server];
         let client = s2n_quic::Client::builder()
             .with_tls(pems.ca.as_str())
             .expect("tls")
@@ -125,15 +140,18 @@ impl S2nFloor {
             .expect("io")
             .start()
             .expect("client");
-        let connect = || async {
-            let mut c = client
-                .connect(Connect::new(addr).with_server_name("localhost"))
-                .await
-                .expect("connect");
-            c.keep_alive(true).expect("keep alive");
-            c
+        let connect = |addr| {
+            let client = &client;
+            async move {
+                let mut c = client
+                    .connect(Connect::new(addr).with_server_name("localhost"))
+                    .await
+                    .expect("connect");
+                c.keep_alive(true).expect("keep alive");
+                c
+            }
         };
-        let mut connection = connect().await;
+        let mut connection = connect(addr).await;
         let long_lived = connection
             .open_bidirectional_stream()
             .await
@@ -142,7 +160,9 @@ impl S2nFloor {
         let oneway = connection.open_send_stream().await.expect("stream");
         let (mut fan, mut connections) = (Vec::new(), Vec::new());
         for _ in 0..fanout {
-            let mut c = connect().await;
+            let (addr, server) = serve(&pems, done.clone());
+            servers.push(server);
+            let mut c = connect(addr).await;
             fan.push(c.open_send_stream().await.expect("stream"));
             connections.push(c);
         }
@@ -156,7 +176,7 @@ impl S2nFloor {
             oneway: Mutex::new(oneway),
             fanout: Mutex::new(fan),
             tally,
-            _server: server,
+            _servers: servers,
         }
     }
 
