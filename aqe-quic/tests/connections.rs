@@ -458,14 +458,19 @@ async fn answer_one(inbox: &mut aqe_core::plumbing::Inbox, me: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_closed_connection_leaves_none_of_its_tasks_behind() {
+async fn a_closed_connection_leaves_none_of_its_tasks_or_agents_behind() {
     let a = endpoint(config()).await;
     let mut ia = attach(&a, "a").await;
     let before = aqe_quic::testing::task_count(&a);
+    // a dials, then is dialed, then dials again.
     for round in 0..3 {
         let b = endpoint(config()).await;
         let mut ib = attach(&b, "b").await;
-        a.connect(b.local_addr()).await.expect("a dials b");
+        if round % 2 == 0 {
+            a.connect(b.local_addr()).await.expect("a dials b");
+        } else {
+            b.connect(a.local_addr()).await.expect("b dials a");
+        }
         await_peer(&a, "b").await;
         await_peer(&b, "a").await;
         // Lanes of every kind on a's side: an ordered channel, unordered messages,
@@ -490,17 +495,21 @@ async fn a_closed_connection_leaves_none_of_its_tasks_behind() {
         );
         b.shutdown().await;
         tokio::time::timeout(WAIT, async {
-            while a.connections() != 0 || aqe_quic::testing::task_count(&a) > before {
+            while a.connections() != 0
+                || aqe_quic::testing::task_count(&a) > before
+                || a.peers().iter().any(|p| p.id.as_str() == "b")
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
         .await
         .unwrap_or_else(|_| {
             panic!(
-                "round {round}: {} tasks, {} before the connection; {} connections",
+                "round {round}: {} tasks, {} before the connection; {} connections; peers {:?}",
                 aqe_quic::testing::task_count(&a),
                 before,
-                a.connections()
+                a.connections(),
+                a.peers().iter().map(|p| p.id.clone()).collect::<Vec<_>>()
             )
         });
     }
