@@ -765,14 +765,9 @@ impl Agent {
             )?;
             let targets: Vec<AgentId> = self
                 .transport()
-                .peers()
+                .agents_on(&options.channel)
                 .into_iter()
-                .filter(|p| {
-                    &p.id != self.id()
-                        && p.channels.contains(&options.channel)
-                        && options.admits(&p.id)
-                })
-                .map(|p| p.id)
+                .filter(|id| id != self.id() && options.admits(id))
                 .collect();
             // Explicitly included peers that are unknown are reported as failures, not ignored.
             let mut targets = targets;

@@ -669,6 +669,21 @@ impl Transport for Fallback {
         peers
     }
 
+    fn agents_on(&self, channel: &ChannelName) -> Vec<AgentId> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for link in &self.links {
+            for id in link.transport.agents_on(channel) {
+                // As in `peers`: listed while some link reaches it.
+                if !seen.contains(&id) && self.links.iter().any(|l| l.transport.can_reach(&id)) {
+                    seen.insert(id.clone());
+                    out.push(id);
+                }
+            }
+        }
+        out
+    }
+
     fn stats(&self, agent: &AgentId) -> Stats {
         let mut s = self
             .links

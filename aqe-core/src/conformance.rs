@@ -60,6 +60,7 @@ macro_rules! conformance_tests {
             unknown_channel_is_a_typed_error,
             oversize_payload_is_refused_and_nothing_is_lost,
             broadcast_reports_each_peer,
+            agents_on_lists_the_listeners_of_a_channel,
             confirmed_broadcast_reports_each_recipients_outcome,
             stream_delivers_open_data_and_end_in_order,
             stream_close_without_final_ends_the_stream,
@@ -972,6 +973,42 @@ pub async fn broadcast_reports_each_peer(h: &dyn Harness) {
         .await
         .expect_err("unknown channel");
     assert!(matches!(err, Error::ChannelNotFound { .. }), "{err}");
+}
+
+/// [`Transport::agents_on`] lists the known agents, local and remote, that listen on the
+/// channel: the same as [`Transport::peers`] says.
+pub async fn agents_on_lists_the_listeners_of_a_channel(h: &dyn Harness) {
+    let eps = h.endpoints(2).await;
+    let _a = attach(&eps[0], "a", all_channels()).await;
+    let _a2 = attach(&eps[0], "a2", vec![Channel::metrics()]).await;
+    let _b = attach(&eps[1], "b", all_channels()).await;
+    let _b2 = attach(&eps[1], "b2", vec![Channel::metrics()]).await;
+    await_peers(&eps[0], &["b", "b2"]).await;
+    let sorted = |mut v: Vec<AgentId>| {
+        v.sort();
+        v
+    };
+    for (channel, want) in [
+        ("coordination", &["a", "b"][..]),
+        ("metrics", &["a", "a2", "b", "b2"][..]),
+        ("nope", &[][..]),
+    ] {
+        let channel = crate::ChannelName::from(channel);
+        let on = sorted(eps[0].agents_on(&channel));
+        let want: Vec<AgentId> = want.iter().map(|&id| AgentId::from(id)).collect();
+        assert_eq!(on, want, "agents on {channel}");
+        let described = eps[0]
+            .peers()
+            .into_iter()
+            .filter(|p| p.channels.contains(&channel))
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(
+            on,
+            sorted(described),
+            "as peers() describes them, on {channel}"
+        );
+    }
 }
 
 /// A confirmed broadcast resolves to each recipient's outcome: taken, or failed with the

@@ -580,6 +580,19 @@ pub trait Transport: Send + Sync + 'static {
     /// Every agent this transport can reach, local ones included.
     fn peers(&self) -> Vec<PeerInfo>;
 
+    /// The agents of [`Transport::peers`] that listen on `channel`: whom a fleet broadcast
+    /// on it goes to. The provided implementation filters [`Transport::peers`]; transports
+    /// override it with a walk of their tables, since a broadcast has no use for what a
+    /// peer's description measures (a link's RTT, an agent's counters), and building it
+    /// for every agent cost a broadcast to 100 agents more than a quarter of its sending.
+    fn agents_on(&self, channel: &ChannelName) -> Vec<AgentId> {
+        self.peers()
+            .into_iter()
+            .filter(|p| p.channels.contains(channel))
+            .map(|p| p.id)
+            .collect()
+    }
+
     /// Statistics of one attached agent on this transport.
     fn stats(&self, agent: &AgentId) -> Stats;
 

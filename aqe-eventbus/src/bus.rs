@@ -268,6 +268,16 @@ impl Transport for EventBus {
             .collect()
     }
 
+    fn agents_on(&self, channel: &aqe_core::ChannelName) -> Vec<AgentId> {
+        self.inner
+            .members
+            .all()
+            .iter()
+            .filter(|m| m.reg.has_channel(channel))
+            .map(|m| m.reg.id.clone())
+            .collect()
+    }
+
     fn stats(&self, agent: &AgentId) -> Stats {
         self.inner
             .members

@@ -1182,6 +1182,30 @@ impl Transport for Host {
         out
     }
 
+    fn agents_on(&self, channel: &ChannelName) -> Vec<AgentId> {
+        let mut out: Vec<AgentId> = self
+            .inner
+            .shared
+            .locals
+            .all()
+            .iter()
+            .filter(|l| l.reg.has_channel(channel))
+            .map(|l| l.reg.id.clone())
+            .collect();
+        out.extend(
+            self.inner
+                .tables
+                .routes
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|(_, way)| way.registration().has_channel(channel))
+                .map(|(id, _)| id.clone()),
+        );
+        out.sort();
+        out
+    }
+
     /// The agent's counters, with what the wire measures on the live links: RTT (every
     /// link's real samples, combined), loss (packets lost over sent), congestion window
     /// (the largest), and the peer endpoints lost without a goodbye lately.

@@ -218,6 +218,13 @@ macro_rules! transport_via_host {
                 $crate::__private::aqe_core::Transport::peers(&self.$field)
             }
 
+            fn agents_on(
+                &self,
+                channel: &$crate::__private::aqe_core::ChannelName,
+            ) -> Vec<$crate::__private::aqe_core::AgentId> {
+                $crate::__private::aqe_core::Transport::agents_on(&self.$field, channel)
+            }
+
             fn links(&self) -> Vec<$crate::__private::aqe_core::LinkReport> {
                 $crate::__private::aqe_core::Transport::links(&self.$field)
             }
