@@ -162,7 +162,7 @@ impl Fleet {
                         let done = on_msg.clone();
                         async move {
                             std::hint::black_box(&env.payload);
-                            let _ = done.send(1).await;
+                            done.add(1);
                         }
                     })
                     .on_stream(move |_a, mut stream| {
@@ -175,7 +175,7 @@ impl Fleet {
                                     break;
                                 }
                             }
-                            let _ = done.send(bytes).await;
+                            done.add(bytes);
                         }
                     });
                 for c in channels() {

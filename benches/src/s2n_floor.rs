@@ -52,11 +52,9 @@ async fn echo(stream: s2n_quic::stream::BidirectionalStream) {
 }
 
 /// Reports every chunk of a receive stream's length to the tally.
-async fn count(mut recv: ReceiveStream, done: tokio::sync::mpsc::Sender<usize>) {
+async fn count(mut recv: ReceiveStream, done: crate::tokio_floor::Done) {
     while let Ok(Some(chunk)) = recv.receive().await {
-        if done.send(chunk.len()).await.is_err() {
-            return;
-        }
+        done.add(chunk.len());
     }
 }
 
@@ -70,10 +68,7 @@ async fn read(recv: &mut ReceiveStream, len: usize) {
 
 /// A raw s2n-quic server on a port of its own, echoing bidirectional streams and reporting
 /// what unidirectional streams carry to `done`.
-fn serve(
-    pems: &Pems,
-    done: tokio::sync::mpsc::Sender<usize>,
-) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+fn serve(pems: &Pems, done: crate::tokio_floor::Done) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let mut server = s2n_quic::Server::builder()
         .with_tls((pems.cert.as_str(), pems.key.as_str()))
         .expect("tls")
