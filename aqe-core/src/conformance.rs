@@ -1243,7 +1243,8 @@ pub async fn stream_dropped_by_its_writer_fails_for_the_reader(h: &dyn Harness) 
 }
 
 /// Peers on other endpoints are listed with their type, capabilities and channels; a
-/// departure is announced and the peer is then unknown.
+/// departure is announced and the peer is then unknown (at once on one transport; over a
+/// chain, once its slowest link heard of it).
 pub async fn discovery_sees_remote_agents_and_departures(h: &dyn Harness) {
     let (ta, _a, tb, b) = pair(h).await;
     let peer = ta
@@ -1268,7 +1269,14 @@ pub async fn discovery_sees_remote_agents_and_departures(h: &dyn Harness) {
         }
     })
     .await;
-    assert!(ta.peers().iter().all(|p| p.id.as_str() != "b"));
+    // Over a chain of links, a slower link can still be learning of b when a faster one
+    // reports its departure (FALLBACK.md, Membership): the listing settles within the wait.
+    within("b to be unlisted", async {
+        while ta.peers().iter().any(|p| p.id.as_str() == "b") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     let err = ta
         .send(direct("a", "b", "coordination", Bytes::new()))
         .await
