@@ -139,6 +139,28 @@ impl FallbackBuilder {
 }
 
 impl Fallback {
+    /// What the links list (`list`), each agent once, in link order, and only while some
+    /// link reaches it: as the chain's events say, a peer is there while some link reaches
+    /// it (a link may still list one it no longer reaches, after `PeerLeft` was told).
+    fn union<T>(
+        &self,
+        list: impl Fn(&dyn Transport) -> Vec<T>,
+        id: impl Fn(&T) -> &AgentId,
+    ) -> Vec<T> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for link in &self.links {
+            for item in list(link.transport.as_ref()) {
+                let who = id(&item);
+                if !seen.contains(who) && self.links.iter().any(|l| l.transport.can_reach(who)) {
+                    seen.insert(who.clone());
+                    out.push(item);
+                }
+            }
+        }
+        out
+    }
+
     /// A chain starting with `first`; add the next transports with [`FallbackBuilder::then`].
     pub fn chain(first: Arc<dyn Transport>) -> FallbackBuilder {
         FallbackBuilder { links: Vec::new() }.then(first, FallbackPolicy::default())
@@ -654,34 +676,11 @@ impl Transport for Fallback {
     }
 
     fn peers(&self) -> Vec<PeerInfo> {
-        let mut peers: Vec<PeerInfo> = Vec::new();
-        for link in &self.links {
-            for p in link.transport.peers() {
-                // As the chain's events say: a peer is there while some link reaches it (a
-                // link may still list one it no longer reaches, after `PeerLeft` was told).
-                if !peers.iter().any(|q| q.id == p.id)
-                    && self.links.iter().any(|l| l.transport.can_reach(&p.id))
-                {
-                    peers.push(p);
-                }
-            }
-        }
-        peers
+        self.union(|t| t.peers(), |p| &p.id)
     }
 
     fn agents_on(&self, channel: &ChannelName) -> Vec<AgentId> {
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        for link in &self.links {
-            for id in link.transport.agents_on(channel) {
-                // As in `peers`: listed while some link reaches it.
-                if !seen.contains(&id) && self.links.iter().any(|l| l.transport.can_reach(&id)) {
-                    seen.insert(id.clone());
-                    out.push(id);
-                }
-            }
-        }
-        out
+        self.union(|t| t.agents_on(channel), |id| id)
     }
 
     fn stats(&self, agent: &AgentId) -> Stats {
