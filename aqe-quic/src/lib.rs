@@ -33,6 +33,7 @@ mod config;
 mod conn;
 mod endpoint;
 mod identity;
+mod lane;
 mod link;
 mod provider;
 mod sched;

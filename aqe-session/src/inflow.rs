@@ -14,6 +14,7 @@ use aqe_core::{AgentId, Envelope};
 use crate::config::WirePolicy;
 use crate::frame::{Frame, Lane, Refusal, Transmit};
 use crate::ranges;
+use crate::seqmap::PeerSeqMap;
 
 /// Bytes one endpoint holds for all its sessions together: a bound no number of peers can
 /// exceed. Shared by the sessions of a node.
@@ -127,10 +128,10 @@ impl Pending {
 pub(crate) struct Inflow {
     /// Everything below was settled at the sender: copies of it are ignored.
     floor: u64,
-    /// A B-tree, not a sorted ring: numbers come from the peer, in any order, and a ring
-    /// shifts its entries for one inserted in the middle (a peer could make each message
-    /// cost a shift of up to a span of entries).
-    fates: BTreeMap<u64, Fate>,
+    /// Numbers come from the peer, in any order: a ring for those in order, a B-tree beside
+    /// it for the rest (a ring alone would shift up to a span of entries for one inserted
+    /// in the middle; a B-tree alone allocates a node every few messages).
+    fates: PeerSeqMap<Fate>,
     /// Queued or held messages per receiving agent: (count, bytes).
     agents: FastMap<AgentId, (u32, u64)>,
     bytes: u64,
@@ -154,7 +155,7 @@ impl Inflow {
     pub(crate) fn new(window: u32, session_bytes: u64, budget: Arc<Budgets>) -> Self {
         Self {
             floor: 1,
-            fates: BTreeMap::new(),
+            fates: PeerSeqMap::default(),
             agents: FastMap::default(),
             bytes: 0,
             waiting_on: BTreeMap::new(),
@@ -172,7 +173,7 @@ impl Inflow {
             return;
         }
         self.floor = low;
-        let below: Vec<u64> = self.fates.range(..low).map(|(k, _)| *k).collect();
+        let below: Vec<u64> = self.fates.keys_below(low).collect();
         for seq in below {
             match self.fates.get(&seq) {
                 Some(Fate::Queued { .. }) => {}
@@ -474,7 +475,7 @@ impl Inflow {
         let (was_received, mut refused) = (p.received, std::mem::take(&mut p.refused));
         (p.received, p.since, p.due) = (false, None, false);
         let received = if wire.ack_received && was_received {
-            ranges::of_sorted(self.fates.keys().copied().filter(|s| *s >= self.floor))
+            ranges::of_sorted(self.fates.keys().filter(|s| *s >= self.floor))
         } else {
             Vec::new()
         };

@@ -6,7 +6,7 @@
 //! acknowledgement, those moves were the largest single cost of a message. Here only the
 //! index's 16-byte entries move, and the slab allocates once for the most it held.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::{Bound, RangeBounds};
 
 /// An ordered map from sequence numbers, for numbers that mostly arrive in increasing order
@@ -73,9 +73,34 @@ impl<V> SeqIndex<V> {
         }
     }
 
+    /// Keeps `v` under `k` if that moves at most `near` entries (what was there); else
+    /// hands `v` back.
+    fn insert_near(&mut self, k: u64, v: V, near: usize) -> Result<Option<V>, V> {
+        match self.find(k) {
+            Err(i) if i.min(self.entries.len() - i) > near => Err(v),
+            Ok(i) => {
+                let old = self.entries[i].1.replace(v);
+                if old.is_none() {
+                    self.live += 1;
+                }
+                Ok(old)
+            }
+            Err(i) => {
+                self.entries.insert(i, (k, Some(v)));
+                self.live += 1;
+                Ok(None)
+            }
+        }
+    }
+
     /// What is under `k`.
     pub(crate) fn get(&self, k: &u64) -> Option<&V> {
         self.find(*k).ok().and_then(|i| self.entries[i].1.as_ref())
+    }
+
+    /// What is under `k`, to change.
+    fn get_mut(&mut self, k: &u64) -> Option<&mut V> {
+        self.find(*k).ok().and_then(|i| self.entries[i].1.as_mut())
     }
 
     /// Takes out what is under `k`.
@@ -267,9 +292,101 @@ impl<V> SeqMap<V> {
     }
 }
 
+/// An ordered map from numbers a peer chooses. Those that come in increasing order (nearly
+/// all: a sender numbers its messages as it sends them) go to a [`SeqIndex`] ring, which
+/// allocates nothing once it has grown (a `BTreeMap` allocates a node every few insertions:
+/// a sixth of an allocation per message received). A number that would move more than
+/// [`PeerSeqMap::NEAR`] of the ring's entries goes to a B-tree beside it instead, so that
+/// no order a peer sends in makes an insertion cost more than that.
+pub(crate) struct PeerSeqMap<V> {
+    ring: SeqIndex<V>,
+    /// Numbers that came too far out of order for the ring; none of them is in the ring.
+    far: BTreeMap<u64, V>,
+    /// Most ring entries one insertion may move ([`PeerSeqMap::NEAR`]; fewer in tests).
+    near: usize,
+}
+
+impl<V> Default for PeerSeqMap<V> {
+    fn default() -> Self {
+        Self {
+            ring: SeqIndex::default(),
+            far: BTreeMap::new(),
+            near: Self::NEAR,
+        }
+    }
+}
+
+impl<V> PeerSeqMap<V> {
+    /// Most ring entries one insertion may move.
+    const NEAR: usize = 64;
+
+    /// Keeps `v` under `k`; what was there.
+    pub(crate) fn insert(&mut self, k: u64, v: V) -> Option<V> {
+        if let Some(slot) = self.far.get_mut(&k) {
+            return Some(std::mem::replace(slot, v));
+        }
+        match self.ring.insert_near(k, v, self.near) {
+            Ok(old) => old,
+            Err(v) => self.far.insert(k, v),
+        }
+    }
+
+    /// What is under `k`.
+    pub(crate) fn get(&self, k: &u64) -> Option<&V> {
+        self.ring.get(k).or_else(|| self.far.get(k))
+    }
+
+    /// What is under `k`, to change.
+    pub(crate) fn get_mut(&mut self, k: &u64) -> Option<&mut V> {
+        match self.ring.get_mut(k) {
+            Some(v) => Some(v),
+            None => self.far.get_mut(k),
+        }
+    }
+
+    /// Takes out what is under `k`.
+    pub(crate) fn remove(&mut self, k: &u64) -> Option<V> {
+        self.ring.remove(k).or_else(|| self.far.remove(k))
+    }
+
+    /// The numbers held below `end`, in no particular order.
+    pub(crate) fn keys_below(&self, end: u64) -> impl Iterator<Item = u64> + '_ {
+        let ring = self.ring.range(..end).map(|(k, _)| k);
+        ring.chain(self.far.range(..end).map(|(k, _)| *k))
+    }
+
+    /// Every number held, ascending.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = u64> + '_ {
+        let mut ring = self.ring.iter().map(|(k, _)| k).peekable();
+        let mut far = self.far.keys().copied().peekable();
+        std::iter::from_fn(move || match (ring.peek(), far.peek()) {
+            (Some(a), Some(b)) if b < a => far.next(),
+            (Some(_), _) => ring.next(),
+            (None, _) => far.next(),
+        })
+    }
+
+    /// Every value, in no particular order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &V> + '_ {
+        self.ring.iter().map(|(_, v)| v).chain(self.far.values())
+    }
+
+    /// Forgets everything.
+    pub(crate) fn clear(&mut self) {
+        self.ring.drain().for_each(drop);
+        self.far.clear();
+    }
+
+    /// How many are held.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.ring.len() + self.far.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{SeqIndex, SeqMap};
+    use super::{PeerSeqMap, SeqIndex, SeqMap};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
@@ -348,6 +465,92 @@ mod tests {
             prop_assert_eq!(drained, model.into_iter().collect::<Vec<_>>());
             prop_assert!(ours.is_empty());
         }
+    }
+
+    proptest! {
+        /// A peer's numbers, in whatever order: answered as a `BTreeMap` would, the ring
+        /// within three times its entries (plus a few), no number in both halves.
+        #[test]
+        fn a_peer_seq_map_answers_as_an_ordered_map(ops in proptest::collection::vec(op(), 1..400)) {
+            // Two entries moved at most: both halves get numbers.
+            let (mut ours, mut model) = (PeerSeqMap { near: 2, ..PeerSeqMap::default() }, BTreeMap::new());
+            let mut top = 0u64;
+            for (i, op) in ops.into_iter().enumerate() {
+                match op {
+                    Op::Next(step) => {
+                        top += step;
+                        prop_assert_eq!(ours.insert(top, i), model.insert(top, i));
+                    }
+                    Op::Insert(k) => prop_assert_eq!(ours.insert(k, i), model.insert(k, i)),
+                    Op::Remove(k) => prop_assert_eq!(ours.remove(&k), model.remove(&k)),
+                    Op::RemoveFirst => {
+                        if let Some(k) = model.keys().next().copied() {
+                            prop_assert_eq!(ours.remove(&k), model.remove(&k));
+                        }
+                    }
+                    Op::Get(k) => prop_assert_eq!(ours.get(&k), model.get(&k)),
+                    Op::Range(a, _) => {
+                        let mut got: Vec<_> = ours.keys_below(a).collect();
+                        got.sort_unstable();
+                        let want: Vec<_> = model.range(..a).map(|(k, _)| *k).collect();
+                        prop_assert_eq!(got, want);
+                    }
+                    Op::Bump(a, b) => {
+                        for k in a..=b {
+                            if let Some(v) = ours.get_mut(&k) {
+                                *v += 7;
+                            }
+                        }
+                        for (_, v) in model.range_mut(a..=b) {
+                            *v += 7;
+                        }
+                    }
+                }
+                prop_assert_eq!(ours.len(), model.len());
+                prop_assert!(ours.ring.entries.len() <= 3 * ours.ring.len() + 16);
+                prop_assert!(ours.far.keys().all(|k| ours.ring.get(k).is_none()));
+            }
+            prop_assert_eq!(ours.keys().collect::<Vec<_>>(), model.keys().copied().collect::<Vec<_>>());
+            let mut values: Vec<_> = ours.values().copied().collect();
+            values.sort_unstable();
+            let mut want: Vec<_> = model.values().copied().collect();
+            want.sort_unstable();
+            prop_assert_eq!(values, want);
+            ours.clear();
+            prop_assert_eq!(ours.len(), 0);
+            prop_assert!(ours.keys().next().is_none());
+        }
+    }
+
+    #[test]
+    fn a_peers_numbers_in_order_allocate_nothing_and_out_of_order_move_few_entries() {
+        // Even numbers in order, 200 held at a time.
+        let mut m = PeerSeqMap::default();
+        for k in (2..=400u64).step_by(2) {
+            m.insert(k, k);
+        }
+        let room = m.ring.entries.capacity();
+        for k in (402..=200_000u64).step_by(2) {
+            m.insert(k, k);
+            assert_eq!(m.remove(&(k - 400)), Some(k - 400));
+        }
+        assert_eq!(m.ring.entries.capacity(), room, "the ring grew or moved");
+        assert!(m.far.is_empty());
+        // A little out of order (messages of parallel streams), or near the front, moves
+        // few entries: the ring keeps it.
+        for k in [199_999, 200_000 - 99, 200_000 - 397] {
+            assert_eq!(m.insert(k, 1), None);
+        }
+        assert!(m.far.is_empty());
+        // In the middle it goes beside the ring.
+        assert_eq!(m.insert(200_000 - 199, 2), None);
+        assert_eq!(m.far.keys().copied().collect::<Vec<_>>(), [200_000 - 199]);
+        assert_eq!(m.insert(200_000 - 199, 3), Some(2), "replaced where it is");
+        assert_eq!(m.get(&(200_000 - 199)), Some(&3));
+        let keys: Vec<u64> = m.keys().collect();
+        assert!(keys.is_sorted() && keys.len() == 204, "{}", keys.len());
+        assert_eq!(m.remove(&(200_000 - 199)), Some(3));
+        assert!(m.far.is_empty());
     }
 
     #[test]
