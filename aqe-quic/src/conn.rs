@@ -13,6 +13,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use s2n_quic::connection::{Handle, StreamAcceptor};
 use s2n_quic::provider::datagram::default as datagram;
 use s2n_quic::stream::{PeerStream, SendStream};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -25,7 +26,6 @@ use aqe_link::{Host, Link, LinkFigures, SessionHandle};
 use aqe_session::{Ended, Frame, Lane, Transmit};
 
 use crate::codec::FRAME_HEADER_LEN;
-use crate::lane::{LaneRx, LaneTx, lane};
 use crate::link::LinkStats;
 use crate::sched::{CHUNK, Gate, Tally};
 use crate::stream::{QuicSink, QuicSource};
@@ -80,7 +80,7 @@ impl Limits {
     }
 }
 
-type Writer = LaneTx<Transmit>;
+type Writer = mpsc::UnboundedSender<Transmit>;
 
 #[derive(Default)]
 struct Pool {
@@ -129,7 +129,7 @@ impl QuicLink {
         peer: aqe_session::EndpointId,
     ) -> Arc<Self> {
         let span = tracing::info_span!("connection", peer = %peer, addr = %listen);
-        let (tx, rx) = lane();
+        let (tx, rx) = mpsc::unbounded_channel();
         let link = Arc::new(Self {
             stats: crate::link::of(&handle),
             handle,
@@ -161,7 +161,7 @@ impl QuicLink {
     }
 
     fn writer(self: &Arc<Self>, preamble: Preamble) -> Writer {
-        let (tx, rx) = lane();
+        let (tx, rx) = mpsc::unbounded_channel();
         self.tasks
             .spawn(write_stream(self.clone(), preamble, rx).instrument(self.span.clone()));
         tx
@@ -483,7 +483,11 @@ fn frame_batch(
 
 /// Writes one lane's stream: its preamble, then what accumulated, one vectored write per
 /// wake-up. A large frame's stream ends after it.
-async fn write_stream(link: Arc<QuicLink>, preamble: Preamble, mut rx: LaneRx<Transmit>) {
+async fn write_stream(
+    link: Arc<QuicLink>,
+    preamble: Preamble,
+    mut rx: mpsc::UnboundedReceiver<Transmit>,
+) {
     let large = preamble == Preamble::Large;
     let mut stream = match link.handle.clone().open_send_stream().await {
         Ok(s) => s,
@@ -537,7 +541,11 @@ async fn write_stream(link: Arc<QuicLink>, preamble: Preamble, mut rx: LaneRx<Tr
 /// Writes the control stream: what accumulated, in one write per wake-up. A write that
 /// cannot complete within the send timeout means the peer stopped reading it: the
 /// connection is closed as unresponsive.
-async fn write_control(link: Arc<QuicLink>, mut send: SendStream, mut rx: LaneRx<Transmit>) {
+async fn write_control(
+    link: Arc<QuicLink>,
+    mut send: SendStream,
+    mut rx: mpsc::UnboundedReceiver<Transmit>,
+) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     let mut buf = BytesMut::new();
     loop {

@@ -33,7 +33,6 @@ mod config;
 mod conn;
 mod endpoint;
 mod identity;
-mod lane;
 mod link;
 mod provider;
 mod sched;
