@@ -415,21 +415,63 @@ mod tests {
         ]
     }
 
+    /// What both maps answer alike: insertions and removals.
+    trait Keyed {
+        fn put(&mut self, k: u64, v: usize) -> Option<usize>;
+        fn take(&mut self, k: u64) -> Option<usize>;
+    }
+
+    impl Keyed for SeqIndex<usize> {
+        fn put(&mut self, k: u64, v: usize) -> Option<usize> {
+            self.insert(k, v)
+        }
+        fn take(&mut self, k: u64) -> Option<usize> {
+            self.remove(&k)
+        }
+    }
+
+    impl Keyed for PeerSeqMap<usize> {
+        fn put(&mut self, k: u64, v: usize) -> Option<usize> {
+            self.insert(k, v)
+        }
+        fn take(&mut self, k: u64) -> Option<usize> {
+            self.remove(&k)
+        }
+    }
+
+    /// Runs `ops` on both maps: insertions and removals here, checked to answer alike;
+    /// every operation then goes to `rest`, which applies the others and checks what it
+    /// will after each.
+    fn drive<M: Keyed>(
+        ops: Vec<Op>,
+        ours: &mut M,
+        model: &mut BTreeMap<u64, usize>,
+        mut rest: impl FnMut(&mut M, &mut BTreeMap<u64, usize>, Op) -> Result<(), TestCaseError>,
+    ) -> Result<(), TestCaseError> {
+        let mut top = 0u64;
+        for (i, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Next(step) => {
+                    top += step;
+                    prop_assert_eq!(ours.put(top, i), model.insert(top, i));
+                }
+                Op::Insert(k) => prop_assert_eq!(ours.put(k, i), model.insert(k, i)),
+                Op::Remove(k) => prop_assert_eq!(ours.take(k), model.remove(&k)),
+                _ => {}
+            }
+            rest(ours, model, op)?;
+        }
+        Ok(())
+    }
+
     proptest! {
         /// Whatever the order of operations, it answers as a `BTreeMap` does, holds no more
         /// than three times its entries (plus a few), and both its ends are entries.
         #[test]
         fn a_seq_index_answers_as_an_ordered_map(ops in proptest::collection::vec(op(), 1..400)) {
             let (mut ours, mut model) = (SeqIndex::default(), BTreeMap::new());
-            let mut top = 0u64;
-            for (i, op) in ops.into_iter().enumerate() {
+            drive(ops, &mut ours, &mut model, |ours, model, op| {
                 match op {
-                    Op::Next(step) => {
-                        top += step;
-                        prop_assert_eq!(ours.insert(top, i), model.insert(top, i));
-                    }
-                    Op::Insert(k) => prop_assert_eq!(ours.insert(k, i), model.insert(k, i)),
-                    Op::Remove(k) => prop_assert_eq!(ours.remove(&k), model.remove(&k)),
                     Op::RemoveFirst => {
                         let first = model.keys().next().copied();
                         prop_assert_eq!(ours.first_key(), first);
@@ -452,13 +494,16 @@ mod tests {
                             *v += 7;
                         }
                     }
+                    // Applied by `drive`.
+                    Op::Next(_) | Op::Insert(_) | Op::Remove(_) => {}
                 }
                 prop_assert_eq!(ours.len(), model.len());
                 prop_assert_eq!(ours.is_empty(), model.is_empty());
                 prop_assert!(ours.entries.len() <= 3 * ours.len() + 16);
                 prop_assert!(ours.entries.front().is_none_or(|(_, v)| v.is_some()));
                 prop_assert!(ours.entries.back().is_none_or(|(_, v)| v.is_some()));
-            }
+                Ok(())
+            })?;
             let all: Vec<_> = ours.iter().map(|(k, v)| (k, *v)).collect();
             prop_assert_eq!(all, model.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>());
             let drained: Vec<_> = ours.drain().collect();
@@ -474,15 +519,8 @@ mod tests {
         fn a_peer_seq_map_answers_as_an_ordered_map(ops in proptest::collection::vec(op(), 1..400)) {
             // Two entries moved at most: both halves get numbers.
             let (mut ours, mut model) = (PeerSeqMap { near: 2, ..PeerSeqMap::default() }, BTreeMap::new());
-            let mut top = 0u64;
-            for (i, op) in ops.into_iter().enumerate() {
+            drive(ops, &mut ours, &mut model, |ours, model, op| {
                 match op {
-                    Op::Next(step) => {
-                        top += step;
-                        prop_assert_eq!(ours.insert(top, i), model.insert(top, i));
-                    }
-                    Op::Insert(k) => prop_assert_eq!(ours.insert(k, i), model.insert(k, i)),
-                    Op::Remove(k) => prop_assert_eq!(ours.remove(&k), model.remove(&k)),
                     Op::RemoveFirst => {
                         if let Some(k) = model.keys().next().copied() {
                             prop_assert_eq!(ours.remove(&k), model.remove(&k));
@@ -505,11 +543,14 @@ mod tests {
                             *v += 7;
                         }
                     }
+                    // Applied by `drive`.
+                    Op::Next(_) | Op::Insert(_) | Op::Remove(_) => {}
                 }
                 prop_assert_eq!(ours.len(), model.len());
                 prop_assert!(ours.ring.entries.len() <= 3 * ours.ring.len() + 16);
                 prop_assert!(ours.far.keys().all(|k| ours.ring.get(k).is_none()));
-            }
+                Ok(())
+            })?;
             prop_assert_eq!(ours.keys().collect::<Vec<_>>(), model.keys().copied().collect::<Vec<_>>());
             let mut values: Vec<_> = ours.values().copied().collect();
             values.sort_unstable();
