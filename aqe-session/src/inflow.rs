@@ -138,6 +138,8 @@ pub(crate) struct Inflow {
     /// A waiting message, by the number it waits for.
     waiting_on: BTreeMap<u64, u64>,
     pending: Pending,
+    /// Numbers `advance` looks at, kept for its capacity.
+    below: Vec<u64>,
     budget: Arc<Budgets>,
     window: u32,
     session_bytes: u64,
@@ -160,6 +162,7 @@ impl Inflow {
             bytes: 0,
             waiting_on: BTreeMap::new(),
             pending: Pending::default(),
+            below: Vec::new(),
             budget,
             window: window.max(1),
             session_bytes: session_bytes.max(1),
@@ -173,8 +176,9 @@ impl Inflow {
             return;
         }
         self.floor = low;
-        let below: Vec<u64> = self.fates.keys_below(low).collect();
-        for seq in below {
+        let mut below = std::mem::take(&mut self.below);
+        below.extend(self.fates.keys_below(low));
+        for &seq in &below {
             match self.fates.get(&seq) {
                 Some(Fate::Queued { .. }) => {}
                 Some(Fate::Waiting { .. }) => {
@@ -188,6 +192,9 @@ impl Inflow {
                 }
             }
         }
+        below.clear();
+        below.shrink_to(256);
+        self.below = below;
         // What waited for something the sender settled may go now.
         let freed: Vec<u64> = self
             .waiting_on

@@ -23,6 +23,9 @@ use crate::outbox::{MessageMeta, Orphan, Outbox, Settled, valid_ranges};
 use crate::peer::{PeerMembership, Step};
 use crate::{EndpointId, SessionId, Trust};
 
+/// Entries a step's kept lists keep room for between steps (a burst does not keep its size).
+const KEPT_ROOM: usize = 256;
+
 /// How a session is known to both sides: who initiated its handshake, and the nonce the
 /// initiator chose. Of two sessions between one pair of endpoints, the smaller rank is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -172,6 +175,9 @@ pub struct Session<C: Ctx> {
     /// Messages a received frame made ready, between the frame and their hand-over (kept
     /// for its capacity).
     ready: Vec<Ready>,
+    /// Messages an acknowledgement settled, between the outbox and their events (kept for
+    /// its capacity).
+    done: Vec<Settled<C::Msg>>,
     asked: BTreeMap<MessageId, C::Req>,
     /// Requests of the peer in hand here, with their payload bytes.
     serving: BTreeMap<MessageId, u64>,
@@ -290,6 +296,7 @@ impl<C: Ctx> Session<C> {
             ),
             parked: VecDeque::new(),
             ready: Vec::new(),
+            done: Vec::new(),
             parked_bytes: 0,
             asked: BTreeMap::new(),
             serving: BTreeMap::new(),
@@ -839,15 +846,20 @@ impl<C: Ctx> Session<C> {
     }
 
     fn settled(&mut self, ranges: &[(u64, u64)], refused: Option<Refusal>, now: Instant) {
-        let (mut done, mut displaced) = (Vec::new(), Vec::new());
-        if !self
+        let (mut done, mut displaced) = (std::mem::take(&mut self.done), Vec::new());
+        let freed = self
             .outbox
-            .settled(ranges, refused, &mut done, &mut displaced)
-        {
-            return;
+            .settled(ranges, refused, &mut done, &mut displaced);
+        if freed {
+            for s in done.drain(..) {
+                self.event(SessionEvent::Settled(s));
+            }
         }
-        for s in done {
-            self.event(SessionEvent::Settled(s));
+        done.clear();
+        done.shrink_to(KEPT_ROOM);
+        self.done = done;
+        if !freed {
+            return;
         }
         if !displaced.is_empty() {
             let origin = (self.peer, self.trust);
@@ -1346,12 +1358,13 @@ impl<C: Ctx> Session<C> {
     /// The next frame to send, if any. Acknowledgements that are due go first.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         if self.is_linked() {
+            // Due acknowledgements go ahead of what waits, in their order (added at the
+            // back, then turned to the front: no list of their own).
             let wire = self.config.wire;
-            let mut acks = VecDeque::new();
-            self.inflow.acks(&wire, &mut acks);
-            while let Some(a) = acks.pop_back() {
-                self.transmits.push_front(a);
-            }
+            let waiting = self.transmits.len();
+            self.inflow.acks(&wire, &mut self.transmits);
+            let added = self.transmits.len() - waiting;
+            self.transmits.rotate_right(added);
         }
         self.transmits.pop_front()
     }
