@@ -193,7 +193,7 @@ impl Inflow {
             }
         }
         below.clear();
-        below.shrink_to(256);
+        below.shrink_to(crate::KEPT_ROOM);
         self.below = below;
         // What waited for something the sender settled may go now.
         let freed: Vec<u64> = self

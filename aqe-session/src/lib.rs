@@ -61,6 +61,10 @@ mod ranges;
 mod seqmap;
 mod session;
 
+/// Entries a session's kept lists keep room for between steps (a burst does not keep its
+/// size).
+const KEPT_ROOM: usize = 256;
+
 pub use config::{
     Config, MAX_RANGE_SPAN, MAX_REGISTRATION, MAX_SNAPSHOT_PARTS, PROBE_MIN, PeerExchange,
     SNAPSHOT_PART_BYTES, WirePolicy,

@@ -21,10 +21,7 @@ use crate::inflow::{Budgets, Fate, Inflow, Ready};
 use crate::node::NodeInput;
 use crate::outbox::{MessageMeta, Orphan, Outbox, Settled, valid_ranges};
 use crate::peer::{PeerMembership, Step};
-use crate::{EndpointId, SessionId, Trust};
-
-/// Entries a step's kept lists keep room for between steps (a burst does not keep its size).
-const KEPT_ROOM: usize = 256;
+use crate::{EndpointId, KEPT_ROOM, SessionId, Trust};
 
 /// How a session is known to both sides: who initiated its handshake, and the nonce the
 /// initiator chose. Of two sessions between one pair of endpoints, the smaller rank is kept.
@@ -850,12 +847,10 @@ impl<C: Ctx> Session<C> {
         let freed = self
             .outbox
             .settled(ranges, refused, &mut done, &mut displaced);
-        if freed {
-            for s in done.drain(..) {
-                self.event(SessionEvent::Settled(s));
-            }
+        // Only what freed room is settled: `done` is empty otherwise.
+        for s in done.drain(..) {
+            self.event(SessionEvent::Settled(s));
         }
-        done.clear();
         done.shrink_to(KEPT_ROOM);
         self.done = done;
         if !freed {
