@@ -33,12 +33,50 @@ fn channels(alert: Priority) -> [Channel; 3] {
     ]
 }
 
+/// The agent that answers the requests and drops the load's messages, on `transport`.
+pub async fn server(transport: Arc<dyn aqe_core::Transport>, alert: Priority) -> Agent {
+    let mut b = Agent::builder()
+        .id("server")
+        .agent_type("server")
+        .transport(transport)
+        .on_request(|_a, req| async move { Ok::<_, HandlerError>(req.decode::<Bytes>()?) })
+        .on_message(|_a, env| async move {
+            std::hint::black_box(&env.payload);
+        });
+    for c in channels(alert) {
+        b = b.channel(c);
+    }
+    b.start().await.expect("server")
+}
+
+/// The agent that sends the requests and the load, on `transport`, once it sees the server.
+pub async fn client(transport: Arc<dyn aqe_core::Transport>, alert: Priority) -> Probe {
+    let mut b = Agent::builder()
+        .id("client")
+        .agent_type("client")
+        .transport(transport);
+    for c in channels(alert) {
+        b = b.channel(c);
+    }
+    let client = b.start().await.expect("client");
+    let to = aqe_core::AgentId::new("server");
+    discovered(&client, 1, Some(&to)).await;
+    Probe { client, to }
+}
+
 /// Two QUIC endpoints: a client agent and a server agent that answers requests and drops
 /// messages.
 pub struct PriorityPair {
-    client: Agent,
+    probe: Probe,
     server: Agent,
     endpoints: [Endpoint; 2],
+}
+
+impl std::ops::Deref for PriorityPair {
+    type Target = Probe;
+    fn deref(&self) -> &Probe {
+        &self.probe
+    }
 }
 
 impl PriorityPair {
@@ -48,32 +86,33 @@ impl PriorityPair {
         let a = Endpoint::start(&Net::Quic, "prio", &bus).await;
         let b = Endpoint::start(&Net::Quic, "prio", &bus).await;
         a.connect(&b).await;
-        let mut sb = Agent::builder()
-            .id("server")
-            .agent_type("server")
-            .transport(b.transport.clone())
-            .on_request(|_a, req| async move { Ok::<_, HandlerError>(req.decode::<Bytes>()?) })
-            .on_message(|_a, env| async move {
-                std::hint::black_box(&env.payload);
-            });
-        let mut cb = Agent::builder()
-            .id("client")
-            .agent_type("client")
-            .transport(a.transport.clone());
-        for c in channels(alert) {
-            sb = sb.channel(c.clone());
-            cb = cb.channel(c);
-        }
-        let server = sb.start().await.expect("server");
-        let client = cb.start().await.expect("client");
-        discovered(&client, 1, Some(server.id())).await;
+        let server = server(b.transport.clone(), alert).await;
+        let probe = client(a.transport.clone(), alert).await;
         Self {
-            client,
+            probe,
             server,
             endpoints: [a, b],
         }
     }
 
+    /// Shuts both agents and endpoints down.
+    pub async fn shutdown(self) {
+        self.probe.client.shutdown().await;
+        self.server.shutdown().await;
+        for e in self.endpoints {
+            e.transport.shutdown().await;
+        }
+    }
+}
+
+/// The client side: requests and load towards the server agent.
+pub struct Probe {
+    /// The client agent.
+    pub client: Agent,
+    to: aqe_core::AgentId,
+}
+
+impl Probe {
     /// `n` requests of 64 B on the alert channel, one at a time with `gap` between them;
     /// each one's round trip.
     pub async fn requests(&self, n: usize, gap: Duration) -> Vec<Duration> {
@@ -86,7 +125,7 @@ impl PriorityPair {
             let t = Instant::now();
             let r: Bytes = self
                 .client
-                .request_from_agent(self.server.id(), &p, options.clone())
+                .request_from_agent(&self.to, &p, options.clone())
                 .await
                 .expect("request");
             took.push(t.elapsed());
@@ -102,7 +141,7 @@ impl PriorityPair {
     pub fn load(&self, heavy: bool, flood: bool) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let heavy = {
-            let (client, to, stop) = (self.client.clone(), self.server.id().clone(), stop.clone());
+            let (client, to, stop) = (self.client.clone(), self.to.clone(), stop.clone());
             tokio::spawn(async move {
                 let big = Bytes::from(vec![1u8; HEAVY_SIZE]);
                 while !stop.load(Ordering::Relaxed) && heavy {
@@ -111,7 +150,7 @@ impl PriorityPair {
             })
         };
         let flood = {
-            let (client, to, stop) = (self.client.clone(), self.server.id().clone(), stop.clone());
+            let (client, to, stop) = (self.client.clone(), self.to.clone(), stop.clone());
             tokio::spawn(async move {
                 let small = Bytes::from(vec![2u8; 64]);
                 while !stop.load(Ordering::Relaxed) && flood {
@@ -125,15 +164,6 @@ impl PriorityPair {
         Load {
             stop,
             tasks: vec![heavy, flood],
-        }
-    }
-
-    /// Shuts both agents and endpoints down.
-    pub async fn shutdown(self) {
-        self.client.shutdown().await;
-        self.server.shutdown().await;
-        for e in self.endpoints {
-            e.transport.shutdown().await;
         }
     }
 }
