@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -88,6 +89,9 @@ pub(crate) struct Inner {
     pub(crate) thresholds: HealthThresholds,
     pub(crate) started: Instant,
     pub(crate) shutdown: CancellationToken,
+    /// Set once, by [`Agent::shutdown`], just before `shutdown` is cancelled. Read where every
+    /// item or operation checks for shutdown: the token's own check takes a lock.
+    stopping: AtomicBool,
     /// Created by the first subscriber: an agent nobody watches holds no event buffer, and
     /// builds no events.
     events: std::sync::OnceLock<broadcast::Sender<Event>>,
@@ -135,6 +139,7 @@ impl Agent {
                 thresholds,
                 started: Instant::now(),
                 shutdown: CancellationToken::new(),
+                stopping: AtomicBool::new(false),
                 events: std::sync::OnceLock::new(),
                 event_capacity: event_capacity.max(1),
                 inbox,
@@ -186,7 +191,7 @@ impl Agent {
                 operation: "enabling a transport twice (disable it first)",
             });
         }
-        if self.inner.shutdown.is_cancelled() {
+        if self.is_shut_down() {
             return Err(Error::Shutdown);
         }
         let started = config.start().await?;
@@ -226,7 +231,7 @@ impl Agent {
         let until = Instant::now() + deadline;
         while gone.transport.stats(self.id()).messages_unconfirmed > 0
             && Instant::now() < until
-            && !self.inner.shutdown.is_cancelled()
+            && !self.is_shut_down()
         {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
@@ -287,7 +292,7 @@ impl Agent {
     /// Passes `transport`'s events on to this agent's subscribers, instead of the previous
     /// transport's; nothing while nobody has subscribed.
     pub(crate) fn forward_from(&self, transport: &Arc<dyn Transport>) {
-        if self.inner.events.get().is_none() || self.inner.shutdown.is_cancelled() {
+        if self.inner.events.get().is_none() || self.is_shut_down() {
             return;
         }
         let task = self.inner.runtime.spawn(crate::dispatch::forward_events(
@@ -329,7 +334,7 @@ impl Agent {
     /// Runs `op` unless the agent is shut down or shuts down meanwhile, and keeps any error
     /// for the health report.
     async fn guarded<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
-        if self.inner.shutdown.is_cancelled() {
+        if self.is_shut_down() {
             return Err(Error::Shutdown);
         }
         // The operation first: one that completes at once (a send with room) never registers
@@ -348,9 +353,7 @@ impl Agent {
     /// A handler panicked (caught by the dispatcher): counted, kept among the recent errors,
     /// and reported by [`Agent::health`].
     pub(crate) fn handler_panicked(&self, kind: &str, message: &str, from: &AgentId) {
-        self.inner
-            .panics
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.panics.fetch_add(1, Ordering::Relaxed);
         tracing::error!(agent = %self.id(), %from, handler = kind, panic = message, "a handler panicked");
         self.note_error(&format!(
             "the {kind} handler panicked on input from {from}: {message}"
@@ -842,7 +845,7 @@ impl Agent {
         // A chunk the stream takes at once is written here, without the waiting machinery
         // below: this future stays small (callers move it whole, chunk after chunk).
         if !fin
-            && !self.inner.shutdown.is_cancelled()
+            && !self.is_shut_down()
             && let Ok(sink) = self.stream_sink(stream)
             && let Ok(mut sink) = sink.try_lock()
         {
@@ -962,13 +965,13 @@ impl Agent {
             .collect();
         let mut health = Health::assess(
             &stats,
-            !self.inner.shutdown.is_cancelled(),
+            !self.is_shut_down(),
             connected,
             self.inner.reg.channels.len(),
             errors,
             &self.inner.thresholds,
         );
-        let panics = self.inner.panics.load(std::sync::atomic::Ordering::Relaxed);
+        let panics = self.inner.panics.load(Ordering::Relaxed);
         if panics > 0 && health.status == aqe_core::HealthStatus::Healthy {
             health.status = aqe_core::HealthStatus::Degraded;
             health.message = format!(
@@ -996,7 +999,7 @@ impl Agent {
 
     /// Whether [`Agent::shutdown`] has been called.
     pub fn is_shut_down(&self) -> bool {
-        self.inner.shutdown.is_cancelled()
+        self.inner.stopping.load(Ordering::Acquire)
     }
 
     /// Stops the agent: calls in flight fail with [`Error::Shutdown`], handlers still running
@@ -1004,7 +1007,7 @@ impl Agent {
     /// agent leaves its transport, and every task it started has ended when this returns.
     /// Calling it again does nothing.
     pub async fn shutdown(&self) {
-        if self.inner.shutdown.is_cancelled() {
+        if self.inner.stopping.swap(true, Ordering::AcqRel) {
             return;
         }
         self.inner.shutdown.cancel();

@@ -111,7 +111,7 @@ pub(crate) async fn run(agent: Agent, mut inbox: Inbox, handlers: Handlers, limi
         // An item already waiting, with nothing else to attend to, is taken without a select
         // (which registers a waiter on the shutdown token every time); the task's budget
         // still makes it yield now and then.
-        let waiting = if tasks.is_empty() && !shutdown.is_cancelled() {
+        let waiting = if tasks.is_empty() && !agent.is_shut_down() {
             inbox.try_recv()
         } else {
             None
