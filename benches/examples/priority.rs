@@ -11,6 +11,21 @@
 //! priority serve DIR SERVER_IP:PORT PRIO      # the answering agent (runs until killed)
 //! priority client DIR CLIENT_IP SERVER_IP:PORT PRIO N
 //! ```
+//!
+//! For instance, as root (the README's priority row gives what this measured):
+//!
+//! ```text
+//! ip netns add pa; ip netns add pb
+//! ip link add va netns pa type veth peer name vb netns pb
+//! ip -n pa addr add 10.78.0.1/24 dev va; ip -n pb addr add 10.78.0.2/24 dev vb
+//! ip -n pa link set va up; ip -n pb link set vb up
+//! ip netns exec pa tc qdisc add dev va root tbf rate 200mbit burst 64kb latency 5ms
+//! ip netns exec pb tc qdisc add dev vb root tbf rate 200mbit burst 64kb latency 5ms
+//! priority certs /tmp/pc 10.78.0.2 10.78.0.1
+//! ip netns exec pb priority serve /tmp/pc 10.78.0.2:7100 9 &
+//! ip netns exec pa priority client /tmp/pc 10.78.0.1 10.78.0.2:7100 9 300
+//! kill %1; ip netns del pa; ip netns del pb
+//! ```
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
