@@ -952,11 +952,17 @@ pub async fn broadcast_reports_each_peer(h: &dyn Harness) {
         .expect("broadcast");
     assert_eq!(report.delivered.len(), 4, "{:?}", report.failed);
     // Each has the first once, then the second (the channel is ordered and reliable: a
-    // second copy of the first would come before it).
-    for inbox in [&mut b, &mut b2, &mut c, &mut a2] {
+    // second copy of the first would come before it), addressed to itself.
+    for (name, inbox) in [
+        ("b", &mut b),
+        ("b2", &mut b2),
+        ("c", &mut c),
+        ("a2", &mut a2),
+    ] {
         for want in [&b"hi"[..], b"again"] {
             let got = next_message(inbox).await;
             assert_eq!((got.kind, &got.payload[..]), (MessageKind::Broadcast, want));
+            assert_eq!(got.to, Recipient::Agent(name.into()), "{name}");
         }
     }
     let mut wrong = e.clone();

@@ -61,6 +61,13 @@ impl Encoded {
         &self.tail
     }
 
+    /// Whether `other` is this very encoding (a clone of it, sharing its bytes), not merely
+    /// an equal one: cheap, for telling the copies of one encoded envelope apart from others.
+    pub fn same_bytes(&self, other: &Encoded) -> bool {
+        let same = |a: &Bytes, b: &Bytes| a.as_ptr() == b.as_ptr() && a.len() == b.len();
+        same(&self.head, &other.head) && same(&self.tail, &other.tail)
+    }
+
     /// Appends the whole encoding to `dst`.
     pub fn write_to(&self, dst: &mut BytesMut) {
         dst.extend_from_slice(&self.head);

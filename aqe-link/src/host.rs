@@ -17,7 +17,7 @@ use aqe_core::{
 };
 use aqe_session::{
     Answer, Budgets, Config, EndpointId, Frame, Hello, MessageMeta, Rank, Refusal, SESSION_VERSION,
-    Trust, message_meta, outgoing,
+    Trust, fanout_meta, message_meta, outgoing,
 };
 
 use crate::cell::{Cell, Shared, lock};
@@ -762,7 +762,7 @@ impl Host {
             return targets.to_vec();
         }
         let mut rest = Vec::new();
-        let mut groups: Vec<(Arc<Cell>, Vec<Envelope>)> = Vec::new();
+        let mut groups: Vec<(Arc<Cell>, Vec<AgentId>)> = Vec::new();
         for to in targets {
             let way = match self.inner.shared.locals.get(to) {
                 Some(_) => None,
@@ -772,36 +772,40 @@ impl Host {
                 Some(Way::Session(cell, reg))
                     if cell.is_live() && reg.has_channel(&channel.name) =>
                 {
-                    let mut copy = envelope.clone();
-                    copy.to = aqe_core::Recipient::Agent(to.clone());
                     match groups.iter_mut().find(|(c, _)| Arc::ptr_eq(c, &cell)) {
-                        Some((_, copies)) => copies.push(copy),
-                        None => groups.push((cell, vec![copy])),
+                        Some((_, to_all)) => to_all.push(to.clone()),
+                        None => groups.push((cell, vec![to.clone()])),
                     }
                 }
                 _ => rest.push(to.clone()),
             }
         }
-        for (cell, copies) in groups {
-            let to: Vec<AgentId> = copies.iter().filter_map(|e| e.target().cloned()).collect();
-            let metas: Result<Vec<MessageMeta>> = copies
+        if groups.is_empty() {
+            return rest;
+        }
+        // One encoding for every copy and every session: each session frames its copies
+        // as fanouts, which name the agents (PROTOCOL.md 4.4).
+        let mut shared = envelope.clone();
+        shared.to = aqe_core::Recipient::Fleet;
+        let Ok(body) = aqe_core::encode_envelope(&shared) else {
+            rest.extend(groups.into_iter().flat_map(|(_, to)| to));
+            return rest;
+        };
+        let meta = fanout_meta(&shared, channel.ordered, aqe_core::Timestamp::now);
+        for (cell, to) in groups {
+            let mut batch = to
                 .iter()
-                .map(|e| message_meta(e, channel.ordered, false, aqe_core::Timestamp::now))
-                .collect();
-            let (Ok(metas), Ok(bodies)) = (metas, aqe_core::encode_envelopes(&copies)) else {
-                rest.extend(to);
-                continue;
-            };
-            let mut batch = metas
-                .into_iter()
-                .zip(bodies)
-                .map(|(meta, body)| {
+                .map(|to| {
+                    let meta = MessageMeta {
+                        to: to.clone(),
+                        ..meta.clone()
+                    };
                     let ctx = MsgCtx {
                         stats: sender.stats.clone(),
                         confirm: None,
                         announce: true,
                     };
-                    (meta, body, ctx)
+                    (meta, body.clone(), ctx)
                 })
                 .peekable();
             let n = self.admit_now(sender, &cell, &mut batch).unwrap_or(0);

@@ -405,21 +405,17 @@ async fn write_turns(
     Ok(())
 }
 
-/// What a message's frame header takes at most: length, version, variant, four varints,
-/// the confirm flag.
-const HEAD_ROOM: usize = 4 + 1 + 1 + 4 * 10 + 1;
-
 /// Appends the frame of `t` to `head`; a payload its envelope's encoding left apart (see
 /// [`aqe_core::Encoded`], and [`wire::frame_parts`] for the frames that carry an envelope)
 /// goes to `chunks` as it is, never copied, after what `head` held.
 /// Frames without such a payload accumulate in `head`, which the caller pushes last.
 fn frame_into(t: &Transmit, head: &mut BytesMut, chunks: &mut Vec<Bytes>) -> Result<()> {
     match t {
-        Transmit::Message { header, body, .. } => {
+        Transmit::Message { body, .. } | Transmit::Fanout { body, .. } => {
             let start = head.len();
             head.put_u32(0);
             head.put_u8(WIRE_VERSION);
-            if let Err(e) = header.encode(head) {
+            if let Err(e) = t.encode_head(head) {
                 head.truncate(start);
                 return Err(Error::Encode {
                     what: "frame",
@@ -454,7 +450,9 @@ fn frame_into(t: &Transmit, head: &mut BytesMut, chunks: &mut Vec<Bytes>) -> Res
 /// What framing `t` writes into the head buffer, about (a frame's payload set apart is not).
 fn head_room(t: &Transmit) -> usize {
     match t {
-        Transmit::Message { body, .. } => HEAD_ROOM + body.head().len(),
+        Transmit::Message { body, .. } | Transmit::Fanout { body, .. } => {
+            4 + 1 + t.head_hint() + body.head().len()
+        }
         Transmit::Frame(..) if t.size_hint() >= aqe_core::SPLIT_FROM + 64 => 256,
         Transmit::Frame(..) => t.size_hint(),
     }
@@ -717,13 +715,19 @@ async fn recv_datagram(handle: &Handle) -> Option<Bytes> {
 /// Whether `frame` may travel on a stream that began with `preamble`.
 fn fits(preamble: &Preamble, frame: &Frame) -> bool {
     match (preamble, frame) {
-        (Preamble::Channel(ch), Frame::Message { envelope, .. }) => &envelope.channel == ch,
-        (Preamble::Unordered, Frame::Message { .. })
+        (
+            Preamble::Channel(ch),
+            Frame::Message { envelope, .. } | Frame::Fanout { envelope, .. },
+        ) => &envelope.channel == ch,
+        (Preamble::Unordered, Frame::Message { .. } | Frame::Fanout { .. })
         | (Preamble::Requests, Frame::Request { .. } | Frame::Cancel { .. })
         | (Preamble::Answers, Frame::Response { .. } | Frame::NoAnswer { .. })
         | (
             Preamble::Large,
-            Frame::Message { .. } | Frame::Request { .. } | Frame::Response { .. },
+            Frame::Message { .. }
+            | Frame::Fanout { .. }
+            | Frame::Request { .. }
+            | Frame::Response { .. },
         ) => true,
         _ => false,
     }

@@ -12,7 +12,7 @@ use aqe_core::{AgentId, ChannelName, Encoded, Envelope, MessageId, Priority, Reg
 use crate::EndpointId;
 
 /// The version of the session protocol, carried in every hello.
-pub const SESSION_VERSION: u8 = 6;
+pub const SESSION_VERSION: u8 = 7;
 
 /// Inclusive ranges of sequence numbers, `(first, last)`, ascending.
 pub type Ranges = Vec<(u64, u64)>;
@@ -204,10 +204,42 @@ pub enum Frame {
         /// unanswered).
         reason: Refusal,
     },
+    /// Reliable messages that are copies of one envelope (a broadcast's) to agents of the
+    /// receiver: the envelope travels once, each copy is numbered as a [`Frame::Message`]
+    /// of its own. The receiver takes it as one `Message` per copy, in order, each with the
+    /// envelope addressed to the copy's agent (the envelope's own `to` is not read).
+    Fanout {
+        /// As in [`Frame::Message`], for every copy.
+        low: u64,
+        /// As in [`Frame::Message`], for every copy.
+        generation: u64,
+        /// As in [`Frame::Message`], for every copy.
+        confirm: bool,
+        /// The copies, 1 to [`MAX_FANOUT`].
+        copies: Vec<FanoutCopy>,
+        /// The message; the sender says `to: Fleet`.
+        envelope: Envelope,
+    },
+}
+
+/// The most copies a [`Frame::Fanout`] carries; more is a protocol violation.
+pub const MAX_FANOUT: usize = 1024;
+
+/// One copy of a [`Frame::Fanout`]: its numbers, and its agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FanoutCopy {
+    /// As in [`Frame::Message`].
+    pub seq: u64,
+    /// As in [`Frame::Message`].
+    pub after: u64,
+    /// The receiving agent.
+    pub to: AgentId,
 }
 
 /// The postcard index of [`Frame::Message`], written before its header fields.
 const MESSAGE_VARIANT: u8 = 7;
+/// The postcard index of [`Frame::Fanout`], written before its header fields.
+const FANOUT_VARIANT: u8 = 15;
 
 /// Which of its peer's lanes a frame travels on. A wire keeps the frames of one lane in
 /// order (QUIC: a stream each; NATS: one subject keeps everything in order); frames of
@@ -277,13 +309,33 @@ pub enum Transmit {
         /// The envelope's postcard encoding.
         body: Encoded,
     },
+    /// Reliable messages that are copies of one envelope, framed as a [`Frame::Fanout`]:
+    /// the envelope's encoding (`to: Fleet`) is shared by every copy and every session.
+    Fanout {
+        /// Its lane.
+        lane: Lane,
+        /// See [`Frame::Fanout`].
+        low: u64,
+        /// See [`Frame::Fanout`].
+        generation: u64,
+        /// See [`Frame::Fanout`].
+        confirm: bool,
+        /// See [`Frame::Fanout`].
+        copies: Vec<FanoutCopy>,
+        /// Its envelope's priority.
+        priority: Priority,
+        /// The envelope's postcard encoding.
+        body: Encoded,
+    },
 }
 
 impl Transmit {
     /// The lane it goes on.
     pub fn lane(&self) -> &Lane {
         match self {
-            Transmit::Frame(lane, _) | Transmit::Message { lane, .. } => lane,
+            Transmit::Frame(lane, _)
+            | Transmit::Message { lane, .. }
+            | Transmit::Fanout { lane, .. } => lane,
         }
     }
 
@@ -291,7 +343,7 @@ impl Transmit {
     /// frames (cancellations, and everything of the control lane) the highest.
     pub fn priority(&self) -> Priority {
         match self {
-            Transmit::Message { priority, .. } => *priority,
+            Transmit::Message { priority, .. } | Transmit::Fanout { priority, .. } => *priority,
             Transmit::Frame(
                 _,
                 Frame::Datagram { envelope, .. }
@@ -310,7 +362,104 @@ impl Transmit {
             | Transmit::Frame(_, Frame::Response { envelope }) => envelope.payload.len() + 64,
             Transmit::Frame(..) => 64,
             Transmit::Message { body, .. } => body.len() + 24,
+            Transmit::Fanout { body, copies, .. } => body.len() + 24 + copies.len() * 24,
         }
+    }
+
+    /// A reliable message's envelope encoding (a [`Transmit::Message`]'s or a
+    /// [`Transmit::Fanout`]'s): its frame is [`Transmit::encode_head`] then this.
+    pub fn body(&self) -> Option<&Encoded> {
+        match self {
+            Transmit::Message { body, .. } | Transmit::Fanout { body, .. } => Some(body),
+            Transmit::Frame(..) => None,
+        }
+    }
+
+    /// Appends what comes before the envelope in the frame of a transmit with a
+    /// [`body`](Transmit::body) (nothing for the others).
+    ///
+    /// # Errors
+    /// When postcard refuses a value (an agent id longer than postcard allows).
+    pub fn encode_head(&self, dst: &mut BytesMut) -> Result<(), postcard::Error> {
+        match self {
+            Transmit::Message { header, .. } => header.encode(dst),
+            Transmit::Fanout {
+                low,
+                generation,
+                confirm,
+                copies,
+                ..
+            } => {
+                dst.extend_from_slice(&[FANOUT_VARIANT]);
+                for n in [*low, *generation] {
+                    let mut buf = [0u8; 10];
+                    dst.extend_from_slice(postcard::to_slice(&n, &mut buf)?);
+                }
+                dst.extend_from_slice(&[u8::from(*confirm)]);
+                encode_into(copies, dst)
+            }
+            Transmit::Frame(..) => Ok(()),
+        }
+    }
+
+    /// About how many bytes [`Transmit::encode_head`] writes, at most for numbers.
+    pub fn head_hint(&self) -> usize {
+        match self {
+            Transmit::Message { .. } => 1 + 4 * 10 + 1,
+            Transmit::Fanout { copies, .. } => {
+                1 + 2 * 10
+                    + 1
+                    + 5
+                    + copies
+                        .iter()
+                        .map(|c| 25 + c.to.as_str().len())
+                        .sum::<usize>()
+            }
+            Transmit::Frame(..) => 0,
+        }
+    }
+
+    /// Takes the copy `t` into this fanout when both are copies of one envelope (the same
+    /// shared encoding) bound for the same lane with the same flags, and there is room:
+    /// the two travel as one frame. `t` comes back when it cannot join.
+    pub fn join(&mut self, t: Transmit) -> Option<Transmit> {
+        let (
+            Transmit::Fanout {
+                lane,
+                low,
+                generation,
+                confirm,
+                copies,
+                priority,
+                body,
+            },
+            Transmit::Fanout {
+                lane: lane2,
+                low: low2,
+                generation: generation2,
+                confirm: confirm2,
+                copies: copies2,
+                priority: priority2,
+                body: body2,
+            },
+        ) = (&mut *self, &t)
+        else {
+            return Some(t);
+        };
+        let same = body.same_bytes(body2)
+            && generation == generation2
+            && confirm == confirm2
+            && priority == priority2
+            && lane == lane2
+            && copies.len() + copies2.len() <= MAX_FANOUT;
+        if !same {
+            return Some(t);
+        }
+        *low = (*low).min(*low2);
+        if let Transmit::Fanout { copies: more, .. } = t {
+            copies.extend(more);
+        }
+        None
     }
 
     /// Appends the postcard encoding of the frame (exactly what `postcard` makes of the
@@ -321,8 +470,8 @@ impl Transmit {
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), postcard::Error> {
         match self {
             Transmit::Frame(_, frame) => encode_into(frame, dst),
-            Transmit::Message { header, body, .. } => {
-                header.encode(dst)?;
+            Transmit::Message { body, .. } | Transmit::Fanout { body, .. } => {
+                self.encode_head(dst)?;
                 body.write_to(dst);
                 Ok(())
             }
@@ -398,5 +547,109 @@ mod tests {
             assert_eq!(&ours[..], &theirs[..], "seq {seq}");
             assert_eq!(postcard::from_bytes::<Frame>(&ours).expect("decode"), frame);
         }
+    }
+
+    #[test]
+    fn a_fanout_framed_from_its_parts_is_the_frame_postcard_makes_and_joins_its_own_copies() {
+        for payload in [2, 5000] {
+            let envelope = Envelope::new(
+                "a".into(),
+                Recipient::Fleet,
+                "news".into(),
+                MessageKind::Broadcast,
+                bytes::Bytes::from(vec![7u8; payload]),
+            );
+            let body = aqe_core::encode_envelope(&envelope).expect("encode");
+            let copy = |seq: u64, to: &str| Transmit::Fanout {
+                lane: Lane::Ordered("news".into()),
+                low: seq,
+                generation: 4,
+                confirm: false,
+                copies: vec![FanoutCopy {
+                    seq,
+                    after: seq.saturating_sub(7),
+                    to: to.into(),
+                }],
+                priority: Priority::DEFAULT,
+                body: body.clone(),
+            };
+            let mut t = copy(9, "b1");
+            assert!(t.join(copy(10, "b2")).is_none());
+            assert!(t.join(copy(300, "b3")).is_none());
+            // Another envelope's encoding, even an equal one, is another frame.
+            let mut twin = copy(301, "b4");
+            if let Transmit::Fanout { body, .. } = &mut twin {
+                *body = aqe_core::encode_envelope(&envelope).expect("encode");
+            }
+            assert!(t.join(twin).is_some());
+            // So is a single message.
+            let single = Transmit::Message {
+                lane: Lane::Ordered("news".into()),
+                header: MessageHeader {
+                    seq: 302,
+                    after: 0,
+                    low: 9,
+                    generation: 4,
+                    confirm: false,
+                },
+                priority: Priority::DEFAULT,
+                body: body.clone(),
+            };
+            assert!(t.join(single).is_some());
+            let mut ours = BytesMut::new();
+            t.encode(&mut ours).expect("encode");
+            let frame = Frame::Fanout {
+                low: 9,
+                generation: 4,
+                confirm: false,
+                copies: [(9, 2, "b1"), (10, 3, "b2"), (300, 293, "b3")]
+                    .map(|(seq, after, to)| FanoutCopy {
+                        seq,
+                        after,
+                        to: to.into(),
+                    })
+                    .to_vec(),
+                envelope,
+            };
+            assert_eq!(
+                &ours[..],
+                &postcard::to_stdvec(&frame).expect("postcard")[..]
+            );
+            assert_eq!(postcard::from_bytes::<Frame>(&ours).expect("decode"), frame);
+            // The head hint holds what the head takes.
+            let mut head = BytesMut::new();
+            t.encode_head(&mut head).expect("encode");
+            assert!(head.len() <= t.head_hint());
+        }
+    }
+
+    #[test]
+    fn a_fanout_joins_up_to_its_limit() {
+        let e = Envelope::new(
+            "a".into(),
+            Recipient::Fleet,
+            "news".into(),
+            MessageKind::Broadcast,
+            bytes::Bytes::new(),
+        );
+        let body = aqe_core::encode_envelope(&e).expect("encode");
+        let copy = |seq: u64| Transmit::Fanout {
+            lane: Lane::Unordered,
+            low: 1,
+            generation: 0,
+            confirm: false,
+            copies: vec![FanoutCopy {
+                seq,
+                after: 0,
+                to: "b".into(),
+            }],
+            priority: Priority::DEFAULT,
+            body: body.clone(),
+        };
+        let mut t = copy(1);
+        for seq in 2..=MAX_FANOUT as u64 {
+            assert!(t.join(copy(seq)).is_none());
+        }
+        assert!(t.join(copy(MAX_FANOUT as u64 + 1)).is_some());
     }
 }

@@ -70,8 +70,8 @@ pub use config::{
     SNAPSHOT_PART_BYTES, WirePolicy,
 };
 pub use frame::{
-    Frame, Hello, Lane, MessageHeader, Ranges, Refusal, Relayed, SESSION_VERSION, Transmit,
-    encode_into,
+    FanoutCopy, Frame, Hello, Lane, MAX_FANOUT, MessageHeader, Ranges, Refusal, Relayed,
+    SESSION_VERSION, Transmit, encode_into,
 };
 pub use greet::{Greeter, Greeting};
 pub use hello::{HelloRefusal, check_hello};
@@ -81,6 +81,6 @@ pub use node::{Action, AttachError, DISPLACED_RECHECK, Node, NodeInput, Opened, 
 pub use outbox::{Flow, MessageMeta, Orphan, Outcome, Settled};
 pub use peer::AgentsChange;
 pub use session::{
-    Answer, Ctx, Ended, Locals, NotSent, Rank, Session, SessionEvent, SessionInput, message_meta,
-    outgoing,
+    Answer, Ctx, Ended, Locals, NotSent, Rank, Session, SessionEvent, SessionInput, fanout_meta,
+    message_meta, outgoing,
 };

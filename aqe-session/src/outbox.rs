@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use aqe_core::plumbing::FastMap;
 use aqe_core::{AgentId, ChannelName, DeliveryFailure, Encoded, Envelope, MessageId, Priority};
 
-use crate::frame::{Lane, MessageHeader, Refusal, Transmit};
+use crate::frame::{FanoutCopy, Lane, MessageHeader, Refusal, Transmit};
 use crate::ranges;
 use crate::seqmap::SeqMap;
 
@@ -35,6 +35,10 @@ pub struct MessageMeta {
     /// counts it from the envelope's timestamp): what has not left by then is never sent,
     /// and fails `Expired`.
     pub ttl: Option<Duration>,
+    /// Its encoding is one envelope's shared by copies to several agents (a broadcast's),
+    /// addressed `to: Fleet`: it travels in a [`Frame::Fanout`](crate::Frame::Fanout), which
+    /// names `to`.
+    pub fanout: bool,
 }
 
 /// A reliable message not yet settled, with what the transport keeps with it (`M`).
@@ -125,6 +129,9 @@ impl<M> Orphan<M> {
         // The payload stays shared with the stored encoding, not copied.
         let mut e = self.body.decode()?;
         e.redelivered |= self.in_doubt;
+        if self.meta.fanout {
+            e.to = aqe_core::Recipient::Agent(self.meta.to.clone());
+        }
         Ok(e)
     }
 
@@ -180,9 +187,49 @@ impl<M> Orphan<M> {
             && let Ok(e) = self.envelope()
             && let Ok(body) = aqe_core::encode_envelope(&e)
         {
+            // Its own encoding now, addressed to its agent.
             self.body = body;
+            self.meta.fanout = false;
             self.flagged = true;
         }
+    }
+}
+
+/// The transmission of `msg`, numbered `seq` after `after`: a [`Transmit::Message`], or a
+/// fanout of one copy when its encoding is shared (the session joins adjacent copies).
+fn transmit<M>(seq: u64, after: u64, low: u64, generation: u64, msg: &Orphan<M>) -> Transmit {
+    let meta = &msg.meta;
+    let lane = if meta.ordered {
+        Lane::Ordered(meta.channel.clone())
+    } else {
+        Lane::Unordered
+    };
+    if meta.fanout {
+        return Transmit::Fanout {
+            lane,
+            low,
+            generation,
+            confirm: meta.confirm,
+            copies: vec![FanoutCopy {
+                seq,
+                after,
+                to: meta.to.clone(),
+            }],
+            priority: meta.priority,
+            body: msg.body.clone(),
+        };
+    }
+    Transmit::Message {
+        lane,
+        header: MessageHeader {
+            seq,
+            after,
+            low,
+            generation,
+            confirm: meta.confirm,
+        },
+        priority: meta.priority,
+        body: msg.body.clone(),
     }
 }
 
@@ -430,23 +477,8 @@ impl<M> Outbox<M> {
     }
 
     fn transmit_of(&self, seq: u64, after: u64, msg: &Orphan<M>, generation: u64) -> Transmit {
-        Transmit::Message {
-            lane: if msg.meta.ordered {
-                Lane::Ordered(msg.meta.channel.clone())
-            } else {
-                Lane::Unordered
-            },
-            header: MessageHeader {
-                seq,
-                after,
-                // Not kept yet: the oldest unsettled is it, or an older one.
-                low: self.low().min(seq),
-                generation,
-                confirm: msg.meta.confirm,
-            },
-            priority: msg.meta.priority,
-            body: msg.body.clone(),
-        }
+        // Not kept yet: the oldest unsettled is it, or an older one.
+        transmit(seq, after, self.low().min(seq), generation, msg)
     }
 
     fn check_by(&mut self, at: Instant) {
@@ -732,22 +764,7 @@ impl<M> Outbox<M> {
                 if s.sent_at + wait <= now {
                     s.sent_at = now;
                     s.msg.in_doubt = true;
-                    out.push_back(Transmit::Message {
-                        lane: if s.msg.meta.ordered {
-                            Lane::Ordered(s.msg.meta.channel.clone())
-                        } else {
-                            Lane::Unordered
-                        },
-                        header: MessageHeader {
-                            seq,
-                            after: s.after,
-                            low,
-                            generation,
-                            confirm: s.msg.meta.confirm,
-                        },
-                        priority: s.msg.meta.priority,
-                        body: s.msg.body.clone(),
-                    });
+                    out.push_back(transmit(seq, s.after, low, generation, &s.msg));
                 }
                 at(s.sent_at + wait);
             });
@@ -890,6 +907,7 @@ mod tests {
             len,
             confirm: false,
             ttl: None,
+            fanout: false,
         };
         Orphan::new(meta, aqe_core::encode_envelope(&e).expect("encode"), now, 0)
     }
@@ -1227,7 +1245,7 @@ mod tests {
             .iter()
             .map(|t| match t {
                 Transmit::Message { header, .. } => header.seq,
-                Transmit::Frame(..) => 0,
+                Transmit::Fanout { .. } | Transmit::Frame(..) => 0,
             })
             .collect();
         assert_eq!(seqs, [3], "only what was not received");

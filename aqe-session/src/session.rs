@@ -237,22 +237,37 @@ pub fn message_meta(
         .ok_or(aqe_core::Error::Protocol {
             detail: "a unicast operation needs exactly one recipient",
         })?;
-    let meta = MessageMeta {
+    let mut meta = fanout_meta(envelope, ordered, now);
+    meta.to = to;
+    meta.confirm = confirm;
+    meta.fanout = false;
+    Ok(meta)
+}
+
+/// What a session keeps of each copy of a broadcast whose envelope (`to: Fleet`) is encoded
+/// once for all of them: this, with `to` set to the copy's agent (which it leaves empty).
+/// Copies travel as fanouts (PROTOCOL.md 4.4); their sender does not wait for confirmation.
+pub fn fanout_meta(
+    envelope: &Envelope,
+    ordered: bool,
+    now: impl FnOnce() -> aqe_core::Timestamp,
+) -> MessageMeta {
+    MessageMeta {
         id: envelope.id,
         from: envelope.from.clone(),
-        to,
+        to: AgentId::from(""),
         channel: envelope.channel.clone(),
         ordered,
         priority: envelope.priority,
         len: envelope.payload.len(),
-        confirm,
+        confirm: false,
         ttl: envelope.ttl.map(|ttl| {
             ttl.saturating_sub(std::time::Duration::from_millis(
                 now().0.saturating_sub(envelope.timestamp.0),
             ))
         }),
-    };
-    Ok(meta)
+        fanout: true,
+    }
 }
 
 impl<C: Ctx> Session<C> {
@@ -511,7 +526,14 @@ impl<C: Ctx> Session<C> {
             now,
             self.config.delivery_deadline,
         );
-        self.transmits.extend(t);
+        if let Some(t) = t {
+            // Copies of one envelope admitted one after another travel as one frame.
+            let left = match self.transmits.back_mut() {
+                Some(back) => back.join(t),
+                None => Some(t),
+            };
+            self.transmits.extend(left);
+        }
     }
 
     /// Sends messages from the front of `batch` as [`Session::send`] does, as many as the
@@ -787,6 +809,44 @@ impl<C: Ctx> Session<C> {
                 self.inflow.advance(low, &mut ready);
                 self.message(
                     seq, after, generation, confirm, envelope, now, locals, &mut ready,
+                );
+                self.hand_over(&mut ready);
+                self.ready = ready;
+            }
+            Frame::Fanout {
+                low,
+                generation,
+                confirm,
+                mut copies,
+                envelope,
+            } => {
+                if copies.len() > crate::frame::MAX_FANOUT {
+                    return Err("a fanout of more copies than allowed");
+                }
+                // As for a `Message`, each copy.
+                if copies.iter().any(|c| {
+                    c.seq == 0 || c.seq.saturating_sub(low) >= crate::config::MAX_RANGE_SPAN
+                }) {
+                    return Err("a fanout copy numbered 0, or a span or more above its low");
+                }
+                let Some(last) = copies.pop() else {
+                    return Err("a fanout of no copies");
+                };
+                let mut ready = std::mem::take(&mut self.ready);
+                self.inflow.advance(low, &mut ready);
+                // Each copy is the message it stands for, addressed to its agent; the last
+                // takes the envelope itself.
+                for c in copies {
+                    let mut e = envelope.clone();
+                    e.to = aqe_core::Recipient::Agent(c.to);
+                    self.message(
+                        c.seq, c.after, generation, confirm, e, now, locals, &mut ready,
+                    );
+                }
+                let mut e = envelope;
+                e.to = aqe_core::Recipient::Agent(last.to);
+                self.message(
+                    last.seq, last.after, generation, confirm, e, now, locals, &mut ready,
                 );
                 self.hand_over(&mut ready);
                 self.ready = ready;

@@ -36,7 +36,7 @@ use aqe_session::{
     Action, Answer, Budgets, Config, Ctx, Ended, EndpointId, Frame, Greeter, Greeting, Hello,
     Locals, Node, NotSent, Opened, Orphan, Outcome, PeerExchange, Principal, Rank, Route,
     SESSION_VERSION, Session, SessionEvent, SessionId, SessionInput, Trust, WirePolicy,
-    check_hello, outgoing,
+    check_hello, fanout_meta, outgoing,
 };
 
 // ----- randomness -----
@@ -175,6 +175,8 @@ impl Ctx for Sim {
 struct Ledger {
     sent: Vec<SentMsg>,
     by_id: HashMap<MessageId, usize>,
+    /// Reliable messages sent as a broadcast's copy (a fanout).
+    fanouts: u64,
     /// Per ordered flow (from, to): how many were sent.
     flows: HashMap<(AgentId, AgentId), u64>,
     /// Per ordered flow and receiving host and incarnation: the last index taken.
@@ -1413,6 +1415,12 @@ impl World {
                 self.next_token += 1;
                 let token = self.next_token;
                 let envelope = orphan.envelope().expect("an orphan decodes");
+                if envelope.to != Recipient::Agent(x.to.clone()) {
+                    self.fail(&format!(
+                        "an orphan for {} addressed {:?}",
+                        x.to, envelope.to
+                    ));
+                }
                 if let Some(&i) = self.ledger.by_id.get(&envelope.id) {
                     self.note(i, &format!("handed to the handler for host {b}"));
                 }
@@ -1572,6 +1580,7 @@ impl World {
         let first = self.ledger.sent.len();
         let mut batch = Vec::new();
         let mut ids = Vec::new();
+        let mut fans = Vec::new();
         for j in 0..count {
             let len = [1, 16, 300, 900][self.rng.below(4) as usize];
             let mut envelope = Envelope::new(
@@ -1588,11 +1597,23 @@ impl World {
                 envelope.timestamp = aqe_core::Timestamp(u64::MAX / 2);
             }
             // The wall clock only shortens a TTL by the envelope's age: none here (see above).
-            let Ok((meta, body)) = outgoing(&envelope, ordered, confirm && count == 1, || {
-                aqe_core::Timestamp(0)
-            }) else {
+            let Ok((mut meta, mut body)) =
+                outgoing(&envelope, ordered, confirm && count == 1, || {
+                    aqe_core::Timestamp(0)
+                })
+            else {
                 self.fail("outgoing");
             };
+            // Now and then as a broadcast's copy: its envelope encoded for the whole fleet,
+            // framed as a fanout that names its agent.
+            if !meta.confirm && self.rng.permille(200) {
+                let mut shared = envelope.clone();
+                shared.to = Recipient::Fleet;
+                meta = fanout_meta(&shared, ordered, || aqe_core::Timestamp(0));
+                meta.to = to.clone();
+                body = aqe_core::encode_envelope(&shared).expect("encode");
+            }
+            fans.push(meta.fanout);
             ids.push(envelope.id);
             batch.push((meta, body, first + j));
         }
@@ -1613,6 +1634,7 @@ impl World {
         };
         for (j, id) in ids.into_iter().take(accepted).enumerate() {
             let i = first + j;
+            self.ledger.fanouts += u64::from(fans[j]);
             self.note(i, &format!("accepted, ttl {ttl:?}"));
             let ordered = ordered.then(|| {
                 let c = self
@@ -2117,6 +2139,7 @@ impl World {
         }
         st.sent = self.ledger.sent.len();
         st.handed = self.handed;
+        st.fanouts = self.ledger.fanouts;
         st.requests = self.ledger.requests.len();
         st
     }
@@ -2165,6 +2188,7 @@ struct Stats {
     failed: usize,
     requests: usize,
     handed: usize,
+    fanouts: u64,
 }
 
 impl Stats {
@@ -2177,6 +2201,7 @@ impl Stats {
         self.failed += o.failed;
         self.requests += o.requests;
         self.handed += o.handed;
+        self.fanouts += o.fanouts;
     }
 }
 
@@ -2235,7 +2260,7 @@ fn every_seed_keeps_every_invariant() {
         t.add(s);
     }
     eprintln!(
-        "{} seeds in {:?}: {} reliable messages ({} taken, {} unconfirmed, {} expired before they left, {} dropped by a full inbox, {} failed otherwise, {} handed to a redelivery handler), {} requests",
+        "{} seeds in {:?}: {} reliable messages ({} taken, {} unconfirmed, {} expired before they left, {} dropped by a full inbox, {} failed otherwise, {} handed to a redelivery handler, {} sent as a broadcast's copy), {} requests",
         seeds.len(),
         started.elapsed(),
         t.sent,
@@ -2245,7 +2270,12 @@ fn every_seed_keeps_every_invariant() {
         t.dropped,
         t.failed,
         t.handed,
+        t.fanouts,
         t.requests
+    );
+    assert!(
+        seeds.len() < 100 || t.fanouts > 0,
+        "no broadcast copy sent: fanouts went untested"
     );
     assert!(t.taken > 0, "the simulation moved nothing");
     assert!(

@@ -46,6 +46,7 @@ fn shapes() -> BTreeMap<&'static str, Shape> {
         shape_of::<EndpointId>(),
         shape_of::<Hello>(),
         shape_of::<Frame>(),
+        shape_of::<aqe_session::FanoutCopy>(),
         shape_of::<Relayed>(),
         shape_of::<Refusal>(),
         shape_of::<Preamble>(),
@@ -187,6 +188,7 @@ fn constants() -> BTreeMap<&'static str, String> {
         ("registration bytes", s::MAX_REGISTRATION.to_string()),
         ("probe minimum ms", s::PROBE_MIN.as_millis().to_string()),
         ("range span", s::MAX_RANGE_SPAN.to_string()),
+        ("fanout copies", s::MAX_FANOUT.to_string()),
         (
             "displaced recheck ms",
             s::DISPLACED_RECHECK.as_millis().to_string(),
@@ -269,6 +271,32 @@ fn envelope() -> Envelope {
     e.timestamp = Timestamp(1_764_000_000_000);
     e.encoding = Encoding::Raw;
     e
+}
+
+/// The envelope of section 2 broadcast (`to: Fleet`), as copies to `b` (message 5, after 4)
+/// and `c` (message 6, the first of its flow).
+fn fanout() -> Frame {
+    let mut e = envelope();
+    e.to = Recipient::Fleet;
+    e.kind = MessageKind::Broadcast;
+    Frame::Fanout {
+        low: 3,
+        generation: 2,
+        confirm: false,
+        copies: vec![
+            aqe_session::FanoutCopy {
+                seq: 5,
+                after: 4,
+                to: "b".into(),
+            },
+            aqe_session::FanoutCopy {
+                seq: 6,
+                after: 0,
+                to: "c".into(),
+            },
+        ],
+        envelope: e,
+    }
 }
 
 fn hello(listen: Option<SocketAddr>, token: Option<&str>) -> Hello {
@@ -358,6 +386,35 @@ fn check_example(name: &str, bytes: &[u8]) {
             aqe_quic::testing::frame_transmit(&t, &mut framed).expect("frame");
             assert_eq!(framed.as_ref(), bytes);
         }
+        "quic fanout" => {
+            let f = fanout();
+            assert_eq!(quic_frame(&f), bytes);
+            assert_eq!(quic_decode::<Frame>(bytes), f);
+            // As a sender frames the copies it joined, the envelope encoded once.
+            let Frame::Fanout {
+                copies, envelope, ..
+            } = f
+            else {
+                unreachable!("a fanout")
+            };
+            let body = aqe_core::encode_envelope(&envelope).expect("encode");
+            let mut copies = copies.into_iter().map(|c| Transmit::Fanout {
+                lane: Lane::Ordered("coordination".into()),
+                low: 3,
+                generation: 2,
+                confirm: false,
+                copies: vec![c],
+                priority: aqe_core::Priority::DEFAULT,
+                body: body.clone(),
+            });
+            let mut t = copies.next().expect("a copy");
+            for c in copies {
+                assert!(t.join(c).is_none(), "joins");
+            }
+            let mut framed = BytesMut::new();
+            aqe_quic::testing::frame_transmit(&t, &mut framed).expect("frame");
+            assert_eq!(framed.as_ref(), bytes);
+        }
         "quic acks" => {
             let f = Frame::Acks {
                 received: vec![],
@@ -438,11 +495,12 @@ fn check_example(name: &str, bytes: &[u8]) {
     }
 }
 
-const EXAMPLES: [&str; 11] = [
+const EXAMPLES: [&str; 12] = [
     "envelope",
     "socket address",
     "quic hello",
     "quic message",
+    "quic fanout",
     "quic acks",
     "quic ping",
     "quic preamble",
@@ -493,6 +551,7 @@ fn print_examples() {
             envelope: envelope(),
         }),
     );
+    show("quic fanout", &quic_frame(&fanout()));
     show(
         "quic acks",
         &quic_frame(&Frame::Acks {
