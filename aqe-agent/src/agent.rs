@@ -1011,6 +1011,8 @@ impl Agent {
             return;
         }
         self.inner.shutdown.cancel();
+        // Wakes the dispatcher, which waits on the inbox alone (see `dispatch::run`).
+        self.inner.inbox.close();
         if let Err(e) = self.transport().detach(self.id()).await {
             tracing::debug!(agent = %self.id(), error = %e, "detach on shutdown");
         }

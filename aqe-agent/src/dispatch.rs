@@ -108,10 +108,14 @@ pub(crate) async fn run(agent: Agent, mut inbox: Inbox, handlers: Handlers, limi
     // The message handler's future, one message at a time, in one reused allocation.
     let mut handling = ReusableBoxFuture::new(std::future::ready(()));
     loop {
-        // An item already waiting, with nothing else to attend to, is taken without a select
-        // (which registers a waiter on the shutdown token every time); the task's budget
-        // still makes it yield now and then.
-        let waiting = if tasks.is_empty() && !agent.is_shut_down() {
+        // Shutdown closes the inbox, which wakes a wait on it: no watch on the shutdown token
+        // is needed (registering one cost every agent a lock per wake-up).
+        if agent.is_shut_down() {
+            break;
+        }
+        // An item already waiting, with nothing else to attend to, is taken without a
+        // select; the task's budget still makes it yield now and then.
+        let waiting = if tasks.is_empty() {
             inbox.try_recv()
         } else {
             None
@@ -122,7 +126,6 @@ pub(crate) async fn run(agent: Agent, mut inbox: Inbox, handlers: Handlers, limi
         } else {
             tokio::select! {
             biased;
-            () = shutdown.cancelled() => break,
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 match done {
                     Ok(Done::Request) => {
@@ -156,6 +159,11 @@ pub(crate) async fn run(agent: Agent, mut inbox: Inbox, handlers: Handlers, limi
             },
             }
         };
+        if agent.is_shut_down() {
+            // Taken after the agent began to stop: never handled, its sender must learn so.
+            item.abandon();
+            break;
+        }
         match item {
             Inbound::Message { envelope, receipt } => {
                 announce(&agent, &envelope);

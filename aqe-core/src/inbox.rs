@@ -530,6 +530,12 @@ impl InboxSender {
         &self.shared.owner
     }
 
+    /// Closes the inbox as [`Inbox::close`] does, and wakes its receiver: what its owner does
+    /// when it stops, so that a receiver waiting in [`Inbox::recv`] needs no other watch.
+    pub fn close(&self) {
+        self.shared.close();
+    }
+
     /// Puts `item` in the inbox.
     ///
     /// # Errors
