@@ -791,15 +791,15 @@ impl Host {
             rest.extend(groups.into_iter().flat_map(|(_, to)| to));
             return rest;
         };
-        let meta = fanout_meta(&shared, channel.ordered, aqe_core::Timestamp::now);
+        // One clock read for all the copies (only a TTL needs it).
+        let stamp = shared.ttl.map(|_| aqe_core::Timestamp::now());
         for (cell, to) in groups {
             let mut batch = to
                 .iter()
                 .map(|to| {
-                    let meta = MessageMeta {
-                        to: to.clone(),
-                        ..meta.clone()
-                    };
+                    let meta = fanout_meta(&shared, to.clone(), channel.ordered, || {
+                        stamp.unwrap_or_else(aqe_core::Timestamp::now)
+                    });
                     let ctx = MsgCtx {
                         stats: sender.stats.clone(),
                         confirm: None,

@@ -237,36 +237,44 @@ pub fn message_meta(
         .ok_or(aqe_core::Error::Protocol {
             detail: "a unicast operation needs exactly one recipient",
         })?;
-    let mut meta = fanout_meta(envelope, ordered, now);
-    meta.to = to;
-    meta.confirm = confirm;
-    meta.fanout = false;
-    Ok(meta)
+    Ok(meta_of(envelope, to, ordered, confirm, false, now))
 }
 
-/// What a session keeps of each copy of a broadcast whose envelope (`to: Fleet`) is encoded
-/// once for all of them: this, with `to` set to the copy's agent (which it leaves empty).
-/// Copies travel as fanouts (PROTOCOL.md 4.4); their sender does not wait for confirmation.
+/// What a session keeps of the copy for `to` of a broadcast whose envelope (`to: Fleet`)
+/// is encoded once for all its copies: they travel as fanouts (PROTOCOL.md 4.4). Their
+/// sender does not wait for confirmation.
 pub fn fanout_meta(
     envelope: &Envelope,
+    to: AgentId,
     ordered: bool,
+    now: impl FnOnce() -> aqe_core::Timestamp,
+) -> MessageMeta {
+    meta_of(envelope, to, ordered, false, true, now)
+}
+
+fn meta_of(
+    envelope: &Envelope,
+    to: AgentId,
+    ordered: bool,
+    confirm: bool,
+    fanout: bool,
     now: impl FnOnce() -> aqe_core::Timestamp,
 ) -> MessageMeta {
     MessageMeta {
         id: envelope.id,
         from: envelope.from.clone(),
-        to: AgentId::from(""),
+        to,
         channel: envelope.channel.clone(),
         ordered,
         priority: envelope.priority,
         len: envelope.payload.len(),
-        confirm: false,
+        confirm,
         ttl: envelope.ttl.map(|ttl| {
             ttl.saturating_sub(std::time::Duration::from_millis(
                 now().0.saturating_sub(envelope.timestamp.0),
             ))
         }),
-        fanout: true,
+        fanout,
     }
 }
 

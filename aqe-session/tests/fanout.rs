@@ -98,14 +98,12 @@ fn broadcast(payload: usize) -> Envelope {
 /// Admits a copy of `e` for each of `to` in one batch.
 fn send(s: &mut Session<T>, e: &Envelope, to: &[&str], now: Instant) -> usize {
     let body = aqe_core::encode_envelope(e).expect("encode");
-    let meta = fanout_meta(e, true, || aqe_core::Timestamp(0));
     let mut batch = to
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let mut m = meta.clone();
-            m.to = AgentId::from(*t);
-            (m, body.clone(), i)
+            let meta = fanout_meta(e, AgentId::from(*t), true, || aqe_core::Timestamp(0));
+            (meta, body.clone(), i)
         })
         .peekable();
     s.send_many(&mut batch, now).expect("linked").0

@@ -1609,8 +1609,7 @@ impl World {
             if !meta.confirm && self.rng.permille(200) {
                 let mut shared = envelope.clone();
                 shared.to = Recipient::Fleet;
-                meta = fanout_meta(&shared, ordered, || aqe_core::Timestamp(0));
-                meta.to = to.clone();
+                meta = fanout_meta(&shared, to.clone(), ordered, || aqe_core::Timestamp(0));
                 body = aqe_core::encode_envelope(&shared).expect("encode");
             }
             fans.push(meta.fanout);
