@@ -480,6 +480,66 @@ async fn a_message_numbered_a_span_above_its_low_closes_the_connection() {
     );
 }
 
+/// A `Fanout` from a raw peer is taken as one message per copy, each addressed to its
+/// agent whatever the envelope says; one of more copies than allowed closes the connection
+/// (0x5), as does a copy numbered 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fanout_reaches_each_copys_agent_and_one_too_large_closes_the_connection() {
+    let e = endpoint(config()).await;
+    let mut ie = attach(&e, "e").await;
+    let mut if2 = attach(&e, "f").await;
+    let fanout = |copies: Vec<(u64, &str)>| {
+        // The envelope names someone else: a receiver reads each copy's agent instead.
+        let mut envelope = direct("mine", "nobody");
+        envelope.kind = aqe_core::MessageKind::Broadcast;
+        Frame::Fanout {
+            low: 1,
+            generation: 1,
+            confirm: false,
+            copies: copies
+                .into_iter()
+                .map(|(seq, to)| aqe_session::FanoutCopy {
+                    seq,
+                    after: 0,
+                    to: to.into(),
+                })
+                .collect(),
+            envelope,
+        }
+    };
+    for (nonce, bad) in [
+        (
+            4444,
+            fanout(
+                (1..=aqe_session::MAX_FANOUT as u64 + 1)
+                    .map(|seq| (seq, "e"))
+                    .collect(),
+            ),
+        ),
+        (4445, fanout(vec![(1, "e"), (0, "f")])),
+    ] {
+        let mut raw = announcing_mine(e.local_addr(), nonce).await;
+        let _s = raw
+            .open(
+                &Preamble::Unordered,
+                vec![fanout(vec![(1, "e"), (2, "f")]), bad],
+            )
+            .await;
+        for (inbox, name) in [(&mut ie, "e"), (&mut if2, "f")] {
+            let got = next_message(inbox).await;
+            assert_eq!(
+                (got.from.as_str(), got.to.clone()),
+                ("mine", aqe_core::Recipient::Agent(name.into()))
+            );
+        }
+        assert_eq!(
+            close_code(&mut raw.connection).await,
+            Some(u64::from(close::PROTOCOL_VIOLATION)),
+            "a fanout breaking a rule closes the connection"
+        );
+    }
+}
+
 /// Waits until `e` holds nothing for its peers any more.
 async fn all_given_back(e: &aqe_quic::QuicTransport) {
     tokio::time::timeout(WAIT, async {
