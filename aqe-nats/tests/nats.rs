@@ -796,3 +796,74 @@ async fn broadcast_copies_are_confirmed_each() {
     .await
     .expect("every broadcast copy confirmed");
 }
+
+/// A broadcast of the largest payload the server takes, to many agents with long names on
+/// one endpoint: the copies joined into one frame must still fit the server's `max_payload`
+/// (a fanout's copies are kept within their budget), or the frame is dropped and its copies
+/// arrive only when sent again, one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_of_the_largest_payload_to_many_agents_fits_the_servers_limit() {
+    let server = NatsServer::shared();
+    let (url, fleet) = (server.url(), fleet());
+    // Nothing is sent again within the test: a frame the server refused would never arrive.
+    let a = NatsTransport::connect(NatsConfig {
+        retransmit_after: Duration::from_secs(60),
+        ..config(&url, &fleet)
+    })
+    .await
+    .expect("a");
+    let b = NatsTransport::connect(config(&url, &fleet))
+        .await
+        .expect("b");
+    let _ia = attach(&a, "a").await;
+    // Long names: the 16 copies a session's bytes admit at once take about 5 KiB, more
+    // than the room beside a payload this large.
+    let names: Vec<String> = (0..20)
+        .map(|i| format!("receiver-{i:02}-{}", "n".repeat(300)))
+        .collect();
+    let mut readers = Vec::new();
+    for n in &names {
+        let mut ib = attach(&b, n).await;
+        let name = n.clone();
+        // Each takes its copy, as an agent does.
+        readers.push(tokio::spawn(async move {
+            match tokio::time::timeout(WAIT, ib.recv()).await {
+                Ok(Some(Inbound::Message { envelope, receipt })) => {
+                    drop(receipt);
+                    assert_eq!(envelope.to, Recipient::Agent(name.as_str().into()));
+                    envelope.payload.len()
+                }
+                _ => 0,
+            }
+        }));
+    }
+    for n in &names {
+        await_peer(&a, n).await;
+    }
+    // The largest payload a message may carry here.
+    let max = match a
+        .send(direct(
+            "a",
+            &names[0],
+            "results",
+            vec![0u8; 2 * 1024 * 1024],
+        ))
+        .await
+    {
+        Err(Error::MessageTooLarge { max, .. }) => max,
+        other => panic!("{other:?}"),
+    };
+    let mut e = direct("a", &names[0], "coordination", vec![9u8; max]);
+    e.to = Recipient::Fleet;
+    e.kind = MessageKind::Broadcast;
+    let targets: Vec<AgentId> = names.iter().map(AgentId::new).collect();
+    // Copies a session reaches now go together (a confirmed broadcast sends each alone).
+    let report = a.broadcast(e, &targets).await.expect("broadcast");
+    assert_eq!(report.delivered.len(), names.len(), "{:?}", report.failed);
+    for r in readers {
+        assert_eq!(r.await.expect("reader"), max, "every copy arrives");
+    }
+    assert_eq!(a.stats(&"a".into()).messages_failed, 0);
+    a.shutdown().await;
+    b.shutdown().await;
+}

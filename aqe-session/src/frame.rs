@@ -225,6 +225,11 @@ pub enum Frame {
 /// The most copies a [`Frame::Fanout`] carries; more is a protocol violation.
 pub const MAX_FANOUT: usize = 1024;
 
+/// The most bytes a sender lets a [`Frame::Fanout`]'s copies take (encoded), so that the
+/// frame fits every limit its envelope alone would (the room each wire leaves for an
+/// envelope's fields besides its payload).
+pub const FANOUT_COPY_BYTES: usize = 2048;
+
 /// One copy of a [`Frame::Fanout`]: its numbers, and its agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FanoutCopy {
@@ -234,6 +239,18 @@ pub struct FanoutCopy {
     pub after: u64,
     /// The receiving agent.
     pub to: AgentId,
+}
+
+impl FanoutCopy {
+    /// How many bytes its postcard encoding takes.
+    pub fn encoded_len(&self) -> usize {
+        /// A varint's length.
+        fn varint(n: u64) -> usize {
+            (64 - n.leading_zeros() as usize).max(1).div_ceil(7)
+        }
+        let len = self.to.as_str().len();
+        varint(self.seq) + varint(self.after) + varint(len as u64) + len
+    }
 }
 
 /// The postcard index of [`Frame::Message`], written before its header fields.
@@ -322,6 +339,8 @@ pub enum Transmit {
         confirm: bool,
         /// See [`Frame::Fanout`].
         copies: Vec<FanoutCopy>,
+        /// What `copies` take encoded (within [`FANOUT_COPY_BYTES`] once joined).
+        copy_bytes: usize,
         /// Its envelope's priority.
         priority: Priority,
         /// The envelope's postcard encoding.
@@ -362,7 +381,35 @@ impl Transmit {
             | Transmit::Frame(_, Frame::Response { envelope }) => envelope.payload.len() + 64,
             Transmit::Frame(..) => 64,
             Transmit::Message { body, .. } => body.len() + 24,
-            Transmit::Fanout { body, copies, .. } => body.len() + 24 + copies.len() * 24,
+            Transmit::Fanout {
+                body, copy_bytes, ..
+            } => body.len() + 32 + copy_bytes,
+        }
+    }
+
+    /// A fanout of one copy, which adjacent copies of the same encoding may
+    /// [`join`](Transmit::join).
+    pub fn fanout(
+        lane: Lane,
+        header: MessageHeader,
+        to: AgentId,
+        priority: Priority,
+        body: Encoded,
+    ) -> Transmit {
+        let copy = FanoutCopy {
+            seq: header.seq,
+            after: header.after,
+            to,
+        };
+        Transmit::Fanout {
+            lane,
+            low: header.low,
+            generation: header.generation,
+            confirm: header.confirm,
+            copy_bytes: copy.encoded_len(),
+            copies: vec![copy],
+            priority,
+            body,
         }
     }
 
@@ -406,15 +453,7 @@ impl Transmit {
     pub fn head_hint(&self) -> usize {
         match self {
             Transmit::Message { .. } => 1 + 4 * 10 + 1,
-            Transmit::Fanout { copies, .. } => {
-                1 + 2 * 10
-                    + 1
-                    + 5
-                    + copies
-                        .iter()
-                        .map(|c| 25 + c.to.as_str().len())
-                        .sum::<usize>()
-            }
+            Transmit::Fanout { copy_bytes, .. } => 1 + 2 * 10 + 1 + 5 + copy_bytes,
             Transmit::Frame(..) => 0,
         }
     }
@@ -430,6 +469,7 @@ impl Transmit {
                 generation,
                 confirm,
                 copies,
+                copy_bytes,
                 priority,
                 body,
             },
@@ -439,6 +479,7 @@ impl Transmit {
                 generation: generation2,
                 confirm: confirm2,
                 copies: copies2,
+                copy_bytes: copy_bytes2,
                 priority: priority2,
                 body: body2,
             },
@@ -451,11 +492,13 @@ impl Transmit {
             && confirm == confirm2
             && priority == priority2
             && lane == lane2
-            && copies.len() + copies2.len() <= MAX_FANOUT;
+            && copies.len() + copies2.len() <= MAX_FANOUT
+            && *copy_bytes + copy_bytes2 <= FANOUT_COPY_BYTES;
         if !same {
             return Some(t);
         }
         *low = (*low).min(*low2);
+        *copy_bytes += copy_bytes2;
         if let Transmit::Fanout { copies: more, .. } = t {
             copies.extend(more);
         }
@@ -560,18 +603,16 @@ mod tests {
                 bytes::Bytes::from(vec![7u8; payload]),
             );
             let body = aqe_core::encode_envelope(&envelope).expect("encode");
-            let copy = |seq: u64, to: &str| Transmit::Fanout {
-                lane: Lane::Ordered("news".into()),
-                low: seq,
-                generation: 4,
-                confirm: false,
-                copies: vec![FanoutCopy {
+            let copy = |seq: u64, to: &str| {
+                let header = MessageHeader {
                     seq,
                     after: seq.saturating_sub(7),
-                    to: to.into(),
-                }],
-                priority: Priority::DEFAULT,
-                body: body.clone(),
+                    low: seq,
+                    generation: 4,
+                    confirm: false,
+                };
+                let lane = Lane::Ordered("news".into());
+                Transmit::fanout(lane, header, to.into(), Priority::DEFAULT, body.clone())
             };
             let mut t = copy(9, "b1");
             assert!(t.join(copy(10, "b2")).is_none());
@@ -633,23 +674,77 @@ mod tests {
             bytes::Bytes::new(),
         );
         let body = aqe_core::encode_envelope(&e).expect("encode");
-        let copy = |seq: u64| Transmit::Fanout {
-            lane: Lane::Unordered,
-            low: 1,
-            generation: 0,
-            confirm: false,
-            copies: vec![FanoutCopy {
+        let copy = |seq: u64, to: &str| {
+            let header = MessageHeader {
                 seq,
                 after: 0,
-                to: "b".into(),
-            }],
-            priority: Priority::DEFAULT,
-            body: body.clone(),
+                low: 1,
+                generation: 0,
+                confirm: false,
+            };
+            Transmit::fanout(
+                Lane::Unordered,
+                header,
+                to.into(),
+                Priority::DEFAULT,
+                body.clone(),
+            )
         };
-        let mut t = copy(1);
-        for seq in 2..=MAX_FANOUT as u64 {
-            assert!(t.join(copy(seq)).is_none());
+        let copies = |t: &Transmit| match t {
+            Transmit::Fanout { copies, .. } => copies.len(),
+            _ => 0,
+        };
+        // Copies join while their encoding stays within the budget, whatever their names.
+        for name in ["b", &"n".repeat(200)] {
+            let mut t = copy(1, name);
+            let mut seq = 1;
+            while t.join(copy(seq + 1, name)).is_none() {
+                seq += 1;
+            }
+            let mut head = BytesMut::new();
+            t.encode_head(&mut head).expect("encode");
+            let Transmit::Fanout { copies: all, .. } = &t else {
+                unreachable!("a fanout")
+            };
+            let bytes: usize = all.iter().map(FanoutCopy::encoded_len).sum();
+            assert!(bytes <= FANOUT_COPY_BYTES, "{bytes}");
+            assert!(bytes + all[0].encoded_len() > FANOUT_COPY_BYTES, "{bytes}");
+            assert!(head.len() <= FANOUT_COPY_BYTES + 32, "{}", head.len());
         }
-        assert!(t.join(copy(MAX_FANOUT as u64 + 1)).is_some());
+        // Nor beyond the count a receiver takes, had the bytes room.
+        let mut t = copy(1, "b");
+        if let Transmit::Fanout {
+            copies, copy_bytes, ..
+        } = &mut t
+        {
+            copies.resize(MAX_FANOUT, copies[0].clone());
+            *copy_bytes = 0;
+        }
+        assert!(t.join(copy(2, "b")).is_some());
+        assert_eq!(copies(&t), MAX_FANOUT);
+    }
+
+    #[test]
+    fn a_copys_encoded_length_is_what_postcard_writes() {
+        for (seq, after, to) in [(1, 0, ""), (127, 128, "b"), (u64::MAX, 1 << 40, "agent-7")] {
+            let c = FanoutCopy {
+                seq,
+                after,
+                to: to.into(),
+            };
+            assert_eq!(
+                c.encoded_len(),
+                postcard::to_stdvec(&c).expect("encode").len()
+            );
+        }
+        let long = FanoutCopy {
+            seq: 1,
+            after: 0,
+            to: "x".repeat(300).into(),
+        };
+        assert_eq!(
+            long.encoded_len(),
+            postcard::to_stdvec(&long).expect("encode").len()
+        );
     }
 }

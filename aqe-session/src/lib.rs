@@ -70,8 +70,8 @@ pub use config::{
     SNAPSHOT_PART_BYTES, WirePolicy,
 };
 pub use frame::{
-    FanoutCopy, Frame, Hello, Lane, MAX_FANOUT, MessageHeader, Ranges, Refusal, Relayed,
-    SESSION_VERSION, Transmit, encode_into,
+    FANOUT_COPY_BYTES, FanoutCopy, Frame, Hello, Lane, MAX_FANOUT, MessageHeader, Ranges, Refusal,
+    Relayed, SESSION_VERSION, Transmit, encode_into,
 };
 pub use greet::{Greeter, Greeting};
 pub use hello::{HelloRefusal, check_hello};

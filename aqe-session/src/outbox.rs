@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use aqe_core::plumbing::FastMap;
 use aqe_core::{AgentId, ChannelName, DeliveryFailure, Encoded, Envelope, MessageId, Priority};
 
-use crate::frame::{FanoutCopy, Lane, MessageHeader, Refusal, Transmit};
+use crate::frame::{Lane, MessageHeader, Refusal, Transmit};
 use crate::ranges;
 use crate::seqmap::SeqMap;
 
@@ -204,30 +204,25 @@ fn transmit<M>(seq: u64, after: u64, low: u64, generation: u64, msg: &Orphan<M>)
     } else {
         Lane::Unordered
     };
+    let header = MessageHeader {
+        seq,
+        after,
+        low,
+        generation,
+        confirm: meta.confirm,
+    };
     if meta.fanout {
-        return Transmit::Fanout {
+        return Transmit::fanout(
             lane,
-            low,
-            generation,
-            confirm: meta.confirm,
-            copies: vec![FanoutCopy {
-                seq,
-                after,
-                to: meta.to.clone(),
-            }],
-            priority: meta.priority,
-            body: msg.body.clone(),
-        };
+            header,
+            meta.to.clone(),
+            meta.priority,
+            msg.body.clone(),
+        );
     }
     Transmit::Message {
         lane,
-        header: MessageHeader {
-            seq,
-            after,
-            low,
-            generation,
-            confirm: meta.confirm,
-        },
+        header,
         priority: meta.priority,
         body: msg.body.clone(),
     }

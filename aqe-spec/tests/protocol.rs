@@ -189,6 +189,7 @@ fn constants() -> BTreeMap<&'static str, String> {
         ("probe minimum ms", s::PROBE_MIN.as_millis().to_string()),
         ("range span", s::MAX_RANGE_SPAN.to_string()),
         ("fanout copies", s::MAX_FANOUT.to_string()),
+        ("fanout copy bytes", s::FANOUT_COPY_BYTES.to_string()),
         (
             "displaced recheck ms",
             s::DISPLACED_RECHECK.as_millis().to_string(),
@@ -398,14 +399,22 @@ fn check_example(name: &str, bytes: &[u8]) {
                 unreachable!("a fanout")
             };
             let body = aqe_core::encode_envelope(&envelope).expect("encode");
-            let mut copies = copies.into_iter().map(|c| Transmit::Fanout {
-                lane: Lane::Ordered("coordination".into()),
-                low: 3,
-                generation: 2,
-                confirm: false,
-                copies: vec![c],
-                priority: aqe_core::Priority::DEFAULT,
-                body: body.clone(),
+            let mut copies = copies.into_iter().map(|c| {
+                let header = aqe_session::MessageHeader {
+                    seq: c.seq,
+                    after: c.after,
+                    low: 3,
+                    generation: 2,
+                    confirm: false,
+                };
+                let lane = Lane::Ordered("coordination".into());
+                Transmit::fanout(
+                    lane,
+                    header,
+                    c.to,
+                    aqe_core::Priority::DEFAULT,
+                    body.clone(),
+                )
             });
             let mut t = copies.next().expect("a copy");
             for c in copies {
