@@ -35,6 +35,10 @@ fn fleet() -> String {
     format!("t{}", aqe_core::MessageId::next())
 }
 
+async fn connect(config: NatsConfig) -> NatsTransport {
+    NatsTransport::connect(config).await.expect("connect")
+}
+
 async fn server() -> NatsServer {
     tokio::task::spawn_blocking(NatsServer::start)
         .await
@@ -87,12 +91,8 @@ fn read_counter(b: &[u8]) -> u32 {
 async fn a_server_restart_in_the_middle_of_traffic_loses_nothing() {
     let mut server = server().await;
     let (url, fleet) = (server.url(), fleet());
-    let a = NatsTransport::connect(config(&url, &fleet))
-        .await
-        .expect("a");
-    let b = NatsTransport::connect(config(&url, &fleet))
-        .await
-        .expect("b");
+    let a = connect(config(&url, &fleet)).await;
+    let b = connect(config(&url, &fleet)).await;
     let _ia = attach(&a, "a").await;
     let mut ib = attach(&b, "b").await;
     await_peer(&a, "b").await;
@@ -307,9 +307,7 @@ async fn members_of_the_account_that_misbehave_cannot_break_or_steer_an_endpoint
     limited.limits.endpoints = 16;
     limited.limits.agents_per_endpoint = 8;
     let a = NatsTransport::connect(limited).await.expect("a");
-    let b = NatsTransport::connect(config(&url, &fleet))
-        .await
-        .expect("b");
+    let b = connect(config(&url, &fleet)).await;
     let _ia = attach(&a, "a").await;
     let mut ib = attach(&b, "b").await;
     await_peer(&a, "b").await;
@@ -508,12 +506,8 @@ async fn members_of_the_account_that_misbehave_cannot_break_or_steer_an_endpoint
 async fn a_message_above_the_servers_payload_limit_is_refused_and_nothing_is_lost() {
     let server = NatsServer::shared();
     let (url, fleet) = (server.url(), fleet());
-    let a = NatsTransport::connect(config(&url, &fleet))
-        .await
-        .expect("a");
-    let b = NatsTransport::connect(config(&url, &fleet))
-        .await
-        .expect("b");
+    let a = connect(config(&url, &fleet)).await;
+    let b = connect(config(&url, &fleet)).await;
     let _ia = attach(&a, "a").await;
     let mut ib = attach(&b, "b").await;
     await_peer(&a, "b").await;
@@ -679,11 +673,7 @@ async fn twenty_endpoints_converge_on_one_membership_through_churn() {
     let mut endpoints = Vec::new();
     let mut inboxes = Vec::new();
     for e in 0..20 {
-        let t = Arc::new(
-            NatsTransport::connect(config(&url, &fleet))
-                .await
-                .expect("connect"),
-        );
+        let t = Arc::new(connect(config(&url, &fleet)).await);
         for k in 0..5 {
             inboxes.push(attach(&t, &format!("e{e}-a{k}")).await);
         }
@@ -806,15 +796,12 @@ async fn a_broadcast_of_the_largest_payload_to_many_agents_fits_the_servers_limi
     let server = NatsServer::shared();
     let (url, fleet) = (server.url(), fleet());
     // Nothing is sent again within the test: a frame the server refused would never arrive.
-    let a = NatsTransport::connect(NatsConfig {
+    let a = connect(NatsConfig {
         retransmit_after: Duration::from_secs(60),
         ..config(&url, &fleet)
     })
-    .await
-    .expect("a");
-    let b = NatsTransport::connect(config(&url, &fleet))
-        .await
-        .expect("b");
+    .await;
+    let b = connect(config(&url, &fleet)).await;
     let _ia = attach(&a, "a").await;
     // Long names: the 16 copies a session's bytes admit at once take about 5 KiB, more
     // than the room beside a payload this large.
