@@ -299,14 +299,26 @@ impl MessageHeader {
     /// # Errors
     /// Never in practice (varints always fit); typed for the encoder's sake.
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), postcard::Error> {
-        dst.extend_from_slice(&[MESSAGE_VARIANT]);
-        for n in [self.seq, self.after, self.low, self.generation] {
-            let mut buf = [0u8; 10];
-            dst.extend_from_slice(postcard::to_slice(&n, &mut buf)?);
-        }
-        dst.extend_from_slice(&[u8::from(self.confirm)]);
-        Ok(())
+        let numbers = [self.seq, self.after, self.low, self.generation];
+        put_head(dst, MESSAGE_VARIANT, &numbers, self.confirm)
     }
+}
+
+/// Appends a reliable frame's first fields as postcard writes them: the variant index, the
+/// numbers (varints), the confirm flag.
+fn put_head(
+    dst: &mut BytesMut,
+    variant: u8,
+    numbers: &[u64],
+    confirm: bool,
+) -> Result<(), postcard::Error> {
+    dst.extend_from_slice(&[variant]);
+    for n in numbers {
+        let mut buf = [0u8; 10];
+        dst.extend_from_slice(postcard::to_slice(n, &mut buf)?);
+    }
+    dst.extend_from_slice(&[u8::from(confirm)]);
+    Ok(())
 }
 
 /// Something to send, and on which lane.
@@ -437,12 +449,7 @@ impl Transmit {
                 copies,
                 ..
             } => {
-                dst.extend_from_slice(&[FANOUT_VARIANT]);
-                for n in [*low, *generation] {
-                    let mut buf = [0u8; 10];
-                    dst.extend_from_slice(postcard::to_slice(&n, &mut buf)?);
-                }
-                dst.extend_from_slice(&[u8::from(*confirm)]);
+                put_head(dst, FANOUT_VARIANT, &[*low, *generation], *confirm)?;
                 encode_into(copies, dst)
             }
             Transmit::Frame(..) => Ok(()),
