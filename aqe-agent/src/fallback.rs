@@ -647,6 +647,7 @@ impl Transport for Fallback {
             }
         });
         Ok(BroadcastReport::from_outcomes(
+            envelope.id,
             futures::future::join_all(sends).await,
         ))
     }

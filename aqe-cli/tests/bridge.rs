@@ -334,6 +334,10 @@ fn the_bridge_protocol_as_bridge_md_specifies_it() {
         e["type"] == "message" && e["payload"] == json!({"all": true})
     });
     assert_eq!(m["from"], "a");
+    assert_eq!(
+        m["id"], report["id"],
+        "the report names the copies' id: {report}"
+    );
     let stats = a.call(json!({"op": "stats"}), 16);
     assert!(
         stats["stats"]["messagesSent"]

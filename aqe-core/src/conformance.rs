@@ -941,16 +941,19 @@ pub async fn broadcast_reports_each_peer(h: &dyn Harness) {
         .broadcast(e.clone(), &targets)
         .await
         .expect("broadcast");
+    assert_eq!(report.id, e.id, "the report names the message");
     let mut delivered: Vec<_> = report.delivered.iter().map(|p| p.to_string()).collect();
     delivered.sort();
     assert_eq!(delivered, ["a2", "b", "b2", "c"]);
     assert_eq!(report.failed.len(), 1);
     assert!(matches!(&report.failed[0], (p, Error::PeerNotFound { .. }) if p.as_str() == "ghost"));
+    let again = broadcast_of(b"again");
     let report = eps[0]
-        .broadcast(broadcast_of(b"again"), &targets[..4])
+        .broadcast(again.clone(), &targets[..4])
         .await
         .expect("broadcast");
     assert_eq!(report.delivered.len(), 4, "{:?}", report.failed);
+    assert_eq!(report.id, again.id);
     // Each has the first once, then the second (the channel is ordered and reliable: a
     // second copy of the first would come before it), addressed to itself.
     for (name, inbox) in [
@@ -959,10 +962,11 @@ pub async fn broadcast_reports_each_peer(h: &dyn Harness) {
         ("c", &mut c),
         ("a2", &mut a2),
     ] {
-        for want in [&b"hi"[..], b"again"] {
+        for (want, id) in [(&b"hi"[..], e.id), (b"again", again.id)] {
             let got = next_message(inbox).await;
             assert_eq!((got.kind, &got.payload[..]), (MessageKind::Broadcast, want));
             assert_eq!(got.to, Recipient::Agent(name.into()), "{name}");
+            assert_eq!(got.id, id, "every copy carries the broadcast's id");
         }
     }
     let mut wrong = e.clone();

@@ -167,8 +167,12 @@ pub fn check_batch(envelopes: &[Envelope]) -> Result<()> {
 }
 
 /// What a fleet broadcast achieved, peer by peer.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BroadcastReport {
+    /// The message's id: every target's copy carries it, and [`Event::DeliveryFailed`] names
+    /// it for each target whose copy failed later (a broadcast not confirmed resolves
+    /// before its copies settle).
+    pub id: MessageId,
     /// Peers that got the message.
     pub delivered: Vec<AgentId>,
     /// Peers that did not, and why.
@@ -176,9 +180,16 @@ pub struct BroadcastReport {
 }
 
 impl BroadcastReport {
-    /// Sorts per-peer outcomes into delivered and failed.
-    pub fn from_outcomes(outcomes: impl IntoIterator<Item = (AgentId, Result<()>)>) -> Self {
-        let mut report = Self::default();
+    /// Sorts per-peer outcomes of the message `id` into delivered and failed.
+    pub fn from_outcomes(
+        id: MessageId,
+        outcomes: impl IntoIterator<Item = (AgentId, Result<()>)>,
+    ) -> Self {
+        let mut report = Self {
+            id,
+            delivered: Vec::new(),
+            failed: Vec::new(),
+        };
         for (peer, outcome) in outcomes {
             match outcome {
                 Ok(()) => report.delivered.push(peer),
@@ -528,6 +539,7 @@ pub trait Transport: Send + Sync + 'static {
             async move { (to.clone(), self.send(copy).await) }
         });
         Ok(BroadcastReport::from_outcomes(
+            envelope.id,
             futures::future::join_all(sends).await,
         ))
     }
@@ -560,6 +572,7 @@ pub trait Transport: Send + Sync + 'static {
             async move { (to.clone(), self.send_confirmed(copy).await) }
         });
         Ok(BroadcastReport::from_outcomes(
+            envelope.id,
             futures::future::join_all(sends).await,
         ))
     }

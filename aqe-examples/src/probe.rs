@@ -1,9 +1,10 @@
 //! A probe for delivery checks across processes and hosts.
 //!
 //! - [`write_certs`] makes a fleet CA; each probe process issues itself a node certificate.
-//! - [`receive`] runs a receiving agent that prints one line per message it takes, *before*
-//!   its handler returns (so before the message is acknowledged): `M <channel> <n>
-//!   <redelivered>`. A process killed at any moment has printed everything it acknowledged.
+//! - [`receive`] runs receiving agents (one, or several on one endpoint) that print one line
+//!   per message they take, *before* the handler returns (so before the message is
+//!   acknowledged): `M <channel> <n> <redelivered> <agent>`. A process killed at any moment
+//!   has printed everything it acknowledged.
 //! - [`send`] runs a sender that accounts for every message: accepted (then confirmed or
 //!   reported failed) or refused at once.
 //!
@@ -73,6 +74,10 @@ pub struct Options {
     pub handler_delay: Duration,
     /// A receiver's inbox capacity, in items.
     pub inbox: usize,
+    /// How many agents a receiver hosts: one, named as asked, or `N` named `<id>-0` ..
+    /// `<id>-<N-1>` (a broadcast then reaches several agents of one endpoint: one frame
+    /// carrying a copy for each).
+    pub agents: usize,
 }
 
 /// The probes' channels: the three presets, and `drops` (unicast, unordered, reliable,
@@ -103,6 +108,7 @@ impl Options {
             name: None,
             handler_delay: Duration::ZERO,
             inbox: 4096,
+            agents: 1,
         }
     }
 
@@ -196,58 +202,75 @@ impl Options {
     }
 }
 
-/// Runs a receiving agent `agent` until the process ends: prints `READY <addr>`, then a line
-/// per message it takes (`M <channel> <n> <0|1 redelivered>`) and per request it answers
-/// (`R <n>`, answered with `n`).
+/// The ids of the agents a receiver named `agent` hosts (see [`Options::agents`]).
+pub fn receiver_ids(agent: &str, agents: usize) -> Vec<String> {
+    if agents <= 1 {
+        vec![agent.to_owned()]
+    } else {
+        (0..agents).map(|i| format!("{agent}-{i}")).collect()
+    }
+}
+
+/// Runs the receiving agents of `agent` ([`receiver_ids`]) until the process ends: prints
+/// `READY <addr>`, then a line per message taken (`M <channel> <n> <0|1 redelivered>
+/// <agent>`) and per request answered (`R <n>`, answered with `n`).
 ///
 /// # Errors
-/// When the endpoint cannot be bound or the agent started.
+/// When the endpoint cannot be bound or an agent started.
 pub async fn receive(options: &Options, agent: &str) -> anyhow::Result<()> {
     let options = &options.named(agent);
     let quic = options.bind().await?;
     let addr = quic.local_addr();
     let transport = options.transport(&quic).await?;
     let out = Arc::new(tokio::sync::Mutex::new(tokio::io::stdout()));
-    let msg_out = out.clone();
-    let req_out = out.clone();
     let delay = options.handler_delay;
-    let mut builder = Agent::builder()
-        .id(agent)
-        .agent_type("probe-receiver")
-        .transport(transport)
-        .inbox_capacity(options.inbox);
-    for c in channels() {
-        builder = builder.channel(c);
-    }
-    let _agent = builder
-        .on_message(move |_, env| {
-            let out = msg_out.clone();
-            async move {
-                let n: u32 = env.decode().unwrap_or(u32::MAX);
-                let line = format!("M {} {n} {}\n", env.channel, u8::from(env.redelivered));
-                // Printed before the handler returns, so before the acknowledgement.
-                {
+    let mut running = Vec::new();
+    for id in receiver_ids(agent, options.agents) {
+        let (msg_out, req_out) = (out.clone(), out.clone());
+        let mut builder = Agent::builder()
+            .id(id.as_str())
+            .agent_type("probe-receiver")
+            .transport(transport.clone())
+            .inbox_capacity(options.inbox);
+        for c in channels() {
+            builder = builder.channel(c);
+        }
+        let agent = builder
+            .on_message(move |a, env| {
+                let out = msg_out.clone();
+                let line = format!(
+                    "M {} {} {} {}\n",
+                    env.channel,
+                    env.decode::<u32>().unwrap_or(u32::MAX),
+                    u8::from(env.redelivered),
+                    a.id()
+                );
+                async move {
+                    // Printed before the handler returns, so before the acknowledgement.
+                    {
+                        let mut out = out.lock().await;
+                        let _ = out.write_all(line.as_bytes()).await;
+                        let _ = out.flush().await;
+                    }
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            })
+            .on_request(move |_, req| {
+                let out = req_out.clone();
+                async move {
+                    let n: u32 = req.decode()?;
                     let mut out = out.lock().await;
-                    let _ = out.write_all(line.as_bytes()).await;
+                    let _ = out.write_all(format!("R {n}\n").as_bytes()).await;
                     let _ = out.flush().await;
+                    Ok::<_, HandlerError>(n)
                 }
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        })
-        .on_request(move |_, req| {
-            let out = req_out.clone();
-            async move {
-                let n: u32 = req.decode()?;
-                let mut out = out.lock().await;
-                let _ = out.write_all(format!("R {n}\n").as_bytes()).await;
-                let _ = out.flush().await;
-                Ok::<_, HandlerError>(n)
-            }
-        })
-        .start()
-        .await?;
+            })
+            .start()
+            .await?;
+        running.push(agent);
+    }
     {
         let mut out = out.lock().await;
         out.write_all(format!("READY {addr}\n").as_bytes()).await?;
@@ -277,6 +300,10 @@ pub struct Plan {
     pub mix: bool,
     /// Each one-way message's time-to-live.
     pub ttl: Option<Duration>,
+    /// Each number a broadcast on `channel` to every agent listening there (not confirmed:
+    /// each copy is accounted as the receiver took it or as a failure event names it),
+    /// instead of a message to `to`.
+    pub broadcast: bool,
 }
 
 /// Where the numbers of broadcasts in a mixed load start.
@@ -307,6 +334,10 @@ pub struct Report {
     pub broadcasts_failed: Vec<(u32, String)>,
     /// Operations a fallback carried, by the transport that carried them.
     pub fallbacks: HashMap<String, u64>,
+    /// Broadcast plan: the copies accepted for delivery, by number and target.
+    pub copies: Vec<(u32, AgentId)>,
+    /// Broadcast plan: copies accepted, then reported failed, with the reason.
+    pub copies_failed: Vec<(u32, AgentId, DeliveryFailure)>,
 }
 
 /// Sends as `plan` says from `agent`, then waits (up to `settle`) until every accepted
@@ -318,13 +349,15 @@ pub async fn send(agent: &Agent, plan: &Plan, settle: Duration) -> anyhow::Resul
     let mut events = agent.events();
     let mut report = Report::default();
     let mut ids: HashMap<MessageId, u32> = HashMap::new();
-    let mut failures: Vec<(MessageId, DeliveryFailure)> = Vec::new();
+    let mut failures: Vec<(MessageId, AgentId, DeliveryFailure)> = Vec::new();
     let mut fallbacks: HashMap<String, u64> = HashMap::new();
     let mut drain = |events: &mut aqe_agent::EventStream, failures: &mut Vec<_>| {
         while let Some(Some(e)) = futures::FutureExt::now_or_never(events.recv()) {
             match e {
-                Event::DeliveryFailed { ids, reason, .. } => {
-                    failures.extend(ids.into_iter().map(|id| (id, reason)));
+                Event::DeliveryFailed {
+                    ids, reason, to, ..
+                } => {
+                    failures.extend(ids.into_iter().map(|id| (id, to.clone(), reason)));
                 }
                 Event::FallbackUsed { via, .. } => {
                     *fallbacks.entry(via.to_string()).or_insert(0) += 1;
@@ -365,7 +398,21 @@ pub async fn send(agent: &Agent, plan: &Plan, settle: Duration) -> anyhow::Resul
                 Err(e) => report.broadcasts_failed.push((b, e.to_string())),
             }
         }
-        if plan.requests {
+        if plan.broadcast {
+            match agent
+                .broadcast_to_fleet(&n, BroadcastOptions::on(plan.channel.clone()))
+                .await
+            {
+                Ok(r) => {
+                    ids.insert(r.id, n);
+                    report.accepted.push(n);
+                    report
+                        .copies
+                        .extend(r.delivered.into_iter().map(|to| (n, to)));
+                }
+                Err(e) => report.refused.push((n, e.to_string())),
+            }
+        } else if plan.requests {
             let options = RequestOptions::default()
                 .with_channel(plan.channel.clone())
                 .with_timeout(plan.request_timeout);
@@ -427,10 +474,15 @@ pub async fn send(agent: &Agent, plan: &Plan, settle: Duration) -> anyhow::Resul
             "not every message settled in time"
         );
     }
-    report.failed = failures
-        .into_iter()
-        .filter_map(|(id, reason)| ids.get(&id).map(|n| (*n, reason)))
-        .collect();
+    for (id, to, reason) in failures {
+        if let Some(n) = ids.get(&id) {
+            if plan.broadcast {
+                report.copies_failed.push((*n, to, reason));
+            } else {
+                report.failed.push((*n, reason));
+            }
+        }
+    }
     report.failed.sort_by_key(|(n, _)| *n);
     Ok(report)
 }
@@ -459,8 +511,8 @@ pub async fn sender(options: &Options, id: &str) -> anyhow::Result<(QuicTranspor
 pub enum Line {
     /// `READY <addr>`.
     Ready(SocketAddr),
-    /// A message taken: channel, number, redelivered.
-    Message(String, u32, bool),
+    /// A message taken: channel, number, redelivered, the agent that took it.
+    Message(String, u32, bool, String),
     /// A request answered.
     Request(u32),
 }
@@ -475,6 +527,7 @@ impl Line {
                 words.next()?.to_owned(),
                 words.next()?.parse().ok()?,
                 words.next()? == "1",
+                words.next()?.to_owned(),
             )),
             "R" => Some(Line::Request(words.next()?.parse().ok()?)),
             _ => None,

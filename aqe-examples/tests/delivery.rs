@@ -4,7 +4,8 @@
 //! taken by a receiver (which prints it before acknowledging it), or reported failed, never
 //! silently lost; nothing taken twice by one receiver; and a message taken by a process that
 //! died before acknowledging it is reported as unconfirmed (if the receiver never comes back)
-//! or redelivered flagged as such (if it does).
+//! or redelivered flagged as such (if it does). The same holds for every copy of a broadcast
+//! to several agents of the killed process (copies joined into one frame per broadcast).
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -55,6 +56,9 @@ impl Receiver {
         if let Some(peer) = options.peer {
             cmd.args(["--peer", &peer.to_string()]);
         }
+        if options.agents > 1 {
+            cmd.args(["--agents", &options.agents.to_string()]);
+        }
         let mut child = cmd.spawn().expect("start aqe-probe");
         let stdout = child.stdout.take().expect("stdout");
         // Unbounded: a test collects every line the child prints, a bounded number.
@@ -86,9 +90,27 @@ impl Receiver {
         messages: &mut Vec<(u32, bool)>,
         until: impl Fn(usize) -> bool,
     ) {
+        let mut took = Vec::new();
+        self.take(&mut took, until).await;
+        messages.extend(took.into_iter().map(|t| (t.n, t.redelivered)));
+    }
+
+    /// What it printed and is still in the pipe.
+    fn drain(&mut self, messages: &mut Vec<(u32, bool)>) {
+        let mut took = Vec::new();
+        self.drain_took(&mut took);
+        messages.extend(took.into_iter().map(|t| (t.n, t.redelivered)));
+    }
+
+    /// As [`Receiver::take_messages`], saying which agent took each.
+    async fn take(&mut self, messages: &mut Vec<Took>, until: impl Fn(usize) -> bool) {
         while !until(messages.len()) {
             match tokio::time::timeout(WAIT, self.lines.recv()).await {
-                Ok(Some(Line::Message(_, n, redelivered))) => messages.push((n, redelivered)),
+                Ok(Some(Line::Message(_, n, redelivered, agent))) => messages.push(Took {
+                    agent,
+                    n,
+                    redelivered,
+                }),
                 Ok(Some(_)) => {}
                 Ok(None) => return,
                 Err(_) => panic!("the receiver went quiet after {} messages", messages.len()),
@@ -96,14 +118,36 @@ impl Receiver {
         }
     }
 
-    /// What it printed and is still in the pipe.
-    fn drain(&mut self, messages: &mut Vec<(u32, bool)>) {
+    /// As [`Receiver::drain`], saying which agent took each.
+    fn drain_took(&mut self, messages: &mut Vec<Took>) {
         while let Ok(line) = self.lines.try_recv() {
-            if let Line::Message(_, n, r) = line {
-                messages.push((n, r));
+            if let Line::Message(_, n, redelivered, agent) = line {
+                messages.push(Took {
+                    agent,
+                    n,
+                    redelivered,
+                });
             }
         }
     }
+}
+
+/// A message a receiver printed: who took which, and whether it came flagged redelivered.
+struct Took {
+    agent: String,
+    n: u32,
+    redelivered: bool,
+}
+
+/// What each agent took, in order.
+fn by_agent(took: &[Took]) -> BTreeMap<String, Vec<(u32, bool)>> {
+    let mut m: BTreeMap<String, Vec<(u32, bool)>> = BTreeMap::new();
+    for t in took {
+        m.entry(t.agent.clone())
+            .or_default()
+            .push((t.n, t.redelivered));
+    }
+    m
 }
 
 struct Setup {
@@ -159,7 +203,37 @@ fn plan() -> Plan {
         mix: false,
         request_timeout: Duration::from_secs(2),
         ttl: None,
+        broadcast: false,
     }
+}
+
+/// Agents of the receiver in the broadcast tests, and broadcasts sent.
+const AGENTS: usize = 8;
+const BROADCASTS: u32 = 3_000;
+
+/// Broadcasts on `coordination` (ordered, reliable) to the receiver's [`AGENTS`] agents:
+/// each broadcast's copies for them travel in one frame.
+fn broadcast_plan() -> Plan {
+    Plan {
+        to: "sink-0".into(),
+        count: BROADCASTS,
+        // About a second of sending.
+        pace: Some((15, Duration::from_millis(5))),
+        broadcast: true,
+        ..plan()
+    }
+}
+
+/// The copies a broadcast plan's report says were accepted, by agent.
+fn copies_by_agent(report: &probe::Report) -> BTreeMap<String, HashSet<u32>> {
+    let mut m: BTreeMap<String, HashSet<u32>> = BTreeMap::new();
+    for (n, to) in &report.copies {
+        assert!(
+            m.entry(to.to_string()).or_default().insert(*n),
+            "broadcast {n} accepted twice for {to}"
+        );
+    }
+    m
 }
 
 /// Numbers in order, each once; panics naming the first repeat.
@@ -435,5 +509,156 @@ async fn a_restarted_peer_replaces_the_dead_connection_at_once() {
         "restarted peer replaced the dead connection after {replaced:?} (liveness bound 20 s)"
     );
     second.kill().await;
+    s.sender.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_to_agents_of_a_killed_receiver_leaves_no_copy_unaccounted() {
+    let s = setup().await;
+    let mut o = receiver_options(&s, loopback());
+    o.agents = AGENTS;
+    let mut receiver = Receiver::spawn(&o).await;
+    for i in 0..AGENTS {
+        until_known(&s.sender, &format!("sink-{i}")).await;
+    }
+    let sending = {
+        let sender = s.sender.clone();
+        tokio::spawn(async move { probe::send(&sender, &broadcast_plan(), WAIT).await })
+    };
+    let mut took = Vec::new();
+    receiver
+        .take(&mut took, |n| n >= AGENTS * BROADCASTS as usize / 3)
+        .await;
+    receiver.kill().await;
+    receiver.drain_took(&mut took);
+    let report = sending.await.expect("join").expect("report");
+
+    assert_eq!(report.unconfirmed, 0, "every accepted copy settled");
+    let accepted = copies_by_agent(&report);
+    assert_eq!(accepted.len(), AGENTS, "every agent was a target");
+    let taken = by_agent(&took);
+    let mut failed: BTreeMap<(String, u32), DeliveryFailure> = BTreeMap::new();
+    for (n, to, reason) in &report.copies_failed {
+        assert!(
+            failed.insert((to.to_string(), *n), *reason).is_none(),
+            "the copy of {n} for {to} reported failed twice"
+        );
+    }
+    let (mut lost, mut in_doubt, mut total_taken) = (Vec::new(), 0, 0);
+    for (agent, copies) in &accepted {
+        let mine = taken.get(agent).map_or(&[][..], Vec::as_slice);
+        let received = once_each(mine, agent);
+        assert_in_order(mine, agent);
+        total_taken += received.len();
+        assert!(
+            received.is_subset(copies),
+            "{agent} took a copy never accepted for it"
+        );
+        for n in copies {
+            match (received.contains(n), failed.get(&(agent.clone(), *n))) {
+                (false, None) => lost.push((agent.clone(), *n)),
+                (true, Some(reason)) => {
+                    assert_eq!(
+                        *reason,
+                        DeliveryFailure::Unconfirmed,
+                        "the copy of {n} for {agent} was taken"
+                    );
+                    in_doubt += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} accepted copies neither taken nor reported: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert!(!failed.is_empty(), "the copies after the kill must fail");
+    eprintln!(
+        "broadcast {BROADCASTS} to {AGENTS} agents of one process: copies accepted {}, taken {total_taken}, failed {} (of which taken, unconfirmed: {in_doubt}), lost 0",
+        report.copies.len(),
+        failed.len()
+    );
+    s.sender.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_to_agents_of_a_restarted_receiver_reaches_each_agent_whole() {
+    let s = setup().await;
+    let mut o = receiver_options(&s, loopback());
+    o.agents = AGENTS;
+    let mut first = Receiver::spawn(&o).await;
+    o.listen = first.addr;
+    for i in 0..AGENTS {
+        until_known(&s.sender, &format!("sink-{i}")).await;
+    }
+    let sending = {
+        let sender = s.sender.clone();
+        tokio::spawn(async move { probe::send(&sender, &broadcast_plan(), WAIT).await })
+    };
+    let mut before = Vec::new();
+    first
+        .take(&mut before, |n| n >= AGENTS * BROADCASTS as usize / 3)
+        .await;
+    first.kill().await;
+    first.drain_took(&mut before);
+    // The same process comes back at the same address, with the same agents.
+    let mut second = Receiver::spawn(&o).await;
+    let report = sending.await.expect("join").expect("report");
+    let mut after = Vec::new();
+    // Everything the sender knows delivered was printed before its acknowledgement.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    second.drain_took(&mut after);
+    second.kill().await;
+    second.drain_took(&mut after);
+
+    assert_eq!(report.unconfirmed, 0, "every accepted copy settled");
+    assert!(
+        report.copies_failed.is_empty(),
+        "redelivered within the deadline: {:?}",
+        &report.copies_failed[..report.copies_failed.len().min(10)]
+    );
+    let accepted = copies_by_agent(&report);
+    assert_eq!(accepted.len(), AGENTS, "every agent was a target");
+    let (t1, t2) = (by_agent(&before), by_agent(&after));
+    let (mut taken_twice, mut flagged) = (0, 0);
+    for (agent, copies) in &accepted {
+        let none = Vec::new();
+        let (b, a) = (
+            t1.get(agent).unwrap_or(&none),
+            t2.get(agent).unwrap_or(&none),
+        );
+        let (r1, r2) = (once_each(b, agent), once_each(a, agent));
+        assert_in_order(b, agent);
+        assert_in_order(a, agent);
+        let all: HashSet<u32> = r1.union(&r2).copied().collect();
+        let missing: Vec<u32> = copies.difference(&all).copied().collect();
+        assert!(
+            missing.is_empty(),
+            "{agent}: {} accepted copies never taken: {:?}",
+            missing.len(),
+            &missing[..missing.len().min(10)]
+        );
+        // A copy both incarnations took is one the first took without acknowledging: the
+        // second says it was redelivered.
+        for (n, redelivered) in a {
+            if r1.contains(n) {
+                assert!(
+                    redelivered,
+                    "{agent} took {n} twice, the second not flagged"
+                );
+                taken_twice += 1;
+            }
+            flagged += usize::from(*redelivered);
+        }
+    }
+    eprintln!(
+        "broadcast {BROADCASTS} to {AGENTS} agents, receiver killed and restarted: copies accepted {}, first took {}, restarted took {} ({flagged} flagged redelivered, {taken_twice} taken by both), failed 0, lost 0",
+        report.copies.len(),
+        before.len(),
+        after.len()
+    );
     s.sender.shutdown().await;
 }

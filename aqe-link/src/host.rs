@@ -1103,7 +1103,7 @@ impl Transport for Host {
             }
         });
         outcomes.extend(futures::future::join_all(sends).await);
-        Ok(BroadcastReport::from_outcomes(outcomes))
+        Ok(BroadcastReport::from_outcomes(envelope.id, outcomes))
     }
 
     async fn open_stream(&self, header: StreamHeader) -> Result<Box<dyn StreamSink>> {

@@ -184,7 +184,7 @@ class Agent:
         return Inbound(await self._call(cmd))
 
     async def broadcast(self, payload=None, *, channel=None, confirm=False, trace=None):
-        """Sends to every agent on the channel; returns `{delivered, failed}`."""
+        """Sends to every agent on the channel; returns `{id, delivered, failed}`."""
         cmd = _put_payload({"op": "broadcast", "confirm": confirm}, payload)
         _options(cmd, channel=channel, trace=trace)
         return await self._call(cmd)

@@ -648,6 +648,7 @@ impl Session {
                     })
                     .collect();
                 Ok(Some(json!({
+                    "id": report.id.to_string(),
                     "delivered": report.delivered.iter().map(|i| i.as_str()).collect::<Vec<_>>(),
                     "failed": failed,
                 })))

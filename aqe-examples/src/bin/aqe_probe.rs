@@ -4,10 +4,12 @@
 //! aqe-probe certs DIR                          a fleet CA in DIR (each probe issues itself a
 //!                                              node certificate from it, named by --name or
 //!                                              its agent's id, and keeps it for its restarts)
-//! aqe-probe receive --listen ADDR --certs DIR [--agent ID] [--name N] [--peer ADDR]
-//!                   [--handler-us MICROS (a slow consumer)] [--inbox ITEMS] [timings]
+//! aqe-probe receive --listen ADDR --certs DIR [--agent ID] [--agents N] [--name N]
+//!                   [--peer ADDR] [--handler-us MICROS (a slow consumer)] [--inbox ITEMS]
+//!                   [timings]
 //! aqe-probe send --listen ADDR --peer ADDR --certs DIR --to ID [--channel C] [--count N]
-//!                [--requests | --mix] [--pace N:MICROS] [--settle-ms MS] [--ttl-ms MS] [timings]
+//!                [--requests | --mix | --broadcast] [--pace N:MICROS] [--settle-ms MS]
+//!                [--ttl-ms MS] [timings]
 //! timings: --heartbeat-ms MS --liveness-ms MS --deadline-ms MS
 //! --nats URL (receive and send): the chain QUIC, NATS (fleet `probe`), bus
 //! ```
@@ -15,9 +17,14 @@
 //! `--mix`: besides each message, every tenth number also a request and a fleet broadcast
 //! (numbered from 1 000 000); progress lines `P <ms> <operations> <fallbacks>`.
 //!
-//! `receive` prints `READY <addr>`, then one line per message taken (`M <channel> <n> <0|1>`)
-//! or request answered (`R <n>`). `send` prints one JSON report: accepted, refused and
-//! failed numbers, and what was left unconfirmed.
+//! `--agents N`: the receiver hosts `ID-0` .. `ID-<N-1>` instead of `ID`. `--broadcast`: each
+//! number is a broadcast on the channel (`--to` is then the agent the sender waits to
+//! discover before it starts).
+//!
+//! `receive` prints `READY <addr>`, then one line per message taken (`M <channel> <n> <0|1>
+//! <agent>`) or request answered (`R <n>`). `send` prints one JSON report: accepted, refused
+//! and failed numbers (for broadcasts, the copies accepted and those failed, by target),
+//! and what was left unconfirmed.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -35,7 +42,7 @@ impl Args {
         let mut it = raw.iter();
         while let Some(a) = it.next() {
             if let Some(name) = a.strip_prefix("--") {
-                if name == "requests" || name == "mix" {
+                if name == "requests" || name == "mix" || name == "broadcast" {
                     named.insert(name.to_owned(), "true".to_owned());
                 } else {
                     let v = it
@@ -94,6 +101,9 @@ impl Args {
         if let Some(n) = self.get::<usize>("inbox")? {
             o.inbox = n;
         }
+        if let Some(n) = self.get::<usize>("agents")? {
+            o.agents = n;
+        }
         Ok(o)
     }
 }
@@ -134,6 +144,7 @@ async fn main() -> anyhow::Result<()> {
                 count: args.get("count")?.unwrap_or(1000),
                 requests: args.0.contains_key("requests"),
                 mix: args.0.contains_key("mix"),
+                broadcast: args.0.contains_key("broadcast"),
                 pace: match args.get::<String>("pace")? {
                     Some(p) => {
                         let (n, us) = p.split_once(':').context("--pace N:MICROS")?;
@@ -176,6 +187,8 @@ async fn main() -> anyhow::Result<()> {
                     "broadcasts": report.broadcasts,
                     "broadcasts_failed": report.broadcasts_failed,
                     "fallbacks": report.fallbacks,
+                    "copies": report.copies.iter().map(|(n, to)| (n, to.as_str())).collect::<Vec<_>>(),
+                    "copies_failed": report.copies_failed.iter().map(|(n, to, r)| (n, to.as_str(), format!("{r:?}"))).collect::<Vec<_>>(),
                 })
             );
             agent.shutdown().await;
