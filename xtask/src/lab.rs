@@ -7,7 +7,8 @@
 //! nftables rule in its output hook (`numgen random mod 100 < PCT drop`; this kernel has no
 //! netem). The receiver (`aqe-probe receive`, on h2) prints every message it takes before
 //! acknowledging it; the sender (`aqe-probe send`, on h1, one process per run) reports every
-//! message it sent as accepted, refused, or failed. Root only.
+//! message it sent as accepted, refused, or failed; at each loss rate, broadcasts to 8 agents
+//! of one receiver process are accounted copy by copy. Root only.
 //!
 //! The last scenario runs both probes on the chain QUIC, NATS, bus, with a `nats-server` on h1:
 //! a mixed load (messages, requests, broadcasts) starts over QUIC, then UDP between the hosts
@@ -35,6 +36,9 @@ const SENDER_PORT: u16 = 7001;
 const LOSSES: [u32; 4] = [0, 1, 5, 10];
 const MESSAGES: u32 = 5000;
 const REQUESTS: u32 = 1000;
+/// Broadcasts per loss rate, to this many agents of the receiver's process.
+const BROADCASTS: u32 = 1000;
+const BROADCAST_AGENTS: usize = 8;
 const KILL_MESSAGES: u32 = 10_000;
 /// The slow-consumer row: messages, the receiver's time per message, their time-to-live.
 const SLOW_MESSAGES: u32 = 3000;
@@ -241,6 +245,8 @@ impl Drop for Lab {
 struct Taken {
     /// Messages per channel, in the order taken, with the redelivered flag.
     messages: HashMap<String, Vec<(u32, bool)>>,
+    /// The same messages per agent that took them.
+    agents: HashMap<String, Vec<(u32, bool)>>,
     requests: Vec<u32>,
 }
 
@@ -308,6 +314,12 @@ impl Receiver {
                             .entry(ch.to_owned())
                             .or_default()
                             .push((n, r == "1"));
+                        if let Some(agent) = w.next() {
+                            into.agents
+                                .entry(agent.to_owned())
+                                .or_default()
+                                .push((n, r == "1"));
+                        }
                     }
                 }
                 (Some("R"), Some(n), ..) => {
@@ -351,6 +363,10 @@ struct Report {
     fallbacks: Vec<(String, u64)>,
     /// Progress lines: (ms since the sender started, operations, fallbacks so far).
     progress: Vec<(u64, u64, u64)>,
+    /// Broadcast runs: copies accepted (number, target); copies failed (number, target,
+    /// reason).
+    copies: Vec<(u32, String)>,
+    copies_failed: Vec<(u32, String, String)>,
 }
 
 fn sender(probe: &Path, certs: &Path, args: &[&str]) -> anyhow::Result<Child> {
@@ -442,6 +458,21 @@ fn report_of(child: Child) -> anyhow::Result<Report> {
             })
             .unwrap_or_default(),
         progress,
+        copies: pairs("copies"),
+        copies_failed: v["copies_failed"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| {
+                        Some((
+                            p[0].as_u64()? as u32,
+                            p[1].as_str()?.to_owned(),
+                            p[2].as_str()?.to_owned(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
     })
 }
 
@@ -529,6 +560,52 @@ fn message_row(scenario: String, report: &Report, taken: &[(u32, bool)], ordered
             }
             notes.join("; ")
         },
+    }
+}
+
+/// A broadcast run, copy by copy (a copy is a broadcast's number and a target agent):
+/// sent = copies accepted; duplicates and inversions counted per agent; unaccounted = copies
+/// neither taken by their agent nor reported failed for it (must be 0).
+fn broadcast_row(
+    scenario: String,
+    report: &Report,
+    taken: &HashMap<String, Vec<(u32, bool)>>,
+) -> Row {
+    let mut received: HashSet<(&str, u32)> = HashSet::new();
+    let (mut duplicated, mut reordered) = (0, 0);
+    for (agent, got) in taken {
+        let numbers: Vec<u32> = got.iter().map(|(n, _)| *n).collect();
+        duplicated += duplicates(&numbers);
+        reordered += inversions(&numbers);
+        received.extend(numbers.iter().map(|n| (agent.as_str(), *n)));
+    }
+    let failed: HashSet<(&str, u32)> = report
+        .copies_failed
+        .iter()
+        .map(|(n, to, _)| (to.as_str(), *n))
+        .collect();
+    let unaccounted = report
+        .copies
+        .iter()
+        .filter(|(n, to)| {
+            !received.contains(&(to.as_str(), *n)) && !failed.contains(&(to.as_str(), *n))
+        })
+        .count();
+    let agents: HashSet<&str> = report.copies.iter().map(|(_, to)| to.as_str()).collect();
+    Row {
+        scenario,
+        sent: report.copies.len(),
+        received: received.len(),
+        duplicated,
+        reordered: Some(reordered),
+        failed: failed.len(),
+        refused: report.refused.len(),
+        unaccounted: Some(unaccounted + report.unconfirmed as usize),
+        note: format!(
+            "{} broadcasts to {} agents of one process",
+            report.accepted.len(),
+            agents.len()
+        ),
     }
 }
 
@@ -683,6 +760,42 @@ pub(crate) fn lab(root: &Path, only_udp: bool) -> anyhow::Result<()> {
         };
         if row.duplicated > 0 {
             problems.push(format!("{}: a handler ran twice", row.scenario));
+        }
+        check_row(&row, &mut problems);
+        drop(receiver);
+        // Broadcasts to several agents of one process: each broadcast's copies for them
+        // travel in one frame, and each copy is accounted on its own.
+        let agents = BROADCAST_AGENTS.to_string();
+        let receiver = Receiver::start(&probe, &certs, false, &["--agents", &agents])?;
+        let report = report_of(sender(
+            &probe,
+            &certs,
+            &[
+                "--broadcast",
+                "--to",
+                "sink-0",
+                "--count",
+                &BROADCASTS.to_string(),
+            ],
+        )?)?;
+        let mut taken = Taken::default();
+        receiver.collect(&mut taken, Duration::from_millis(300));
+        let row = broadcast_row(
+            format!("{loss:>2}% loss, broadcast (coordination)"),
+            &report,
+            &taken.agents,
+        );
+        if row.duplicated > 0 {
+            problems.push(format!("{}: duplicates", row.scenario));
+        }
+        if row.reordered.unwrap_or(0) > 0 {
+            problems.push(format!("{}: reordered", row.scenario));
+        }
+        if row.sent != BROADCASTS as usize * BROADCAST_AGENTS {
+            problems.push(format!(
+                "{}: {} copies accepted, not one per agent and broadcast",
+                row.scenario, row.sent
+            ));
         }
         check_row(&row, &mut problems);
         drop(receiver);
