@@ -629,20 +629,13 @@ async fn a_broadcast_to_agents_of_a_restarted_receiver_reaches_each_agent_whole(
     assert_eq!(report.unconfirmed, 0, "every accepted copy settled");
     let accepted = copies_by_agent(&report);
     assert_eq!(accepted.len(), AGENTS, "every agent was a target");
-    // KNOWN RACE, not yet fixed: when the sender's session with the dead process ends, the
-    // node re-routes an agent to the restarted process (its new announcement) before it
-    // hands that session's unsettled copies to the new session (aqe-session `node.rs`,
-    // `NodeInput::Ended`: `reconsider` before `orphaned`). A broadcast sent in between
-    // reaches the agent first, and its older in-doubt copies then fail `Unconfirmed` (so as
-    // not to arrive out of order) instead of being redelivered. Accounted, never lost, but
-    // weaker than the README's "before anything newer". Seen in about 2 runs of 5 under
-    // load; until it is fixed, such a copy may fail, only so, only in doubt (not taken by
-    // the restarted process), and at most a window of them per agent.
-    let mut failed: BTreeMap<String, HashSet<u32>> = BTreeMap::new();
-    for (n, to, reason) in &report.copies_failed {
-        assert_eq!(*reason, DeliveryFailure::Unconfirmed, "{to}: copy {n}");
-        failed.entry(to.to_string()).or_default().insert(*n);
-    }
+    // Each copy in doubt when the process died goes to the restarted one before anything
+    // newer for its agent: none fails.
+    assert!(
+        report.copies_failed.is_empty(),
+        "redelivered within the deadline: {:?}",
+        &report.copies_failed[..report.copies_failed.len().min(10)]
+    );
     let (t1, t2) = (by_agent(&before), by_agent(&after));
     let (mut taken_twice, mut flagged) = (0, 0);
     for (agent, copies) in &accepted {
@@ -651,30 +644,14 @@ async fn a_broadcast_to_agents_of_a_restarted_receiver_reaches_each_agent_whole(
             t1.get(agent).unwrap_or(&none),
             t2.get(agent).unwrap_or(&none),
         );
-        let gone = failed.remove(agent).unwrap_or_default();
-        assert!(
-            gone.len() <= 1024,
-            "{agent}: {} failed, above a window",
-            gone.len()
-        );
-        assert!(
-            a.iter().all(|(n, _)| !gone.contains(n)),
-            "{agent}: a copy taken by the restarted process reported failed"
-        );
-        let owed: HashSet<u32> = copies.difference(&gone).copied().collect();
-        taken_twice += whole_across_a_restart(&owed, b, a, agent);
+        taken_twice += whole_across_a_restart(copies, b, a, agent);
         flagged += a.iter().filter(|(_, r)| *r).count();
     }
-    assert!(
-        failed.is_empty(),
-        "copies failed for agents never targeted: {failed:?}"
-    );
     eprintln!(
-        "broadcast {BROADCASTS} to {AGENTS} agents, receiver killed and restarted: copies accepted {}, first took {}, restarted took {} ({flagged} flagged redelivered, {taken_twice} taken by both), failed {} (Unconfirmed, overtaken: the known race), lost 0",
+        "broadcast {BROADCASTS} to {AGENTS} agents, receiver killed and restarted: copies accepted {}, first took {}, restarted took {} ({flagged} flagged redelivered, {taken_twice} taken by both), failed 0, lost 0",
         report.copies.len(),
         before.len(),
         after.len(),
-        report.copies_failed.len()
     );
     s.sender.shutdown().await;
 }

@@ -32,7 +32,10 @@
 //!    in the order they were sent. A message refused because its agent was not there (it
 //!    left, or stopped before taking it) is *displaced*: it looks for its agent again until
 //!    its deadline, unless a newer message of its flow went ahead of it, in which case it
-//!    fails: an ordered message never arrives after a newer one of its flow.
+//!    fails: an ordered message never arrives after a newer one of its flow. What comes back
+//!    to the node (orphaned or refused) goes out again before anything newer sent after it
+//!    came back: a route to its agent is published only once it is queued in that session,
+//!    and withheld while the redelivery handler carries any of it.
 //! 4. **Only to the addressee's holder.** A message goes to the agent it names, at the
 //!    endpoint the node routes that id to; what may have been taken by one principal is
 //!    never redelivered to another. A peer sends only as agents it announced.

@@ -498,10 +498,15 @@ impl<M> Node<M> {
                     Ended::Reset => "it ended its side of the session",
                 };
                 let clean = matches!(why, Ended::Goodbye | Ended::Shutdown | Ended::Superseded);
-                self.unlink(s, reason, &mut actions);
+                // What the session left waits before its agents are routed anew: a session
+                // they move to takes it ahead of the route, so no newer message passes it.
+                // Where it goes otherwise is decided once they are (`place_orphans`).
+                let touched = self.wait(orphans, &mut actions);
+                self.unlink(s, reason, &touched, &mut actions);
                 // Another session with the same endpoint lives (crossed or restarted
                 // handshakes): what this one leaves waits a moment for it.
                 let mut replaced = why == Ended::Superseded;
+                let mut agents = Vec::new();
                 if let Some(p) = self.peers.remove(&s) {
                     replaced |= self
                         .by_endpoint
@@ -514,15 +519,20 @@ impl<M> Node<M> {
                         self.by_endpoint.remove(&p.endpoint);
                         self.conflicts.retain(|(_, e)| *e != p.endpoint);
                     }
-                    for id in p.agents.keys() {
-                        self.reconsider(id, &mut actions);
+                    agents = p.agents.into_keys().collect();
+                }
+                for id in &agents {
+                    self.reassign(id, &mut actions);
+                    if !touched.contains(id) && !self.owner.contains_key(id) {
+                        self.hand_off(id, &mut actions);
                     }
                 }
-                self.orphaned(orphans, Orphaned::Lost { replaced, now }, &mut actions);
+                self.place_orphans(touched, Orphaned::Lost { replaced, now }, &mut actions);
                 actions.push(Action::Forget(s));
             }
             NodeInput::Displaced { orphans } => {
-                self.orphaned(orphans, Orphaned::Refused { by: s, now }, &mut actions);
+                let touched = self.wait(orphans, &mut actions);
+                self.place_orphans(touched, Orphaned::Refused { by: s, now }, &mut actions);
             }
             NodeInput::Agents(change) => self.on_agents(s, change, &mut actions),
             NodeInput::Relay(news) => self.on_relay(s, news, &mut actions),
@@ -579,8 +589,15 @@ impl<M> Node<M> {
         }
     }
 
-    /// `s` ended: its agents are not reached through it any more.
-    fn unlink(&mut self, s: SessionId, reason: &str, actions: &mut Vec<Action<M>>) {
+    /// `s` ended: its agents are not reached through it any more, and are routed anew. Where
+    /// what waits for `held` goes, if nothing reaches them now, the caller decides.
+    fn unlink(
+        &mut self,
+        s: SessionId,
+        reason: &str,
+        held: &[AgentId],
+        actions: &mut Vec<Action<M>>,
+    ) {
         let Some(p) = self.peers.get_mut(&s) else {
             return;
         };
@@ -601,7 +618,11 @@ impl<M> Node<M> {
             .map(|h| h.into_values().flat_map(|e| e.agents.into_keys()).collect())
             .unwrap_or_default();
         for id in ids.iter().chain(relayed.iter()) {
-            self.reconsider(id, actions);
+            if held.contains(id) {
+                self.reassign(id, actions);
+            } else {
+                self.reconsider(id, actions);
+            }
         }
         if self.config.exchange != PeerExchange::Off && trust.authenticated {
             self.relay_to_others(s, Relayed::Gone { endpoint }, actions);
@@ -816,11 +837,10 @@ impl<M> Node<M> {
     }
 
     /// Where `id` is reached now, if anywhere (nowhere while messages its endpoint refused
-    /// wait to be offered again).
+    /// wait to be offered again, or while the redelivery handler carries older ones: newer
+    /// messages must not pass them).
     pub fn route(&self, id: &AgentId) -> Option<Route> {
-        if self.recheck.contains_key(id)
-            || (self.handing_off.contains(id) && self.waiting.contains_key(id))
-        {
+        if self.recheck.contains_key(id) || self.handing_off.contains(id) {
             return None;
         }
         self.route_of(id)
@@ -906,8 +926,19 @@ impl<M> Node<M> {
     }
 
     /// `id` changed somewhere: if its owner no longer claims it, it leaves (or goes to
-    /// another claimant); if it has no owner, one may be elected.
+    /// another claimant); if it has no owner, one may be elected. What waits for it and
+    /// nothing reaches goes to the redelivery handler.
     fn reconsider(&mut self, id: &AgentId, actions: &mut Vec<Action<M>>) {
+        self.reassign(id, actions);
+        if !self.owner.contains_key(id) {
+            // Messages its endpoint refused while it still announced the agent.
+            self.hand_off(id, actions);
+        }
+    }
+
+    /// The owner part of [`Node::reconsider`]: a session `id` moves to takes what waits for
+    /// it first.
+    fn reassign(&mut self, id: &AgentId, actions: &mut Vec<Action<M>>) {
         if let Some(owner) = self.owner.get(id).copied() {
             let claimants = self.claimants(id);
             let still = claimants.iter().any(|(o, ..)| *o == owner);
@@ -943,13 +974,33 @@ impl<M> Node<M> {
             }
         }
         self.elect(id, actions);
-        if !self.owner.contains_key(id) {
-            // Messages its endpoint refused while it still announced the agent.
-            self.hand_off(id, actions);
-        }
     }
 
     // ----- messages waiting for a way -----
+
+    /// Queues a session's unsettled messages behind what already waits for their agents
+    /// (see [`Node::place_orphans`]); the agents they are for. While the node shuts down they
+    /// fail instead.
+    fn wait(&mut self, orphans: Vec<Orphan<M>>, actions: &mut Vec<Action<M>>) -> Vec<AgentId> {
+        let mut touched: Vec<AgentId> = Vec::new();
+        if orphans.is_empty() {
+            return touched;
+        }
+        if self.closing {
+            actions.push(Action::Settled(
+                orphans.into_iter().map(Orphan::expired).collect(),
+            ));
+            return touched;
+        }
+        for msg in orphans {
+            let to = msg.meta.to.clone();
+            if !touched.contains(&to) {
+                touched.push(to.clone());
+            }
+            self.waiting.entry(to).or_default().push_back(msg);
+        }
+        touched
+    }
 
     /// Unsettled messages of a session that lost its link, or that its peer refused because
     /// their agent is not there: each goes to the session that reaches its agent now (if it
@@ -958,24 +1009,12 @@ impl<M> Node<M> {
     /// [`DISPLACED_RECHECK`] later; one of a session replaced by a newer one with the same
     /// endpoint waits as long for the newer one to announce its agent before it goes to the
     /// redelivery handler.
-    fn orphaned(&mut self, orphans: Vec<Orphan<M>>, how: Orphaned, actions: &mut Vec<Action<M>>) {
-        if orphans.is_empty() {
-            return;
-        }
-        if self.closing {
-            actions.push(Action::Settled(
-                orphans.into_iter().map(Orphan::expired).collect(),
-            ));
-            return;
-        }
-        let mut touched: Vec<AgentId> = Vec::new();
-        for msg in orphans {
-            let to = msg.meta.to.clone();
-            if !touched.contains(&to) {
-                touched.push(to.clone());
-            }
-            self.waiting.entry(to).or_default().push_back(msg);
-        }
+    fn place_orphans(
+        &mut self,
+        touched: Vec<AgentId>,
+        how: Orphaned,
+        actions: &mut Vec<Action<M>>,
+    ) {
         for to in touched {
             match how {
                 // Its agent is known only by hearsay (or not at all) while the newer session

@@ -7,12 +7,14 @@
 //! peer's agents at its address), and a peer whose agents never take anything; with or
 //! without a redelivery handler (another transport reaching the addressee's host directly
 //! while the two can reach each other, as a fallback chain registers). Agents send
-//! reliable messages (ordered and unordered) and requests at random; the real aqe-core
-//! inbox and receipts carry them into agents that take them at random.
+//! reliable messages (ordered and unordered) and requests at random, now and then the very
+//! moment the node publishes a route (as aqe-link's senders run beside its node); the real
+//! aqe-core inbox and receipts carry them into agents that take them at random.
 //!
 //! After every step the invariants of `aqe-session` are checked (see its crate docs): each
 //! reliable send settles once, by its deadline; nothing is taken twice by one incarnation;
-//! ordered flows are taken in order; what may have been taken by one principal is never
+//! ordered flows are taken in order, and what comes back to a node goes out again before
+//! anything newer sent after it came back; what may have been taken by one principal is never
 //! delivered to another; held state stays within its bounds; timers move forward. After the
 //! network heals, membership converges.
 //!
@@ -183,6 +185,8 @@ struct Ledger {
     taken_order: HashMap<(AgentId, AgentId, usize, u64, u64), u64>,
     /// Messages before this one are all settled.
     open_from: usize,
+    /// Counts messages going into sessions and coming back to nodes, to order the two.
+    tick: u64,
     requests: Vec<SentReq>,
 }
 
@@ -201,7 +205,8 @@ struct SentMsg {
     outcome: Option<(Outcome, Instant)>,
     /// Keys of the endpoints it was delivered to.
     delivered: BTreeSet<u64>,
-    /// Hosts and incarnations that took it.
+    /// When it last came back to its sender's node (the ledger's tick; 0: never).
+    returned: u64,
     /// Who took it: host, incarnation, attachment of its agent.
     taken_by: Vec<(usize, u64, u64)>,
 }
@@ -315,6 +320,9 @@ struct SimSession {
     peer: usize,
     link: Option<u64>,
     acks: Arc<Acks>,
+    /// Per agent: the ordered messages that went into this session, sent or redelivered, by
+    /// their number in the flow, with when (the ledger's tick).
+    entered: HashMap<AgentId, Vec<(u64, u64)>>,
 }
 
 struct Agent {
@@ -409,6 +417,8 @@ struct World {
     partition: Option<BTreeSet<usize>>,
     ledger: Ledger,
     step: u64,
+    /// Agents send now (traffic, or the calm spell).
+    sending: bool,
     /// Messages given to a redelivery handler, and the last receipt token it used.
     handed: usize,
     next_token: u64,
@@ -444,6 +454,7 @@ impl World {
             partition: None,
             ledger: Ledger::default(),
             step: 0,
+            sending: false,
             sc,
         };
         for i in 0..w.sc.hosts {
@@ -786,6 +797,7 @@ impl World {
                         peer: from,
                         link,
                         acks: Arc::default(),
+                        entered: HashMap::new(),
                     },
                 );
                 self.hosts[h].greeter.forget(&hello.endpoint);
@@ -822,10 +834,28 @@ impl World {
             let now = self.now;
             match a {
                 Action::Session(sid, input) => {
-                    if let Some(s) = self.hosts[h].sessions.get_mut(&sid)
-                        && let Err(back) = s.session.handle(input, now)
-                    {
+                    let redelivered: Vec<usize> = match &input {
+                        SessionInput::Redeliver(msgs) => msgs
+                            .iter()
+                            .filter_map(|m| self.ledger.by_id.get(&m.envelope().ok()?.id).copied())
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    if std::env::var("AQE_SIM_ROUTES").is_ok() && !redelivered.is_empty() {
+                        eprintln!(
+                            "[{:?}] host {h} {sid}: redeliver {redelivered:?}",
+                            self.now - self.start
+                        );
+                    }
+                    let Some(s) = self.hosts[h].sessions.get_mut(&sid) else {
+                        continue;
+                    };
+                    if let Err(back) = s.session.handle(input, now) {
                         self.hosts[h].node.requeue(back);
+                        continue;
+                    }
+                    for i in redelivered {
+                        self.entered(h, sid, i, "redelivered");
                     }
                 }
                 Action::Route { agent, to } => {
@@ -837,13 +867,25 @@ impl World {
                         );
                     }
                     let routes = &mut self.hosts[h].routes;
+                    let published = matches!(to, Some(Route::Session { .. }));
                     match to {
                         Some(r) => {
-                            routes.insert(agent, r);
+                            routes.insert(agent.clone(), r);
                         }
                         None => {
                             routes.remove(&agent);
                         }
+                    }
+                    // Senders run beside the node: one may use a route the moment it is
+                    // published, before the node's next action (aqe-link applies them one
+                    // by one while agents send).
+                    if published
+                        && self.sending
+                        && self.rng.permille(300)
+                        && let Some(target) =
+                            (0..self.sc.hosts).find(|t| self.hosts[*t].agents[0].id == agent)
+                    {
+                        self.traffic_to(h, target, false);
                     }
                 }
                 Action::Publish(_) => {}
@@ -1095,6 +1137,32 @@ impl World {
             }
             SessionEvent::Room => {}
             SessionEvent::Node(input) => {
+                if std::env::var("AQE_SIM_ROUTES").is_ok() {
+                    let what = match &input {
+                        aqe_session::NodeInput::Ended { orphans, why, .. } => {
+                            format!("ended ({why:?}), {} orphans", orphans.len())
+                        }
+                        aqe_session::NodeInput::Displaced { orphans } => {
+                            format!("{} displaced", orphans.len())
+                        }
+                        other => format!("{:?}", std::mem::discriminant(other)),
+                    };
+                    eprintln!("[{:?}] host {h} {sid}: {what}", self.now - self.start);
+                }
+                // When messages came back to the node: a newer one of their flow that goes
+                // into a session after this must not go before them (see `entered`).
+                if let aqe_session::NodeInput::Ended { orphans, .. }
+                | aqe_session::NodeInput::Displaced { orphans } = &input
+                {
+                    self.ledger.tick += 1;
+                    for o in orphans {
+                        if let Some(&i) =
+                            o.envelope().ok().and_then(|e| self.ledger.by_id.get(&e.id))
+                        {
+                            self.ledger.sent[i].returned = self.ledger.tick;
+                        }
+                    }
+                }
                 let actions = self.hosts[h].node.on(sid, input, now);
                 self.apply(h, actions);
             }
@@ -1527,6 +1595,47 @@ impl World {
         if target == h {
             return;
         }
+        self.traffic_to(h, target, true);
+    }
+
+    /// An ordered message `i` went into session `sid` of host `h`: no newer message of its
+    /// flow may have gone in since it came back to the node (orphaned, or refused), for what
+    /// is sent again goes "in order and before anything newer" (the README). A newer one that
+    /// went in before that was on its way already: the session fails the older one rather
+    /// than deliver it out of order.
+    fn entered(&mut self, h: usize, sid: SessionId, i: usize, how: &str) {
+        self.ledger.tick += 1;
+        let tick = self.ledger.tick;
+        let m = &self.ledger.sent[i];
+        let (Some(k), to, returned) = (m.ordered, m.to.clone(), m.returned) else {
+            return;
+        };
+        let Some(s) = self.hosts[h].sessions.get_mut(&sid) else {
+            return;
+        };
+        let entered = s.entered.entry(to).or_default();
+        if let Some((_, newer)) = entered.iter().find(|(t, n)| *t > returned && *n > k) {
+            let what = format!(
+                "message {i} (#{k} of its flow) {how} into session {sid} after #{newer}, sent after it came back"
+            );
+            self.fail(&what);
+        }
+        entered.push((tick, k));
+    }
+
+    /// Host `h`'s agent sends to host `target`'s agent, if it has a route; `pump`: and the
+    /// host runs what that leads to (not while the node's actions are being applied).
+    fn traffic_to(&mut self, h: usize, target: usize, pump: bool) {
+        if !self.hosts[h].alive || self.hosts[h].impostor_of.is_some() || target == h {
+            return;
+        }
+        if !self.hosts[h]
+            .hosted
+            .0
+            .contains_key(&self.hosts[h].agents[0].id)
+        {
+            return;
+        }
         let to = agent_id(target);
         let from = self.hosts[h].agents[0].id.clone();
         let Some(Route::Session { session, .. }) = self.hosts[h].routes.get(&to).cloned() else {
@@ -1554,7 +1663,9 @@ impl World {
             if s.session.request(envelope, i).is_err() {
                 self.ledger.requests[i].answered = 1;
             }
-            self.pump(h);
+            if pump {
+                self.pump(h);
+            }
             return;
         }
         let ordered = self.rng.permille(600);
@@ -1656,10 +1767,14 @@ impl World {
                 ttl,
                 outcome: None,
                 delivered: BTreeSet::new(),
+                returned: 0,
                 taken_by: Vec::new(),
             });
+            self.entered(h, session, i, "sent");
         }
-        self.pump(h);
+        if pump {
+            self.pump(h);
+        }
     }
 
     fn chaos(&mut self, traffic_on: bool) {
@@ -2045,6 +2160,7 @@ impl World {
                 }
                 None => {}
             }
+            self.sending = sending;
             self.step += 1;
             if impostor && self.now >= impostor_at {
                 impostor = false;
