@@ -336,12 +336,22 @@ struct Agent {
 /// A hand-off to the simulated redelivery handler, which stands for another transport: one
 /// message at a time, oldest first, as aqe-link hands them, delivered into the addressee's
 /// inbox on the host that really holds it (when that host is reachable and the other
-/// transport up) and confirmed when taken; a refusal ends the hand-off, and the message's
-/// deadline bounds the handler.
+/// transport up) 0-5 ms later (a link takes 2 ms: either way may be the faster) and
+/// confirmed when taken; a refusal or a drop ends the hand-off and gives the message back,
+/// and the message's deadline bounds the handler.
 struct Handing {
     to: AgentId,
     /// The message with the handler, and the token its receipt acknowledges.
     current: Option<(Orphan<usize>, u64)>,
+}
+
+/// A message the redelivery handler carries to host `to` (and incarnation) by the other
+/// transport, arriving `at`.
+struct Flight {
+    at: Instant,
+    to: (usize, u64),
+    agent: AgentId,
+    item: Inbound,
 }
 
 struct Hosted(HashMap<AgentId, Vec<ChannelName>>);
@@ -421,6 +431,8 @@ struct World {
     sending: bool,
     /// Messages given to a redelivery handler, and the last receipt token it used.
     handed: usize,
+    /// What the redelivery handlers carry now.
+    flights: Vec<Flight>,
     next_token: u64,
 }
 
@@ -455,6 +467,7 @@ impl World {
             ledger: Ledger::default(),
             step: 0,
             sending: false,
+            flights: Vec::new(),
             sc,
         };
         for i in 0..w.sc.hosts {
@@ -1420,12 +1433,35 @@ impl World {
                         Some(o.accepted() + self.config.delivery_deadline)
                     }))
             })
+            .chain(self.flights.iter().map(|f| f.at))
             .min()
     }
 
     /// Moves the hand-offs on (see [`Handing`]).
     fn hand_offs(&mut self) {
         let deadline = self.config.delivery_deadline;
+        let now = self.now;
+        let (due, later): (Vec<Flight>, Vec<Flight>) = std::mem::take(&mut self.flights)
+            .into_iter()
+            .partition(|f| f.at <= now);
+        self.flights = later;
+        for f in due {
+            let (b, inc) = f.to;
+            let agent = self.hosts[b]
+                .agents
+                .iter()
+                .find(|a| a.id == f.agent)
+                .filter(|_| self.hosts[b].alive && self.hosts[b].incarnation == inc);
+            match agent {
+                Some(agent) => {
+                    if let Err((_, item)) = agent.tx.deliver_now(f.item, || {}) {
+                        item.abandon();
+                    }
+                }
+                // Its receiver is gone: the other transport says it could not deliver.
+                None => f.item.abandon(),
+            }
+        }
         for h in 0..self.hosts.len() {
             if !self.hosts[h].alive || self.hosts[h].handing.is_empty() {
                 continue;
@@ -1441,11 +1477,9 @@ impl World {
                             let s = orphan.taken();
                             self.settled(s.ctx, s.outcome);
                         }
-                        Some((_, Got::Dropped)) => {
-                            let s = orphan.failed(DeliveryFailure::Dropped);
-                            self.settled(s.ctx, s.outcome);
-                        }
-                        Some((_, Got::Abandoned)) => {
+                        // Not delivered by the other transport either way (aqe-link's handler
+                        // gets an error and gives the message back).
+                        Some((_, Got::Dropped | Got::Abandoned)) => {
                             self.hosts[h].node.give_back(orphan);
                             ended.push(x.to.clone());
                             continue;
@@ -1493,14 +1527,13 @@ impl World {
                     self.note(i, &format!("handed to the handler for host {b}"));
                 }
                 let receipt = Receipt::shared(self.hosts[h].handler_acks.clone(), token);
-                let agent = self.hosts[b].agents.iter().find(|a| a.id == x.to);
-                if let Some(agent) = agent
-                    && let Err((_, item)) = agent
-                        .tx
-                        .deliver_now(Inbound::Message { envelope, receipt }, || {})
-                {
-                    item.abandon();
-                }
+                // Another transport takes its own time, which may be more than a link's.
+                self.flights.push(Flight {
+                    at: self.now + self.rng.ms(0, 5),
+                    to: (b, self.hosts[b].incarnation),
+                    agent: x.to.clone(),
+                    item: Inbound::Message { envelope, receipt },
+                });
                 x.current = Some((orphan, token));
             }
             handing.retain(|x| !ended.contains(&x.to));
