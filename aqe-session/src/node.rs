@@ -966,11 +966,20 @@ impl<M> Node<M> {
             if !still {
                 tracing::debug!(agent = %id, ?owner, "its endpoint no longer announces the agent");
                 self.owner.remove(id);
-                actions.push(Action::Route {
-                    agent: id.clone(),
-                    to: None,
-                });
+                // Another claimant may take it over at once (a restarted process): its route
+                // then replaces the old one directly, for a route withdrawn meanwhile would
+                // fail the sends made while what waits for the agent moves over.
+                let mut next = Vec::new();
+                self.elect(id, &mut next);
+                if !self.owner.contains_key(id) {
+                    actions.push(Action::Route {
+                        agent: id.clone(),
+                        to: None,
+                    });
+                }
                 actions.push(Action::Publish(Event::PeerLeft(id.clone())));
+                actions.append(&mut next);
+                return;
             }
         }
         self.elect(id, actions);

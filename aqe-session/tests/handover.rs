@@ -5,7 +5,8 @@
 //! older ones, which would then fail rather than arrive out of order.
 //!
 //! The case that broke this: a receiver process killed and restarted at once. Its new
-//! incarnation's session already announces the agent when the old session ends.
+//! incarnation's session already announces the agent when the old session ends. Its route
+//! then goes from the old session to the new one directly, never withdrawn in between.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -135,6 +136,14 @@ fn an_ended_sessions_messages_go_into_the_next_session_before_its_route() {
     assert!(
         redelivered < routed,
         "the messages go in before the route is published: {actions:?}"
+    );
+    // The new route replaces the old at once: a route withdrawn meanwhile would fail the
+    // sends made while the messages move over ("peer not found").
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::Route { to: None, .. })),
+        "never without a route: {actions:?}"
     );
     for a in actions {
         if let Action::Session(s, input) = a {
