@@ -95,13 +95,6 @@ impl Receiver {
         messages.extend(took.into_iter().map(|t| (t.n, t.redelivered)));
     }
 
-    /// What it printed and is still in the pipe.
-    fn drain(&mut self, messages: &mut Vec<(u32, bool)>) {
-        let mut took = Vec::new();
-        self.drain_took(&mut took);
-        messages.extend(took.into_iter().map(|t| (t.n, t.redelivered)));
-    }
-
     /// As [`Receiver::take_messages`], saying which agent took each.
     async fn take(&mut self, messages: &mut Vec<Took>, until: impl Fn(usize) -> bool) {
         while !until(messages.len()) {
@@ -118,28 +111,28 @@ impl Receiver {
         }
     }
 
-    /// What it printed by now, once everything its sender knows delivered was printed
-    /// (each line comes before its acknowledgement); then SIGKILL, and what was left.
-    async fn last_words(&mut self) -> Vec<Took> {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    /// SIGKILL, then everything it printed, to the end of its output: a line still in the
+    /// pipe, or not yet passed on by the reader, was printed before its message was
+    /// acknowledged, and counts.
+    async fn kill_and_drain(&mut self, messages: &mut Vec<(u32, bool)>) {
         let mut took = Vec::new();
-        self.drain_took(&mut took);
-        self.kill().await;
-        self.drain_took(&mut took);
+        self.kill_and_drain_took(&mut took).await;
+        messages.extend(took.into_iter().map(|t| (t.n, t.redelivered)));
+    }
+
+    /// Everything it printed (all its sender knows delivered: each line comes before its
+    /// acknowledgement), once SIGKILL ended it.
+    async fn last_words(&mut self) -> Vec<Took> {
+        let mut took = Vec::new();
+        self.kill_and_drain_took(&mut took).await;
         took
     }
 
-    /// As [`Receiver::drain`], saying which agent took each.
-    fn drain_took(&mut self, messages: &mut Vec<Took>) {
-        while let Ok(line) = self.lines.try_recv() {
-            if let Line::Message(_, n, redelivered, agent) = line {
-                messages.push(Took {
-                    agent,
-                    n,
-                    redelivered,
-                });
-            }
-        }
+    /// As [`Receiver::kill_and_drain`], saying which agent took each.
+    async fn kill_and_drain_took(&mut self, messages: &mut Vec<Took>) {
+        self.kill().await;
+        // The reader stops at the end of the output, which the dead process closed.
+        self.take(messages, |_| false).await;
     }
 }
 
@@ -307,8 +300,7 @@ async fn a_receiver_killed_mid_stream_leaves_nothing_unaccounted() {
     };
     let mut taken = Vec::new();
     receiver.take_messages(&mut taken, |n| n >= 3000).await;
-    receiver.kill().await;
-    receiver.drain(&mut taken);
+    receiver.kill_and_drain(&mut taken).await;
     let report = sending.await.expect("join").expect("report");
 
     let received = once_each(&taken, "the receiver");
@@ -386,8 +378,7 @@ async fn a_receiver_killed_and_restarted_gets_the_rest_redelivered() {
     };
     let mut before = Vec::new();
     first.take_messages(&mut before, |n| n >= 3000).await;
-    first.kill().await;
-    first.drain(&mut before);
+    first.kill_and_drain(&mut before).await;
     // The same receiver comes back at the same address and dials the sender.
     let mut second = Receiver::spawn(&receiver_options(&s, addr)).await;
     let report = sending.await.expect("join").expect("report");
@@ -555,8 +546,7 @@ async fn broadcast_until_killed(
     receiver
         .take(&mut took, |n| n >= AGENTS * BROADCASTS as usize / 3)
         .await;
-    receiver.kill().await;
-    receiver.drain_took(&mut took);
+    receiver.kill_and_drain_took(&mut took).await;
     (took, sending, o)
 }
 
