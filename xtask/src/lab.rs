@@ -336,6 +336,14 @@ impl Receiver {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// SIGKILL, then everything it printed, to the end of its output (a line still in the
+    /// pipe was printed before its message was acknowledged, and counts).
+    fn kill_and_collect(&mut self, into: &mut Taken) {
+        self.kill();
+        // The reader stops at the end of the output, which the dead process closed.
+        self.collect(into, Duration::from_secs(10));
+    }
 }
 
 impl Drop for Receiver {
@@ -891,17 +899,16 @@ pub(crate) fn lab(root: &Path, only_udp: bool) -> anyhow::Result<()> {
         first.collect_until(&mut before, Duration::from_secs(20), |t| {
             t.messages.get("coordination").map_or(0, Vec::len) >= 3000
         });
-        first.kill();
-        first.collect(&mut before, Duration::from_millis(50));
+        first.kill_and_collect(&mut before);
         let mut after = Taken::default();
-        let second = if restart {
+        let mut second = if restart {
             Some(Receiver::start(&probe, &certs, true, &[])?)
         } else {
             None
         };
         let report = report_of(send)?;
-        if let Some(second) = &second {
-            second.collect(&mut after, Duration::from_millis(500));
+        if let Some(second) = &mut second {
+            second.kill_and_collect(&mut after);
         }
         let r1 = before.messages.remove("coordination").unwrap_or_default();
         let r2 = after.messages.remove("coordination").unwrap_or_default();
