@@ -138,9 +138,9 @@ fn main() {
             b.latency(Spec::new(op, "floor_tokio_mpsc", size), || {
                 floors.mpsc.request(p.clone())
             });
-            b.latency(Spec::new(op, "floor_s2n_same_stream", size), || {
-                floors.s2n.request_same_stream(&p)
-            });
+            let same_stream = || floors.s2n.request_same_stream(&p);
+            let floor = Spec::new(op, "floor_s2n_same_stream", size);
+            b.latency(floor.clone(), same_stream);
             b.latency(Spec::new(op, "floor_s2n_new_stream", size), || {
                 floors.s2n.request_new_stream(&p)
             });
@@ -148,7 +148,11 @@ fn main() {
                 b.latency(Spec::new(op, "floor_nats_request", size), || n.request(&p));
             }
             for (net, f) in &fleets {
-                b.latency(Spec::new(op, net.name(), size), || f.request(&p));
+                let request = || f.request(&p);
+                b.latency(Spec::new(op, net.name(), size), request);
+                if matches!(net, Net::Quic) && size == 64 {
+                    b.paired(&Spec::new(op, "quic", size), &floor, same_stream, request);
+                }
             }
         }
         b.finish();
@@ -192,9 +196,9 @@ fn main() {
             b.latency(Spec::new(op, "floor_tokio_mpsc", size), || {
                 floors.mpsc.send(&p, STREAM_ITEMS)
             });
-            b.latency(Spec::new(op, "floor_s2n_write_each", size), || {
-                floors.s2n.stream(&p, STREAM_ITEMS, false)
-            });
+            let write_each = || floors.s2n.stream(&p, STREAM_ITEMS, false);
+            let floor = Spec::new(op, "floor_s2n_write_each", size);
+            b.latency(floor.clone(), write_each);
             b.latency(Spec::new(op, "floor_s2n_buffered", size), || {
                 floors.s2n.stream(&p, STREAM_ITEMS, true)
             });
@@ -204,9 +208,11 @@ fn main() {
                 });
             }
             for (net, f) in &fleets {
-                b.latency(Spec::new(op, net.name(), size), || {
-                    f.stream(&p, STREAM_ITEMS)
-                });
+                let stream = || f.stream(&p, STREAM_ITEMS);
+                b.latency(Spec::new(op, net.name(), size), stream);
+                if matches!(net, Net::Quic) && size == 64 {
+                    b.paired(&Spec::new(op, "quic", size), &floor, write_each, stream);
+                }
             }
         }
         b.finish();
@@ -233,14 +239,18 @@ fn main() {
             b.latency(Spec::new(op, "floor_tokio_broadcast", size), || {
                 tokio_floor.broadcast(&p)
             });
-            b.latency(Spec::new(op, "floor_s2n_fanout", size), || {
-                floors.s2n.fanout(&p, per)
-            });
+            let fanout = || floors.s2n.fanout(&p, per);
+            let floor = Spec::new(op, "floor_s2n_fanout", size);
+            b.latency(floor.clone(), fanout);
             if let Some(n) = &nats_fan {
                 b.latency(Spec::new(op, "floor_nats_fanout", size), || n.publish(&p));
             }
             for (net, f) in &group {
-                b.latency(Spec::new(op, net.name(), size), || f.broadcast(&p));
+                let broadcast = || f.broadcast(&p);
+                b.latency(Spec::new(op, net.name(), size), broadcast);
+                if matches!(net, Net::Quic) && size == 64 && op != "broadcast50" {
+                    b.paired(&Spec::new(op, "quic", size), &floor, fanout, broadcast);
+                }
             }
         }
         b.finish();
@@ -263,18 +273,16 @@ fn main() {
             &mut results,
         );
         slow(&mut b);
-        b.volume(
-            Spec::new(op, "floor_tokio_mpsc", size),
-            msgs as u64,
-            bytes,
+        let (mpsc, mpsc_floor) = (
             || floors.mpsc.send(&p, msgs),
+            Spec::new(op, "floor_tokio_mpsc", size),
         );
-        b.volume(
-            Spec::new(op, "floor_s2n_stream", size),
-            msgs as u64,
-            bytes,
+        let (stream, stream_floor) = (
             || floors.s2n.send(&p, msgs),
+            Spec::new(op, "floor_s2n_stream", size),
         );
+        b.volume(mpsc_floor.clone(), msgs as u64, bytes, mpsc);
+        b.volume(stream_floor.clone(), msgs as u64, bytes, stream);
         if let Some(n) = &floors.nats {
             b.volume(
                 Spec::new(op, "floor_nats_publish", size),
@@ -297,18 +305,21 @@ fn main() {
                 || f.send(&p, "results", msgs),
             );
             // The same handed over in batches (`send_many`).
-            b.volume(
-                Spec::new(op, net.name(), size).channel(BATCHED_ORDERED),
-                msgs as u64,
-                bytes,
-                || f.send_batched(&p, "coordination", msgs, BATCH),
-            );
-            b.volume(
-                Spec::new(op, net.name(), size).channel(BATCHED_UNORDERED),
-                msgs as u64,
-                bytes,
-                || f.send_batched(&p, "results", msgs, BATCH),
-            );
+            for (channel, name) in [
+                ("coordination", BATCHED_ORDERED),
+                ("results", BATCHED_UNORDERED),
+            ] {
+                let batched = || f.send_batched(&p, channel, msgs, BATCH);
+                let spec = Spec::new(op, net.name(), size).channel(name);
+                b.volume(spec.clone(), msgs as u64, bytes, batched);
+                // The targets' pairs: the bus against a tokio channel at 64 B, QUIC against a
+                // raw stream at 4 KiB.
+                match (net, size, name) {
+                    (Net::Bus, 64, BATCHED_ORDERED) => b.paired(&spec, &mpsc_floor, mpsc, batched),
+                    (Net::Quic, 4096, _) => b.paired(&spec, &stream_floor, stream, batched),
+                    _ => {}
+                }
+            }
         }
         b.finish();
     }
@@ -319,19 +330,16 @@ fn main() {
         slow(&mut b);
         let p = payload(BULK_CHUNK);
         let n = BULK_TOTAL / BULK_CHUNK;
-        b.volume(
-            Spec::new("bulk", "floor_s2n_stream", BULK_TOTAL),
-            1,
-            BULK_TOTAL as u64,
-            || floors.s2n.stream(&p, n, false),
-        );
+        let raw = || floors.s2n.stream(&p, n, false);
+        let floor = Spec::new("bulk", "floor_s2n_stream", BULK_TOTAL);
+        b.volume(floor.clone(), 1, BULK_TOTAL as u64, raw);
         for (net, f) in &fleets {
-            b.volume(
-                Spec::new("bulk", net.name(), BULK_TOTAL),
-                1,
-                BULK_TOTAL as u64,
-                || f.stream(&p, n),
-            );
+            let bulk = || f.stream(&p, n);
+            let spec = Spec::new("bulk", net.name(), BULK_TOTAL);
+            b.volume(spec.clone(), 1, BULK_TOTAL as u64, bulk);
+            if matches!(net, Net::Quic) {
+                b.paired(&spec, &floor, raw, bulk);
+            }
         }
         b.finish();
     }
@@ -374,14 +382,18 @@ fn main() {
         let mut b = Bench::new(c.benchmark_group("setup"), &rt, &mut results);
         slow(&mut b);
         let p = payload(64);
-        b.each(Spec::new("setup", "floor_s2n_handshake", 64), || {
-            floors.s2n.handshake(&p)
-        });
+        let handshake = || floors.s2n.handshake(&p);
+        let floor = Spec::new("setup", "floor_s2n_handshake", 64);
+        b.each(floor.clone(), handshake);
         if let Some(n) = &floors.nats {
             b.each(Spec::new("setup", "floor_nats_connect", 64), || n.setup(&p));
         }
         for (net, f) in fleets.iter().filter(|(n, _)| !matches!(n, Net::Bus)) {
-            b.each(Spec::new("setup", net.name(), 64), || setup(net, f, &p));
+            let start = || setup(net, f, &p);
+            b.each(Spec::new("setup", net.name(), 64), start);
+            if matches!(net, Net::Quic) {
+                b.paired_each(&Spec::new("setup", "quic", 64), &floor, handshake, start);
+            }
         }
         b.finish();
     }

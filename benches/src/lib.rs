@@ -28,7 +28,7 @@ pub use memory::{connections, idle_agents, resident_kib};
 pub use nats_floor::{NatsFanout, NatsFloor};
 pub use priority::{HEAVY_SIZE, Load, PriorityPair, Probe, quantile};
 pub use priority::{client as priority_client, server as priority_server};
-pub use record::{Bench, Measured, Memory, Results, Spec};
+pub use record::{Bench, Measured, Memory, Paired, Results, Spec};
 pub use s2n_floor::S2nFloor;
 pub use tokio_floor::{BroadcastFloor, MpscFloor};
 

@@ -31,6 +31,15 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// Whether `other` names the same benchmark.
+    fn same(&self, other: &Spec) -> bool {
+        self.op == other.op
+            && self.transport == other.transport
+            && self.payload_bytes == other.payload_bytes
+            && self.channel == other.channel
+            && self.concurrency == other.concurrency
+    }
+
     /// A latency benchmark of `op` on `transport` with `payload_bytes` of payload.
     pub fn new(op: &'static str, transport: &'static str, payload_bytes: usize) -> Self {
         Self {
@@ -90,6 +99,27 @@ pub struct Measured {
     /// counted by the binary's global allocator on every thread, sender and receiver alike.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allocs_per_msg: Option<f64>,
+    /// Its ratio to its floor measured in alternating rounds ([`Bench::paired`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paired: Option<Paired>,
+}
+
+/// A ratio to a floor measured in rounds that alternate the two sides, a fraction of a second
+/// each: this VM's speed drifts by up to 1.7x over minutes, and two blocks measured minutes
+/// apart (criterion's) compare the drift as much as the code. Oriented as the report's ratio:
+/// aqe's time over the floor's for latencies, the floor's over aqe's for volumes (rates).
+#[derive(Debug, Clone, Serialize)]
+pub struct Paired {
+    /// The floor it was paired with.
+    pub floor: &'static str,
+    /// The median of the rounds' ratios.
+    pub ratio: f64,
+    /// The lowest round's ratio.
+    pub low: f64,
+    /// The highest round's ratio.
+    pub high: f64,
+    /// Rounds run.
+    pub rounds: usize,
 }
 
 /// Memory figures, measured outside criterion.
@@ -176,6 +206,55 @@ where
         }
     }))
     .await
+}
+
+/// Rounds of a paired measurement: odd, so that the median is one round's.
+const PAIRED_ROUNDS: usize = 9;
+/// About how long one side of a paired round runs.
+const PAIRED_SIDE: Duration = Duration::from_millis(100);
+
+/// An operation a paired round times.
+trait TimedOp {
+    /// Runs it once: how long it took.
+    async fn time(&self) -> Duration;
+}
+
+/// An operation timed from outside, as one.
+struct Once<F>(F);
+
+impl<F, Fut> TimedOp for Once<F>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    async fn time(&self) -> Duration {
+        let t = Instant::now();
+        (self.0)().await;
+        t.elapsed()
+    }
+}
+
+/// An operation that times itself; several at once take the longest.
+struct Each<F>(F);
+
+impl<F, Fut> TimedOp for Each<F>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Vec<Duration>>,
+{
+    async fn time(&self) -> Duration {
+        (self.0)().await.into_iter().max().unwrap_or_default()
+    }
+}
+
+/// The median seconds per operation of `n` runs of `op`, one after another.
+async fn side(op: &impl TimedOp, n: usize) -> f64 {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        times.push(op.time().await);
+    }
+    times.sort_unstable();
+    percentile(&times, 0.5).as_secs_f64().max(1e-12)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -308,6 +387,7 @@ impl<'a, 'c> Bench<'a, 'c> {
             mb_per_s,
             samples: times.len(),
             allocs_per_msg: None,
+            paired: None,
         });
     }
 
@@ -316,6 +396,70 @@ impl<'a, 'c> Bench<'a, 'c> {
         let why = why.into();
         eprintln!("skipped: {why}");
         self.results.skipped.push(why);
+    }
+
+    /// Measures the ratio of `aqe` (an operation measured in this group) to `floor` (its
+    /// floor, also measured) again in [`PAIRED_ROUNDS`] rounds, each running one side for about
+    /// [`PAIRED_SIDE`] and then the other (which goes first alternates), and records the median
+    /// of the rounds' ratios on `aqe`'s entry. Each side's figure in a round is its median time
+    /// per operation. Skipped when either was filtered out.
+    pub fn paired<F, FF, A, AF>(&mut self, aqe: &Spec, floor: &Spec, floor_op: F, aqe_op: A)
+    where
+        F: Fn() -> FF,
+        FF: Future<Output = ()>,
+        A: Fn() -> AF,
+        AF: Future<Output = ()>,
+    {
+        self.pair(aqe, floor, &Once(floor_op), &Once(aqe_op));
+    }
+
+    /// [`Bench::paired`] for operations that time themselves, as [`Bench::each`] takes (an
+    /// operation's time is the longest it returns).
+    pub fn paired_each<F, FF, A, AF>(&mut self, aqe: &Spec, floor: &Spec, floor_op: F, aqe_op: A)
+    where
+        F: Fn() -> FF,
+        FF: Future<Output = Vec<Duration>>,
+        A: Fn() -> AF,
+        AF: Future<Output = Vec<Duration>>,
+    {
+        self.pair(aqe, floor, &Each(floor_op), &Each(aqe_op));
+    }
+
+    fn pair(&mut self, aqe: &Spec, floor: &Spec, floor_op: &impl TimedOp, aqe_op: &impl TimedOp) {
+        let find = |s: &Spec| self.results.results.iter().position(|m| m.spec.same(s));
+        let (Some(f), Some(a)) = (find(floor), find(aqe)) else {
+            return; // filtered out
+        };
+        // Operations per side: about PAIRED_SIDE's worth at criterion's median, at least 3.
+        let per_side = |i: usize| {
+            let median = self.results.results[i].median_us.max(1.0) * 1e-6;
+            ((PAIRED_SIDE.as_secs_f64() / median) as usize).clamp(3, 10_000)
+        };
+        let (nf, na) = (per_side(f), per_side(a));
+        let volume = self.results.results[a].msgs_per_s.is_some()
+            || self.results.results[a].mb_per_s.is_some();
+        let mut ratios: Vec<f64> = (0..PAIRED_ROUNDS)
+            .map(|round| {
+                let (tf, ta) = self.rt.block_on(async {
+                    if round % 2 == 0 {
+                        let tf = side(floor_op, nf).await;
+                        (tf, side(aqe_op, na).await)
+                    } else {
+                        let ta = side(aqe_op, na).await;
+                        (side(floor_op, nf).await, ta)
+                    }
+                });
+                if volume { tf / ta } else { ta / tf }
+            })
+            .collect();
+        ratios.sort_unstable_by(f64::total_cmp);
+        self.results.results[a].paired = Some(Paired {
+            floor: floor.transport,
+            ratio: ratios[ratios.len() / 2],
+            low: ratios[0],
+            high: ratios[ratios.len() - 1],
+            rounds: ratios.len(),
+        });
     }
 
     /// Ends the group.
