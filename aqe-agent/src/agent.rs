@@ -30,6 +30,7 @@ use crate::events::EventStream;
 /// takes it and gives it back, and tokio's takes its waiter list's lock on every release
 /// (about 5% of a stream of 64 B chunks).
 type SharedSink = Arc<futures::lock::Mutex<Box<dyn StreamSink>>>;
+
 /// How many errors the health report keeps.
 const RECENT_ERRORS: usize = 16;
 
