@@ -3,11 +3,12 @@
 //! streams.
 //!
 //! `taskset -c 0 cargo run --release -p aqe-benches --example hot_path -- quic|bus [SECS]
-//! [ordered|unordered|request|stream|floor-request|floor-stream] [BATCH] [BYTES]`; run it
-//! under `perf record -g` to see where a message's time goes. With BATCH, messages go in
-//! `send_many` batches of that many; BYTES is the payload's size (64 by default). The
-//! `floor-` modes run raw s2n-quic's request and 1,000-message stream instead, to profile
-//! side by side. Prints messages (or operations) per second.
+//! [ordered|unordered|request|stream|floor-send|floor-request|floor-stream] [BATCH] [BYTES]`;
+//! run it under `perf record -g` to see where a message's time goes. With BATCH, messages go
+//! in `send_many` batches of that many; BYTES is the payload's size (64 by default). The
+//! `floor-` modes run raw s2n-quic's one-way messages on a long-lived stream, request and
+//! 1,000-message stream instead, to profile side by side. Prints messages (or operations) per
+//! second.
 
 use std::time::{Duration, Instant};
 
@@ -33,7 +34,9 @@ fn main() {
         let fleet = Fleet::start(&net, 1, 1).await;
         // The raw s2n-quic floor of the same operation, to profile side by side.
         let floor = match mode {
-            "floor-stream" | "floor-request" => Some(aqe_benches::S2nFloor::start(0).await),
+            "floor-stream" | "floor-request" | "floor-send" => {
+                Some(aqe_benches::S2nFloor::start(0).await)
+            }
             _ => None,
         };
         let p = Bytes::from(vec![7u8; size]);
@@ -69,6 +72,11 @@ fn main() {
                             for _ in 0..n {
                                 floor.stream(p, 1_000, false).await;
                             }
+                        }
+                    }
+                    "floor-send" => {
+                        if let Some(floor) = floor {
+                            floor.send(p, n).await;
                         }
                     }
                     _ if per_call > 1 => fleet.send_batched(p, channel, n, per_call).await,
