@@ -515,3 +515,38 @@ async fn a_closed_connection_leaves_none_of_its_tasks_or_agents_behind() {
     }
     a.shutdown().await;
 }
+
+/// What the kernel holds for the UDP socket bound to `port`, as `ss` (iproute2) reports it:
+/// its receive buffer's size in bytes (`skmem`'s `rb`).
+fn kernel_receive_buffer(port: u16) -> u64 {
+    let out = std::process::Command::new("ss")
+        .args(["-uamn", &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rb = text
+        .split([',', '('])
+        .find_map(|field| field.strip_prefix("rb"))
+        .unwrap_or_else(|| panic!("no socket on port {port} in ss's report: {text}"));
+    rb.parse().expect("rb is a number")
+}
+
+#[tokio::test]
+async fn the_kernel_buffers_socket_buffer_bytes_of_what_a_socket_receives() {
+    // Not the default, and not the kernel's own default (208 KiB): only the setting gives it.
+    let bytes: u64 = 512 * 1024;
+    let mut c = config();
+    c.limits.socket_buffer = bytes as u32;
+    let t = endpoint(c).await;
+    let cap: u64 = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .expect("rmem_max")
+        .trim()
+        .parse()
+        .expect("a number");
+    // Linux doubles what it is asked for (its bookkeeping), within rmem_max.
+    assert_eq!(
+        kernel_receive_buffer(t.local_addr().port()),
+        2 * bytes.min(cap)
+    );
+    t.shutdown().await;
+}

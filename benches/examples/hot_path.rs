@@ -8,7 +8,7 @@
 //! in `send_many` batches of that many; BYTES is the payload's size (64 by default). The
 //! `floor-` modes run raw s2n-quic's one-way messages on a long-lived stream, request and
 //! 1,000-message stream instead, to profile side by side. Prints messages (or operations) per
-//! second.
+//! second, and the packets the sender's QUIC connections sent and lost.
 
 use std::time::{Duration, Instant};
 
@@ -96,6 +96,14 @@ fn main() {
             "{} {mode}, {size} B, {per_call} per call: {rate:.0} per second",
             net.name()
         );
+        // What the sender's connections saw: a lost packet on loopback is a receive buffer
+        // overflowing.
+        for l in fleet.sender.links() {
+            println!(
+                "link to {}: {} packets sent, {} lost, congestion window {} B",
+                l.addr, l.packets_sent, l.packets_lost, l.congestion_window
+            );
+        }
         fleet.shutdown().await;
     });
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask test [cargo test arguments]`: makes sure what the tests need is installed
-//! (`nats-server`; `script` for a test that needs a terminal; `python3` and `node` for the
-//! bridge's clients; from Debian's packages),
+//! (`nats-server`; `script` for a test that needs a terminal; `ss` for one that reads a
+//! socket's kernel buffer; `python3` and `node` for the bridge's clients; from Debian's
+//! packages),
 //! then runs the workspace tests with every feature:
 //! `cargo test --locked --workspace --all-features`. The NATS tests never skip: without a
 //! server they fail, naming what to install.
@@ -12,9 +13,11 @@ use anyhow::{Context, bail};
 
 pub(crate) fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     ensure_nats_server()?;
-    // A CLI test gives a node a terminal; the bridge tests run Python and Node agents.
+    // A CLI test gives a node a terminal; a QUIC test reads a socket's kernel buffer with
+    // `ss`; the bridge tests run Python and Node agents.
     for (program, package) in [
         ("script", "bsdutils"),
+        ("ss", "iproute2"),
         ("python3", "python3"),
         ("node", "nodejs"),
     ] {
