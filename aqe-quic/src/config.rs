@@ -152,16 +152,18 @@ pub struct QuicLimits {
     /// an announcement back while a window's worth of the new agent's messages arrives.
     pub parked: u32,
     /// Bytes of received datagrams each of the endpoint's two sockets (listening, dialing)
-    /// buffers before the endpoint reads them: in the kernel (`SO_RCVBUF`, which Linux
-    /// doubles for its bookkeeping and caps at `net.core.rmem_max`), and again inside
-    /// s2n-quic. s2n-quic's default, 8 MiB per socket, is allocated and zeroed when the
-    /// endpoint starts: most of an endpoint's start time and memory. Default 1 MiB (enough
-    /// for loopback at full speed; raise it for long fat links).
+    /// buffers inside s2n-quic before the endpoint reads them. s2n-quic's default, 8 MiB per
+    /// socket, is allocated and zeroed when the endpoint starts: most of an endpoint's start
+    /// time and memory. Default 1 MiB (enough for loopback at full speed; raise it for
+    /// long fat links).
     pub socket_buffer: u32,
     /// Bytes a peer may send on one connection (and on each of its streams) ahead of what
     /// the endpoint has read: QUIC's flow-control windows, which s2n-quic buffers. With
-    /// `maxConnections`, it bounds what connections can make s2n-quic hold. Default 2 MiB
-    /// (a full window at 100 MB/s and 20 ms; raise it for long fat links).
+    /// `maxConnections`, it bounds what connections can make s2n-quic hold. Each socket
+    /// asks the kernel for twice this as its receive buffer (`SO_RCVBUF`, within
+    /// `net.core.rmem_max`), so that a peer's whole window in flight fits with the kernel's
+    /// overhead per packet. Default 2 MiB (a full window at 100 MB/s and 20 ms; raise it for
+    /// long fat links).
     pub connection_window: u32,
     /// Bytes s2n-quic holds per stream that this endpoint wrote, unsent or unacknowledged.
     /// A higher-priority frame overtakes lower-priority data still waiting in aqe, but

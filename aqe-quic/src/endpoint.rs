@@ -176,11 +176,10 @@ impl Endpoint {
             Ok(s2n_quic::provider::io::tokio::Builder::default()
                 .with_receive_address(addr)?
                 .with_internal_recv_buffer_size(config.limits.socket_buffer as usize)?
-                // The kernel's buffer too: at its default (208 KiB) a burst from a peer
-                // overflows it while this endpoint is busy, and QUIC takes the drops for
-                // congestion (1.9% of packets lost and the window collapsed to 200 KB in a
-                // loopback run of 4 KiB messages; none with 1 MiB).
-                .with_recv_buffer_size(config.limits.socket_buffer as usize)?
+                // The kernel's buffer holds a peer's whole window in flight, with its overhead
+                // per packet: at its default (208 KiB) a burst overflowed it while this
+                // endpoint was busy, and QUIC took the drops for congestion.
+                .with_recv_buffer_size(2 * config.limits.connection_window as usize)?
                 .build()?)
         };
         let (rejections, rejected) = mpsc::channel(64);

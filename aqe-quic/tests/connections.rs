@@ -532,11 +532,11 @@ fn kernel_receive_buffer(port: u16) -> u64 {
 }
 
 #[tokio::test]
-async fn the_kernel_buffers_socket_buffer_bytes_of_what_a_socket_receives() {
+async fn the_kernel_buffers_twice_the_connection_window_of_what_a_socket_receives() {
     // Not the default, and not the kernel's own default (208 KiB): only the setting gives it.
-    let bytes: u64 = 512 * 1024;
+    let window: u64 = 256 * 1024;
     let mut c = config();
-    c.limits.socket_buffer = bytes as u32;
+    c.limits.connection_window = window as u32;
     let t = endpoint(c).await;
     let cap: u64 = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
         .expect("rmem_max")
@@ -546,7 +546,7 @@ async fn the_kernel_buffers_socket_buffer_bytes_of_what_a_socket_receives() {
     // Linux doubles what it is asked for (its bookkeeping), within rmem_max.
     assert_eq!(
         kernel_receive_buffer(t.local_addr().port()),
-        2 * bytes.min(cap)
+        2 * (2 * window).min(cap)
     );
     t.shutdown().await;
 }
