@@ -179,7 +179,7 @@ impl Endpoint {
                 // The kernel's buffer holds a peer's whole window in flight, with its overhead
                 // per packet: at its default (208 KiB) a burst overflowed it while this
                 // endpoint was busy, and QUIC took the drops for congestion.
-                .with_recv_buffer_size(2 * config.limits.connection_window as usize)?
+                .with_recv_buffer_size((config.limits.connection_window as usize).saturating_mul(2))?
                 .build()?)
         };
         let (rejections, rejected) = mpsc::channel(64);
